@@ -1,0 +1,94 @@
+"""Hardware interfaces the controller drives. A real cell implements these; `sim/` does in PyBullet.
+
+The controller only ever talks to these protocols, so supporting a real arm means writing one more
+implementation, never editing the controller.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from grasping.types import (  # re-exported: the shared vocabulary
+    Bounds,
+    Frame,
+    Grasp,
+    GripperKind,
+    Outcome,
+    Placement,
+    Reason,
+)
+
+__all__ = [
+    "Arm",
+    "Bounds",
+    "Camera",
+    "Frame",
+    "Grasp",
+    "Gripper",
+    "GripperKind",
+    "Outcome",
+    "Placement",
+    "Reason",
+]
+
+
+@runtime_checkable
+class Camera(Protocol):
+    """A depth camera. `capture` raises `CameraError` when no frame could be read."""
+
+    def capture(self) -> Frame: ...
+
+
+@runtime_checkable
+class Gripper(Protocol):
+    """An end effector: a suction cup or a parallel-jaw gripper."""
+
+    kind: GripperKind
+
+    def grip(self) -> bool:
+        """Activate (suction on / close jaws). Returns whether something is now held."""
+        ...
+
+    def release(self) -> None:
+        """Deactivate (suction off / open jaws)."""
+        ...
+
+    def is_holding(self) -> bool: ...
+
+
+@runtime_checkable
+class Arm(Protocol):
+    """A robot arm with its grippers. Motions return Outcomes; failures are values, not exceptions.
+
+    `robot_time` is the arm's own clock in seconds: on a real arm the wall clock, in simulation
+    the simulated time computed from joint velocity and acceleration limits.
+    """
+
+    @property
+    def robot_time(self) -> float: ...
+
+    def home(self) -> Outcome: ...
+
+    def move(self, position: np.ndarray, orientation: np.ndarray) -> Outcome:
+        """Move the tool-centre point to a pose (base frame, quaternion xyzw)."""
+        ...
+
+    def pick(self, grasp: Grasp) -> Outcome:
+        """Pre-grasp, straight-line approach, grip, lift, verify. Returns what was executed."""
+        ...
+
+    def place(self, placement: Placement) -> Outcome:
+        """Move over the box, lower, release, retreat."""
+        ...
+
+    def stop(self) -> None:
+        """Protective stop: halt motion now and hold until `clear_stop`."""
+        ...
+
+    def clear_stop(self) -> None: ...
+
+
+class CameraError(RuntimeError):
+    """No usable frame could be read from the camera."""

@@ -1,0 +1,3 @@
+from pickcell.cli import main
+
+raise SystemExit(main())

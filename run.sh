@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# pickcell's one entry point for a fresh machine: sets everything up, then runs a job.
+#
+#   ./run.sh demo     set up, then run the main job (a simulated cell at work)
+#   ./run.sh test     set up, then run the whole test suite
+#   ./run.sh <cmd>    set up, then run any command inside the environment (e.g. pickcell --help)
+#
+# Set-up is idempotent: it creates or reuses .venv/ at the repository root, and reinstalls only
+# when pyproject.toml changed since the last successful install.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$root"
+venv="$root/.venv"
+
+need_libusb() { ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; }
+
+# open3d's wheel links against libusb-1.0 at import time.
+if need_libusb; then
+  echo "[setup] installing system library libusb-1.0-0 (needed by open3d)" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo_cmd="sudo"
+  if ! { $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libusb-1.0-0; } >/dev/null 2>&1; then
+    echo "[setup] ERROR: could not install libusb-1.0-0. Install it yourself (apt-get install -y libusb-1.0-0) and re-run." >&2
+    exit 1
+  fi
+fi
+
+python_bin="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv" >&2
+  "$python_bin" -m venv "$venv"
+fi
+stamp="$venv/.pickcell-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing pickcell and its pinned dependencies into .venv (first run takes a minute)" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch is pinned to the CPU build (pyproject.toml); --extra-index-url lets a machine without
+  # a local wheel fetch the CPU build instead of the multi-GB CUDA one.
+  "$venv/bin/python" -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+export MPLBACKEND=Agg
+
+job="${1:-demo}"
+[ $# -gt 0 ] && shift
+case "$job" in
+  demo) exec pickcell demo "$@" ;;
+  test) exec python -m pytest "$@" ;;
+  *)    exec "$job" "$@" ;;
+esac
