@@ -34,5 +34,5 @@ class Scorer(Protocol):
     version: str  # model version string (recorded in the ledger with every decision)
 
     def score(self, patches: np.ndarray, features: np.ndarray, gripper: np.ndarray) -> ScoreResult:
-        """patches (M, C, S, S) float32, features (M, F) float32, gripper (M,) int64 (SUCTION/PARALLEL_JAW)."""
+        """patches (M, C, S, S) float32, features (M, F) float32, gripper (M,) int64 (SUCTION=0, JAW=1)."""
         ...
