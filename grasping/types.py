@@ -190,6 +190,10 @@ class Plan:
     model_version: str = "analytic"
     latency_ms: float = 0.0  # wall time to compute this plan
     frame_id: str = ""
+    # What the scorer saw, same order as `candidates`, kept so the ledger can store the local
+    # geometry of chosen and rejected candidates as training data.
+    patches: np.ndarray | None = None  # (M, C, S, S) float32 local height maps (grasping.patches)
+    features: np.ndarray | None = None  # (M, F) float32 analytic features
 
     @property
     def best(self) -> Candidate | None:
