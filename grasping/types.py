@@ -174,6 +174,21 @@ class Candidate:
         return float(self.analytic_score)
 
 
+@dataclass(frozen=True)
+class ItemCluster:
+    """One segmented item (an unknown object's points), as the planner saw it. Base frame."""
+
+    centroid: np.ndarray  # (3,) metres
+    lo: np.ndarray  # (3,) metres, axis-aligned minimum corner of the cluster's points
+    hi: np.ndarray  # (3,) metres, axis-aligned maximum corner
+    n_points: int = 0
+
+    @property
+    def extents(self) -> np.ndarray:
+        """(3,) metres: axis-aligned size; z is the visible height above the cluster's lowest point."""
+        return np.asarray(self.hi) - np.asarray(self.lo)
+
+
 Decision = Literal["pick", "ask", "empty"]
 
 
@@ -194,6 +209,7 @@ class Plan:
     # geometry of chosen and rejected candidates as training data.
     patches: np.ndarray | None = None  # (M, C, S, S) float32 local height maps (grasping.patches)
     features: np.ndarray | None = None  # (M, F) float32 analytic features
+    clusters: tuple[ItemCluster, ...] = ()  # segmented items; Candidate.cluster indexes into this
 
     @property
     def best(self) -> Candidate | None:
