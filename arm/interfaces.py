@@ -31,6 +31,7 @@ __all__ = [
     "Outcome",
     "Placement",
     "Reason",
+    "ToteFeed",
 ]
 
 
@@ -88,6 +89,27 @@ class Arm(Protocol):
         ...
 
     def clear_stop(self) -> None: ...
+
+    def idle(self, seconds: float) -> None:
+        """Hold still for `seconds` of robot time (a real arm sleeps; a simulated one advances its clock)."""
+        ...
+
+
+@runtime_checkable
+class ToteFeed(Protocol):
+    """The conveyor side of a cell: totes in, boxes out. On a real cell these are PLC signals."""
+
+    def next_tote(self) -> str | None:
+        """Bring the next tote under the camera; returns its id, or None when no more totes come."""
+        ...
+
+    def divert_tote(self, reason: str) -> None:
+        """Send the current tote to exception handling (items nobody can pick safely)."""
+        ...
+
+    def swap_box(self) -> None:
+        """Close the full outbound box and bring an empty one."""
+        ...
 
 
 class CameraError(RuntimeError):
