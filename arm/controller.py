@@ -1,0 +1,498 @@
+"""The cell's decision loop: observe, plan, decide, pick and pack, record.
+
+One tote at a time:
+
+1. Apply any answers people have sent back (approve k / a pixel / no safe pick / expired).
+2. Capture a frame and plan.
+3. If a candidate is confident (calibrated p >= threshold) and the scene is in distribution, and it is
+   not near a spot that already failed, an item waiting for a person, or an item a person marked
+   "no safe pick", pick it and pack it.
+4. Otherwise look again once (a fresh capture: noise, holes and the segmentation change), and if the
+   planner is still unsure, ask a person about that item — and go on picking *other* items the planner
+   is confident about while the person thinks. The cell never blocks on a person: when nothing else can
+   be done it idles in short steps, and a request whose deadline passes is skipped.
+5. A failed pick is remembered (don't retry the same spot, Sanders et al. 2020) and the item is retried
+   with the next candidate, up to a limit per item.
+
+Every plan, attempt, request and answer goes to the ledger with the model version and the reasons.
+The controller talks only to the interfaces in `arm.interfaces` and to duck-typed planner, assist
+channel, ledger and packer objects, so the same loop drives a simulated or a real cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from arm.interfaces import Arm, Camera, CameraError, Grasp, Outcome, Placement, Reason, ToteFeed
+from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
+from grasping.types import Candidate, Frame, ItemCluster, Plan, grasp_frame, matrix_to_quat
+from hitl.messages import AssistAnswer, AssistRequest, CandidateView
+
+log = logging.getLogger(__name__)
+
+
+class AssistChannel(Protocol):
+    """Where the cell sends questions: `hitl.client.AssistClient`, or an in-process simulated associate."""
+
+    def ask(self, request: AssistRequest) -> Future: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    cell_id: str = "cell-1"
+    max_failures_per_item: int = 3  # failed picks on one item before asking a person about it, count
+    max_attempts_per_tote: int = 80  # hard stop for one tote (then it is diverted), count
+    look_again: bool = True  # re-capture once before asking a person
+    assist_deadline_s: float = 30.0  # how long a person has to answer, seconds of robot time
+    assist_priority: int = 0  # priority of this cell's requests at the broker
+    failed_spot_radius_m: float = 0.015  # candidates this close to a failed grasp are not retried, metres
+    item_radius_m: float = (
+        0.04  # candidates this close to a pending / no-safe-pick item are held back, metres
+    )
+    idle_step_s: float = 0.25  # robot idles in steps of this length when it can only wait, seconds
+    wall_poll_s: float = 0.02  # wall-clock sleep per idle step, so answers from other threads arrive, seconds
+    answer_depth_tolerance_m: float = 0.01  # an approved candidate is still valid if the surface moved less
+    max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
+    camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
+    place_clearance_m: float = 0.01  # release this far above the packing surface, metres
+
+
+@dataclass
+class Attempt:
+    attempt_id: str
+    tote_id: str
+    grasp: Grasp
+    outcome: Outcome
+    decided_by: str  # "model" | "associate:<id>"
+    p_success: float | None
+    robot_time: float
+    placed: Outcome | None = None
+
+
+@dataclass
+class ToteReport:
+    tote_id: str
+    status: str = "running"  # cleared | diverted | attempt_limit | camera_failed | stopped
+    attempts: list[Attempt] = field(default_factory=list)
+    assists_requested: int = 0
+    assists_answered: int = 0
+    assists_expired: int = 0
+    human_wait_s: float = 0.0  # robot seconds spent idle waiting for a person
+    plans: int = 0
+    plan_latency_ms: list[float] = field(default_factory=list)
+    robot_seconds: float = 0.0
+
+    @property
+    def picks(self) -> int:
+        return sum(
+            1 for a in self.attempts if a.outcome.success and a.placed is not None and a.placed.success
+        )
+
+
+@dataclass
+class _ToteState:
+    """What the controller remembers while working one tote."""
+
+    failed_spots: list[np.ndarray] = field(default_factory=list)  # grasp points that failed
+    no_pick: list[np.ndarray] = field(default_factory=list)  # items a person said can't be picked safely
+    failures: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (item centre, failed picks)
+    pending: dict[str, _Pending] = field(default_factory=dict)  # request id -> question in flight
+
+
+@dataclass
+class _Pending:
+    request: AssistRequest
+    future: Future
+    plan: Plan
+    frame: Frame
+    centre: np.ndarray  # (3,) base frame: the item the question is about
+    asked_at: float  # robot time
+
+
+class CellController:
+    """Runs totes through observe -> plan -> decide -> pick/pack -> record."""
+
+    def __init__(
+        self,
+        arm: Arm,
+        camera: Camera,
+        planner: Callable[[Frame], Plan],
+        *,
+        feed: ToteFeed | None = None,
+        assist: AssistChannel | None = None,
+        ledger: Any | None = None,
+        packer: Any | None = None,
+        render_png: Callable[[Frame, Plan], bytes] | None = None,
+        metrics: Any | None = None,
+        config: ControllerConfig | None = None,
+    ) -> None:
+        self.arm = arm
+        self.camera = camera
+        self.planner = planner
+        self.feed = feed
+        self.assist = assist
+        self.ledger = ledger
+        self.packer = packer
+        self.render_png = render_png
+        self.metrics = metrics
+        self.config = config or ControllerConfig()
+        self._stop = threading.Event()
+        self._planner_lock = threading.Lock()
+
+    # --- control from other threads -------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish the current motion, then stop (SIGTERM)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def swap_planner(self, planner: Callable[[Frame], Plan]) -> None:
+        """Hot-swap: the next plan uses the new planner; the current pick is not disturbed."""
+        with self._planner_lock:
+            self.planner = planner
+
+    # --- one tote ---------------------------------------------------------------------------------
+
+    def run_tote(self, tote_id: str) -> ToteReport:
+        cfg = self.config
+        rep = ToteReport(tote_id)
+        t0 = self.arm.robot_time
+        st = _ToteState()
+        pending = st.pending
+        looked_again = False
+        empty_captures = 0
+        camera_failures = 0
+
+        while True:
+            if self._stop.is_set():
+                rep.status = "stopped"
+                break
+            if len(rep.attempts) >= cfg.max_attempts_per_tote:
+                rep.status = "attempt_limit"
+                break
+            # 1. answers that came back
+            self._apply_answers(rep, tote_id, st)
+            # 2. observe and plan
+            try:
+                frame = self.camera.capture()
+            except CameraError as exc:
+                camera_failures += 1
+                log.warning("camera capture failed (%d/%d): %s", camera_failures, cfg.camera_retries, exc)
+                self._count("camera_failures")
+                if camera_failures >= cfg.camera_retries:
+                    rep.status = "camera_failed"
+                    break
+                self.arm.idle(cfg.idle_step_s)
+                continue
+            camera_failures = 0
+            with self._planner_lock:
+                planner = self.planner
+            plan = planner(frame)
+            rep.plans += 1
+            rep.plan_latency_ms.append(plan.latency_ms)
+            self._observe_plan(plan)
+            if self.ledger is not None:
+                self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
+
+            if plan.decision == "empty" or not plan.candidates:
+                if pending:
+                    rep.human_wait_s += self._idle()
+                    continue
+                empty_captures += 1
+                if empty_captures >= cfg.max_empty_captures:
+                    rep.status = "cleared"
+                    break
+                continue
+            empty_captures = 0
+
+            blocked = [p.centre for p in pending.values()] + st.no_pick
+            hard_items = [c for c, n in st.failures if n >= cfg.max_failures_per_item]
+            usable = [
+                (i, c)
+                for i, c in enumerate(plan.candidates)
+                if not _near(c.grasp.position, st.failed_spots, cfg.failed_spot_radius_m)
+                and not _near(_centre_of(plan, c), blocked + hard_items, cfg.item_radius_m)
+            ]
+            confident = [
+                (i, c)
+                for i, c in usable
+                if plan.in_distribution and plan.threshold is not None and c.score >= plan.threshold
+            ]
+            # 3. confident: pick
+            if confident:
+                i, cand = confident[0]
+                looked_again = False
+                self._pick_and_place(rep, st, tote_id, plan, i, cand.grasp, "model", cand.p_success)
+                continue
+            # 4. unsure: look again once, then ask about the best remaining item
+            ask_pool = usable or [
+                (i, c)
+                for i, c in enumerate(plan.candidates)
+                if _near(_centre_of(plan, c), hard_items, cfg.item_radius_m)
+                and not _near(_centre_of(plan, c), blocked, cfg.item_radius_m)
+            ]
+            if not ask_pool:
+                if pending:
+                    rep.human_wait_s += self._idle()
+                    continue
+                # Everything left is marked "no safe pick": the tote goes to exception handling.
+                rep.status = "diverted"
+                if self.feed is not None:
+                    self.feed.divert_tote("no safe pick on the remaining items")
+                break
+            if cfg.look_again and not looked_again:
+                looked_again = True
+                self._count("look_again")
+                continue
+            looked_again = False
+            if self.assist is None:
+                # No one to ask: take the best guess only if the scene is in distribution, else divert.
+                i, cand = ask_pool[0]
+                self._pick_and_place(rep, st, tote_id, plan, i, cand.grasp, "model-unsure", cand.p_success)
+                continue
+            i, cand = ask_pool[0]
+            self._ask(rep, tote_id, plan, frame, _centre_of(plan, cand), pending)
+
+        for p in pending.values():  # leaving the tote: questions about it are moot
+            self.assist.cancel(p.request.request_id)
+        rep.robot_seconds = self.arm.robot_time - t0
+        return rep
+
+    # --- pieces -----------------------------------------------------------------------------------
+
+    def _idle(self) -> float:
+        """Wait one idle step (robot time) and let other threads deliver answers (wall time)."""
+        self.arm.idle(self.config.idle_step_s)
+        time.sleep(self.config.wall_poll_s)
+        return self.config.idle_step_s
+
+    def _ask(
+        self,
+        rep: ToteReport,
+        tote_id: str,
+        plan: Plan,
+        frame: Frame,
+        centre: np.ndarray,
+        pending: dict[str, _Pending],
+    ) -> None:
+        cfg = self.config
+        png = self.render_png(frame, plan) if self.render_png is not None else b""
+        views = tuple(
+            CandidateView(
+                index=k,
+                u=int(c.pixel[0]),
+                v=int(c.pixel[1]),
+                gripper=c.grasp.gripper,
+                p_success=float(c.score),
+            )
+            for k, c in enumerate(plan.candidates[:20])
+        )
+        now = time.time()
+        req = AssistRequest(
+            cell_id=cfg.cell_id,
+            deadline=now + cfg.assist_deadline_s,
+            image_png=png,
+            candidates=views,
+            reasons=plan.reasons,
+            priority=cfg.assist_priority,
+            created=now,
+            context={"tote_id": tote_id, "frame_id": plan.frame_id, "model_version": plan.model_version},
+        )
+        if self.ledger is not None:
+            self.ledger.record_request(req)
+        fut = self.assist.ask(req)
+        pending[req.request_id] = _Pending(req, fut, plan, frame, np.asarray(centre), self.arm.robot_time)
+        rep.assists_requested += 1
+        self._count("assists_requested")
+        log.info("asked a person (%s): %s", req.request_id[:8], "; ".join(plan.reasons))
+
+    def _apply_answers(self, rep: ToteReport, tote_id: str, st: _ToteState) -> None:
+        cfg = self.config
+        pending = st.pending
+        for rid in list(pending):
+            p = pending[rid]
+            overdue = self.arm.robot_time - p.asked_at > cfg.assist_deadline_s
+            if not p.future.done():
+                if overdue:
+                    self.assist.cancel(rid)
+                    answer = AssistAnswer(rid, "expired", note="deadline passed at the cell")
+                else:
+                    continue
+            else:
+                try:
+                    answer = p.future.result()
+                except Exception as exc:  # the channel failed: treat as expired, never crash the cell
+                    log.warning("assist request %s failed: %s", rid[:8], exc)
+                    answer = AssistAnswer(rid, "expired", note=f"channel error: {exc}")
+            del pending[rid]
+            if self.ledger is not None:
+                self.ledger.record_answer(answer)
+            if answer.status != "answered":
+                rep.assists_expired += 1
+                self._count("assists_expired")
+                continue
+            rep.assists_answered += 1
+            self._count("assists_answered")
+            who = f"associate:{answer.associate_id or 'unknown'}"
+            if answer.kind == "no_safe_pick":
+                st.no_pick.append(p.centre)
+            elif answer.kind == "approve" and answer.candidate_index is not None:
+                k = answer.candidate_index
+                if not 0 <= k < len(p.plan.candidates):
+                    log.warning("answer approves candidate %d of %d; ignored", k, len(p.plan.candidates))
+                    continue
+                cand = p.plan.candidates[k]
+                if not self._still_valid(cand, p.frame):
+                    log.info("approved candidate %d: the surface moved since the question; skipped", k)
+                    continue
+                self._pick_and_place(rep, st, tote_id, p.plan, k, cand.grasp, who, cand.p_success)
+            elif answer.kind == "point" and answer.pixel is not None:
+                try:
+                    frame = self.camera.capture()
+                    grasp = grasp_from_pixel(frame, *answer.pixel)
+                except (PixelGraspError, CameraError) as exc:
+                    log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
+                    continue
+                self._pick_and_place(rep, st, tote_id, p.plan, None, grasp, who, None)
+            # "skip": nothing to do; the item may be asked about again later.
+
+    def _still_valid(self, cand: Candidate, frame_then: Frame) -> bool:
+        """Is the surface under an approved candidate where it was when the person looked?"""
+        try:
+            now = self.camera.capture()
+        except CameraError:
+            return False
+        u, v = cand.pixel
+        d0, d1 = frame_then.depth[v, u], now.depth[v, u]
+        if not (np.isfinite(d0) and np.isfinite(d1) and d0 > 0 and d1 > 0):
+            return True  # no measurement either time: trust the person
+        return abs(float(d1) - float(d0)) <= self.config.answer_depth_tolerance_m
+
+    def _pick_and_place(
+        self,
+        rep: ToteReport,
+        st: _ToteState,
+        tote_id: str,
+        plan: Plan,
+        index: int | None,
+        grasp: Grasp,
+        decided_by: str,
+        p_success: float | None,
+    ) -> Attempt:
+        out = self.arm.pick(grasp)
+        placed = None
+        if out.success:
+            placed = self.arm.place(self._placement_for(plan, index, out.executed or grasp))
+        else:
+            st.failed_spots.append(np.asarray(grasp.position))
+            centre = _centre_of(plan, plan.candidates[index]) if index is not None else grasp.position
+            _bump(st.failures, np.asarray(centre), self.config.item_radius_m)
+        att = Attempt(
+            attempt_id=uuid.uuid4().hex,
+            tote_id=tote_id,
+            grasp=out.executed or grasp,
+            outcome=out,
+            decided_by=decided_by,
+            p_success=p_success,
+            robot_time=self.arm.robot_time,
+            placed=placed,
+        )
+        rep.attempts.append(att)
+        self._count("attempts")
+        self._count("picks" if out.success else f"failures_{out.reason.value}")
+        if self.ledger is not None:
+            patch = features = None
+            if index is not None and plan.patches is not None:
+                patch, features = plan.patches[index], plan.features[index]
+            self.ledger.record_attempt(
+                attempt_id=att.attempt_id,
+                plan_id=plan.frame_id or None,
+                candidate_index=index,
+                grasp=att.grasp,
+                outcome=out,
+                decided_by=decided_by,
+                model_version=plan.model_version,
+                robot_time=att.robot_time,
+                patch=patch,
+                features=features,
+                family=out.details.get("family") if isinstance(out.details, dict) else None,
+            )
+        log.info("pick %s by %s: %s", att.attempt_id[:8], decided_by, out.reason.value)
+        return att
+
+    def _placement_for(self, plan: Plan, index: int | None, grasp: Grasp) -> Placement:
+        """Where to release: from the packer's height map when there is one, else the box centre."""
+        cluster = _cluster_of(plan, index)
+        extents = cluster.extents if cluster is not None else np.array([0.08, 0.08, 0.05])
+        # The item's bottom is its cluster's lowest point (the tote floor or what it rested on);
+        # the TCP holds it this far above its bottom.
+        bottom = cluster.lo[2] if cluster is not None else grasp.position[2] - extents[2]
+        tcp_above_bottom = max(0.0, float(grasp.position[2] - bottom))
+        down = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0])))
+        if self.packer is None:
+            raise RuntimeError("CellController needs a packer to place items")
+        slot = self.packer.propose(tuple(float(e) for e in extents))
+        if slot is None:  # box full for this item: swap boxes and start a fresh one
+            if self.feed is not None:
+                self.feed.swap_box()
+            self.packer.swap()
+            self._count("boxes_closed")
+            slot = self.packer.propose(tuple(float(e) for e in extents))
+        self.packer.commit(slot)
+        pos = np.asarray(slot.position, dtype=float) + np.array(
+            [0.0, 0.0, tcp_above_bottom + self.config.place_clearance_m]
+        )
+        return Placement(pos, down)
+
+    def _observe_plan(self, plan: Plan) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_plan(plan)
+
+    def _count(self, name: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(name)
+
+
+def _near(p: np.ndarray, centres: list[np.ndarray], radius: float) -> bool:
+    if not centres:
+        return False
+    d = np.linalg.norm(np.asarray(centres)[:, :2] - np.asarray(p)[:2], axis=1)
+    return bool((d < radius).any())
+
+
+def _bump(counts: list[tuple[np.ndarray, int]], centre: np.ndarray, radius: float) -> None:
+    for k, (c, n) in enumerate(counts):
+        if np.linalg.norm(c[:2] - centre[:2]) < radius:
+            counts[k] = (c, n + 1)
+            return
+    counts.append((centre, 1))
+
+
+def _cluster_of(plan: Plan, index: int | None) -> ItemCluster | None:
+    if index is None or not plan.clusters:
+        return None
+    k = plan.candidates[index].cluster
+    return plan.clusters[k] if 0 <= k < len(plan.clusters) else None
+
+
+def _centre_of(plan: Plan, cand: Candidate) -> np.ndarray:
+    if plan.clusters and 0 <= cand.cluster < len(plan.clusters):
+        return np.asarray(plan.clusters[cand.cluster].centroid)
+    return np.asarray(cand.grasp.position)
+
+
+__all__ = ["AssistChannel", "Attempt", "CellController", "ControllerConfig", "ToteReport", "Reason"]
