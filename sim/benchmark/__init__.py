@@ -1,0 +1,1 @@
+"""The simulation benchmark: episodes through the real controller, metrics, report, parallel runner."""
