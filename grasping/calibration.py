@@ -1,0 +1,385 @@
+"""Turning model logits into honest probabilities, and deciding when the cell may act alone.
+
+Two calibrators, both fitted on held-out outcomes (never on the rows the network trained on):
+  * temperature scaling: p = sigmoid(logit / T), one parameter, cannot overfit, keeps the ranking;
+  * isotonic regression: the best non-decreasing map logit -> p (pool-adjacent-violators), more
+    flexible, needs more data.
+`fit_calibrator` picks between them by cross-validated negative log-likelihood on the calibration
+rows, then refits the winner on all of them.
+
+Conformal risk control (Angelopoulos, Bates, Fisch, Lei, Schuster, "Conformal Risk Control",
+ICLR 2024) picks the auto-execute threshold t on the calibrated probability. For held-out rows
+i = 1..n with calibrated probability p_i and outcome y_i, the loss of threshold t is
+    L_i(t) = 1{p_i >= t and y_i = 0}        ("auto-executed and failed"), bounded by B = 1,
+which is non-increasing in t. With Rhat(t) = (1/n) sum_i L_i(t), CRC chooses
+    t_hat = inf { t : (n * Rhat(t) + B) / (n + 1) <= alpha }
+and guarantees, for a fresh exchangeable row, E[L_{n+1}(t_hat)] <= alpha: the probability that a
+new candidate is auto-executed AND fails is at most alpha. (That is the joint rate over all
+candidates scored; the failure rate *among auto-executed picks* is that divided by the fraction
+auto-executed, and we report both.) If even t = "never" is needed, i.e. n < 1/alpha - 1, no
+threshold is feasible and `NEVER` (above any probability) is returned: the cell then always asks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TEMPERATURE = "temperature"
+ISOTONIC = "isotonic"
+METHOD_CODES = {TEMPERATURE: 0, ISOTONIC: 1}
+NEVER = math.inf  # threshold meaning "never auto-execute"
+_EPS = 1e-6  # probabilities are clipped to [EPS, 1-EPS] so log-loss stays finite
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
+
+
+def _check_py(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(p, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if p.shape != y.shape:
+        raise ValueError(f"probabilities and labels differ in length: {p.shape} vs {y.shape}")
+    if not np.isfinite(p).all():
+        raise ValueError("probabilities/logits contain NaN or inf")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1")
+    return p, y
+
+
+def nll(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary negative log-likelihood (nats)."""
+    p, y = _check_py(p, y)
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def brier(p: np.ndarray, y: np.ndarray) -> float:
+    p, y = _check_py(p, y)
+    return float(np.mean((p - y) ** 2))
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE with `bins` equal-width bins on [0, 1]: sum_b (n_b / n) |mean(y_b) - mean(p_b)|."""
+    p, y = _check_py(p, y)
+    if p.size == 0:
+        raise ValueError("ECE of an empty set")
+    idx = np.minimum((p * bins).astype(np.int64), bins - 1)
+    idx = np.clip(idx, 0, bins - 1)
+    counts = np.bincount(idx, minlength=bins)
+    sum_p = np.bincount(idx, weights=p, minlength=bins)
+    sum_y = np.bincount(idx, weights=y, minlength=bins)
+    nz = counts > 0
+    return float(np.sum(np.abs(sum_y[nz] - sum_p[nz])) / p.size)
+
+
+def auroc(scores: np.ndarray, y: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties). NaN if one class only."""
+    s, y = _check_py(scores, y)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    s_sorted = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    # Average rank over runs of equal scores.
+    boundaries = np.flatnonzero(np.diff(s_sorted)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [s.size]])
+    avg = (starts + ends - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# --- calibrators ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """A fitted monotone map from logit to calibrated probability."""
+
+    method: str  # TEMPERATURE or ISOTONIC
+    temperature: float = 1.0  # dimensionless; used by TEMPERATURE
+    iso_x: np.ndarray | None = None  # (K,) logits at the isotonic knots, increasing
+    iso_y: np.ndarray | None = None  # (K,) calibrated probability at each knot, non-decreasing
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_CODES:
+            raise ValueError(f"unknown calibration method {self.method!r}")
+        if self.method == TEMPERATURE and not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
+        if self.method == ISOTONIC:
+            x = np.asarray(self.iso_x, dtype=np.float64)
+            y = np.asarray(self.iso_y, dtype=np.float64)
+            if x.ndim != 1 or x.shape != y.shape or x.size < 1:
+                raise ValueError("isotonic knots must be two equal-length 1-D arrays")
+            if np.any(np.diff(x) < 0) or np.any(np.diff(y) < -1e-12) or y.min() < 0 or y.max() > 1:
+                raise ValueError("isotonic knots must be sorted with non-decreasing y in [0, 1]")
+            object.__setattr__(self, "iso_x", x)
+            object.__setattr__(self, "iso_y", y)
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        z = np.asarray(logits, dtype=np.float64)
+        if self.method == TEMPERATURE:
+            return sigmoid(z / self.temperature)
+        # Piecewise-linear between knots, constant beyond them (as scikit-learn's IsotonicRegression).
+        return np.interp(z, self.iso_x, self.iso_y)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibrator:
+    """Temperature minimising held-out NLL: golden-section search on log T in [log 0.05, log 20].
+
+    The NLL of sigmoid(z / T) is unimodal in log T for fixed data, so a 1-D search is exact enough
+    and needs no gradient machinery.
+    """
+    z, y = _check_py(logits, y)
+
+    def loss(log_t: float) -> float:
+        return nll(sigmoid(z / math.exp(log_t)), y)
+
+    a, b = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return Calibrator(TEMPERATURE, temperature=math.exp((a + b) / 2))
+
+
+def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pool-adjacent-violators on y (already sorted by x). Returns block values, weights, sizes."""
+    vals: list[float] = []
+    wts: list[float] = []
+    sizes: list[int] = []
+    for yi, wi in zip(y, w, strict=True):
+        vals.append(float(yi))
+        wts.append(float(wi))
+        sizes.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            w_new = wts[-2] + wts[-1]
+            v_new = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / w_new
+            s_new = sizes[-2] + sizes[-1]
+            del vals[-1], wts[-1], sizes[-1]
+            vals[-1], wts[-1], sizes[-1] = v_new, w_new, s_new
+    return np.array(vals), np.array(wts), np.array(sizes)
+
+
+def fit_isotonic(logits: np.ndarray, y: np.ndarray) -> Calibrator:
+    """Isotonic regression of y on logit; knots at each pooled block's lowest and highest logit."""
+    z, y = _check_py(logits, y)
+    if z.size < 2:
+        raise ValueError("isotonic calibration needs at least 2 rows")
+    order = np.argsort(z, kind="mergesort")
+    zs, ys = z[order], y[order]
+    # Pool tied logits first so equal inputs get equal outputs.
+    uz, inv, cnt = np.unique(zs, return_inverse=True, return_counts=True)
+    ysum = np.bincount(inv, weights=ys)
+    vals, _, sizes = _pav(ysum / cnt, cnt.astype(np.float64))
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    xs: list[float] = []
+    ps: list[float] = []
+    for s, e, v in zip(starts, ends, vals, strict=True):
+        xs.extend([uz[s], uz[e - 1]])
+        ps.extend([v, v])
+    x = np.array(xs)
+    p = np.clip(np.array(ps), 0.0, 1.0)
+    keep = np.concatenate([[True], np.diff(x) > 0])  # drop duplicate knots of one-value blocks
+    return Calibrator(ISOTONIC, iso_x=x[keep], iso_y=p[keep])
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    calibrator: Calibrator
+    cv_nll: dict[str, float]  # method -> cross-validated NLL on the calibration rows
+    cv_ece: dict[str, float]  # method -> cross-validated ECE on the calibration rows
+
+
+def fit_calibrator(logits: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> CalibrationChoice:
+    """Fit both calibrators, choose by k-fold cross-validated NLL, refit the winner on all rows.
+
+    Isotonic needs enough data of both classes to beat temperature; with fewer than 50 rows we do not
+    even try it (it would memorise the calibration set).
+    """
+    z, y = _check_py(logits, y)
+    if z.size < 2 or y.min() == y.max():
+        raise ValueError(
+            f"calibration needs both successes and failures; got {z.size} rows, {int(y.sum())} ok"
+        )
+    methods = {TEMPERATURE: fit_temperature}
+    if z.size >= 50:
+        methods[ISOTONIC] = fit_isotonic
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(z.size) % max(2, min(folds, z.size))
+    cv_nll: dict[str, float] = {}
+    cv_ece: dict[str, float] = {}
+    for name, fit in methods.items():
+        p_out = np.empty_like(z)
+        for k in np.unique(fold):
+            tr, te = fold != k, fold == k
+            if y[tr].min() == y[tr].max():
+                cal = fit_temperature(z[tr], y[tr]) if name == TEMPERATURE else Calibrator(TEMPERATURE)
+            else:
+                cal = fit(z[tr], y[tr])
+            p_out[te] = cal.apply(z[te])
+        cv_nll[name] = nll(p_out, y)
+        cv_ece[name] = expected_calibration_error(p_out, y)
+    best = min(cv_nll, key=cv_nll.get)
+    return CalibrationChoice(methods[best](z, y), cv_nll, cv_ece)
+
+
+# --- conformal risk control -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConformalThreshold:
+    threshold: float  # calibrated p needed to auto-execute; NEVER (inf) if no threshold is safe
+    alpha: float  # target bound on P(auto-executed and failed)
+    n: int  # held-out rows used
+    empirical_risk: float  # Rhat(threshold): fraction auto-executed and failed on those rows
+    bound: float  # (n * Rhat + B) / (n + 1) at the threshold (<= alpha when feasible)
+    coverage: float  # fraction of those rows that would be auto-executed
+
+
+def conformal_threshold(
+    p: np.ndarray, y: np.ndarray, alpha: float = 0.05, B: float = 1.0
+) -> ConformalThreshold:
+    """Smallest t with (n * Rhat(t) + B) / (n + 1) <= alpha, Rhat(t) = mean(p_i >= t and y_i == 0).
+
+    Candidate thresholds are the observed p values (Rhat only changes there); between two observed
+    values the smallest t that works is the next observed value, so searching them is exact.
+    """
+    p, y = _check_py(p, y)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    n = p.size
+    if n == 0:
+        return ConformalThreshold(NEVER, alpha, 0, 0.0, B, 0.0)
+    order = np.argsort(-p, kind="mergesort")  # descending p
+    p_desc = p[order]
+    fail_desc = (y[order] == 0).astype(np.float64)
+    # For t = p_desc[k], the executed set is every row with p >= p_desc[k]: include all ties.
+    cum_fail = np.cumsum(fail_desc)
+    last_of_tie = np.concatenate([p_desc[1:] != p_desc[:-1], [True]])
+    cand_t = p_desc[last_of_tie]
+    cand_fail = cum_fail[last_of_tie]
+    cand_exec = np.flatnonzero(last_of_tie) + 1
+    bound = (cand_fail + B) / (n + 1)
+    ok = bound <= alpha
+    if not ok.any():
+        return ConformalThreshold(NEVER, alpha, n, 0.0, B / (n + 1), 0.0)
+    # The risk is monotone, so the feasible candidates are a prefix (highest thresholds); take the
+    # last feasible one = the smallest feasible threshold.
+    k = int(np.flatnonzero(ok)[-1]) if ok.all() else int(np.argmin(ok)) - 1
+    return ConformalThreshold(
+        threshold=float(cand_t[k]),
+        alpha=alpha,
+        n=n,
+        empirical_risk=float(cand_fail[k] / n),
+        bound=float(bound[k]),
+        coverage=float(cand_exec[k] / n),
+    )
+
+
+def executed_failure_threshold(
+    p: np.ndarray, y: np.ndarray, alpha: float = 0.05, delta: float = 0.1, grid: int = 99
+) -> ConformalThreshold:
+    """Threshold bounding the failure rate *among auto-executed picks*, P(fail | p >= t) <= alpha.
+
+    CRC (above) bounds the joint rate P(p >= t and fail); when the cell auto-executes only a small
+    fraction of candidates, the failure rate among those it does execute can be several times alpha.
+    This alternative is Learn-then-Test (Angelopoulos et al. 2021): on a grid of thresholds fixed in
+    advance (1/(grid+1) ... grid/(grid+1)), test each H0_t "failure rate among rows with p >= t is
+    >= alpha" with the exact binomial tail P(Binom(n_exec, alpha) <= n_fail), Bonferroni-corrected
+    (level delta / grid), and return the smallest rejected threshold. With probability >= 1 - delta
+    over the held-out set, its failure rate among executed picks is <= alpha. `bound` holds the
+    (uncorrected) binomial p-value at the returned threshold.
+    """
+    p, y = _check_py(p, y)
+    if not 0.0 < alpha < 1.0 or not 0.0 < delta < 1.0:
+        raise ValueError(f"alpha and delta must be in (0, 1), got {alpha}, {delta}")
+    n = p.size
+    best: ConformalThreshold | None = None
+    for t in np.arange(grid, 0, -1) / (grid + 1.0):
+        act = p >= t
+        n_exec, n_fail = int(act.sum()), int((act & (y == 0)).sum())
+        if n_exec == 0:
+            continue
+        pval = _binom_cdf(n_fail, n_exec, alpha)
+        if pval <= delta / grid:
+            best = ConformalThreshold(float(t), alpha, n, n_fail / n, pval, n_exec / n)
+    return best if best is not None else ConformalThreshold(NEVER, alpha, n, 0.0, 1.0, 0.0)
+
+
+def _binom_cdf(k: int, n: int, q: float) -> float:
+    """P(Binom(n, q) <= k), summed in log space (n up to 1e5 is fine)."""
+    i = np.arange(k + 1, dtype=np.float64)
+    lg = np.vectorize(math.lgamma)
+    logs = lg(n + 1.0) - lg(i + 1.0) - lg(n - i + 1.0) + i * math.log(q) + (n - i) * math.log1p(-q)
+    m = logs.max()
+    return float(min(1.0, math.exp(m) * np.exp(logs - m).sum()))
+
+
+def auto_execute_rates(p: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float]:
+    """What a threshold does on labelled rows: how often it acts, and how often acting fails."""
+    p, y = _check_py(p, y)
+    act = p >= threshold
+    n_act = int(act.sum())
+    fail = act & (y == 0)
+    return {
+        "auto_execute_rate": float(act.mean()) if p.size else 0.0,
+        "auto_fail_joint": float(fail.mean()) if p.size else 0.0,  # P(executed and failed): CRC-bounded
+        "auto_fail_given_executed": float(fail.sum() / n_act) if n_act else 0.0,
+        "n": float(p.size),
+    }
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+
+def reliability_diagram(
+    curves: dict[str, np.ndarray], y: np.ndarray, path: str | Path, bins: int = 15, title: str = ""
+) -> Path:
+    """Write a reliability diagram PNG: one line per named probability array against labels y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(y, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfect")
+    for name, p in curves.items():
+        p, yy = _check_py(p, y)
+        idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+        counts = np.bincount(idx, minlength=bins)
+        nz = counts > 0
+        mean_p = np.bincount(idx, weights=p, minlength=bins)[nz] / counts[nz]
+        mean_y = np.bincount(idx, weights=yy, minlength=bins)[nz] / counts[nz]
+        ece = expected_calibration_error(p, yy, bins)
+        ax.plot(mean_p, mean_y, marker="o", label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("predicted p(success)")
+    ax.set_ylabel("observed success rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "reliability")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

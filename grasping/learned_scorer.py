@@ -1,0 +1,127 @@
+"""The shipped torch scorer behind the planner's `Scorer` protocol (`grasping.scoring`).
+
+One batched forward pass per scene: backbone embedding -> per-gripper head logit -> per-gripper
+calibrator -> calibrated p(success); the same embeddings feed the watchdog. The planner never
+imports torch: it only sees `ScoreResult` numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from grasping.modelfile import LoadedModel, ModelFileError, load_model
+from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer, ScoreResult
+
+log = logging.getLogger(__name__)
+
+INFERENCE_THREADS = 2  # the cell computer's cores; more threads than cores only adds contention
+
+
+class LearnedScorer:
+    """Scores candidates with a verified model file. Implements `grasping.scoring.Scorer`."""
+
+    def __init__(self, model: LoadedModel, num_threads: int | None = INFERENCE_THREADS) -> None:
+        import torch
+
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        self.model = model
+        self.version = model.version
+        self.sha256 = model.sha256
+        self.path = model.path
+        net = model.net
+        self._c, self._s, self._f = net.in_channels, net.patch_size, net.n_features
+
+    @classmethod
+    def from_file(cls, path: str | Path, expected_sha256: str | None = None) -> LearnedScorer:
+        return cls(load_model(path, expected_sha256))
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """(2,) per-gripper auto-execute thresholds on calibrated p (index SUCTION / PARALLEL_JAW)."""
+        return self.model.thresholds.copy()
+
+    def candidate_thresholds(self, gripper: np.ndarray) -> np.ndarray:
+        """(M,) the threshold that applies to each candidate (its own gripper's)."""
+        return self.model.thresholds[np.asarray(gripper, dtype=np.int64)]
+
+    def _check(self, patches: np.ndarray, features: np.ndarray, gripper: np.ndarray) -> None:
+        m = patches.shape[0] if patches.ndim >= 1 else -1
+        if patches.ndim != 4 or patches.shape[1:] != (self._c, self._s, self._s):
+            raise ValueError(f"patches must be (M, {self._c}, {self._s}, {self._s}), got {patches.shape}")
+        if features.shape != (m, self._f):
+            raise ValueError(f"features must be ({m}, {self._f}), got {features.shape}")
+        if gripper.shape != (m,):
+            raise ValueError(f"gripper must be ({m},), got {gripper.shape}")
+        if m and not np.isin(gripper, (SUCTION, PARALLEL_JAW)).all():
+            raise ValueError(f"gripper values must be {SUCTION} (suction) or {PARALLEL_JAW} (parallel jaw)")
+        if not (np.isfinite(patches).all() and np.isfinite(features).all()):
+            raise ValueError("patches/features contain NaN or inf")
+
+    def logits_and_embeddings(
+        self, patches: np.ndarray, features: np.ndarray, gripper: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw head logits (M,) and backbone embeddings (M, D), as numpy."""
+        import torch
+
+        patches = np.asarray(patches, dtype=np.float32)
+        features = np.asarray(features, dtype=np.float32)
+        gripper = np.asarray(gripper, dtype=np.int64)
+        self._check(patches, features, gripper)
+        with torch.inference_mode():
+            logits, emb = self.model.net(
+                torch.from_numpy(patches), torch.from_numpy(features), torch.from_numpy(gripper)
+            )
+        return logits.numpy().astype(np.float64), emb.numpy().astype(np.float64)
+
+    def calibrate(self, logits: np.ndarray, gripper: np.ndarray) -> np.ndarray:
+        out = np.empty(len(logits), dtype=np.float64)
+        for g, cal in enumerate(self.model.calibrators):
+            rows = gripper == g
+            if rows.any():
+                out[rows] = cal.apply(logits[rows])
+        return out
+
+    def score(self, patches: np.ndarray, features: np.ndarray, gripper: np.ndarray) -> ScoreResult:
+        gripper = np.asarray(gripper, dtype=np.int64)
+        logits, emb = self.logits_and_embeddings(patches, features, gripper)
+        if logits.size == 0:
+            empty = np.zeros(0)
+            return ScoreResult(empty, empty, empty, 0.0, True, float(self.model.thresholds.max()))
+        ood, sigma, in_dist = self.model.watchdog.score(emb)
+        # ScoreResult has one threshold; per-gripper thresholds each bound their own gripper's risk,
+        # so the largest one among the grippers present is valid (conservative) for all of them.
+        # Callers that want the exact per-candidate threshold use `candidate_thresholds`.
+        threshold = float(self.model.thresholds[np.unique(gripper)].max())
+        return ScoreResult(
+            learned=1.0 / (1.0 + np.exp(-logits)),
+            calibrated=self.calibrate(logits, gripper),
+            ood=ood,
+            scene_ood_sigma=sigma,
+            in_distribution=in_dist,
+            threshold=threshold,
+        )
+
+
+def load_scorer(path: str | Path | None, fallback_to_analytic: bool) -> Scorer | None:
+    """Load the learned scorer, or return None (= analytic scoring only) where allowed.
+
+    With `fallback_to_analytic`, a missing/corrupt/wrong-version file logs a warning naming the file
+    and returns None; without it, the ModelFileError propagates (the cell must not start silently
+    with a different scorer than configured).
+    """
+    if path is None:
+        if fallback_to_analytic:
+            log.warning("no model file configured; scoring with the analytic planner only")
+            return None
+        raise ModelFileError("<none>", "no model file configured and analytic fallback is not allowed")
+    try:
+        return LearnedScorer.from_file(path)
+    except ModelFileError as exc:
+        if not fallback_to_analytic:
+            raise
+        log.warning("%s; falling back to analytic scoring only", exc)
+        return None
