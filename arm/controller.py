@@ -115,6 +115,7 @@ class _Pending:
     request: AssistRequest
     future: Future
     plan: Plan
+    plan_id: str | None  # the ledger's id of the plan the question is about
     frame: Frame
     centre: np.ndarray  # (3,) base frame: the item the question is about
     asked_at: float  # robot time
@@ -205,8 +206,9 @@ class CellController:
             rep.plans += 1
             rep.plan_latency_ms.append(plan.latency_ms)
             self._observe_plan(plan)
+            plan_id = None
             if self.ledger is not None:
-                self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
+                plan_id = self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
 
             if plan.decision == "empty" or not plan.candidates:
                 if pending:
@@ -236,7 +238,7 @@ class CellController:
             if confident:
                 i, cand = confident[0]
                 looked_again = False
-                self._pick_and_place(rep, st, tote_id, plan, i, cand.grasp, "model", cand.p_success)
+                self._pick_and_place(rep, st, tote_id, plan, plan_id, i, cand.grasp, "model", cand.p_success)
                 continue
             # 4. unsure: look again once, then ask about the best remaining item
             ask_pool = usable or [
@@ -262,10 +264,12 @@ class CellController:
             if self.assist is None:
                 # No one to ask: take the best guess only if the scene is in distribution, else divert.
                 i, cand = ask_pool[0]
-                self._pick_and_place(rep, st, tote_id, plan, i, cand.grasp, "model-unsure", cand.p_success)
+                self._pick_and_place(
+                    rep, st, tote_id, plan, plan_id, i, cand.grasp, "model-unsure", cand.p_success
+                )
                 continue
             i, cand = ask_pool[0]
-            self._ask(rep, tote_id, plan, frame, _centre_of(plan, cand), pending)
+            self._ask(rep, tote_id, plan, plan_id, frame, _centre_of(plan, cand), pending)
 
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
@@ -285,6 +289,7 @@ class CellController:
         rep: ToteReport,
         tote_id: str,
         plan: Plan,
+        plan_id: str | None,
         frame: Frame,
         centre: np.ndarray,
         pending: dict[str, _Pending],
@@ -315,7 +320,9 @@ class CellController:
         if self.ledger is not None:
             self.ledger.record_request(req)
         fut = self.assist.ask(req)
-        pending[req.request_id] = _Pending(req, fut, plan, frame, np.asarray(centre), self.arm.robot_time)
+        pending[req.request_id] = _Pending(
+            req, fut, plan, plan_id, frame, np.asarray(centre), self.arm.robot_time
+        )
         rep.assists_requested += 1
         self._count("assists_requested")
         log.info("asked a person (%s): %s", req.request_id[:8], "; ".join(plan.reasons))
@@ -359,7 +366,7 @@ class CellController:
                 if not self._still_valid(cand, p.frame):
                     log.info("approved candidate %d: the surface moved since the question; skipped", k)
                     continue
-                self._pick_and_place(rep, st, tote_id, p.plan, k, cand.grasp, who, cand.p_success)
+                self._pick_and_place(rep, st, tote_id, p.plan, p.plan_id, k, cand.grasp, who, cand.p_success)
             elif answer.kind == "point" and answer.pixel is not None:
                 try:
                     frame = self.camera.capture()
@@ -367,7 +374,7 @@ class CellController:
                 except (PixelGraspError, CameraError) as exc:
                     log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
                     continue
-                self._pick_and_place(rep, st, tote_id, p.plan, None, grasp, who, None)
+                self._pick_and_place(rep, st, tote_id, p.plan, p.plan_id, None, grasp, who, None)
             # "skip": nothing to do; the item may be asked about again later.
 
     def _still_valid(self, cand: Candidate, frame_then: Frame) -> bool:
@@ -388,6 +395,7 @@ class CellController:
         st: _ToteState,
         tote_id: str,
         plan: Plan,
+        plan_id: str | None,
         index: int | None,
         grasp: Grasp,
         decided_by: str,
@@ -420,8 +428,8 @@ class CellController:
                 patch, features = plan.patches[index], plan.features[index]
             self.ledger.record_attempt(
                 attempt_id=att.attempt_id,
-                plan_id=plan.frame_id or None,
-                candidate_index=index,
+                plan_id=plan_id,
+                candidate_index=index if plan_id is not None else None,
                 grasp=att.grasp,
                 outcome=out,
                 decided_by=decided_by,
