@@ -262,7 +262,7 @@ class CellController:
                 continue
             looked_again = False
             if self.assist is None:
-                # No one to ask: take the best guess only if the scene is in distribution, else divert.
+                # No one to ask (assist disabled): take the best remaining guess, recorded as such.
                 i, cand = ask_pool[0]
                 self._pick_and_place(
                     rep, st, tote_id, plan, plan_id, i, cand.grasp, "model-unsure", cand.p_success

@@ -127,6 +127,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
         CREATE INDEX attempts_plan ON attempts(plan_id);
         CREATE INDEX answers_recorded_at ON answers(recorded_at);
         CREATE INDEX requests_plan ON requests(plan_id);
+        CREATE INDEX plans_frame ON plans(frame_id);
         """,
     )
 
@@ -604,7 +605,8 @@ class Ledger:
         Idempotent by `attempt_id`: returns False and writes nothing if that id is already stored (a
         cell that restarts after a crash can replay its last attempt safely). `patch` (C, S, S) and
         `features` (F,) are the observation the label belongs to; when omitted, export takes them
-        from the plan's candidate `candidate_index`. `source` is one of SOURCES.
+        from the plan's candidate `candidate_index`. `plan_id` is the id record_plan returned, or the
+        plan's frame_id (resolved to that frame's latest plan). `source` is one of SOURCES.
         """
         if not attempt_id:
             raise ValueError("attempt_id must be a non-empty string")
@@ -618,7 +620,7 @@ class Ledger:
         patch = _check_patch(patch, "patch")
         features = _check_features(features, "features")
         details = _dumps(outcome.details, "Outcome.details")
-        row = (
+        row = [
             attempt_id,
             plan_id,
             None if candidate_index is None else int(candidate_index),
@@ -639,9 +641,10 @@ class Ledger:
             _npy(features),
             family,
             source,
-        )
+        ]
 
         def write() -> bool:
+            row[1] = _resolve_plan(self._conn, plan_id)
             cur = self._conn.execute(
                 "INSERT INTO attempts(attempt_id, plan_id, candidate_index, cell_id, recorded_at, "
                 "robot_time, gripper, grasp, success, reason, executed, robot_seconds, item_id, details, "
@@ -657,15 +660,16 @@ class Ledger:
     def record_request(self, request: AssistRequest) -> bool:
         """Store an assist request; idempotent by request_id (returns False if already stored).
 
-        `request.context["plan_id"]`, when present, links the request to its decision record, which
-        is how a "no_safe_pick" answer finds the candidates it labels.
+        `request.context["plan_id"]` (or, failing that, `context["frame_id"]`, resolved to that frame's
+        latest plan) links the request to its decision record, which is how a "no_safe_pick" answer
+        finds the candidates it labels.
         """
         ctx = _dumps(request.context, "AssistRequest.context")
-        plan_id = request.context.get("plan_id")
-        row = (
+        plan_ref = request.context.get("plan_id") or request.context.get("frame_id") or None
+        row = [
             request.request_id,
             request.cell_id,
-            None if plan_id is None else str(plan_id),
+            None,  # resolved inside the write transaction
             float(request.created),
             float(request.deadline),
             int(request.priority),
@@ -674,9 +678,10 @@ class Ledger:
             ctx,
             bytes(request.image_png),
             self._clock(),
-        )
+        ]
 
         def write() -> bool:
+            row[2] = _resolve_plan(self._conn, None if plan_ref is None else str(plan_ref))
             cur = self._conn.execute(
                 "INSERT INTO requests(request_id, cell_id, plan_id, created, deadline, priority, reasons, "
                 "candidates, context, image_png, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
@@ -975,6 +980,22 @@ class Ledger:
         os.replace(tmp, out_dir / "manifest.json")  # the manifest appears last, and whole
         log.info("exported %d rows (%d shards) from %s to %s", rows, len(shards), self.path, out_dir)
         return manifest
+
+
+def _resolve_plan(conn: sqlite3.Connection, ref: str | None) -> str | None:
+    """A plan reference as stored: a plan id, or a frame id resolved to that frame's latest plan.
+
+    Callers that only kept the Plan (not the id record_plan returned) can still link their attempts
+    and requests to its decision record through `plan.frame_id`.
+    """
+    if ref is None:
+        return None
+    if conn.execute("SELECT 1 FROM plans WHERE plan_id=?", (ref,)).fetchone():
+        return ref
+    row = conn.execute(
+        "SELECT plan_id FROM plans WHERE frame_id=? ORDER BY recorded_at DESC, rowid DESC LIMIT 1", (ref,)
+    ).fetchone()
+    return row[0] if row else ref
 
 
 def _nan(x: float | None) -> float:
