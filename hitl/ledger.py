@@ -186,7 +186,13 @@ def _grasp_from_json(s: str | None) -> Grasp | None:
     if s is None:
         return None
     d = json.loads(s)
-    return Grasp(gripper=d["gripper"], position=d["position"], orientation=d["orientation"], width=d["width"])
+    g = Grasp(gripper=d["gripper"], position=d["position"], orientation=d["orientation"], width=d["width"])
+    # The stored quaternion was already normalised by Grasp; normalising again can move the last bit,
+    # and the ledger must give back exactly what it was given.
+    q = np.array(d["orientation"], dtype=np.float64)
+    q.setflags(write=False)
+    object.__setattr__(g, "orientation", q)
+    return g
 
 
 def _opt_float(x: float | None) -> float | None:
