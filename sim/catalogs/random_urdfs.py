@@ -24,6 +24,9 @@ What is randomised (deterministically, from the item index)
     - Friction: 0.7 for every item (hard plastic on a plastic tote / rubber pad).
 
 What counts as success
+    Object 168 has NaN vertices in its mesh and is left out of `train` (799 items); any object whose
+    mesh has a non-finite vertex is left out the same way, and `broken_indices()` lists them.
+
     The catalog loads in well under a second after the first run (extents measured once in a private
     pybullet client and cached as JSON under the user cache dir, keyed by pybullet version), every
     item spawns at its size and mass, and train/test never share an index.
@@ -58,7 +61,7 @@ DENSITY_KG_M3 = (200.0, 600.0)
 FILL_FRACTION = 0.5  # share of the bounding box the blob occupies
 MASS_RANGE_KG = (0.02, 1.5)
 FRICTION = 0.7
-_META_VERSION = 2
+_META_VERSION = 3
 
 
 def data_dir() -> Path:
@@ -71,16 +74,31 @@ def urdf_path(index: int) -> Path:
     return data_dir() / f"{index:03d}" / f"{index:03d}.urdf"
 
 
-def _native_metadata() -> dict[int, tuple[list[float], list[float]]]:
-    """index -> (extents, center) at globalScaling 1, from the cache or measured once (about 2 s)."""
+def _mesh_is_finite(index: int) -> bool:
+    """Whether every vertex of the object's OBJ mesh is a finite number.
+
+    Object 168 ships with all vertices NaN; pybullet loads it anyway and reports a different garbage
+    bounding box from run to run, so it must be caught before it is measured.
+    """
+    obj = urdf_path(index).with_suffix(".obj")
+    rows = [line.split()[1:4] for line in obj.read_text().splitlines() if line.startswith("v ")]
+    return bool(rows) and bool(np.isfinite(np.array(rows, dtype=np.float64)).all())
+
+
+def _native_metadata() -> dict[int, tuple[list[float], list[float]] | None]:
+    """index -> (extents, center) at globalScaling 1, or None for a broken object; cached (about 2 s)."""
     path = cache_dir() / f"random_urdfs-native-pb{pybullet_version()}-v{_META_VERSION}.json"
     cached = read_json(path)
     if cached and cached.get("data_dir") == str(data_dir()) and len(cached.get("items", {})) == N_OBJECTS:
-        return {int(k): (v[0], v[1]) for k, v in cached["items"].items()}
+        return {int(k): (v[0], v[1]) if v else None for k, v in cached["items"].items()}
     log.info("measuring %d random_urdfs objects once; caching in %s", N_OBJECTS, path)
-    meta: dict[int, tuple[list[float], list[float]]] = {}
+    meta: dict[int, tuple[list[float], list[float]] | None] = {}
     with UrdfProbe() as probe:
         for i in range(N_OBJECTS):
+            if not _mesh_is_finite(i):
+                log.warning("random_urdfs/%03d has non-finite mesh vertices; left out of its split", i)
+                meta[i] = None
+                continue
             ext, center, _ = probe.measure(urdf_path(i))
             meta[i] = (list(ext), list(center))
     write_atomic(path, json.dumps({"data_dir": str(data_dir()), "items": meta}))
@@ -95,7 +113,7 @@ def item_spec(index: int, native_extents: list[float], native_center: list[float
     # Contacts happen CONVEX_MARGIN_M outside the mesh vertices at any scale, so scale the vertex
     # box and add the margin back instead of scaling the margin too.
     vertex_extents = np.asarray(native_extents) - 2 * CONVEX_MARGIN_M
-    scale = target / (vertex_extents.max() + 2 * CONVEX_MARGIN_M)
+    scale = (target - 2 * CONVEX_MARGIN_M) / vertex_extents.max()
     extents = tuple(float(e * scale + 2 * CONVEX_MARGIN_M) for e in vertex_extents)
     mass = float(np.clip(density * np.prod(extents) * FILL_FRACTION, *MASS_RANGE_KG))
     return ItemSpec(
@@ -111,10 +129,15 @@ def item_spec(index: int, native_extents: list[float], native_center: list[float
 
 
 def load(split: str) -> Catalog:
-    """`train` (indices 000-799) or `test` (800-999)."""
+    """`train` (indices 000-799) or `test` (800-999), without the broken objects (see BROKEN)."""
     if split not in SPLITS:
         raise ValueError(f"random_urdfs split must be one of {sorted(SPLITS)}, got {split!r}")
     if not urdf_path(0).exists():
         raise ValueError(f"pybullet_data has no random_urdfs folder at {data_dir()}")
     meta = _native_metadata()
-    return Catalog(split, tuple(item_spec(i, *meta[i]) for i in SPLITS[split]))
+    return Catalog(split, tuple(item_spec(i, *meta[i]) for i in SPLITS[split] if meta[i] is not None))
+
+
+def broken_indices() -> list[int]:
+    """Indices left out of every split because their meshes are unusable (on pybullet 3.2.7: [168])."""
+    return sorted(i for i, m in _native_metadata().items() if m is None)
