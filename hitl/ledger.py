@@ -18,6 +18,7 @@ k + 1, and opening an older file runs the missing steps in one transaction. See 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import io
 import json
@@ -145,14 +146,36 @@ def _npy(a: np.ndarray | None, dtype: type = np.float32) -> bytes | None:
     if a is None:
         return None
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(np.asarray(a, dtype=dtype)), allow_pickle=False)
+    np.save(buf, np.asarray(a, dtype=dtype, order="C"), allow_pickle=False)
     return buf.getvalue()
 
 
 def _from_npy(b: bytes | None) -> np.ndarray | None:
     if b is None:
         return None
-    return np.load(io.BytesIO(b), allow_pickle=False)
+    b = bytes(b)
+    # Fast path: the .npy header is the same for every patch of a shape, and parsing it (numpy uses
+    # ast.literal_eval) costs more than reading the data; parse each distinct header once.
+    hlen_size = {1: 2, 2: 4}.get(b[6] if len(b) > 8 and b[:6] == b"\x93NUMPY" else 0)
+    if hlen_size is None:  # another format version, or not .npy at all: numpy's own reader decides
+        return np.load(io.BytesIO(b), allow_pickle=False)
+    start = 8 + hlen_size
+    end = start + int.from_bytes(b[8:start], "little")
+    shape, dtype = _npy_header(b[:end])
+    return np.frombuffer(b, dtype=dtype, offset=end, count=int(np.prod(shape))).reshape(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    f = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if dtype.hasobject:
+        raise ValueError("refusing to load an object array from the ledger (it would need unpickling)")
+    if fortran and len(shape) > 1:
+        raise ValueError("unexpected Fortran-ordered array in the ledger")
+    return tuple(shape), dtype
 
 
 def _json_default(o: Any) -> Any:

@@ -641,3 +641,19 @@ def test_cli_stats_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # Exporting into a directory that already holds a dataset is refused.
     assert pickcell_main(["ledger", "export", "--db", str(db), "--out", str(tmp_path / "ds")]) == 1
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_a_pickled_array_in_the_file_is_refused_not_unpickled(tmp_path: Path) -> None:
+    import io
+
+    db = tmp_path / "cell.db"
+    with Ledger(db, "cell-1") as ledger:
+        ledger.record_attempt(**attempt_kwargs(np.random.default_rng(10), 1))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)  # what a tampered row holds
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE attempts SET patch=?", (buf.getvalue(),))
+    conn.commit()
+    conn.close()
+    with Ledger(db, "cell-1") as ledger, pytest.raises(ValueError, match="unpickling"):
+        ledger.attempts()
