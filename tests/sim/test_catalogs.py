@@ -324,3 +324,21 @@ def test_fill_tote_refuses_zero_gravity():
         assert p.getNumBodies(physicsClientId=cid) == 0  # nothing half-spawned
     finally:
         p.disconnect(physicsClientId=cid)
+
+
+def test_an_overfull_tote_gets_fewer_items_none_above_the_top():
+    """Cartons into a shallow 5 cm tray: what does not fit is removed, never left piled above it."""
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setGravity(0, 0, -9.81, physicsClientId=cid)
+        region = build_tote(cid)
+        tray = Bounds(lo=region.lo, hi=(region.hi[0], region.hi[1], 0.05))
+        cartons = load_catalog("procedural", families=["carton"])
+        items = fill_tote(cid, cartons, 12, np.random.default_rng(1), tray, settle_steps=60)
+        assert 0 < len(items) < 12
+        for s in items:
+            lo, hi = (np.array(v) for v in p.getAABB(s.body_id, physicsClientId=cid))
+            assert (lo[2] + hi[2]) / 2 <= 0.05
+        assert p.getNumBodies(physicsClientId=cid) == 5 + len(items)
+    finally:
+        p.disconnect(physicsClientId=cid)
