@@ -1,0 +1,475 @@
+"""Grasp candidates on segmented items, with analytic scores: suction and parallel-jaw.
+
+Suction: the cup's disk laid on the surface at sampled item points. For each one we look, through
+the camera, at 24 points of the disk (two rings) and at its centre, fit a plane to those that lie
+on the same item and score the seal: planarity (RMS and worst gap to the plane), the surface's tilt
+(angle between its normal and straight up: the cup approaches along the normal, and steep
+approaches are weaker and harder to reach), the lever arm to the item's centroid (torque on the
+seal), and the room for the cup (the fraction of the disk that lies on this item, not over an edge
+or on a neighbour).
+
+Parallel jaw: top-down antipodal pairs on the item's outline in a height map of the tote
+(Dex-Net 2.0's depth-image antipodal sampler, in the base frame). For a sampled item cell and a
+closing direction, walk outwards both ways until the line leaves the item: those are the contacts.
+The outline's outward normal at each contact (from the local shape of the item's cells) must lie
+inside the friction cone (half-angle atan(mu)) around the closing line, the item between the
+contacts must fit the jaw's opening with clearance, and both fingers, lowered to grasp depth with
+the jaw opened, must not hit anything in the height map (neighbours, walls, unseen cells filled
+conservatively).
+
+Everything is vectorised over candidates; the only Python loops run over items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from grasping.patches import FEATURE_NAMES, N_FEATURES
+from grasping.pointcloud import NO_CLUSTER, SceneCloud
+from grasping.scoring import PARALLEL_JAW, SUCTION
+
+_F = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_DOWN = np.array([0.0, 0.0, -1.0])
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """Geometry of the grippers and the sampling budget."""
+
+    cup_diameter_m: float = 0.03  # metres, suction cup lip diameter
+    seal_sigma_m: float = 0.0015  # metres, plane-fit RMS at which seal quality falls to 1/e
+    seal_max_gap_m: float = 0.005  # metres, largest gap between the lip and the surface that still seals
+    suction_max_tilt_rad: float = np.deg2rad(60.0)  # radians, steeper surfaces get no suction candidate
+    torque_scale_m: float = 0.06  # metres, lever arm at which the torque factor halves
+    max_opening_m: float = 0.08  # metres, parallel-jaw full opening
+    finger_thickness_m: float = 0.012  # metres, along the closing direction
+    finger_width_m: float = 0.02  # metres, across the closing direction
+    finger_depth_m: float = 0.02  # metres, how far below the item's top the fingertips go
+    finger_pad_half_m: float = 0.008  # metres, fingertip below the grasp point (pad half height)
+    jaw_clearance_m: float = 0.01  # metres, opening beyond the item on each side
+    min_jaw_clearance_m: float = 0.003  # metres, the least side clearance a candidate may have
+    collision_tol_m: float = 0.003  # metres, height-map noise tolerated under the fingers
+    friction_coef: float = 0.5  # Coulomb mu: friction-cone half-angle atan(mu)
+    jaw_angles: int = 8  # closing directions tried per sampled point, over 180 degrees
+    suction_pool: int = 900  # sampled suction points per frame before ranking
+    jaw_pool: int = 240  # sampled jaw centre points per frame (each tried at jaw_angles directions)
+    min_per_item: int = 12  # each item gets at least this many samples of each kind (if it has them)
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """M candidates of one gripper kind (or several), as arrays."""
+
+    gripper: np.ndarray  # (M,) int64, SUCTION or PARALLEL_JAW
+    positions: np.ndarray  # (M, 3) metres, base frame (cup contact / fingertip midpoint)
+    rotations: np.ndarray  # (M, 3, 3) grasp frame in base frame (z approach, x closing)
+    widths: np.ndarray  # (M,) metres, jaw opening before closing (0 for suction)
+    analytic: np.ndarray  # (M,) [0, 1]
+    features: np.ndarray  # (M, F) float32, FEATURE_NAMES
+    cluster: np.ndarray  # (M,) int64 item index
+
+    def __len__(self) -> int:
+        return len(self.gripper)
+
+    def take(self, idx: np.ndarray) -> CandidateSet:
+        return CandidateSet(
+            self.gripper[idx],
+            self.positions[idx],
+            self.rotations[idx],
+            self.widths[idx],
+            self.analytic[idx],
+            self.features[idx],
+            self.cluster[idx],
+        )
+
+    @staticmethod
+    def empty() -> CandidateSet:
+        return CandidateSet(
+            np.zeros(0, np.int64),
+            np.zeros((0, 3)),
+            np.zeros((0, 3, 3)),
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros((0, N_FEATURES), np.float32),
+            np.zeros(0, np.int64),
+        )
+
+    @staticmethod
+    def concat(sets: list[CandidateSet]) -> CandidateSet:
+        if not sets:
+            return CandidateSet.empty()
+        return CandidateSet(*(np.concatenate([getattr(s, f) for s in sets]) for f in _FIELDS))
+
+
+_FIELDS = ("gripper", "positions", "rotations", "widths", "analytic", "features", "cluster")
+
+
+def _quotas(sizes: np.ndarray, pool: int, min_per_item: int) -> np.ndarray:
+    """Samples per item: at least `min_per_item`, the rest by sqrt(size) so small items are not starved."""
+    if len(sizes) == 0:
+        return np.zeros(0, int)
+    w = np.sqrt(sizes.astype(np.float64))
+    q = np.maximum(min_per_item, np.floor(pool * w / w.sum())).astype(int)
+    return np.minimum(q, sizes)
+
+
+def _sample_per_item(
+    labels: np.ndarray, n_items: int, pool: int, min_per_item: int, rng: np.random.Generator
+):
+    """Indices into `labels`, sampled per item without replacement (deterministic for a seeded rng)."""
+    sizes = np.bincount(labels[labels >= 0], minlength=n_items)
+    quotas = _quotas(sizes, pool, min_per_item)
+    picks = []
+    for k in range(n_items):
+        members = np.flatnonzero(labels == k)
+        if quotas[k] > 0:
+            picks.append(np.sort(rng.choice(members, size=quotas[k], replace=False)))
+    return np.concatenate(picks) if picks else np.zeros(0, int)
+
+
+def _item_geometry(cloud: SceneCloud) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item: centroid (K, 3), horizontal extent (K,), top height above the floor (K,)."""
+    if not cloud.clusters:
+        return np.zeros((0, 3)), np.zeros(0), np.zeros(0)
+    cent = np.array([c.centroid for c in cloud.clusters])
+    ext = np.array([float(np.max(c.extents[:2])) for c in cloud.clusters])
+    top = np.array([float(c.hi[2]) for c in cloud.clusters]) - cloud.floor_z
+    return cent, ext, top
+
+
+def _tangent_basis(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors (M, 3) orthogonal to unit normals n (M, 3) and to each other."""
+    a = np.where(np.abs(n[:, :1]) < 0.9, np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]))
+    t1 = np.cross(n, a)
+    t1 /= np.linalg.norm(t1, axis=1, keepdims=True)
+    return t1, np.cross(n, t1)
+
+
+def _frames_from_approach(z: np.ndarray) -> np.ndarray:
+    """Rotations (M, 3, 3) with +z = z (unit, M x 3) and +x = base x projected (grasp_frame's rule)."""
+    x = np.where(np.abs(z[:, :1]) < 0.9, np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]))
+    x = x - z * np.sum(x * z, axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.stack([x, np.cross(z, x), z], axis=2)
+
+
+def suction_candidates(cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.Generator) -> CandidateSet:
+    """Suction cups on sampled item points, scored for seal, tilt, torque and room."""
+    vlab = cloud.voxel_labels
+    n_items = cloud.n_clusters
+    with np.errstate(invalid="ignore"):
+        usable = (vlab >= 0) & np.isfinite(cloud.voxel_normals).all(axis=1)
+        usable &= cloud.voxel_normals[:, 2] >= np.cos(cfg.suction_max_tilt_rad)
+    labels = np.where(usable, vlab, NO_CLUSTER)
+    idx = _sample_per_item(labels, n_items, cfg.suction_pool, cfg.min_per_item, rng)
+    if len(idx) == 0:
+        return CandidateSet.empty()
+    p = cloud.voxel_points[idx]
+    n = cloud.voxel_normals[idx]
+    lab = labels[idx]
+    m = len(idx)
+
+    # The cup disk: 16 points on the lip, 8 at half radius, and the centre, seen through the camera.
+    r = cfg.cup_diameter_m / 2.0
+    ang16 = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    ang8 = np.linspace(0, 2 * np.pi, 8, endpoint=False) + np.pi / 8
+    rings = np.concatenate(
+        [
+            np.stack([r * np.cos(ang16), r * np.sin(ang16)], 1),
+            np.stack([r / 2 * np.cos(ang8), r / 2 * np.sin(ang8)], 1),
+        ]
+    )
+    rings = np.vstack([rings, [[0.0, 0.0]]])  # (25, 2)
+    t1, t2 = _tangent_basis(n)
+    q = p[:, None, :] + rings[None, :, 0:1] * t1[:, None, :] + rings[None, :, 1:2] * t2[:, None, :]
+    seen, ok, seen_lab = cloud.lookup(q)
+    on_item = ok & (seen_lab == lab[:, None])
+    coverage = on_item[:, :-1].mean(axis=1)
+
+    # Weighted plane fit over the samples on this item.
+    wgt = on_item.astype(np.float64)
+    cnt = np.maximum(wgt.sum(axis=1), 1.0)
+    seen0 = np.where(on_item[..., None], seen, 0.0)
+    mean = seen0.sum(axis=1) / cnt[:, None]
+    d = np.where(on_item[..., None], seen - mean[:, None, :], 0.0)
+    cov = np.einsum("mpi,mpj->mij", d, d) / cnt[:, None, None]
+    evals, evecs = np.linalg.eigh(cov)
+    n_fit = evecs[:, :, 0]
+    n_fit = np.where((np.sum(n_fit * n, axis=1) < 0)[:, None], -n_fit, n_fit)
+    rms = np.sqrt(np.maximum(evals[:, 0], 0.0))
+    dev = np.abs(np.einsum("mpi,mi->mp", d, n_fit))
+    max_dev = np.where(on_item, dev, 0.0).max(axis=1)
+    # Too few samples on the item: no plane to speak of, the fit normal is meaningless.
+    enough = on_item.sum(axis=1) >= 8
+    n_use = np.where(enough[:, None], n_fit, n)
+    tilt = np.arccos(np.clip(n_use[:, 2], -1.0, 1.0))
+
+    cent, ext, top = _item_geometry(cloud)
+    dist = np.linalg.norm((p - cent[lab])[:, :2], axis=1)
+    s_plan = np.exp(-((rms / cfg.seal_sigma_m) ** 2))
+    s_gap = np.clip(1.0 - max_dev / cfg.seal_max_gap_m, 0.0, 1.0)
+    s_tilt = np.clip(np.cos(tilt), 0.0, 1.0)
+    s_torque = 1.0 / (1.0 + (dist / cfg.torque_scale_m) ** 2)
+    s_room = coverage**3
+    score = s_plan * np.sqrt(s_gap) * s_tilt * np.sqrt(s_torque) * s_room
+    keep = enough & (tilt <= cfg.suction_max_tilt_rad)
+    score = np.where(keep, score, 0.0)
+
+    feats = np.zeros((m, N_FEATURES), np.float32)
+    feats[:, _F["analytic_score"]] = score
+    feats[:, _F["normal_tilt_rad"]] = tilt
+    feats[:, _F["seal_rms_m"]] = rms
+    feats[:, _F["seal_max_dev_m"]] = max_dev
+    feats[:, _F["seal_coverage"]] = coverage
+    feats[:, _F["centroid_dist_m"]] = dist
+    feats[:, _F["cluster_extent_m"]] = ext[lab]
+    feats[:, _F["cluster_height_m"]] = top[lab]
+    feats[:, _F["height_above_floor_m"]] = p[:, 2] - cloud.floor_z
+    out = CandidateSet(
+        gripper=np.full(m, SUCTION, np.int64),
+        positions=p,
+        rotations=_frames_from_approach(-n_use),
+        widths=np.zeros(m),
+        analytic=score,
+        features=feats,
+        cluster=lab.astype(np.int64),
+    )
+    return out.take(np.flatnonzero(keep))
+
+
+@dataclass(frozen=True)
+class HeightMap:
+    """Top-down max-height map of the tote's inside, cell (ix, iy) centred at lo + (i + 0.5) * res."""
+
+    height: np.ndarray  # (nx, ny) metres, base z; unseen cells filled conservatively
+    label: np.ndarray  # (nx, ny) int32 item of the topmost point, NO_CLUSTER for floor / unseen
+    lo: np.ndarray  # (2,) metres, x/y of the map's corner
+    res: float  # metres per cell
+
+    def cell(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ix, iy, inside) for base-frame xy (..., 2)."""
+        ij = np.floor((xy - self.lo) / self.res).astype(np.intp)
+        nx, ny = self.height.shape
+        inside = (ij[..., 0] >= 0) & (ij[..., 0] < nx) & (ij[..., 1] >= 0) & (ij[..., 1] < ny)
+        return np.clip(ij[..., 0], 0, nx - 1), np.clip(ij[..., 1], 0, ny - 1), inside
+
+
+_NB8 = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
+
+
+def height_map(cloud: SceneCloud, res: float) -> HeightMap:
+    """Max height per cell of all valid tote points (items and floor); labels of the topmost points."""
+    lo = cloud.bounds.lo[:2]
+    nx, ny = np.ceil((cloud.bounds.hi[:2] - lo) / res).astype(int)
+    pts = cloud.points_base[cloud.valid]
+    lab = cloud.labels[cloud.valid]
+    ij = np.clip(np.floor((pts[:, :2] - lo) / res).astype(np.intp), 0, [nx - 1, ny - 1])
+    flat = ij[:, 0] * ny + ij[:, 1]
+    hm = np.full(nx * ny, -np.inf)
+    np.maximum.at(hm, flat, pts[:, 2])
+    top = pts[:, 2] >= hm[flat] - 1e-9
+    lm = np.full(nx * ny, NO_CLUSTER, np.int32)
+    lm[flat[top]] = lab[top]
+    hm = hm.reshape(nx, ny)
+    lm = lm.reshape(nx, ny)
+    # Unseen cells (occlusion shadows, holes): assume the highest neighbour, a few cells deep, so
+    # fingers are not sent into space the camera could not see; the rest is floor.
+    # The filled cells take the label of the neighbour whose height they took: an unseen cell next to
+    # an item is treated as part of it (wider, never narrower, than what was seen).
+    for _ in range(3):
+        unseen = ~np.isfinite(hm)
+        if not unseen.any():
+            break
+        pad_h = np.pad(hm, 1, constant_values=-np.inf)
+        pad_l = np.pad(lm, 1, constant_values=NO_CLUSTER)
+        nb_h = np.stack([pad_h[1 + di : 1 + di + nx, 1 + dj : 1 + dj + ny] for di, dj in _NB8])
+        nb_l = np.stack([pad_l[1 + di : 1 + di + nx, 1 + dj : 1 + dj + ny] for di, dj in _NB8])
+        best = np.argmax(nb_h, axis=0)
+        top_h = np.take_along_axis(nb_h, best[None], 0)[0]
+        top_l = np.take_along_axis(nb_l, best[None], 0)[0]
+        fill = unseen & np.isfinite(top_h)
+        hm = np.where(fill, top_h, hm)
+        lm = np.where(fill, top_l, lm)
+    hm = np.where(np.isfinite(hm), hm, cloud.floor_z)
+    return HeightMap(height=hm, label=lm, lo=lo.copy(), res=res)
+
+
+def _disk_offsets(radius_cells: int) -> np.ndarray:
+    k = np.arange(-radius_cells, radius_cells + 1)
+    o = np.stack(np.meshgrid(k, k, indexing="ij"), -1).reshape(-1, 2)
+    return o[(o**2).sum(1) <= radius_cells**2]
+
+
+_NORMAL_DISK = _disk_offsets(3)
+
+
+def _outline_normals(hmap: HeightMap, ix: np.ndarray, iy: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    """Outward unit normals (M, 2) of item `lab` at boundary cells (ix, iy): minus the direction to the
+    centroid of the item's cells in a 7-cell disk around it (a smoothed outline normal)."""
+    nx, ny = hmap.label.shape
+    jx = ix[:, None] + _NORMAL_DISK[None, :, 0]
+    jy = iy[:, None] + _NORMAL_DISK[None, :, 1]
+    inside = (jx >= 0) & (jx < nx) & (jy >= 0) & (jy < ny)
+    member = inside & (hmap.label[np.clip(jx, 0, nx - 1), np.clip(jy, 0, ny - 1)] == lab[:, None])
+    c = (member[..., None] * _NORMAL_DISK[None].astype(np.float64)).sum(1) / np.maximum(member.sum(1), 1)[
+        :, None
+    ]
+    nrm = np.linalg.norm(c, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(nrm > 1e-9, -c / nrm, np.nan)
+
+
+def jaw_candidates(
+    cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.Generator, res: float
+) -> CandidateSet:
+    """Top-down antipodal parallel-jaw grasps that fit the opening, pass the friction cone, and are collision-free."""
+    if cloud.n_clusters == 0:
+        return CandidateSet.empty()
+    hmap = height_map(cloud, res)
+    nx, ny = hmap.height.shape
+    flat_lab = hmap.label.reshape(-1)
+    idx = _sample_per_item(flat_lab, cloud.n_clusters, cfg.jaw_pool, cfg.min_per_item, rng)
+    if len(idx) == 0:
+        return CandidateSet.empty()
+    cix, ciy = np.divmod(idx, ny)
+    lab0 = flat_lab[idx]
+    centre = hmap.lo + (np.stack([cix, ciy], 1) + 0.5) * res
+    # Every sampled point at every closing direction; a small seeded jitter of the angle avoids
+    # all items sharing the same 8 directions.
+    theta = np.linspace(0.0, np.pi, cfg.jaw_angles, endpoint=False)[None, :] + rng.uniform(
+        0, np.pi / cfg.jaw_angles, size=(len(idx), 1)
+    )
+    theta = theta.reshape(-1)
+    centre = np.repeat(centre, cfg.jaw_angles, axis=0)
+    lab = np.repeat(lab0, cfg.jaw_angles)
+    direction = np.stack([np.cos(theta), np.sin(theta)], 1)
+
+    # Walk along the closing line (half a cell steps) until it leaves the item on both sides.
+    step = res / 2.0
+    n_side = int(np.ceil((cfg.max_opening_m / 2.0 + step) / step))
+    s = np.arange(-n_side, n_side + 1) * step
+    xy = centre[:, None, :] + s[None, :, None] * direction[:, None, :]
+    jx, jy, inside = hmap.cell(xy)
+    same = inside & (hmap.label[jx, jy] == lab[:, None])
+    right = same[:, n_side:]
+    left = same[:, n_side::-1]
+    kr = np.argmin(right, axis=1)  # first step off the item; 0 if it never leaves
+    kl = np.argmin(left, axis=1)
+    closed = (~right.all(axis=1)) & (~left.all(axis=1))
+    s_r = (kr - 0.5) * step
+    s_l = -(kl - 0.5) * step
+    width = s_r - s_l
+    fits = closed & (width + 2 * cfg.min_jaw_clearance_m <= cfg.max_opening_m)
+    mid = centre + ((s_r + s_l) / 2.0)[:, None] * direction
+
+    # Outline normals at the two contacts (the last item cell on each side).
+    cr = centre + (s_r - step / 2.0)[:, None] * direction
+    cl = centre + (s_l + step / 2.0)[:, None] * direction
+    rx, ry, _ = hmap.cell(cr)
+    lx, ly, _ = hmap.cell(cl)
+    n_r = _outline_normals(hmap, rx, ry, lab)
+    n_l = _outline_normals(hmap, lx, ly, lab)
+    with np.errstate(invalid="ignore"):
+        ang_r = np.arccos(np.clip(np.sum(n_r * direction, 1), -1, 1))
+        ang_l = np.arccos(np.clip(np.sum(n_l * -direction, 1), -1, 1))
+    ang = np.fmax(ang_r, ang_l)
+    ang = np.where(np.isnan(ang_r) | np.isnan(ang_l), np.pi, ang)
+    cone = np.arctan(cfg.friction_coef)
+    antipodal = ang <= cone
+
+    # Grasp depth: fingertips finger_depth below the item's top between the contacts, not into the floor.
+    between = same & (np.abs(s[None, :] - ((s_r + s_l) / 2.0)[:, None]) <= (width / 2.0)[:, None])
+    z_top = np.where(between, hmap.height[jx, jy], -np.inf).max(axis=1)
+    z_grasp = np.maximum(z_top - cfg.finger_depth_m, cloud.floor_z + cfg.finger_pad_half_m)
+    z_tip = z_grasp - cfg.finger_pad_half_m
+    opening = np.minimum(cfg.max_opening_m, width + 2 * cfg.jaw_clearance_m)
+
+    # Finger collision. The open fingers' footprints must be free of everything (this item included:
+    # an open finger landing on the item is no grasp), and the strips they sweep while closing onto
+    # the contacts must be free of everything else. Outside the tote is a wall: always a collision.
+    across = np.linspace(-0.5, 0.5, 5) * cfg.finger_width_m
+    perp = np.stack([-direction[:, 1], direction[:, 0]], 1)
+    clearance = np.full(len(lab), np.inf)
+    for sign in (1.0, -1.0):
+        contact = width / 2.0 + 0.5 * step  # just outside the item, relative to the midpoint
+        inner = opening / 2.0
+        outer = opening / 2.0 + cfg.finger_thickness_m
+        for a0, a1, ignore_item in ((contact, inner, True), (inner, outer, False)):
+            a = sign * (a0[:, None] + (a1 - a0)[:, None] * np.linspace(0.0, 1.0, 4)[None, :])  # (M, 4)
+            pts = (
+                mid[:, None, None, :]
+                + a[:, :, None, None] * direction[:, None, None, :]
+                + across[None, None, :, None] * perp[:, None, None, :]
+            )
+            fx, fy, fin = hmap.cell(pts)
+            h = np.where(fin, hmap.height[fx, fy], np.inf)
+            if ignore_item:
+                h = np.where(hmap.label[fx, fy] == lab[:, None, None], -np.inf, h)
+            clearance = np.minimum(clearance, (z_tip[:, None, None] - h).min(axis=(1, 2)))
+    free = clearance >= -cfg.collision_tol_m
+
+    ok = fits & antipodal & free & np.isfinite(z_top)
+    if not ok.any():
+        return CandidateSet.empty()
+    sel = np.flatnonzero(ok)
+    # Near-duplicates (recentred lines converge): keep one per 3 mm x 3 mm x 11.25 deg cell.
+    key = np.stack(
+        [np.rint(mid[sel, 0] / 0.003), np.rint(mid[sel, 1] / 0.003), np.rint(theta[sel] / (np.pi / 16))], 1
+    ).astype(np.int64)
+    _, first = np.unique(key, axis=0, return_index=True)
+    sel = sel[np.sort(first)]
+
+    cent, ext, top = _item_geometry(cloud)
+    lab_s = lab[sel]
+    pos = np.concatenate([mid[sel], z_grasp[sel, None]], axis=1)
+    dist = np.linalg.norm(pos[:, :2] - cent[lab_s, :2], axis=1)
+    contact_h = np.minimum(z_top[sel] - cloud.floor_z, cfg.finger_depth_m)
+    s_fc = 1.0 - 0.5 * ang[sel] / cone
+    s_clear = np.clip((clearance[sel] + cfg.collision_tol_m) / 0.01, 0.0, 1.0)
+    s_depth = np.clip(contact_h / cfg.finger_depth_m, 0.0, 1.0)
+    s_torque = 1.0 / (1.0 + (dist / cfg.torque_scale_m) ** 2)
+    s_width = np.clip((cfg.max_opening_m - width[sel]) / 0.02, 0.0, 1.0) ** 0.5
+    score = s_fc * s_clear * s_depth * np.sqrt(s_torque) * s_width
+
+    d3 = np.concatenate([direction[sel], np.zeros((len(sel), 1))], 1)
+    z = np.broadcast_to(_DOWN, d3.shape)
+    rot = np.stack([d3, np.cross(z, d3), z], axis=2)
+    m = len(sel)
+    feats = np.zeros((m, N_FEATURES), np.float32)
+    feats[:, _F["analytic_score"]] = score
+    feats[:, _F["centroid_dist_m"]] = dist
+    feats[:, _F["cluster_extent_m"]] = ext[lab_s]
+    feats[:, _F["cluster_height_m"]] = top[lab_s]
+    feats[:, _F["jaw_width_m"]] = width[sel]
+    feats[:, _F["antipodal_angle_rad"]] = ang[sel]
+    feats[:, _F["finger_clearance_m"]] = np.minimum(clearance[sel], 0.02)
+    feats[:, _F["height_above_floor_m"]] = pos[:, 2] - cloud.floor_z
+    return CandidateSet(
+        gripper=np.full(m, PARALLEL_JAW, np.int64),
+        positions=pos,
+        rotations=rot,
+        widths=opening[sel],
+        analytic=score,
+        features=feats,
+        cluster=lab_s.astype(np.int64),
+    )
+
+
+def select_spread(cands: CandidateSet, n: int) -> CandidateSet:
+    """The best `n` candidates, spread over items, sorted best first.
+
+    Each item's best candidate comes before any item's second best (round robin by rank within
+    the item), so one large item cannot take every slot.
+    """
+    m = len(cands)
+    if m == 0:
+        return cands
+    idx = np.arange(m)
+    by_item = np.lexsort((idx, -cands.analytic, cands.cluster))  # item, then best first
+    cl_sorted = cands.cluster[by_item]
+    rank = np.empty(m, np.int64)
+    rank[by_item] = idx - np.searchsorted(cl_sorted, cl_sorted, side="left")
+    chosen = np.lexsort((idx, -cands.analytic, rank))[:n]
+    return cands.take(chosen[np.lexsort((chosen, -cands.analytic[chosen]))])

@@ -1,0 +1,220 @@
+"""plan(frame, config) -> Plan: where to pick, with which gripper, and how sure we are.
+
+Pure computation (no sockets, no simulator): depth image -> segmented items (grasping.pointcloud)
+-> suction and parallel-jaw candidates with analytic scores (grasping.candidates) -> local patches
+and features (grasping.patches) -> the learned scorer, when one is configured
+(grasping.scoring.Scorer) -> a ranked, explained decision:
+
+* "empty": no item points in the tote.
+* "pick": the best candidate's calibrated p(success) reaches the scorer's threshold and the scene
+  is in distribution (without a scorer: its analytic score reaches `analytic_threshold`).
+* "ask": otherwise; the reasons say why ("best suction 0.42 < threshold 0.71", "scene 3.1 sigma
+  from training data").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from grasping.candidates import (
+    CandidateConfig,
+    CandidateSet,
+    jaw_candidates,
+    select_spread,
+    suction_candidates,
+)
+from grasping.patches import extract_patches
+from grasping.pointcloud import CloudConfig, SceneCloud, segment_scene
+from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer
+from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, Plan, matrix_to_quat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """Everything plan() needs besides the frame. Defaults suit a Panda-sized cell, camera ~0.9 m up."""
+
+    tote: Bounds  # base frame, the tote's inner volume (floor to rim)
+    voxel_m: float = 0.004  # metres, voxel edge for item points and the jaw height map
+    pixel_stride: int = 2  # pixels, depth image sampling step inside the tote's rectangle
+    cup_diameter_m: float = 0.03  # metres, suction cup lip
+    max_opening_m: float = 0.08  # metres, parallel-jaw full opening
+    finger_thickness_m: float = 0.012  # metres, finger size along the closing direction
+    finger_width_m: float = 0.02  # metres, finger size across the closing direction
+    finger_depth_m: float = 0.02  # metres, fingertips this far below the item's top
+    friction_coef: float = 0.5  # Coulomb mu of the jaw's pads (friction cone half-angle atan(mu))
+    candidates_per_gripper: int = 200  # candidates kept per gripper kind after ranking (spread over items)
+    max_candidates: int = 400  # at most this many candidates in the Plan (and scored by the model)
+    scorer: Scorer | None = field(default=None, compare=False)  # learned scorer; None = analytic only
+    analytic_threshold: float = 0.6  # [0, 1] analytic score needed to pick when no scorer is configured
+    seed: int = 0  # seeds candidate sampling: the same frame and config give the same plan
+
+    def cloud_config(self) -> CloudConfig:
+        return CloudConfig(voxel_m=self.voxel_m, pixel_stride=self.pixel_stride)
+
+    def candidate_config(self) -> CandidateConfig:
+        return CandidateConfig(
+            cup_diameter_m=self.cup_diameter_m,
+            max_opening_m=self.max_opening_m,
+            finger_thickness_m=self.finger_thickness_m,
+            finger_width_m=self.finger_width_m,
+            finger_depth_m=self.finger_depth_m,
+            friction_coef=self.friction_coef,
+        )
+
+
+@dataclass(frozen=True)
+class PlanDetail:
+    """plan_detailed()'s extra output: the intermediate geometry, for drawing and debugging."""
+
+    plan: Plan
+    cloud: SceneCloud
+    n_suction_sampled: int  # suction candidates that passed the geometric checks, before ranking
+    n_jaw_sampled: int  # jaw candidates that passed, before ranking
+
+
+def plan(frame: Frame, config: PlannerConfig) -> Plan:
+    """The planner's answer for one frame (see module docstring)."""
+    return plan_detailed(frame, config).plan
+
+
+def _pixels(cloud: SceneCloud, positions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    u, v, _ = cloud.project(positions)
+    h, w = shape
+    return np.stack([np.clip(np.rint(u), 0, w - 1), np.clip(np.rint(v), 0, h - 1)], 1).astype(int)
+
+
+def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
+    t0 = time.perf_counter()
+    cloud = segment_scene(frame, config.tote, config.cloud_config())
+    version = config.scorer.version if config.scorer is not None else "analytic"
+    if cloud.n_clusters == 0:
+        p = Plan(
+            candidates=(),
+            decision="empty",
+            reasons=("tote empty: no item points above the floor",),
+            threshold=None,
+            model_version=version,
+            latency_ms=(time.perf_counter() - t0) * 1e3,
+            frame_id=frame.frame_id,
+            patches=np.zeros((0, 2, 32, 32), np.float32),
+            features=np.zeros((0, 0), np.float32),
+            clusters=(),
+        )
+        return PlanDetail(p, cloud, 0, 0)
+
+    rng = np.random.default_rng(config.seed)
+    ccfg = config.candidate_config()
+    suction = suction_candidates(cloud, ccfg, rng)
+    jaw = jaw_candidates(cloud, ccfg, rng, config.voxel_m)
+    per = config.candidates_per_gripper
+    cands = CandidateSet.concat([select_spread(suction, per), select_spread(jaw, per)])
+    cands = select_spread(cands, config.max_candidates)
+    patches = extract_patches(cloud, cands.positions, cands.rotations)
+    features = cands.features
+
+    learned = calibrated = ood = None
+    threshold = config.analytic_threshold
+    scene_sigma: float | None = None
+    in_dist = True
+    if config.scorer is not None and len(cands) > 0:
+        res = config.scorer.score(patches, features, cands.gripper)
+        learned = np.asarray(res.learned, dtype=np.float64)
+        calibrated = np.asarray(res.calibrated, dtype=np.float64)
+        ood = np.asarray(res.ood, dtype=np.float64)
+        if not (learned.shape == calibrated.shape == ood.shape == (len(cands),)):
+            raise ValueError(
+                f"scorer {version!r} returned shapes {learned.shape}, {calibrated.shape}, {ood.shape} "
+                f"for {len(cands)} candidates"
+            )
+        threshold = float(res.threshold)
+        scene_sigma = float(res.scene_ood_sigma)
+        in_dist = bool(res.in_distribution)
+        rank_score = calibrated
+    else:
+        rank_score = cands.analytic
+    order = np.lexsort((np.arange(len(cands)), -rank_score))
+    cands = cands.take(order)
+    patches = patches[order]
+    features = features[order]
+    pix = _pixels(cloud, cands.positions, frame.shape)
+    out: list[Candidate] = []
+    for k in range(len(cands)):
+        i = order[k]
+        out.append(
+            Candidate(
+                grasp=Grasp(
+                    gripper=GRIPPER_KINDS[int(cands.gripper[k])],
+                    position=cands.positions[k],
+                    orientation=matrix_to_quat(cands.rotations[k]),
+                    width=float(cands.widths[k]),
+                ),
+                analytic_score=float(cands.analytic[k]),
+                learned_score=None if learned is None else float(learned[i]),
+                p_success=None if calibrated is None else float(calibrated[i]),
+                ood_score=None if ood is None else float(ood[i]),
+                pixel=(int(pix[k, 0]), int(pix[k, 1])),
+                cluster=int(cands.cluster[k]),
+            )
+        )
+
+    decision, reasons = _decide(out, cands, threshold, scene_sigma, in_dist, config.scorer is not None)
+    p = Plan(
+        candidates=tuple(out),
+        decision=decision,
+        reasons=reasons,
+        threshold=threshold,
+        scene_ood_sigma=scene_sigma,
+        in_distribution=in_dist,
+        model_version=version,
+        latency_ms=(time.perf_counter() - t0) * 1e3,
+        frame_id=frame.frame_id,
+        patches=patches,
+        features=features,
+        clusters=cloud.clusters,
+    )
+    log.debug("plan %s: %s, %d candidates, %.1f ms", frame.frame_id, decision, len(out), p.latency_ms)
+    return PlanDetail(p, cloud, len(suction), len(jaw))
+
+
+def _decide(
+    cands: list[Candidate],
+    arrays: CandidateSet,
+    threshold: float,
+    scene_sigma: float | None,
+    in_dist: bool,
+    learned: bool,
+) -> tuple[str, tuple[str, ...]]:
+    reasons: list[str] = []
+    if not cands:
+        return "ask", ("items seen but no candidate passed the geometric checks",)
+    what = "p(success)" if learned else "analytic score"
+    best = cands[0]
+    ok = best.score >= threshold
+    for kind, name in ((SUCTION, "suction"), (PARALLEL_JAW, "jaw")):
+        ks = [c.score for c in cands if c.grasp.gripper == GRIPPER_KINDS[kind]]
+        if not ks:
+            reasons.append(f"no {name} candidate")
+        else:
+            rel = ">=" if ks[0] >= threshold else "<"
+            reasons.append(f"best {name} {ks[0]:.2f} {rel} threshold {threshold:.2f}")
+    if scene_sigma is not None:
+        reasons.append(
+            f"scene {scene_sigma:.1f} sigma from training data"
+            + ("" if in_dist else " (out of distribution)")
+        )
+    if ok and in_dist:
+        reasons.insert(0, f"pick: {best.grasp.gripper} on item {best.cluster}, {what} {best.score:.2f}")
+        return "pick", tuple(reasons)
+    why = []
+    if not ok:
+        why.append(f"best {what} {best.score:.2f} < threshold {threshold:.2f}")
+    if not in_dist:
+        why.append("scene out of distribution")
+    reasons.insert(0, "ask: " + "; ".join(why))
+    return "ask", tuple(reasons)
