@@ -1,7 +1,9 @@
 """Turning model logits into honest probabilities, and deciding when the cell may act alone.
 
 Two calibrators, both fitted on held-out outcomes (never on the rows the network trained on):
-  * temperature scaling: p = sigmoid(logit / T), one parameter, cannot overfit, keeps the ranking;
+  * temperature scaling with a bias (Platt scaling): p = sigmoid(logit / T + b), two parameters,
+    cannot overfit, keeps the ranking. The bias matters here: training balances classes, which
+    shifts every logit by about log(n_fail / n_success), and a temperature alone cannot undo a shift;
   * isotonic regression: the best non-decreasing map logit -> p (pool-adjacent-violators), more
     flexible, needs more data.
 `fit_calibrator` picks between them by cross-validated negative log-likelihood on the calibration
@@ -106,6 +108,7 @@ class Calibrator:
 
     method: str  # TEMPERATURE or ISOTONIC
     temperature: float = 1.0  # dimensionless; used by TEMPERATURE
+    bias: float = 0.0  # logit offset added after dividing by the temperature; used by TEMPERATURE
     iso_x: np.ndarray | None = None  # (K,) logits at the isotonic knots, increasing
     iso_y: np.ndarray | None = None  # (K,) calibrated probability at each knot, non-decreasing
 
@@ -114,6 +117,8 @@ class Calibrator:
             raise ValueError(f"unknown calibration method {self.method!r}")
         if self.method == TEMPERATURE and not (np.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
+        if not np.isfinite(self.bias):
+            raise ValueError(f"bias must be finite, got {self.bias}")
         if self.method == ISOTONIC:
             x = np.asarray(self.iso_x, dtype=np.float64)
             y = np.asarray(self.iso_y, dtype=np.float64)
@@ -127,36 +132,47 @@ class Calibrator:
     def apply(self, logits: np.ndarray) -> np.ndarray:
         z = np.asarray(logits, dtype=np.float64)
         if self.method == TEMPERATURE:
-            return sigmoid(z / self.temperature)
+            return sigmoid(z / self.temperature + self.bias)
         # Piecewise-linear between knots, constant beyond them (as scikit-learn's IsotonicRegression).
         return np.interp(z, self.iso_x, self.iso_y)
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibrator:
-    """Temperature minimising held-out NLL: golden-section search on log T in [log 0.05, log 20].
+    """Temperature T and bias b minimising held-out NLL of sigmoid(logit / T + b).
 
-    The NLL of sigmoid(z / T) is unimodal in log T for fixed data, so a 1-D search is exact enough
-    and needs no gradient machinery.
+    Newton's method on (a = 1/T, b) -- a 2-parameter logistic regression, convex, converges in a few
+    steps -- with step halving, a kept in [1/20, 20] (T in [0.05, 20]) so the ranking never flips.
     """
     z, y = _check_py(logits, y)
+    a, b = 1.0, 0.0
 
-    def loss(log_t: float) -> float:
-        return nll(sigmoid(z / math.exp(log_t)), y)
+    def loss(a_: float, b_: float) -> float:
+        return nll(sigmoid(a_ * z + b_), y)
 
-    a, b = math.log(0.05), math.log(20.0)
-    g = (math.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = loss(c), loss(d)
-    for _ in range(60):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = loss(c)
+    cur = loss(a, b)
+    for _ in range(50):
+        p = sigmoid(a * z + b)
+        r = p - y
+        w = np.maximum(p * (1 - p), 1e-9)
+        grad = np.array([np.mean(r * z), np.mean(r)])
+        hess = np.array([[np.mean(w * z * z), np.mean(w * z)], [np.mean(w * z), np.mean(w)]])
+        hess += 1e-9 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-6:
+            a_new = float(np.clip(a - t * step[0], 0.05, 20.0))
+            b_new = float(b - t * step[1])
+            new = loss(a_new, b_new)
+            if new <= cur:
+                break
+            t *= 0.5
         else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = loss(d)
-    return Calibrator(TEMPERATURE, temperature=math.exp((a + b) / 2))
+            break
+        done = abs(cur - new) < 1e-10
+        a, b, cur = a_new, b_new, new
+        if done:
+            break
+    return Calibrator(TEMPERATURE, temperature=1.0 / a, bias=b)
 
 
 def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -96,6 +96,7 @@ def _calibrator_tensors(g: int, cal: Calibrator) -> dict[str, np.ndarray]:
     return {
         f"calib.{g}.method": np.array([METHOD_CODES[cal.method]], dtype=np.int64),
         f"calib.{g}.temperature": np.array([cal.temperature], dtype=np.float64),
+        f"calib.{g}.bias": np.array([cal.bias], dtype=np.float64),
         f"calib.{g}.iso_x": np.asarray(x, dtype=np.float64),
         f"calib.{g}.iso_y": np.asarray(y, dtype=np.float64),
     }
@@ -266,7 +267,13 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> LoadedMo
         for g in range(n_g):
             method = _CODE_METHODS[int(tensors[f"calib.{g}.method"][0])]
             if method == TEMPERATURE:
-                cals.append(Calibrator(TEMPERATURE, temperature=float(tensors[f"calib.{g}.temperature"][0])))
+                cals.append(
+                    Calibrator(
+                        TEMPERATURE,
+                        temperature=float(tensors[f"calib.{g}.temperature"][0]),
+                        bias=float(tensors[f"calib.{g}.bias"][0]),
+                    )
+                )
             else:
                 cals.append(
                     Calibrator(
