@@ -66,6 +66,7 @@ class ControllerConfig:
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
+    ledger_source: str = "production"  # how attempts are labeled in the ledger: production | sim
 
 
 @dataclass
@@ -315,7 +316,12 @@ class CellController:
             reasons=plan.reasons,
             priority=cfg.assist_priority,
             created=now,
-            context={"tote_id": tote_id, "frame_id": plan.frame_id, "model_version": plan.model_version},
+            context={
+                "tote_id": tote_id,
+                "frame_id": plan.frame_id,
+                "plan_id": plan_id,
+                "model_version": plan.model_version,
+            },
         )
         if self.ledger is not None:
             self.ledger.record_request(req)
@@ -438,6 +444,7 @@ class CellController:
                 patch=patch,
                 features=features,
                 family=out.details.get("family") if isinstance(out.details, dict) else None,
+                source=self.config.ledger_source,
             )
         log.info("pick %s by %s: %s", att.attempt_id[:8], decided_by, out.reason.value)
         return att

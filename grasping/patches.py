@@ -73,16 +73,22 @@ def extract_patches(cloud: SceneCloud, positions: np.ndarray, rotations: np.ndar
     out = np.zeros((m, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), dtype=np.float32)
     if m == 0:
         return out
-    # Cell centres in the base frame: p + x * R[:, 0] + y * R[:, 1].
-    ex, ey, ez = rotations[:, :, 0], rotations[:, :, 1], rotations[:, :, 2]
-    q = (
-        positions[:, None, None, :]
-        + _OFFSETS[None, :, :, 0:1] * ex[:, None, None, :]
-        + _OFFSETS[None, :, :, 1:2] * ey[:, None, None, :]
-    )
-    seen, ok, _ = cloud.lookup(q)
-    h = -np.einsum("mrck,mk->mrc", seen - positions[:, None, None, :], ez)
-    h = np.clip(np.nan_to_num(h), -HEIGHT_CLIP_M, HEIGHT_CLIP_M) / HEIGHT_CLIP_M
+    # Cell centres in the camera frame, one coordinate array at a time (M, S, S), float32.
+    t_cb = cloud.T_base_camera[:3, 3]
+    p_cam = cloud.to_camera(positions - t_cb).astype(np.float32)
+    ex = cloud.to_camera(rotations[:, :, 0]).astype(np.float32)
+    ey = cloud.to_camera(rotations[:, :, 1]).astype(np.float32)
+    ez = rotations[:, :, 2].astype(np.float32)
+    ox = _OFFSETS[None, :, :, 0].astype(np.float32)
+    oy = _OFFSETS[None, :, :, 1].astype(np.float32)
+    cam = [p_cam[:, k, None, None] + ox * ex[:, k, None, None] + oy * ey[:, k, None, None] for k in range(3)]
+    flat, ok = cloud.lookup_cam(*cam)
+    pts = cloud.points_base.reshape(-1, 3)
+    # h = -(q - p) . z_grasp, for the seen point q.
+    h = np.float32(0.0) + (positions.astype(np.float32) * ez).sum(axis=1)[:, None, None]
+    for k in range(3):
+        h = h - pts[:, k].astype(np.float32)[flat] * ez[:, k, None, None]
+    h = np.clip(np.nan_to_num(h), -HEIGHT_CLIP_M, HEIGHT_CLIP_M) / np.float32(HEIGHT_CLIP_M)
     out[:, 0] = np.where(ok, h, 0.0)
     out[:, 1] = ok
     return out

@@ -86,23 +86,36 @@ class SceneCloud:
             v = self.K[1, 1] * p_cam[..., 1] / z + self.K[1, 2]
         return u, v, z
 
+    def lookup_cam(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For camera-frame coordinates (any shape): (flat grid index, ok) of the cell on each ray.
+
+        The hot path of patches and seal checks: float32 arithmetic, no (..., 3) temporaries.
+        """
+        h, w = self.valid.shape
+        s = self.stride
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv_z = 1.0 / z
+            j = np.rint(x * inv_z * np.float32(self.K[0, 0] / s) + np.float32((self.K[0, 2] - self.u0) / s))
+            i = np.rint(y * inv_z * np.float32(self.K[1, 1] / s) + np.float32((self.K[1, 2] - self.v0) / s))
+            inside = (z > 0) & (i >= 0) & (i < h) & (j >= 0) & (j < w)
+        flat = np.where(inside, i * w + j, 0).astype(np.intp)
+        ok = inside & self.valid.reshape(-1)[flat]
+        return flat, ok
+
+    def to_camera(self, p_base: np.ndarray) -> np.ndarray:
+        """Base-frame points or directions (..., 3) rotated into the camera frame (no translation)."""
+        return p_base @ self.T_base_camera[:3, :3]
+
     def lookup(self, p_base: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For base-frame points (..., 3): the grid cell seen along the camera ray through each.
 
         Returns (points (..., 3) observed there, ok (...) bool, labels (...) int32). `ok` is False
         where the ray leaves the grid or the cell has no valid point.
         """
-        u, v, z = self.project(p_base)
-        h, w = self.valid.shape
-        with np.errstate(invalid="ignore"):
-            j = np.rint((u - self.u0) / self.stride)
-            i = np.rint((v - self.v0) / self.stride)
-        inside = (z > 0) & (i >= 0) & (i < h) & (j >= 0) & (j < w)
-        ii = np.where(inside, i, 0).astype(np.intp)
-        jj = np.where(inside, j, 0).astype(np.intp)
-        ok = inside & self.valid[ii, jj]
-        labels = np.where(ok, self.labels[ii, jj], NO_CLUSTER)
-        return self.points_base[ii, jj], ok, labels
+        p_cam = self.to_camera(p_base - self.T_base_camera[:3, 3])
+        flat, ok = self.lookup_cam(p_cam[..., 0], p_cam[..., 1], p_cam[..., 2])
+        labels = np.where(ok, self.labels.reshape(-1)[flat], NO_CLUSTER)
+        return self.points_base.reshape(-1, 3)[flat], ok, labels
 
 
 def tote_roi(frame: Frame, bounds: Bounds) -> tuple[int, int, int, int]:
