@@ -336,6 +336,9 @@ class CellController:
     def _apply_answers(self, rep: ToteReport, tote_id: str, st: _ToteState) -> None:
         cfg = self.config
         pending = st.pending
+        poll = getattr(self.assist, "poll", None)  # in-process channels deliver on the robot clock
+        if poll is not None:
+            poll()
         for rid in list(pending):
             p = pending[rid]
             overdue = self.arm.robot_time - p.asked_at > cfg.assist_deadline_s
