@@ -34,7 +34,7 @@ import numpy as np
 
 from arm.interfaces import Arm, Camera, CameraError, Grasp, Outcome, Placement, Reason, ToteFeed
 from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
-from grasping.types import Candidate, Frame, ItemCluster, Plan, grasp_frame, matrix_to_quat
+from grasping.types import Candidate, Frame, ItemCluster, Plan, matrix_to_quat
 from hitl.messages import AssistAnswer, AssistRequest, CandidateView
 
 log = logging.getLogger(__name__)
@@ -453,28 +453,40 @@ class CellController:
         return att
 
     def _placement_for(self, plan: Plan, index: int | None, grasp: Grasp) -> Placement:
-        """Where to release: from the packer's height map when there is one, else the box centre."""
-        cluster = _cluster_of(plan, index)
-        extents = cluster.extents if cluster is not None else np.array([0.08, 0.08, 0.05])
-        # The item's bottom is its cluster's lowest point (the tote floor or what it rested on);
-        # the TCP holds it this far above its bottom.
-        bottom = cluster.lo[2] if cluster is not None else grasp.position[2] - extents[2]
-        tcp_above_bottom = max(0.0, float(grasp.position[2] - bottom))
-        down = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0])))
+        """Where to release: a slot from the packer's height map (swapping a full box for an empty one)."""
         if self.packer is None:
             raise RuntimeError("CellController needs a packer to place items")
-        slot = self.packer.propose(tuple(float(e) for e in extents))
-        if slot is None:  # box full for this item: swap boxes and start a fresh one
+        cluster = _cluster_of(plan, index)
+        # Size of the item as seen from above (the cluster's box); its visible height is measured
+        # from the surface it rested on, which is a conservative guess for a partly hidden item.
+        extents = np.maximum(cluster.extents, 0.01) if cluster is not None else np.array([0.08, 0.08, 0.05])
+        bottom = cluster.lo[2] if cluster is not None else grasp.position[2] - extents[2]
+        tcp_above_bottom = max(0.0, float(grasp.position[2] - bottom))
+        ext = tuple(float(e) for e in extents)
+        slot = self.packer.propose(ext)
+        if slot is None and self.packer.box.items:  # full for this item: ship it, start a new box
+            self.packer.swap()
             if self.feed is not None:
                 self.feed.swap_box()
-            self.packer.swap()
             self._count("boxes_closed")
-            slot = self.packer.propose(tuple(float(e) for e in extents))
-        self.packer.commit(slot)
-        pos = np.asarray(slot.position, dtype=float) + np.array(
-            [0.0, 0.0, tcp_above_bottom + self.config.place_clearance_m]
-        )
-        return Placement(pos, down)
+            slot = self.packer.propose(ext)
+        R = grasp.R
+        if slot is None:
+            # Larger than an empty box: release over the box centre at rim height, and count it.
+            self._count("unpackable")
+            T = self.packer.box.T_base_box
+            bottom_at_release = T[:3, 3] + np.array([0.0, 0.0, self.packer.box.inner_size_m[2]])
+        else:
+            self.packer.commit(slot)
+            bottom_at_release = np.asarray(slot.position, dtype=float) + np.array(
+                [0.0, 0.0, slot.release_height_m - float(slot.position_box[2])]
+            )
+            c, s_ = np.cos(slot.yaw), np.sin(slot.yaw)
+            R = (
+                np.array([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]]) @ R
+            )  # turn the item to the slot's yaw
+        pos = bottom_at_release + np.array([0.0, 0.0, tcp_above_bottom])
+        return Placement(pos, matrix_to_quat(R), box_id=slot.box_id if slot is not None else -1)
 
     def _observe_plan(self, plan: Plan) -> None:
         if self.metrics is not None:
