@@ -133,26 +133,52 @@ def tote_roi(frame: Frame, bounds: Bounds) -> tuple[int, int, int, int]:
     return u0, v0, u1, v1
 
 
-def edge_aware_smooth(points: np.ndarray, ok: np.ndarray, max_jump: float) -> np.ndarray:
-    """3x3 mean of each valid point with those neighbours closer than `max_jump` (metres).
+def _neighbours(a: np.ndarray, fill: float | bool) -> list[np.ndarray]:
+    """The 8 shifted copies of a 2-D array (each cell's neighbours), padded with `fill`."""
+    h, w = a.shape
+    pad = np.pad(a, 1, constant_values=fill)
+    return [pad[di : di + h, dj : dj + w] for di in (0, 1, 2) for dj in (0, 1, 2) if (di, dj) != (1, 1)]
+
+
+def fill_holes(depth: np.ndarray, ok: np.ndarray, max_jump: float, min_neighbours: int = 6) -> np.ndarray:
+    """In place: invalid pixels with >= `min_neighbours` valid 8-neighbours on one smooth surface
+    (depth spread below max_jump / 3) get their mean depth. Returns the new validity mask.
+
+    Depth sensors drop isolated pixels; without this, every hole costs its four neighbours their
+    normals too. Holes at depth edges (neighbours on two surfaces) stay holes.
+    """
+    z = np.where(ok, depth, 0.0)
+    s1 = np.zeros_like(z)
+    s2 = np.zeros_like(z)
+    cnt = np.zeros(z.shape, np.float32)
+    for nb, good in zip(_neighbours(z, 0.0), _neighbours(ok, False), strict=True):
+        s1 += nb
+        s2 += nb * nb
+        cnt += good
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / cnt
+        var = s2 / cnt - mean * mean
+    fill = ~ok & (cnt >= min_neighbours) & (var < (max_jump / 3.0) ** 2)
+    depth[fill] = mean[fill]
+    return ok | fill
+
+
+def edge_aware_smooth(depth: np.ndarray, ok: np.ndarray, max_jump: float) -> np.ndarray:
+    """3x3 mean of each valid depth with those neighbours less than `max_jump` (metres) away.
 
     Averaging across a depth edge would invent points hanging between an item's top and the
     floor; leaving out the far neighbours keeps edges sharp while cutting noise about 3x.
     """
-    h, w, _ = points.shape
-    pad = np.pad(np.where(ok[..., None], points, 0.0), ((1, 1), (1, 1), (0, 0)))
-    okp = np.pad(ok, 1)
-    acc = np.zeros_like(points)
-    cnt = np.zeros((h, w))
-    for di in (0, 1, 2):
-        for dj in (0, 1, 2):
-            nb = pad[di : di + h, dj : dj + w]
-            good = okp[di : di + h, dj : dj + w] & ok
-            good &= np.abs(nb[..., 2] - points[..., 2]) < max_jump  # edges are mostly depth jumps
-            acc += np.where(good[..., None], nb, 0.0)
-            cnt += good
+    z = np.where(ok, depth, np.nan)
+    acc = np.where(ok, depth, 0.0)
+    cnt = ok.astype(depth.dtype)
+    for nb in _neighbours(z, np.nan):
+        with np.errstate(invalid="ignore"):
+            good = np.abs(nb - z) < max_jump  # False where either is NaN
+        acc += np.where(good, nb, 0.0)
+        cnt += good
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = acc / cnt[..., None]
+        out = acc / cnt
     out[~ok] = np.nan
     return out
 
@@ -175,11 +201,12 @@ def organised_normals(
     du = right - left
     dv = down - up
     cr = np.cross(du, dv)
-    norm = np.linalg.norm(cr, axis=-1)
+    norm = np.sqrt(np.einsum("ijk,ijk->ij", cr, cr))
     good = ok[1:-1, 1:-1] & ok[1:-1, :-2] & ok[1:-1, 2:] & ok[:-2, 1:-1] & ok[2:, 1:-1] & (norm > 1e-12)
     for nb in (left, right, up, down):
+        d = nb - c
         with np.errstate(invalid="ignore"):
-            good &= np.linalg.norm(nb - c, axis=-1) < max_jump
+            good &= np.einsum("ijk,ijk->ij", d, d) < max_jump * max_jump
     with np.errstate(invalid="ignore", divide="ignore"):
         cr = cr / norm[..., None]
     # Orient towards the camera: a visible surface faces it.
@@ -234,32 +261,33 @@ def _cluster(vpts: np.ndarray, cfg: CloudConfig) -> np.ndarray:
 
 
 def _grow_labels(
-    labels: np.ndarray, item: np.ndarray, pts: np.ndarray, max_jump: float, iterations: int
+    labels: np.ndarray, item: np.ndarray, z: np.ndarray, max_jump: float, iterations: int
 ) -> None:
-    """In place: unlabelled item cells take the label of a labelled 4-neighbour closer than `max_jump`."""
+    """In place: unlabelled item cells take the label of a labelled 4-neighbour less than `max_jump`
+    higher or lower (grid neighbours on a steep wall differ mostly in height). Works on the few
+    unlabelled cells only, not the whole grid."""
     h, w = labels.shape
+    flat_l = labels.reshape(-1)
+    flat_z = z.reshape(-1)
+    todo = np.flatnonzero(item.reshape(-1) & (flat_l == NO_CLUSTER))
     for _ in range(iterations):
-        todo = item & (labels == NO_CLUSTER)
-        if not todo.any():
+        if len(todo) == 0:
             return
-        changed = False
-        for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-            src = np.full((h, w), NO_CLUSTER, dtype=np.int32)
-            nb = np.full((h, w, 3), np.nan)
-            ys = slice(max(di, 0), h + min(di, 0))
-            yd = slice(max(-di, 0), h + min(-di, 0))
-            xs = slice(max(dj, 0), w + min(dj, 0))
-            xd = slice(max(-dj, 0), w + min(-dj, 0))
-            src[yd, xd] = labels[ys, xs]
-            nb[yd, xd] = pts[ys, xs]
+        row, col = np.divmod(todo, w)
+        new = np.full(len(todo), NO_CLUSTER, np.int32)
+        for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            r, c = row + dr, col + dc
+            inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+            nb = np.where(inside, r * w + c, 0)
             with np.errstate(invalid="ignore"):
-                take = todo & (src != NO_CLUSTER) & (np.linalg.norm(nb - pts, axis=-1) < max_jump)
-            if take.any():
-                labels[take] = src[take]
-                todo &= ~take
-                changed = True
-        if not changed:
+                take = (new == NO_CLUSTER) & inside & (flat_l[nb] != NO_CLUSTER)
+                take &= np.abs(flat_z[nb] - flat_z[todo]) < max_jump
+            new[take] = flat_l[nb[take]]
+        got = new != NO_CLUSTER
+        if not got.any():
             return
+        flat_l[todo[got]] = new[got]  # labels seen by the next iteration, like a breadth-first fill
+        todo = todo[~got]
 
 
 def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = None) -> SceneCloud:
@@ -271,23 +299,24 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
     T = np.asarray(frame.T_base_camera, dtype=np.float64)
     u0, v0, u1, v1 = tote_roi(frame, bounds)
     s = cfg.pixel_stride
-    depth = frame.depth[v0:v1:s, u0:u1:s].astype(np.float64)
+    depth = np.array(frame.depth[v0:v1:s, u0:u1:s], dtype=np.float32)
     h, w = depth.shape
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(depth) & (depth > 0)
-    z = np.where(ok, depth, 0.0)
-    uu = u0 + s * np.arange(w)[None, :]
-    vv = v0 + s * np.arange(h)[:, None]
-    p_cam = np.stack(
-        [(uu - K[0, 2]) * z / K[0, 0], np.broadcast_to((vv - K[1, 2]) / K[1, 1], z.shape) * z, z], axis=-1
-    )
-    raw = p_cam @ T[:3, :3].T + T[:3, 3]
+    ok = fill_holes(depth, ok, cfg.max_edge_jump_m)
+    # Unit-depth rays of the grid's pixels, in the base frame: point = camera + depth * ray.
+    uu = (u0 + s * np.arange(w, dtype=np.float32) - K[0, 2]) / K[0, 0]
+    vv = (v0 + s * np.arange(h, dtype=np.float32) - K[1, 2]) / K[1, 1]
+    R = T[:3, :3].astype(np.float32)
+    rays = uu[None, :, None] * R[:, 0] + vv[:, None, None] * R[:, 1] + R[:, 2]  # (h, w, 3)
+    cam = T[:3, 3].astype(np.float32)
+    raw = cam + np.where(ok, depth, 0.0)[..., None] * rays
     lo = bounds.lo + np.array([cfg.wall_margin_m, cfg.wall_margin_m, -0.02])  # keep the floor: we fit it
     hi = bounds.hi - np.array([cfg.wall_margin_m, cfg.wall_margin_m, 0.0])
     ok &= np.all((raw >= lo) & (raw <= hi), axis=-1)
     # Smooth before differentiating: central differences of raw depth noise give useless normals.
-    pts = edge_aware_smooth(np.where(ok[..., None], raw, np.nan), ok, cfg.max_edge_jump_m)
-    normals = organised_normals(pts, ok, T[:3, 3], cfg.max_edge_jump_m)
+    pts = cam + edge_aware_smooth(depth, ok, cfg.max_edge_jump_m)[..., None] * rays
+    normals = organised_normals(pts, ok, cam, cfg.max_edge_jump_m)
 
     # Floor: upward-facing points near the tote's nominal floor. A tote sits level in a real cell, so
     # a height is enough (no tilted-plane fit); the median ignores low flat items on it.
@@ -316,7 +345,7 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
         vlab = _cluster(vpts, cfg)
         flat_labels = labels_grid.reshape(-1)
         flat_labels[item_idx[facing]] = vlab[inv]
-        _grow_labels(labels_grid, item, pts, cfg.max_edge_jump_m * 2, iterations=6)
+        _grow_labels(labels_grid, item, zb, cfg.max_edge_jump_m * 2, iterations=6)
         for k in range(int(vlab.max(initial=-1)) + 1):
             gp = pts[labels_grid == k]
             clusters.append(

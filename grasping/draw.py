@@ -1,0 +1,135 @@
+"""The picture an associate sees when the cell asks for help: numbered candidates over the RGB image.
+
+Suction candidates are circles at the cup's contact point; parallel-jaw candidates are a line
+between the two fingertips (projected with K and T_base_camera) with a dot at the centre. Colour
+runs red (0) -> yellow -> green (1) with the candidate's score (calibrated p(success) when the plan
+has it, else the analytic score). Numbers are the candidates' positions in the Plan (0 = best), the
+same indices the associate answers with. The decision and the reasons are written on top.
+
+Pillow only (installed with matplotlib): a plan's picture costs a few milliseconds, not the ~0.5 s
+of importing pyplot.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from grasping.types import Frame, Plan
+
+_OUTLINE = (0, 0, 0)
+
+
+def score_colour(score: float) -> tuple[int, int, int]:
+    """Red (0) -> yellow (0.5) -> green (1)."""
+    s = float(np.clip(score, 0.0, 1.0))
+    if s < 0.5:
+        return 230, int(round(460 * s)), 30
+    return int(round(230 * (1.0 - s) * 2)), 200, 30
+
+
+def _project(frame: Frame, p_base: np.ndarray) -> np.ndarray:
+    T_cam_base = np.linalg.inv(np.asarray(frame.T_base_camera))
+    p = np.asarray(p_base, dtype=np.float64).reshape(-1, 3) @ T_cam_base[:3, :3].T + T_cam_base[:3, 3]
+    K = np.asarray(frame.K)
+    z = np.where(p[:, 2] > 1e-6, p[:, 2], np.nan)
+    return np.stack([K[0, 0] * p[:, 0] / z + K[0, 2], K[1, 1] * p[:, 1] / z + K[1, 2]], axis=1)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render_plan(frame: Frame, plan: Plan, max_candidates: int = 20) -> Image.Image:
+    """The annotated picture as a PIL image of the frame's size."""
+    if max_candidates < 0:
+        raise ValueError(f"max_candidates must be >= 0, got {max_candidates}")
+    img = Image.fromarray(np.asarray(frame.rgb, dtype=np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(img)
+    h, w = frame.shape
+    scale = max(1.0, w / 640.0)
+    small, big = _font(int(11 * scale)), _font(int(13 * scale))
+    # Draw the worst of the shown candidates first so the best ones end up on top.
+    shown = list(enumerate(plan.candidates[:max_candidates]))[::-1]
+    for i, c in shown:
+        col = score_colour(c.score)
+        u, v = c.pixel
+        if c.grasp.gripper == "suction":
+            r = 6 * scale
+            draw.ellipse([u - r, v - r, u + r, v + r], outline=_OUTLINE, width=int(3 * scale))
+            draw.ellipse([u - r, v - r, u + r, v + r], outline=col, width=int(2 * scale))
+        else:
+            half = c.grasp.R[:, 0] * (c.grasp.width / 2.0)
+            tips = _project(frame, np.stack([c.grasp.position - half, c.grasp.position + half]))
+            if np.isfinite(tips).all():
+                line = [tuple(tips[0]), tuple(tips[1])]
+                draw.line(line, fill=_OUTLINE, width=int(4 * scale))
+                draw.line(line, fill=col, width=int(2 * scale))
+                for t in tips:
+                    draw.ellipse(
+                        [t[0] - 2 * scale, t[1] - 2 * scale, t[0] + 2 * scale, t[1] + 2 * scale], fill=col
+                    )
+            draw.ellipse(
+                [u - 2 * scale, v - 2 * scale, u + 2 * scale, v + 2 * scale], fill=col, outline=_OUTLINE
+            )
+        draw.text(
+            (u + 7 * scale, v - 7 * scale),
+            str(i),
+            fill=(255, 255, 255),
+            font=small,
+            stroke_width=2,
+            stroke_fill=_OUTLINE,
+        )
+
+    # Header: decision and reasons; footer: legend.
+    lines = [f"{plan.decision.upper()}  ({len(plan.candidates)} candidates, model {plan.model_version})"]
+    lines += list(plan.reasons[:4])
+    y = 4
+    for k, text in enumerate(lines):
+        draw.text(
+            (6, y),
+            text,
+            fill=(255, 255, 255),
+            font=big if k == 0 else small,
+            stroke_width=2,
+            stroke_fill=_OUTLINE,
+        )
+        y += int((16 if k == 0 else 14) * scale)
+    legend_y = h - int(18 * scale)
+    x = 6
+    draw.text(
+        (x, legend_y),
+        "O suction   - jaw   score:",
+        fill=(255, 255, 255),
+        font=small,
+        stroke_width=2,
+        stroke_fill=_OUTLINE,
+    )
+    x += int(170 * scale)
+    for s in np.linspace(0.0, 1.0, 11):
+        draw.rectangle([x, legend_y + 2, x + 8 * scale, legend_y + 12 * scale], fill=score_colour(s))
+        x += int(9 * scale)
+    draw.text(
+        (x + 4, legend_y), "0 .. 1", fill=(255, 255, 255), font=small, stroke_width=2, stroke_fill=_OUTLINE
+    )
+    return img
+
+
+def render_plan_png(frame: Frame, plan: Plan, max_candidates: int = 20) -> bytes:
+    """PNG bytes of the annotated picture (what an AssistRequest carries)."""
+    buf = io.BytesIO()
+    render_plan(frame, plan, max_candidates).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def draw_plan(frame: Frame, plan: Plan, out_png: str | Path, max_candidates: int = 20) -> Path:
+    """Write the annotated picture to `out_png`; returns the path."""
+    out = Path(out_png)
+    out.write_bytes(render_plan_png(frame, plan, max_candidates))
+    return out
