@@ -81,7 +81,11 @@ def test_flat_item_is_not_balanced_on_one_post():
     packer.update_heights(heights)
     # The only footprint for a 0.2 x 0.2 sheet covers the post: support in one quadrant only.
     assert packer.propose((0.2, 0.2, 0.01)) is None
-    heights[:6, -6:] = heights[-6:, :6] = heights[-6:, -6:] = 0.06  # a post in every corner
+    heights[:, :8] = 0.06  # a ledge along one side: 40% of the cells, but only half the quadrants
+    packer.update_heights(heights)
+    assert packer.propose((0.2, 0.2, 0.01)) is None  # it would tip off the ledge
+    heights[:] = 0.0
+    heights[:6, :6] = heights[:6, -6:] = heights[-6:, :6] = heights[-6:, -6:] = 0.06  # a post in every corner
     packer.update_heights(heights)
     slot = packer.propose((0.2, 0.2, 0.01))
     assert slot is not None and slot.position_box[2] == pytest.approx(0.06)
