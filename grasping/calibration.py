@@ -317,26 +317,32 @@ def executed_failure_threshold(
 
     CRC (above) bounds the joint rate P(p >= t and fail); when the cell auto-executes only a small
     fraction of candidates, the failure rate among those it does execute can be several times alpha.
-    This alternative is Learn-then-Test (Angelopoulos et al. 2021): on a grid of thresholds fixed in
-    advance (1/(grid+1) ... grid/(grid+1)), test each H0_t "failure rate among rows with p >= t is
-    >= alpha" with the exact binomial tail P(Binom(n_exec, alpha) <= n_fail), Bonferroni-corrected
-    (level delta / grid), and return the smallest rejected threshold. With probability >= 1 - delta
-    over the held-out set, its failure rate among executed picks is <= alpha. `bound` holds the
-    (uncorrected) binomial p-value at the returned threshold.
+    This alternative is Learn-then-Test (Angelopoulos et al. 2021) with fixed-sequence testing on
+    the grid t = grid/(grid+1), ..., 1/(grid+1), from the strictest threshold down. At each t, H0_t
+    "failure rate among rows with p >= t is > alpha" is tested with the exact binomial tail
+    p-value P(Binom(n_exec, alpha) <= n_fail); the walk stops at the first t where H0_t is not
+    rejected at level delta and returns the last rejected t. Thresholds that execute so few rows
+    that no outcome could reject ((1 - alpha)^n_exec > delta) are passed over before the walk
+    starts; which ones those are depends only on the scores, not the outcomes, so the sequence is
+    still fixed given the scores. With probability >= 1 - delta over the held-out outcomes, the
+    failure rate among executed picks at the returned threshold is <= alpha. `bound` holds the
+    binomial p-value there.
     """
     p, y = _check_py(p, y)
     if not 0.0 < alpha < 1.0 or not 0.0 < delta < 1.0:
         raise ValueError(f"alpha and delta must be in (0, 1), got {alpha}, {delta}")
     n = p.size
+    n_min = math.ceil(math.log(delta) / math.log1p(-alpha))  # fewest rows that can reject at all
     best: ConformalThreshold | None = None
     for t in np.arange(grid, 0, -1) / (grid + 1.0):
         act = p >= t
         n_exec, n_fail = int(act.sum()), int((act & (y == 0)).sum())
-        if n_exec == 0:
-            continue
+        if n_exec < n_min:
+            continue  # powerless: not yet part of the sequence
         pval = _binom_cdf(n_fail, n_exec, alpha)
-        if pval <= delta / grid:
-            best = ConformalThreshold(float(t), alpha, n, n_fail / n, pval, n_exec / n)
+        if pval > delta:
+            break
+        best = ConformalThreshold(float(t), alpha, n, n_fail / n, pval, n_exec / n)
     return best if best is not None else ConformalThreshold(NEVER, alpha, n, 0.0, 1.0, 0.0)
 
 
