@@ -1,0 +1,70 @@
+"""Configuration of the simulated arm and its two tools (lerobot style: config here, device in sim_arm.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SuctionConfig:
+    """A 30 mm bellows cup on a slide between the Panda's fingers (see sim/sim_arm.py)."""
+
+    cup_radius: float = 0.015  # m, lip radius (30 mm cup)
+    max_normal_angle_deg: float = 18.0  # deg, largest angle between surface normal and -approach that seals
+    max_rim_gap: float = 0.0025  # m, largest gap between the lip plane and the surface around the rim
+    rim_rays: int = 12  # count, rays sampled on the rim (plus one at the centre) for the seal check
+    vacuum_rating_n: float = 25.0  # N, holding force of the sealed cup (49 N theoretical at -70 kPa, SF 2)
+    moment_rating_nm: float = 0.25  # N*m, tilting moment the cup lip resists before it peels
+    actuation_s: float = 0.15  # s, vacuum build-up / blow-off time
+    overtravel: float = 0.012  # m, how far past the grasp point the approach continues to find contact
+    contact_stop_depth: float = 0.003  # m, cup compression after first contact before the approach stops
+
+
+@dataclass(frozen=True)
+class JawConfig:
+    """The Panda hand: two fingers coupled by a gear constraint."""
+
+    max_opening: float = 0.08  # m, total finger opening
+    open_margin: float = 0.015  # m, extra opening over the requested width before approach
+    grip_force_n: float = 30.0  # N, finger motor force (Panda: 70 N continuous; lower avoids penetration)
+    finger_friction: float = 1.0  # unitless, lateral friction coefficient of the finger pads
+    actuation_s: float = 0.25  # s, time for the fingers to close or open
+    min_held_width: float = 0.002  # m, fingers closer than this hold nothing
+    release_gap: float = 0.02  # m, extra opening on release (not fully open: fingers near box walls)
+
+
+@dataclass(frozen=True)
+class SimArmConfig:
+    """Simulated Panda: limits, speeds, tolerances."""
+
+    home_joints: tuple[float, ...] = (0.0, -0.6, 0.0, -2.3, 0.0, 1.75, 0.785)  # rad, home posture (7)
+    pregrasp_offset: float = 0.10  # m, pre-grasp distance back along the approach axis
+    lift_height: float = 0.15  # m, straight-up lift after gripping
+    transit_clearance: float = 0.12  # m, TCP height above tote/box rims while carrying, plus item size
+    place_drop_height: float = 0.02  # m, gap left between the held item and the box floor or stack
+    approach_speed: float = 0.25  # m/s, tool speed on the straight approach
+    lift_speed: float = 0.4  # m/s, tool speed on lift, lower and retreat
+    tool_accel: float = 2.5  # m/s^2, tool acceleration on straight lines
+    joint_speed_scale: float = 1.0  # unitless (0, 1], fraction of the Panda's velocity limits
+    ik_pos_tol: float = 0.005  # m, accepted IK position error (checked with forward kinematics)
+    ik_rot_tol_deg: float = 3.0  # deg, accepted IK orientation error
+    ik_iterations: int = 100  # count, iterations of pybullet's IK solver
+    reach_radius: float = 0.855  # m, Panda reach from the shoulder (joint 2) to the flange
+    joint_forces: tuple[float, ...] = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)  # N*m, motor limits
+    physics_hz: float = 240.0  # Hz, simulation step rate
+    settle_s: float = 0.3  # s, physics time after a release for the item to come to rest
+    transit_check_dt: float = 0.02  # s, sampling interval of the kinematic transit (payload checks)
+    suction: SuctionConfig = field(default_factory=SuctionConfig)
+    jaw: JawConfig = field(default_factory=JawConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.home_joints) != 7 or len(self.joint_forces) != 7:
+            raise ValueError("home_joints and joint_forces need 7 values")
+        if not 0 < self.joint_speed_scale <= 1:
+            raise ValueError("joint_speed_scale must be in (0, 1]")
+
+    @property
+    def home(self) -> np.ndarray:
+        return np.array(self.home_joints, dtype=np.float64)

@@ -1,0 +1,245 @@
+"""The oracle grasp source: reads simulator ground truth and proposes a good grasp and a box spot.
+
+It exercises the arm, the grippers and the physics, not the planner: it sees what no camera sees
+(every item's body, pose, mass and surface, by casting rays at that body alone) and uses the same
+seal test as the suction cup. For the topmost items first (the ones a person would take):
+
+- suction at the surface point that seals (rim rays: flat enough, normal within the cup's tolerance;
+  the approach is along the surface normal, up to `max_tilt_deg` from vertical) and that loads the
+  cup least (smallest moment about the centre of mass, worst-case transit acceleration included);
+- otherwise a top-down parallel-jaw grasp across the item's narrowest horizontal extent, when that is
+  at most `max_jaw_width`, at mid-height of its top part.
+
+Suction is preferred when its load stays under `suction_preferred_load` of the cup's rating (cartons,
+mailers, flat random objects); the jaw takes round and heavy items (bottles, balls, tubes, small
+parts). Items that failed before are tried after the others, with the other gripper first.
+
+Placement: a grid of cells over the box floor; the next item goes to the cell whose stack is lowest
+(height from a ray down the cell centre), large items to the box centre, long side along the box's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pybullet as p
+
+from grasping.types import Grasp, Placement, Reason, grasp_frame, matrix_to_quat
+from sim.grippers import RAY_MASK, seal_check, suction_utilisation
+from sim.scene import SimCell
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    """Oracle search settings."""
+
+    ray_spacing: float = 0.004  # m, grid spacing of the rays that sample an item's top surface
+    max_tilt_deg: float = 30.0  # deg, largest tilt of a suction approach from vertical
+    max_jaw_width: float = 0.07  # m, widest item the jaw is asked to take (opening 0.08 m)
+    jaw_depth: float = 0.03  # m, depth of the jaw TCP below the item's top at the grasp
+    jaw_floor_clearance: float = 0.017  # m, lowest jaw TCP height above the tote floor (tips 1.1 cm below)
+    suction_preferred_load: float = 0.6  # unitless, cup load fraction below which suction wins
+    max_load: float = 0.9  # unitless, largest cup load fraction (at lift acceleration) the oracle accepts
+    max_suction_candidates: int = 40  # count, surface points tested with the seal check per item
+    box_grid: tuple[int, int] = (3, 2)  # cells along box x, y
+    max_failures: int = 3  # count, failed attempts after which an item is left in the tote
+
+
+class OracleGraspSource:
+    """Ground-truth grasps for a SimCell. Deterministic: no randomness at all."""
+
+    def __init__(self, cell: SimCell, config: OracleConfig | None = None) -> None:
+        self.cell = cell
+        self.cfg = config or OracleConfig()
+        self.failures: dict[int, list[str]] = {}  # body -> grippers that failed on it
+
+    def record_failure(self, body: int | None, gripper: str) -> None:
+        if body is not None:
+            self.failures.setdefault(body, []).append(gripper)
+
+    # --- grasps ------------------------------------------------------------------------------------
+    def propose(self, exclude: set[int] | None = None) -> tuple[int, Grasp] | None:
+        """(item body, grasp) for the best item in the tote, or None when nothing is graspable."""
+        items = [
+            b
+            for b in self.cell.items_in_tote()
+            if (not exclude or b not in exclude) and len(self.failures.get(b, [])) < self.cfg.max_failures
+        ]
+        tops = {b: p.getAABB(b, physicsClientId=self.cell.client_id)[1][2] for b in items}
+        # Topmost first; items that already failed go last (fewest failures first).
+        order = sorted(items, key=lambda b: (len(self.failures.get(b, [])), -tops[b], b))
+        for b in order:
+            g = self.grasp_for(b)
+            if g is not None:
+                return b, g
+        return None
+
+    def _surface(self, body: int) -> tuple[np.ndarray, np.ndarray]:
+        """Points (N, 3) and normals (N, 3) of `body` seen from straight above, by ray grid."""
+        cid = self.cell.client_id
+        lo, hi = (np.asarray(v) for v in p.getAABB(body, physicsClientId=cid))
+        s = self.cfg.ray_spacing
+        xs = np.arange(lo[0] + s / 2, hi[0], s)
+        ys = np.arange(lo[1] + s / 2, hi[1], s)
+        X, Y = np.meshgrid(xs, ys, indexing="ij")
+        X, Y = X.ravel(), Y.ravel()
+        z0, z1 = hi[2] + 0.3, lo[2] - 0.01
+        starts = np.stack([X, Y, np.full_like(X, z0)], 1)
+        ends = np.stack([X, Y, np.full_like(X, z1)], 1)
+        pts, nrm = [], []
+        for k in range(0, len(starts), 4000):  # pybullet caps a batch at 16k rays
+            hits = p.rayTestBatch(
+                starts[k : k + 4000].tolist(),
+                ends[k : k + 4000].tolist(),
+                collisionFilterMask=RAY_MASK,
+                physicsClientId=cid,
+            )
+            for h in hits:
+                if h[0] == body:
+                    pts.append(h[3])
+                    nrm.append(h[4])
+        return np.array(pts).reshape(-1, 3), np.array(nrm).reshape(-1, 3)
+
+    def grasp_for(self, body: int) -> Grasp | None:
+        """The best feasible grasp on `body` (see the module docstring), or None."""
+        pts, nrm = self._surface(body)
+        if len(pts) < 3:
+            return None  # hidden under other items
+        failed = self.failures.get(body, [])
+        suctions = self._suction(body, pts, nrm)  # [(load, grasp)], least load first
+        jaws = self._jaw(body, pts)
+        preferred = [g for load, g in suctions if load <= self.cfg.suction_preferred_load]
+        fallback = [g for load, g in suctions if self.cfg.suction_preferred_load < load <= self.cfg.max_load]
+        choices = preferred + jaws + fallback
+        # After a failure try the other gripper first (stable sort keeps the order within one).
+        choices.sort(key=lambda g: failed.count(g.gripper))
+        for g in choices:
+            verdict = self.cell.arm.check_grasp(g, target=body)
+            if verdict is Reason.OK:
+                return g
+            log.debug("oracle: %s grasp on body %d rejected (%s)", g.gripper, body, verdict.value)
+        return None
+
+    def _suction(self, body: int, pts: np.ndarray, nrm: np.ndarray) -> list[tuple[float, Grasp]]:
+        """Sealing surface points, as (cup load at lift acceleration, grasp), least load first."""
+        cid = self.cell.client_id
+        cfg_cup = self.cell.arm.cfg.suction
+        cos_tilt = np.cos(np.radians(self.cfg.max_tilt_deg))
+        ok = nrm[:, 2] >= cos_tilt
+        if not ok.any():
+            return []
+        com, _ = p.getBasePositionAndOrientation(body, physicsClientId=cid)
+        com = np.asarray(com)
+        mass = p.getDynamicsInfo(body, -1, physicsClientId=cid)[0]
+        cand, cn = pts[ok], nrm[ok]
+        # Closest to the centre of mass (in the horizontal plane) first: least moment on the cup.
+        order = np.argsort(np.linalg.norm(cand[:, :2] - com[:2], axis=1))
+        step = max(1, len(order) // (4 * self.cfg.max_suction_candidates))
+        acc = np.array([0.0, 0.0, self.cell.arm.cfg.tool_accel])  # the lift; transit is speed-scaled
+        found: list[tuple[float, Grasp]] = []
+        for i in order[::step][: self.cfg.max_suction_candidates]:
+            approach = -cn[i] / np.linalg.norm(cn[i])
+            seal = seal_check(cid, cand[i], approach, cfg_cup)
+            if not seal.sealed or seal.body_id != body:
+                continue
+            if any(np.linalg.norm(g.position - cand[i]) < 0.01 for _, g in found):
+                continue  # keep alternatives at least 1 cm apart
+            R = grasp_frame(approach)
+            load = suction_utilisation(cfg_cup, mass, R.T @ (com - cand[i]), R, acc)
+            found.append((load, Grasp("suction", cand[i], matrix_to_quat(R))))
+            if len(found) >= 6:
+                break
+        found.sort(key=lambda t: t[0])
+        return found
+
+    def _jaw(self, body: int, pts: np.ndarray) -> list[Grasp]:
+        """Top-down jaw grasps across narrow extents of the part of the item the fingers hold.
+
+        The fingers hold the item between its top and `jaw_depth` below it, so widths and centres
+        come from the surface points seen from above in that band (for an upright or tilted item
+        its top end, for a lying one its whole silhouette). Narrowest first, up to 4 directions.
+        """
+        top = float(pts[:, 2].max())
+        lo_z = p.getAABB(body, physicsClientId=self.cell.client_id)[0][2]
+        height = top - lo_z
+        z = top - min(self.cfg.jaw_depth, 0.5 * height)
+        z = max(z, float(self.cell.tote_bounds.lo[2]) + self.cfg.jaw_floor_clearance)
+        xy = pts[pts[:, 2] >= z - 0.005][:, :2]
+        widths = []
+        for th in np.radians(np.arange(0.0, 180.0, 1.0)):
+            d = np.array([np.cos(th), np.sin(th)])
+            proj = xy @ d
+            widths.append((float(proj.max() - proj.min()), th, d, float((proj.max() + proj.min()) / 2)))
+        widths.sort(key=lambda t: t[0])
+        out: list[Grasp] = []
+        used: list[float] = []
+        for width, th, d, mid in widths:
+            if width > self.cfg.max_jaw_width or len(out) >= 4:
+                break
+            if any(abs((th - u + np.pi / 2) % np.pi - np.pi / 2) < np.radians(20) for u in used):
+                continue
+            used.append(th)
+            perp = np.array([-d[1], d[0]])
+            pp = xy @ perp
+            centre_xy = mid * d + float((pp.max() + pp.min()) / 2) * perp
+            R = grasp_frame(np.array([0.0, 0.0, -1.0]), np.array([d[0], d[1], 0.0]))
+            out.append(
+                Grasp(
+                    "parallel_jaw", np.array([centre_xy[0], centre_xy[1], z]), matrix_to_quat(R), width=width
+                )
+            )
+        return out
+
+    # --- placements -------------------------------------------------------------------------------
+    def placement(self) -> Placement | None:
+        """Where to release the item the arm holds now (None when nothing is held)."""
+        arm = self.cell.arm
+        body = arm.held_item
+        if body is None:
+            return None
+        cid = self.cell.client_id
+        box = self.cell.box_bounds
+        link = arm.tcp_link(arm._held_kind or "parallel_jaw")
+        tcp, R_tcp_hand = arm.link_pose(link)
+        lo, hi = (np.asarray(v) for v in p.getAABB(body, physicsClientId=cid))
+        hang = float(tcp[2] - lo[2])  # how far the item reaches below the TCP
+        size = hi[:2] - lo[:2]
+        nx, ny = self.cfg.box_grid
+        span = box.hi[:2] - box.lo[:2]
+        cells = [
+            box.lo[:2] + span * np.array([(i + 0.5) / nx, (j + 0.5) / ny])
+            for i in range(nx)
+            for j in range(ny)
+        ]
+        if (size > span / np.array([nx, ny])).any():
+            cells = [(box.lo[:2] + box.hi[:2]) / 2]
+        heights = [self._stack_top(c, size) for c in cells]
+        k = int(np.argmin(heights))
+        target_xy = cells[k]
+        # Offset between the TCP and the item's footprint centre, kept while carried.
+        target_xy = target_xy + (tcp[:2] - (lo[:2] + hi[:2]) / 2)
+        # Keep the carried wrist; turn by 90 deg about vertical if that aligns the long side with the box's.
+        R_grasp = R_tcp_hand @ np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        turn = (size[0] < size[1]) != (span[0] < span[1])
+        if turn:
+            Rz = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+            R_grasp = Rz @ R_grasp
+            rel = tcp[:2] - (lo[:2] + hi[:2]) / 2
+            target_xy = cells[k] + Rz[:2, :2] @ rel
+        z = heights[k] + hang + arm.cfg.place_drop_height
+        return Placement(np.array([target_xy[0], target_xy[1], z]), matrix_to_quat(R_grasp))
+
+    def _stack_top(self, centre_xy: np.ndarray, size: np.ndarray) -> float:
+        """Highest surface under a footprint of `size` at `centre_xy` in the box (5 rays)."""
+        cid = self.cell.client_id
+        box = self.cell.box_bounds
+        half = np.minimum(size / 2, (box.hi[:2] - box.lo[:2]) / 2 - 0.01)
+        offs = [np.zeros(2), half * [1, 1], half * [1, -1], half * [-1, 1], half * [-1, -1]]
+        starts = [[*(centre_xy + o), box.hi[2] + 0.5] for o in offs]
+        ends = [[*(centre_xy + o), box.lo[2] - 0.02] for o in offs]
+        hits = p.rayTestBatch(starts, ends, collisionFilterMask=RAY_MASK, physicsClientId=cid)
+        return max(float(h[3][2]) if h[0] >= 0 else float(box.lo[2]) for h in hits)
