@@ -210,7 +210,10 @@ def suction_candidates(cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.G
     dist = np.linalg.norm((p - cent[lab])[:, :2], axis=1)
     s_plan = np.exp(-((rms / cfg.seal_sigma_m) ** 2))
     s_gap = np.clip(1.0 - max_dev / cfg.seal_max_gap_m, 0.0, 1.0)
-    s_tilt = np.clip(np.cos(tilt), 0.0, 1.0)
+    # 1 for a horizontal surface, 0 at the steepest allowed approach: steep cups hold the load in
+    # shear, and steep approaches are the hardest for the arm to reach.
+    cos_max = np.cos(cfg.suction_max_tilt_rad)
+    s_tilt = np.clip((np.cos(tilt) - cos_max) / (1.0 - cos_max), 0.0, 1.0) ** 2
     s_torque = 1.0 / (1.0 + (dist / cfg.torque_scale_m) ** 2)
     s_room = coverage**3
     score = s_plan * np.sqrt(s_gap) * s_tilt * np.sqrt(s_torque) * s_room
@@ -378,6 +381,23 @@ def jaw_candidates(
     ang = np.where(np.isnan(ang_r) | np.isnan(ang_l), np.pi, ang)
     cone = np.arctan(cfg.friction_coef)
     antipodal = ang <= cone
+    # The finger pads are finger_width_m wide: on lines offset by half a pad to each side, the item
+    # must still be there and its outline must not recede or advance faster than the cone allows.
+    # This rejects lines cutting an item's corner, whose smoothed outline normals look antipodal.
+    perp = np.stack([-direction[:, 1], direction[:, 0]], 1)
+    half_pad = cfg.finger_width_m / 4.0
+    for sign in (1.0, -1.0):
+        off = centre + ((s_r + s_l) / 2.0)[:, None] * direction + sign * half_pad * perp
+        oxy = off[:, None, :] + s[None, :, None] * direction[:, None, :]
+        ox, oy, oin = hmap.cell(oxy)
+        osame = oin & (hmap.label[ox, oy] == lab[:, None])
+        okr = np.argmin(osame[:, n_side:], axis=1)
+        okl = np.argmin(osame[:, n_side::-1], axis=1)
+        mid_s = (s_r - s_l) / 2.0
+        o_r = (okr - 0.5) * step
+        o_l = (okl - 0.5) * step
+        slack = half_pad * cfg.friction_coef + step
+        antipodal &= osame[:, n_side] & (np.abs(o_r - mid_s) <= slack) & (np.abs(o_l - mid_s) <= slack)
 
     # Grasp depth: fingertips finger_depth below the item's top between the contacts, not into the floor.
     between = same & (np.abs(s[None, :] - ((s_r + s_l) / 2.0)[:, None]) <= (width / 2.0)[:, None])
