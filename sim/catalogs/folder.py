@@ -11,7 +11,7 @@ What it is
         {"default": {"scale": 1.0, "friction": 0.6},
          "items": {"mugs/blue.urdf": {"scale": 0.8, "mass_kg": 0.35, "family": "mugs", "friction": 0.5}}}
     Keys of "items" are paths relative to DIR. Allowed settings: scale (>0, default 1), mass_kg
-    (>0; default: the URDF's own total link mass after scaling by scale^3), friction (>=0, default
+    (>0; default: the total <mass> the URDF declares, unscaled, as pybullet uses it), friction (>=0, default
     0.6), family (default as above). Unknown keys, unknown files and bad values are errors.
 
 What is randomised
@@ -31,6 +31,8 @@ import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
+
 from sim.catalogs.core import Catalog, ItemSpec, UrdfProbe
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,11 @@ _ITEM_KEYS = {"scale", "mass_kg", "friction", "family"}
 DEFAULT_FRICTION = 0.6
 
 
-def _check_urdf_file(path: Path) -> None:
-    """Fail with a clear message before pybullet does (pybullet only says 'Cannot load URDF file')."""
+def _check_urdf_file(path: Path) -> float:
+    """Fail with a clear message before pybullet does (pybullet only says 'Cannot load URDF file').
+
+    Returns the total mass the URDF declares (sum of its links' <mass>), kg.
+    """
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:
@@ -61,6 +66,15 @@ def _check_urdf_file(path: Path) -> None:
             raise ValueError(f"{path}: mesh {fname!r} uses a URI; give a path relative to the URDF file")
         if not (path.parent / fname).is_file():
             raise ValueError(f"{path}: mesh file {fname!r} not found (looked in {path.parent / fname})")
+    total = 0.0
+    for mass in root.iter("mass"):
+        try:
+            total += float(mass.get("value", "nan"))
+        except ValueError as exc:
+            raise ValueError(f"{path}: <mass value={mass.get('value')!r}> is not a number") from exc
+    if not np.isfinite(total):
+        raise ValueError(f"{path}: a <mass> has no valid value")
+    return total
 
 
 def _read_config(folder: Path) -> tuple[dict, dict[str, dict]]:
@@ -114,16 +128,17 @@ def load(folder: str | Path) -> Catalog:
     with UrdfProbe() as probe:
         for path in urdfs:
             rel = path.relative_to(root)
-            _check_urdf_file(path)
+            declared_mass = _check_urdf_file(path)
             cfg = {**default, **overrides.get(rel.as_posix(), {})}
             scale = float(cfg.get("scale", 1.0))
-            ext, center, urdf_mass = probe.measure(path, scale)
-            # pybullet scales link masses by globalScaling^3 (constant density); match it.
-            mass = float(cfg["mass_kg"]) if "mass_kg" in cfg else urdf_mass
+            ext, center, _ = probe.measure(path, scale)
+            # The URDF's masses as written: pybullet does not scale mass with globalScaling. A link
+            # without <inertial> would silently weigh 1 kg in pybullet, so count only declared mass.
+            mass = float(cfg["mass_kg"]) if "mass_kg" in cfg else declared_mass
             if mass <= 0:
                 raise ValueError(
-                    f"{path}: total mass is 0 (pybullet would make it a fixed body); give the links a "
-                    f'<mass> or set "mass_kg" for it in catalog.json'
+                    f"{path}: total mass is 0 (it declares no <mass>, pybullet would guess or fix it); "
+                    f'give the links a <mass> or set "mass_kg" for it in catalog.json'
                 )
             family = cfg.get("family") or (rel.parts[0] if len(rel.parts) > 1 else root.name)
             items.append(

@@ -46,7 +46,7 @@ SPLITS = {
     "procedural-train": (960, 0),
     "procedural": (240, 1_000_000),
 }
-_GENERATOR_VERSION = 1  # bump when the geometry rules change: new files go to a new folder
+_GENERATOR_VERSION = 2  # bump when the geometry rules change: new files go to a new folder
 
 # Friction per family (Coulomb, against rubber gripper pads / plastic tote): cardboard, poly film,
 # PET, rubber, coated card tube, mixed plastic/metal.
@@ -97,7 +97,8 @@ def _design(family: str, rng: np.random.Generator) -> tuple[float, tuple[float, 
         mass = np.clip(rng.uniform(60, 250) * np.prod(ext), 0.1, 2.0)  # packed goods, kg/m^3
         return float(mass), ext, _visual_collision(_box(ext), (0, 0, 0), rgba)
     if family == "mailer":
-        ext = (rng.uniform(0.15, 0.35), rng.uniform(0.12, 0.25), rng.uniform(0.01, 0.03))
+        long_ = rng.uniform(0.15, 0.35)
+        ext = (long_, rng.uniform(0.12, min(0.25, long_)), rng.uniform(0.01, 0.03))
         mass = np.clip(rng.uniform(150, 500) * np.prod(ext), 0.05, 0.8)  # clothing, books
         return float(mass), ext, _visual_collision(_box(ext), (0, 0, 0), rgba)
     if family == "bottle":

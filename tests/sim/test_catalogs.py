@@ -262,6 +262,20 @@ def test_broken_urdf_error_names_the_file(tmp_path):
     broken.write_text(_urdf("x", '<box size="0.05 0.05 0.05"/>', mass=0.0))
     with pytest.raises(ValueError, match=r"broken\.urdf.*mass is 0"):
         load_catalog(str(folder))
+    # No <inertial> at all: pybullet would silently make it 1 kg; we refuse and say why.
+    broken.write_text(
+        '<robot name="x"><link name="b"><collision><geometry><box size="0.05 0.05 0.05"/>'
+        "</geometry></collision></link></robot>"
+    )
+    with pytest.raises(ValueError, match=r"broken\.urdf.*declares no <mass>"):
+        load_catalog(str(folder))
+    broken.write_text(
+        _urdf("x", '<box size="0.05 0.05 0.05"/>')
+        .replace("<collision>", "<!--")
+        .replace("</collision>", "-->")
+    )
+    with pytest.raises(ValueError, match=r"broken\.urdf.*no <collision>"):
+        load_catalog(str(folder))
 
 
 # --- tote filling -------------------------------------------------------------------------------------
