@@ -162,7 +162,8 @@ class Broker:
         self.n_waiting = 0
         self._seq = 0
         self._serve_count = 0
-        self._out: list[tuple[bytes, bytes, dict]] = []
+        self._out: list[tuple[bytes, bytes, dict]] = []  # sent after the next commit
+        self._out_now: list[tuple[bytes, bytes, dict]] = []  # assignments, sent before it
         self._flush_cells: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -276,6 +277,11 @@ class Broker:
                     with self.journal.transaction():
                         for frames in batch:
                             self._handle(frames)
+                        # An assignment acknowledges nothing, so it may leave before the commit: the
+                        # fsync then overlaps the associate's work instead of adding to the cell's wait.
+                        # If we crash before the commit, the cell (never acked) resubmits, and the
+                        # early answer is refused with 404.
+                        self._dispatch(send_now=True)
                     self._flush()
                 if self.expiry and self.expiry[0][0] <= time.time():
                     with self.journal.transaction():
@@ -302,6 +308,9 @@ class Broker:
                     self._out.append((rid, P.RESULT, {"answer": answer}))
         self._flush_cells.clear()
         out, self._out = self._out, []
+        self._send_all(out)
+
+    def _send_all(self, out: list[tuple[bytes, bytes, dict]]) -> None:
         for routing_id, msg_type, body in out:
             try:
                 self.sock.send_multipart([routing_id, P.PROTOCOL, msg_type, P.pack(body)], zmq.NOBLOCK)
@@ -549,7 +558,7 @@ class Broker:
         )
         return cell_id, head
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, send_now: bool = False) -> None:
         skipped = []
         while self.idle and self.n_waiting:
             routing_id = self.idle.popleft()
@@ -570,7 +579,13 @@ class Broker:
             peer.held.add(r.request_id)
             self.stats["assigned"] += 1
             body = {"request": r.request, "waiting": self.n_waiting, "assigned_at": time.time()}
-            self._send(routing_id, P.ASSIGN, body)
+            if send_now:
+                self._out_now.append((routing_id, P.ASSIGN, body))
+            else:
+                self._send(routing_id, P.ASSIGN, body)
+        if self._out_now:
+            out, self._out_now = self._out_now, []
+            self._send_all(out)
         self.idle.extendleft(reversed(skipped))
 
     def _finish(self, r: _Open, fields: dict[str, Any]) -> None:

@@ -1,0 +1,332 @@
+"""Load on the assist broker: many cells submitting, associates answering at once, CURVE on, on loopback.
+
+    .venv/bin/python benchmarks/broker_load.py --cells 50 --associates 10 --rate 500 --seconds 20 --json OUT
+
+The broker runs as its own process (`python -m hitl.broker`, journal on disk with synchronous=FULL); this
+process drives every cell and associate socket from one event loop (raw protocol, see docs/protocol.md).
+Associates answer as soon as a request arrives (--think-ms 0), so the time between a cell's submit and an
+associate's receipt, plus the time between the answer and the cell's receipt of the result, is what the
+broker (journal fsync, queueing, CURVE, two hops through its loop) adds to a person's thinking time:
+
+    added latency = (t_assign_received - t_submit_sent) + (t_result_received - t_answer_sent)
+
+A request is lost if the cell has no final state for it 10 s after the last submission. The journal is
+read afterwards to check that every submitted id is there exactly once with a final state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hitl import protocol as P  # noqa: E402
+from hitl.keys import ClientKeys, load_public, new_keypair  # noqa: E402
+
+DOC = REPO / "docs" / "benchmarks.md"
+SECTION = "## broker_load"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dealer(ctx: zmq.Context, endpoint: str, keys: ClientKeys, server_key: bytes) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_key, keys.public, keys.secret
+    s.connect(endpoint)
+    return s
+
+
+def send(s: zmq.Socket, msg_type: bytes, body: dict) -> None:
+    s.send_multipart(P.encode(msg_type, body))
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="broker_load_"))
+    keys = work / "keys"
+    new_keypair("broker", keys)
+    cell_names = [f"cell-{i}" for i in range(args.cells)]
+    assoc_names = [f"assoc-{j}" for j in range(args.associates)]
+    for n in cell_names + assoc_names:
+        new_keypair(n, keys / "allowed")
+    server_key = load_public(keys / "broker.key")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    log_path = work / "broker.log"
+    with open(log_path, "wb") as log:
+        broker = subprocess.Popen(
+            [sys.executable, *(["-m", "cProfile", "-o", str(args.profile_broker)] if args.profile_broker else []),
+             "-m", "hitl.broker", "--bind", endpoint, "--data", str(work / "data"),
+             "--keys", str(keys)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    ctx = zmq.Context()
+    try:
+        end = time.monotonic() + 30
+        while b"listening on" not in log_path.read_bytes():
+            if broker.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("broker did not start:\n" + log_path.read_text())
+            time.sleep(0.05)
+
+        def connect(name: str) -> zmq.Socket:
+            return dealer(
+                ctx, endpoint, ClientKeys.from_file(keys / "allowed" / f"{name}.key_secret"), server_key
+            )
+
+        cells = [connect(n) for n in cell_names]
+        assocs = [connect(n) for n in assoc_names]
+        cell_of = {s: n for s, n in zip(cells, cell_names, strict=True)}
+        poller = zmq.Poller()
+        for s in cells + assocs:
+            poller.register(s, zmq.POLLIN)
+        # Handshake: every socket gets a STATUS reply before the clock starts.
+        for s in cells:
+            send(s, P.HEARTBEAT, {"role": "cell", "name": cell_of[s]})
+        for s in cells + assocs:
+            send(s, P.STATUS, {})
+        pending_hello = set(cells + assocs)
+        end = time.monotonic() + 30
+        while pending_hello and time.monotonic() < end:
+            for s, _ in poller.poll(100):
+                while True:
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if frames[1] == P.STATUS:
+                        pending_hello.discard(s)
+        if pending_hello:
+            raise RuntimeError(f"{len(pending_hello)} sockets never connected (CURVE?)")
+        for s in assocs:
+            send(s, P.READY, {})
+
+        rng = np.random.default_rng(args.seed)
+        image = rng.integers(0, 256, args.image_bytes, dtype=np.uint8).tobytes()  # incompressible, like a PNG
+        total = int(args.rate * args.seconds)
+        t_submit: dict[str, float] = {}
+        t_ack: dict[str, float] = {}
+        t_assign: dict[str, float] = {}
+        t_answer: dict[str, float] = {}
+        t_result: dict[str, float] = {}
+        final: dict[str, str] = {}
+        dup_results = 0
+        errors = 0
+        think: list[tuple[float, str, int]] = []  # (due, request id, associate index)
+        assoc_index = {s: j for j, s in enumerate(assocs)}
+        k = 0
+        t0 = time.perf_counter()
+        next_beat = t0 + 1.0
+        last_submit = t0 + args.seconds
+        drain_until = last_submit + 10.0
+        while True:
+            now = time.perf_counter()
+            while k < total and t0 + k / args.rate <= now:
+                cell = cells[k % len(cells)]
+                rid = uuid.uuid4().hex
+                req = {"cell_id": cell_of[cell], "deadline": time.time() + 60.0, "image_png": image,
+                       "candidates": [{"index": i, "u": 10 * i, "v": 10 * i, "gripper": "suction",
+                                       "p_success": 0.5} for i in range(3)],
+                       "reasons": ["benchmark"], "priority": k % 3, "request_id": rid, "created": time.time(),
+                       "context": {}}  # fmt: skip
+                t_submit[rid] = time.perf_counter()
+                send(cell, P.SUBMIT, {"request": req})
+                k += 1
+            while think and think[0][0] <= now:
+                _, rid, j = heapq.heappop(think)
+                t_answer[rid] = time.perf_counter()
+                send(assocs[j], P.ANSWER, {"request_id": rid, "kind": "approve", "candidate_index": 1})
+                send(assocs[j], P.READY, {})
+            if now >= next_beat:
+                for s in cells:
+                    send(s, P.HEARTBEAT, {"role": "cell", "name": cell_of[s]})
+                for s in assocs:
+                    send(s, P.HEARTBEAT, {"role": "associate"})
+                next_beat = now + 1.0
+            if k >= total and len(final) >= total:
+                break
+            if now > drain_until:
+                break
+            wait = 0.005 if k >= total else max(0.0, min(0.005, t0 + k / args.rate - now))
+            for s, _ in poller.poll(wait * 1000):
+                while True:
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    t = time.perf_counter()
+                    msg_type, body = frames[1], P.decode(frames, P.BROKER_TYPES).body
+                    if msg_type == P.ASSIGN:
+                        rid = body["request"]["request_id"]
+                        t_assign.setdefault(rid, t)
+                        heapq.heappush(think, (t + args.think_ms / 1000.0, rid, assoc_index[s]))
+                        if args.think_ms == 0:
+                            continue
+                    elif msg_type == P.ACK and body.get("ref") == "submit":
+                        t_ack.setdefault(body["request_id"], t)
+                    elif msg_type == P.RESULT:
+                        rid = body["answer"]["request_id"]
+                        if rid in final:
+                            dup_results += 1
+                        else:
+                            final[rid] = body["answer"]["status"]
+                            t_result[rid] = t
+                        send(s, P.DELIVERED, {"cell_id": cell_of[s], "request_ids": [rid]})
+                    elif msg_type == P.ERROR:
+                        errors += 1
+            # Zero think time: answer in the same pass, right after the receive.
+            if args.think_ms == 0:
+                while think:
+                    _, rid, j = heapq.heappop(think)
+                    t_answer[rid] = time.perf_counter()
+                    send(assocs[j], P.ANSWER, {"request_id": rid, "kind": "approve", "candidate_index": 1})
+                    send(assocs[j], P.READY, {})
+        elapsed = time.perf_counter() - t0
+        broker_cpu_s = _cpu_seconds(broker.pid)
+        own_cpu_s = time.process_time()
+        for s in cells + assocs:
+            send(s, P.DISCONNECT, {})
+            s.close(0)
+    finally:
+        broker.terminate()
+        try:
+            broker.wait(15)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+        ctx.term()
+
+    db = sqlite3.connect(str(work / "data" / "journal.sqlite"))
+    journal_states = dict(db.execute("SELECT state, COUNT(*) FROM requests GROUP BY state").fetchall())
+    journal_ids = {r[0] for r in db.execute("SELECT request_id FROM requests")}
+    db.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+    done = [r for r in t_submit if r in t_result and r in t_assign and r in t_answer]
+    added = np.array([(t_assign[r] - t_submit[r]) + (t_result[r] - t_answer[r]) for r in done]) * 1000.0
+    ack = np.array([t_ack[r] - t_submit[r] for r in t_submit if r in t_ack]) * 1000.0
+    e2e = np.array([t_result[r] - t_submit[r] for r in done]) * 1000.0
+    pct = lambda a, q: round(float(np.percentile(a, q)), 3) if len(a) else None  # noqa: E731
+    lost = sum(1 for r in t_submit if r not in final)
+    return {
+        "cells": args.cells,
+        "associates": args.associates,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "image_bytes": args.image_bytes,
+        "think_ms": args.think_ms,
+        "curve": True,
+        "submitted": len(t_submit),
+        "answered": sum(1 for s in final.values() if s == "answered"),
+        "final_other": sum(1 for s in final.values() if s != "answered"),
+        "lost": lost,
+        "duplicate_results": dup_results,
+        "errors": errors,
+        "journal_rows": len(journal_ids),
+        "journal_missing": len(set(t_submit) - journal_ids),
+        "journal_states": journal_states,
+        "throughput_rps": round(len(final) / elapsed, 1),
+        "elapsed_s": round(elapsed, 2),
+        "added_latency_ms_p50": pct(added, 50),
+        "added_latency_ms_p99": pct(added, 99),
+        "added_latency_ms_max": round(float(added.max()), 3) if len(added) else None,
+        "ack_latency_ms_p50": pct(ack, 50),
+        "ack_latency_ms_p99": pct(ack, 99),
+        "end_to_end_ms_p50": pct(e2e, 50),
+        "end_to_end_ms_p99": pct(e2e, 99),
+        "broker_cpu_s": round(broker_cpu_s, 2),
+        "load_generator_cpu_s": round(own_cpu_s, 2),
+        "machine": f"{os.cpu_count()}-core {platform.machine()}, no GPU",
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a live process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def update_doc(result: dict, command: str, note: str) -> None:
+    r = result
+    body = f"""{SECTION}
+
+Load on the assist broker: {r['cells']} cells, {r['associates']} associates answering at once, CURVE on,
+loopback, broker in its own process, journal on disk (SQLite WAL, synchronous=FULL, one fsync per event-loop
+pass). Added latency = (submit -> assignment received) + (answer sent -> result received), i.e. everything
+the broker adds to a person's think time. Target: p99 <= 5 ms added, 0 lost.
+
+Command: `{command}`
+Machine: {r['machine']}. {note}
+
+| metric | value |
+| --- | --- |
+| submitted / answered / lost | {r['submitted']} / {r['answered']} / {r['lost']} |
+| throughput (final states/s) | {r['throughput_rps']} |
+| added latency p50 / p99 / max (ms) | {r['added_latency_ms_p50']} / {r['added_latency_ms_p99']} / \
+{r['added_latency_ms_max']} |
+| submit -> ack (journaled) p50 / p99 (ms) | {r['ack_latency_ms_p50']} / {r['ack_latency_ms_p99']} |
+| journal rows / missing | {r['journal_rows']} / {r['journal_missing']} |
+| duplicate results (re-deliveries, harmless) | {r['duplicate_results']} |
+| request image size (bytes) | {r['image_bytes']} |
+| load average at end | {r['load_average_at_end']} |
+"""  # fmt: skip
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(body + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    DOC.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=50)
+    ap.add_argument("--associates", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=500.0, help="requests per second, all cells together")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--image-bytes", type=int, default=20_000, help="size of each request's image (bytes)")
+    ap.add_argument("--think-ms", type=float, default=0.0, help="associate think time (ms)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the result here")
+    ap.add_argument("--profile-broker", type=Path, help="run the broker under cProfile, write stats here")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--note", default="", help="conditions to record in docs/benchmarks.md")
+    args = ap.parse_args()
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if not args.no_doc:
+        command = (
+            f".venv/bin/python benchmarks/broker_load.py --cells {args.cells} --associates {args.associates} "
+            f"--rate {args.rate:g} --seconds {args.seconds:g} --image-bytes {args.image_bytes} "
+            f"--think-ms {args.think_ms:g} --json OUT"
+        )
+        update_doc(result, command, args.note)
+    return 0 if result["lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
