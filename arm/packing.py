@@ -53,6 +53,7 @@ class PackerConfig:
     max_fill_height_m: float | None = None  # usable height; None = the box's inner height, m
     max_void_depth_m: float | None = None  # deepest hole an item may bridge; None = any depth, m
     rule: str = "dblf"  # placement rule: "dblf" (deepest-bottom-left-fill) or "heightmap"
+    allow_rotation: bool = True  # try yaw 90 deg too; False for an arm that cannot turn the item
 
     def __post_init__(self) -> None:
         if self.rule not in ("heightmap", "dblf"):
@@ -205,7 +206,7 @@ class BoxPacker:
             raise ValueError(f"box {self.box_id} is closed; open a new one")
         e = _check_extents(item_extents)
         best = None
-        for yaw in (0.0, math.pi / 2):
+        for yaw in (0.0, math.pi / 2) if self.config.allow_rotation else (0.0,):
             found = self._windows(e, yaw)
             if found is None:
                 continue

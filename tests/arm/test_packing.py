@@ -72,6 +72,9 @@ def test_yaw_turns_an_item_into_the_free_strip():
     assert slot is not None and slot.yaw == pytest.approx(math.pi / 2)
     assert slot.footprint_m == pytest.approx((0.1, 0.25))
     assert slot.position_box[0] == pytest.approx(0.1) and slot.position_box[2] == 0.0
+    fixed = BoxPacker((0.3, 0.3, 0.1), config=PackerConfig(allow_rotation=False))
+    fixed.commit(fixed.propose((0.2, 0.3, 0.1)))
+    assert fixed.propose((0.25, 0.1, 0.1)) is None  # may not turn it: no room
 
 
 def test_flat_item_is_not_balanced_on_one_post():
