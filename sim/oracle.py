@@ -46,6 +46,7 @@ class OracleConfig:
     max_load: float = 0.9  # unitless, largest cup load fraction (at lift acceleration) the oracle accepts
     max_suction_candidates: int = 40  # count, surface points tested with the seal check per item
     box_grid: tuple[int, int] = (3, 2)  # cells along box x, y
+    jaw_tilts_deg: tuple[float, ...] = (0.0, 20.0, -20.0)  # deg, jaw approach tilts tried (two axes)
     max_failures: int = 3  # count, failed attempts after which an item is left in the tote
 
 
@@ -178,7 +179,7 @@ class OracleGraspSource:
         out: list[Grasp] = []
         used: list[float] = []
         for width, th, d, mid in widths:
-            if width > self.cfg.max_jaw_width or len(out) >= 4:
+            if width > self.cfg.max_jaw_width or len(used) >= 4:
                 break
             if any(abs((th - u + np.pi / 2) % np.pi - np.pi / 2) < np.radians(20) for u in used):
                 continue
@@ -186,12 +187,18 @@ class OracleGraspSource:
             perp = np.array([-d[1], d[0]])
             pp = xy @ perp
             centre_xy = mid * d + float((pp.max() + pp.min()) / 2) * perp
-            R = grasp_frame(np.array([0.0, 0.0, -1.0]), np.array([d[0], d[1], 0.0]))
-            out.append(
-                Grasp(
-                    "parallel_jaw", np.array([centre_xy[0], centre_xy[1], z]), matrix_to_quat(R), width=width
-                )
-            )
+            closing = np.array([d[0], d[1], 0.0])
+            across = np.array([-d[1], d[0], 0.0])
+            tilts = [(closing, t) for t in self.cfg.jaw_tilts_deg]
+            tilts += [(across, t) for t in self.cfg.jaw_tilts_deg if t != 0.0]
+            for axis, tilt in tilts:
+                # Tilting about the closing axis keeps the fingers closing horizontally while the
+                # hand leans away from a tote wall beside the item; tilting about the other
+                # horizontal axis leans the hand's long side away from a wall it faces.
+                approach = _rotate(np.array([0.0, 0.0, -1.0]), axis, np.radians(tilt))
+                R = grasp_frame(approach, _rotate(closing, axis, np.radians(tilt)))
+                pos = np.array([centre_xy[0], centre_xy[1], z])
+                out.append(Grasp("parallel_jaw", pos, matrix_to_quat(R), width=width))
         return out
 
     # --- placements -------------------------------------------------------------------------------
@@ -243,3 +250,9 @@ class OracleGraspSource:
         ends = [[*(centre_xy + o), box.lo[2] - 0.02] for o in offs]
         hits = p.rayTestBatch(starts, ends, collisionFilterMask=RAY_MASK, physicsClientId=cid)
         return max(float(h[3][2]) if h[0] >= 0 else float(box.lo[2]) for h in hits)
+
+
+def _rotate(v: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rodrigues: `v` turned by `angle` (rad) about the unit `axis`."""
+    k = axis / np.linalg.norm(axis)
+    return v * np.cos(angle) + np.cross(k, v) * np.sin(angle) + k * (k @ v) * (1 - np.cos(angle))

@@ -47,6 +47,9 @@ from sim.motion import JointMove, cartesian_move_time, plan_joint_move, trapezoi
 log = logging.getLogger(__name__)
 
 SHOULDER = np.array([0.0, 0.0, 0.333])  # m, joint 2 axis in the base frame
+FINGER_ITEM_TOLERANCE = 0.008  # m, overlap of a finger with a neighbour item that check_grasp accepts
+HAND_ITEM_TOLERANCE = 0.003  # m, same for the other links
+FIXTURE_MARGIN = 0.01  # m, clearance from tote/box that check_grasp demands (physical tracking error)
 PHYSICAL_LIFT = 0.05  # m, lift simulated with full physics before the kinematic part
 # Hand axes expressed in the grasp frame: the Panda fingers close along the hand's y axis while a
 # Grasp closes along its x axis, approach (z) is shared.
@@ -295,17 +298,29 @@ class SimArm:
         return [b for b in ids if b != self.body and b not in self.fixtures]
 
     def _kinematic_contacts(
-        self, ignore: Sequence[int] = (), fixtures_only: bool = False
+        self, ignore: Sequence[int] = (), fixtures_only: bool = False, item_tolerance: bool = False
     ) -> list[tuple[int, int, str]]:
-        """Contacts (arm link or -2 for the held item, body, name) at the current kinematic state."""
+        """Contacts (arm link or -2 for the held item, body, name) at the current kinematic state.
+
+        `item_tolerance` (grasp checks): fingers may overlap other items by up to
+        FINGER_ITEM_TOLERANCE and the rest of the arm by HAND_ITEM_TOLERANCE (in clutter the fingers
+        push neighbours aside), and fixtures count when closer than FIXTURE_MARGIN (the physical
+        arm tracks its path imperfectly).
+        """
         cid = self.client_id
         found = []
         candidates = list(self.fixtures) + ([] if fixtures_only else self._items())
         others = [b for b in candidates if b not in ignore and b != self._held]
         for b in others:
-            for c in p.getClosestPoints(self.body, b, 0.0, physicsClientId=cid):
+            is_item = b not in self.fixtures
+            margin = FIXTURE_MARGIN if (item_tolerance and not is_item) else 0.0
+            for c in p.getClosestPoints(self.body, b, margin, physicsClientId=cid):
                 if c[3] == -1 and self.fixtures.get(b) == "floor":
                     continue  # bolted base (getClosestPoints ignores the collision filter pair)
+                if is_item and item_tolerance:
+                    tol = FINGER_ITEM_TOLERANCE if c[3] in self.finger_joints else HAND_ITEM_TOLERANCE
+                    if c[8] > -tol:
+                        continue
                 found.append((c[3], b, self.fixtures.get(b, "item")))
                 break
             if self._held is not None:
@@ -849,7 +864,7 @@ class SimArm:
                 # (on the way down it may push them: the physical approach handles that).
                 fixtures_only = target is None or q is q_pre
                 ignore = self._items() if fixtures_only else (target,)
-                if self._kinematic_contacts(ignore=ignore, fixtures_only=fixtures_only):
+                if self._kinematic_contacts(ignore=ignore, fixtures_only=fixtures_only, item_tolerance=True):
                     return Reason.COLLISION
             return Reason.OK
         except _Abort as exc:
