@@ -208,8 +208,13 @@ def suction_candidates(cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.G
 
     cent, ext, top = _item_geometry(cloud)
     dist = np.linalg.norm((p - cent[lab])[:, :2], axis=1)
-    s_plan = np.exp(-((rms / cfg.seal_sigma_m) ** 2))
-    s_gap = np.clip(1.0 - max_dev / cfg.seal_max_gap_m, 0.0, 1.0)
+    # Sensor noise inflates both the residual and the worst gap of a perfectly flat surface: score
+    # what is left after taking out the noise measured on the floor (RMS in quadrature, gap 2 sigma).
+    noise = cloud.noise_m
+    rms_excess = np.sqrt(np.maximum(rms**2 - noise**2, 0.0))
+    gap_excess = np.maximum(max_dev - 2.0 * noise, 0.0)
+    s_plan = np.exp(-((rms_excess / cfg.seal_sigma_m) ** 2))
+    s_gap = np.clip(1.0 - gap_excess / cfg.seal_max_gap_m, 0.0, 1.0)
     # 1 for a horizontal surface, 0 at the steepest allowed approach: steep cups hold the load in
     # shear, and steep approaches are the hardest for the arm to reach.
     cos_max = np.cos(cfg.suction_max_tilt_rad)
@@ -327,7 +332,7 @@ def _outline_normals(hmap: HeightMap, ix: np.ndarray, iy: np.ndarray, lab: np.nd
 def jaw_candidates(
     cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.Generator, res: float
 ) -> CandidateSet:
-    """Top-down antipodal parallel-jaw grasps that fit the opening, pass the friction cone, and are collision-free."""
+    """Top-down antipodal jaw grasps: fit the opening, pass the friction cone, fingers collision-free."""
     if cloud.n_clusters == 0:
         return CandidateSet.empty()
     hmap = height_map(cloud, res)

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the grasp planner on one frame file (npz with depth, rgb, K, T_base_camera and optionally "
             "tote_lo/tote_hi; see grasping.framefile). Prints the decision, the reasons and the best "
-            "candidates; --png draws the numbered candidates over the RGB image, --json prints the whole plan."
+            "candidates; --png draws the numbered candidates over the RGB image, --json prints the whole "
+            "plan."
         ),
     )
     p.add_argument("frame", metavar="FRAME.npz", help="frame file written by grasping.framefile.save_frame")
@@ -112,8 +113,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan_to_dict(result), indent=1))
         return 0
     print(
-        f"{result.frame_id}: {result.decision} ({len(result.candidates)} candidates on {len(result.clusters)} items, "
-        f"{result.latency_ms:.0f} ms, model {result.model_version})"
+        f"{result.frame_id}: {result.decision} ({len(result.candidates)} candidates on "
+        f"{len(result.clusters)} items, {result.latency_ms:.0f} ms, model {result.model_version})"
     )
     for r in result.reasons:
         print(f"  {r}")
@@ -121,8 +122,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         p = c.grasp.position
         extra = f" width {c.grasp.width * 100:.1f} cm" if c.grasp.gripper == "parallel_jaw" else ""
         print(
-            f"  #{i:<3d} {c.grasp.gripper:<12s} score {c.score:.3f} at ({p[0]:+.3f}, {p[1]:+.3f}, {p[2]:+.3f}) m"
-            f" pixel {c.pixel} item {c.cluster}{extra}"
+            f"  #{i:<3d} {c.grasp.gripper:<12s} score {c.score:.3f} at "
+            f"({p[0]:+.3f}, {p[1]:+.3f}, {p[2]:+.3f}) m pixel {c.pixel} item {c.cluster}{extra}"
         )
     if args.png:
         print(f"picture: {args.png}")

@@ -43,6 +43,7 @@ class CloudConfig:
     wall_margin_m: float = 0.008  # metres, points this close to a tote wall (x/y) are wall
     floor_margin_m: float = 0.006  # metres, points this close above the floor are floor
     max_edge_jump_m: float = 0.01  # metres, neighbour distance beyond which a pixel is a depth edge
+    smooth_passes: int = 1  # count of edge-aware 3x3 depth smoothing passes (more merges touching items)
     cluster_eps_m: float = 0.009  # metres, DBSCAN neighbourhood radius
     cluster_min_points: int = 3  # DBSCAN core-point neighbours
     min_cluster_voxels: int = 12  # clusters with fewer voxels are noise (about 2 cm^2 at 4 mm)
@@ -66,6 +67,7 @@ class SceneCloud:
     K: np.ndarray  # (3, 3) camera intrinsics (full image)
     T_base_camera: np.ndarray  # (4, 4)
     floor_z: float  # metres, estimated floor height in the base frame
+    noise_m: float  # metres, std of the smoothed points' heights on the floor (sensor noise left)
     bounds: Bounds  # the tote's inner volume
     voxel_points: np.ndarray  # (N, 3) metres, downsampled item points
     voxel_normals: np.ndarray  # (N, 3) unit normals (NaN rows where unknown)
@@ -121,7 +123,7 @@ class SceneCloud:
 def tote_roi(frame: Frame, bounds: Bounds) -> tuple[int, int, int, int]:
     """(u0, v0, u1, v1): image rectangle holding the tote's projection (half-open), clamped."""
     h, w = frame.shape
-    corners = np.array(list(itertools.product(*zip(bounds.lo, bounds.hi))))  # the 8 corners
+    corners = np.array(list(itertools.product(*zip(bounds.lo, bounds.hi, strict=True))))  # the 8 corners
     T_cam_base = np.linalg.inv(frame.T_base_camera)
     p_cam = corners @ T_cam_base[:3, :3].T + T_cam_base[:3, 3]
     if (p_cam[:, 2] <= 1e-6).any():  # a corner behind the camera: no useful rectangle, use the image
@@ -315,7 +317,10 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
     hi = bounds.hi - np.array([cfg.wall_margin_m, cfg.wall_margin_m, 0.0])
     ok &= np.all((raw >= lo) & (raw <= hi), axis=-1)
     # Smooth before differentiating: central differences of raw depth noise give useless normals.
-    pts = cam + edge_aware_smooth(depth, ok, cfg.max_edge_jump_m)[..., None] * rays
+    smooth = depth
+    for _ in range(cfg.smooth_passes):
+        smooth = edge_aware_smooth(smooth, ok, cfg.max_edge_jump_m)
+    pts = cam + smooth[..., None] * rays
     normals = organised_normals(pts, ok, cam, cfg.max_edge_jump_m)
 
     # Floor: upward-facing points near the tote's nominal floor. A tote sits level in a real cell, so
@@ -324,6 +329,12 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
     with np.errstate(invalid="ignore"):
         near_floor = ok & (zb < bounds.lo[2] + 0.03) & (normals[..., 2] > 0.95)
     floor_z = float(np.median(zb[near_floor])) if near_floor.sum() >= 50 else float(bounds.lo[2])
+    # The smoothed cloud's noise, measured on the floor (robust std of its heights): what a perfectly
+    # flat surface's plane fit residual looks like at this range. Zero when too little floor is seen.
+    if near_floor.sum() >= 50:
+        noise_m = float(1.4826 * np.median(np.abs(zb[near_floor] - floor_z)))
+    else:
+        noise_m = 0.0
     with np.errstate(invalid="ignore"):
         item = ok & (zb > floor_z + cfg.floor_margin_m)
 
@@ -375,6 +386,7 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
         K=K,
         T_base_camera=T,
         floor_z=floor_z,
+        noise_m=noise_m,
         bounds=bounds,
         voxel_points=vpts,
         voxel_normals=vnrm,

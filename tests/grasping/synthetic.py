@@ -196,7 +196,10 @@ def render(
     tote_hi: np.ndarray = TOTE_HI,
     frame_id: str = "synthetic",
 ) -> Frame:
-    """Ray-cast the items plus the tote into a Frame. Missing pixels: NaN (`nan_fraction`) or 0 (`zero_fraction`)."""
+    """Ray-cast the items plus the tote into a Frame.
+
+    Missing pixels: NaN (`nan_fraction`) or 0 (`zero_fraction`).
+    """
     K, T = default_camera(width, height, camera_height_m)
     vv, uu = np.mgrid[0:height, 0:width]
     d_cam = np.stack([(uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], np.ones_like(uu, float)], -1)

@@ -26,7 +26,7 @@ class FeatureScorer:
     """A real (if simple) Scorer for wiring tests: p = a fixed function of the analytic features.
 
     calibrated = 0.5 * analytic + 0.25 for jaws (so the order differs from the analytic one),
-    analytic ** 2 for suction; the threshold, scene sigma and verdict are constructor arguments.
+    0.9 * analytic ** 2 for suction; the threshold, scene sigma and verdict are constructor arguments.
     """
 
     def __init__(self, threshold: float, sigma: float, in_dist: bool, version: str = "test-scorer-1") -> None:
@@ -39,7 +39,7 @@ class FeatureScorer:
     def score(self, patches: np.ndarray, features: np.ndarray, gripper: np.ndarray) -> ScoreResult:
         self.seen.append((patches.shape, features.shape, gripper.shape))
         a = features[:, F["analytic_score"]].astype(np.float64)
-        cal = np.where(gripper == PARALLEL_JAW, 0.5 * a + 0.25, a**2)
+        cal = np.where(gripper == PARALLEL_JAW, 0.5 * a + 0.25, 0.9 * a**2)
         return ScoreResult(
             learned=np.clip(cal + 0.01, 0, 1),
             calibrated=cal,
@@ -153,7 +153,9 @@ def test_scorer_below_threshold_asks_and_explains(scene10):
     ps = [c.p_success for c in p.candidates]
     assert ps == sorted(ps, reverse=True)
     for c in p.candidates:
-        expect = 0.5 * c.analytic_score + 0.25 if c.grasp.gripper == "parallel_jaw" else c.analytic_score**2
+        expect = (
+            0.5 * c.analytic_score + 0.25 if c.grasp.gripper == "parallel_jaw" else 0.9 * c.analytic_score**2
+        )
         assert c.p_success == pytest.approx(expect, abs=1e-6)
         assert c.learned_score == pytest.approx(min(1.0, expect + 0.01), abs=1e-6)
         assert c.ood_score == 1.2
