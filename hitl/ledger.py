@@ -944,6 +944,14 @@ class Ledger:
         with self._lock:
             return {k: int(self._conn.execute(sql).fetchone()[0]) for k, sql in q.items()}
 
+    def tote_ids(self) -> list[str]:
+        """Every tote this cell planned on, in the order first seen (a restarted cell resumes after them)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT tote_id FROM plans GROUP BY tote_id ORDER BY min(recorded_at), tote_id"
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def integrity_check(self) -> list[str]:
         """SQLite's full integrity check; ["ok"] when the file is sound."""
         with self._lock:
