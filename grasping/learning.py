@@ -375,11 +375,11 @@ def class_balance(weights: np.ndarray, label: np.ndarray, gripper: np.ndarray) -
     """
     w = weights.astype(np.float64).copy()
     for g in np.unique(gripper):
-        for y in (0.0, 1.0):
-            rows = (gripper == g) & (label == y)
-            other = (gripper == g) & (label != y)
-            if rows.any() and other.any():
-                w[rows] *= 0.5 * (w[rows].sum() + w[other].sum()) / w[rows].sum()
+        pos, neg = (gripper == g) & (label == 1), (gripper == g) & (label == 0)
+        total = w[pos].sum() + w[neg].sum()
+        if w[pos].sum() > 0 and w[neg].sum() > 0:
+            w[pos] *= 0.5 * total / w[pos].sum()
+            w[neg] *= 0.5 * total / w[neg].sum()
     return w / w.mean()
 
 

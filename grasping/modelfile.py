@@ -187,15 +187,25 @@ def save_model(
     return digest
 
 
+def _looks_like_pickle(data: bytes) -> bool:
+    """A raw pickle (PROTO opcode 0x80 + protocol 2..5) or a torch.save zip archive."""
+    return (len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5) or data[:4] == b"PK\x03\x04"
+
+
 def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
-    """Check the safetensors framing ourselves so every failure gets a precise message."""
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+    """Check the safetensors framing ourselves so every failure gets a precise message.
+
+    The first 8 bytes are the header length, so a valid file may well start with 0x80 or "PK":
+    a file is called a pickle only when its safetensors framing does not hold.
+    """
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    framed = 0 < n <= _MAX_HEADER and 8 + n <= len(data) and data[8:9] == b"{"
+    if not framed and _looks_like_pickle(data):
         raise ModelFileError(
             path, "is a pickle / torch.save archive, not safetensors; pickcell never unpickles model files"
         )
     if len(data) < 8:
         raise ModelFileError(path, f"truncated: {len(data)} bytes, too short for a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
     if n > _MAX_HEADER or 8 + n > len(data):
         raise ModelFileError(path, f"truncated or corrupt: header claims {n} bytes, file has {len(data)}")
     try:
@@ -204,7 +214,10 @@ def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
         raise ModelFileError(path, f"corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise ModelFileError(path, "corrupt safetensors header (not a JSON object)")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ModelFileError(path, "corrupt safetensors header (bad tensor entries)") from None
     if 8 + n + end != len(data):
         raise ModelFileError(
             path, f"truncated or corrupt: tensors need {8 + n + end} bytes, file has {len(data)}"

@@ -224,3 +224,20 @@ def test_save_is_atomic_and_writes_the_sidecar(tmp_path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.safetensors", "m.safetensors.sha256"]
     with pytest.raises(ValueError, match="model_version"):
         save_model(path, GraspNet(2, 32, 4), (), np.zeros(0), None, {})  # type: ignore[arg-type]
+
+
+def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path) -> None:
+    """The first byte is the header length's low byte: 0x80 there is not a pickle opcode."""
+    for pad in range(0, 2048, 1):
+        path = tmp_path / f"p{pad}.safetensors"
+        torch.manual_seed(0)
+        net = GraspNet(2, 32, 4)
+        wd = Watchdog(np.zeros(64), np.eye(64), 1.0, 1.0, 2.0)
+        cal = Calibrator("temperature")
+        save_model(path, net, (cal, cal), np.array([0.8, 0.8]), wd, {"model_version": "p", "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+        path.unlink()
+    else:
+        raise AssertionError("no padding gave a header length with low byte 0x80")
+    assert load_model(path).version == "p"

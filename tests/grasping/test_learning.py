@@ -1,0 +1,230 @@
+"""Dataset shards, scene splits, importance weights, the trained model's calibration, and the gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic_grasps import FEATURES, fresh_data, make_dataset_synth, trained_model, training_data
+
+from grasping.learned_scorer import LearnedScorer
+from grasping.learning import (
+    DatasetError,
+    GateTolerance,
+    TrainConfig,
+    WeightConfig,
+    class_balance,
+    evaluate,
+    gate,
+    importance_weights,
+    load_dataset,
+    make_dataset,
+    split_by_scene,
+    train,
+)
+from grasping.modelfile import load_model, save_model
+
+DAY = 86400.0
+
+
+def write_export(out: Path, ds, shard_rows: int = 500) -> None:
+    """Write `ds` the way `pickcell ledger export` does: npz shards + manifest.json with sha256."""
+    out.mkdir(parents=True)
+    shards = []
+    for k, s in enumerate(range(0, len(ds), shard_rows)):
+        sl = slice(s, s + shard_rows)
+        name = f"shard-{k:05d}.npz"
+        np.savez(
+            out / name,
+            patches=ds.patches[sl],
+            features=ds.features[sl],
+            gripper=ds.gripper[sl],
+            label=ds.label[sl],
+            timestamp=ds.timestamp[sl],
+            source=ds.source[sl].astype(np.str_),
+            family=ds.family[sl].astype(np.str_),
+            row_id=ds.scene[sl].astype(np.str_)
+            + ":"
+            + np.arange(s, min(s + shard_rows, len(ds))).astype(str),
+            scene_ood_sigma=np.full(len(ds.label[sl]), np.nan),
+        )
+        shards.append({"file": name, "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
+    (out / "manifest.json").write_text(json.dumps({"format_version": 1, "shards": shards}))
+
+
+def test_load_dataset_reads_an_export_and_groups_rows_by_scene(tmp_path) -> None:
+    ds, _ = make_dataset_synth(40, seed=3)
+    write_export(tmp_path / "exp", ds)
+    got = load_dataset(tmp_path / "exp")
+    assert len(got) == len(ds) and got.patch_size == 32 and got.n_features == len(FEATURES)
+    np.testing.assert_array_equal(got.patches, ds.patches)
+    np.testing.assert_array_equal(got.label, ds.label)
+    np.testing.assert_array_equal(got.scene, ds.scene)  # "<request>:<index>" row ids -> scene
+    assert set(got.family) == set(ds.family) and np.isnan(got.ood_sigma).all()
+    assert got.summary()["rows"] == len(ds) and got.summary()["scenes"] == 40
+
+
+def test_bad_exports_give_errors_naming_the_file(tmp_path) -> None:
+    ds, _ = make_dataset_synth(10, seed=4)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no npz shards"):
+        load_dataset(tmp_path / "empty")
+    write_export(tmp_path / "tampered", ds, shard_rows=100)
+    shard = tmp_path / "tampered" / "shard-00001.npz"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DatasetError, match=r"shard-00001\.npz: sha256 .* does not match manifest"):
+        load_dataset(tmp_path / "tampered")
+    with pytest.raises(DatasetError, match=r"shard-00001\.npz: not a readable npz"):
+        load_dataset(shard)  # the same truncated file read directly, no manifest to check against
+    obj = tmp_path / "obj.npz"
+    np.savez(obj, patches=ds.patches, features=ds.features, gripper=ds.gripper, label=ds.label,
+             family=np.array(list(ds.family), dtype=object))  # fmt: skip
+    with pytest.raises(DatasetError, match=r"obj\.npz: cannot be read without unpickling"):
+        load_dataset(obj)
+    nolabel = tmp_path / "nolabel.npz"
+    np.savez(nolabel, patches=ds.patches, features=ds.features, gripper=ds.gripper)
+    with pytest.raises(DatasetError, match=r"nolabel\.npz: missing arrays \['label'\]"):
+        load_dataset(nolabel)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    np.savez(mixed / "a.npz", patches=ds.patches, features=ds.features, gripper=ds.gripper, label=ds.label)
+    np.savez(mixed / "b.npz", patches=ds.patches[:, :, :16, :16], features=ds.features, gripper=ds.gripper,
+             label=ds.label)  # fmt: skip
+    with pytest.raises(DatasetError, match=r"b\.npz: patch/feature shape"):
+        load_dataset(mixed)
+    bad_label = tmp_path / "badlabel.npz"
+    np.savez(bad_label, patches=ds.patches, features=ds.features, gripper=ds.gripper, label=ds.label + 2)
+    with pytest.raises(DatasetError, match="labels must be 0 or 1"):
+        load_dataset(bad_label)
+
+
+def test_splits_keep_every_scene_whole() -> None:
+    scene = np.repeat(np.arange(200), np.random.default_rng(5).integers(1, 30, 200)).astype(str)
+    parts = split_by_scene(
+        scene, {"train": 0.6, "val": 0.1, "calib": 0.15, "conf": 0.1, "test": 0.05}, seed=1
+    )
+    assert sum(len(v) for v in parts.values()) == len(scene)
+    owners = {}
+    for name, idx in parts.items():
+        for s in set(scene[idx]):
+            assert owners.setdefault(s, name) == name  # no scene in two splits
+    assert abs(len(parts["train"]) / len(scene) - 0.6) < 0.05
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_by_scene(scene, {"a": 0.5, "b": 0.2}, seed=0)
+
+
+def test_importance_weights_favour_recent_new_and_flagged_data_but_keep_old_data() -> None:
+    n = 6
+    ds = make_dataset(
+        np.zeros((n, 2, 8, 8)),
+        np.zeros((n, 1)),
+        np.zeros(n),
+        np.array([1, 0, 1, 0, 1, 0]),
+        timestamp=np.array([100 * DAY, 100 * DAY, 86 * DAY, 0.0, 100 * DAY, 100 * DAY]),
+        family=np.array(["a", "a", "a", "a", "new", "a"]),
+        ood_sigma=np.array([np.nan, np.nan, np.nan, np.nan, np.nan, 4.0]),
+    )
+    cfg = WeightConfig(half_life_s=14 * DAY, replay_floor=0.25, new_family_boost=2.0, ood_gain=0.25)
+    w = importance_weights(ds, cfg, new_families=("new",))
+    assert w.mean() == pytest.approx(1.0)
+    assert w[2] / w[0] == pytest.approx(0.5)  # one half-life older
+    assert w[3] / w[0] == pytest.approx(0.25)  # 100 days old: held at the replay floor, not ~0
+    assert w[4] / w[0] == pytest.approx(2.0)  # a family the incumbent never saw
+    assert w[5] / w[0] == pytest.approx(2.0)  # a scene the watchdog flagged at 4 sigma
+    cb = class_balance(np.ones(4), np.array([1.0, 0.0, 0.0, 0.0]), np.zeros(4, dtype=np.int64))
+    assert cb[0] == pytest.approx(cb[1:].sum())
+
+
+def test_trained_model_is_calibrated_and_its_threshold_holds_on_fresh_data() -> None:
+    res = trained_model()
+    ds, _ = fresh_data()
+    m = evaluate(LearnedScorer.from_file(res.path), ds)
+    # Class-balanced training leaves raw probabilities off; the calibrators bring ECE under 0.05.
+    assert m["ece"] <= 0.05 < m["ece_raw"]
+    assert res.metrics["ece"] < res.metrics["ece_raw"]  # also on the model's own test split
+    alpha = load_model(res.path).meta["alpha"]
+    assert alpha == 0.05
+    # Conformal risk control: on 9,600 fresh rows, auto-executed-and-failed stays below alpha ...
+    assert m["auto_fail_joint"] <= alpha
+    assert m["auto_execute_rate"] > 0.05  # ... while still acting on its own
+    for g in ("suction", "parallel_jaw"):
+        assert m[f"{g}.auto_fail_joint"] <= alpha
+
+
+def test_model_file_carries_its_card_data_summary_and_metrics() -> None:
+    res = trained_model()
+    meta = load_model(res.path).meta
+    assert meta["model_version"] == res.version == "synthetic-v1"
+    assert meta["data"]["sha256"] == training_data().fingerprint()
+    fams, counts = np.unique(training_data().family, return_counts=True)
+    assert meta["data"]["by_family"] == dict(zip(fams.tolist(), counts.tolist(), strict=True))
+    assert meta["feature_names"] == list(FEATURES)
+    assert meta["metrics"]["auroc"] == pytest.approx(res.metrics["auroc"])
+    assert sum(res.splits.values()) == len(training_data())
+    card = res.card_path.read_text()
+    assert "## Test metrics" in card and "| auroc |" in card and "synthetic-v1" in card
+    assert res.path.with_suffix(".reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_refuses_the_test_catalog_and_too_little_data(tmp_path) -> None:
+    ds, _ = make_dataset_synth(30, seed=6)
+    with pytest.raises(DatasetError, match=r"forbidden families \['boxes'\]"):
+        train(ds, TrainConfig(forbidden_families=("boxes",), progress=False), tmp_path / "m.safetensors")
+    with pytest.raises(DatasetError, match="need at least 5000"):
+        train(ds, TrainConfig(min_rows=5000, progress=False), tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_retraining_weights_families_the_incumbent_never_saw(tmp_path) -> None:
+    ds, _ = make_dataset_synth(80, seed=8, families=("boxes", "holey"))
+    cfg = TrainConfig(epochs=1, progress=False, incumbent=str(trained_model().path), model_version="v2")
+    res = train(ds, cfg, tmp_path / "v2.safetensors")
+    assert load_model(res.path).meta["new_families"] == ["holey"]
+
+
+def degraded_copy(src: Path, dst: Path) -> None:
+    """The same model with its heads' output weights negated: it ranks picks backwards."""
+    m = load_model(src)
+    with torch.no_grad():
+        m.net.head_out.mul_(-1.0)
+    save_model(dst, m.net, m.calibrators, m.thresholds, m.watchdog, {**m.meta, "model_version": "degraded"})
+
+
+def test_gate_passes_a_sound_model_and_rejects_a_degraded_one(tmp_path) -> None:
+    good = trained_model().path
+    holdout, _ = make_dataset_synth(100, seed=13, scene_prefix="holdout")
+    report = gate(good, None, holdout)
+    assert report.passed, report.reasons
+    assert report.candidate_version == "synthetic-v1" and report.incumbent is None
+    same = gate(good, good, holdout)
+    assert same.passed and same.incumbent["auroc"] == pytest.approx(same.candidate["auroc"])
+    bad = tmp_path / "degraded.safetensors"
+    degraded_copy(good, bad)
+    rejected = gate(bad, good, holdout)
+    assert not rejected.passed
+    assert any(r.startswith("FAIL: AUROC") for r in rejected.reasons)
+    assert rejected.candidate["auroc"] < 0.5
+    json.dumps(rejected.to_json())  # the report is plain JSON for the registry
+
+
+def test_gate_runs_the_pluggable_simulation_suite(tmp_path) -> None:
+    good = trained_model().path
+    holdout, _ = make_dataset_synth(60, seed=14, scene_prefix="holdout")
+    seen = []
+
+    def failing_suite(path: Path):
+        seen.append(path)
+        return False, {"success_rate": 0.41, "baseline": 0.63}
+
+    report = gate(good, good, holdout, sim_suite=failing_suite)
+    assert seen == [Path(good)]
+    assert not report.passed and report.sim == {"success_rate": 0.41, "baseline": 0.63}
+    assert "FAIL: simulation regression suite failed" in report.reasons
+    strict = gate(good, None, holdout, tolerance=GateTolerance(ece_max=0.0))
+    assert not strict.passed and strict.reasons[0].startswith("FAIL: ECE")
