@@ -15,7 +15,15 @@ import sys
 from pickcell import __version__
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ("sim.cli", "grasping.cli", "grasping.models_cli", "hitl.cli", "hitl.ledger_cli", "arm.cli")
+COMMAND_MODULES = (
+    "pickcell.commands",
+    "sim.cli",
+    "grasping.cli",
+    "grasping.models_cli",
+    "hitl.cli",
+    "hitl.ledger_cli",
+    "arm.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

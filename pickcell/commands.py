@@ -1,0 +1,417 @@
+"""Commands that wire every package together: `pickcell cell ...` and `pickcell demo`.
+
+They live in the composition root because they need the simulator (sim), the controller (arm), the
+assist queue (hitl) and the planner (grasping) at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pickcell")
+
+# Keys of a cell.toml, by section, and the command-line option each one sets.
+TOML_KEYS = {
+    ("cell", "id"): "cell_id",
+    ("cell", "totes"): "totes",
+    ("cell", "data"): "data",
+    ("sim", "catalog"): "catalog",
+    ("sim", "objects_per_tote"): "objects_per_tote",
+    ("sim", "seed"): "seed",
+    ("planner", "kind"): "planner",
+    ("planner", "model"): "model",
+    ("assist", "broker"): "broker",
+    ("assist", "keys"): "keys",
+    ("assist", "insecure"): "insecure",
+    ("assist", "deadline_s"): "assist_deadline",
+    ("metrics", "port"): "metrics_port",
+}
+
+
+def load_cell_toml(path: Path) -> dict[str, Any]:
+    """Read cell.toml into {option: value}; unknown keys are an error naming them."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SystemExit(f"pickcell: cannot read config {path}: {exc}") from exc
+    out: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise SystemExit(f"pickcell: {path}: top-level key {section!r} must be a [section]")
+        for key, value in table.items():
+            opt = TOML_KEYS.get((section, key))
+            if opt is None:
+                known = ", ".join(f"{s}.{k}" for s, k in TOML_KEYS)
+                raise SystemExit(f"pickcell: {path}: unknown key {section}.{key} (known: {known})")
+            out[opt] = value
+    return out
+
+
+def _add_sim_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", default="procedural", help="items: train | test | procedural | a folder")
+    p.add_argument("--objects-per-tote", type=int, default=8, help="items per tote (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated totes (default 0)")
+    p.add_argument(
+        "--planner", default="learned", help="learned (default, shipped model) | analytic | MODULE:CLASS"
+    )
+    p.add_argument("--model", default=None, help="model file for the learned planner (default: shipped)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cell = sub.add_parser(
+        "cell",
+        help="run and control the cell controller daemon",
+        description="The cell controller daemon and the commands that talk to a running one.",
+    )
+    csub = cell.add_subparsers(dest="cell_command", metavar="ACTION")
+    run = csub.add_parser(
+        "run",
+        help="run the cell: observe, plan, pick, pack, ask a person when unsure",
+        description=(
+            "Run the cell controller. Defaults work out of the box: a simulated cell, the shipped "
+            "model, and the assist broker at tcp://127.0.0.1:5555 (the cell keeps picking confident "
+            "items while the broker is unreachable). SIGTERM finishes the current motion, flushes the "
+            "ledger and exits 0. Prometheus metrics on http://127.0.0.1:PORT/metrics."
+        ),
+    )
+    run.add_argument("--config", type=Path, help="cell.toml (command-line options override it)")
+    run.add_argument(
+        "--totes", type=int, default=None, help="stop after N totes (default: run until stopped)"
+    )
+    run.add_argument(
+        "--data", type=Path, default=Path("cell-data"), help="ledger, models/ and control socket"
+    )
+    run.add_argument("--cell-id", default="cell-1", help="this cell's name (default cell-1)")
+    run.add_argument(
+        "--broker", default="tcp://127.0.0.1:5555", help="assist broker endpoint; 'none' = no one"
+    )
+    run.add_argument("--keys", type=Path, help="folder with CELL_ID.key_secret and broker.key (CURVE)")
+    run.add_argument("--insecure", action="store_true", help="no CURVE (loopback experiments only)")
+    run.add_argument("--assist-deadline", type=float, default=30.0, help="seconds a person has to answer")
+    run.add_argument("--metrics-port", type=int, default=9108, help="/metrics port; -1 = off (default 9108)")
+    run.add_argument("--log-json", action="store_true", help="structured JSON log lines on stderr")
+    _add_sim_options(run)
+    run.set_defaults(func=cmd_cell_run)
+
+    for name, helptext in (
+        ("reload-model", "verify a model file and hot-swap it into the running cell between picks"),
+        ("estop", "protective stop: halt arm motion now and hold until clear-stop"),
+        ("clear-stop", "clear a protective stop"),
+        ("status", "print the running cell's counters"),
+        ("stop", "finish the current motion, then stop the daemon"),
+    ):
+        c = csub.add_parser(name, help=helptext, description=helptext)
+        if name == "reload-model":
+            c.add_argument("path", type=Path, help="model file (.safetensors)")
+        c.add_argument(
+            "--data", type=Path, default=Path("cell-data"), help="the running cell's --data folder"
+        )
+        c.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+        c.set_defaults(func=cmd_cell_control, control=name)
+    cell.set_defaults(func=lambda a: (cell.print_help(), 2)[1])
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole system on one machine: broker, a simulated cell and a simulated associate",
+        description=(
+            "Starts an assist broker (CURVE on, fresh keys), one simulated cell running the shipped "
+            "model, and one simulated associate who answers after a few seconds and is sometimes "
+            "wrong, all on loopback. Shows progress and ends with a summary table."
+        ),
+    )
+    demo.add_argument("--totes", type=int, default=2, help="totes to clear (default 2)")
+    demo.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
+    demo.add_argument("--data", type=Path, help="keep ledger, keys and journal here (default: a temp dir)")
+    demo.add_argument("--answer-speed", type=float, default=0.5, help="scale associate answer times (0.5)")
+    _add_sim_options(demo)
+    demo.set_defaults(func=cmd_demo, objects_per_tote=6)
+
+
+# --- pickcell cell run ---------------------------------------------------------------------------
+
+
+def _assist_client(endpoint: str, cell_id: str, keys_dir: Path | None, insecure: bool):
+    from hitl.client import AssistClient
+    from hitl.keys import BROKER_KEY_NAME, ClientKeys, load_public
+
+    if endpoint == "none":
+        return None
+    if insecure:
+        client = AssistClient(endpoint, cell_id, None)
+    else:
+        if keys_dir is None:
+            raise SystemExit(
+                "pickcell: CURVE is on by default: give --keys DIR (with "
+                f"{cell_id}.key_secret and {BROKER_KEY_NAME}.key), or --broker none, or --insecure"
+            )
+        keys = ClientKeys.from_file(Path(keys_dir) / f"{cell_id}.key_secret")
+        server = load_public(Path(keys_dir) / f"{BROKER_KEY_NAME}.key")
+        client = AssistClient(endpoint, cell_id, keys, server_public_key=server)
+    client.start()
+    return client
+
+
+def cmd_cell_run(args: argparse.Namespace) -> int:
+    from arm.controller import ControllerConfig
+    from arm.daemon import CellDaemon
+    from arm.metrics import CellMetrics
+    from hitl.ledger import Ledger
+    from pickcell.logs import use_json_logs
+    from sim.stack import build_sim_stack, model_planner_factory
+
+    if args.config is not None:
+        parser_defaults = argparse.Namespace(**vars(args))
+        for k, v in load_cell_toml(args.config).items():
+            # command-line values that differ from the defaults win over the file
+            if getattr(parser_defaults, k, None) == _DEFAULTS_CELL_RUN.get(k):
+                setattr(args, k, Path(v) if k in ("data", "keys") else v)
+    if args.log_json:
+        use_json_logs(logging.INFO)
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(data / "ledger.sqlite", cell_id=args.cell_id)
+    first_tote = len(ledger.tote_ids())  # resume after the totes already in the ledger
+    metrics = CellMetrics(args.cell_id)
+    if args.metrics_port >= 0:
+        port = metrics.serve(args.metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    assist = _assist_client(args.broker, args.cell_id, args.keys, args.insecure)
+    cfg = ControllerConfig(
+        cell_id=args.cell_id,
+        assist_deadline_s=args.assist_deadline,
+        idle_step_s=0.1,
+        wall_poll_s=0.1,  # a real person answers in wall time: idle at wall speed
+        ledger_source="sim",
+    )
+    stack = build_sim_stack(
+        catalog=args.catalog,
+        objects_per_tote=args.objects_per_tote,
+        seed=args.seed,
+        planner=args.planner,
+        model_path=args.model,
+        controller_config=cfg,
+        assist=assist,
+        ledger=ledger,
+        metrics=metrics,
+        first_tote=first_tote,
+    )
+    daemon = CellDaemon(
+        stack.controller,
+        stack.feed,
+        data_dir=data,
+        planner_factory=model_planner_factory(stack.cell.tote_bounds, args.seed),
+        model_version=stack.model_version,
+        totes=args.totes,
+    )
+    print(
+        f"pickcell cell {args.cell_id}: model {stack.model_version}, data {data}, from tote {first_tote}"
+    )
+    try:
+        rc = daemon.run()
+    finally:
+        if assist is not None:
+            assist.close()
+        metrics.close()
+        stack.close()
+    s = daemon.stats
+    print(
+        f"stopped: {s.totes} totes, {s.picks} picks in {s.attempts} attempts, {s.assists_requested} assists"
+    )
+    return rc
+
+
+_DEFAULTS_CELL_RUN = {
+    "totes": None,
+    "data": Path("cell-data"),
+    "cell_id": "cell-1",
+    "broker": "tcp://127.0.0.1:5555",
+    "keys": None,
+    "insecure": False,
+    "assist_deadline": 30.0,
+    "metrics_port": 9108,
+    "catalog": "procedural",
+    "objects_per_tote": 8,
+    "seed": 0,
+    "planner": "learned",
+    "model": None,
+}
+
+
+def cmd_cell_control(args: argparse.Namespace) -> int:
+    from arm.daemon import send_control
+
+    fields = {"path": str(Path(args.path).resolve())} if args.control == "reload-model" else {}
+    try:
+        reply = send_control(args.data, args.control, **fields)
+    except TimeoutError as exc:
+        print(f"pickcell: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(reply.get("message") or reply.get("error") or json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
+# --- pickcell demo -------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from arm.controller import ControllerConfig
+    from arm.metrics import CellMetrics
+    from hitl.associate import AssociateClient
+    from hitl.broker import Broker, BrokerConfig
+    from hitl.keys import ClientKeys, load_public, new_keypair
+    from hitl.ledger import Ledger
+    from sim.associate import GroundTruthJudge, SimAssociateConfig, SimAssociateWorker
+    from sim.stack import build_sim_stack
+
+    tmp = None
+    if args.data is None:
+        tmp = tempfile.TemporaryDirectory(prefix="pickcell-demo-")
+        data = Path(tmp.name)
+    else:
+        data = Path(args.data)
+        data.mkdir(parents=True, exist_ok=True)
+    keys = data / "keys"
+    allowed = keys / "allowed"
+    allowed.mkdir(parents=True, exist_ok=True)
+    for name in ("broker", "cell-1", "associate-sim"):
+        if not (keys / f"{name}.key_secret").exists():
+            new_keypair(name, keys)
+    for name in ("cell-1", "associate-sim"):
+        (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+    server_key = load_public(keys / "broker.key")
+
+    t_wall = time.perf_counter()
+    broker = Broker(BrokerConfig(bind="tcp://127.0.0.1:0", data_dir=data / "broker", keys_dir=keys))
+    endpoint = broker.start()
+    print(f"broker on {endpoint} (CURVE on, journal {data / 'broker'})")
+    from hitl.client import AssistClient
+
+    assist = AssistClient(endpoint, "cell-1", ClientKeys.from_file(keys / "cell-1.key_secret"), server_key)
+    assist.start()
+    ledger = Ledger(data / "ledger.sqlite", cell_id="cell-1")
+    metrics = CellMetrics("cell-1")
+    cfg = ControllerConfig(
+        cell_id="cell-1", assist_deadline_s=20.0, idle_step_s=0.1, wall_poll_s=0.1, ledger_source="sim"
+    )
+    stack = build_sim_stack(
+        catalog=args.catalog,
+        objects_per_tote=args.objects_per_tote,
+        seed=args.seed,
+        planner=args.planner,
+        model_path=args.model,
+        controller_config=cfg,
+        assist=assist,
+        ledger=ledger,
+        metrics=metrics,
+    )
+    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=args.seed))
+    worker_client = AssociateClient(
+        endpoint, ClientKeys.from_file(keys / "associate-sim.key_secret"), server_public_key=server_key
+    )
+    worker = SimAssociateWorker(worker_client, judge, time_scale=args.answer_speed)
+    worker.start()
+    print(f"cell-1 running model {stack.model_version}; simulated associate connected")
+
+    reports = []
+    bar = tqdm(total=args.totes, desc="totes", unit="tote")
+    try:
+        for _ in range(args.totes):
+            tote = stack.feed.next_tote()
+            rep = stack.controller.run_tote(tote)
+            reports.append(rep)
+            bar.update(1)
+            bar.set_postfix(
+                picks=sum(r.picks for r in reports), assists=sum(r.assists_requested for r in reports)
+            )
+    finally:
+        bar.close()
+        worker.stop()
+        worker_client.close()
+        assist.close()
+        broker.stop()
+        ledger.close()
+        stack.close()
+    summary = summarise(reports, stack.packer, time.perf_counter() - t_wall, stack.model_version)
+    print_summary(summary)
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def summarise(reports, packer, wall_seconds: float, model_version: str) -> dict[str, Any]:
+    attempts = [a for r in reports for a in r.attempts]
+    picks = sum(r.picks for r in reports)
+    # first attempt per targeted item: the attempt's grasp is the first within 3 cm of earlier ones
+    firsts: list[bool] = []
+    for r in reports:
+        seen: list = []
+        for a in r.attempts:
+            p = a.grasp.position
+            if all(((p - q) ** 2).sum() > 0.03**2 for q in seen):
+                firsts.append(bool(a.placed is not None and a.placed.success))
+            seen.append(p)
+    robot = sum(r.robot_seconds for r in reports)
+    pack = packer.report()
+    return {
+        "model_version": model_version,
+        "totes": len(reports),
+        "tote_status": [r.status for r in reports],
+        "picks": picks,
+        "attempts": len(attempts),
+        "first_attempt_success": (sum(firsts) / len(firsts)) if firsts else None,
+        "assists_requested": sum(r.assists_requested for r in reports),
+        "assists_answered": sum(r.assists_answered for r in reports),
+        "assists_expired": sum(r.assists_expired for r in reports),
+        "robot_seconds": robot,
+        "picks_per_hour": (picks / robot * 3600.0) if robot > 0 else 0.0,
+        "boxes_closed": pack["boxes_closed"],
+        "items_in_open_box": len(packer.box.items),
+        "utilisation_closed": pack["utilisation_closed"],
+        "wall_seconds": wall_seconds,
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    def f(x: Any, pct: bool = False) -> str:
+        if x is None:
+            return "n/a"
+        return f"{100 * x:.0f}%" if pct else (f"{x:.0f}" if isinstance(x, float) else str(x))
+
+    rows = [
+        ("totes", f(s["totes"]) + f"  ({', '.join(s['tote_status'])})"),
+        ("picks", f(s["picks"])),
+        ("attempts", f(s["attempts"])),
+        ("first-attempt success", f(s["first_attempt_success"], True)),
+        (
+            "assists (answered / expired)",
+            f"{s['assists_requested']} ({s['assists_answered']} / {s['assists_expired']})",
+        ),
+        ("picks per hour (robot time)", f(s["picks_per_hour"])),
+        ("boxes packed (closed + open)", f"{s['boxes_closed']} + {1 if s['items_in_open_box'] else 0}"),
+        ("model", s["model_version"]),
+        ("wall seconds", f(s["wall_seconds"])),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print()
+    print("pickcell demo summary")
+    print("-" * (w + 24))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
