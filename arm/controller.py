@@ -151,6 +151,8 @@ class CellController:
         self.config = config or ControllerConfig()
         self._stop = threading.Event()
         self._planner_lock = threading.Lock()
+        # Called after every attempt with (attempt, the plan it came from): benchmarks and UIs listen here.
+        self.on_attempt: Callable[[Attempt, Plan], None] | None = None
 
     # --- control from other threads -------------------------------------------------------------
 
@@ -450,6 +452,8 @@ class CellController:
                 source=self.config.ledger_source,
             )
         log.info("pick %s by %s: %s", att.attempt_id[:8], decided_by, out.reason.value)
+        if self.on_attempt is not None:
+            self.on_attempt(att, plan)
         return att
 
     def _placement_for(self, plan: Plan, index: int | None, grasp: Grasp) -> Placement:

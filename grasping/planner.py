@@ -76,6 +76,7 @@ class PlanDetail:
     cloud: SceneCloud
     n_suction_sampled: int  # suction candidates that passed the geometric checks, before ranking
     n_jaw_sampled: int  # jaw candidates that passed, before ranking
+    stage_ms: dict[str, float]  # wall time per stage: segment, candidates, patches, score, assemble
 
 
 def plan(frame: Frame, config: PlannerConfig) -> Plan:
@@ -92,6 +93,7 @@ def _pixels(cloud: SceneCloud, positions: np.ndarray, shape: tuple[int, int]) ->
 def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     t0 = time.perf_counter()
     cloud = segment_scene(frame, config.tote, config.cloud_config())
+    t_seg = time.perf_counter()
     version = config.scorer.version if config.scorer is not None else "analytic"
     if cloud.n_clusters == 0:
         p = Plan(
@@ -106,7 +108,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
             features=np.zeros((0, 0), np.float32),
             clusters=(),
         )
-        return PlanDetail(p, cloud, 0, 0)
+        return PlanDetail(p, cloud, 0, 0, {"segment": (time.perf_counter() - t0) * 1e3})
 
     rng = np.random.default_rng(config.seed)
     ccfg = config.candidate_config()
@@ -115,8 +117,10 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     per = config.candidates_per_gripper
     cands = CandidateSet.concat([select_spread(suction, per), select_spread(jaw, per)])
     cands = select_spread(cands, config.max_candidates)
+    t_cand = time.perf_counter()
     patches = extract_patches(cloud, cands.positions, cands.rotations)
     features = cands.features
+    t_patch = time.perf_counter()
 
     learned = calibrated = ood = None
     threshold = config.analytic_threshold
@@ -138,6 +142,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         rank_score = calibrated
     else:
         rank_score = cands.analytic
+    t_score = time.perf_counter()
     order = np.lexsort((np.arange(len(cands)), -rank_score))
     cands = cands.take(order)
     patches = patches[order]
@@ -163,7 +168,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
             )
         )
 
-    decision, reasons = _decide(out, cands, threshold, scene_sigma, in_dist, config.scorer is not None)
+    decision, reasons = _decide(out, threshold, scene_sigma, in_dist, config.scorer is not None)
     p = Plan(
         candidates=tuple(out),
         decision=decision,
@@ -179,12 +184,19 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         clusters=cloud.clusters,
     )
     log.debug("plan %s: %s, %d candidates, %.1f ms", frame.frame_id, decision, len(out), p.latency_ms)
-    return PlanDetail(p, cloud, len(suction), len(jaw))
+    t_end = time.perf_counter()
+    stages = {
+        "segment": (t_seg - t0) * 1e3,
+        "candidates": (t_cand - t_seg) * 1e3,
+        "patches": (t_patch - t_cand) * 1e3,
+        "score": (t_score - t_patch) * 1e3,
+        "assemble": (t_end - t_score) * 1e3,
+    }
+    return PlanDetail(p, cloud, len(suction), len(jaw), stages)
 
 
 def _decide(
     cands: list[Candidate],
-    arrays: CandidateSet,
     threshold: float,
     scene_sigma: float | None,
     in_dist: bool,

@@ -339,6 +339,8 @@ class Broker:
         try:
             msg = P.decode(parts, P.CLIENT_TYPES)
             handler = self._handlers[msg.msg_type]
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s from %s", msg.msg_type.decode(), peer.identity or routing_id.hex())
             handler(self, peer, msg.body)
         except P.ProtocolError as exc:
             self.stats["errors"] += 1
@@ -578,6 +580,7 @@ class Broker:
             peer.ready = False
             peer.held.add(r.request_id)
             self.stats["assigned"] += 1
+            log.debug("assign %s to %s (%d waiting)", r.request_id, peer.identity, self.n_waiting)
             body = {"request": r.request, "waiting": self.n_waiting, "assigned_at": time.time()}
             if send_now:
                 self._out_now.append((routing_id, P.ASSIGN, body))

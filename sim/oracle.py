@@ -170,6 +170,7 @@ class OracleGraspSource:
         z = top - min(self.cfg.jaw_depth, 0.5 * height)
         z = max(z, float(self.cell.tote_bounds.lo[2]) + self.cfg.jaw_floor_clearance)
         xy = pts[pts[:, 2] >= z - 0.005][:, :2]
+        com_xy = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=self.cell.client_id)[0][:2])
         widths = []
         for th in np.radians(np.arange(0.0, 180.0, 1.0)):
             d = np.array([np.cos(th), np.sin(th)])
@@ -186,7 +187,10 @@ class OracleGraspSource:
             used.append(th)
             perp = np.array([-d[1], d[0]])
             pp = xy @ perp
-            centre_xy = mid * d + float((pp.max() + pp.min()) / 2) * perp
+            # Along the fingers' pad direction, hold at the centre of mass (clipped to the band):
+            # a long item gripped off its centre of mass swings about the grip.
+            com_pp = float(np.clip(com_xy @ perp, pp.min(), pp.max()))
+            centre_xy = mid * d + com_pp * perp
             closing = np.array([d[0], d[1], 0.0])
             across = np.array([-d[1], d[0], 0.0])
             tilts = [(closing, t) for t in self.cfg.jaw_tilts_deg]

@@ -50,6 +50,7 @@ SHOULDER = np.array([0.0, 0.0, 0.333])  # m, joint 2 axis in the base frame
 FINGER_ITEM_TOLERANCE = 0.008  # m, overlap of a finger with a neighbour item that check_grasp accepts
 HAND_ITEM_TOLERANCE = 0.003  # m, same for the other links
 FIXTURE_MARGIN = 0.01  # m, clearance from tote/box that check_grasp demands (physical tracking error)
+HELD_ITEM_TOLERANCE = 0.006  # m, overlap of a carried item with anything that is not yet a collision
 PHYSICAL_LIFT = 0.05  # m, lift simulated with full physics before the kinematic part
 # Hand axes expressed in the grasp frame: the Panda fingers close along the hand's y axis while a
 # Grasp closes along its x axis, approach (z) is shared.
@@ -324,7 +325,9 @@ class SimArm:
                 found.append((c[3], b, self.fixtures.get(b, "item")))
                 break
             if self._held is not None:
-                for _c in p.getClosestPoints(self._held, b, -0.002, physicsClientId=cid):
+                # An item sliding along a wall it leans on overlaps it a little: only a real
+                # interpenetration (> HELD_ITEM_TOLERANCE) is a collision.
+                for _c in p.getClosestPoints(self._held, b, -HELD_ITEM_TOLERANCE, physicsClientId=cid):
                     found.append((-2, b, self.fixtures.get(b, "item")))
                     break
         return found
