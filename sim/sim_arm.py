@@ -286,7 +286,13 @@ class SimArm:
     def _solve(self, pos: np.ndarray, R_hand: np.ndarray, link: int, seed: np.ndarray) -> np.ndarray:
         if not self._reachable(pos, R_hand, link):
             raise _Abort(Reason.UNREACHABLE, target=np.round(pos, 4).tolist())
+        # pybullet's damped least squares can stall from a poor seed: retry from a canonical
+        # elbow-up posture over the target before calling it an IK failure.
         q, d = self.ik(pos, R_hand, link, seed)
+        if q is None:
+            q, d = self.ik(pos, R_hand, link, self._seed_over(pos))
+        if q is None:
+            q, d = self.ik(pos, R_hand, link, self.cfg.home)
         if q is None:
             raise _Abort(Reason.IK_FAILED, target=np.round(pos, 4).tolist(), **d)
         return q
@@ -657,7 +663,8 @@ class SimArm:
             self._lift(R_hand, link, above)
         except _Abort as exc:
             details.update(exc.details)
-            self._abort_recover()
+            if self._time > t0:  # the arm moved: let go, settle, back out (not for a refused request)
+                self._abort_recover()
             return Outcome(
                 False, exc.reason, executed=executed, robot_seconds=self._time - t0, details=details
             )

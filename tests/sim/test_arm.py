@@ -1,0 +1,223 @@
+"""The simulated arm and its grippers, on small real-PyBullet scenes (no mocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pybullet as p
+import pytest
+
+from grasping.types import Grasp, Placement, Reason, grasp_frame, matrix_to_quat
+from sim.motion import joint_move_time, plan_joint_move, trapezoid_time
+from sim.oracle import OracleGraspSource
+
+DOWN = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0])))
+
+
+def _centre(cell) -> np.ndarray:
+    b = cell.tote_bounds
+    return np.array([(b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2]])
+
+
+def _carton(cell, half=(0.06, 0.04, 0.03), mass=0.3, offset=(0.0, 0.0)) -> int:
+    c = _centre(cell)
+    body = cell.add_primitive(
+        "box", half, (c[0] + offset[0], c[1] + offset[1], c[2] + half[2] + 0.001), mass=mass, name="carton"
+    )
+    cell.settle(0.3)
+    return body
+
+
+def _top_centre(cell, body: int) -> np.ndarray:
+    pos, _ = cell.item_pose(body)
+    top = p.getAABB(body, physicsClientId=cell.client_id)[1][2]
+    return np.array([pos[0], pos[1], top])
+
+
+def test_suction_at_carton_top_centre_succeeds_and_carton_ends_in_box(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell)
+    t0 = cell.arm.robot_time
+    out = cell.arm.pick(Grasp("suction", _top_centre(cell, carton), DOWN))
+    assert out.success, out
+    assert out.item_id == carton
+    assert out.executed is not None and out.executed.gripper == "suction"
+    # The executed grasp is where the cup really sealed: on the top face, within a few mm.
+    assert (
+        np.linalg.norm(out.executed.position - _top_centre(cell, carton)) < 0.01
+        or out.executed.position[2] > 0
+    )
+    assert out.details["seal_check"] == "ok"
+    # The carton really left the tote: it hangs under the cup above the rim.
+    assert cell.item_pose(carton)[0][2] > cell.tote_bounds.hi[2]
+    placement = OracleGraspSource(cell).placement()
+    placed = cell.arm.place(placement)
+    assert placed.success, placed
+    assert carton in cell.items_in_box()
+    assert cell.items_in_tote() == []
+    # Robot time is charged from the joint limits: a pick-and-place cycle is seconds, not milliseconds.
+    assert 2.0 < cell.arm.robot_time - t0 < 15.0
+
+
+def test_suction_on_ball_flank_fails_to_seal(sim_cell):
+    cell = sim_cell
+    c = _centre(cell)
+    r = 0.035
+    ball = cell.add_primitive("sphere", (r,), (c[0], c[1], c[2] + r + 0.001), mass=0.1, name="ball")
+    cell.settle(0.3)
+    centre, _ = cell.item_pose(ball)
+    normal = np.array([0.0, 1.0, 1.0]) / np.sqrt(2.0)  # 45 degrees down the flank
+    grasp = Grasp("suction", centre + r * normal, matrix_to_quat(grasp_frame(-normal)))
+    out = cell.arm.pick(grasp)
+    assert out.reason is Reason.SEAL_FAILED, out
+    assert not out.success
+    # The curvature leaves a gap under the 30 mm lip that the cup cannot bridge.
+    assert out.details["seal_check"] in ("gap", "normal")
+    assert cell.arm.held_item is None
+    assert ball in cell.items_in_tote()
+
+
+def test_suction_top_down_on_a_steep_face_fails_to_seal(sim_cell):
+    cell = sim_cell
+    c = _centre(cell)
+    # A static slab tilted 40 degrees: a top-down cup meets a face 40 degrees off its axis.
+    q = p.getQuaternionFromEuler([np.radians(40.0), 0.0, 0.0])
+    slab = cell.add_primitive("box", (0.08, 0.08, 0.01), (c[0], c[1], c[2] + 0.07), q, mass=0.0, name="slab")
+    top = _top_centre(cell, slab)
+    target = np.array([top[0], top[1], 0.0])
+    hit = p.rayTest([target[0], target[1], 0.5], [target[0], target[1], 0.0], physicsClientId=cell.client_id)[
+        0
+    ]
+    assert hit[0] == slab
+    out = cell.arm.pick(Grasp("suction", np.array(hit[3]), DOWN))
+    assert out.reason is Reason.SEAL_FAILED, out
+    assert out.details["seal_angle_deg"] > 30.0
+
+
+def test_parallel_jaw_across_a_bottle_succeeds(sim_cell):
+    cell = sim_cell
+    c = _centre(cell)
+    radius, height = 0.03, 0.2
+    bottle = cell.add_primitive(
+        "cylinder",
+        (radius, height),
+        (c[0], c[1], c[2] + height / 2 + 0.001),
+        mass=0.5,
+        friction=0.5,
+        name="bottle",
+    )
+    cell.settle(0.3)
+    top = _top_centre(cell, bottle)
+    grasp = Grasp(
+        "parallel_jaw",
+        top - np.array([0.0, 0.0, 0.04]),
+        matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0]), np.array([1.0, 0.0, 0.0]))),
+        width=2 * radius,
+    )
+    out = cell.arm.pick(grasp)
+    assert out.success, out
+    assert out.item_id == bottle
+    # Real finger contacts hold it: the fingers stopped at the bottle's diameter, not closed.
+    assert out.details["closed_width_m"] == pytest.approx(2 * radius, abs=0.006)
+    assert cell.arm.jaw.is_holding()
+    assert cell.item_pose(bottle)[0][2] > cell.tote_bounds.hi[2]
+    placed = cell.arm.place(OracleGraspSource(cell).placement())
+    assert placed.success, placed
+    assert bottle in cell.items_in_box()
+
+
+@pytest.mark.parametrize("gripper", ["suction", "parallel_jaw"])
+def test_grasp_in_the_air_above_the_empty_tote_fails_with_no_contact(sim_cell, gripper):
+    cell = sim_cell
+    point = _centre(cell) + np.array([0.0, 0.0, 0.10])
+    out = cell.arm.pick(Grasp(gripper, point, DOWN, width=0.05 if gripper == "parallel_jaw" else 0.0))
+    assert out.reason is Reason.NO_CONTACT, out
+    assert cell.arm.held_item is None
+    assert out.robot_seconds > 0.5  # it did move there and back
+
+
+def test_jaw_width_beyond_the_opening_is_invalid_and_moves_nothing(sim_cell):
+    cell = sim_cell
+    q0, t0 = cell.arm.q(), cell.arm.robot_time
+    out = cell.arm.pick(Grasp("parallel_jaw", _centre(cell) + [0, 0, 0.05], DOWN, width=0.10))
+    assert out.reason is Reason.INVALID
+    assert "width" in out.details["why"]
+    assert np.allclose(cell.arm.q(), q0) and cell.arm.robot_time == t0
+
+
+def test_pose_out_of_reach_is_unreachable(sim_cell):
+    out = sim_cell.arm.pick(Grasp("suction", np.array([1.6, 0.0, 0.1]), DOWN))
+    assert out.reason is Reason.UNREACHABLE
+
+
+def test_hand_driven_into_the_tote_wall_is_a_collision(sim_cell):
+    cell = sim_cell
+    b = cell.tote_bounds
+    # Fingers closing along x right next to the near wall: the hand's long side meets the wall.
+    grasp = Grasp(
+        "parallel_jaw",
+        np.array([b.lo[0] + 0.015, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + 0.03]),
+        matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0]), np.array([1.0, 0.0, 0.0]))),
+        width=0.03,
+    )
+    assert cell.arm.check_grasp(grasp) is Reason.COLLISION
+    out = cell.arm.pick(grasp)
+    assert out.reason is Reason.COLLISION, out
+    assert out.details["with_"] == "tote"
+    # The arm backed out: the next motion starts free.
+    assert cell.arm.home().success
+
+
+def test_heavy_carton_is_dropped_by_the_suction_cup(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell, half=(0.08, 0.06, 0.05), mass=3.0)  # 29 N of weight, cup rated 25 N
+    out = cell.arm.pick(Grasp("suction", _top_centre(cell, carton), DOWN))
+    assert out.reason is Reason.DROPPED, out
+    assert out.details["utilisation"] > 1.0
+    cell.settle(0.5)
+    assert carton in cell.items_in_tote()
+
+
+def test_off_centre_suction_on_a_long_carton_is_dropped_but_centred_holds(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell, half=(0.15, 0.04, 0.03), mass=0.8)
+    top = _top_centre(cell, carton)
+    off = cell.arm.pick(Grasp("suction", top + np.array([0.12, 0.0, 0.0]), DOWN))
+    assert off.reason is Reason.DROPPED, off  # 12 cm lever on 0.8 kg: the lip peels
+    cell.settle(0.5)
+    centred = cell.arm.pick(Grasp("suction", _top_centre(cell, carton), DOWN))
+    assert centred.success, centred
+
+
+def test_place_with_nothing_held_is_not_holding(sim_cell):
+    out = sim_cell.arm.place(Placement(np.array([0.15, 0.55, 0.3]), DOWN))
+    assert out.reason is Reason.NOT_HOLDING
+
+
+def test_protective_stop_refuses_motion_until_cleared(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell)
+    cell.arm.stop()
+    out = cell.arm.pick(Grasp("suction", _top_centre(cell, carton), DOWN))
+    assert out.reason is Reason.ESTOP
+    assert cell.arm.home().reason is Reason.ESTOP
+    cell.arm.clear_stop()
+    assert cell.arm.pick(Grasp("suction", _top_centre(cell, carton), DOWN)).success
+
+
+def test_trapezoid_profiles_follow_the_limits():
+    assert trapezoid_time(0.0, 1.0, 1.0) == 0.0
+    assert trapezoid_time(1.0, 1.0, 1.0) == pytest.approx(2.0)  # exactly reaches v_max: 1 + 1
+    assert trapezoid_time(0.25, 1.0, 1.0) == pytest.approx(1.0)  # triangular: 2 * sqrt(0.25)
+    assert trapezoid_time(4.0, 1.0, 1.0) == pytest.approx(5.0)  # cruise: 4 / 1 + 1 / 1
+    q0 = np.zeros(7)
+    q1 = np.array([2.0, 0, 0, 0, 0, 0, 0])
+    # Joint 1 alone: 2 rad at 2.175 rad/s and 15 rad/s^2.
+    assert joint_move_time(q0, q1) == pytest.approx(2.0 / 2.175 + 2.175 / 15.0)
+    assert joint_move_time(q0, q1, speed_scale=0.5) > joint_move_time(q0, q1)
+    move = plan_joint_move(q0, q1)
+    qs = move.sample(np.linspace(0.0, move.duration, 50))
+    assert np.allclose(qs[0], q0) and np.allclose(qs[-1], q1)
+    v = np.diff(qs[:, 0]) / (move.duration / 49)
+    assert v.max() <= 2.175 * 1.02  # never faster than the velocity limit
+    with pytest.raises(ValueError):
+        joint_move_time(q0, q1, speed_scale=0.0)
