@@ -72,10 +72,12 @@ class RecordingCamera:
         self.camera = camera
         self.keep = keep
         self.segmentations: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.last_frame: Frame | None = None
         self._lock = threading.Lock()
 
     def capture(self) -> Frame:
         frame = self.camera.capture()
+        self.last_frame = frame
         with self._lock:
             self.segmentations[frame.frame_id] = np.array(self.camera.last_segmentation, copy=True)
             while len(self.segmentations) > self.keep:

@@ -15,9 +15,12 @@ and the episode carries `items`, `items_cleared`, `robot_seconds` (motion + idle
 `sensing_seconds`, `planning_seconds`, `human_seconds`, `assists_requested`, `assists_answered`,
 `assists_expired`, `plan_latency_ms` (list), `wall_seconds`.
 
-Picks per hour (Mahler et al.): MPPH = picks / (robot + sensing + planning seconds) * 3600. The
-denominator counts failed attempts and the time the cell idled waiting for a person; sensing and
-planning are not overlapped with motion in this controller, so they add to the cycle.
+Picks per hour (Mahler et al.): `mpph` = picks / (robot + sensing seconds) * 3600, where robot seconds
+come from simulated motion under the arm's velocity and acceleration limits plus the time the cell
+idled waiting for a person, and sensing seconds are a fixed time per capture. Failed attempts count
+in the denominator. Both parts are simulated, so `mpph` is the same on any host and with any number
+of workers. `mpph_with_planning` also adds the planner's measured wall time on this host (this
+controller does not overlap planning with motion), so it depends on the machine.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         "first_attempt_success_ci95": fas["ci95"],
         "clearance_rate": clr["value"],
         "clearance_rate_ci95": clr["ci95"],
-        "mpph": (picks / cycle * 3600.0) if cycle > 0 else 0.0,
+        "mpph": (picks / (robot + sensing) * 3600.0) if robot + sensing > 0 else 0.0,
+        "mpph_with_planning": (picks / cycle * 3600.0) if cycle > 0 else 0.0,
         "cycle_seconds_per_pick": (cycle / picks) if picks else None,
         "assists_per_100_picks": (100.0 * requested / picks) if picks else None,
         "human_seconds_per_100_picks": (100.0 * human / picks) if picks else None,
