@@ -36,8 +36,12 @@ class LearnedScorer:
         self._c, self._s, self._f = net.in_channels, net.patch_size, net.n_features
 
     @classmethod
-    def from_file(cls, path: str | Path, expected_sha256: str | None = None) -> LearnedScorer:
-        return cls(load_model(path, expected_sha256))
+    def from_file(
+        cls, path: str | Path, expected_sha256: str | None = None, num_threads: int | None = INFERENCE_THREADS
+    ) -> LearnedScorer:
+        """Verify and load a model file. `num_threads` sets torch's (process-wide) thread count;
+        None leaves it alone (for tools that load several models in one process)."""
+        return cls(load_model(path, expected_sha256), num_threads=num_threads)
 
     @property
     def thresholds(self) -> np.ndarray:

@@ -851,9 +851,13 @@ def gate(
     from grasping.learned_scorer import LearnedScorer
 
     tol = tolerance or GateTolerance()
-    cand = LearnedScorer.from_file(candidate_path)
+    cand = LearnedScorer.from_file(candidate_path, num_threads=None)
     cm = evaluate(cand, holdout)
-    im = evaluate(LearnedScorer.from_file(incumbent_path), holdout) if incumbent_path else None
+    im = (
+        evaluate(LearnedScorer.from_file(incumbent_path, num_threads=None), holdout)
+        if incumbent_path
+        else None
+    )
     alpha = float(cand.model.meta.get("alpha", 0.05))
     reasons: list[str] = []
 

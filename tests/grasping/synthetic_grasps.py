@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from grasping.learning import Dataset, TrainConfig, TrainResult, make_dataset, train
 
@@ -129,10 +130,12 @@ def make_dataset_synth(
 
 # --- one trained model shared by every test file of a pytest run (training takes ~15 s) ---------------
 
+# One torch thread: on a shared 2-core machine, two threads spin against other processes (3x slower).
+torch.set_num_threads(1)
 _TMP = Path(tempfile.mkdtemp(prefix="pickcell-learning-tests-"))
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 TRAIN_SCENES = 500  # 12,000 rows; fewer and the patch's extra information is not learnt reliably
-TRAIN_CONFIG = TrainConfig(epochs=12, seed=0, progress=False, model_version="synthetic-v1")
+TRAIN_CONFIG = TrainConfig(epochs=10, seed=0, progress=False, model_version="synthetic-v1", threads=1)
 
 
 @functools.cache

@@ -71,7 +71,7 @@ def test_model_is_small_and_its_file_under_2_mb(tmp_path) -> None:
 def test_training_beats_chance_and_the_analytic_feature_baseline() -> None:
     res = trained_model()
     ds, p_true = fresh_data()
-    scorer = LearnedScorer.from_file(res.path)
+    scorer = LearnedScorer.from_file(res.path, num_threads=None)
     m = evaluate(scorer, ds)
     baseline = _feature_baseline_auroc(training_data(), ds, seed=0)
     oracle = auroc(p_true, ds.label)  # the best any scorer can do on these labels

@@ -72,7 +72,7 @@ def test_conformal_quantile_and_bad_input() -> None:
 
 def test_trained_model_flags_an_unseen_family_with_auroc_over_0_9() -> None:
     """Done criterion: scenes of a family never trained on vs training-family scenes, AUROC >= 0.90."""
-    scorer = LearnedScorer.from_file(trained_model().path)
+    scorer = LearnedScorer.from_file(trained_model().path, num_threads=None)
     ind, _ = fresh_data()
     holey, _ = make_dataset_synth(60, seed=21, families=("holey",), scene_prefix="holey")
 
