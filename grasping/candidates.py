@@ -370,6 +370,13 @@ def jaw_candidates(
     s_l = -(kl - 0.5) * step
     width = s_r - s_l
     fits = closed & (width + 2 * cfg.min_jaw_clearance_m <= cfg.max_opening_m)
+    # Only the lines that fit the opening go on to the costlier checks.
+    k = np.flatnonzero(fits)
+    if len(k) == 0:
+        return CandidateSet.empty()
+    centre, direction, theta, lab = centre[k], direction[k], theta[k], lab[k]
+    s_r, s_l, width, same, jx, jy = s_r[k], s_l[k], width[k], same[k], jx[k], jy[k]
+    fits = np.ones(len(k), dtype=bool)
     mid = centre + ((s_r + s_l) / 2.0)[:, None] * direction
 
     # Outline normals at the two contacts (the last item cell on each side).
@@ -403,6 +410,13 @@ def jaw_candidates(
         o_l = (okl - 0.5) * step
         slack = half_pad * cfg.friction_coef + step
         antipodal &= osame[:, n_side] & (np.abs(o_r - mid_s) <= slack) & (np.abs(o_l - mid_s) <= slack)
+
+    k = np.flatnonzero(antipodal)
+    if len(k) == 0:
+        return CandidateSet.empty()
+    centre, direction, theta, lab, mid, ang = centre[k], direction[k], theta[k], lab[k], mid[k], ang[k]
+    s_r, s_l, width, same, jx, jy = s_r[k], s_l[k], width[k], same[k], jx[k], jy[k]
+    fits = antipodal = np.ones(len(k), dtype=bool)
 
     # Grasp depth: fingertips finger_depth below the item's top between the contacts, not into the floor.
     between = same & (np.abs(s[None, :] - ((s_r + s_l) / 2.0)[:, None]) <= (width / 2.0)[:, None])

@@ -30,7 +30,7 @@ from grasping.candidates import (
 from grasping.patches import extract_patches
 from grasping.pointcloud import CloudConfig, SceneCloud, segment_scene
 from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer
-from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, Plan, matrix_to_quat
+from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, Plan
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,62 @@ class PlanDetail:
 def plan(frame: Frame, config: PlannerConfig) -> Plan:
     """The planner's answer for one frame (see module docstring)."""
     return plan_detailed(frame, config).plan
+
+
+def matrices_to_quats(R: np.ndarray) -> np.ndarray:
+    """(M, 3, 3) rotations -> (M, 4) quaternions xyzw with w >= 0; batched grasping.types.matrix_to_quat."""
+    R = np.asarray(R, dtype=np.float64).reshape(-1, 3, 3)
+    m00, m11, m22 = R[:, 0, 0], R[:, 1, 1], R[:, 2, 2]
+    t = m00 + m11 + m22
+    q = np.empty((len(R), 4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # The four classic branches (largest of w, x, y, z first), evaluated for all, then chosen.
+        s0 = np.sqrt(np.maximum(t + 1.0, 0.0)) * 2
+        b0 = np.stack(
+            [
+                (R[:, 2, 1] - R[:, 1, 2]) / s0,
+                (R[:, 0, 2] - R[:, 2, 0]) / s0,
+                (R[:, 1, 0] - R[:, 0, 1]) / s0,
+                0.25 * s0,
+            ],
+            1,
+        )
+        s1 = np.sqrt(np.maximum(1.0 + m00 - m11 - m22, 0.0)) * 2
+        b1 = np.stack(
+            [
+                0.25 * s1,
+                (R[:, 0, 1] + R[:, 1, 0]) / s1,
+                (R[:, 0, 2] + R[:, 2, 0]) / s1,
+                (R[:, 2, 1] - R[:, 1, 2]) / s1,
+            ],
+            1,
+        )
+        s2 = np.sqrt(np.maximum(1.0 + m11 - m00 - m22, 0.0)) * 2
+        b2 = np.stack(
+            [
+                (R[:, 0, 1] + R[:, 1, 0]) / s2,
+                0.25 * s2,
+                (R[:, 1, 2] + R[:, 2, 1]) / s2,
+                (R[:, 0, 2] - R[:, 2, 0]) / s2,
+            ],
+            1,
+        )
+        s3 = np.sqrt(np.maximum(1.0 + m22 - m00 - m11, 0.0)) * 2
+        b3 = np.stack(
+            [
+                (R[:, 0, 2] + R[:, 2, 0]) / s3,
+                (R[:, 1, 2] + R[:, 2, 1]) / s3,
+                0.25 * s3,
+                (R[:, 1, 0] - R[:, 0, 1]) / s3,
+            ],
+            1,
+        )
+    c0 = t > 0
+    c1 = ~c0 & (m00 > m11) & (m00 > m22)
+    c2 = ~c0 & ~c1 & (m11 > m22)
+    q = np.where(c0[:, None], b0, np.where(c1[:, None], b1, np.where(c2[:, None], b2, b3)))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return np.where(q[:, 3:4] < 0, -q, q)
 
 
 def _pixels(cloud: SceneCloud, positions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -148,6 +204,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     patches = patches[order]
     features = features[order]
     pix = _pixels(cloud, cands.positions, frame.shape)
+    quats = matrices_to_quats(cands.rotations)
     out: list[Candidate] = []
     for k in range(len(cands)):
         i = order[k]
@@ -156,7 +213,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
                 grasp=Grasp(
                     gripper=GRIPPER_KINDS[int(cands.gripper[k])],
                     position=cands.positions[k],
-                    orientation=matrix_to_quat(cands.rotations[k]),
+                    orientation=quats[k],
                     width=float(cands.widths[k]),
                 ),
                 analytic_score=float(cands.analytic[k]),

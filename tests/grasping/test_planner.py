@@ -13,10 +13,10 @@ from synthetic import TOTE, box_on_floor, lying_cylinder, random_scene, render, 
 from grasping.draw import draw_plan, render_plan_png
 from grasping.framefile import FrameFileError, load_frame, save_frame
 from grasping.patches import FEATURE_NAMES, HEIGHT_CLIP_M, PATCH_CHANNELS, PATCH_SIZE, extract_patches
-from grasping.planner import PlannerConfig, plan, plan_detailed
+from grasping.planner import PlannerConfig, matrices_to_quats, plan, plan_detailed
 from grasping.pointcloud import segment_scene
 from grasping.scoring import PARALLEL_JAW, SUCTION, ScoreResult
-from grasping.types import Frame
+from grasping.types import Frame, matrix_to_quat, quat_to_matrix
 from pickcell.cli import main as pickcell_main
 
 F = {n: i for i, n in enumerate(FEATURE_NAMES)}
@@ -303,6 +303,19 @@ def test_cli_plan_bad_input_is_a_clear_error(tmp_path, capsys):
         == 2
     )
     assert "m.safetensors" in capsys.readouterr().err
+
+
+def test_batched_quaternions_match_the_shared_helper():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(200, 4))
+    R = np.stack([quat_to_matrix(x) for x in q])
+    # Include the awkward cases: 180 degree turns about each axis, and the identity.
+    R = np.concatenate(
+        [R, np.stack([np.diag([1.0, -1, -1]), np.diag([-1.0, 1, -1]), np.diag([-1.0, -1, 1]), np.eye(3)])]
+    )
+    got = matrices_to_quats(R)
+    want = np.stack([matrix_to_quat(r) for r in R])
+    np.testing.assert_allclose(got, want, atol=1e-9)
 
 
 def test_gripper_indices_match_the_scorer_contract():
