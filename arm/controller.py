@@ -52,6 +52,7 @@ class AssistChannel(Protocol):
 class ControllerConfig:
     cell_id: str = "cell-1"
     max_failures_per_item: int = 3  # failed picks on one item before asking a person about it, count
+    max_asks_per_item: int = 2  # questions about one item per tote before it is skipped, count
     max_attempts_per_tote: int = 80  # hard stop for one tote (then it is diverted), count
     look_again: bool = True  # re-capture once before asking a person
     assist_deadline_s: float = 30.0  # how long a person has to answer, seconds of robot time
@@ -107,6 +108,10 @@ class _ToteState:
 
     failed_spots: list[np.ndarray] = field(default_factory=list)  # grasp points that failed
     no_pick: list[np.ndarray] = field(default_factory=list)  # items a person said can't be picked safely
+    skipped: list[np.ndarray] = field(
+        default_factory=list
+    )  # items whose question expired, or asked too often
+    asks: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (item centre, questions asked)
     failures: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (item centre, failed picks)
     pending: dict[str, _Pending] = field(default_factory=dict)  # request id -> question in flight
 
@@ -224,7 +229,7 @@ class CellController:
                 continue
             empty_captures = 0
 
-            blocked = [p.centre for p in pending.values()] + st.no_pick
+            blocked = [p.centre for p in pending.values()] + st.no_pick + st.skipped
             hard_items = [c for c, n in st.failures if n >= cfg.max_failures_per_item]
             usable = [
                 (i, c)
@@ -272,7 +277,16 @@ class CellController:
                 )
                 continue
             i, cand = ask_pool[0]
-            self._ask(rep, tote_id, plan, plan_id, frame, _centre_of(plan, cand), pending)
+            centre = _centre_of(plan, cand)
+            if _bump(st.asks, centre, cfg.item_radius_m) > cfg.max_asks_per_item:
+                log.info(
+                    "item at %s asked about %d times already: skipped",
+                    np.round(centre, 3),
+                    cfg.max_asks_per_item,
+                )
+                st.skipped.append(centre)
+                continue
+            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending)
 
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
@@ -360,6 +374,8 @@ class CellController:
             if self.ledger is not None:
                 self.ledger.record_answer(answer)
             if answer.status != "answered":
+                # Deadline passed (or the question was dropped): skip this item and move on.
+                st.skipped.append(p.centre)
                 rep.assists_expired += 1
                 self._count("assists_expired")
                 continue
@@ -508,12 +524,14 @@ def _near(p: np.ndarray, centres: list[np.ndarray], radius: float) -> bool:
     return bool((d < radius).any())
 
 
-def _bump(counts: list[tuple[np.ndarray, int]], centre: np.ndarray, radius: float) -> None:
+def _bump(counts: list[tuple[np.ndarray, int]], centre: np.ndarray, radius: float) -> int:
+    """Count one more event at the item near `centre`; returns the item's new count."""
     for k, (c, n) in enumerate(counts):
         if np.linalg.norm(c[:2] - centre[:2]) < radius:
             counts[k] = (c, n + 1)
-            return
-    counts.append((centre, 1))
+            return n + 1
+    counts.append((np.asarray(centre), 1))
+    return 1
 
 
 def _cluster_of(plan: Plan, index: int | None) -> ItemCluster | None:

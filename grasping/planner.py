@@ -27,7 +27,7 @@ from grasping.candidates import (
     select_spread,
     suction_candidates,
 )
-from grasping.patches import extract_patches
+from grasping.patches import N_FEATURES, PATCH_CHANNELS, PATCH_SIZE, extract_patches
 from grasping.pointcloud import CloudConfig, SceneCloud, segment_scene
 from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer
 from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, Plan
@@ -160,8 +160,8 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
             model_version=version,
             latency_ms=(time.perf_counter() - t0) * 1e3,
             frame_id=frame.frame_id,
-            patches=np.zeros((0, 2, 32, 32), np.float32),
-            features=np.zeros((0, 0), np.float32),
+            patches=np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float32),
+            features=np.zeros((0, N_FEATURES), np.float32),
             clusters=(),
         )
         return PlanDetail(p, cloud, 0, 0, {"segment": (time.perf_counter() - t0) * 1e3})

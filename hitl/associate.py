@@ -146,7 +146,7 @@ class AssociateClient(_Link):
             self._status_futs.append(cmd[1])
             self._send(P.STATUS, {})
 
-    def _on_connect(self, new_instance: bool) -> None:
+    def _resend_state(self) -> None:
         # A new socket (or a restarted broker) does not know we asked for work or what we answered.
         for msg_type, body in self._unacked.values():
             self._send(msg_type, body)

@@ -312,6 +312,7 @@ class Broker:
 
     def _send_all(self, out: list[tuple[bytes, bytes, dict]]) -> None:
         for routing_id, msg_type, body in out:
+            body["instance"] = self.instance  # lets clients notice a restart from any message
             try:
                 self.sock.send_multipart([routing_id, P.PROTOCOL, msg_type, P.pack(body)], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # peer gone / HWM: the journal keeps what matters

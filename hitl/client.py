@@ -125,8 +125,9 @@ class _Link:
     def _heartbeat_body(self) -> dict:
         return {"role": self.role}
 
-    def _on_connect(self, new_instance: bool) -> None:
-        """Called when the broker is first heard on a fresh socket, or its instance changed."""
+    def _resend_state(self) -> None:
+        """Called on a new socket (after a reconnect) and when the broker restarted: the broker on the
+        other end does not know what we sent before, so send again whatever is not final."""
 
     def _on_message(self, msg_type: bytes, body: dict) -> None:
         raise NotImplementedError
@@ -228,6 +229,8 @@ class _Link:
         warned = getattr(self, "_warned_silent", False)
         self._open_socket()
         self._warned_silent = warned
+        # Messages queued on the old socket died with it; the new one queues these until it connects.
+        self._resend_state()
 
     def _receive(self, frames: list[bytes]) -> None:
         try:
@@ -236,22 +239,20 @@ class _Link:
             log.warning("dropping malformed message from broker: %s", exc.message)
             return
         body = msg.body
-        first = not self._heard
         self._heard = True
         self._connected.set()
         self.last_error = None
-        instance = body.get("instance") if msg.msg_type in (P.HEARTBEAT, P.STATUS) else None
-        changed = (
-            instance is not None and self.broker_instance is not None and instance != self.broker_instance
-        )
-        if instance is not None:
+        # Every broker message names the broker's instance; a new one means it restarted and lost
+        # whatever was in flight (its journal kept everything it acknowledged).
+        instance = body.get("instance")
+        changed = isinstance(instance, str) and self.broker_instance not in (None, instance)
+        if isinstance(instance, str):
             self.broker_instance = instance
         if isinstance(body.get("waiting"), int):
             self.waiting = body["waiting"]
-        if first or changed:
-            if changed:
-                log.warning("broker restarted (instance %s): resubmitting what is pending", instance)
-            self._on_connect(changed)
+        if changed:
+            log.warning("broker restarted (instance %s): sending again what is pending", instance)
+            self._resend_state()
         if msg.msg_type != P.HEARTBEAT:
             self._on_message(msg.msg_type, body)
 
@@ -348,7 +349,7 @@ class AssistClient(_Link):
             p.cancel_wanted = True
             self._send(P.CANCEL, {"request_id": rid, "cell_id": self.cell_id})
 
-    def _on_connect(self, new_instance: bool) -> None:
+    def _resend_state(self) -> None:
         with self._lock:
             items = list(self._pending.items())
         for rid, p in items:

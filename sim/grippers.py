@@ -4,9 +4,10 @@ Both are links of the one arm body that sim/sim_arm.py loads (see `panda_urdf_pa
 contacts are real PyBullet contacts. The physics of *holding* differs:
 
 Suction (`SuctionGripper`)
-    A 30 mm cup on a prismatic slide between the fingers, extended 2 cm past the fingertips for
-    suction picks and retracted flush with the palm for jaw picks (the layout of commercial combined
-    suction/finger grippers). A seal is decided from the surface under the lip, sampled with rays
+    A 30 mm cup on a stem that slides out between the fingers, 8.4 cm past the fingertips for
+    suction picks (so the hand stays above the tote rim when the cup reaches low items), and
+    retracts flush with the palm for jaw picks (the layout of commercial combined suction/finger
+    grippers). A seal is decided from the surface under the lip, sampled with rays
     around the rim and at the centre: every ray must hit the same body, the surface normals must be
     within `max_normal_angle_deg` of the cup axis, and every rim point must be within `max_rim_gap`
     of the lip plane (a bellows cup conforms a couple of millimetres, no more). Only then is the item

@@ -4,7 +4,7 @@ Implements `arm.interfaces.Arm`. Failures are `Outcome` reasons, never exception
 
 Tools (see sim/grippers.py): the Panda hand with its two fingers (parallel jaw, TCP
 `panda_grasptarget`, 10.5 cm below the hand) and a 30 mm suction cup on a prismatic slide between the
-fingers (TCP `suction_tcp`, the extended lip, 13.5 cm below the hand). The URDF is the stock one with
+fingers (TCP `suction_tcp`, the extended lip, 20 cm below the hand). The URDF is the stock one with
 those two links appended and mesh paths made absolute (`panda_urdf_path`).
 
 How motions are executed, and why it stays honest:
@@ -56,26 +56,37 @@ PHYSICAL_LIFT = 0.05  # m, lift simulated with full physics before the kinematic
 # Grasp closes along its x axis, approach (z) is shared.
 M_GRASP_HAND = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 
+# The cup link: a 30 mm bellows cup (3 cm tall) on a 16 mm stem. Its frame is the lip centre.
+# Extended, the lip sits SUCTION_TCP_OFFSET below the hand, 8.4 cm past the fingertips (a long
+# suction tool keeps the hand above the tote rim for low items); retracted (slide at 0) the lip
+# is flush with the palm and the stem telescopes into the hand.
+SUCTION_TCP_OFFSET = 0.20  # m, hand frame origin to the extended cup lip
+JAW_TCP_OFFSET = 0.105  # m, hand frame origin to panda_grasptarget (between the finger pads)
+_SLIDE_ORIGIN = 0.058  # m, slide origin below the hand (palm surface)
 _SUCTION_LINKS = """
   <link name="suction_cup">
-    <inertial><origin rpy="0 0 0" xyz="0 0 0"/><mass value="0.05"/>
-      <inertia ixx="1e-5" ixy="0" ixz="0" iyy="1e-5" iyz="0" izz="1e-5"/></inertial>
-    <visual><origin rpy="0 0 0" xyz="0 0 -0.02"/><geometry><cylinder length="0.04" radius="{r}"/></geometry>
+    <inertial><origin rpy="0 0 0" xyz="0 0 0"/><mass value="0.08"/>
+      <inertia ixx="1e-4" ixy="0" ixz="0" iyy="1e-4" iyz="0" izz="1e-5"/></inertial>
+    <visual><origin rpy="0 0 0" xyz="0 0 -0.015"/><geometry><cylinder length="0.03" radius="{r}"/></geometry>
       <material name="cup_blue"><color rgba="0.15 0.3 0.8 1"/></material></visual>
-    <collision><origin rpy="0 0 0" xyz="0 0 -0.02"/>
-      <geometry><cylinder length="0.04" radius="{r}"/></geometry></collision>
+    <visual><origin rpy="0 0 0" xyz="0 0 -{stem_mid}"/><geometry><cylinder length="{stem}" radius="0.008"/>
+      </geometry><material name="stem_grey"><color rgba="0.6 0.6 0.6 1"/></material></visual>
+    <collision><origin rpy="0 0 0" xyz="0 0 -0.015"/>
+      <geometry><cylinder length="0.03" radius="{r}"/></geometry></collision>
+    <collision><origin rpy="0 0 0" xyz="0 0 -{stem_mid}"/>
+      <geometry><cylinder length="{stem}" radius="0.008"/></geometry></collision>
   </link>
   <joint name="suction_slide" type="prismatic">
     <parent link="panda_hand"/><child link="suction_cup"/>
-    <origin rpy="0 0 0" xyz="0 0 0.058"/><axis xyz="0 0 1"/>
-    <limit effort="100" lower="0.0" upper="0.077" velocity="0.5"/>
+    <origin rpy="0 0 0" xyz="0 0 {slide0}"/><axis xyz="0 0 1"/>
+    <limit effort="100" lower="0.0" upper="{travel}" velocity="0.5"/>
   </joint>
   <link name="suction_tcp">
     <inertial><origin rpy="0 0 0" xyz="0 0 0"/><mass value="0.0"/>
       <inertia ixx="0.1" ixy="0" ixz="0" iyy="0.1" iyz="0" izz="0.1"/></inertial>
   </link>
   <joint name="suction_tcp_joint" type="fixed">
-    <parent link="panda_hand"/><child link="suction_tcp"/><origin rpy="0 0 0" xyz="0 0 0.135"/>
+    <parent link="panda_hand"/><child link="suction_tcp"/><origin rpy="0 0 0" xyz="0 0 {tcp}"/>
   </joint>
 </robot>
 """
@@ -86,7 +97,17 @@ def panda_urdf_path(cup_radius: float = 0.015) -> str:
     data = Path(pybullet_data.getDataPath()) / "franka_panda"
     text = (data / "panda.urdf").read_text()
     text = text.replace("package://meshes/", f"{data}/meshes/")
-    text = text.replace("</robot>", _SUCTION_LINKS.format(r=cup_radius))
+    travel = SUCTION_TCP_OFFSET - _SLIDE_ORIGIN
+    stem = travel - 0.03  # from the top of the cup up to the palm when extended
+    links = _SUCTION_LINKS.format(
+        r=cup_radius,
+        stem=stem,
+        stem_mid=0.03 + stem / 2,
+        slide0=_SLIDE_ORIGIN,
+        travel=travel,
+        tcp=SUCTION_TCP_OFFSET,
+    )
+    text = text.replace("</robot>", links)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     out = Path(tempfile.gettempdir()) / f"pickcell-panda-{digest}.urdf"
     if not out.exists():
@@ -279,7 +300,7 @@ class SimArm:
         return q, details
 
     def _reachable(self, pos: np.ndarray, R_hand: np.ndarray, link: int) -> bool:
-        offset = 0.135 if link == self.suction_tcp else 0.105
+        offset = SUCTION_TCP_OFFSET if link == self.suction_tcp else JAW_TCP_OFFSET
         flange = pos - R_hand[:, 2] * offset
         return float(np.linalg.norm(flange - SHOULDER)) <= self.cfg.reach_radius
 

@@ -61,7 +61,17 @@ def test_empty_tote_plan_says_empty_with_the_reason():
     assert p.candidates == ()
     assert any("tote empty" in r for r in p.reasons)
     assert p.best is None
-    assert p.patches is not None and p.patches.shape[0] == 0
+    assert p.patches is not None and p.patches.shape == (0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE)
+    assert p.features.shape == (0, len(FEATURE_NAMES))
+
+
+def test_items_without_any_feasible_grasp_make_the_planner_ask():
+    # A cup far larger than the box and a jaw that opens 1 cm: nothing passes the geometric checks.
+    frame = render([box_on_floor(0.0, 0.0, 0.05, 0.05, 0.05)])
+    p = plan(frame, PlannerConfig(tote=TOTE, cup_diameter_m=0.2, max_opening_m=0.01))
+    assert len(p.clusters) == 1 and p.candidates == ()
+    assert p.decision == "ask"
+    assert p.reasons == ("items seen but no candidate passed the geometric checks",)
 
 
 def test_ten_item_scene_gives_hundreds_of_candidates_over_every_item(scene10):
