@@ -205,6 +205,12 @@ class SimArm:
     def clear_stop(self) -> None:
         self._stopped = False
 
+    def idle(self, seconds: float) -> None:
+        """Hold still for `seconds` of robot time. Nothing moves, so no physics needs stepping."""
+        if seconds < 0:
+            raise ValueError(f"idle time must be >= 0, got {seconds}")
+        self._time += float(seconds)
+
     @property
     def held_item(self) -> int | None:
         return self._held
