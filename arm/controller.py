@@ -433,6 +433,9 @@ class CellController:
         if out.success:
             placed = self.arm.place(self._placement_for(plan, index, out.executed or grasp))
         else:
+            # Back out of the camera's view before the next look (a failed pick leaves the arm
+            # hovering over the tote, where it hides the items from the camera).
+            self.arm.home()
             st.failed_spots.append(np.asarray(grasp.position))
             centre = _centre_of(plan, plan.candidates[index]) if index is not None else grasp.position
             _bump(st.failures, np.asarray(centre), self.config.item_radius_m)

@@ -1,0 +1,182 @@
+"""Every branch of the cell's decision loop, with a real simulated cell and a real CURVE broker.
+
+The planner is the real geometric planner; only its *confidence* is scripted (ScriptedPlanner), so
+each test can put the controller in the branch it is about. People are scripted associates connected
+to the broker over real sockets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pybullet as pb
+from cellrig import ScriptedAssociate, ScriptedPlanner, add_carton, grasp_above, project
+
+from arm.controller import CellController
+from arm.interfaces import CameraError, Reason
+from hitl.ledger import Ledger
+
+
+def _in_box(stack, body: int) -> bool:
+    return body in stack.cell.items_in_box()
+
+
+def test_confident_item_is_picked_packed_and_recorded(stack_factory, tmp_path):
+    st = stack_factory()
+    body = add_carton(st)
+    ledger = Ledger(tmp_path / "ledger.sqlite", cell_id="cell-1")
+    st.controller.ledger = ledger
+    st.controller.planner = ScriptedPlanner(st.controller.planner)
+    rep = st.controller.run_tote("t0")
+    assert rep.status == "cleared"
+    assert [a.decided_by for a in rep.attempts] == ["model"]
+    assert rep.attempts[0].outcome.success and rep.attempts[0].placed.success
+    assert _in_box(st, body)
+    rows = ledger.attempts()
+    assert len(rows) == 1 and rows[0].decided_by == "model" and rows[0].outcome.success
+    assert rep.assists_requested == 0
+    ledger.close()
+
+
+def test_unsure_looks_again_then_asks_and_executes_the_approved_candidate(stack_factory, assist_rig):
+    st = stack_factory()
+    body = add_carton(st)
+    planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    st.controller.planner = planner
+    st.controller.assist = assist_rig.cell_client()
+    person = ScriptedAssociate(assist_rig.associate("alice"), lambda req: ("approve", 0, None))
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    assert rep.assists_requested == 1 and rep.assists_answered == 1
+    assert len(person.seen) == 1
+    req = person.seen[0]
+    assert req.image_png.startswith(b"\x89PNG") and req.candidates and req.reasons
+    # it looked again before asking: two plans for the first decision
+    assert planner.plans >= 3
+    assert rep.attempts[0].decided_by == "associate:alice"
+    assert rep.attempts[0].outcome.success
+    assert _in_box(st, body)
+
+
+def test_no_safe_pick_sends_the_tote_to_exception_handling(stack_factory, assist_rig):
+    st = stack_factory()
+    add_carton(st)
+    st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    st.controller.assist = assist_rig.cell_client()
+    person = ScriptedAssociate(assist_rig.associate("alice"), lambda req: ("no_safe_pick", None, None))
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    assert rep.status == "diverted"
+    assert rep.attempts == []
+    assert st.feed.diverted and "no safe pick" in st.feed.diverted[0][1]
+
+
+def test_a_clicked_pixel_becomes_a_grasp_from_depth_and_normal(stack_factory, assist_rig):
+    st = stack_factory()
+    body = add_carton(st)
+    lo, hi = (np.array(x) for x in pb.getAABB(body, physicsClientId=st.cell.client_id))
+    top_centre = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, hi[2]])
+    u, v = project(st, top_centre)
+    st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    st.controller.assist = assist_rig.cell_client()
+    person = ScriptedAssociate(assist_rig.associate("alice"), lambda req: ("point", None, (u, v)))
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    first = rep.attempts[0]
+    assert first.decided_by == "associate:alice"
+    assert first.grasp.gripper == "suction"
+    assert np.linalg.norm(first.grasp.position[:2] - top_centre[:2]) < 0.01
+    assert first.outcome.success and _in_box(st, body)
+
+
+def test_passed_deadline_skips_the_item_and_the_cell_moves_on(stack_factory, assist_rig):
+    st = stack_factory(assist_deadline_s=3.0)
+    add_carton(st)
+    st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    st.controller.assist = assist_rig.cell_client()  # nobody is answering
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        st.controller.assist.close()
+    assert rep.assists_requested == 1 and rep.assists_expired == 1 and rep.assists_answered == 0
+    assert rep.status == "diverted" and rep.attempts == []
+    assert rep.human_wait_s >= 3.0  # the robot idled (robot time) while waiting, then gave up
+
+
+def test_keeps_picking_confident_items_while_a_person_thinks(stack_factory, assist_rig, tmp_path):
+    st = stack_factory(wall_poll_s=0.02, idle_step_s=0.1)
+    left = add_carton(st, dy=-0.12)
+    right = add_carton(st, dy=+0.12)
+    y_left = st.cell.item_pose(left)[0][1]
+    st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: abs(c[1] - y_left) < 0.05)
+    st.controller.assist = assist_rig.cell_client()
+    ledger = Ledger(tmp_path / "ledger.sqlite", cell_id="cell-1")
+    st.controller.ledger = ledger
+    answered_after_right_picked = []
+
+    def decide(req):
+        # The person answers only once the cell has packed the other item: if the cell blocked on
+        # the question, this would never happen and the question would expire.
+        ok = _wait(lambda: _in_box(st, right), 20.0)
+        answered_after_right_picked.append(ok)
+        return ("approve", 0, None)
+
+    person = ScriptedAssociate(assist_rig.associate("alice"), decide)
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    assert answered_after_right_picked == [True]
+    assert [a.decided_by for a in rep.attempts] == ["model", "associate:alice"]
+    assert _in_box(st, left) and _in_box(st, right)
+    asked = ledger.request(person.seen[0].request_id)
+    assert asked is not None
+    ledger.close()
+
+
+def _wait(pred, timeout_s: float) -> bool:
+    import time
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_failed_spot_is_not_retried_and_the_next_candidate_is(stack_factory):
+    st = stack_factory()
+    body = add_carton(st)
+    bad = grasp_above(st, body, 0.10)  # 10 cm above the carton: touches nothing
+    st.controller.planner = ScriptedPlanner(st.controller.planner, prepend=lambda frame: [bad])
+    rep = st.controller.run_tote("t0")
+    reasons = [a.outcome.reason for a in rep.attempts]
+    assert reasons[0] is Reason.NO_CONTACT
+    assert reasons[1] is Reason.OK  # the fabricated spot came first again, and was skipped
+    assert np.linalg.norm(rep.attempts[1].grasp.position - bad.position) > 0.015
+    assert _in_box(st, body)
+
+
+def test_camera_that_keeps_failing_aborts_the_tote_without_crashing(stack_factory):
+    st = stack_factory()
+    add_carton(st)
+
+    class DeadCamera:
+        def capture(self):
+            raise CameraError("no frame from the sensor (USB reset)")
+
+    ctl = CellController(
+        st.cell.arm, DeadCamera(), st.controller.planner, packer=st.packer, config=st.controller.config
+    )
+    rep = ctl.run_tote("t0")
+    assert rep.status == "camera_failed" and rep.attempts == []
