@@ -169,7 +169,11 @@ class OracleGraspSource:
         height = top - lo_z
         z = top - min(self.cfg.jaw_depth, 0.5 * height)
         z = max(z, float(self.cell.tote_bounds.lo[2]) + self.cfg.jaw_floor_clearance)
+        if z > top - 0.003:
+            return []  # too flat: the fingertips would have to go below the tote floor
         xy = pts[pts[:, 2] >= z - 0.005][:, :2]
+        if len(xy) < 3:
+            return []
         com_xy = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=self.cell.client_id)[0][:2])
         widths = []
         for th in np.radians(np.arange(0.0, 180.0, 1.0)):

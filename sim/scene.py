@@ -38,7 +38,6 @@ class SceneConfig:
     box_inner: tuple[float, float, float] = (0.36, 0.28, 0.15)  # m, inside size of the outbound box
     wall: float = 0.01  # m, wall and floor thickness of tote and box
     floor_z: float = 0.0  # m, height of the floor the tote and box stand on (arm base on a pedestal above)
-    pour_inset: float = 0.06  # m, items are poured over the tote floor inset this much from the walls
     physics_hz: float = 240.0  # Hz, simulation step rate
     solver_iterations: int = 50  # count, constraint solver iterations per step
     fixture_friction: float = 0.5  # unitless, tote/box/floor lateral friction
@@ -135,14 +134,7 @@ class SimCell:
         """Drop n catalog items into the tote (sim.tote.fill_tote); returns the SpawnedItems."""
         from sim.tote import fill_tote
 
-        # Pour over the middle of the tote (as a conveyor chute or a person would), not onto the
-        # rims: items still tumble and roll, but fewer start pressed against a wall.
-        b, inset = self.tote_bounds, self.cfg.pour_inset
-        lo = b.lo + np.array([inset, inset, 0.0])
-        hi = b.hi - np.array([inset, inset, 0.0])
-        region = Bounds(lo, hi) if (hi > lo).all() else b
-        spawned = fill_tote(self.client_id, catalog, n, rng, region)
-        # fill_tote drops what settled outside `region`; items that rolled to the walls are fine.
+        spawned = fill_tote(self.client_id, catalog, n, rng, self.tote_bounds)
         for s in spawned:
             self.items[s.body_id] = s.spec
         return spawned
