@@ -266,7 +266,7 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
     metrics = CellMetrics(args.cell_id)
     if args.metrics_port >= 0:
         port = metrics.serve(args.metrics_port)
-        log.info("metrics on http://127.0.0.1:%d/metrics", port)
+        print(f"metrics on http://127.0.0.1:{port}/metrics", flush=True)
     assist = _assist_client(args.broker, args.cell_id, args.keys, args.insecure)
     cfg = ControllerConfig(
         cell_id=args.cell_id,
@@ -295,7 +295,10 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
         model_version=stack.model_version,
         totes=args.totes,
     )
-    print(f"pickcell cell {args.cell_id}: model {stack.model_version}, data {data}, from tote {first_tote}")
+    print(
+        f"pickcell cell {args.cell_id}: model {stack.model_version}, data {data}, from tote {first_tote}",
+        flush=True,
+    )
     try:
         rc = daemon.run()
     finally:
