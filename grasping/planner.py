@@ -48,7 +48,9 @@ class PlannerConfig:
     finger_width_m: float = 0.02  # metres, finger size across the closing direction
     finger_depth_m: float = 0.02  # metres, fingertips this far below the item's top
     friction_coef: float = 0.5  # Coulomb mu of the jaw's pads (friction cone half-angle atan(mu))
-    candidates_per_gripper: int = 200  # candidates kept per gripper kind after ranking (spread over items)
+    candidates_per_gripper: int = (
+        200  # per gripper kind after ranking (spread over items); the other kind fills
+    )
     max_candidates: int = 400  # at most this many candidates in the Plan (and scored by the model)
     scorer: Scorer | None = field(default=None, compare=False)  # learned scorer; None = analytic only
     analytic_threshold: float = 0.6  # [0, 1] analytic score needed to pick when no scorer is configured
@@ -170,9 +172,14 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     ccfg = config.candidate_config()
     suction = suction_candidates(cloud, ccfg, rng)
     jaw = jaw_candidates(cloud, ccfg, rng, config.voxel_m)
+    # Up to candidates_per_gripper of each kind; when one kind has fewer, the other fills the
+    # remaining places up to max_candidates (so a scene of items too wide for the jaw still gets
+    # its several hundred suction candidates).
     per = config.candidates_per_gripper
-    cands = CandidateSet.concat([select_spread(suction, per), select_spread(jaw, per)])
-    cands = select_spread(cands, config.max_candidates)
+    n_jaw = min(len(jaw), per, config.max_candidates)
+    n_suction = min(len(suction), config.max_candidates - n_jaw)
+    n_jaw = min(len(jaw), config.max_candidates - n_suction)
+    cands = CandidateSet.concat([select_spread(suction, n_suction), select_spread(jaw, n_jaw)])
     t_cand = time.perf_counter()
     patches = extract_patches(cloud, cands.positions, cands.rotations)
     features = cands.features
