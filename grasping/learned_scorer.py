@@ -17,7 +17,12 @@ from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer, ScoreResult
 
 log = logging.getLogger(__name__)
 
-INFERENCE_THREADS = 2  # the cell computer's cores; more threads than cores only adds contention
+# One intra-op thread. Measured on the 2-core machine (benchmarks/scorer_latency.py, docs/benchmarks.md):
+# while other processes share the cores -- as the simulator, the controller and the broker do on a
+# cell -- two torch threads spin against each other and p50 for 300 candidates went from about 4 ms
+# (1 thread) to 50-130 ms. One thread scores 500 candidates in about 10 ms even then. A cell with
+# cores to spare can pass num_threads=2.
+INFERENCE_THREADS = 1
 
 
 class LearnedScorer:

@@ -6,9 +6,10 @@ small MLP); the two are fused into an embedding. The embedding feeds one small h
 type and also the covariate-shift watchdog (`grasping.watchdog`), so "how far from the training
 data is this candidate" is measured in the very space the heads decide in.
 
-Sized for the cell's latency budget: about 60 k parameters, strided convolutions so the first layer
-already works at S/2; 500 candidates in a few milliseconds on 2 CPU cores
-(`benchmarks/scorer_latency.py`).
+Sized for the cell's latency budget: about 45 k parameters; stride-2 convolutions from the first
+layer on, and narrow early layers (8, 16, 32 channels), because on a CPU the cost sits in the
+full-resolution layers (widths 16/32/32 scored the same on the synthetic benchmark task at 2.5x the
+time). Latency is measured by `benchmarks/scorer_latency.py`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ class GraspNet(nn.Module):
     suction and jaw candidates is one forward pass with no Python-level branching.
     """
 
-    def __init__(self, in_channels: int, patch_size: int, n_features: int, embed_dim: int = 64) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        patch_size: int,
+        n_features: int,
+        embed_dim: int = 64,
+        channels: tuple[int, int, int] = (8, 16, 32),
+    ) -> None:
         super().__init__()
-        if in_channels < 1 or n_features < 0 or embed_dim < 1:
-            raise ValueError(f"bad GraspNet args: {in_channels=}, {n_features=}, {embed_dim=}")
+        channels = tuple(int(c) for c in channels)
+        if in_channels < 1 or n_features < 0 or embed_dim < 1 or len(channels) != 3 or min(channels) < 1:
+            raise ValueError(f"bad GraspNet args: {in_channels=}, {n_features=}, {embed_dim=}, {channels=}")
         if patch_size < 8 or patch_size % 8:
             # Three stride-2 convolutions: the patch must halve cleanly three times.
             raise ValueError(f"patch_size must be a multiple of 8 and >= 8, got {patch_size}")
@@ -37,19 +46,22 @@ class GraspNet(nn.Module):
         self.patch_size = int(patch_size)
         self.n_features = int(n_features)
         self.embed_dim = int(embed_dim)
+        self.channels = channels
+        c1, c2, c3 = channels
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, stride=2, padding=1),
+            nn.Conv2d(in_channels, c1, 3, stride=2, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            nn.Conv2d(c2, c3, 3, stride=2, padding=1),
             nn.ReLU(inplace=True),
             # A 4x4 grid keeps *where* things are (centre vs rim matters for a seal or a pinch);
-            # global average pooling would throw that away.
-            nn.AdaptiveAvgPool2d(4),
+            # global average pooling would throw that away. At S = 32 the grid is already 4x4, and
+            # an identity adaptive pool still costs more than a convolution on the CPU: skip it.
+            nn.Identity() if patch_size // 8 == 4 else nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
         )
-        conv_out = 32 * 4 * 4
+        conv_out = c3 * 4 * 4
         feat_hidden = 32 if n_features > 0 else 0
         self.feature_mlp = (
             nn.Sequential(nn.Linear(n_features, feat_hidden), nn.ReLU(inplace=True))
@@ -92,13 +104,14 @@ class GraspNet(nn.Module):
         logits = all_logits.gather(1, gripper.long().view(-1, 1)).squeeze(1)
         return logits, emb
 
-    def arch_args(self) -> dict[str, int]:
+    def arch_args(self) -> dict[str, int | list[int]]:
         """Constructor arguments, as written into a model file's metadata."""
         return {
             "in_channels": self.in_channels,
             "patch_size": self.patch_size,
             "n_features": self.n_features,
             "embed_dim": self.embed_dim,
+            "channels": list(self.channels),
         }
 
 

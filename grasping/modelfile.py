@@ -268,7 +268,10 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> LoadedMo
     except Exception as exc:  # safetensors raises its own SafetensorError for bad framing
         raise ModelFileError(p, f"corrupt tensors ({exc})") from None
     try:
-        net = GraspNet(**{k: int(arch[k]) for k in ("in_channels", "patch_size", "n_features", "embed_dim")})
+        net = GraspNet(
+            **{k: int(arch[k]) for k in ("in_channels", "patch_size", "n_features", "embed_dim")},
+            channels=tuple(int(c) for c in arch["channels"]),
+        )
         state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
         net.load_state_dict(state, strict=True)
         net.eval()

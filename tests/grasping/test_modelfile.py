@@ -58,7 +58,13 @@ def test_round_trip_keeps_weights_calibration_thresholds_watchdog_and_metadata(t
     assert digest == file_sha256(path) == read_sidecar(path)
     m = load_model(path)
     assert m.version == "test-1" and m.sha256 == digest
-    assert m.meta["arch"] == {"in_channels": 2, "patch_size": 32, "n_features": 4, "embed_dim": 64}
+    assert m.meta["arch"] == {
+        "in_channels": 2,
+        "patch_size": 32,
+        "n_features": 4,
+        "embed_dim": 64,
+        "channels": [8, 16, 32],
+    }
     assert m.meta["metrics"] == {"auroc": 0.9}
     assert m.calibrators[0].temperature == pytest.approx(1.7) and m.calibrators[0].bias == pytest.approx(-0.2)
     assert m.calibrators[1].method == ISOTONIC
