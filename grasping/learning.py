@@ -776,11 +776,16 @@ def train(dataset: Dataset, cfg: TrainConfig, out_path: str | Path) -> TrainResu
         "watchdog": wd_info,
         "history": history,
     }
-    # Write once without test metrics, load it back through the real loading path, evaluate the
+    # Write a draft without test metrics, load it back through the real loading path, evaluate the
     # file (not the in-memory net), then write the final file with the metrics that promoted it.
-    save_model(out_path, net, calibrators, thresholds, watchdog, meta)
-    scorer = LearnedScorer(load_model(out_path), num_threads=None)
-    metrics = evaluate(scorer, parts["test"])
+    draft = out_path.with_name(f".{out_path.name}.draft")
+    save_model(draft, net, calibrators, thresholds, watchdog, meta)
+    try:
+        scorer = LearnedScorer(load_model(draft), num_threads=None)
+        metrics = evaluate(scorer, parts["test"])
+    finally:
+        draft.unlink(missing_ok=True)
+        Path(str(draft) + ".sha256").unlink(missing_ok=True)
     metrics["baseline_feature_auroc"] = _feature_baseline_auroc(parts["train"], parts["test"], cfg.seed)
     metrics["train_seconds"] = round(time.time() - t0, 1)
     metrics["epochs_run"] = len(history)
@@ -851,6 +856,8 @@ def gate(
     from grasping.learned_scorer import LearnedScorer
 
     tol = tolerance or GateTolerance()
+    if len(holdout) == 0 or holdout.label.min() == holdout.label.max():
+        raise ValueError(f"holdout {holdout.origin} needs both successes and failures to gate a model")
     cand = LearnedScorer.from_file(candidate_path, num_threads=None)
     cm = evaluate(cand, holdout)
     im = (

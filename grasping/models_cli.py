@@ -67,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="refuse to train if any row is from this family (e.g. the test catalog); repeatable",
     )
     t.add_argument("--version", help="model version string (default graspnet-<UTC time>-s<seed>)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_train)
@@ -153,6 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             forbidden_families=tuple(args.forbid_family),
             model_version=version,
             progress=not args.no_progress and sys.stderr.isatty(),
+            threads=args.threads,
         )
         res = train(ds, cfg, out)
     except (DatasetError, ModelFileError) as exc:

@@ -188,6 +188,19 @@ def test_retraining_weights_families_the_incumbent_never_saw(tmp_path) -> None:
     assert load_model(res.path).meta["new_families"] == ["holey"]
 
 
+def test_executed_risk_mode_sets_stricter_thresholds(tmp_path) -> None:
+    """risk='executed' bounds failures among auto-executed picks, so its thresholds sit higher."""
+    ds = training_data()
+    cfg = TrainConfig(epochs=1, progress=False, risk="executed", model_version="strict", threads=1)
+    strict = load_model(train(ds, cfg, tmp_path / "strict.safetensors").path)
+    assert strict.meta["risk"] == "executed"
+    joint_cfg = TrainConfig(epochs=1, progress=False, model_version="joint", threads=1)
+    joint = load_model(train(ds, joint_cfg, tmp_path / "joint.safetensors").path)
+    assert np.all(strict.thresholds >= joint.thresholds)
+    assert np.any(strict.thresholds > joint.thresholds)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no drafts left
+
+
 def degraded_copy(src: Path, dst: Path) -> None:
     """The same model with its heads' output weights negated: it ranks picks backwards."""
     m = load_model(src)
@@ -226,5 +239,7 @@ def test_gate_runs_the_pluggable_simulation_suite(tmp_path) -> None:
     assert seen == [Path(good)]
     assert not report.passed and report.sim == {"success_rate": 0.41, "baseline": 0.63}
     assert "FAIL: simulation regression suite failed" in report.reasons
+    with pytest.raises(ValueError, match="needs both successes and failures"):
+        gate(good, None, holdout.subset(np.flatnonzero(holdout.label == 1)))
     strict = gate(good, None, holdout, tolerance=GateTolerance(ece_max=0.0))
     assert not strict.passed and strict.reasons[0].startswith("FAIL: ECE")
