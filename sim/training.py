@@ -1,0 +1,387 @@
+"""Training from simulation: collect labelled picks, train, gate, register (`pickcell train --from-sim`).
+
+What it is
+    `train_from_sim(episodes, out_path, seed)` runs the whole loop of the architecture on the
+    simulated cell: `sim.collect` executes exploration-sampled candidates in `episodes` totes of the
+    training catalogs (never `test` or `procedural`) and records every attempt in per-worker ledgers
+    -> `hitl.ledger.Ledger.export` (merged) -> `grasping.learning.train` (split by tote, importance
+    weights, early stopping, per-gripper calibration, conformal thresholds, watchdog) -> a model
+    file, its sha256 sidecar and a model card that adds the collection (catalogs, attempts, labels
+    per gripper and family) and the reproducing command -> `grasping.learning.gate` against the
+    incumbent on held-out totes plus the simulation regression suite below -> registry add, and
+    promote when the gate passes.
+
+What is randomised
+    Collection, splits and training all derive from `seed`. Held-out totes for the gate are the
+    tote numbers with n % `holdout_every` == `holdout_every` - 1: no model trained here sees them.
+
+What counts as success
+    The gate: holdout ECE <= 0.05, AUROC and ECE no worse than the incumbent's (within tolerance),
+    auto-executed-and-failed rate <= alpha (+ tolerance), and `SimRegressionSuite`: K benchmark
+    episodes through the real controller on `procedural-train` totes (seeds disjoint from the
+    collection) where the candidate's first-attempt success is at least the incumbent's (or, with no
+    incumbent, the analytic planner's) minus `tolerance`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.collect import (
+    TEST_CATALOGS,
+    TRAINING_CATALOGS,
+    CollectConfig,
+    CollectError,
+    collect_parallel,
+    export_merged,
+    ledger_paths,
+)
+
+log = logging.getLogger(__name__)
+
+SIM_SUITE_SEED = 7_000_001  # benchmark seed of the regression suite (its totes are not collection totes)
+
+
+# --- the simulation regression suite (the gate's pluggable callable) ---------------------------------
+
+
+@dataclass(frozen=True)
+class SimRegressionSuite:
+    """Gate callable: model path -> (passed, details). Compares first-attempt success in simulation.
+
+    Both planners run the same K episodes (same seeds, same totes) of `catalog` through
+    `sim.benchmark.episode.run_bench_episode`, i.e. the real controller with the simulated associate.
+    """
+
+    episodes: int = 6  # K benchmark episodes (totes) per planner
+    objects_per_tote: int = 8  # items per tote
+    catalog: str = "procedural-train"  # a training catalog: the gate never looks at test data
+    seed: int = SIM_SUITE_SEED  # benchmark seed (episode seeds derived from it)
+    incumbent: str | None = None  # incumbent model file; None: compare with the analytic planner
+    tolerance: float = 0.05  # candidate first-attempt success may be this much below the baseline
+    workers: int = 2  # worker processes
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.catalog in TEST_CATALOGS:
+            raise CollectError(f"the regression suite must not run on the test catalog {self.catalog!r}")
+
+    def _run(self, planner: str, model: str | None) -> dict[str, Any]:
+        from sim.benchmark.episode import run_bench_episode
+        from sim.benchmark.metrics import aggregate
+        from sim.benchmark.runner import make_specs, run_episodes
+
+        specs = make_specs(
+            self.episodes,
+            self.seed,
+            catalog=self.catalog,
+            objects_per_tote=self.objects_per_tote,
+            planner=planner,
+            associate="sim",
+            model_path=model,
+        )
+        eps, wall = run_episodes(specs, run_bench_episode, workers=self.workers, progress=self.progress)
+        m = aggregate(eps)
+        keep = ("first_attempt_success", "first_attempt_success_ci95", "clearance_rate", "mpph", "attempts")
+        return {k: m[k] for k in keep if k in m} | {"wall_seconds": round(wall, 1), "planner": planner}
+
+    def __call__(self, model_path: Path) -> tuple[bool, dict[str, Any]]:
+        cand = self._run("learned", str(model_path))
+        base = self._run("learned", self.incumbent) if self.incumbent else self._run("analytic", None)
+        ok = cand["first_attempt_success"] >= base["first_attempt_success"] - self.tolerance
+        return ok, {
+            "catalog": self.catalog,
+            "episodes": self.episodes,
+            "seed": self.seed,
+            "tolerance": self.tolerance,
+            "candidate": cand,
+            "baseline": base,
+            "baseline_is": "incumbent" if self.incumbent else "analytic",
+        }
+
+
+# --- dataset helpers ---------------------------------------------------------------------------------
+
+
+def tote_of(row_id: str) -> str:
+    """The tote id of a collection row id (`<cell>-s<seed>-tote-<n>-a<k>`); the row id if not one."""
+    head, sep, tail = str(row_id).rpartition("-a")
+    return head if sep and tail.isdigit() and "-tote-" in head else str(row_id)
+
+
+def tote_number(tote_id: str) -> int:
+    try:
+        return int(tote_id.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def load_sim_dataset(data_dir: str | Path) -> Any:
+    """An export as a `grasping.learning.Dataset` whose scene key is the tote (whole totes per split)."""
+    from grasping.learning import load_dataset
+
+    ds = load_dataset(data_dir)
+    totes = np.array([tote_of(s) for s in ds.scene.astype(str)])
+    return replace(ds, scene=totes)
+
+
+def concat_datasets(parts: list[Any]) -> Any:
+    """One Dataset from several with the same patch shape and feature names (origins joined)."""
+    from grasping.learning import Dataset, DatasetError
+
+    if not parts:
+        raise DatasetError("no datasets to join")
+    if len(parts) == 1:
+        return parts[0]
+    ref = parts[0]
+    for d in parts[1:]:
+        if d.patches.shape[1:] != ref.patches.shape[1:] or d.features.shape[1:] != ref.features.shape[1:]:
+            raise DatasetError(
+                f"{d.origin}: patch/feature shape {d.patches.shape[1:]}/{d.features.shape[1:]} differs "
+                f"from {ref.origin}'s {ref.patches.shape[1:]}/{ref.features.shape[1:]}"
+            )
+    cols = ("patches", "features", "gripper", "label", "timestamp", "source", "family", "scene", "ood_sigma")
+    return Dataset(
+        **{c: np.concatenate([getattr(d, c) for d in parts]) for c in cols},
+        feature_names=ref.feature_names,
+        origin=" + ".join(d.origin for d in parts),
+    )
+
+
+def split_holdout(ds: Any, every: int) -> tuple[Any, Any]:
+    """(training rows, held-out rows): held out = totes with number % every == every - 1."""
+    n = np.array([tote_number(t) for t in ds.scene.astype(str)])
+    held = (n % every) == every - 1 if every > 1 else np.zeros(len(n), dtype=bool)
+    return ds.subset(np.flatnonzero(~held)), ds.subset(np.flatnonzero(held))
+
+
+def collection_summary(ledgers: list[Path]) -> dict[str, Any]:
+    """Catalogs, totes, attempts and labels per gripper and family, read back from the ledgers.
+
+    Raises CollectError if any attempt came from a test catalog (a collection must never have).
+    """
+    import sqlite3
+
+    by_cat: dict[str, int] = {}
+    table: dict[tuple[str, str], list[int]] = {}
+    reasons: dict[str, int] = {}
+    modes: dict[str, list[int]] = {}
+    totes: set[str] = set()
+    attempts = 0
+    for path in ledgers:
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT gripper, success, reason, family, details FROM attempts").fetchall()
+        finally:
+            con.close()
+        for gripper, success, reason, family, details in rows:
+            d = json.loads(details or "{}")
+            cat = d.get("catalog", "?")
+            if cat in TEST_CATALOGS:
+                raise CollectError(
+                    f"{path}: attempt from test catalog {cat!r}; this data must not be trained on"
+                )
+            attempts += 1
+            by_cat[cat] = by_cat.get(cat, 0) + 1
+            totes.add(d.get("tote", ""))
+            reasons[reason] = reasons.get(reason, 0) + 1
+            if reason in ("ik_failed", "unreachable", "invalid", "estop", "not_holding"):
+                continue
+            row = table.setdefault((family or "unknown", gripper), [0, 0])
+            row[0] += 1
+            row[1] += int(success)
+            mode = str(d.get("mode", "?"))
+            mode = "bins" if mode.startswith("bin") else mode
+            mrow = modes.setdefault(mode, [0, 0])
+            mrow[0] += 1
+            mrow[1] += int(success)
+    return {
+        "ledgers": [str(p) for p in ledgers],
+        "totes": len(totes),
+        "attempts": attempts,
+        "attempts_by_catalog": by_cat,
+        "reasons": reasons,
+        "labels": {f"{f}/{g}": {"n": n, "success": s} for (f, g), (n, s) in sorted(table.items())},
+        "by_exploration_mode": {m: {"n": n, "success": s} for m, (n, s) in sorted(modes.items())},
+    }
+
+
+def _collection_card(
+    summary: dict[str, Any], command: str, gate: Any, holdout_rows: int, extra: tuple[str, ...] = ()
+) -> str:
+    fams = sorted({k.split("/")[0] for k in summary["labels"]})
+    lines = [
+        "",
+        "## Simulation collection (self-supervised labels)",
+        f"- catalogs: {summary['attempts_by_catalog']} (attempts per catalog; the test catalogs "
+        f"{list(TEST_CATALOGS)} are refused by `sim.collect`)",
+        f"- totes: {summary['totes']}, attempts recorded: {summary['attempts']} "
+        f"(reasons: {summary['reasons']}); IK-failed/unreachable attempts are recorded but unlabelled",
+        f"- exploration modes (labelled n, successes): {summary['by_exploration_mode']}",
+        f"- gate holdout: {holdout_rows} labelled rows from totes no model trained on",
+        f"- earlier exports trained on as well: {list(extra) or 'none'}",
+        "",
+        "| family | suction n | suction success | jaw n | jaw success |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f in fams:
+        s = summary["labels"].get(f"{f}/suction", {"n": 0, "success": 0})
+        j = summary["labels"].get(f"{f}/parallel_jaw", {"n": 0, "success": 0})
+        lines.append(f"| {f} | {s['n']} | {s['success']} | {j['n']} | {j['success']} |")
+    lines += ["", "## Reproduce", "```", command, "```", ""]
+    if gate is not None:
+        lines += ["## Gate", f"- passed: {gate.passed}", *[f"- {r}" for r in gate.reasons]]
+        if gate.sim is not None:
+            c, b = gate.sim["candidate"], gate.sim["baseline"]
+            lines.append(
+                f"- simulation suite ({gate.sim['episodes']} episodes of {gate.sim['catalog']}, seed "
+                f"{gate.sim['seed']}): first-attempt success {c['first_attempt_success']:.3f} vs "
+                f"{gate.sim['baseline_is']} {b['first_attempt_success']:.3f}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- the whole loop ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainFromSimResult:
+    model_path: Path
+    card_path: Path
+    sha256: str
+    version: str
+    metrics: dict[str, Any]  # test-split metrics from grasping.learning.train
+    holdout: dict[str, Any] | None  # candidate metrics on the held-out totes (from the gate)
+    gate: Any | None  # grasping.learning.GateReport (None when gating was skipped)
+    promoted: bool
+    collection: dict[str, Any]  # collection_summary
+    data_dir: Path
+
+
+@dataclass(frozen=True)
+class TrainFromSimConfig:
+    workers: int = 2  # collection worker processes
+    objects_per_tote: int = 8  # items per tote
+    catalogs: tuple[str, ...] = TRAINING_CATALOGS  # training catalogs only
+    families: tuple[str, ...] | None = None  # only these procedural families (None: all)
+    holdout_every: int = 10  # every 10th tote is held out for the gate
+    # Earlier exports (this loader's format, e.g. a previous collection or cell ledgers) trained on
+    # together with the new collection: replay of old data. The caller vouches they hold no test items.
+    extra_data: tuple[str, ...] = ()
+    registry: str | None = None  # registry directory; None: no registry (file + card only)
+    incumbent: str | None = None  # incumbent model file (default: the registry's current, if any)
+    sim_suite_episodes: int = 6  # K episodes per planner in the regression suite; 0 = no sim suite
+    sim_suite_tolerance: float = 0.05  # first-attempt success the candidate may lose in the suite
+    gate: bool = True  # run the gate (holdout + sim suite); False: train only
+    progress: bool = True
+    train: Any = None  # grasping.learning.TrainConfig (None: defaults with this seed)
+    exploration: Any = None  # sim.collect.ExplorationConfig (None: defaults)
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the card (e.g. the CLI command)
+
+
+def train_from_sim(
+    episodes: int,
+    out_path: str | Path,
+    seed: int = 0,
+    *,
+    work_dir: str | Path | None = None,
+    config: TrainFromSimConfig | None = None,
+    command: str | None = None,
+) -> TrainFromSimResult:
+    """Collect `episodes` totes in simulation, train a model to `out_path`, gate and register it.
+
+    `work_dir` keeps the collection ledgers and the export (default `<out_path stem>.work/`); running
+    again with the same work_dir and seed resumes the collection instead of starting over.
+    `command` is recorded in the card as the reproducing command (default: this process's argv).
+    """
+    from grasping.learning import TrainConfig, gate, train
+    from sim.collect import ExplorationConfig
+
+    cfg = config or TrainFromSimConfig()
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    out_path = Path(out_path)
+    work = Path(work_dir) if work_dir else out_path.with_name(out_path.stem + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    ccfg = CollectConfig(
+        catalogs=cfg.catalogs,
+        families=cfg.families,
+        objects_per_tote=cfg.objects_per_tote,
+        max_attempts_per_tote=2 * cfg.objects_per_tote,
+        seed=seed,
+        exploration=cfg.exploration or ExplorationConfig(),
+    )
+    t0 = time.time()
+    stats = collect_parallel(work / "collect", ccfg, episodes, workers=cfg.workers, progress=cfg.progress)
+    log.info("collected %d attempts (%d labelled) in %.0f s", stats.attempts, stats.labeled, time.time() - t0)
+    ledgers = ledger_paths(work / "collect")
+    summary = collection_summary(ledgers)
+    data_dir = work / "data"
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # derived from the ledgers: re-export what they hold now
+    export_merged(ledgers, data_dir)
+    ds = concat_datasets([load_sim_dataset(data_dir), *(load_sim_dataset(d) for d in cfg.extra_data)])
+    train_ds, holdout = split_holdout(ds, cfg.holdout_every)
+
+    incumbent = cfg.incumbent
+    reg = None
+    if cfg.registry:
+        from grasping.registry import ModelRegistry
+
+        reg = ModelRegistry(cfg.registry)
+        if incumbent is None:
+            cur = reg.current()
+            incumbent = str(cur) if cur is not None else None
+    tcfg = cfg.train or TrainConfig(seed=seed, progress=cfg.progress)
+    tcfg = replace(tcfg, incumbent=tcfg.incumbent or incumbent)
+    res = train(train_ds, tcfg, out_path)
+
+    report = None
+    if cfg.gate and len(holdout) and holdout.label.min() != holdout.label.max():
+        suite = None
+        if cfg.sim_suite_episodes > 0:
+            suite = SimRegressionSuite(
+                episodes=cfg.sim_suite_episodes,
+                objects_per_tote=cfg.objects_per_tote,
+                incumbent=incumbent,
+                tolerance=cfg.sim_suite_tolerance,
+                workers=cfg.workers,
+                progress=cfg.progress,
+            )
+        report = gate(res.path, incumbent, holdout, sim_suite=suite)
+    elif cfg.gate:
+        log.warning("gate skipped: the held-out totes hold %d rows of one class or none", len(holdout))
+
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    with open(res.card_path, "a") as f:
+        f.write(_collection_card(summary, command, report, len(holdout), cfg.extra_data))
+
+    promoted = False
+    if reg is not None:
+        reg.add(res.path, gate_report=report)
+        if report is not None and report.passed:
+            reg.promote(res.version, reason=f"train_from_sim seed {seed}, {episodes} totes")
+            promoted = True
+    return TrainFromSimResult(
+        model_path=res.path,
+        card_path=res.card_path,
+        sha256=res.sha256,
+        version=res.version,
+        metrics=res.metrics,
+        holdout=report.candidate if report is not None else None,
+        gate=report,
+        promoted=promoted,
+        collection=summary | {"this_run": asdict(stats)},
+        data_dir=data_dir,
+    )
