@@ -398,6 +398,10 @@ class TrainConfig:
     alpha: float = 0.05  # conformal risk level for auto-execution
     risk: str = "joint"  # "joint": CRC bound on P(executed and failed); "executed": P(fail | executed)
     delta: float = 0.1  # confidence of the "executed" (Learn-then-Test) bound
+    # Calibrated p below which the cell never acts alone, whatever the risk control allows: the joint
+    # CRC bound can admit low thresholds when few held-out rows score high (raising a threshold only
+    # lowers the controlled risk, so the guarantee still holds).
+    min_threshold: float = 0.5
     val_fraction: float = 0.10  # fractions of scenes per split; train gets the rest
     calib_fraction: float = 0.15
     conformal_fraction: float = 0.15
@@ -551,8 +555,9 @@ def _thresholds(p: np.ndarray, y: np.ndarray, g: np.ndarray, cfg: TrainConfig) -
             res = executed_failure_threshold(p[rows], y[rows], cfg.alpha, cfg.delta)
         else:
             raise ValueError(f"risk must be 'joint' or 'executed', got {cfg.risk!r}")
-        thr[k] = res.threshold
-        info[GRIPPER_NAMES[k]] = asdict(res)
+        thr[k] = max(res.threshold, cfg.min_threshold)
+        floored = cfg.min_threshold if thr[k] > res.threshold else None
+        info[GRIPPER_NAMES[k]] = {**asdict(res), "floored_to": floored}
     return thr, info
 
 

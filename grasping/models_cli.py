@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
         res = train(ds, cfg, out)
-    except (DatasetError, ModelFileError) as exc:
+    except (DatasetError, ModelFileError, ValueError) as exc:
         return _fail(str(exc))
     if args.json:
         print(

@@ -94,24 +94,33 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _scene_groups(
     scene: np.ndarray, family: np.ndarray | None, min_scene_rows: int, pseudo_scene_size: int, seed: int
-) -> list[np.ndarray]:
-    """Row-index groups to compute scene statistics on (real scenes, or pseudo-scenes by family)."""
+) -> tuple[list[np.ndarray], int]:
+    """Row-index groups to compute scene statistics on, and the pseudo-scene size (0: real scenes).
+
+    Real scenes when they are big enough; otherwise pseudo-scenes of rows of one family (leftover
+    rows of all families pooled), shrunk on small held-out sets so that there are about 20 of them.
+    """
     scene = np.asarray(scene)
     _, inv, counts = np.unique(scene, return_inverse=True, return_counts=True)
     if np.median(counts) >= min_scene_rows:
-        return [np.flatnonzero(inv == k) for k in range(counts.size) if counts[k] >= 1]
+        return [np.flatnonzero(inv == k) for k in range(counts.size)], 0
+    size = max(1, min(pseudo_scene_size, scene.size // 20))
     rng = np.random.default_rng(seed)
-    fam = (
-        np.zeros(scene.size, dtype=np.int64) if family is None else np.unique(family, return_inverse=True)[1]
-    )
+    if family is None:
+        fam = np.zeros(scene.size, dtype=np.int64)
+    else:
+        fam = np.unique(np.asarray(family), return_inverse=True)[1]
     groups: list[np.ndarray] = []
+    leftover: list[np.ndarray] = []
     for f in np.unique(fam):
         rows = rng.permutation(np.flatnonzero(fam == f))
-        # Keep whole scenes together inside a pseudo-scene where possible: order by scene first.
-        rows = rows[np.argsort(inv[rows], kind="stable")]
-        for start in range(0, rows.size - pseudo_scene_size + 1, pseudo_scene_size):
-            groups.append(rows[start : start + pseudo_scene_size])
-    return groups
+        rows = rows[np.argsort(inv[rows], kind="stable")]  # keep rows of one scene together
+        full = rows.size - rows.size % size
+        groups.extend(rows[s : s + size] for s in range(0, full, size))
+        leftover.append(rows[full:])
+    rest = np.concatenate(leftover) if leftover else np.zeros(0, dtype=np.int64)
+    groups.extend(rest[s : s + size] for s in range(0, rest.size - rest.size % size, size))
+    return groups, size
 
 
 def conformal_quantile(values: np.ndarray, q: float) -> float:
@@ -157,10 +166,13 @@ def fit_watchdog(
 
     def scene_scores(emb: np.ndarray, scene: np.ndarray, fam: np.ndarray | None, s: int) -> np.ndarray:
         cand = partial.candidate_scores(emb)
-        groups = _scene_groups(scene, fam, min_scene_rows, pseudo_scene_size, s)
-        if not groups:
-            raise ValueError("not enough held-out rows to form a single scene for the watchdog")
+        groups, size = _scene_groups(scene, fam, min_scene_rows, pseudo_scene_size, s)
+        if len(groups) < 2:
+            raise ValueError(f"the watchdog needs at least 2 held-out scenes, got {len(groups)}")
+        sizes.append(size)
         return np.array([np.median(cand[g]) for g in groups])
+
+    sizes: list[int] = []
 
     ref = scene_scores(ref_embeddings, ref_scene, ref_family, seed)
     sd = float(np.std(ref, ddof=1)) if ref.size > 1 else 0.0
@@ -176,5 +188,6 @@ def fit_watchdog(
         "watchdog_threshold_sigma": threshold,
         "watchdog_shrinkage": shrink,
         "watchdog_quantile_exact": float(math.ceil((thr_raw.size + 1) * quantile) <= thr_raw.size),
+        "watchdog_pseudo_scene_size": float(max(sizes)),  # 0: real scenes were used
     }
     return wd, info

@@ -201,6 +201,19 @@ def test_executed_risk_mode_sets_stricter_thresholds(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no drafts left
 
 
+def test_thresholds_never_go_below_the_configured_floor() -> None:
+    from grasping.learning import _thresholds
+
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.1, 0.4, 400)  # low scores, but every pick succeeded: CRC alone would allow 0.1
+    y = np.ones(400)
+    g = np.repeat([0, 1], 200)
+    thr, info = _thresholds(p, y, g, TrainConfig(min_threshold=0.5))
+    assert np.all(thr == 0.5) and info["suction"]["threshold"] < 0.5 and info["suction"]["floored_to"] == 0.5
+    thr, _ = _thresholds(p, y, g, TrainConfig(min_threshold=0.0))
+    assert np.all(thr < 0.15)
+
+
 def degraded_copy(src: Path, dst: Path) -> None:
     """The same model with its heads' output weights negated: it ranks picks backwards."""
     m = load_model(src)

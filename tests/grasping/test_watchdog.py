@@ -54,6 +54,7 @@ def test_single_row_scenes_are_pooled_into_pseudo_scenes() -> None:
     ids = np.arange(3000)  # every row its own scene
     wd, info = fit_watchdog(train, ref, ids, thr, ids, pseudo_scene_size=30)
     assert info["watchdog_ref_scenes"] == 100 and info["watchdog_thr_scenes"] == 100
+    assert info["watchdog_pseudo_scene_size"] == 30
     live, _ = gaussian_scenes(1, 30, rng)
     assert abs(wd.score(live)[1]) < 3  # a live 30-candidate scene is judged on the same scale
 
@@ -68,6 +69,9 @@ def test_conformal_quantile_and_bad_input() -> None:
         wd.candidate_scores(np.zeros((3, 5)))
     with pytest.raises(ValueError, match="at least 2"):
         fit_watchdog(e[:1], e, np.zeros(200), e, np.zeros(200))
+    # A small held-out set of single-row scenes still works: the pseudo-scenes shrink.
+    wd, info = fit_watchdog(e, e[:60], np.arange(60), e[60:120], np.arange(60))
+    assert info["watchdog_pseudo_scene_size"] == 3 and info["watchdog_ref_scenes"] == 20
 
 
 def test_trained_model_flags_an_unseen_family_with_auroc_over_0_9() -> None:
