@@ -1,10 +1,12 @@
 """The picture an associate sees when the cell asks for help: numbered candidates over the RGB image.
 
-Suction candidates are circles at the cup's contact point; parallel-jaw candidates are a line
-between the two fingertips (projected with K and T_base_camera) with a dot at the centre. Colour
-runs red (0) -> yellow -> green (1) with the candidate's score (calibrated p(success) when the plan
-has it, else the analytic score). Numbers are the candidates' positions in the Plan (0 = best), the
-same indices the associate answers with. The decision and the reasons are written on top.
+The best `max_candidates` distinct candidates are drawn (near-duplicates of a better one, same
+gripper within 12 px, are left out). Suction candidates are circles at the cup's contact point;
+parallel-jaw candidates are a line between the two fingertips (projected with K and
+T_base_camera) with a dot at the centre. Colour runs red (0) -> yellow -> green (1) with the
+candidate's score (calibrated p(success) when the plan has it, else the analytic score). Numbers
+are the candidates' positions in the Plan (0 = best), the same indices the associate answers
+with. The decision and the reasons are written on top.
 
 Pillow only (installed with matplotlib): a plan's picture costs a few milliseconds, not the ~0.5 s
 of importing pyplot.
@@ -46,6 +48,23 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _pick_shown(plan: Plan, max_candidates: int, min_sep_px: float = 12.0) -> list[tuple[int, object]]:
+    """The best candidates to draw, skipping near-duplicates (same gripper within `min_sep_px` of one
+    already shown) so the picture offers distinct choices. Numbers stay the Plan's indices."""
+    shown: list[tuple[int, object]] = []
+    for i, c in enumerate(plan.candidates):
+        if len(shown) >= max_candidates:
+            break
+        if any(
+            c.grasp.gripper == o.grasp.gripper
+            and np.hypot(c.pixel[0] - o.pixel[0], c.pixel[1] - o.pixel[1]) < min_sep_px
+            for _, o in shown
+        ):
+            continue
+        shown.append((i, c))
+    return shown
+
+
 def render_plan(frame: Frame, plan: Plan, max_candidates: int = 20) -> Image.Image:
     """The annotated picture as a PIL image of the frame's size."""
     if max_candidates < 0:
@@ -55,8 +74,7 @@ def render_plan(frame: Frame, plan: Plan, max_candidates: int = 20) -> Image.Ima
     h, w = frame.shape
     scale = max(1.0, w / 640.0)
     small, big = _font(int(11 * scale)), _font(int(13 * scale))
-    # Draw the worst of the shown candidates first so the best ones end up on top.
-    shown = list(enumerate(plan.candidates[:max_candidates]))[::-1]
+    shown = _pick_shown(plan, max_candidates)[::-1]  # worst first, so the best end up on top
     for i, c in shown:
         col = score_colour(c.score)
         u, v = c.pixel

@@ -41,12 +41,14 @@ class CloudConfig:
     voxel_m: float = 0.004  # metres, voxel edge for downsampling item points
     pixel_stride: int = 2  # pixels, sampling step of the depth image inside the tote's rectangle
     wall_margin_m: float = 0.008  # metres, points this close to a tote wall (x/y) are wall
+    above_rim_m: float = 0.15  # metres, how far above the tote's top items are still kept
     floor_margin_m: float = 0.006  # metres, points this close above the floor are floor
     max_edge_jump_m: float = 0.01  # metres, neighbour distance beyond which a pixel is a depth edge
     smooth_passes: int = 1  # count of edge-aware 3x3 depth smoothing passes (more merges touching items)
     cluster_eps_m: float = 0.009  # metres, DBSCAN neighbourhood radius
     cluster_min_points: int = 3  # DBSCAN core-point neighbours
     min_cluster_voxels: int = 12  # clusters with fewer voxels are noise (about 2 cm^2 at 4 mm)
+    cluster_step_m: float = 0.005  # metres, depth second difference that marks an occluding edge
     cluster_min_normal_z: float = 0.3  # cosine: only surfaces tilted < ~72 deg from up are clustered
 
 
@@ -219,6 +221,17 @@ def organised_normals(
     return n
 
 
+def depth_steps(depth: np.ndarray, threshold: float) -> np.ndarray:
+    """(h, w) bool: pixels whose depth second difference along rows or columns exceeds `threshold`."""
+    out = np.zeros(depth.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        d2c = np.abs(depth[:, :-2] - 2.0 * depth[:, 1:-1] + depth[:, 2:]) > threshold
+        d2r = np.abs(depth[:-2, :] - 2.0 * depth[1:-1, :] + depth[2:, :]) > threshold
+    out[:, 1:-1] |= d2c
+    out[1:-1, :] |= d2r
+    return out
+
+
 def _voxel_downsample(points: np.ndarray, normals: np.ndarray, voxel: float) -> tuple[np.ndarray, ...]:
     """Mean point and mean normal per occupied voxel; returns (points, normals, inverse index)."""
     keys = np.floor(points / voxel).astype(np.int64)
@@ -314,7 +327,8 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
     cam = T[:3, 3].astype(np.float32)
     raw = cam + np.where(ok, depth, 0.0)[..., None] * rays
     lo = bounds.lo + np.array([cfg.wall_margin_m, cfg.wall_margin_m, -0.02])  # keep the floor: we fit it
-    hi = bounds.hi - np.array([cfg.wall_margin_m, cfg.wall_margin_m, 0.0])
+    # Items may stick out above the rim (a tall box, a pile): keep what is above, up to a limit.
+    hi = bounds.hi - np.array([cfg.wall_margin_m, cfg.wall_margin_m, -cfg.above_rim_m])
     ok &= np.all((raw >= lo) & (raw <= hi), axis=-1)
     # Smooth before differentiating: central differences of raw depth noise give useless normals.
     smooth = depth
@@ -350,8 +364,14 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
         # Steep walls seen from above are sampled a centimetre or more apart vertically: DBSCAN
         # would cut them off as separate "items". Cluster the surfaces facing the camera, then
         # give the wall pixels the label of their neighbour in the image (below).
+        # Occluding edges between touching items (a thin item lying on another, a box leaning on a
+        # bottle) show as steps in the smoothed depth that curved and tilted surfaces do not make
+        # (a second difference above cluster_step_m): leave those pixels out of the clustering too,
+        # so DBSCAN does not bridge the items there.
         with np.errstate(invalid="ignore"):
-            facing = inr[:, 2] > cfg.cluster_min_normal_z
+            facing = (inr[:, 2] > cfg.cluster_min_normal_z) & ~depth_steps(
+                smooth, cfg.cluster_step_m
+            ).reshape(-1)[item_idx]
         vpts, vnrm, inv = _voxel_downsample(ip[facing], inr[facing], cfg.voxel_m)
         vlab = _cluster(vpts, cfg)
         flat_labels = labels_grid.reshape(-1)
