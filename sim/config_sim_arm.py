@@ -41,6 +41,7 @@ class SimArmConfig:
 
     home_joints: tuple[float, ...] = (0.0, -0.6, 0.0, -2.3, 0.0, 1.75, 0.785)  # rad, home posture (7)
     pregrasp_offset: float = 0.10  # m, pre-grasp distance back along the approach axis
+    physical_approach: float = 0.04  # m, last part of the approach simulated with physics (see sim_arm)
     lift_height: float = 0.15  # m, straight-up lift after gripping
     transit_clearance: float = 0.12  # m, TCP height above tote/box rims while carrying, plus item size
     place_drop_height: float = 0.02  # m, gap left between the held item and the box floor or stack

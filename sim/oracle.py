@@ -115,7 +115,9 @@ class OracleGraspSource:
         jaws = self._jaw(body, pts)
         preferred = [g for load, g in suctions if load <= self.cfg.suction_preferred_load]
         fallback = [g for load, g in suctions if self.cfg.suction_preferred_load < load <= self.cfg.max_load]
-        choices = preferred + jaws + fallback
+        # Suction first whenever it seals and its load stays within the cup's rating: a sealed cup
+        # holds whatever the item's shape, while the two fingers can let a long or tall item swing.
+        choices = preferred + fallback + jaws
         # After a failure try the other gripper first (stable sort keeps the order within one).
         choices.sort(key=lambda g: failed.count(g.gripper))
         for g in choices:

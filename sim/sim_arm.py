@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 SHOULDER = np.array([0.0, 0.0, 0.333])  # m, joint 2 axis in the base frame
 FINGER_ITEM_TOLERANCE = 0.008  # m, overlap of a finger with a neighbour item that check_grasp accepts
 HAND_ITEM_TOLERANCE = 0.003  # m, same for the other links
-FIXTURE_MARGIN = 0.01  # m, clearance from tote/box that check_grasp demands (physical tracking error)
+FIXTURE_MARGIN = 0.005  # m, clearance from tote/box that check_grasp demands (physical tracking error)
 HELD_ITEM_TOLERANCE = 0.006  # m, overlap of a carried item with anything that is not yet a collision
 PHYSICAL_LIFT = 0.05  # m, lift simulated with full physics before the kinematic part
 # Hand axes expressed in the grasp frame: the Panda fingers close along the hand's y axis while a
@@ -668,12 +668,17 @@ class SimArm:
             self._joint_move(q_above, link)
             try:
                 self._kinematic_line(pre, R_hand, link, self.cfg.lift_speed)
+                # The straight approach runs kinematically while it touches nothing, at approach
+                # speed, and with physics for its last `physical_approach` metres (or from the
+                # first contact): free space needs no contact solver, contact needs nothing else.
+                near = target - a * min(self.cfg.physical_approach, self.cfg.pregrasp_offset)
+                self._kinematic_line(near, R_hand, link, self.cfg.approach_speed)
             except _Abort as exc:
-                # Items in the way of the descent: the physical approach starts here and pushes
-                # through them as a real arm would. Fixtures in the way: a collision.
+                # Items in the way: the physical approach starts here and pushes through them as
+                # a real arm would. Fixtures in the way: a collision.
                 if exc.reason is not Reason.COLLISION or exc.details.get("with_") != "item":
                     raise
-                details["approach_from_m"] = round(float(np.linalg.norm(self.link_pose(link)[0] - target)), 4)
+            details["approach_from_m"] = round(float(np.linalg.norm(self.link_pose(link)[0] - target)), 4)
             if grasp.gripper == "suction":
                 details.update(self._approach_suction(target, a, R_hand, link))
             else:
@@ -714,27 +719,31 @@ class SimArm:
         return top + self.cfg.transit_clearance
 
     def _approach_suction(self, target: np.ndarray, a: np.ndarray, R_hand: np.ndarray, link: int) -> dict:
+        """Physical approach until the cup has been pressed `contact_stop_depth` into what it met.
+
+        Arm links other than the cup touching a fixture: COLLISION. Nothing met by the end of the
+        overtravel past the grasp point: NO_CONTACT.
+        """
         cup = self.cup_link
-        state = {"first_contact_step": None, "steps": 0}
-        p_first = [None]
+        first_contact: list[np.ndarray] = []  # TCP position when the cup first touched something
 
         def monitor():
-            state["steps"] += 1
-            for lk, b in self._arm_contacts():
+            contacts = self._arm_contacts()
+            for lk, b in contacts:
                 if b in self.fixtures and lk != cup:
                     raise _Abort(Reason.COLLISION, link=int(lk), with_=self.fixtures[b])
-            touching = [b for lk, b in self._arm_contacts() if lk == cup]
-            if touching and p_first[0] is None:
-                p_first[0] = self.link_pose(link)[0]
-            if p_first[0] is not None:
+            touching = [b for lk, b in contacts if lk == cup]
+            if touching and not first_contact:
+                first_contact.append(self.link_pose(link)[0])
+            if first_contact:
                 pos, _ = self.link_pose(link)
-                if (pos - p_first[0]) @ a >= self.cfg.suction.contact_stop_depth or not touching:
+                if (pos - first_contact[0]) @ a >= self.cfg.suction.contact_stop_depth or not touching:
                     return {"touched": sorted({self.fixtures.get(b, "item") for b in touching})}
             return None
 
         end = target + a * self.cfg.suction.overtravel
         res = self._physical_line(end, R_hand, link, self.cfg.approach_speed, monitor)
-        if p_first[0] is None:
+        if not first_contact:
             raise _Abort(Reason.NO_CONTACT, why="suction cup reached the grasp point and touched nothing")
         return res
 

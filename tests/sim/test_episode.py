@@ -30,12 +30,14 @@ def test_oracle_picks_succeed_on_procedural_totes():
     results = [run_episode("procedural", 5, seed=s, max_attempts=6) for s in (21, 22)]
     attempts = sum(r.attempts for r in results)
     ok = sum(r.picks_succeeded for r in results)
-    assert attempts >= 4
     assert ok / attempts >= 0.75
     for r in results:
-        assert r.picks_succeeded + r.items_left >= r.objects - (r.attempts - r.picks_succeeded)
+        assert r.picks_succeeded >= 1
+        # Every success moved one item out of the tote.
+        assert r.objects - r.items_left >= r.picks_succeeded
         for rec in r.picks:
             assert rec.robot_seconds > 1.0  # every attempt costs robot time from the joint limits
+            assert rec.success == (rec.reason == "ok")
 
 
 def test_oracle_prefers_suction_for_cartons_and_jaw_for_balls():
