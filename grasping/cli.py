@@ -104,7 +104,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except ModelFileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    result = plan(frame, PlannerConfig(tote=tote, scorer=scorer, seed=args.seed))
+    try:
+        result = plan(frame, PlannerConfig(tote=tote, scorer=scorer, seed=args.seed))
+    except ValueError as exc:  # e.g. a model file made for other patch / feature shapes
+        print(f"error: planning {args.frame}: {exc}", file=sys.stderr)
+        return 2
     if args.png:
         from grasping.draw import draw_plan
 
