@@ -1,0 +1,94 @@
+"""`pickcell bench`: reproducible whatever the parallelism, on every kind of catalog, with a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sim.benchmark.episode import run_bench_episode
+from sim.benchmark.metrics import aggregate, wilson
+from sim.benchmark.runner import episode_seeds, make_specs, run_episodes
+
+REPO = Path(__file__).resolve().parents[2]
+# Everything that comes from simulation (not from this host's clock) must match exactly.
+DETERMINISTIC = (
+    "first_attempt_success",
+    "clearance_rate",
+    "mpph",
+    "assists_per_100_picks",
+    "human_seconds_per_100_picks",
+    "damage_rate",
+    "picks",
+    "attempts",
+    "items",
+    "robot_seconds",
+    "failures_by_reason",
+    "families",
+)
+
+
+def _bench(tmp: Path, name: str, *extra: str) -> dict:
+    out = tmp / f"{name}.json"
+    cmd = [sys.executable, "-m", "pickcell", "bench", "--episodes", "2", "--objects-per-tote", "2"]
+    cmd += ["--planner", "analytic", "--seed", "7", "--json", str(out), "--no-progress", *extra]
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_one_and_two_workers_give_identical_metrics(tmp_path):
+    one = _bench(tmp_path, "one", "--catalog", "procedural", "--workers", "1")
+    two = _bench(
+        tmp_path, "two", "--catalog", "procedural", "--workers", "2", "--report", str(tmp_path / "rep")
+    )
+    for k in DETERMINISTIC:
+        assert one[k] == two[k], k
+    assert one["picks"] >= 1 and one["attempts"] >= one["picks"]
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "first-attempt success" in report
+    for png in ("success_by_family.png", "latency_hist.png", "cycle_breakdown.png", "picks_over_time.png"):
+        assert (tmp_path / "rep" / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_ray_backend_runs_the_same_episode_function_with_the_same_results():
+    specs = make_specs(2, 3, catalog="procedural", objects_per_tote=2, planner="analytic", associate="sim")
+    local, _ = run_episodes(specs, run_bench_episode, workers=1, progress=False)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote, _ = run_episodes(specs, run_bench_episode, backend="ray", progress=False)
+    finally:
+        ray.shutdown()
+    a, b = aggregate(local), aggregate(remote)
+    for k in DETERMINISTIC:
+        assert a[k] == b[k], k
+
+
+def test_a_users_folder_of_urdfs_is_a_catalog(tmp_path):
+    folder = tmp_path / "my_skus"
+    folder.mkdir()
+    for i, (sx, sy, sz) in enumerate([(0.10, 0.07, 0.05), (0.08, 0.08, 0.04)]):
+        (folder / f"sku{i}.urdf").write_text(
+            f"""<robot name="sku{i}"><link name="base">
+  <inertial><mass value="0.3"/><inertia ixx="1e-4" iyy="1e-4" izz="1e-4" ixy="0" ixz="0" iyz="0"/></inertial>
+  <visual><geometry><box size="{sx} {sy} {sz}"/></geometry></visual>
+  <collision><geometry><box size="{sx} {sy} {sz}"/></geometry></collision>
+</link></robot>"""
+        )
+    m = _bench(tmp_path, "folder", "--catalog", str(folder), "--associate", "none")
+    assert m["items"] == 4 and set(m["families"]) <= {"my_skus", "none"}
+
+
+def test_episode_seeds_do_not_depend_on_how_many_episodes_run():
+    assert episode_seeds(5, 3) == episode_seeds(5, 10)[:3]
+
+
+def test_wilson_interval_brackets_the_rate():
+    lo, hi = wilson(45, 50)
+    assert lo < 0.9 < hi and 0.75 < lo and hi < 0.97
+    assert wilson(0, 0) == (0.0, 1.0)
