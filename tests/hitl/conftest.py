@@ -169,6 +169,7 @@ class RawPeer:
     def __init__(self, endpoint: str, keys: ClientKeys | None, server_key: bytes | None, ctx=None):
         self.sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, 3000)  # a DEALER with no connected peer blocks on send
         if keys is not None:
             self.sock.curve_serverkey = server_key
             self.sock.curve_publickey = keys.public
