@@ -91,6 +91,7 @@ class ToteReport:
     assists_answered: int = 0
     assists_expired: int = 0
     human_wait_s: float = 0.0  # robot seconds spent idle waiting for a person
+    estop_s: float = 0.0  # robot seconds held in a protective stop
     plans: int = 0
     plan_latency_ms: list[float] = field(default_factory=list)
     robot_seconds: float = 0.0
@@ -190,6 +191,10 @@ class CellController:
             if self._stop.is_set():
                 rep.status = "stopped"
                 break
+            if getattr(self.arm, "stopped", False):
+                # Protective stop: hold still (no planning, no motion) until it is cleared.
+                rep.estop_s += self._idle()
+                continue
             if len(rep.attempts) >= cfg.max_attempts_per_tote:
                 rep.status = "attempt_limit"
                 break
@@ -430,8 +435,19 @@ class CellController:
     ) -> Attempt:
         out = self.arm.pick(grasp)
         placed = None
+        if out.reason is Reason.ESTOP:
+            # Halted by a protective stop, not a failure of this grasp: no failed spot, no record.
+            self._count("estop_halts")
+            log.warning("pick halted by a protective stop; holding")
+            return Attempt(uuid.uuid4().hex, tote_id, grasp, out, decided_by, p_success, self.arm.robot_time)
         if out.success:
-            placed = self.arm.place(self._placement_for(plan, index, out.executed or grasp))
+            placement = self._placement_for(plan, index, out.executed or grasp)
+            placed = self.arm.place(placement)
+            while placed.reason is Reason.ESTOP and not self._stop.is_set():
+                # Stopped while carrying: hold the item until the stop clears, then finish the place.
+                while getattr(self.arm, "stopped", False) and not self._stop.is_set():
+                    rep.estop_s += self._idle()
+                placed = self.arm.place(placement)
         else:
             # Back out of the camera's view before the next look (a failed pick leaves the arm
             # hovering over the tote, where it hides the items from the camera).

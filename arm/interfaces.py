@@ -88,6 +88,11 @@ class Arm(Protocol):
         """Protective stop: halt motion now and hold until `clear_stop`."""
         ...
 
+    @property
+    def stopped(self) -> bool:
+        """True while a protective stop holds the arm (motions return Reason.ESTOP)."""
+        ...
+
     def clear_stop(self) -> None: ...
 
     def idle(self, seconds: float) -> None:
