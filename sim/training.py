@@ -165,10 +165,11 @@ def split_holdout(ds: Any, every: int) -> tuple[Any, Any]:
     return ds.subset(np.flatnonzero(~held)), ds.subset(np.flatnonzero(held))
 
 
-def collection_summary(ledgers: list[Path]) -> dict[str, Any]:
+def collection_summary(ledgers: list[Path], max_tote: int | None = None) -> dict[str, Any]:
     """Catalogs, totes, attempts and labels per gripper and family, read back from the ledgers.
 
-    Raises CollectError if any attempt came from a test catalog (a collection must never have).
+    Only totes numbered below `max_tote` when given. Raises CollectError if any attempt came from a
+    test catalog (a collection must never have).
     """
     import sqlite3
 
@@ -177,6 +178,7 @@ def collection_summary(ledgers: list[Path]) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     modes: dict[str, list[int]] = {}
     totes: set[str] = set()
+    codes: dict[str, int] = {}
     attempts = 0
     for path in ledgers:
         con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
@@ -191,7 +193,10 @@ def collection_summary(ledgers: list[Path]) -> dict[str, Any]:
                 raise CollectError(
                     f"{path}: attempt from test catalog {cat!r}; this data must not be trained on"
                 )
+            if max_tote is not None and tote_number(str(d.get("tote", ""))) >= max_tote:
+                continue
             attempts += 1
+            codes[str(d.get("code", "?"))] = codes.get(str(d.get("code", "?")), 0) + 1
             by_cat[cat] = by_cat.get(cat, 0) + 1
             totes.add(d.get("tote", ""))
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -211,6 +216,7 @@ def collection_summary(ledgers: list[Path]) -> dict[str, Any]:
         "attempts": attempts,
         "attempts_by_catalog": by_cat,
         "reasons": reasons,
+        "code_versions": codes,  # sim.collect.code_digest of the arm/planner code -> attempts
         "labels": {f"{f}/{g}": {"n": n, "success": s} for (f, g), (n, s) in sorted(table.items())},
         "by_exploration_mode": {m: {"n": n, "success": s} for m, (n, s) in sorted(modes.items())},
     }
@@ -228,6 +234,7 @@ def _collection_card(
         f"- totes: {summary['totes']}, attempts recorded: {summary['attempts']} "
         f"(reasons: {summary['reasons']}); IK-failed/unreachable attempts are recorded but unlabelled",
         f"- exploration modes (labelled n, successes): {summary['by_exploration_mode']}",
+        f"- arm/planner code versions (sim.collect.code_digest -> attempts): {summary['code_versions']}",
         f"- gate holdout: {holdout_rows} labelled rows from totes no model trained on",
         f"- earlier exports trained on as well: {list(extra) or 'none'}",
         "",
@@ -326,12 +333,19 @@ def train_from_sim(
     stats = collect_parallel(work / "collect", ccfg, episodes, workers=cfg.workers, progress=cfg.progress)
     log.info("collected %d attempts (%d labelled) in %.0f s", stats.attempts, stats.labeled, time.time() - t0)
     ledgers = ledger_paths(work / "collect")
-    summary = collection_summary(ledgers)
+    summary = collection_summary(ledgers, max_tote=episodes)
     data_dir = work / "data"
     if data_dir.exists():
         shutil.rmtree(data_dir)  # derived from the ledgers: re-export what they hold now
     export_merged(ledgers, data_dir)
-    ds = concat_datasets([load_sim_dataset(data_dir), *(load_sim_dataset(d) for d in cfg.extra_data)])
+    ds = load_sim_dataset(data_dir)
+    # Exactly totes 0 .. episodes-1: a ledger that went further (an earlier, longer run) keeps its
+    # extra totes, but they are not this model's data, so `--episodes N` reproduces it.
+    n = np.array([tote_number(t) for t in ds.scene.astype(str)])
+    if (n >= episodes).any():
+        log.info("leaving out %d rows of totes >= %d", int((n >= episodes).sum()), episodes)
+        ds = ds.subset(np.flatnonzero(n < episodes))
+    ds = concat_datasets([ds, *(load_sim_dataset(d) for d in cfg.extra_data)])
     train_ds, holdout = split_holdout(ds, cfg.holdout_every)
 
     incumbent = cfg.incumbent
@@ -385,3 +399,59 @@ def train_from_sim(
         collection=summary | {"this_run": asdict(stats)},
         data_dir=data_dir,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sim.training --episodes N --out FILE`: what `pickcell train --from-sim` runs."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m sim.training", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--episodes", type=int, required=True, help="totes to collect and train on")
+    ap.add_argument("--out", required=True, help="model file to write (+ .sha256 and .md card)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of collection, splits and training (default 0)")
+    ap.add_argument("--work-dir", help="collection ledgers and export (default FILE stem + .work)")
+    ap.add_argument("--workers", type=int, default=2, help="collection/benchmark processes (default 2)")
+    ap.add_argument("--registry", help="model registry directory (add, and promote if the gate passes)")
+    ap.add_argument("--incumbent", help="incumbent model file for the gate (default: registry current)")
+    ap.add_argument("--sim-suite-episodes", type=int, default=6, help="regression suite episodes (0: none)")
+    ap.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
+    ap.add_argument("--version", help="model version string (default graspnet-<UTC time>-s<seed>)")
+    ap.add_argument("--no-gate", action="store_true", help="train only: no holdout or simulation gate")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from grasping.learning import DatasetError, TrainConfig
+
+    cfg = TrainFromSimConfig(
+        workers=args.workers,
+        registry=args.registry,
+        incumbent=args.incumbent,
+        sim_suite_episodes=args.sim_suite_episodes,
+        gate=not args.no_gate,
+        progress=not args.no_progress,
+        train=TrainConfig(
+            epochs=args.epochs, seed=args.seed, model_version=args.version, progress=not args.no_progress
+        ),
+    )
+    try:
+        res = train_from_sim(args.episodes, args.out, args.seed, work_dir=args.work_dir, config=cfg)
+    except (CollectError, DatasetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = res.metrics
+    print(
+        f"wrote {res.model_path} (version {res.version}, sha256 {res.sha256[:16]}...), card {res.card_path}"
+    )
+    print(
+        f"test split: AUROC {m['auroc']:.3f} (feature baseline {m['baseline_feature_auroc']:.3f}), "
+        f"ECE {m['ece_raw']:.3f} -> {m['ece']:.3f}, Brier {m['brier']:.3f}"
+    )
+    if res.gate is not None:
+        print(f"gate {'PASSED' if res.gate.passed else 'FAILED'}: " + "; ".join(res.gate.reasons))
+    if args.registry:
+        print(f"registry {args.registry}: {'promoted' if res.promoted else 'added, not promoted'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
