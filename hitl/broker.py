@@ -337,13 +337,23 @@ class Broker:
             self.peers[routing_id] = peer
         peer.last_seen = now_m
         msg_type = parts[1] if len(parts) > 1 else None
+        out_len = len(self._out)
+        self.journal.mark()  # one message's writes can be undone without losing the rest of the batch
         try:
             msg = P.decode(parts, P.CLIENT_TYPES)
             handler = self._handlers[msg.msg_type]
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s from %s", msg.msg_type.decode(), peer.identity or routing_id.hex())
             handler(self, peer, msg.body)
-        except P.ProtocolError as exc:
+            self.journal.keep()
+        except Exception as exc:
+            self.journal.undo()
+            del self._out[out_len:]
+            if not isinstance(exc, P.ProtocolError):  # a bug of ours: say so, keep serving the others
+                log.exception("internal error on a message from %s", peer.identity or routing_id.hex())
+                exc = P.ProtocolError(
+                    P.E_INTERNAL, f"internal error ({type(exc).__name__}); nothing was stored"
+                )
             self.stats["errors"] += 1
             log.warning(
                 "refused message from %s (%s): %d %s",

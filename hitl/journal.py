@@ -105,6 +105,17 @@ class Journal:
         finally:
             self._in_tx = False
 
+    def mark(self) -> None:
+        """Savepoint inside the current transaction (one message's writes)."""
+        self.db.execute("SAVEPOINT message")
+
+    def keep(self) -> None:
+        self.db.execute("RELEASE message")
+
+    def undo(self) -> None:
+        self.db.execute("ROLLBACK TO message")
+        self.db.execute("RELEASE message")
+
     # ---- requests ----
 
     def get(self, request_id: str) -> StoredRequest | None:

@@ -433,3 +433,27 @@ def test_an_associate_holds_one_request_per_ask(broker, keyring, hx):
     finally:
         cell.close()
         alice.close()
+
+
+def test_an_internal_error_answers_500_and_stores_nothing_of_that_message(broker, keyring, hx):
+    """Fault injection: a handler that journals and then fails is rolled back; the broker keeps serving."""
+
+    def broken_submit(self, peer, body):
+        self.journal.add(body["request"], "x", time.time())  # written, then the handler fails
+        raise RuntimeError("injected fault")
+
+    original = type(broker)._handlers
+    broker._handlers = {**original, P.SUBMIT: broken_submit}
+    raw = hx.RawPeer(broker.endpoint, keyring.client("cell-1"), keyring.server_key)
+    try:
+        bad = hx.make_request()
+        raw.send(P.SUBMIT, {"request": bad.to_wire()})
+        err = raw.expect(P.ERROR)
+        assert (err["code"], err["request_id"]) == (P.E_INTERNAL, None)
+        broker._handlers = original
+        good = hx.make_request()
+        raw.send(P.SUBMIT, {"request": good.to_wire()})
+        assert raw.expect(P.ACK)["request_id"] == good.request_id
+        assert list(hx.journal_rows(broker.config.data_dir)) == [good.request_id]
+    finally:
+        raw.close()
