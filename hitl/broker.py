@@ -372,7 +372,12 @@ class Broker:
             return f"insecure:{name[: P.MAX_ID_CHARS]}"
         return peer.identity
 
-    def _bind_cell(self, peer: _Peer, cell_id: str) -> None:
+    def _bind_cell(self, peer: _Peer, cell_id: str, request_id: str | None = None) -> None:
+        # With CURVE a connection speaks only for the cell its key is named after, so that an admitted
+        # associate (or another cell) cannot read, cancel or submit as someone else's cell.
+        if not self.config.insecure and cell_id != peer.identity:
+            msg = f"key {peer.identity!r} may not act as cell {cell_id!r}"
+            raise P.ProtocolError(P.E_FORBIDDEN, msg, request_id)
         if peer.cell_id != cell_id:
             peer.cell_id = cell_id
             if not peer.identity or self.config.insecure:
@@ -393,7 +398,7 @@ class Broker:
     def _on_submit(self, peer: _Peer, body: dict) -> None:
         req = P.validate_request(body)
         rid, cell_id = req["request_id"], req["cell_id"]
-        self._bind_cell(peer, cell_id)
+        self._bind_cell(peer, cell_id, rid)
         stored = self.journal.get(rid)
         if stored is not None:
             self.stats["duplicates"] += 1

@@ -457,3 +457,18 @@ def test_an_internal_error_answers_500_and_stores_nothing_of_that_message(broker
         assert list(hx.journal_rows(broker.config.data_dir)) == [good.request_id]
     finally:
         raw.close()
+
+
+def test_a_key_speaks_only_for_the_cell_it_is_named_after(broker, keyring, hx):
+    """alice is admitted, but may not submit as cell-1, nor collect cell-1's results by heartbeat."""
+    raw = hx.RawPeer(broker.endpoint, keyring.client("alice"), keyring.server_key)
+    try:
+        req = hx.make_request(cell_id="cell-1")
+        raw.send(P.SUBMIT, {"request": req.to_wire()})
+        err = raw.expect(P.ERROR)
+        assert (err["code"], err["request_id"]) == (P.E_FORBIDDEN, req.request_id)
+        raw.send(P.HEARTBEAT, {"role": "cell", "name": "cell-1"})
+        assert raw.expect(P.ERROR)["code"] == P.E_FORBIDDEN
+        assert hx.journal_rows(broker.config.data_dir) == {}
+    finally:
+        raw.close()
