@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from synthetic import (
     TOTE,
+    Box,
     box_on_floor,
     lying_cylinder,
     render,
+    rot_z,
     sphere_on_floor,
     standing_cylinder,
 )
@@ -119,3 +121,21 @@ def test_bad_config_is_refused():
     frame = render([])
     with pytest.raises(ValueError, match="pixel_stride"):
         segment_scene(frame, TOTE, CloudConfig(pixel_stride=0))
+
+
+def test_a_thin_item_lying_on_another_is_a_separate_item():
+    # A 2 cm book lying on a wide box: they touch, but the book's edges are depth steps.
+    # (Thinner items, about 1 cm and less, merge with what they lie on: see the report.)
+    base = box_on_floor(0.0, 0.0, 0.16, 0.12, 0.05)
+    board = Box(np.array([0.03, 0.01, 0.06]), np.array([0.07, 0.05, 0.02]), rot_z(0.4))
+    cloud = segment_scene(render([base, board], noise_sigma_m=0.0015), TOTE)
+    assert cloud.n_clusters == 2
+    tops = sorted(c.hi[2] for c in cloud.clusters)
+    assert tops[0] == pytest.approx(0.05, abs=0.005) and tops[1] == pytest.approx(0.07, abs=0.005)
+
+
+def test_items_sticking_out_above_the_rim_are_kept():
+    tall = box_on_floor(0.0, 0.0, 0.06, 0.06, 0.26)  # the tote is 0.20 m deep
+    cloud = segment_scene(render([tall]), TOTE)
+    assert cloud.n_clusters == 1
+    assert cloud.clusters[0].hi[2] == pytest.approx(0.26, abs=0.005)
