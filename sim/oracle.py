@@ -45,6 +45,7 @@ class OracleConfig:
     suction_preferred_load: float = 0.6  # unitless, cup load fraction below which suction wins
     max_load: float = 0.9  # unitless, largest cup load fraction (at lift acceleration) the oracle accepts
     max_suction_candidates: int = 40  # count, surface points tested with the seal check per item
+    seal_robustness: float = 0.004  # m, the seal must also hold this far from the chosen point
     box_grid: tuple[int, int] = (3, 2)  # cells along box x, y
     jaw_tilts_deg: tuple[float, ...] = (0.0, 20.0, -20.0)  # deg, jaw approach tilts tried (two axes)
     max_failures: int = 3  # count, failed attempts after which an item is left in the tote
@@ -146,8 +147,14 @@ class OracleGraspSource:
         found: list[tuple[float, Grasp]] = []
         for i in order[::step][: self.cfg.max_suction_candidates]:
             approach = -cn[i] / np.linalg.norm(cn[i])
-            seal = seal_check(cid, cand[i], approach, cfg_cup)
-            if not seal.sealed or seal.body_id != body:
+            # Robust seal: it must hold at the point and 4 mm around it (the cup lands where the
+            # arm's tracking and the item's give put it, not exactly on the chosen point).
+            u = grasp_frame(approach)
+            spots = [cand[i]] + [
+                cand[i] + self.cfg.seal_robustness * s * u[:, k] for k in (0, 1) for s in (-1, 1)
+            ]
+            seals = [seal_check(cid, spot, approach, cfg_cup) for spot in spots]
+            if not all(sl.sealed and sl.body_id == body for sl in seals):
                 continue
             if any(np.linalg.norm(g.position - cand[i]) < 0.01 for _, g in found):
                 continue  # keep alternatives at least 1 cm apart
