@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grasping.calibration import sigmoid
 from grasping.modelfile import LoadedModel, ModelFileError, load_model
 from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer, ScoreResult
 
@@ -101,13 +102,17 @@ class LearnedScorer:
             empty = np.zeros(0)
             return ScoreResult(empty, empty, empty, 0.0, True, float(self.model.thresholds.max()))
         ood, sigma, in_dist = self.model.watchdog.score(emb)
-        # ScoreResult has one threshold; per-gripper thresholds each bound their own gripper's risk,
-        # so the largest one among the grippers present is valid (conservative) for all of them.
-        # Callers that want the exact per-candidate threshold use `candidate_thresholds`.
-        threshold = float(self.model.thresholds[np.unique(gripper)].max())
+        calibrated = self.calibrate(logits, gripper)
+        # ScoreResult carries one threshold, but each gripper has its own (each bounds its own
+        # gripper's risk). The planner ranks by calibrated p and auto-executes the top candidate
+        # iff its p reaches the threshold, so the one that decides is the top candidate's gripper's
+        # (the largest among tied tops). Reporting the max over all grippers would let a gripper
+        # with thin data (threshold "never") veto every scene. `candidate_thresholds` gives all.
+        top = calibrated == calibrated.max()
+        threshold = float(self.model.thresholds[np.unique(gripper[top])].max())
         return ScoreResult(
-            learned=1.0 / (1.0 + np.exp(-logits)),
-            calibrated=self.calibrate(logits, gripper),
+            learned=sigmoid(logits),
+            calibrated=calibrated,
             ood=ood,
             scene_ood_sigma=sigma,
             in_distribution=in_dist,

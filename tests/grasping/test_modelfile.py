@@ -94,9 +94,11 @@ def test_scorer_implements_the_protocol_and_scores_a_scene(tmp_path) -> None:
     np.testing.assert_allclose(
         r.calibrated[g == 0], 1 / (1 + np.exp(-(logits[g == 0] / 1.7 - 0.2))), rtol=1e-6
     )
-    # Jaw threshold is "never", so a scene with any jaw candidate reports the conservative one.
-    assert np.isinf(r.threshold)
+    # One threshold per scene: the top-ranked candidate's gripper's (suction 0.81, jaw "never").
+    top_gripper = g[np.argmax(r.calibrated)]
+    assert r.threshold == (pytest.approx(0.81) if top_gripper == 0 else np.inf)
     assert s.score(p[g == 0], f[g == 0], g[g == 0]).threshold == pytest.approx(0.81)
+    assert np.isinf(s.score(p[g == 1], f[g == 1], g[g == 1]).threshold)
     np.testing.assert_allclose(s.candidate_thresholds(g)[g == 0], 0.81)
     empty = s.score(p[:0], f[:0], g[:0])
     assert empty.calibrated.shape == (0,) and empty.in_distribution
