@@ -110,6 +110,146 @@ class SimRegressionSuite:
         }
 
 
+# --- the watchdog's scene statistics, measured on live scenes -----------------------------------------
+
+WATCHDOG_SCENE_SEED = 8_200_000  # seeds of the live calibration scenes (not collection, bench or experiment)
+
+
+@dataclass(frozen=True)
+class LiveSceneConfig:
+    """Live in-distribution scenes the watchdog's scene statistics are calibrated on.
+
+    Why: `grasping.learning.train` can only calibrate the scene statistic (median candidate distance)
+    on pseudo-scenes of 32 *executed* rows, but a live plan takes the median over ~400 candidates of
+    every quality. Those two medians have different distributions, and a threshold from the first
+    flags ordinary training-catalog scenes as out of distribution. Fresh totes of the training
+    catalogs, planned with the new model, give the statistic exactly as the cell computes it.
+    """
+
+    scenes: int = 40  # live scenes; the even ones set mu/sd, the odd ones the conformal threshold
+    catalogs: tuple[str, ...] = TRAINING_CATALOGS  # round robin by scene; training catalogs only
+    families: tuple[str, ...] | None = None  # only these procedural families (None: all)
+    objects_per_tote: int = 8  # items per tote
+    seed: int = WATCHDOG_SCENE_SEED  # scene seeds derive from it
+    workers: int = 2  # processes
+
+    def __post_init__(self) -> None:
+        from sim.collect import check_training_catalogs
+
+        object.__setattr__(self, "catalogs", check_training_catalogs(self.catalogs))
+
+
+_SCORER: dict[str, Any] = {}
+
+
+def _scene_init(model_path: str) -> None:
+    import torch
+
+    from grasping.learned_scorer import LearnedScorer
+
+    torch.set_num_threads(1)
+    _SCORER["scorer"] = LearnedScorer.from_file(model_path, num_threads=None)
+
+
+def _scene_job(job: tuple[str, tuple[str, ...] | None, int, int]) -> dict[str, Any] | None:
+    """Fill one fresh tote, plan it with the model, return its watchdog numbers (None if empty)."""
+    from grasping.planner import PlannerConfig, plan
+    from sim.catalogs import load_catalog
+    from sim.scene import SimCell
+
+    catalog, families, objects, seed = job
+    cat = load_catalog(catalog, families if catalog == "procedural-train" else None)
+    with SimCell(seed=seed) as cell:
+        cell.fill(cat, objects, np.random.default_rng([seed, 0]))
+        frame = cell.camera.capture()
+        p = plan(frame, PlannerConfig(tote=cell.tote_bounds, scorer=_SCORER["scorer"], seed=seed % 2**31))
+    ood = np.array([c.ood_score for c in p.candidates if c.ood_score is not None], dtype=np.float64)
+    if ood.size == 0:
+        return None
+    return {
+        "catalog": catalog,
+        "seed": seed,
+        "median_distance": float(np.median(ood)),
+        "sigma": float(p.scene_ood_sigma),
+        "in_distribution": bool(p.in_distribution),
+        "candidates": int(ood.size),
+    }
+
+
+def live_scene_scores(
+    model_path: str | Path,
+    jobs: list[tuple[str, tuple[str, ...] | None, int, int]],
+    workers: int = 2,
+    progress: bool = False,
+) -> list[dict[str, Any] | None]:
+    """Plan fresh scenes (catalog, families, objects, seed) with the model; watchdog numbers per scene."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    if workers <= 1:
+        _scene_init(str(model_path))
+        it = map(_scene_job, jobs)
+        return list(tqdm(it, total=len(jobs), desc="scenes", disable=not progress, leave=False))
+    with mp.get_context("spawn").Pool(workers, initializer=_scene_init, initargs=(str(model_path),)) as pool:
+        it = pool.imap(_scene_job, jobs)
+        return list(tqdm(it, total=len(jobs), desc="scenes", disable=not progress, leave=False))
+
+
+def recalibrate_watchdog(
+    model_path: str | Path, cfg: LiveSceneConfig, progress: bool = False
+) -> dict[str, Any]:
+    """Refit the watchdog's scene mu, sd and threshold on live scenes; rewrite the file (new sha256).
+
+    The candidate-level statistics (embedding mean and precision) are kept; only the scene
+    aggregation is re-measured. Returns what was measured, including the new sha256.
+    """
+    from grasping.modelfile import load_model, save_model
+    from grasping.watchdog import conformal_quantile
+
+    if cfg.scenes < 4:
+        raise ValueError(f"need at least 4 live scenes to calibrate the watchdog, got {cfg.scenes}")
+    loaded = load_model(model_path)
+    seeds = [int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]) for i in range(cfg.scenes)]
+    jobs = [
+        (cfg.catalogs[i % len(cfg.catalogs)], cfg.families, cfg.objects_per_tote, s)
+        for i, s in enumerate(seeds)
+    ]
+    res = live_scene_scores(model_path, jobs, cfg.workers, progress)
+    ref = np.array([r["median_distance"] for r in res[0::2] if r is not None])
+    thr = np.array([r["median_distance"] for r in res[1::2] if r is not None])
+    if ref.size < 2 or thr.size < 1:
+        raise ValueError(f"too few non-empty live scenes ({ref.size} + {thr.size}) to calibrate the watchdog")
+    mu = float(ref.mean())
+    sd = max(float(ref.std(ddof=1)), 1e-3 * max(abs(mu), 1.0))
+    wd = loaded.watchdog
+    threshold = conformal_quantile((thr - mu) / sd, wd.quantile)
+    new = replace(wd, scene_mu=mu, scene_sd=sd, threshold_sigma=float(threshold))
+    info = {
+        "calibrated_on": "live scenes of the training catalogs (sim.training.recalibrate_watchdog)",
+        "catalogs": list(cfg.catalogs),
+        "families": list(cfg.families) if cfg.families else None,
+        "scenes_ref": int(ref.size),
+        "scenes_threshold": int(thr.size),
+        "seed": cfg.seed,
+        "objects_per_tote": cfg.objects_per_tote,
+        "scene_mu": mu,
+        "scene_sd": sd,
+        "watchdog_threshold_sigma": float(threshold),
+        "quantile": wd.quantile,
+        "quantile_exact": bool(np.ceil((thr.size + 1) * wd.quantile) <= thr.size),
+        "before": {"scene_mu": wd.scene_mu, "scene_sd": wd.scene_sd, "threshold_sigma": wd.threshold_sigma},
+        "flagged_before": float(np.mean([not r["in_distribution"] for r in res if r is not None])),
+    }
+    meta = dict(loaded.meta)
+    meta["watchdog"] = {**meta.get("watchdog", {}), **{k: v for k, v in info.items() if k != "before"}}
+    meta["watchdog_train_split"] = info["before"]
+    info["sha256"] = save_model(
+        model_path, loaded.net, list(loaded.calibrators), loaded.thresholds, new, meta
+    )
+    return info
+
+
 # --- dataset helpers ---------------------------------------------------------------------------------
 
 
@@ -223,7 +363,12 @@ def collection_summary(ledgers: list[Path], max_tote: int | None = None) -> dict
 
 
 def _collection_card(
-    summary: dict[str, Any], command: str, gate: Any, holdout_rows: int, extra: tuple[str, ...] = ()
+    summary: dict[str, Any],
+    command: str,
+    gate: Any,
+    holdout_rows: int,
+    extra: tuple[str, ...] = (),
+    watchdog: dict[str, Any] | None = None,
 ) -> str:
     fams = sorted({k.split("/")[0] for k in summary["labels"]})
     lines = [
@@ -245,6 +390,19 @@ def _collection_card(
         s = summary["labels"].get(f"{f}/suction", {"n": 0, "success": 0})
         j = summary["labels"].get(f"{f}/parallel_jaw", {"n": 0, "success": 0})
         lines.append(f"| {f} | {s['n']} | {s['success']} | {j['n']} | {j['success']} |")
+    if watchdog is not None:
+        w, b = watchdog, watchdog["before"]
+        lines += [
+            "",
+            "## Watchdog scene statistics (refit on live scenes)",
+            f"- {w['scenes_ref']} + {w['scenes_threshold']} fresh totes of {w['catalogs']} "
+            f"(seed {w['seed']}), planned with this model: scene mu {w['scene_mu']:.3f}, "
+            f"sd {w['scene_sd']:.3f}, threshold {w['watchdog_threshold_sigma']:.2f} sigma "
+            f"(quantile {w['quantile']}, exact: {w['quantile_exact']})",
+            f"- the training split's pseudo-scenes gave mu {b['scene_mu']:.3f}, sd {b['scene_sd']:.3f}, "
+            f"threshold {b['threshold_sigma']:.2f} sigma, which flagged {w['flagged_before']:.0%} of these "
+            "in-distribution live scenes; the file holds the live-scene values (so its sha256 changed)",
+        ]
     lines += ["", "## Reproduce", "```", command, "```", ""]
     if gate is not None:
         lines += ["## Gate", f"- passed: {gate.passed}", *[f"- {r}" for r in gate.reasons]]
@@ -274,6 +432,7 @@ class TrainFromSimResult:
     promoted: bool
     collection: dict[str, Any]  # collection_summary
     data_dir: Path
+    watchdog: dict[str, Any] | None = None  # recalibrate_watchdog's measurements
 
 
 @dataclass(frozen=True)
@@ -288,6 +447,7 @@ class TrainFromSimConfig:
     extra_data: tuple[str, ...] = ()
     registry: str | None = None  # registry directory; None: no registry (file + card only)
     incumbent: str | None = None  # incumbent model file (default: the registry's current, if any)
+    watchdog_scenes: int = 40  # live scenes the watchdog's scene statistics are refit on; 0 = keep train's
     sim_suite_episodes: int = 6  # K episodes per planner in the regression suite; 0 = no sim suite
     sim_suite_tolerance: float = 0.05  # first-attempt success the candidate may lose in the suite
     gate: bool = True  # run the gate (holdout + sim suite); False: train only
@@ -360,6 +520,22 @@ def train_from_sim(
     tcfg = cfg.train or TrainConfig(seed=seed, progress=cfg.progress)
     tcfg = replace(tcfg, incumbent=tcfg.incumbent or incumbent)
     res = train(train_ds, tcfg, out_path)
+    digest = res.sha256
+    wd_info = None
+    if cfg.watchdog_scenes > 0:
+        wd_info = recalibrate_watchdog(
+            res.path,
+            LiveSceneConfig(
+                scenes=cfg.watchdog_scenes,
+                catalogs=cfg.catalogs,
+                families=cfg.families,
+                objects_per_tote=cfg.objects_per_tote,
+                seed=WATCHDOG_SCENE_SEED + seed,
+                workers=cfg.workers,
+            ),
+            progress=cfg.progress,
+        )
+        digest = wd_info["sha256"]
 
     report = None
     if cfg.gate and len(holdout) and holdout.label.min() != holdout.label.max():
@@ -379,7 +555,7 @@ def train_from_sim(
 
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     with open(res.card_path, "a") as f:
-        f.write(_collection_card(summary, command, report, len(holdout), cfg.extra_data))
+        f.write(_collection_card(summary, command, report, len(holdout), cfg.extra_data, wd_info))
 
     promoted = False
     if reg is not None:
@@ -390,7 +566,7 @@ def train_from_sim(
     return TrainFromSimResult(
         model_path=res.path,
         card_path=res.card_path,
-        sha256=res.sha256,
+        sha256=digest,
         version=res.version,
         metrics=res.metrics,
         holdout=report.candidate if report is not None else None,
@@ -398,6 +574,7 @@ def train_from_sim(
         promoted=promoted,
         collection=summary | {"this_run": asdict(stats)},
         data_dir=data_dir,
+        watchdog=wd_info,
     )
 
 
@@ -414,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--registry", help="model registry directory (add, and promote if the gate passes)")
     ap.add_argument("--incumbent", help="incumbent model file for the gate (default: registry current)")
     ap.add_argument("--sim-suite-episodes", type=int, default=6, help="regression suite episodes (0: none)")
+    ap.add_argument("--watchdog-scenes", type=int, default=40, help="live scenes for the watchdog (0: none)")
     ap.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
     ap.add_argument("--version", help="model version string (default graspnet-<UTC time>-s<seed>)")
     ap.add_argument("--no-gate", action="store_true", help="train only: no holdout or simulation gate")
@@ -427,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         registry=args.registry,
         incumbent=args.incumbent,
         sim_suite_episodes=args.sim_suite_episodes,
+        watchdog_scenes=args.watchdog_scenes,
         gate=not args.no_gate,
         progress=not args.no_progress,
         train=TrainConfig(

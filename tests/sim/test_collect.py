@@ -164,6 +164,7 @@ def test_train_from_sim_writes_a_verified_model_registers_and_gates_it(tmp_path)
         catalogs=("procedural-train",),
         registry=str(tmp_path / "registry"),
         sim_suite_episodes=0,  # the regression suite is exercised by the benchmark, not here
+        watchdog_scenes=4,
         extra_data=(str(DATA),),
         train=TrainConfig(epochs=3, seed=0, progress=False, threads=1, model_version="tiny-sim-v1"),
         progress=False,
@@ -184,3 +185,10 @@ def test_train_from_sim_writes_a_verified_model_registers_and_gates_it(tmp_path)
     assert (reg.current_version() == "tiny-sim-v1") == res.gate.passed == res.promoted
     meta = json.loads(json.dumps(scorer.model.meta["data"]))
     assert meta["rows"] > 200
+    # The watchdog's scene statistics were refit on live scenes and are what the file now holds.
+    wd, info = scorer.model.watchdog, res.watchdog
+    assert info["scenes_ref"] == 2 and info["scenes_threshold"] == 2 and info["sha256"] == res.sha256
+    assert wd.scene_mu == pytest.approx(info["scene_mu"]) and wd.scene_sd > 0
+    assert wd.threshold_sigma == pytest.approx(info["watchdog_threshold_sigma"])
+    assert scorer.model.meta["watchdog"]["calibrated_on"].startswith("live scenes")
+    assert "## Watchdog scene statistics" in card
