@@ -14,6 +14,7 @@ piles, per FIELD-NOTES), gravity -9.81 m/s^2. Everything that can be random is s
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +89,9 @@ class SimCell:
         self.cfg = config or SceneConfig()
         self.seed = int(seed)
         c = self.cfg
+        if gui and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            # pybullet's GUI client aborts the whole process without a display: refuse cleanly.
+            raise RuntimeError("--gui needs a display (DISPLAY is not set); run without --gui")
         self.client_id = p.connect(p.GUI if gui else p.DIRECT)
         if self.client_id < 0:
             raise RuntimeError(

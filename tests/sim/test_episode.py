@@ -99,6 +99,13 @@ def test_cli_sim_pick_rejects_bad_input(tmp_path, capsys):
     assert not (tmp_path / "missing").exists()
 
 
+def test_cli_gui_without_a_display_fails_cleanly(monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert main(["sim", "pick", "--objects-per-tote", "1", "--gui"]) == 1
+    assert "display" in capsys.readouterr().err
+
+
 def test_catalog_sample_is_seeded():
     cat = load_catalog("procedural")
     a = [s.name for s in cat.sample(np.random.default_rng(1), 5)]
