@@ -822,6 +822,9 @@ class GateTolerance:
     ece_rise: float = 0.01  # candidate ECE may exceed the incumbent's by at most this
     ece_max: float = 0.05  # ... and must in any case be at most this (the project's calibration bar)
     auto_fail_rise: float = 0.01  # joint auto-execute failure rate may exceed max(alpha, incumbent) by this
+    # Forgetting: no item family with at least family_min_rows holdout rows may lose more AUROC than this.
+    family_auroc_drop: float = 0.05
+    family_min_rows: int = 200
 
 
 SimSuite = Callable[[Path], tuple[bool, dict[str, Any]]]  # model path -> (passed, details)
@@ -854,9 +857,10 @@ def gate(
     """Does the candidate model regress against the incumbent on `holdout`? Pluggable sim suite.
 
     Pass only if: candidate ECE <= ece_max and <= incumbent ECE + ece_rise; AUROC >= incumbent AUROC
-    - auroc_drop; joint auto-execute failure rate <= max(alpha, incumbent's) + auto_fail_rise; and
-    the simulation regression suite (when given) passes. The holdout must be data neither model
-    trained on (e.g. a later ledger export).
+    - auroc_drop; no well-represented item family's AUROC drops by more than family_auroc_drop (old
+    families must not be forgotten); joint auto-execute failure rate <= max(alpha, incumbent's) +
+    auto_fail_rise; and the simulation regression suite (when given) passes. The holdout must be
+    data neither model trained on (e.g. a later ledger export).
     """
     from grasping.learned_scorer import LearnedScorer
 
@@ -888,6 +892,15 @@ def gate(
             f"ECE {cm['ece']:.4f} <= incumbent {im['ece']:.4f} + {tol.ece_rise}",
         )
         fail_limit = max(alpha, im["auto_fail_joint"]) + tol.auto_fail_rise
+        for fam, fm in cm["by_family"].items():
+            old = im["by_family"].get(fam)
+            if old is None or fm["n"] < tol.family_min_rows or not (fm["auroc"] == fm["auroc"]):
+                continue  # too few rows, or one class only (AUROC undefined)
+            check(
+                fm["auroc"] >= old["auroc"] - tol.family_auroc_drop,
+                f"family {fam!r} AUROC {fm['auroc']:.4f} >= incumbent {old['auroc']:.4f} - "
+                f"{tol.family_auroc_drop} (forgetting)",
+            )
     check(
         cm["auto_fail_joint"] <= fail_limit,
         f"auto-executed-and-failed rate {cm['auto_fail_joint']:.4f} <= {fail_limit:.4f}",

@@ -230,11 +230,13 @@ def test_gate_passes_a_sound_model_and_rejects_a_degraded_one(tmp_path) -> None:
     assert report.candidate_version == "synthetic-v1" and report.incumbent is None
     same = gate(good, good, holdout)
     assert same.passed and same.incumbent["auroc"] == pytest.approx(same.candidate["auroc"])
+    assert sum("(forgetting)" in r for r in same.reasons) == 3  # one check per family
     bad = tmp_path / "degraded.safetensors"
     degraded_copy(good, bad)
     rejected = gate(bad, good, holdout)
     assert not rejected.passed
     assert any(r.startswith("FAIL: AUROC") for r in rejected.reasons)
+    assert any(r.startswith("FAIL: family") and "(forgetting)" in r for r in rejected.reasons)
     assert rejected.candidate["auroc"] < 0.5
     json.dumps(rejected.to_json())  # the report is plain JSON for the registry
 
