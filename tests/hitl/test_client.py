@@ -161,3 +161,22 @@ def test_associate_answer_times_out_cleanly_without_broker(keyring, hx):
         assert not a.connected
     finally:
         a.close()
+
+
+def test_insecure_loopback_round_trip_names_the_associate_as_insecure(tmp_path, hx):
+    b = Broker(BrokerConfig(bind=f"tcp://127.0.0.1:{hx.free_port()}", data_dir=tmp_path / "d", insecure=True,
+                            heartbeat_s=HB))  # fmt: skip
+    b.start()
+    cell = AssistClient(b.endpoint, "cell-9", None, heartbeat_s=HB)
+    cell.start()
+    bob = AssociateClient(b.endpoint, None, name="bob", heartbeat_s=HB)
+    try:
+        fut = cell.ask(hx.make_request(cell_id="cell-9"))
+        job = bob.next_request(10)
+        bob.answer(job.request_id, "approve", candidate_index=0)
+        ans = fut.result(10)
+        assert (ans.status, ans.associate_id) == ("answered", "insecure:bob")  # never passes for a key name
+    finally:
+        cell.close()
+        bob.close()
+        b.stop()
