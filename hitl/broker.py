@@ -34,6 +34,18 @@ from hitl.journal import Journal
 log = logging.getLogger(__name__)
 
 
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_EVENT_NAMES = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication",
+}
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     bind: str = "tcp://127.0.0.1:5555"
@@ -169,6 +181,8 @@ class Broker:
         self._thread: threading.Thread | None = None
         self.auth: _Auth | None = None
         self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.handshake_failures = 0
         self.endpoint = config.bind
         self.stats = {
             "accepted": 0,
@@ -213,6 +227,9 @@ class Broker:
             sock.curve_secretkey = own.secret
         sock.bind(cfg.bind)
         self.sock = sock
+        # ZAP only sees clients that speak CURVE; a client without it (or with a broken handshake) fails
+        # before ZAP, and only the socket monitor can tell us, so that every refusal gets a log line.
+        self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES) if not cfg.insecure else None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._recover()
         log.info("broker %s listening on %s (curve=%s)", self.instance, self.endpoint, not cfg.insecure)
@@ -244,6 +261,10 @@ class Broker:
             self._thread = None
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+            self.monitor = None
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
@@ -259,6 +280,8 @@ class Broker:
         sock, cfg = self.sock, self.config
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
         next_beat = time.monotonic()
         next_redeliver = time.monotonic() + cfg.redeliver_s
         try:
@@ -267,7 +290,10 @@ class Broker:
                 wait = min(next_beat - now_m, 0.1)
                 if self.expiry:
                     wait = min(wait, self.expiry[0][0] - time.time())
-                if poller.poll(max(0.0, wait) * 1000.0):
+                events = dict(poller.poll(max(0.0, wait) * 1000.0))
+                if self.monitor is not None and self.monitor in events:
+                    self._log_handshake_failures()
+                if sock in events:
                     batch = []
                     while len(batch) < cfg.max_batch:
                         try:
@@ -298,6 +324,22 @@ class Broker:
                 self._flush()
         finally:
             self.close()
+
+    def _log_handshake_failures(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                continue  # already logged with the key by the ZAP handler
+            self.handshake_failures += 1
+            log.warning("REFUSED connection on %s: security handshake failed (%s, code %s); "
+                        "a client without CURVE or with the wrong server key?",
+                        ev["endpoint"].decode("utf-8", "replace"), _EVENT_NAMES.get(ev["event"], ev["event"]),
+                        ev["value"])  # fmt: skip
 
     def _flush(self) -> None:
         """Send what the last transaction produced: only ever after its commit."""

@@ -304,7 +304,7 @@ def test_skip_hands_the_request_to_someone_else(broker, keyring, hx):
 
 
 def test_unknown_curve_key_is_refused_and_logged(broker, keyring, hx, caplog):
-    caplog.set_level(logging.WARNING, logger="hitl.broker.auth")
+    caplog.set_level(logging.WARNING, logger="hitl.broker")
     mallory = AssociateClient(broker.endpoint, keyring.stranger(), keyring.server_key, heartbeat_s=HB,
                               connect_timeout_s=1.0)  # fmt: skip
     plain = hx.RawPeer(broker.endpoint, None, None)  # no CURVE at all
@@ -319,9 +319,13 @@ def test_unknown_curve_key_is_refused_and_logged(broker, keyring, hx, caplog):
             assert plain.recv(1.0) is None
         except zmq.Again:
             pass  # the handshake never completed, so there was not even a peer to queue the message for
+        hx.wait_for(
+            lambda: broker.handshake_failures >= 1, 10, "the CURVE-less client's refusal to be logged"
+        )
         assert not fut.done() and broker.stats["assigned"] == 0  # the stranger got nothing
         assert broker.auth.refused >= 1
         assert any("REFUSED CURVE connection" in r.getMessage() for r in caplog.records)
+        assert any("security handshake failed" in r.getMessage() for r in caplog.records)
     finally:
         mallory.close()
         plain.close()
