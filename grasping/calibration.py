@@ -54,11 +54,22 @@ def _check_py(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p, y
 
 
-def nll(p: np.ndarray, y: np.ndarray) -> float:
-    """Mean binary negative log-likelihood (nats)."""
+def _weights(w: np.ndarray | None, n: int) -> np.ndarray:
+    """Row weights normalised to mean 1 (None: all 1)."""
+    if w is None:
+        return np.ones(n)
+    w = np.asarray(w, dtype=np.float64).ravel()
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or (n and w.sum() <= 0):
+        raise ValueError(f"weights must be {n} finite non-negative numbers with a positive sum")
+    return w / w.mean() if n else w
+
+
+def nll(p: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> float:
+    """Mean binary negative log-likelihood (nats), optionally weighted by row."""
     p, y = _check_py(p, y)
+    w = _weights(w, p.size)
     p = np.clip(p, _EPS, 1 - _EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(-np.mean(w * (y * np.log(p) + (1 - y) * np.log(1 - p))))
 
 
 def brier(p: np.ndarray, y: np.ndarray) -> float:
@@ -66,18 +77,21 @@ def brier(p: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((p - y) ** 2))
 
 
-def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """ECE with `bins` equal-width bins on [0, 1]: sum_b (n_b / n) |mean(y_b) - mean(p_b)|."""
+def expected_calibration_error(
+    p: np.ndarray, y: np.ndarray, bins: int = 15, w: np.ndarray | None = None
+) -> float:
+    """ECE with `bins` equal-width bins on [0, 1]: sum_b (n_b / n) |mean(y_b) - mean(p_b)|.
+
+    With row weights `w`, n_b and the means are weighted.
+    """
     p, y = _check_py(p, y)
     if p.size == 0:
         raise ValueError("ECE of an empty set")
-    idx = np.minimum((p * bins).astype(np.int64), bins - 1)
-    idx = np.clip(idx, 0, bins - 1)
-    counts = np.bincount(idx, minlength=bins)
-    sum_p = np.bincount(idx, weights=p, minlength=bins)
-    sum_y = np.bincount(idx, weights=y, minlength=bins)
-    nz = counts > 0
-    return float(np.sum(np.abs(sum_y[nz] - sum_p[nz])) / p.size)
+    w = _weights(w, p.size)
+    idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    sum_p = np.bincount(idx, weights=w * p, minlength=bins)
+    sum_y = np.bincount(idx, weights=w * y, minlength=bins)
+    return float(np.sum(np.abs(sum_y - sum_p)) / w.sum())
 
 
 def auroc(scores: np.ndarray, y: np.ndarray) -> float:
@@ -137,25 +151,26 @@ class Calibrator:
         return np.interp(z, self.iso_x, self.iso_y)
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> Calibrator:
+def fit_temperature(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> Calibrator:
     """Temperature T and bias b minimising held-out NLL of sigmoid(logit / T + b).
 
     Newton's method on (a = 1/T, b) -- a 2-parameter logistic regression, convex, converges in a few
     steps -- with step halving, a kept in [1/20, 20] (T in [0.05, 20]) so the ranking never flips.
     """
     z, y = _check_py(logits, y)
+    w = _weights(w, z.size)
     a, b = 1.0, 0.0
 
     def loss(a_: float, b_: float) -> float:
-        return nll(sigmoid(a_ * z + b_), y)
+        return nll(sigmoid(a_ * z + b_), y, w)
 
     cur = loss(a, b)
     for _ in range(50):
         p = sigmoid(a * z + b)
-        r = p - y
-        w = np.maximum(p * (1 - p), 1e-9)
+        r = w * (p - y)
+        h = w * np.maximum(p * (1 - p), 1e-9)
         grad = np.array([np.mean(r * z), np.mean(r)])
-        hess = np.array([[np.mean(w * z * z), np.mean(w * z)], [np.mean(w * z), np.mean(w)]])
+        hess = np.array([[np.mean(h * z * z), np.mean(h * z)], [np.mean(h * z), np.mean(h)]])
         hess += 1e-9 * np.eye(2)
         step = np.linalg.solve(hess, grad)
         t = 1.0
@@ -193,17 +208,19 @@ def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.array(vals), np.array(wts), np.array(sizes)
 
 
-def fit_isotonic(logits: np.ndarray, y: np.ndarray) -> Calibrator:
-    """Isotonic regression of y on logit; knots at each pooled block's lowest and highest logit."""
+def fit_isotonic(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> Calibrator:
+    """(Weighted) isotonic regression of y on logit; knots at each block's lowest and highest logit."""
     z, y = _check_py(logits, y)
+    w = _weights(w, z.size)
     if z.size < 2:
         raise ValueError("isotonic calibration needs at least 2 rows")
     order = np.argsort(z, kind="mergesort")
-    zs, ys = z[order], y[order]
+    zs, ys, ws = z[order], y[order], w[order] + 1e-12  # + tiny: a zero-weight tie block stays defined
     # Pool tied logits first so equal inputs get equal outputs.
-    uz, inv, cnt = np.unique(zs, return_inverse=True, return_counts=True)
-    ysum = np.bincount(inv, weights=ys)
-    vals, _, sizes = _pav(ysum / cnt, cnt.astype(np.float64))
+    uz, inv = np.unique(zs, return_inverse=True)
+    wsum = np.bincount(inv, weights=ws)
+    ysum = np.bincount(inv, weights=ws * ys)
+    vals, _, sizes = _pav(ysum / wsum, wsum)
     ends = np.cumsum(sizes)
     starts = ends - sizes
     xs: list[float] = []
@@ -224,13 +241,17 @@ class CalibrationChoice:
     cv_ece: dict[str, float]  # method -> cross-validated ECE on the calibration rows
 
 
-def fit_calibrator(logits: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> CalibrationChoice:
+def fit_calibrator(
+    logits: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, w: np.ndarray | None = None
+) -> CalibrationChoice:
     """Fit both calibrators, choose by k-fold cross-validated NLL, refit the winner on all rows.
 
     Isotonic needs enough data of both classes to beat temperature; with fewer than 50 rows we do not
-    even try it (it would memorise the calibration set).
+    even try it (it would memorise the calibration set). Optional row weights `w` (e.g. recency)
+    weight the fits and the cross-validated NLL/ECE.
     """
     z, y = _check_py(logits, y)
+    w = _weights(w, z.size)
     if z.size < 2 or y.min() == y.max():
         raise ValueError(
             f"calibration needs both successes and failures; got {z.size} rows, {int(y.sum())} ok"
@@ -247,14 +268,14 @@ def fit_calibrator(logits: np.ndarray, y: np.ndarray, folds: int = 5, seed: int 
         for k in np.unique(fold):
             tr, te = fold != k, fold == k
             if y[tr].min() == y[tr].max():
-                cal = fit_temperature(z[tr], y[tr]) if name == TEMPERATURE else Calibrator(TEMPERATURE)
+                cal = fit_temperature(z[tr], y[tr], w[tr]) if name == TEMPERATURE else Calibrator(TEMPERATURE)
             else:
-                cal = fit(z[tr], y[tr])
+                cal = fit(z[tr], y[tr], w[tr])
             p_out[te] = cal.apply(z[te])
-        cv_nll[name] = nll(p_out, y)
-        cv_ece[name] = expected_calibration_error(p_out, y)
+        cv_nll[name] = nll(p_out, y, w)
+        cv_ece[name] = expected_calibration_error(p_out, y, w=w)
     best = min(cv_nll, key=cv_nll.get)
-    return CalibrationChoice(methods[best](z, y), cv_nll, cv_ece)
+    return CalibrationChoice(methods[best](z, y, w), cv_nll, cv_ece)
 
 
 # --- conformal risk control -------------------------------------------------------------------------

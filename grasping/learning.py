@@ -715,17 +715,24 @@ def train(dataset: Dataset, cfg: TrainConfig, out_path: str | Path) -> TrainResu
     net, history = _fit_net(parts["train"], parts["val"], w_tr, w_val, cfg)
 
     # Calibrators per gripper on the calib split (pooled rows for a gripper with too little data).
+    # Calibrators are weighted by recency only (half-life + replay floor): probabilities should
+    # describe the items the cell sees now, while new-family and watchdog boosts are about what to
+    # *learn*, not how often things happen.
     cal_logits, cal_emb = _batched(net, parts["calib"])
     y_cal = parts["calib"].label.astype(np.float64)
     g_cal = parts["calib"].gripper
-    pooled = fit_calibrator(cal_logits, y_cal, seed=cfg.seed)
+    recency = importance_weights(
+        dataset, replace(cfg.weights, new_family_boost=1.0, ood_gain=0.0), new_families=()
+    )[idx["calib"]]
+    pooled = fit_calibrator(cal_logits, y_cal, seed=cfg.seed, w=recency)
     calibrators: list[Calibrator] = []
     cal_info: dict[str, Any] = {}
     for g in (SUCTION, PARALLEL_JAW):
         rows = g_cal == g
         n_pos = int(y_cal[rows].sum())
         if rows.sum() >= 100 and min(n_pos, int(rows.sum()) - n_pos) >= 10:
-            choice, scope = fit_calibrator(cal_logits[rows], y_cal[rows], seed=cfg.seed), "own rows"
+            choice = fit_calibrator(cal_logits[rows], y_cal[rows], seed=cfg.seed, w=recency[rows])
+            scope = "own rows"
         else:
             choice, scope = pooled, "pooled rows (too few of its own)"
         calibrators.append(choice.calibrator)

@@ -163,3 +163,21 @@ def test_reliability_diagram_writes_a_png(tmp_path) -> None:
         {"raw": sigmoid(reported), "calibrated": cal.apply(reported)}, y, tmp_path / "d" / "rel.png"
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weighted_calibration_follows_the_recent_regime() -> None:
+    """Old rows succeeded more often than new ones (a packaging change): weight the new ones."""
+    rng = np.random.default_rng(7)
+    z = rng.normal(0, 2, 8000)
+    new = np.arange(8000) >= 6000  # the last quarter is recent
+    p_true = np.where(new, sigmoid(z - 1.5), sigmoid(z))
+    y = (rng.random(8000) < p_true).astype(float)
+    w = np.where(new, 1.0, 0.02)
+    z_new = rng.normal(0, 2, 20000)
+    y_new = (rng.random(20000) < sigmoid(z_new - 1.5)).astype(float)
+    for fit in (fit_temperature, fit_isotonic):
+        plain = expected_calibration_error(fit(z, y).apply(z_new), y_new)
+        weighted = expected_calibration_error(fit(z, y, w).apply(z_new), y_new)
+        assert weighted < 0.03 < plain
+    with pytest.raises(ValueError, match="weights"):
+        fit_temperature(z, y, -w)
