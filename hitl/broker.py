@@ -177,6 +177,7 @@ class Broker:
         self._out: list[tuple[bytes, bytes, dict]] = []  # sent after the next commit
         self._out_now: list[tuple[bytes, bytes, dict]] = []  # assignments, sent before it
         self._flush_cells: set[str] = set()
+        self._delivered: list[tuple[str, str]] = []  # (request id, cell id) confirmations not yet written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.auth: _Auth | None = None
@@ -261,6 +262,8 @@ class Broker:
             self._thread = None
 
     def close(self) -> None:
+        if self.sock is not None:
+            self._write_delivered()
         if self.monitor is not None:
             self.sock.disable_monitor()
             self.monitor.close(0)
@@ -485,7 +488,18 @@ class Broker:
         if not isinstance(ids, list) or len(ids) > 10_000 or not all(isinstance(i, str) for i in ids):
             raise P.ProtocolError(P.E_INVALID, "field 'request_ids' must be a list of strings")
         self._bind_cell(peer, cell_id)
-        self.journal.mark_delivered(ids, cell_id, time.time())
+        # Confirmations need no fsync of their own: one lost in a crash only means the result is sent
+        # again, and cells ignore results they already have. They are written once per heartbeat.
+        self._delivered.extend((rid, cell_id) for rid in ids)
+
+    def _write_delivered(self) -> None:
+        if not self._delivered:
+            return
+        batch, self._delivered = self._delivered, []
+        now = time.time()
+        with self.journal.transaction():
+            for rid, cell_id in batch:
+                self.journal.mark_delivered([rid], cell_id, now)
 
     # ---- associate messages ----
 
@@ -705,6 +719,7 @@ class Broker:
             log.info("associate %s gone (%s)", peer.identity, why)
 
     def _heartbeat_and_purge(self, now_m: float) -> None:
+        self._write_delivered()
         limit = self.config.heartbeat_s * self.config.liveness
         for peer in list(self.peers.values()):
             if now_m - peer.last_seen > limit:
@@ -715,6 +730,7 @@ class Broker:
         self._flush()
 
     def _redeliver(self) -> None:
+        self._write_delivered()
         cutoff = time.time() - self.config.redeliver_s
         for cell_id, answer in self.journal.undelivered():
             rid = self.cells.get(cell_id)
