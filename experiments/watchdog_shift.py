@@ -46,44 +46,29 @@ EXPERIMENT_SEED = 9_100_000  # scene seeds start here: disjoint from collection 
 
 
 def scene_sigmas(
-    model_path: Path, catalog: str, families: list[str] | None, n: int, group: int, seed: int, objects: int
+    model_path: Path, catalog: str, families: list[str] | None, n: int, group: int, seed: int, args
 ) -> list[dict]:
     """Build n fresh totes, plan each with the model, return the watchdog's scene scores."""
-    from tqdm import tqdm
+    from sim.training import live_scene_scores
 
-    from grasping.learned_scorer import LearnedScorer
-    from grasping.planner import PlannerConfig, plan
-    from sim.catalogs import load_catalog
-    from sim.scene import SimCell
-
-    scorer = LearnedScorer.from_file(model_path, num_threads=None)
-    cat = load_catalog(catalog, families)
-    out = []
-    for i in tqdm(range(n), desc=f"{catalog}:{','.join(families or ['all'])}", unit="scene", leave=False):
-        s = int(np.random.SeedSequence([EXPERIMENT_SEED + seed, group, i]).generate_state(1)[0])
-        with SimCell(seed=s) as cell:
-            cell.fill(cat, objects, np.random.default_rng([s, 0]))
-            frame = cell.camera.capture()
-            p = plan(frame, PlannerConfig(tote=cell.tote_bounds, scorer=scorer, seed=s))
-        if p.scene_ood_sigma is None:  # empty tote (every item bounced out): nothing to score
-            continue
-        out.append(
-            {
-                "scene": i,
-                "seed": s,
-                "sigma": float(p.scene_ood_sigma),
-                "flagged": not p.in_distribution,
-                "candidates": len(p.candidates),
-            }
-        )
-    return out
+    seeds = [
+        int(np.random.SeedSequence([EXPERIMENT_SEED + seed, group, i]).generate_state(1)[0]) for i in range(n)
+    ]
+    fams = tuple(families) if families else None
+    jobs = [(catalog, fams, args.objects, s) for s in seeds]
+    res = live_scene_scores(model_path, jobs, workers=args.workers, progress=True)
+    return [
+        {"scene": i, "seed": r["seed"], "sigma": r["sigma"], "flagged": not r["in_distribution"]}
+        for i, r in enumerate(res)
+        if r is not None  # an empty tote (every item bounced out) has nothing to score
+    ]
 
 
 def run(args: argparse.Namespace) -> dict:
     from grasping.calibration import auroc
     from grasping.learning import TrainConfig, train
     from sim.catalogs import load_catalog
-    from sim.training import load_sim_dataset
+    from sim.training import WATCHDOG_SCENE_SEED, LiveSceneConfig, load_sim_dataset, recalibrate_watchdog
 
     t0 = time.time()
     out_dir = Path(args.out)
@@ -111,8 +96,20 @@ def run(args: argparse.Namespace) -> dict:
         "left_out_family": ("procedural-train", [args.leave_out], 2),
         "train_catalog": ("train", None, 3),
     }
+    # The scene statistics are calibrated on live scenes of the trained families only, exactly as
+    # train_from_sim does for the shipped model (sim.training.recalibrate_watchdog).
+    wd = recalibrate_watchdog(
+        model,
+        LiveSceneConfig(
+            scenes=args.calib_scenes,
+            families=tuple(kept),
+            seed=WATCHDOG_SCENE_SEED + args.seed,
+            workers=args.workers,
+        ),
+        progress=True,
+    )
     scores = {
-        name: scene_sigmas(model, cat, f, args.scenes, g, args.seed, args.objects)
+        name: scene_sigmas(model, cat, f, args.scenes, g, args.seed, args)
         for name, (cat, f, g) in groups.items()
     }
 
@@ -142,6 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "vs_trained_procedural_families": separation("trained_families"),
         "vs_train_catalog": separation("train_catalog"),
+        "watchdog_calibration": wd,
         "scenes": scores,
         "wall_seconds": round(time.time() - t0, 1),
     }
@@ -155,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenes", type=int, default=40, help="scenes per group (default 40)")
     ap.add_argument("--objects", type=int, default=8, help="items per tote (default 8)")
     ap.add_argument("--seed", type=int, default=0, help="training and scene seed (default 0)")
+    ap.add_argument("--calib-scenes", type=int, default=40, help="live scenes for the watchdog (default 40)")
+    ap.add_argument("--workers", type=int, default=2, help="scene processes (default 2)")
     ap.add_argument("--out", default="runs/watchdog_shift", help="folder for the model (default runs/...)")
     ap.add_argument("--reuse-model", action="store_true", help="reuse the model in --out if present")
     ap.add_argument("--json", help="write the result JSON here")
