@@ -613,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     try:
-        res = train_from_sim(args.episodes, args.out, args.seed, work_dir=args.work_dir, config=cfg)
+        command = "python -m sim.training " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        res = train_from_sim(
+            args.episodes, args.out, args.seed, work_dir=args.work_dir, config=cfg, command=command
+        )
     except (CollectError, DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
