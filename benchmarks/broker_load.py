@@ -63,8 +63,27 @@ def send(s: zmq.Socket, msg_type: bytes, body: dict) -> None:
     s.send_multipart(P.encode(msg_type, body))
 
 
+def commit_probe(directory: Path, n: int = 200, row_bytes: int = 20_000) -> tuple[float, float]:
+    """p50/p99 ms of one SQLite WAL synchronous=FULL commit of one row on this disk: the fsync floor."""
+    db = sqlite3.connect(str(directory / "probe.sqlite"), isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (b BLOB)")
+    row = os.urandom(row_bytes)
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO t VALUES (?)", (row,))
+        db.execute("COMMIT")
+        ts.append((time.perf_counter() - t) * 1000.0)
+    db.close()
+    return round(float(np.percentile(ts, 50)), 3), round(float(np.percentile(ts, 99)), 3)
+
+
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="broker_load_"))
+    probe = commit_probe(work)
     keys = work / "keys"
     new_keypair("broker", keys)
     cell_names = [f"cell-{i}" for i in range(args.cells)]
@@ -74,9 +93,10 @@ def run(args: argparse.Namespace) -> dict:
     server_key = load_public(keys / "broker.key")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     log_path = work / "broker.log"
+    profile = ["-m", "cProfile", "-o", str(args.profile_broker)] if args.profile_broker else []
     with open(log_path, "wb") as log:
         broker = subprocess.Popen(
-            [sys.executable, *(["-m", "cProfile", "-o", str(args.profile_broker)] if args.profile_broker else []),
+            [sys.executable, *profile,
              "-m", "hitl.broker", "--bind", endpoint, "--data", str(work / "data"),
              "--keys", str(keys)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -225,6 +245,8 @@ def run(args: argparse.Namespace) -> dict:
     added = np.array([(t_assign[r] - t_submit[r]) + (t_result[r] - t_answer[r]) for r in done]) * 1000.0
     ack = np.array([t_ack[r] - t_submit[r] for r in t_submit if r in t_ack]) * 1000.0
     e2e = np.array([t_result[r] - t_submit[r] for r in done]) * 1000.0
+    hop_in = np.array([t_assign[r] - t_submit[r] for r in done]) * 1000.0
+    hop_out = np.array([t_result[r] - t_answer[r] for r in done]) * 1000.0
     pct = lambda a, q: round(float(np.percentile(a, q)), 3) if len(a) else None  # noqa: E731
     lost = sum(1 for r in t_submit if r not in final)
     return {
@@ -251,6 +273,12 @@ def run(args: argparse.Namespace) -> dict:
         "added_latency_ms_max": round(float(added.max()), 3) if len(added) else None,
         "ack_latency_ms_p50": pct(ack, 50),
         "ack_latency_ms_p99": pct(ack, 99),
+        "submit_to_assign_ms_p50": pct(hop_in, 50),
+        "submit_to_assign_ms_p99": pct(hop_in, 99),
+        "answer_to_result_ms_p50": pct(hop_out, 50),
+        "answer_to_result_ms_p99": pct(hop_out, 99),
+        "disk_commit_ms_p50": probe[0],
+        "disk_commit_ms_p99": probe[1],
         "end_to_end_ms_p50": pct(e2e, 50),
         "end_to_end_ms_p99": pct(e2e, 99),
         "broker_cpu_s": round(broker_cpu_s, 2),
@@ -285,6 +313,11 @@ Machine: {r['machine']}. {note}
 | added latency p50 / p99 / max (ms) | {r['added_latency_ms_p50']} / {r['added_latency_ms_p99']} / \
 {r['added_latency_ms_max']} |
 | submit -> ack (journaled) p50 / p99 (ms) | {r['ack_latency_ms_p50']} / {r['ack_latency_ms_p99']} |
+| submit -> assign p50 / p99 (ms) | {r['submit_to_assign_ms_p50']} / {r['submit_to_assign_ms_p99']} |
+| answer -> result (includes one fsync) p50 / p99 (ms) | {r['answer_to_result_ms_p50']} / \
+{r['answer_to_result_ms_p99']} |
+| bare SQLite commit on this disk before the run p50 / p99 (ms) | {r['disk_commit_ms_p50']} / \
+{r['disk_commit_ms_p99']} |
 | journal rows / missing | {r['journal_rows']} / {r['journal_missing']} |
 | duplicate results (re-deliveries, harmless) | {r['duplicate_results']} |
 | request image size (bytes) | {r['image_bytes']} |
