@@ -304,6 +304,8 @@ class AssistClient(_Link):
         Raises ValueError at once for a request this client would never send (wrong cell, too big).
         Asking again with the same request_id returns the same future.
         """
+        if self._closing.is_set():
+            raise AssistError("client is closed")
         if request.cell_id != self.cell_id:
             raise ValueError(
                 f"request.cell_id {request.cell_id!r} is not this client's cell {self.cell_id!r}"
