@@ -1090,6 +1090,7 @@ def _labeled_rows(conn: sqlite3.Connection, since: float | None, counts: Counter
             "model_version": ver,
             "cell_id": cell,
             "row_id": aid,
+            "plan_id": plan_id or "",  # the scene: rows of one plan share it (split by scene, not by row)
             "scene_ood_sigma": _nan(sigma),
             "p_success": _nan(p_success),
         }
@@ -1131,12 +1132,13 @@ def _labeled_rows(conn: sqlite3.Connection, since: float | None, counts: Counter
                 "model_version": ver,
                 "cell_id": cell,
                 "row_id": f"{req_id}:{int(view['index'])}",
+                "plan_id": plan_id,
                 "scene_ood_sigma": _nan(sigma),
                 "p_success": _nan(c[3]),
             }
 
 
-_STR_COLUMNS = ("source", "family", "decided_by", "model_version", "cell_id", "row_id")
+_STR_COLUMNS = ("source", "family", "decided_by", "model_version", "cell_id", "row_id", "plan_id")
 _F64_COLUMNS = ("timestamp", "robot_time", "scene_ood_sigma", "p_success")
 
 
