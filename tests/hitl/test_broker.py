@@ -476,3 +476,18 @@ def test_a_key_speaks_only_for_the_cell_it_is_named_after(broker, keyring, hx):
         assert hx.journal_rows(broker.config.data_dir) == {}
     finally:
         raw.close()
+
+
+def test_a_message_above_the_wire_cap_is_dropped_by_libzmq_and_the_broker_keeps_serving(broker, keyring, hx):
+    huge = hx.RawPeer(broker.endpoint, keyring.client("cell-2"), keyring.server_key)
+    raw = hx.RawPeer(broker.endpoint, keyring.client("cell-1"), keyring.server_key)
+    try:
+        huge.send_raw([P.PROTOCOL, P.SUBMIT, b"\x00" * (P.MAX_WIRE_BYTES + 1)])
+        assert huge.recv(1.5) is None  # no reply: libzmq closed that connection before Python saw it
+        req = hx.make_request()
+        raw.send(P.SUBMIT, {"request": req.to_wire()})
+        assert raw.expect(P.ACK)["request_id"] == req.request_id
+        assert list(hx.journal_rows(broker.config.data_dir)) == [req.request_id]
+    finally:
+        huge.close()
+        raw.close()
