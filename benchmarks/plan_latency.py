@@ -149,15 +149,32 @@ def run(scenes: list[tuple[Frame, Bounds]], variants: dict[str, tuple[object, in
     }
 
 
-def update_docs(text: str) -> None:
+INTRO = (
+    "Frame (640x480 depth + RGB) to Plan: wall time of `grasping.planner.plan()` with every candidate\n"
+    "scored by the learned model (see the script's docstring for the model used). One subsection per\n"
+    "frame source; each run of the script rewrites its own source's subsection."
+)
+
+
+def update_docs(source: str, text: str) -> None:
+    """Rewrite this script's `## plan_latency` section of docs/benchmarks.md, only its `### <source>`
+    subsection; other sections (other scripts) and the other source's subsection stay as they are."""
     path = ROOT / "docs" / "benchmarks.md"
     path.parent.mkdir(exist_ok=True)
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {SECTION}\n\n{text.strip()}\n"
-    pattern = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = (
-        pattern.sub(lambda _: section + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + section
+    section_re = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
+    m = section_re.search(old)
+    subs: dict[str, str] = {}
+    if m:
+        for part in re.split(r"^### ", m.group(0), flags=re.M)[1:]:
+            head, _, body = part.partition("\n")
+            subs[head.split()[0]] = body.strip()
+    subs[source] = text.strip()
+    body = "\n\n".join(
+        f"### {k} frames\n\n{v}" for k, v in sorted(subs.items(), key=lambda kv: kv[0] != "synthetic")
     )
+    section = f"## {SECTION}\n\n{INTRO}\n\n{body}\n"
+    new = section_re.sub(lambda _: section + "\n", old) if m else old.rstrip() + "\n\n" + section
     path.write_text(new)
 
 
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "(400 candidates) then takes 5-10x longer than with one thread; when the machine is quiet both",
             "take about 10-20 ms.",
         ]
-        update_docs("\n".join(lines))
+        update_docs(args.source, "\n".join(lines))
     return 0
 
 
