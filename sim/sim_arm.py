@@ -186,6 +186,9 @@ class SimArm:
         )
         self._time = 0.0
         self._stopped = False
+        self._stop_cause, self._stop_triggered_at, self._stop_halted = "command", 0.0, True
+        self.safety_zone = None  # sim.safety.SafetyZone, checked at every motion sample
+        self.stop_events: list = []  # sim.safety.StopEvent per protective stop
         self._held: int | None = None
         self._held_kind: str | None = None
         self._T_tcp_item: tuple | None = None  # held item pose in the carrying TCP frame
@@ -200,10 +203,50 @@ class SimArm:
 
     def stop(self) -> None:
         """Protective stop: the current motion ends with ESTOP at its next sample; motions refuse."""
+        if not self._stopped:
+            self._stop_cause, self._stop_triggered_at, self._stop_halted = "command", self._time, False
         self._stopped = True
 
     def clear_stop(self) -> None:
         self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        self._check_stop()
+        return self._stopped
+
+    def set_safety_zone(self, zone) -> None:
+        """Guard the cell with a `sim.safety.SafetyZone` (a person entering halts the arm)."""
+        self.safety_zone = zone
+
+    def _check_stop(self) -> bool:
+        """Poll the safety zone at the current robot time; True when the arm must not move."""
+        zone = self.safety_zone
+        if zone is not None:
+            entered = zone.entered_at(self._time)
+            if entered is not None and not self._stopped:
+                self._stopped = True
+                self._stop_cause, self._stop_triggered_at, self._stop_halted = "zone", entered, False
+            elif entered is None and self._stopped and self._stop_cause == "zone" and zone.auto_reset:
+                self._stopped = False
+        if self._stopped and not self._stop_halted:
+            # Motions call this before every sample, so this is when the arm stands still.
+            from sim.safety import StopEvent
+
+            self._stop_halted = True
+            self.stop_events.append(StopEvent(self._stop_cause, self._stop_triggered_at, self._time))
+        return self._stopped
+
+    def _estop(self) -> _Abort:
+        ev = self.stop_events[-1] if self.stop_events else None
+        if ev is None:
+            return _Abort(Reason.ESTOP)
+        return _Abort(
+            Reason.ESTOP,
+            cause=ev.cause,
+            triggered_at=round(ev.triggered_at, 4),
+            halted_at=round(ev.halted_at, 4),
+        )
 
     def idle(self, seconds: float) -> None:
         """Hold still for `seconds` of robot time. Nothing moves, so no physics needs stepping."""
@@ -404,9 +447,8 @@ class SimArm:
         positions: list[np.ndarray] = []
         t_prev = 0.0
         for k, q in enumerate(qs):
-            if self._stopped:
-                self._time += times[k] - t_prev
-                raise _Abort(Reason.ESTOP)
+            if self._check_stop():
+                raise self._estop()
             for j, v in zip(self.arm_joints, q, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
             self._carry_item(tcp)
@@ -542,8 +584,8 @@ class SimArm:
         result: dict = {}
         # A few extra steps let the motors catch up with the end of the path.
         for k in range(n_steps + 12):
-            if self._stopped:
-                raise _Abort(Reason.ESTOP)
+            if self._check_stop():
+                raise self._estop()
             s = frac[min(k, n_steps - 1)]
             q_target = np.array([np.interp(s, way_s, qs[:, i]) for i in range(7)])
             self._command(q_target)
@@ -616,8 +658,8 @@ class SimArm:
     def home(self) -> Outcome:
         t0 = self._time
         try:
-            if self._stopped:
-                raise _Abort(Reason.ESTOP)
+            if self._check_stop():
+                raise self._estop()
             self._joint_move(self.cfg.home, self.tcp_link(self._held_kind or "parallel_jaw"))
         except _Abort as exc:
             return Outcome(False, exc.reason, robot_seconds=self._time - t0, details=exc.details)
@@ -628,8 +670,8 @@ class SimArm:
         t0 = self._time
         link = self.tcp_link(self._held_kind or "parallel_jaw")
         try:
-            if self._stopped:
-                raise _Abort(Reason.ESTOP)
+            if self._check_stop():
+                raise self._estop()
             pos = np.asarray(position, dtype=np.float64)
             R_hand = quat_to_matrix(np.asarray(orientation, dtype=np.float64)) @ M_GRASP_HAND
             q = self._solve(pos, R_hand, link, self._seed_over(pos))
@@ -644,8 +686,8 @@ class SimArm:
         executed = grasp
         details: dict = {}
         try:
-            if self._stopped:
-                raise _Abort(Reason.ESTOP)
+            if self._check_stop():
+                raise self._estop()
             if self._held is not None:
                 raise _Abort(Reason.INVALID, why="already holding an item")
             if grasp.gripper == "parallel_jaw":
@@ -933,8 +975,8 @@ class SimArm:
         kind = self._held_kind or "parallel_jaw"
         link = self.tcp_link(kind)
         try:
-            if self._stopped:
-                raise _Abort(Reason.ESTOP)
+            if self._check_stop():
+                raise self._estop()
             target = np.asarray(placement.position, dtype=np.float64)
             pos_now, R_now = self.link_pose(link)
             R_req = quat_to_matrix(np.asarray(placement.orientation, dtype=np.float64)) @ M_GRASP_HAND

@@ -180,3 +180,21 @@ def test_camera_that_keeps_failing_aborts_the_tote_without_crashing(stack_factor
     )
     rep = ctl.run_tote("t0")
     assert rep.status == "camera_failed" and rep.attempts == []
+
+
+def test_protective_stop_halts_holds_and_the_cell_finishes_after_the_person_leaves(stack_factory):
+    from sim.safety import SafetyZone
+
+    st = stack_factory()
+    body = add_carton(st)
+    zone = SafetyZone()
+    st.cell.arm.set_safety_zone(zone)
+    t_in = st.cell.arm.robot_time + 0.5  # while the arm moves to the first pick
+    zone.enter(t_in, t_in + 4.0)
+    st.controller.planner = ScriptedPlanner(st.controller.planner)
+    rep = st.controller.run_tote("t0")
+    ev = st.cell.arm.stop_events[0]
+    assert ev.cause == "zone" and ev.reaction_s <= 0.1
+    assert rep.estop_s >= 3.0  # it held (robot time) instead of planning or moving
+    assert rep.status == "cleared" and _in_box(st, body)
+    assert [a.outcome.reason for a in rep.attempts] == [Reason.OK]  # the halted pick is not a failure
