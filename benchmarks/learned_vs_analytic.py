@@ -28,10 +28,10 @@ if str(ROOT) not in sys.path:
 SECTION = "## learned vs analytic"
 
 
-def run_one(catalog: str, planner: str, model: str | None, args: argparse.Namespace) -> dict:
-    from sim.benchmark.episode import run_bench_episode
-    from sim.benchmark.metrics import aggregate
+def run_one(catalog: str, planner: str, model: str | None, args: argparse.Namespace) -> list[dict]:
+    """Episode records of one planner on one catalog (crashed episodes come back as {"crashed": ...})."""
     from sim.benchmark.runner import make_specs, run_episodes
+    from sim.training import guarded_episode
 
     specs = make_specs(
         args.episodes,
@@ -42,10 +42,22 @@ def run_one(catalog: str, planner: str, model: str | None, args: argparse.Namesp
         associate=args.associate,
         model_path=model,
     )
-    eps, wall = run_episodes(specs, run_bench_episode, workers=args.workers, progress=not args.no_progress)
-    m = aggregate(eps)
-    m["wall_seconds"] = wall
-    m["model_version"] = eps[0]["model_version"] if eps else None
+    eps, wall = run_episodes(specs, guarded_episode, workers=args.workers, progress=not args.no_progress)
+    for e in eps:
+        e["_wall"] = wall
+    return eps
+
+
+def summarise(eps: list[dict], crashed: list[int]) -> dict:
+    """Benchmark metrics over the episodes that ran for both planners (paired comparison)."""
+    from sim.benchmark.metrics import aggregate
+
+    ok = [e for e in eps if e["episode"] not in crashed]
+    m = aggregate(ok)
+    m["wall_seconds"] = eps[0]["_wall"] if eps else 0.0
+    m["model_version"] = next((e["model_version"] for e in ok), None)
+    m["episodes_crashed_excluded"] = crashed
+    m["crash_errors"] = sorted({e["crashed"] for e in eps if "crashed" in e})
     return m
 
 
@@ -63,8 +75,8 @@ def _num(v, fmt: str = "{:.1f}") -> str:
 def table(results: dict[str, dict]) -> list[str]:
     lines = [
         "| catalog | planner | first-attempt success [95% CI] | clearance | MPPH | assists/100 picks "
-        "| damage | plan p50 / p99 ms | items | attempts |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| damage | plan p50 / p99 ms | items | attempts | episodes left out (crashed) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, m in results.items():
         cat, planner = key.split("/")
@@ -73,7 +85,7 @@ def table(results: dict[str, dict]) -> list[str]:
             f"| {_pct(m['clearance_rate'])} | {_num(m['mpph'], '{:.0f}')} "
             f"| {_num(m['assists_per_100_picks'])} | {_pct(m['damage_rate'])} "
             f"| {_num(m['plan_latency_ms_p50'], '{:.0f}')} / {_num(m['plan_latency_ms_p99'], '{:.0f}')} "
-            f"| {m['items']} | {m['attempts']} |"
+            f"| {m['items']} | {m['attempts']} | {len(m['episodes_crashed_excluded'])} |"
         )
     return lines
 
@@ -108,14 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     results: dict[str, dict] = {}
     for cat in args.catalogs:
-        for planner in ("analytic", "learned"):
-            m = run_one(cat, planner, args.model if planner == "learned" else None, args)
+        runs = {
+            p: run_one(cat, p, args.model if p == "learned" else None, args) for p in ("analytic", "learned")
+        }
+        # An episode that crashed for either planner is left out of both (and reported).
+        crashed = sorted({e["episode"] for eps in runs.values() for e in eps if "crashed" in e})
+        for planner, eps in runs.items():
+            m = summarise(eps, crashed)
             results[f"{cat}/{planner}"] = m
             print(
                 f"{cat:>12} {planner:>8}: first-attempt {m['first_attempt_success']:.3f} "
                 f"{m['first_attempt_success_ci95']}, clearance {m['clearance_rate']:.3f}, "
                 f"MPPH {m['mpph']:.0f}, assists/100 {m['assists_per_100_picks']}, "
-                f"damage {m['damage_rate']:.3f}, wall {m['wall_seconds']:.0f} s",
+                f"damage {m['damage_rate']:.3f}, wall {m['wall_seconds']:.0f} s, "
+                f"crashed episodes left out {crashed}",
                 flush=True,
             )
     lines = table(results)
@@ -155,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{(time.time() - t0) / 60:.0f} min.",
                 "",
                 *lines,
+                "",
+                *[
+                    f"Crashed episodes ({k}): {m['crash_errors']}; they are left out of both planners' rows."
+                    for k, m in results.items()
+                    if m["crash_errors"]
+                ],
                 "",
                 *([args.note, ""] if args.note else []),
             ]

@@ -76,9 +76,7 @@ class SimRegressionSuite:
         if self.catalog in TEST_CATALOGS:
             raise CollectError(f"the regression suite must not run on the test catalog {self.catalog!r}")
 
-    def _run(self, planner: str, model: str | None) -> dict[str, Any]:
-        from sim.benchmark.episode import run_bench_episode
-        from sim.benchmark.metrics import aggregate
+    def _episodes(self, planner: str, model: str | None) -> list[dict[str, Any]]:
         from sim.benchmark.runner import make_specs, run_episodes
 
         specs = make_specs(
@@ -90,24 +88,51 @@ class SimRegressionSuite:
             associate="sim",
             model_path=model,
         )
-        eps, wall = run_episodes(specs, run_bench_episode, workers=self.workers, progress=self.progress)
-        m = aggregate(eps)
-        keep = ("first_attempt_success", "first_attempt_success_ci95", "clearance_rate", "mpph", "attempts")
-        return {k: m[k] for k in keep if k in m} | {"wall_seconds": round(wall, 1), "planner": planner}
+        eps, _ = run_episodes(specs, guarded_episode, workers=self.workers, progress=self.progress)
+        return eps
 
     def __call__(self, model_path: Path) -> tuple[bool, dict[str, Any]]:
-        cand = self._run("learned", str(model_path))
-        base = self._run("learned", self.incumbent) if self.incumbent else self._run("analytic", None)
-        ok = cand["first_attempt_success"] >= base["first_attempt_success"] - self.tolerance
+        from sim.benchmark.metrics import aggregate
+
+        cand = self._episodes("learned", str(model_path))
+        base = (
+            self._episodes("learned", self.incumbent) if self.incumbent else self._episodes("analytic", None)
+        )
+        # An episode that crashed for either planner is left out of both: the comparison stays paired.
+        crashed = sorted({e["episode"] for e in cand + base if "crashed" in e})
+        keep = lambda eps: [e for e in eps if e["episode"] not in crashed]  # noqa: E731
+        if not keep(cand):
+            return False, {"error": "every episode crashed", "crashed": [e.get("crashed") for e in cand]}
+        fields = ("first_attempt_success", "first_attempt_success_ci95", "clearance_rate", "mpph", "attempts")
+        mc, mb = aggregate(keep(cand)), aggregate(keep(base))
+        c = {k: mc[k] for k in fields}
+        b = {k: mb[k] for k in fields}
+        ok = c["first_attempt_success"] >= b["first_attempt_success"] - self.tolerance
         return ok, {
             "catalog": self.catalog,
             "episodes": self.episodes,
+            "episodes_crashed": crashed,
             "seed": self.seed,
             "tolerance": self.tolerance,
-            "candidate": cand,
-            "baseline": base,
+            "candidate": c,
+            "baseline": b,
             "baseline_is": "incumbent" if self.incumbent else "analytic",
         }
+
+
+def guarded_episode(spec: Any) -> dict[str, Any]:
+    """`run_bench_episode`, but an exception (e.g. a planner bug) becomes a record saying so.
+
+    One crashed episode must not throw away a whole gate run or benchmark; callers leave crashed
+    episodes out of both sides of a comparison and report them.
+    """
+    from sim.benchmark.episode import run_bench_episode
+
+    try:
+        return run_bench_episode(spec)
+    except Exception as exc:  # noqa: BLE001 - reported in the record, never silently dropped
+        log.exception("episode %d (seed %d) crashed", spec.index, spec.seed)
+        return {"episode": spec.index, "seed": spec.seed, "crashed": f"{type(exc).__name__}: {exc}"}
 
 
 # --- the watchdog's scene statistics, measured on live scenes -----------------------------------------
@@ -406,11 +431,12 @@ def _collection_card(
     lines += ["", "## Reproduce", "```", command, "```", ""]
     if gate is not None:
         lines += ["## Gate", f"- passed: {gate.passed}", *[f"- {r}" for r in gate.reasons]]
-        if gate.sim is not None:
+        if gate.sim is not None and "candidate" in gate.sim:
             c, b = gate.sim["candidate"], gate.sim["baseline"]
             lines.append(
                 f"- simulation suite ({gate.sim['episodes']} episodes of {gate.sim['catalog']}, seed "
-                f"{gate.sim['seed']}): first-attempt success {c['first_attempt_success']:.3f} vs "
+                f"{gate.sim['seed']}, crashed and left out of both: {gate.sim['episodes_crashed']}): "
+                f"first-attempt success {c['first_attempt_success']:.3f} vs "
                 f"{gate.sim['baseline_is']} {b['first_attempt_success']:.3f}"
             )
         lines.append("")
