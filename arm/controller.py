@@ -184,6 +184,7 @@ class CellController:
         st = _ToteState()
         pending = st.pending
         looked_again = False
+        holding = False  # in a protective stop
         empty_captures = 0
         camera_failures = 0
 
@@ -193,8 +194,15 @@ class CellController:
                 break
             if getattr(self.arm, "stopped", False):
                 # Protective stop: hold still (no planning, no motion) until it is cleared.
+                if not holding:
+                    holding = True
+                    self._count("estop")
+                    log.warning("protective stop: holding until it is cleared")
                 rep.estop_s += self._idle()
                 continue
+            if holding:
+                holding = False
+                log.info("protective stop cleared after %.1f robot s; resuming", rep.estop_s)
             if len(rep.attempts) >= cfg.max_attempts_per_tote:
                 rep.status = "attempt_limit"
                 break
