@@ -158,8 +158,7 @@ class CellDaemon:
             ok, text = self.reload_model(Path(msg.get("path", "")))
             return {"ok": ok, "message": text, "model_version": self.stats.model_version}
         if cmd == "estop":
-            self.controller.arm.stop()
-            self.controller._count("estop")
+            self.controller.arm.stop()  # the controller counts the stop when it starts holding
             log.warning("protective stop requested over the control socket")
             return {"ok": True, "message": "protective stop engaged"}
         if cmd == "clear-stop":
