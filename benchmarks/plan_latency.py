@@ -113,8 +113,12 @@ def percentile(x: list[float], q: float) -> float:
 
 
 def run(scenes: list[tuple[Frame, Bounds]], variants: dict[str, tuple[object, int]], repeats: int) -> dict:
-    """Time every variant (name -> (scorer or None, torch threads)) on every scene, interleaved scene by
-    scene, so that all variants see the same load from the machine's other jobs."""
+    """Time every variant (name -> (scorer or None, torch threads)) on every scene.
+
+    Each repeat runs every variant over all scenes in turn (A B C, A B C, ...), so slow changes in the
+    load from the machine's other jobs fall on all variants alike. Not scene by scene: torch's worker
+    threads keep spinning for a while after a 2-thread forward pass and would slow the next plan.
+    """
     import torch
 
     lat: dict[str, list[float]] = {v: [] for v in variants}
@@ -125,9 +129,9 @@ def run(scenes: list[tuple[Frame, Bounds]], variants: dict[str, tuple[object, in
         for frame, tote in scenes[:2]:
             plan_detailed(frame, PlannerConfig(tote=tote, scorer=scorer))
     for _ in range(repeats):
-        for k, (frame, tote) in enumerate(scenes):
-            for name, (scorer, threads) in variants.items():
-                torch.set_num_threads(threads)
+        for name, (scorer, threads) in variants.items():
+            torch.set_num_threads(threads)
+            for k, (frame, tote) in enumerate(scenes):
                 cfg = PlannerConfig(tote=tote, scorer=scorer, seed=k)
                 t = time.perf_counter()
                 d = plan_detailed(frame, cfg)
@@ -292,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v:.1f}" for k, v in one_thread["stage_ms_p50"].items())
             + ".",
             "",
-            "The three variants run interleaved, scene by scene, so they see the same load. On this shared",
-            "machine torch's two intra-op threads spin against the other jobs: the model's forward pass",
-            "(400 candidates) then takes 5-10x longer than with one thread; when the machine is quiet both",
-            "take about 10-20 ms.",
+            "The three variants take turns (all scenes each, once per repeat), so they see similar load.",
+            "On this shared machine torch's two intra-op threads spin against the other jobs: the model's",
+            "forward pass (400 candidates) then takes several times longer than with one thread (see",
+            "scorer_latency); on quiet cores both take about 10-20 ms.",
         ]
         update_docs(args.source, "\n".join(lines))
     return 0
