@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             model_path = Path(args.model)
             model_note = f"model file {model_path.name}"
+            if load_model(model_path).version == "plan-latency-timing-model":
+                model_note += " (a timing model this script trained and kept with --keep-model)"
         else:
             t1 = time.time()
             model_path = train_timing_model(make(40, 10_000), Path(tmp) / "timing.safetensors")
@@ -263,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = (
             ".venv/bin/python benchmarks/plan_latency.py "
             f"--source {args.source} --scenes {args.scenes} --repeats {args.repeats}"
+            + (f" --model {args.model}" if args.model else "")
         )
         st = ", ".join(f"{k} {v:.1f}" for k, v in with_model["stage_ms_p50"].items())
         r = result
