@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             model_path = Path(args.model)
             model_note = f"model file {model_path.name}"
             if load_model(model_path).version == "plan-latency-timing-model":
-                model_note += " (a timing model this script trained and kept with --keep-model)"
+                model_note += (
+                    " (the timing model an earlier run of this script trained and kept with `--keep-model`;"
+                    " without `--model` the script trains it afresh, about 2 min)"
+                )
         else:
             t1 = time.time()
             model_path = train_timing_model(make(40, 10_000), Path(tmp) / "timing.safetensors")
@@ -269,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         st = ", ".join(f"{k} {v:.1f}" for k, v in with_model["stage_ms_p50"].items())
         r = result
+        items = "8-15 items" if args.source == "synthetic" else "8-15 items dropped in (some bounce out)"
         rows = [
             "| | p50 ms | p99 ms |",
             "| --- | --- | --- |",
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         lines = [
             f"Frame (640x480 depth + RGB) to Plan, wall time of `plan()`: {r['plans_timed']} plans",
-            f"({len(scenes)} {args.source} tote scenes of 8-15 items x {args.repeats} repeats);",
+            f"({len(scenes)} {args.source} tote scenes of {items} x {args.repeats} repeats);",
             f"candidates per plan min / median {r['candidates_min']} / {r['candidates_median']:.0f},",
             "all scored by the model.",
             "",
@@ -302,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             "The three variants take turns (all scenes each, once per repeat), so they see similar load.",
             "On this shared machine torch's two intra-op threads spin against the other jobs: the model's",
             "forward pass (400 candidates) then takes several times longer than with one thread (see",
-            "scorer_latency); on quiet cores both take about 10-20 ms.",
+            "scorer_latency); on quiet cores both take about 10-20 ms. The numpy stages also ran 1.5-2x",
+            "slower in the model variants than in the analytic one: load drift and torch threads still",
+            "spinning after a forward pass both play a part; they were not separated.",
         ]
         update_docs(args.source, "\n".join(lines))
     return 0
