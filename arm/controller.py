@@ -418,16 +418,20 @@ class CellController:
             # "skip": nothing to do; the item may be asked about again later.
 
     def _still_valid(self, cand: Candidate, frame_then: Frame) -> bool:
-        """Is the surface under an approved candidate where it was when the person looked?"""
+        """Is the surface under an approved candidate where it was when the person looked?
+
+        Compares the median depth of a 5x5 window around the candidate's pixel in the frame the person
+        saw and in a fresh one (a single pixel is too noisy: sensor noise, holes at edges).
+        """
         try:
             now = self.camera.capture()
         except CameraError:
             return False
         u, v = cand.pixel
-        d0, d1 = frame_then.depth[v, u], now.depth[v, u]
-        if not (np.isfinite(d0) and np.isfinite(d1) and d0 > 0 and d1 > 0):
-            return True  # no measurement either time: trust the person
-        return abs(float(d1) - float(d0)) <= self.config.answer_depth_tolerance_m
+        d0, d1 = _window_depth(frame_then, u, v), _window_depth(now, u, v)
+        if d0 is None or d1 is None:
+            return True  # nothing measured there either time: trust the person
+        return abs(d1 - d0) <= self.config.answer_depth_tolerance_m
 
     def _pick_and_place(
         self,
@@ -542,6 +546,14 @@ class CellController:
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             self.metrics.count(name)
+
+
+def _window_depth(frame: Frame, u: int, v: int, r: int = 2) -> float | None:
+    """Median of the valid depths in a (2r+1)^2 window around pixel (u, v), or None."""
+    h, w = frame.shape
+    win = frame.depth[max(0, v - r) : min(h, v + r + 1), max(0, u - r) : min(w, u + r + 1)]
+    ok = win[np.isfinite(win) & (win > 0)]
+    return float(np.median(ok)) if ok.size else None
 
 
 def _near(p: np.ndarray, centres: list[np.ndarray], radius: float) -> bool:

@@ -358,7 +358,14 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
     vpts = np.zeros((0, 3))
     vnrm = np.zeros((0, 3))
     vlab = np.zeros((0,), dtype=np.int32)
+    facing = np.zeros(0, dtype=bool)
     if len(item_idx) > 0:
+        with np.errstate(invalid="ignore"):
+            facing = (normals.reshape(-1, 3)[item_idx][:, 2] > cfg.cluster_min_normal_z) & ~depth_steps(
+                smooth, cfg.cluster_step_m
+            ).reshape(-1)[item_idx]
+    # Item points but none facing the camera (e.g. only steep walls in view): no cluster to seed.
+    if facing.any():
         ip = pts.reshape(-1, 3)[item_idx]
         inr = normals.reshape(-1, 3)[item_idx]
         # Steep walls seen from above are sampled a centimetre or more apart vertically: DBSCAN
