@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import shutil
 import sys
@@ -278,10 +279,14 @@ def recalibrate_watchdog(
 # --- dataset helpers ---------------------------------------------------------------------------------
 
 
-def tote_of(row_id: str) -> str:
-    """The tote id of a collection row id (`<cell>-s<seed>-tote-<n>-a<k>`); the row id if not one."""
-    head, sep, tail = str(row_id).rpartition("-a")
-    return head if sep and tail.isdigit() and "-tote-" in head else str(row_id)
+_TOTE_RE = re.compile(r"^(.*-tote-\d+)(?:-[ap]\d+)?$")
+
+
+def tote_of(key: str) -> str:
+    """The tote id of a collection row's scene key: an attempt id (`<cell>-s<seed>-tote-<n>-a<k>`) or
+    a plan id (`...-tote-<n>-p<k>`), whichever the export names scenes by; the key itself otherwise."""
+    m = _TOTE_RE.match(str(key))
+    return m.group(1) if m else str(key)
 
 
 def tote_number(tote_id: str) -> int:
@@ -326,7 +331,8 @@ def concat_datasets(parts: list[Any]) -> Any:
 def split_holdout(ds: Any, every: int) -> tuple[Any, Any]:
     """(training rows, held-out rows): held out = totes with number % every == every - 1."""
     n = np.array([tote_number(t) for t in ds.scene.astype(str)])
-    held = (n % every) == every - 1 if every > 1 else np.zeros(len(n), dtype=bool)
+    # Rows with no tote number (-1: e.g. another cell's export) always stay in training.
+    held = (n >= 0) & ((n % every) == every - 1) if every > 1 else np.zeros(len(n), dtype=bool)
     return ds.subset(np.flatnonzero(~held)), ds.subset(np.flatnonzero(held))
 
 
