@@ -389,7 +389,9 @@ def segment_scene(frame: Frame, bounds: Bounds, config: CloudConfig | None = Non
             clusters.append(
                 ItemCluster(
                     centroid=vpts[vlab == k].mean(axis=0),
-                    lo=gp.min(axis=0),
+                    # The camera sees tops, not bottoms: an item is taken to reach down to the tote
+                    # floor (conservative for packing: one resting on another looks taller).
+                    lo=np.minimum(gp.min(axis=0), [np.inf, np.inf, floor_z]),
                     hi=gp.max(axis=0),
                     n_points=len(gp),
                 )

@@ -179,7 +179,7 @@ class ItemCluster:
     """One segmented item (an unknown object's points), as the planner saw it. Base frame."""
 
     centroid: np.ndarray  # (3,) metres
-    lo: np.ndarray  # (3,) metres, axis-aligned minimum corner of the cluster's points
+    lo: np.ndarray  # (3,) metres, minimum corner; z = the support (tote floor): the camera sees only tops
     hi: np.ndarray  # (3,) metres, axis-aligned maximum corner
     n_points: int = 0
 
