@@ -516,6 +516,7 @@ class CellController:
         ext = tuple(float(e) for e in extents)
         slot = self.packer.propose(ext)
         if slot is None and self.packer.box.items:  # full for this item: ship it, start a new box
+            log.info("box full for an item of %s m: shipping it, starting a new box", np.round(ext, 3))
             self.packer.swap()
             if self.feed is not None:
                 self.feed.swap_box()
@@ -524,6 +525,7 @@ class CellController:
         R = grasp.R
         if slot is None:
             # Larger than an empty box: release over the box centre at rim height, and count it.
+            log.warning("item of %s m does not fit an empty box: released over its centre", np.round(ext, 3))
             self._count("unpackable")
             T = self.packer.box.T_base_box
             bottom_at_release = T[:3, 3] + np.array([0.0, 0.0, self.packer.box.inner_size_m[2]])
