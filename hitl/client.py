@@ -9,6 +9,7 @@ is pending by id. Resubmission is safe because request ids are idempotent at the
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import queue
@@ -35,7 +36,7 @@ class AssistError(Exception):
         self.code = code
 
 
-class _Link:
+class _Link(abc.ABC):
     """One DEALER connection to the broker, owned by a background thread. Subclasses handle messages."""
 
     role = "?"
@@ -125,20 +126,22 @@ class _Link:
     def _heartbeat_body(self) -> dict:
         return {"role": self.role}
 
-    def _resend_state(self) -> None:
+    def _resend_state(self) -> None:  # noqa: B027 (optional hook)
         """Called on a new socket (after a reconnect) and when the broker restarted: the broker on the
         other end does not know what we sent before, so send again whatever is not final."""
 
+    @abc.abstractmethod
     def _on_message(self, msg_type: bytes, body: dict) -> None:
-        raise NotImplementedError
+        """Handle one message from the broker (subclasses: cell or associate side)."""
 
+    @abc.abstractmethod
     def _on_command(self, cmd: tuple) -> None:
-        raise NotImplementedError
+        """Handle one command queued by a public method, on the link's own thread."""
 
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> None:  # noqa: B027 (optional hook)
         """Called at least every 100 ms from the thread."""
 
-    def _on_close(self) -> None:
+    def _on_close(self) -> None:  # noqa: B027 (optional hook)
         """Called on the thread before the socket closes."""
 
     # ---- thread ----
@@ -351,7 +354,7 @@ class AssistClient(_Link):
             p.cancel_wanted = True
             self._send(P.CANCEL, {"request_id": rid, "cell_id": self.cell_id})
 
-    def _resend_state(self) -> None:
+    def _resend_state(self) -> None:  # noqa: B027 (optional hook)
         with self._lock:
             items = list(self._pending.items())
         for rid, p in items:
@@ -392,7 +395,7 @@ class AssistClient(_Link):
         if p is not None and not p.future.done():
             p.future.set_result(answer)
 
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> None:  # noqa: B027 (optional hook)
         grace = self.heartbeat_s * self.liveness
         with self._lock:
             items = list(self._pending.items())
@@ -408,7 +411,7 @@ class AssistClient(_Link):
                     AssistAnswer(rid, "expired", answered_at=now, note="expired locally: broker unreachable")
                 )
 
-    def _on_close(self) -> None:
+    def _on_close(self) -> None:  # noqa: B027 (optional hook)
         with self._lock:
             items = list(self._pending.values())
             self._pending.clear()
