@@ -46,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(FILE with .md) and prints the test metrics."
         ),
     )
-    t.add_argument("--data", required=True, help="ledger export directory (npz shards + manifest.json)")
+    t.add_argument(
+        "--data",
+        help="ledger export directory (npz shards + manifest.json); or collect in simulation with --from-sim",
+    )
     t.add_argument("--out", help="model file to write (default runs/models/<version>.safetensors)")
     t.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
     t.add_argument("--seed", type=int, default=0, help="seed for splits, init and shuffling (default 0)")

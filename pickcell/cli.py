@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    # Commands that need the simulator on top of another package's command are added last.
+    from pickcell.commands import extend_train
+
+    extend_train(sub)
     return parser
 
 

@@ -219,6 +219,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def extend_train(sub: argparse._SubParsersAction) -> None:
+    """Add `--from-sim` to `pickcell train` (grasping's command; collecting needs the simulator)."""
+    t = sub.choices.get("train")
+    if t is None:
+        return
+    t.add_argument(
+        "--from-sim",
+        action="store_true",
+        help="collect labeled picks in the simulated cell first (train + procedural-train catalogs only, "
+        "never test), then train, gate and write FILE (--out) with its model card",
+    )
+    t.add_argument("--episodes", type=int, default=50, help="with --from-sim: totes to collect (default 50)")
+    t.add_argument("--work-dir", help="with --from-sim: collection ledgers and export (resumable)")
+    t.add_argument("--workers", type=int, default=2, help="with --from-sim: collection processes (default 2)")
+    t.add_argument(
+        "--registry", help="with --from-sim: model registry to add to (promoted if the gate passes)"
+    )
+    t.add_argument("--gate-episodes", type=int, default=6, help="with --from-sim: simulation gate episodes")
+    t.add_argument(
+        "--watchdog-scenes", type=int, default=40, help="with --from-sim: live scenes for the watchdog"
+    )
+    from_data = t.get_default("func")
+
+    def run(args: argparse.Namespace) -> int:
+        if not args.from_sim:
+            if not args.data:
+                print("pickcell train: give --data DIR (a ledger export) or --from-sim", file=sys.stderr)
+                return 2
+            return from_data(args)
+        from sim.training import main as train_from_sim_main
+
+        argv = ["--episodes", str(args.episodes), "--seed", str(args.seed), "--epochs", str(args.epochs)]
+        argv += ["--out", args.out or "runs/models/sim.safetensors", "--workers", str(args.workers)]
+        argv += [
+            "--sim-suite-episodes",
+            str(args.gate_episodes),
+            "--watchdog-scenes",
+            str(args.watchdog_scenes),
+        ]
+        for flag, value in (
+            ("--work-dir", args.work_dir),
+            ("--registry", args.registry),
+            ("--incumbent", args.incumbent),
+            ("--version", args.version),
+        ):
+            if value:
+                argv += [flag, str(value)]
+        if args.no_progress:
+            argv.append("--no-progress")
+        return train_from_sim_main(argv)
+
+    t.set_defaults(func=run)
+
+
 # --- pickcell cell run ---------------------------------------------------------------------------
 
 

@@ -68,3 +68,27 @@ def test_demo_runs_broker_cell_and_associate_and_writes_a_summary(tmp_path):
     assert counts["attempts"] == summary["attempts"]
     assert counts["requests"] == summary["assists_requested"]
     led.close()
+
+
+def test_train_from_sim_collects_in_simulation_and_refuses_too_little_data(tmp_path):
+    """The CLI wiring of `pickcell train --from-sim`: it collects and exports, then training refuses
+    2 totes of data with a clear error and writes no model (training: tests/sim/test_collect.py)."""
+    out = tmp_path / "m.safetensors"
+    cmd = [sys.executable, "-m", "pickcell", "train", "--from-sim", "--episodes", "2", "--epochs", "2"]
+    cmd += [
+        "--gate-episodes",
+        "0",
+        "--watchdog-scenes",
+        "0",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "need at least 200 to train" in proc.stdout + proc.stderr
+    assert not out.exists()
+    manifest = json.loads((tmp_path / "m.work" / "data" / "manifest.json").read_text())
+    assert manifest["rows"] > 0 and "test" not in json.dumps(manifest.get("catalogs", []))
