@@ -91,4 +91,7 @@ def test_train_from_sim_collects_in_simulation_and_refuses_too_little_data(tmp_p
     assert "need at least 200 to train" in proc.stdout + proc.stderr
     assert not out.exists()
     manifest = json.loads((tmp_path / "m.work" / "data" / "manifest.json").read_text())
-    assert manifest["rows"] > 0 and "test" not in json.dumps(manifest.get("catalogs", []))
+    assert manifest["rows"] > 0 and manifest["parts"][0]["counts"]["by_source"] == {"sim": manifest["rows"]}
+    collected = json.loads((tmp_path / "m.work" / "collect" / "collect.json").read_text())
+    assert collected["n_totes"] == 2
+    assert set(collected["config"]["catalogs"]) == {"train", "procedural-train"}  # never the test catalogs
