@@ -92,3 +92,30 @@ def test_wilson_interval_brackets_the_rate():
     lo, hi = wilson(45, 50)
     assert lo < 0.9 < hi and 0.75 < lo and hi < 0.97
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_an_external_planner_runs_in_the_same_harness_by_module_and_class_name():
+    specs = make_specs(
+        1,
+        11,
+        catalog="procedural",
+        objects_per_tote=2,
+        planner="sim.benchmark.baselines:TopCentreSuction",
+        associate="none",
+    )
+    (ep,), _ = run_episodes(specs, run_bench_episode, progress=False)
+    assert ep["model_version"] == "baseline-top-centre-suction"
+    assert ep["attempts"] and all(a["gripper"] == "suction" for a in ep["attempts"])
+
+
+def test_an_unknown_planner_is_a_clear_error():
+    import pytest
+
+    from grasping.types import Bounds
+    from sim.stack import build_planner
+
+    tote = Bounds([0, 0, 0], [1, 1, 1])
+    with pytest.raises(ValueError, match="cannot import NoSuch"):
+        build_planner("sim.benchmark.baselines:NoSuch", tote)
+    with pytest.raises(ValueError, match="unknown planner"):
+        build_planner("magic", tote)
