@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -58,7 +59,7 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout_s: float) -> re.Ma
 
 def test_sigterm_finishes_the_motion_flushes_the_ledger_and_exits_0(tmp_path):
     data = tmp_path / "cell"
-    proc = _start_cell(data)
+    proc = _start_cell(data, "--log-json")
     try:
         m = _read_until(proc, r"metrics on (http://\S+)", 60)
         wait_for(lambda: _attempts(data / "ledger.sqlite") >= 1, 120, "a first attempt in the ledger")
@@ -72,6 +73,9 @@ def test_sigterm_finishes_the_motion_flushes_the_ledger_and_exits_0(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out
     assert "stopped:" in out
+    # structured logs: one JSON object per line, the SIGTERM among them
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any("signal 15" in r["msg"] and r["level"] == "warning" for r in logs)
     led = Ledger(data / "ledger.sqlite")
     assert led.integrity_check() == ["ok"]
     n = led.counts()["attempts"]
@@ -206,3 +210,50 @@ def test_unreachable_broker_does_not_stop_the_cell(stack_factory, tmp_path):
         assert [a.decided_by for a in rep2.attempts] == ["associate:alice"]
     finally:
         client.close()
+
+
+def test_a_verified_model_dropped_into_the_models_folder_is_swapped_in_between_picks(stack_factory, tmp_path):
+    import shutil
+    import threading
+
+    from sim.stack import DEFAULT_MODEL, model_planner_factory
+
+    st = stack_factory()
+    add_carton(st, dy=-0.1)
+    add_carton(st, dy=0.1)
+    data = tmp_path / "cell"
+    daemon = CellDaemon(
+        st.controller,
+        st.feed,
+        data_dir=data,
+        planner_factory=model_planner_factory(st.cell.tote_bounds),
+        totes=1,
+        watch_interval_s=0.05,
+    )
+    versions = []
+    st.controller.on_attempt = lambda att, plan: versions.append(plan.model_version)
+    st.feed.next_tote = lambda: "t0"  # keep the hand-built tote
+    original_planner = st.controller.planner
+
+    def drop_model_after_first_pick():
+        wait_for(lambda: versions, 60, "the first pick")
+        shutil.copy(DEFAULT_MODEL, data / "models" / "new.safetensors")
+        shutil.copy(str(DEFAULT_MODEL) + ".sha256", data / "models" / "new.safetensors.sha256")
+
+    # Hold the cell after its first pick until the new model is in, so the swap lands between picks.
+    inner = st.controller.planner
+
+    def gated(frame):
+        if versions and daemon.stats.model_reloads == 0:
+            wait_for(lambda: daemon.stats.model_reloads, 30, "the swap")
+        return (st.controller.planner if st.controller.planner is not gated else inner)(frame)
+
+    st.controller.planner = gated
+    t = threading.Thread(target=drop_model_after_first_pick)
+    t.start()
+    daemon.run(install_signal_handlers=False)
+    t.join(timeout=5)
+    assert daemon.stats.model_reloads == 1 and daemon.stats.model_refusals == 0
+    assert daemon.stats.model_version == "graspnet-sim-v1"
+    assert st.controller.planner is not gated and st.controller.planner is not original_planner
+    assert versions[0] == "analytic" and versions[-1] == "graspnet-sim-v1"  # later picks used the new model
