@@ -189,6 +189,8 @@ class SimArm:
         self._stop_cause, self._stop_triggered_at, self._stop_halted = "command", 0.0, True
         self.safety_zone = None  # sim.safety.SafetyZone, checked at every motion sample
         self.stop_events: list = []  # sim.safety.StopEvent per protective stop
+        self.max_impact_n = 0.0  # largest arm-on-item contact force in the current pick, newtons
+        self._impact_avg = 0.0  # running average of that force over ~20 ms, newtons
         self._held: int | None = None
         self._held_kind: str | None = None
         self._T_tcp_item: tuple | None = None  # held item pose in the carrying TCP frame
@@ -590,10 +592,23 @@ class SimArm:
             q_target = np.array([np.interp(s, way_s, qs[:, i]) for i in range(7)])
             self._command(q_target)
             self._step(1)
+            self._note_impact()
             answer = monitor()
             if answer is not None:
                 return answer
         return result
+
+    def _note_impact(self) -> None:
+        """Track the largest contact force the arm exerts on items (damage metric), newtons.
+
+        Single-step contact forces are solver impulses / dt and spike; averaging over ~20 ms (an
+        exponential window of 5 steps at 240 Hz) gives the sustained force that can crush an item.
+        """
+        pts = p.getContactPoints(bodyA=self.body, physicsClientId=self.client_id)
+        force = sum(c[9] for c in pts if c[2] != self.body and c[2] not in self.fixtures)
+        self._impact_avg = 0.8 * self._impact_avg + 0.2 * float(force)
+        if self._impact_avg > self.max_impact_n:
+            self.max_impact_n = self._impact_avg
 
     def _arm_contacts(self) -> list[tuple[int, int]]:
         """(arm link, other body) pairs touching after the last physics step."""
@@ -685,6 +700,7 @@ class SimArm:
         t0 = self._time
         executed = grasp
         details: dict = {}
+        self.max_impact_n = self._impact_avg = 0.0
         try:
             if self._check_stop():
                 raise self._estop()
@@ -737,11 +753,13 @@ class SimArm:
             self._lift(R_hand, link, above)
         except _Abort as exc:
             details.update(exc.details)
+            details["max_impact_n"] = round(self.max_impact_n, 2)
             if self._time > t0:  # the arm moved: let go, settle, back out (not for a refused request)
                 self._abort_recover()
             return Outcome(
                 False, exc.reason, executed=executed, robot_seconds=self._time - t0, details=details
             )
+        details["max_impact_n"] = round(self.max_impact_n, 2)
         return Outcome(
             True,
             Reason.OK,

@@ -221,3 +221,17 @@ def test_trapezoid_profiles_follow_the_limits():
     assert v.max() <= 2.175 * 1.02  # never faster than the velocity limit
     with pytest.raises(ValueError):
         joint_move_time(q0, q1, speed_scale=0.0)
+
+
+def test_pick_reports_how_hard_the_arm_pressed_on_the_item(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell)
+    out = cell.arm.pick(Grasp("suction", _top_centre(cell, carton), DOWN))
+    assert out.success
+    # The cup must press to seal: a real, bounded force (the benchmark's damage limit is 150 N).
+    assert 1.0 < out.details["max_impact_n"] < 150.0
+    # A grasp that touches nothing exerts nothing.
+    cell.arm.place(OracleGraspSource(cell).placement())
+    above = _top_centre(cell, _carton(cell, offset=(0.0, 0.1)))
+    miss = cell.arm.pick(Grasp("suction", above + np.array([0.0, 0.0, 0.1]), DOWN))
+    assert miss.reason is Reason.NO_CONTACT and miss.details["max_impact_n"] == 0.0
