@@ -35,9 +35,14 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing pickcell and its pinned dependencies into .venv (first run takes a minute)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip
-  # torch is pinned to the CPU build (pyproject.toml); --extra-index-url lets a machine without
-  # a local wheel fetch the CPU build instead of the multi-GB CUDA one.
-  "$venv/bin/python" -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu -e ".[dev]"
+  # torch is pinned (pyproject.toml) to the CPU build. Machines that carry its wheel on local disk
+  # (pip's find-links) install it from there; elsewhere, when PyTorch's CPU index is reachable, it
+  # is fetched from there instead of PyPI's multi-GB CUDA build.
+  extra=()
+  if "$venv/bin/python" -c "import socket; socket.setdefaulttimeout(3); socket.create_connection(('download.pytorch.org', 443)).close()" 2>/dev/null; then
+    extra=(--extra-index-url https://download.pytorch.org/whl/cpu)
+  fi
+  "$venv/bin/python" -m pip install -q "${extra[@]}" -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
