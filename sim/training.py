@@ -196,6 +196,8 @@ def _scene_job(job: tuple[str, tuple[str, ...] | None, int, int]) -> dict[str, A
         "catalog": catalog,
         "seed": seed,
         "median_distance": float(np.median(ood)),
+        "q90_distance": float(np.quantile(ood, 0.9)),
+        "mean_distance": float(np.mean(ood)),
         "sigma": float(p.scene_ood_sigma),
         "in_distribution": bool(p.in_distribution),
         "candidates": int(ood.size),
