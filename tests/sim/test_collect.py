@@ -192,3 +192,15 @@ def test_train_from_sim_writes_a_verified_model_registers_and_gates_it(tmp_path)
     assert wd.threshold_sigma == pytest.approx(info["watchdog_threshold_sigma"])
     assert scorer.model.meta["watchdog"]["calibrated_on"].startswith("live scenes")
     assert "## Watchdog scene statistics" in card
+
+
+def test_a_crashing_benchmark_episode_becomes_a_record_not_a_lost_run():
+    from sim.benchmark.runner import EpisodeSpec
+    from sim.training import guarded_episode
+
+    spec = EpisodeSpec(
+        index=3, seed=11, catalog="no-such-catalog", objects_per_tote=2, planner="analytic", associate="sim"
+    )
+    rec = guarded_episode(spec)
+    assert rec["episode"] == 3 and rec["seed"] == 11
+    assert rec["crashed"].startswith("ValueError") and "no-such-catalog" in rec["crashed"]
