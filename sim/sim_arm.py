@@ -514,6 +514,12 @@ class SimArm:
         """Timed joint-space move, executed kinematically. While carrying, the speed is scaled down
         (payload-aware, as industrial controllers do) until the sampled accelerations keep the grip
         load under 90 % of what it can hold; the slower move is what gets charged."""
+        if not np.isfinite(self.q()).all():
+            # The physics solver blew up (a rare PyBullet instability after hard contact): put the
+            # arm back at home kinematically and report the motion as a collision, never crash.
+            log.warning("arm joint state is not finite (solver instability); resetting the arm to home")
+            self._set_q(self.cfg.home)
+            raise _Abort(Reason.COLLISION, why="simulation instability: arm reset to home")
         scales = [self.cfg.joint_speed_scale]
         if self._held is not None:
             scales += [s * self.cfg.joint_speed_scale for s in (0.7, 0.5, 0.35, 0.25)]

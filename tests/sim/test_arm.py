@@ -235,3 +235,14 @@ def test_pick_reports_how_hard_the_arm_pressed_on_the_item(sim_cell):
     above = _top_centre(cell, _carton(cell, offset=(0.0, 0.1)))
     miss = cell.arm.pick(Grasp("suction", above + np.array([0.0, 0.0, 0.1]), DOWN))
     assert miss.reason is Reason.NO_CONTACT and miss.details["max_impact_n"] == 0.0
+
+
+def test_a_blown_up_physics_state_is_reset_not_a_crash(sim_cell):
+    """PyBullet occasionally returns NaN joint states after hard contact: the arm resets to home."""
+    arm = sim_cell.arm
+    for j in arm.arm_joints:
+        p.resetJointState(arm.body, j, float("nan"), physicsClientId=sim_cell.client_id)
+    out = arm.home()
+    assert out.reason is Reason.COLLISION and "instability" in out.details["why"]
+    assert np.isfinite(arm.q()).all()
+    assert arm.home().success
