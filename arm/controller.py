@@ -68,6 +68,7 @@ class ControllerConfig:
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
     ledger_source: str = "production"  # how attempts are labeled in the ledger: production | sim
+    guess_when_alone: bool = False  # with no assist channel: pick unsure items anyway (else skip them)
 
 
 @dataclass
@@ -283,11 +284,20 @@ class CellController:
                 continue
             looked_again = False
             if self.assist is None:
-                # No one to ask (assist disabled): take the best remaining guess, recorded as such.
                 i, cand = ask_pool[0]
-                self._pick_and_place(
-                    rep, st, tote_id, plan, plan_id, i, cand.grasp, "model-unsure", cand.p_success
-                )
+                if cfg.guess_when_alone:
+                    # Nobody to ask, and configured to guess: the best remaining candidate, recorded as such.
+                    self._pick_and_place(
+                        rep, st, tote_id, plan, plan_id, i, cand.grasp, "model-unsure", cand.p_success
+                    )
+                else:
+                    # Nobody to ask: an unsure item is skipped, as if its question had expired.
+                    log.info(
+                        "unsure about the item at %s and nobody to ask: skipped",
+                        np.round(_centre_of(plan, cand), 3),
+                    )
+                    st.skipped.append(_centre_of(plan, cand))
+                    self._count("unsure_skipped")
                 continue
             i, cand = ask_pool[0]
             centre = _centre_of(plan, cand)

@@ -96,7 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--broker", default="tcp://127.0.0.1:5555", help="assist broker endpoint; 'none' = no one"
     )
-    run.add_argument("--keys", type=Path, help="folder with CELL_ID.key_secret and broker.key (CURVE)")
+    run.add_argument(
+        "--keys", type=Path, help="folder with CELL_ID.key_secret and broker.key (CURVE; default DATA/keys)"
+    )
     run.add_argument("--insecure", action="store_true", help="no CURVE (loopback experiments only)")
     run.add_argument("--assist-deadline", type=float, default=30.0, help="seconds a person has to answer")
     run.add_argument("--metrics-port", type=int, default=9108, help="/metrics port; -1 = off (default 9108)")
@@ -285,11 +287,18 @@ def _assist_client(endpoint: str, cell_id: str, keys_dir: Path | None, insecure:
     if insecure:
         client = AssistClient(endpoint, cell_id, None)
     else:
-        if keys_dir is None:
-            raise SystemExit(
-                "pickcell: CURVE is on by default: give --keys DIR (with "
-                f"{cell_id}.key_secret and {BROKER_KEY_NAME}.key), or --broker none, or --insecure"
+        if keys_dir is None or not (Path(keys_dir) / f"{cell_id}.key_secret").exists():
+            log.warning(
+                "no CURVE keys for %s in %s (%s.key_secret and %s.key): running WITHOUT the assist queue; "
+                "items the planner is unsure about are skipped. `pickcell keys new %s` makes a key pair.",
+                cell_id,
+                keys_dir,
+                cell_id,
+                BROKER_KEY_NAME,
+                cell_id,
             )
+            print(f"warning: no assist keys in {keys_dir}: unsure items will be skipped", flush=True)
+            return None
         keys = ClientKeys.from_file(Path(keys_dir) / f"{cell_id}.key_secret")
         server = load_public(Path(keys_dir) / f"{BROKER_KEY_NAME}.key")
         client = AssistClient(endpoint, cell_id, keys, server_public_key=server)
@@ -321,7 +330,7 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
     if args.metrics_port >= 0:
         port = metrics.serve(args.metrics_port)
         print(f"metrics on http://127.0.0.1:{port}/metrics", flush=True)
-    assist = _assist_client(args.broker, args.cell_id, args.keys, args.insecure)
+    assist = _assist_client(args.broker, args.cell_id, args.keys or data / "keys", args.insecure)
     cfg = ControllerConfig(
         cell_id=args.cell_id,
         assist_deadline_s=args.assist_deadline,

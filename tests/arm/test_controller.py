@@ -198,3 +198,20 @@ def test_protective_stop_halts_holds_and_the_cell_finishes_after_the_person_leav
     assert rep.estop_s >= 3.0  # it held (robot time) instead of planning or moving
     assert rep.status == "cleared" and _in_box(st, body)
     assert [a.outcome.reason for a in rep.attempts] == [Reason.OK]  # the halted pick is not a failure
+
+
+def test_with_nobody_to_ask_an_unsure_item_is_skipped_not_guessed(stack_factory):
+    st = stack_factory()
+    add_carton(st)
+    st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    assert st.controller.assist is None
+    rep = st.controller.run_tote("t0")
+    assert rep.attempts == [] and rep.status == "diverted"
+
+
+def test_configured_to_guess_it_picks_the_best_unsure_candidate(stack_factory):
+    st = stack_factory(guess_when_alone=True)
+    body = add_carton(st)
+    st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    rep = st.controller.run_tote("t0")
+    assert [a.decided_by for a in rep.attempts] == ["model-unsure"] and _in_box(st, body)
