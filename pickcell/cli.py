@@ -22,7 +22,6 @@ COMMAND_MODULES = (
     "grasping.models_cli",
     "hitl.cli",
     "hitl.ledger_cli",
-    "arm.cli",
 )
 
 
