@@ -186,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     res = run(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
     for k in ("vs_trained_procedural_families", "vs_train_catalog"):
         r = res[k]
+        if r is None:
+            continue
         print(
             f"{args.leave_out} vs {k}: AUROC {r['auroc']:.3f} ({r['n_left_out']} vs {r['n_in_distribution']} "
             f"scenes); flagged {r['flagged_left_out']:.0%} of left-out, {r['flagged_in_distribution']:.0%} "
@@ -195,9 +200,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['sigma_median_in_distribution']:.2f}; AUROC of other aggregations: q90 "
             f"{r['auroc_q90_distance']:.3f}, mean {r['auroc_mean_distance']:.3f}"
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
 
 
