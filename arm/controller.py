@@ -254,7 +254,7 @@ class CellController:
             confident = [
                 (i, c)
                 for i, c in usable
-                if plan.in_distribution and plan.threshold is not None and c.score >= plan.threshold
+                if plan.in_distribution and _threshold(plan, c) is not None and c.score >= _threshold(plan, c)
             ]
             # 3. confident: pick
             if confident:
@@ -558,6 +558,11 @@ class CellController:
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             self.metrics.count(name)
+
+
+def _threshold(plan: Plan, cand: Candidate) -> float | None:
+    """The score this candidate needs to auto-execute: its own (its gripper's), else the plan's."""
+    return cand.threshold if cand.threshold is not None else plan.threshold
 
 
 def _window_depth(frame: Frame, u: int, v: int, r: int = 2) -> float | None:

@@ -200,11 +200,19 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
                 f"for {len(cands)} candidates"
             )
         threshold = float(res.threshold)
+        # Each gripper has its own calibrated threshold where the scorer knows them.
+        per_gripper = getattr(config.scorer, "candidate_thresholds", None)
+        cand_thr = (
+            np.asarray(per_gripper(cands.gripper), dtype=np.float64)
+            if per_gripper is not None
+            else np.full(len(cands), threshold)
+        )
         scene_sigma = float(res.scene_ood_sigma)
         in_dist = bool(res.in_distribution)
         rank_score = calibrated
     else:
         rank_score = cands.analytic
+        cand_thr = np.full(len(cands), threshold)
     t_score = time.perf_counter()
     order = np.lexsort((np.arange(len(cands)), -rank_score))
     cands = cands.take(order)
@@ -229,6 +237,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
                 ood_score=None if ood is None else float(ood[i]),
                 pixel=(int(pix[k, 0]), int(pix[k, 1])),
                 cluster=int(cands.cluster[k]),
+                threshold=float(cand_thr[i]),
             )
         )
 
@@ -271,14 +280,18 @@ def _decide(
         return "ask", ("items seen but no candidate passed the geometric checks",)
     what = "p(success)" if learned else "analytic score"
     best = cands[0]
-    ok = best.score >= threshold
+
+    def thr(c: Candidate) -> float:
+        return threshold if c.threshold is None else c.threshold
+
+    ok = best.score >= thr(best)
     for kind, name in ((SUCTION, "suction"), (PARALLEL_JAW, "jaw")):
-        ks = [c.score for c in cands if c.grasp.gripper == GRIPPER_KINDS[kind]]
+        ks = [c for c in cands if c.grasp.gripper == GRIPPER_KINDS[kind]]
         if not ks:
             reasons.append(f"no {name} candidate")
         else:
-            rel = ">=" if ks[0] >= threshold else "<"
-            reasons.append(f"best {name} {ks[0]:.2f} {rel} threshold {threshold:.2f}")
+            rel = ">=" if ks[0].score >= thr(ks[0]) else "<"
+            reasons.append(f"best {name} {ks[0].score:.2f} {rel} threshold {thr(ks[0]):.2f}")
     if scene_sigma is not None:
         reasons.append(
             f"scene {scene_sigma:.1f} sigma from training data"
@@ -289,7 +302,7 @@ def _decide(
         return "pick", tuple(reasons)
     why = []
     if not ok:
-        why.append(f"best {what} {best.score:.2f} < threshold {threshold:.2f}")
+        why.append(f"best {what} {best.score:.2f} < threshold {thr(best):.2f}")
     if not in_dist:
         why.append("scene out of distribution")
     reasons.insert(0, "ask: " + "; ".join(why))

@@ -164,6 +164,7 @@ class Candidate:
     ood_score: float | None = None  # watchdog score of this candidate (higher = further away)
     pixel: tuple[int, int] = (0, 0)  # (u, v) image pixel of the grasp point, for drawing
     cluster: int = -1  # index of the item cluster it belongs to
+    threshold: float | None = None  # score needed to auto-execute (its gripper's); None: Plan.threshold
 
     @property
     def score(self) -> float:

@@ -97,7 +97,7 @@ class ScriptedPlanner:
         for c in plan.candidates:
             centre = plan.clusters[c.cluster].centroid if plan.clusters else c.grasp.position
             p = 0.3 if self.unsure(np.asarray(centre)) else 0.95
-            cands.append(replace(c, p_success=p))
+            cands.append(replace(c, p_success=p, threshold=None))
         cands.sort(key=lambda c: -c.score)
         extra = [
             Candidate(g, analytic_score=1.0, p_success=0.99)

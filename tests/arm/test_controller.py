@@ -215,3 +215,20 @@ def test_configured_to_guess_it_picks_the_best_unsure_candidate(stack_factory):
     st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
     rep = st.controller.run_tote("t0")
     assert [a.decided_by for a in rep.attempts] == ["model-unsure"] and _in_box(st, body)
+
+
+def test_a_candidate_is_held_to_its_own_grippers_threshold(stack_factory):
+    """p = 0.95 clears the plan's 0.6 but not the candidate's own 0.99: nothing is auto-executed."""
+    from dataclasses import replace
+
+    st = stack_factory()
+    add_carton(st)
+    scripted = ScriptedPlanner(st.controller.planner)
+
+    def strict(frame):
+        plan = scripted(frame)
+        return replace(plan, candidates=tuple(replace(c, threshold=0.99) for c in plan.candidates))
+
+    st.controller.planner = strict
+    rep = st.controller.run_tote("t0")
+    assert rep.attempts == [] and rep.status == "diverted"

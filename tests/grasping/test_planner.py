@@ -186,6 +186,23 @@ def test_confident_in_distribution_scene_picks(scene10):
     assert p.reasons[0].startswith("pick:")
 
 
+def test_each_gripper_is_held_to_its_own_threshold(scene10):
+    """A scorer with per-gripper thresholds: every candidate carries its gripper's, and the decision
+    uses the best candidate's own threshold (not one shared number)."""
+
+    class PerGripper(FeatureScorer):
+        def candidate_thresholds(self, gripper: np.ndarray) -> np.ndarray:
+            return np.where(np.asarray(gripper) == PARALLEL_JAW, 0.99, 0.05)
+
+    p = plan(scene10, PlannerConfig(tote=TOTE, scorer=PerGripper(threshold=0.5, sigma=0.4, in_dist=True)))
+    for c in p.candidates:
+        assert c.threshold == (0.99 if c.grasp.gripper == "parallel_jaw" else 0.05)
+    best = p.best
+    assert (p.decision == "pick") == (best.score >= best.threshold)
+    jaw = next(c for c in p.candidates if c.grasp.gripper == "parallel_jaw")
+    assert any(r.startswith("best jaw") and "threshold 0.99" in r for r in p.reasons), (jaw, p.reasons)
+
+
 def test_a_scorer_returning_the_wrong_shape_is_an_error(scene10):
     class Broken(FeatureScorer):
         def score(self, patches, features, gripper):
