@@ -306,13 +306,38 @@ def _assist_client(endpoint: str, cell_id: str, keys_dir: Path | None, insecure:
     return client
 
 
-def cmd_cell_run(args: argparse.Namespace) -> int:
+def _live_sim_stack(args, cell_id: str, deadline_s: float, assist, ledger, metrics, first_tote: int = 0):
+    """A simulated cell that talks to people in wall-clock time (`cell run`, `demo`)."""
     from arm.controller import ControllerConfig
+    from sim.stack import build_sim_stack
+
+    cfg = ControllerConfig(
+        cell_id=cell_id,
+        assist_deadline_s=deadline_s,
+        idle_step_s=0.1,
+        wall_poll_s=0.1,  # a real person answers in wall time: idle at wall speed
+        ledger_source="sim",
+    )
+    return build_sim_stack(
+        catalog=args.catalog,
+        objects_per_tote=args.objects_per_tote,
+        seed=args.seed,
+        planner=args.planner,
+        model_path=args.model,
+        controller_config=cfg,
+        assist=assist,
+        ledger=ledger,
+        metrics=metrics,
+        first_tote=first_tote,
+    )
+
+
+def cmd_cell_run(args: argparse.Namespace) -> int:
     from arm.daemon import CellDaemon
     from arm.metrics import CellMetrics
     from hitl.ledger import Ledger
     from pickcell.logs import use_json_logs
-    from sim.stack import build_sim_stack, model_planner_factory
+    from sim.stack import model_planner_factory
 
     if args.config is not None:
         parser_defaults = argparse.Namespace(**vars(args))
@@ -331,25 +356,7 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
         port = metrics.serve(args.metrics_port)
         print(f"metrics on http://127.0.0.1:{port}/metrics", flush=True)
     assist = _assist_client(args.broker, args.cell_id, args.keys or data / "keys", args.insecure)
-    cfg = ControllerConfig(
-        cell_id=args.cell_id,
-        assist_deadline_s=args.assist_deadline,
-        idle_step_s=0.1,
-        wall_poll_s=0.1,  # a real person answers in wall time: idle at wall speed
-        ledger_source="sim",
-    )
-    stack = build_sim_stack(
-        catalog=args.catalog,
-        objects_per_tote=args.objects_per_tote,
-        seed=args.seed,
-        planner=args.planner,
-        model_path=args.model,
-        controller_config=cfg,
-        assist=assist,
-        ledger=ledger,
-        metrics=metrics,
-        first_tote=first_tote,
-    )
+    stack = _live_sim_stack(args, args.cell_id, args.assist_deadline, assist, ledger, metrics, first_tote)
     daemon = CellDaemon(
         stack.controller,
         stack.feed,
@@ -415,14 +422,12 @@ def cmd_cell_control(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from arm.controller import ControllerConfig
     from arm.metrics import CellMetrics
     from hitl.associate import AssociateClient
     from hitl.broker import Broker, BrokerConfig
     from hitl.keys import ClientKeys, load_public, new_keypair
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssociateConfig, SimAssociateWorker
-    from sim.stack import build_sim_stack
 
     tmp = None
     if args.data is None:
@@ -451,20 +456,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     assist.start()
     ledger = Ledger(data / "ledger.sqlite", cell_id="cell-1")
     metrics = CellMetrics("cell-1")
-    cfg = ControllerConfig(
-        cell_id="cell-1", assist_deadline_s=20.0, idle_step_s=0.1, wall_poll_s=0.1, ledger_source="sim"
-    )
-    stack = build_sim_stack(
-        catalog=args.catalog,
-        objects_per_tote=args.objects_per_tote,
-        seed=args.seed,
-        planner=args.planner,
-        model_path=args.model,
-        controller_config=cfg,
-        assist=assist,
-        ledger=ledger,
-        metrics=metrics,
-    )
+    stack = _live_sim_stack(args, "cell-1", 20.0, assist, ledger, metrics)
     judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=args.seed))
     worker_client = AssociateClient(
         endpoint, ClientKeys.from_file(keys / "associate-sim.key_secret"), server_public_key=server_key
