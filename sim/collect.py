@@ -30,6 +30,14 @@ analytic score gets wrong at the bottom of the ranking, nor the other gripper): 
 gripper; otherwise a uniformly chosen gripper, then a uniformly chosen non-empty analytic-score bin,
 then a uniform candidate in it.
 
+On-policy rounds (`CollectConfig.model` plus `p_model_top`): with probability `p_model_top` the
+candidate a learned model ranks best (highest calibrated p), avoiding spots and items that already
+failed. Why: the benchmark executes exactly the learned model's top choices, and the grasps it is
+wrongly sure of (a hand that clips a neighbour, a jaw on a tapered item) are the negatives a model
+trained on analytic-ranked data rarely sees; labelling them is how the next model learns them
+(the same loop as Dex-Net's and QT-Opt's on-policy rounds). The model only chooses; the rows store
+the same patch and features as any other, and `details.mode` says "model_top".
+
 Parallelism: `collect_parallel` runs W worker processes, worker k taking the totes n = k, k + W, ...
 into its own ledger file `ledger-wk.db` (SQLite files are not shared between writers); `export_merged`
 exports each and merges the shards into one dataset directory with a manifest.
@@ -88,15 +96,18 @@ class ExplorationConfig:
 
     p_top: float = 0.35  # probability, execute the analytic best candidate
     p_top_gripper: float = 0.2  # probability, execute the best candidate of a random gripper
+    p_model_top: float = 0.0  # probability, execute the learned model's best (needs CollectConfig.model)
     score_bins: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0 + 1e-9)  # analytic-score bin edges
     avoid_radius_m: float = 0.015  # metres: "top" choices skip spots that already failed in this tote
     item_radius_m: float = 0.04  # metres: candidates whose item centre is this close belong to that item
     max_failures_per_item: int = 3  # count: after this many failures "top" choices leave the item alone
 
     def __post_init__(self) -> None:
-        if not (0 <= self.p_top and 0 <= self.p_top_gripper and self.p_top + self.p_top_gripper <= 1):
+        probs = (self.p_model_top, self.p_top, self.p_top_gripper)
+        if min(probs) < 0 or sum(probs) > 1:
             raise ValueError(
-                f"p_top {self.p_top} and p_top_gripper {self.p_top_gripper} must be a split of 1"
+                f"p_model_top {self.p_model_top}, p_top {self.p_top} and p_top_gripper "
+                f"{self.p_top_gripper} must be probabilities that sum to at most 1"
             )
         if len(self.score_bins) < 2 or np.any(np.diff(self.score_bins) <= 0):
             raise ValueError(f"score_bins must be increasing edges, got {self.score_bins}")
@@ -112,11 +123,16 @@ class CollectConfig:
     cell_id: str = "sim-collect"  # ledger cell id prefix (worker k appends "-wk")
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     max_empty_plans: int = 2  # consecutive "empty" plans before a tote counts as cleared, count
+    model: str | None = None  # model file whose ranking the "model_top" choices follow (None: analytic only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "catalogs", check_training_catalogs(self.catalogs))
         if self.objects_per_tote < 1 or self.max_attempts_per_tote < 1:
             raise ValueError("objects_per_tote and max_attempts_per_tote must be >= 1")
+        if self.exploration.p_model_top > 0 and not self.model:
+            raise ValueError("exploration.p_model_top > 0 needs a model file (CollectConfig.model)")
+        if self.model and not Path(self.model).is_file():
+            raise CollectError(f"exploration model {self.model}: no such file")
 
 
 @dataclass
@@ -206,12 +222,21 @@ def choose_candidate(
     present = np.unique(grippers)
     u = rng.random()
     g = int(rng.choice(present))
+    # u's first slice is the model's: with p_model_top == 0 the other choices see the same u as before.
+    if u < cfg.p_model_top:
+        p = np.array([np.nan if c.p_success is None else c.p_success for c in cands], dtype=np.float64)
+        if not np.isfinite(p).any():
+            raise ValueError("model_top exploration needs a plan scored by a learned model")
+        pool = fresh if fresh.any() else np.ones(len(cands), dtype=bool)
+        return int(np.nanargmax(np.where(pool, p, -np.inf))), "model_top"
+    u -= cfg.p_model_top
     if u < cfg.p_top + cfg.p_top_gripper:
         pool = fresh if u < cfg.p_top else fresh & (grippers == g)
         if not pool.any():
             pool = np.ones(len(cands), dtype=bool) if u < cfg.p_top else grippers == g
-        # candidates are ranked best first (analytic ranking in the collection planner)
-        return int(np.flatnonzero(pool)[0]), ("top" if u < cfg.p_top else "top_gripper")
+        # the analytic best of the pool (np.argmax takes the first of ties: with an analytic-only
+        # planner, whose candidates come ranked best first, this is the pool's first candidate)
+        return int(np.argmax(np.where(pool, scores, -np.inf))), ("top" if u < cfg.p_top else "top_gripper")
     rows = np.flatnonzero(grippers == g)
     bins = np.clip(np.digitize(scores[rows], cfg.score_bins) - 1, 0, len(cfg.score_bins) - 2)
     b = int(rng.choice(np.unique(bins)))
@@ -219,6 +244,18 @@ def choose_candidate(
 
 
 # --- one tote -------------------------------------------------------------------------------------
+
+
+_SCORERS: dict[str, Any] = {}  # model path -> LearnedScorer, loaded once per worker process
+
+
+def _exploration_scorer(path: str) -> Any:
+    """The learned scorer of the exploration model (verified by its sha256 sidecar on first load)."""
+    if path not in _SCORERS:
+        from grasping.learned_scorer import LearnedScorer
+
+        _SCORERS[path] = LearnedScorer.from_file(path)
+    return _SCORERS[path]
 
 
 def tote_seed(seed: int, n: int) -> int:
@@ -336,6 +373,8 @@ def collect_tote(
         T_base_box[:3, 3] = [(box.lo[0] + box.hi[0]) / 2, (box.lo[1] + box.hi[1]) / 2, box.lo[2]]
         packer = Packer(tuple(float(x) for x in (box.hi - box.lo)), resolution_m=0.01, T_base_box=T_base_box)
         pcfg = planner_config or PlannerConfig(tote=cell.tote_bounds)
+        if cfg.model:
+            pcfg = replace(pcfg, scorer=_exploration_scorer(cfg.model))
         failed: list[np.ndarray] = []
         item_failures: list[tuple[np.ndarray, int]] = []
         empty = 0
@@ -591,18 +630,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--catalog", action="append", default=None, help="training catalog (repeatable; default both)"
     )
     ap.add_argument("--family", action="append", default=None, help="only this family (repeatable)")
+    ap.add_argument("--model", help="learned model whose best candidate the model_top choices execute")
+    ap.add_argument(
+        "--p-model-top",
+        type=float,
+        default=0.0,
+        help="probability of executing the model's best candidate (needs --model; default 0)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = CollectConfig(
+            model=args.model,
+            exploration=ExplorationConfig(p_model_top=args.p_model_top),
             catalogs=tuple(args.catalog or TRAINING_CATALOGS),
             families=tuple(args.family) if args.family else None,
             objects_per_tote=args.objects,
             max_attempts_per_tote=2 * args.objects,
             seed=args.seed,
         )
-    except ValueError as exc:
+    except (ValueError, CollectError) as exc:
         print(f"error: {exc}")
         return 2
     stats = collect_parallel(args.out, cfg, args.totes, workers=args.workers, progress=not args.no_progress)

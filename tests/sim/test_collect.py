@@ -151,6 +151,58 @@ def test_exploration_mixes_the_top_candidate_with_every_gripper_and_score_bin():
         ExplorationConfig(p_top=0.8, p_top_gripper=0.5)
 
 
+def test_model_top_exploration_executes_the_models_best_fresh_candidate(tmp_path):
+    from dataclasses import replace
+
+    # The model ranks differently from the analytic score: its favourite is candidate 2.
+    plan = _plan([0.9, 0.8, 0.2, 0.1], ["suction", "suction", "parallel_jaw", "suction"])
+    plan = replace(
+        plan,
+        candidates=tuple(
+            replace(c, p_success=p) for c, p in zip(plan.candidates, [0.3, 0.5, 0.9, 0.6], strict=True)
+        ),
+    )
+    rng = np.random.default_rng(1)
+    model_only = ExplorationConfig(p_model_top=1.0, p_top=0.0, p_top_gripper=0.0)
+    assert choose_candidate(plan, rng, model_only) == (2, "model_top")
+    # A spot that already failed is skipped: the model's next best is taken.
+    assert choose_candidate(plan, rng, model_only, [plan.candidates[2].grasp.position]) == (3, "model_top")
+    # Mixed: the model's share is its probability, the analytic top keeps its own.
+    mixed = ExplorationConfig(p_model_top=0.5, p_top=0.3, p_top_gripper=0.0)
+    modes = [choose_candidate(plan, rng, mixed)[1] for _ in range(2000)]
+    assert abs(modes.count("model_top") / 2000 - 0.5) < 0.04
+    assert abs(modes.count("top") / 2000 - 0.3) < 0.04
+    # An analytic-only plan cannot serve a model_top choice; a config without a model is refused.
+    with pytest.raises(ValueError, match="learned model"):
+        choose_candidate(_plan([0.5], ["suction"]), rng, model_only)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        ExplorationConfig(p_model_top=0.6, p_top=0.5)
+    with pytest.raises(ValueError, match="needs a model file"):
+        CollectConfig(catalogs=("train",), exploration=model_only)
+    with pytest.raises(CollectError, match="no such file"):
+        missing = str(tmp_path / "missing.safetensors")
+        CollectConfig(catalogs=("train",), model=missing, exploration=model_only)
+
+
+def test_collection_guided_by_the_shipped_model_records_model_top_attempts(tmp_path):
+    model = Path(__file__).resolve().parents[2] / "grasping" / "models" / "default.safetensors"
+    cfg = CollectConfig(
+        catalogs=("procedural-train",),
+        objects_per_tote=3,
+        max_attempts_per_tote=3,
+        seed=5,
+        model=str(model),
+        exploration=ExplorationConfig(p_model_top=1.0, p_top=0.0, p_top_gripper=0.0),
+    )
+    stats = collect(tmp_path / "m.db", cfg, [0], progress=False)
+    rows = _rows(tmp_path / "m.db")
+    assert stats.attempts == len(rows) >= 1
+    assert {r.decided_by for r in rows} == {"explore:model_top"}
+    assert {r.outcome.details["mode"] for r in rows} == {"model_top"}
+    # The ledger names the model that chose, so the data says which policy collected it.
+    assert {r.model_version for r in rows} == {"graspnet-sim-v1"}
+
+
 def test_train_from_sim_writes_a_verified_model_registers_and_gates_it(tmp_path):
     from grasping.learned_scorer import LearnedScorer
     from grasping.learning import TrainConfig
