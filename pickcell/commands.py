@@ -242,6 +242,20 @@ def extend_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--watchdog-scenes", type=int, default=40, help="with --from-sim: live scenes for the watchdog"
     )
+    t.add_argument(
+        "--explore-model",
+        help="with --from-sim: model whose best candidate is executed in a share --p-model-top of the "
+        "attempts (on-policy rounds: label what an earlier model was wrongly sure of)",
+    )
+    t.add_argument(
+        "--p-model-top", type=float, default=0.0, help="with --from-sim: share chosen by --explore-model"
+    )
+    t.add_argument(
+        "--extra-data",
+        action="append",
+        default=[],
+        help="with --from-sim: an earlier export trained on with the new data (replay; repeatable)",
+    )
     from_data = t.get_default("func")
 
     def run(args: argparse.Namespace) -> int:
@@ -265,9 +279,13 @@ def extend_train(sub: argparse._SubParsersAction) -> None:
             ("--registry", args.registry),
             ("--incumbent", args.incumbent),
             ("--version", args.version),
+            ("--explore-model", args.explore_model),
         ):
             if value:
                 argv += [flag, str(value)]
+        argv += ["--p-model-top", str(args.p_model_top)]
+        for d in args.extra_data:
+            argv += ["--extra-data", d]
         if args.no_progress:
             argv.append("--no-progress")
         return train_from_sim_main(argv)

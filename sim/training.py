@@ -488,6 +488,7 @@ class TrainFromSimConfig:
     progress: bool = True
     train: Any = None  # grasping.learning.TrainConfig (None: defaults with this seed)
     exploration: Any = None  # sim.collect.ExplorationConfig (None: defaults)
+    explore_model: str | None = None  # model file guiding the on-policy ("model_top") choices; None: none
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the card (e.g. the CLI command)
 
 
@@ -522,6 +523,7 @@ def train_from_sim(
         max_attempts_per_tote=2 * cfg.objects_per_tote,
         seed=seed,
         exploration=cfg.exploration or ExplorationConfig(),
+        model=cfg.explore_model,
     )
     t0 = time.time()
     stats = collect_parallel(work / "collect", ccfg, episodes, workers=cfg.workers, progress=cfg.progress)
@@ -629,13 +631,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
     ap.add_argument("--version", help="model version string (default graspnet-<UTC time>-s<seed>)")
     ap.add_argument("--no-gate", action="store_true", help="train only: no holdout or simulation gate")
+    ap.add_argument(
+        "--explore-model",
+        help="model file whose best candidate is executed in a share --p-model-top of the attempts "
+        "(on-policy rounds: label what an earlier model was wrongly sure of)",
+    )
+    ap.add_argument(
+        "--p-model-top", type=float, default=0.0, help="share of attempts the --explore-model chooses"
+    )
+    ap.add_argument(
+        "--extra-data",
+        action="append",
+        default=[],
+        help="an earlier export (sim.collect / ledger export folder) trained on with the new data "
+        "(replay; repeatable; it must hold no test-catalog rows)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from grasping.learning import DatasetError, TrainConfig
+    from sim.collect import ExplorationConfig
 
     cfg = TrainFromSimConfig(
         workers=args.workers,
+        explore_model=args.explore_model,
+        exploration=ExplorationConfig(p_model_top=args.p_model_top),
+        extra_data=tuple(args.extra_data),
         registry=args.registry,
         incumbent=args.incumbent,
         sim_suite_episodes=args.sim_suite_episodes,
