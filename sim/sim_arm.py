@@ -346,7 +346,8 @@ class SimArm:
         for j, v in zip(self.arm_joints, q_now, strict=True):
             p.resetJointState(self.body, j, float(v), physicsClientId=cid)
         details = {"ik_pos_err_m": err_p, "ik_rot_err_deg": err_r}
-        if err_p > self.cfg.ik_pos_tol or err_r > self.cfg.ik_rot_tol_deg:
+        # Written so that a NaN error (a solver blow-up) fails the test instead of passing it.
+        if not (err_p <= self.cfg.ik_pos_tol and err_r <= self.cfg.ik_rot_tol_deg):
             return None, details
         return q, details
 
@@ -520,6 +521,15 @@ class SimArm:
             log.warning("arm joint state is not finite (solver instability); resetting the arm to home")
             self._set_q(self.cfg.home)
             raise _Abort(Reason.COLLISION, why="simulation instability: arm reset to home")
+        if not np.isfinite(np.asarray(q_target, dtype=np.float64)).all():
+            raise _Abort(Reason.INVALID, why="non-finite joint target")
+        q_now = self.q()
+        if float(np.max(np.abs(np.asarray(q_target, dtype=np.float64) - q_now))) < 1e-9:
+            # Already there. sim.motion's profile of a sub-nanoradian move divides 0 by 0 (its
+            # acceleration in path units is infinite) and samples NaN joints: the origin of the
+            # "cannot convert float NaN" crash seen after a refused pick followed by home().
+            self._command(q_now)
+            return
         scales = [self.cfg.joint_speed_scale]
         if self._held is not None:
             scales += [s * self.cfg.joint_speed_scale for s in (0.7, 0.5, 0.35, 0.25)]
@@ -528,6 +538,12 @@ class SimArm:
             n = max(2, int(np.ceil(move.duration / self.cfg.transit_check_dt)) + 1)
             times = np.linspace(0.0, move.duration, n)
             qs = move.sample(times)
+            if not np.isfinite(qs).all():
+                # Never hand a non-finite joint target to the simulator: fall back to a straight
+                # joint-space interpolation over the same (finite) duration.
+                log.warning("joint move sampled non-finite joints; using a linear profile instead")
+                frac = np.linspace(0.0, 1.0, n)[:, None]
+                qs = move.q_start[None, :] + frac * (move.q_end - move.q_start)[None, :]
             if self._held is None or self._carry_utilisation(qs, times, tcp) <= 0.9:
                 break
         self._run_samples(qs, times, tcp, ignore)

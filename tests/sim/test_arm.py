@@ -246,3 +246,31 @@ def test_a_blown_up_physics_state_is_reset_not_a_crash(sim_cell):
     assert out.reason is Reason.COLLISION and "instability" in out.details["why"]
     assert np.isfinite(arm.q()).all()
     assert arm.home().success
+
+
+def test_a_move_to_where_the_arm_already_is_keeps_the_joints_finite(sim_cell):
+    """The NaN crash of the learned benchmark (procedural episode 15): home() asked for a joint move of
+    1e-13 rad, whose time profile sampled NaN joints (0 * inf), which the next move could not time."""
+    arm = sim_cell.arm
+    q = arm.cfg.home + np.r_[1e-13, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    for j, v in zip(arm.arm_joints, q, strict=True):
+        p.resetJointState(arm.body, j, float(v), physicsClientId=sim_cell.client_id)
+    t0 = arm.robot_time
+    out = arm.home()
+    assert out.success, out
+    assert np.isfinite(arm.q()).all()
+    assert np.isfinite(arm.robot_time) and arm.robot_time - t0 < 1e-3
+    # The next real move is timed and executed normally.
+    pose = arm.link_pose(arm.jaw_tcp)
+    moved = arm.move(pose[0] + np.array([0.0, 0.05, -0.05]), DOWN)
+    assert moved.success, moved
+    assert np.isfinite(arm.q()).all() and arm.robot_time - t0 > 0.1
+    assert arm.home().success and np.allclose(arm.q(), arm.cfg.home, atol=1e-6)
+
+
+def test_a_non_finite_joint_target_is_refused_not_a_crash(sim_cell):
+    arm = sim_cell.arm
+    out = arm.move(np.array([np.nan, 0.0, 0.3]), DOWN)
+    assert not out.success and out.reason in (Reason.UNREACHABLE, Reason.IK_FAILED, Reason.INVALID)
+    assert np.isfinite(arm.q()).all()
+    assert arm.home().success
