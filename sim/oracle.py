@@ -7,8 +7,14 @@ seal test as the suction cup. For the topmost items first (the ones a person wou
 - suction at the surface point that seals (rim rays: flat enough, normal within the cup's tolerance;
   the approach is along the surface normal, up to `max_tilt_deg` from vertical) and that loads the
   cup least (smallest moment about the centre of mass, worst-case transit acceleration included);
-- otherwise a top-down parallel-jaw grasp across the item's narrowest horizontal extent, when that is
-  at most `max_jaw_width`, at mid-height of its top part.
+- otherwise a parallel-jaw grasp whose line passes through the centre of mass and where both
+  finger pads meet the item squarely: horizontal rays over each pad's face find where it first
+  touches the item and the surface normal there; the normals must lie in the friction cone with
+  margin and must not face upwards (a squeeze on a face tilted up pushes the item out of the
+  fingers: the slips on tapered items), no finger may come down on another part of the item, and
+  no neighbour may sit between an open finger and the item. Closing directions every 10 deg and
+  TCP heights every 4 mm are searched; the squarest contact nearest the centre of mass's height
+  wins (see `_jaw`). Tilted approaches are offered too, for items near a tote wall.
 
 Suction is preferred when its load stays under `suction_preferred_load` of the cup's rating (cartons,
 mailers, flat random objects); the jaw takes round and heavy items (bottles, balls, tubes, small
@@ -32,6 +38,18 @@ from sim.scene import SimCell
 
 log = logging.getLogger(__name__)
 
+# The Panda finger pad (stock collision mesh, measured): 17.5 mm wide, its face from 11.6 mm above
+# the jaw TCP (panda_grasptarget) to the fingertip 7.2 mm below it.
+_PAD_HALF_WIDTH = 0.007  # m, lateral ray offset on the pad (inside its 8.75 mm half width)
+_PAD_ABOVE_TCP = 0.0116  # m
+_PAD_BELOW_TCP = 0.0072  # m
+_FINGER_THICKNESS = 0.026  # m, finger depth behind the pad face (along the closing line)
+_FINGER_HALF_WIDTH = 0.0105  # m
+# Rows 3 mm apart: on a 25 mm tube the patch then straddles the equator (mean normal level)
+# instead of one ray above it whose normal looks tilted up.
+_PAD_ROWS = 7  # count, ray rows over the pad's height
+_RAY_HITS = 3  # count, hits read along each pad ray (neighbours may hide the item)
+
 
 @dataclass(frozen=True)
 class OracleConfig:
@@ -40,7 +58,12 @@ class OracleConfig:
     ray_spacing: float = 0.004  # m, grid spacing of the rays that sample an item's top surface
     max_tilt_deg: float = 30.0  # deg, largest tilt of a suction approach from vertical
     max_jaw_width: float = 0.07  # m, widest item the jaw is asked to take (opening 0.08 m)
-    jaw_depth: float = 0.03  # m, depth of the jaw TCP below the item's top at the grasp
+    max_jaw_depth: float = 0.04  # m, deepest jaw TCP below the item's top (the palm is 4.7 cm above the TCP)
+    jaw_height_step: float = 0.004  # m, spacing of the jaw TCP heights searched
+    jaw_angle_step_deg: float = 10.0  # deg, spacing of the closing directions searched
+    max_contact_angle_deg: float = 20.0  # deg, largest angle of a contact normal from the closing line
+    max_wedge_deg: float = 12.0  # deg, largest upward tilt of a contact normal (squeezes the item out)
+    pad_compliance: float = 0.0015  # m, depth of the rubber pad's squeeze: hits this close form the patch
     jaw_floor_clearance: float = 0.017  # m, lowest jaw TCP height above the tote floor (tips 1.1 cm below)
     suction_preferred_load: float = 0.6  # unitless, cup load fraction below which suction wins
     max_load: float = 0.9  # unitless, largest cup load fraction (at lift acceleration) the oracle accepts
@@ -167,56 +190,159 @@ class OracleGraspSource:
         return found
 
     def _jaw(self, body: int, pts: np.ndarray) -> list[Grasp]:
-        """Top-down jaw grasps across narrow extents of the part of the item the fingers hold.
+        """Top-down jaw grasps where both finger pads meet the item squarely, best first.
 
-        The fingers hold the item between its top and `jaw_depth` below it, so widths and centres
-        come from the surface points seen from above in that band (for an upright or tilted item
-        its top end, for a lying one its whole silhouette). Narrowest first, up to 4 directions.
+        For closing directions every `jaw_angle_step_deg` and TCP heights every `jaw_height_step`
+        (pads fully on the item, palm clear of its top), horizontal rays sample each pad's face
+        (`_pad_contacts`): where it first touches the item and the surface normal there. A grasp
+        is kept when both contact normals lie within `max_contact_angle_deg` of the closing line
+        (a friction cone with margin: on a tapered side the squeeze pushes the item out of the
+        fingers, which is how tapered items slipped), neither tilts up by more than
+        `max_wedge_deg` (a surface facing up is squeezed downwards, out of the grip), the width
+        fits, and no other item sits between the open fingers and the item. The grasp line goes
+        through the centre of mass (no torque about the closing axis); ranked by the worse contact
+        angle, then by distance from the centre of mass's height. Up to 4 closing directions.
         """
+        cid = self.cell.client_id
+        cfg = self.cfg
         top = float(pts[:, 2].max())
-        lo_z = p.getAABB(body, physicsClientId=self.cell.client_id)[0][2]
-        height = top - lo_z
-        z = top - min(self.cfg.jaw_depth, 0.5 * height)
-        z = max(z, float(self.cell.tote_bounds.lo[2]) + self.cfg.jaw_floor_clearance)
-        if z > top - 0.003:
-            return []  # too flat: the fingertips would have to go below the tote floor
-        xy = pts[pts[:, 2] >= z - 0.005][:, :2]
-        if len(xy) < 3:
-            return []
-        com_xy = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=self.cell.client_id)[0][:2])
-        widths = []
-        for th in np.radians(np.arange(0.0, 180.0, 1.0)):
-            d = np.array([np.cos(th), np.sin(th)])
-            proj = xy @ d
-            widths.append((float(proj.max() - proj.min()), th, d, float((proj.max() + proj.min()) / 2)))
-        widths.sort(key=lambda t: t[0])
+        lo_z = float(p.getAABB(body, physicsClientId=cid)[0][2])
+        floor_z = float(self.cell.tote_bounds.lo[2]) + cfg.jaw_floor_clearance
+        z_hi = top - _PAD_ABOVE_TCP + 0.002  # the pad's upper edge at most 2 mm above the top
+        z_lo = max(floor_z, top - cfg.max_jaw_depth, lo_z + _PAD_BELOW_TCP)
+        if z_hi < z_lo:
+            # Too flat for the whole pad: hold it as low as the tote floor allows, if that is on it.
+            if top - floor_z < 0.004:
+                return []
+            z_hi = z_lo = max(floor_z, lo_z + 0.5 * (top - lo_z))
+        heights = np.arange(z_hi, z_lo - 1e-9, -cfg.jaw_height_step) if z_hi > z_lo else np.array([z_hi])
+        com = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=cid)[0])
+        mu = self.cell.arm.cfg.jaw.finger_friction * p.getDynamicsInfo(body, -1, physicsClientId=cid)[1]
+        # The cone actually available shrinks with the item's friction (PyBullet multiplies them).
+        max_angle = min(cfg.max_contact_angle_deg, float(np.degrees(np.arctan(mu))) - 10.0)
+        found: list[tuple[float, float, Grasp]] = []  # (score, direction, grasp)
+        for th in np.radians(np.arange(0.0, 180.0, cfg.jaw_angle_step_deg)):
+            d = np.array([np.cos(th), np.sin(th), 0.0])
+            best = None
+            for z in heights:
+                centre = np.array([com[0], com[1], z])
+                c = self._pad_contacts(body, centre, d)
+                if c is None:
+                    continue
+                width, shift, angle, wedge = c
+                if width > cfg.max_jaw_width or angle > max_angle or wedge > cfg.max_wedge_deg:
+                    continue
+                if self._fingers_land_on(pts, centre + shift * d, d, width):
+                    continue
+                score = angle + 100.0 * abs(z - com[2])  # 1 cm of height counts as 1 degree
+                if best is None or score < best[0]:
+                    best = (score, centre + shift * d, width)
+            if best is not None:
+                found.append((best[0], th, self._jaw_grasp(best[1], d, best[2])))
+        found.sort(key=lambda t: t[0])
         out: list[Grasp] = []
         used: list[float] = []
-        for width, th, d, mid in widths:
-            if width > self.cfg.max_jaw_width or len(used) >= 4:
+        for _score, th, g in found:
+            if len(used) >= 4:
                 break
             if any(abs((th - u + np.pi / 2) % np.pi - np.pi / 2) < np.radians(20) for u in used):
                 continue
             used.append(th)
-            perp = np.array([-d[1], d[0]])
-            pp = xy @ perp
-            # Along the fingers' pad direction, hold at the centre of mass (clipped to the band):
-            # a long item gripped off its centre of mass swings about the grip.
-            com_pp = float(np.clip(com_xy @ perp, pp.min(), pp.max()))
-            centre_xy = mid * d + com_pp * perp
-            closing = np.array([d[0], d[1], 0.0])
-            across = np.array([-d[1], d[0], 0.0])
-            tilts = [(closing, t) for t in self.cfg.jaw_tilts_deg]
-            tilts += [(across, t) for t in self.cfg.jaw_tilts_deg if t != 0.0]
-            for axis, tilt in tilts:
-                # Tilting about the closing axis keeps the fingers closing horizontally while the
-                # hand leans away from a tote wall beside the item; tilting about the other
-                # horizontal axis leans the hand's long side away from a wall it faces.
-                approach = _rotate(np.array([0.0, 0.0, -1.0]), axis, np.radians(tilt))
-                R = grasp_frame(approach, _rotate(closing, axis, np.radians(tilt)))
-                pos = np.array([centre_xy[0], centre_xy[1], z])
-                out.append(Grasp("parallel_jaw", pos, matrix_to_quat(R), width=width))
+            out.extend(self._tilted(g))
         return out
+
+    def _jaw_grasp(self, centre: np.ndarray, d: np.ndarray, width: float) -> Grasp:
+        R = grasp_frame(np.array([0.0, 0.0, -1.0]), d)
+        return Grasp("parallel_jaw", centre, matrix_to_quat(R), width=width)
+
+    def _tilted(self, g: Grasp) -> list[Grasp]:
+        """The grasp top-down and tilted by `jaw_tilts_deg` about its two horizontal axes."""
+        closing = g.R[:, 0]
+        across = np.array([-closing[1], closing[0], 0.0])
+        tilts = [(closing, t) for t in self.cfg.jaw_tilts_deg]
+        tilts += [(across, t) for t in self.cfg.jaw_tilts_deg if t != 0.0]
+        out = []
+        for axis, tilt in tilts:
+            # Tilting about the closing axis keeps the fingers closing horizontally while the
+            # hand leans away from a tote wall beside the item; tilting about the other
+            # horizontal axis leans the hand's long side away from a wall it faces.
+            approach = _rotate(np.array([0.0, 0.0, -1.0]), axis, np.radians(tilt))
+            R = grasp_frame(approach, _rotate(closing, axis, np.radians(tilt)))
+            out.append(Grasp("parallel_jaw", g.position.copy(), matrix_to_quat(R), width=g.width))
+        return out
+
+    def _fingers_land_on(self, pts: np.ndarray, centre: np.ndarray, d: np.ndarray, width: float) -> bool:
+        """Would an open finger coming down come to rest on another part of the item itself?
+
+        The pads only work if the item is between them: a lobe of the same item under a finger's
+        footprint (outside the pad face) holds the hand up or levers the item when the jaw closes.
+        """
+        open_half = 0.5 * (width + self.cell.arm.cfg.jaw.open_margin)
+        rel = pts - centre
+        along = rel @ d
+        across = rel @ np.array([-d[1], d[0], 0.0])
+        under = (np.abs(along) > open_half) & (np.abs(along) < open_half + _FINGER_THICKNESS)
+        under &= np.abs(across) < _FINGER_HALF_WIDTH
+        tip_z = centre[2] - _PAD_BELOW_TCP
+        return bool((pts[under, 2] > tip_z - 0.002).any())
+
+    def _pad_contacts(
+        self, body: int, centre: np.ndarray, d: np.ndarray
+    ) -> tuple[float, float, float, float] | None:
+        """Where two pads closing along `d` through `centre` (the TCP) first touch `body`.
+
+        Each pad's face is sampled by a grid of horizontal rays cast from outside the open jaw
+        towards the closing line; the first contact is the hit that sticks out furthest, and the
+        contact normal is the mean normal of the hits within `pad_compliance` of it (the pad is
+        rubber: it touches that patch once squeezed). Returns (width between the contacts,
+        shift of the contacts' midpoint along `d`, worse angle of a contact normal from the
+        closing line (deg), worse upward tilt of a contact normal (deg)), or None when a pad
+        misses the item, or another item lies between an open finger and the item.
+        """
+        cid = self.cell.client_id
+        cfg = self.cfg
+        perp = np.array([-d[1], d[0], 0.0])
+        reach = 0.5 * self.cell.arm.cfg.jaw.max_opening + 0.01
+        offsets = [
+            u * perp + np.array([0.0, 0.0, h])
+            for u in (-_PAD_HALF_WIDTH, 0.0, _PAD_HALF_WIDTH)
+            for h in np.linspace(-_PAD_BELOW_TCP + 0.001, _PAD_ABOVE_TCP - 0.001, _PAD_ROWS)
+        ]
+        sides = []
+        for sign in (-1.0, 1.0):  # the finger on the -d side, then the one on the +d side
+            starts = [centre + o + sign * reach * d for o in offsets]
+            ends = [centre + o for o in offsets]
+            target: list[tuple[float, np.ndarray]] = []  # (extent from the closing plane, normal)
+            others: list[float] = []
+            for k in range(_RAY_HITS):  # the k-th hit along each ray, to see past neighbours
+                for h in p.rayTestBatch(
+                    starts, ends, reportHitNumber=k, collisionFilterMask=RAY_MASK, physicsClientId=cid
+                ):
+                    if h[0] < 0:
+                        continue
+                    extent = float(sign * (np.asarray(h[3]) - centre) @ d)
+                    if h[0] == body:
+                        target.append((extent, np.asarray(h[4], dtype=np.float64)))
+                    else:
+                        others.append(extent)
+            if not target:
+                return None
+            e_max = max(e for e, _ in target)
+            patch = [n for e, n in target if e >= e_max - cfg.pad_compliance]
+            n = np.mean(patch, axis=0)
+            n /= max(np.linalg.norm(n), 1e-9)
+            sides.append((e_max, n, others))
+        (e_l, n_l, o_l), (e_r, n_r, o_r) = sides
+        width = e_l + e_r
+        open_half = 0.5 * (width + self.cell.arm.cfg.jaw.open_margin)
+        for e_here, others in ((e_l, o_l), (e_r, o_r)):
+            if any(e_here < e < open_half + 0.002 for e in others):
+                return None  # a neighbour inside the closing fingers' path
+        # Outward normals: -d on the -d side, +d on the +d side.
+        ang_l = float(np.degrees(np.arccos(np.clip(n_l @ -d, -1.0, 1.0))))
+        ang_r = float(np.degrees(np.arccos(np.clip(n_r @ d, -1.0, 1.0))))
+        wedge = float(np.degrees(np.arcsin(np.clip(max(n_l[2], n_r[2]), -1.0, 1.0))))
+        return width, 0.5 * (e_r - e_l), max(ang_l, ang_r), wedge
 
     # --- placements -------------------------------------------------------------------------------
     def placement(self) -> Placement | None:

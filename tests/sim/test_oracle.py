@@ -1,0 +1,79 @@
+"""The ground-truth oracle's jaw grasps on shapes where the choice matters (real PyBullet, no mocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pybullet as p
+
+from sim.oracle import OracleGraspSource
+
+
+def _wedge(cell, bottom=0.06, top=0.02, thick=0.055, height=0.06, mass=0.3, friction=0.4) -> int:
+    """A prism tapered along x (trapezoid in x-z: `bottom` wide at the floor, `top` at the top, sides
+    tilted 18.4 deg from vertical) with straight, vertical faces `thick` apart along y."""
+    cid = cell.client_id
+    h = height / 2
+    verts = [
+        [sx * (bottom if sz < 0 else top) / 2, sy * thick / 2, sz * h]
+        for sx in (-1, 1)
+        for sy in (-1, 1)
+        for sz in (-1, 1)
+    ]
+    col = p.createCollisionShape(p.GEOM_MESH, vertices=verts, physicsClientId=cid)
+    b = cell.tote_bounds
+    centre = [(b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + h + 0.002]
+    body = p.createMultiBody(mass, col, -1, basePosition=centre, physicsClientId=cid)
+    p.changeDynamics(body, -1, lateralFriction=friction, physicsClientId=cid)
+    cell.items[body] = "wedge"
+    cell.settle(0.5)
+    return body
+
+
+def test_jaw_closes_across_the_straight_faces_of_a_tapered_item_below_its_top(sim_cell):
+    cell = sim_cell
+    body = _wedge(cell)
+    oracle = OracleGraspSource(cell)
+    top = p.getAABB(body, physicsClientId=cell.client_id)[1][2]
+    pts, _ = oracle._surface(body)
+    # Across the taper (x) the pads would meet faces tilted 18 deg up: the squeeze pushes the item
+    # down and out, so the oracle refuses it; across y the faces are vertical.
+    com = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=cell.client_id)[0])
+    width_x, _, angle_x, wedge_x = oracle._pad_contacts(body, com, np.array([1.0, 0.0, 0.0]))
+    width_y, _, angle_y, wedge_y = oracle._pad_contacts(body, com, np.array([0.0, 1.0, 0.0]))
+    assert 16.0 < angle_x < 20.0 and 16.0 < wedge_x < 20.0 and width_x < width_y
+    assert angle_y < 3.0 and abs(width_y - 0.055) < 0.003
+    proposal = oracle.propose()
+    assert proposal is not None
+    picked, grasp = proposal
+    assert picked == body and grasp.gripper == "parallel_jaw"
+    assert abs(grasp.R[:, 0] @ np.array([0.0, 1.0, 0.0])) > 0.95  # closing across the straight faces
+    assert grasp.position[2] < top - 0.01  # the whole pad on the item, not its top edge
+    out = cell.arm.pick(grasp)
+    assert out.success, out
+    placed = cell.arm.place(oracle.placement())
+    assert placed.success, placed
+    assert body in cell.items_in_box()
+
+
+def test_a_finger_coming_down_on_another_part_of_the_item_is_detected(sim_cell):
+    """A T-shaped item: a jaw closing along the stem's length, 1 cm from the bar across its end, would
+    put a finger on the bar; the same jaw 4 cm further along the stem has nothing under its fingers."""
+    cell = sim_cell
+    cid = cell.client_id
+    b = cell.tote_bounds
+    c = np.array([(b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2]])
+    col = p.createCollisionShapeArray(
+        [p.GEOM_BOX, p.GEOM_BOX],
+        halfExtents=[[0.01, 0.05, 0.02], [0.06, 0.01, 0.02]],
+        collisionFramePositions=[[0.0, 0.0, 0.0], [0.0, 0.06, 0.0]],
+        physicsClientId=cid,
+    )
+    body = p.createMultiBody(0.2, col, -1, basePosition=[c[0], c[1], c[2] + 0.021], physicsClientId=cid)
+    cell.items[body] = "tee"
+    cell.settle(0.5)
+    oracle = OracleGraspSource(cell)
+    pts, _ = oracle._surface(body)
+    along_y = np.array([0.0, 1.0, 0.0])
+    near_bar = np.array([c[0] + 0.03, c[1] + 0.04, c[2] + 0.03])  # beside the stem, 1 cm from the bar
+    assert oracle._fingers_land_on(pts, near_bar, along_y, 0.02)
+    assert not oracle._fingers_land_on(pts, near_bar - [0.0, 0.04, 0.0], along_y, 0.02)
