@@ -149,7 +149,7 @@ def run_episode(
                 if cell.arm.held_item is not None:  # e.g. collision in transit while holding
                     cell.arm.home()
             if not ok:
-                oracle.record_failure(body, grasp.gripper)
+                oracle.record_failure(body, grasp.gripper, grasp)
             succeeded += int(ok)
             rec = PickRecord(
                 index=len(picks),

@@ -6,7 +6,7 @@ seal test as the suction cup. For the topmost items first (the ones a person wou
 
 - suction at the surface point that seals (rim rays: flat enough, normal within the cup's tolerance;
   the approach is along the surface normal, up to `max_tilt_deg` from vertical) and that loads the
-  cup least (smallest moment about the centre of mass, worst-case transit acceleration included);
+  cup least (smallest moment about the centre of mass, at the tool acceleration up and sideways);
 - otherwise a parallel-jaw grasp whose line passes through the centre of mass and where both
   finger pads meet the item squarely: horizontal rays over each pad's face find where it first
   touches the item and the surface normal there; the normals must lie in the friction cone with
@@ -18,7 +18,8 @@ seal test as the suction cup. For the topmost items first (the ones a person wou
 
 Suction is preferred when its load stays under `suction_preferred_load` of the cup's rating (cartons,
 mailers, flat random objects); the jaw takes round and heavy items (bottles, balls, tubes, small
-parts). Items that failed before are tried after the others, with the other gripper first.
+parts). Items that failed before are tried after the others, with the other gripper first and
+never with a grasp that already failed on them (within 8 mm and 15 deg).
 
 Placement: a grid of cells over the box floor; the next item goes to the cell whose stack is lowest
 (height from a ray down the cell centre), large items to the box centre, long side along the box's.
@@ -81,10 +82,25 @@ class OracleGraspSource:
         self.cell = cell
         self.cfg = config or OracleConfig()
         self.failures: dict[int, list[str]] = {}  # body -> grippers that failed on it
+        self.failed_grasps: dict[int, list[Grasp]] = {}  # body -> grasps that failed on it
 
-    def record_failure(self, body: int | None, gripper: str) -> None:
+    def record_failure(self, body: int | None, gripper: str, grasp: Grasp | None = None) -> None:
+        """Note a failed attempt on `body`; with `grasp`, that grasp is not proposed again."""
         if body is not None:
             self.failures.setdefault(body, []).append(gripper)
+            if grasp is not None:
+                self.failed_grasps.setdefault(body, []).append(grasp)
+
+    def _failed_before(self, body: int, g: Grasp) -> bool:
+        """Is `g` (nearly) a grasp that already failed on `body`? Simulated physics is deterministic
+        and real picks nearly so: the same grasp on an unmoved item fails the same way, so the next
+        attempt should differ (remembering failed grasps is what Sanders et al. 2020 measured)."""
+        for f in self.failed_grasps.get(body, []):
+            if f.gripper != g.gripper or np.linalg.norm(f.position - g.position) > 0.008:
+                continue
+            if g.gripper == "suction" or abs(f.R[:, 0] @ g.R[:, 0]) > np.cos(np.radians(15.0)):
+                return True
+        return False
 
     # --- grasps ------------------------------------------------------------------------------------
     def propose(self, exclude: set[int] | None = None) -> tuple[int, Grasp] | None:
@@ -144,6 +160,7 @@ class OracleGraspSource:
         choices = preferred + fallback + jaws
         # After a failure try the other gripper first (stable sort keeps the order within one).
         choices.sort(key=lambda g: failed.count(g.gripper))
+        choices = [g for g in choices if not self._failed_before(body, g)]
         for g in choices:
             verdict = self.cell.arm.check_grasp(g, target=body)
             if verdict is Reason.OK:
@@ -166,7 +183,13 @@ class OracleGraspSource:
         # Closest to the centre of mass (in the horizontal plane) first: least moment on the cup.
         order = np.argsort(np.linalg.norm(cand[:, :2] - com[:2], axis=1))
         step = max(1, len(order) // (4 * self.cfg.max_suction_candidates))
-        acc = np.array([0.0, 0.0, self.cell.arm.cfg.tool_accel])  # the lift; transit is speed-scaled
+        # The cup must hold at the lift and through transit: the load at the tool acceleration
+        # upwards and in each horizontal direction (a sideways push on an item hanging off-centre
+        # is what peels the lip, so a point that is fine while lifting can drop in transit).
+        a_tool = self.cell.arm.cfg.tool_accel
+        accs = [np.array([0.0, 0.0, a_tool])] + [
+            np.array([a_tool * np.cos(t), a_tool * np.sin(t), 0.0]) for t in np.radians([0, 90, 180, 270])
+        ]
         found: list[tuple[float, Grasp]] = []
         for i in order[::step][: self.cfg.max_suction_candidates]:
             approach = -cn[i] / np.linalg.norm(cn[i])
@@ -182,7 +205,8 @@ class OracleGraspSource:
             if any(np.linalg.norm(g.position - cand[i]) < 0.01 for _, g in found):
                 continue  # keep alternatives at least 1 cm apart
             R = grasp_frame(approach)
-            load = suction_utilisation(cfg_cup, mass, R.T @ (com - cand[i]), R, acc)
+            com_in_cup = R.T @ (com - cand[i])
+            load = max(suction_utilisation(cfg_cup, mass, com_in_cup, R, acc) for acc in accs)
             found.append((load, Grasp("suction", cand[i], matrix_to_quat(R))))
             if len(found) >= 6:
                 break

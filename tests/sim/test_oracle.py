@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pybullet as p
+import pytest
 
 from sim.oracle import OracleGraspSource
 
@@ -77,3 +78,21 @@ def test_a_finger_coming_down_on_another_part_of_the_item_is_detected(sim_cell):
     near_bar = np.array([c[0] + 0.03, c[1] + 0.04, c[2] + 0.03])  # beside the stem, 1 cm from the bar
     assert oracle._fingers_land_on(pts, near_bar, along_y, 0.02)
     assert not oracle._fingers_land_on(pts, near_bar - [0.0, 0.04, 0.0], along_y, 0.02)
+
+
+def test_a_grasp_that_failed_is_not_proposed_again(sim_cell):
+    cell = sim_cell
+    body = _wedge(cell)
+    oracle = OracleGraspSource(cell)
+    _, first = oracle.propose()
+    assert oracle.propose()[1].position == pytest.approx(first.position)  # deterministic
+    oracle.record_failure(body, first.gripper, first)
+    picked, second = oracle.propose()
+    assert picked == body
+    same_spot = np.linalg.norm(second.position - first.position) < 0.008
+    same_axis = abs(second.R[:, 0] @ first.R[:, 0]) > np.cos(np.radians(15.0))
+    assert second.gripper != first.gripper or not (same_spot and same_axis)
+    # Without the grasp, only the count is kept and the same grasp may come back.
+    other = OracleGraspSource(cell)
+    other.record_failure(body, first.gripper)
+    assert other.propose()[1].position == pytest.approx(first.position)
