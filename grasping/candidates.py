@@ -17,6 +17,14 @@ contacts must fit the jaw's opening with clearance, and both fingers, lowered to
 the jaw opened, must not hit anything in the height map (neighbours, walls, unseen cells filled
 conservatively).
 
+The rest of the tool: for both kinds, the hand, the flange and (suction) the stem and the opened
+fingers are swept from pre-grasp down the approach to the grasp and checked against the height map
+of the tote dilated to the samples' spacing, with everything outside the tote a wall up to its rim
+(suction_tool_clearance, jaw_tool_clearance). Only the cup may touch the target item; the body must
+clear it too (a hand landing on the target's taller end is a collision). In simulation this is what
+went wrong most often: the 20 cm long Panda hand, a few centimetres above the fingertips, hitting a
+tote wall while the fingers were lowered next to it, and fingertips touching the tote floor.
+
 Everything is vectorised over candidates; the only Python loops run over items.
 """
 
@@ -47,7 +55,8 @@ class CandidateConfig:
     finger_thickness_m: float = 0.012  # metres, along the closing direction
     finger_width_m: float = 0.02  # metres, across the closing direction
     finger_depth_m: float = 0.02  # metres, how far below the item's top the fingertips go
-    finger_pad_half_m: float = 0.008  # metres, fingertip below the grasp point (pad half height)
+    finger_pad_half_m: float = 0.0115  # metres, fingertip below the jaw's grasp point (TCP)
+    floor_clearance_m: float = 0.003  # metres, least gap left between the fingertips and the floor
     jaw_clearance_m: float = 0.01  # metres, opening beyond the item on each side
     min_jaw_clearance_m: float = 0.003  # metres, the least side clearance a candidate may have
     collision_tol_m: float = 0.003  # metres, height-map noise tolerated under the fingers
@@ -56,6 +65,30 @@ class CandidateConfig:
     suction_pool: int = 900  # sampled suction points per frame before ranking
     jaw_pool: int = 240  # sampled jaw centre points per frame (each tried at jaw_angles directions)
     min_per_item: int = 12  # each item gets at least this many samples of each kind (if it has them)
+    # The rest of the tool, for the swept-volume check (tool_clearance). These numbers describe the
+    # Panda hand with the suction stem of sim/sim_arm.py (measured there with rays against its
+    # collision shapes); a real cell configures its own tool. Each box is (half width across the
+    # closing direction, inner and outer reach along it from the tool axis (mirrored to both sides),
+    # bottom and top along the tool axis above the TCP), metres, in the hand's frame. The jaw's
+    # fingertips are checked separately (finger_* above); link 6 and the arm beyond it are not
+    # modelled (they stay above 25 cm over the TCP and depend on the wrist joint).
+    jaw_body_boxes: tuple[tuple[float, float, float, float, float], ...] = (
+        (0.020, 0.0, 0.100, 0.038, 0.135),  # palm: the hand's lowest part, between the finger slots
+        (0.036, 0.0, 0.090, 0.069, 0.135),  # the hand's outer shell
+        (0.045, 0.0, 0.085, 0.103, 0.170),  # link 7 and the flange above the hand
+    )
+    suction_body_boxes: tuple[tuple[float, float, float, float, float], ...] = (
+        (0.008, 0.0, 0.008, 0.030, 0.142),  # the stem above the cup
+        (0.014, 0.036, 0.070, 0.085, 0.145),  # the fingers, opened fully during a suction pick
+        (0.020, 0.0, 0.100, 0.133, 0.230),  # palm
+        (0.036, 0.0, 0.090, 0.164, 0.230),  # the hand's outer shell
+        (0.045, 0.0, 0.085, 0.198, 0.260),  # link 7 and the flange
+    )
+    cup_height_m: float = 0.03  # metres, the cup (lip to stem) that may touch only the target item
+    approach_sweep_m: float = 0.10  # metres, the straight approach checked: pre-grasp back along it
+    wall_margin_m: float = 0.005  # metres, the tool keeps this far above the tote's rim near the walls
+    body_sample_m: float = 0.012  # metres, spacing of the tool's sample points (the map is dilated to match)
+    body_clearance_scale_m: float = 0.01  # metres, clearance at which the near-miss factor reaches 1
 
 
 @dataclass(frozen=True)
@@ -155,8 +188,185 @@ def _frames_from_approach(z: np.ndarray) -> np.ndarray:
     return np.stack([x, np.cross(z, x), z], axis=2)
 
 
-def suction_candidates(cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.Generator) -> CandidateSet:
-    """Suction cups on sampled item points, scored for seal, tilt, torque and room."""
+def _grid(lo: float, hi: float, spacing: float) -> np.ndarray:
+    """Points from lo to hi (both included) no further apart than `spacing`."""
+    return np.linspace(lo, hi, max(2, int(np.ceil((hi - lo) / spacing - 1e-9)) + 1))
+
+
+def tool_points(
+    boxes: tuple[tuple[float, float, float, float, float], ...], spacing: float, sweep_m: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample points (u across the closing direction, v along it, w up the tool axis from the TCP) of
+    the tool's swept volume: (bottom faces (Pb, 3), side outlines (Ps, 3)).
+
+    Moving the tool straight back along its axis by up to `sweep_m` (the approach from pre-grasp)
+    sweeps each box into a taller box; the lowest points of a swept box over any spot of the map lie
+    on its bottom face or, when the axis is tilted, on its side faces, which are the bottom outline
+    lifted up the axis. A vertical approach needs only the bottom faces.
+    """
+    bottom, sides = [np.zeros((0, 3))], [np.zeros((0, 3))]
+    for hu, v_in, v_out, w_lo, w_hi in boxes:
+        us = _grid(-hu, hu, spacing)
+        vs = _grid(v_in, v_out, spacing)
+        vs = np.unique(np.concatenate([vs, -vs]))
+        uu, vv = np.meshgrid(us, vs, indexing="ij")
+        bottom.append(np.stack([uu.ravel(), vv.ravel(), np.full(uu.size, w_lo)], 1))
+        edge = (np.abs(uu) >= hu - 1e-12) | (np.abs(vv) >= v_out - 1e-12) | (np.abs(vv) <= v_in + 1e-12)
+        if v_in == 0.0:
+            edge = (np.abs(uu) >= hu - 1e-12) | (np.abs(vv) >= v_out - 1e-12)
+        ring = np.stack([uu[edge], vv[edge]], 1)
+        levels = _grid(w_lo, w_hi + sweep_m, spacing)[1:]
+        sides.append(np.concatenate([np.column_stack([ring, np.full(len(ring), w)]) for w in levels], axis=0))
+    return np.concatenate(bottom), np.concatenate(sides)
+
+
+def _disk_points(radius: float, height: float, spacing: float, sweep_m: float):
+    """The cup: (lip disk (Pb, 3), its rim lifted up the axis to the stem plus the sweep (Ps, 3))."""
+    n = max(8, int(np.ceil(2 * np.pi * radius / spacing)))
+    ang = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
+    rim = np.stack([radius * np.cos(ang), radius * np.sin(ang)], 1)
+    disk = np.vstack([rim, rim / 2.0, [[0.0, 0.0]]])
+    bottom = np.column_stack([disk, np.zeros(len(disk))])
+    levels = _grid(0.0, height + sweep_m, spacing)[1:]
+    sides = np.concatenate([np.column_stack([rim, np.full(n, w)]) for w in levels], axis=0)
+    return bottom, sides
+
+
+def body_map(hmap: HeightMap, rim_z: float, r_cells: int) -> HeightMap:
+    """The height map padded with the tote's walls (height `rim_z`) and dilated by a max filter of
+    (2 r_cells + 1)^2 cells: a tool point looked up here also covers the points of its sampling
+    neighbourhood (the tool's samples are at most r_cells cells apart)."""
+    h = np.pad(hmap.height, r_cells, constant_values=rim_z)
+    for axis in (0, 1):
+        n = h.shape[axis]
+        p = np.pad(h, [(r_cells, r_cells) if a == axis else (0, 0) for a in (0, 1)], constant_values=rim_z)
+        h = np.max(
+            np.stack([np.take(p, np.arange(k, k + n), axis=axis) for k in range(2 * r_cells + 1)]), axis=0
+        )
+    return HeightMap(
+        height=h,
+        label=np.full(h.shape, NO_CLUSTER, np.int32),
+        lo=hmap.lo - r_cells * hmap.res,
+        res=hmap.res,
+    )
+
+
+def _clearance(
+    hmap: HeightMap,
+    outside_z: float,
+    pos: np.ndarray,
+    e_across: np.ndarray,
+    e_close: np.ndarray,
+    e_up: np.ndarray,
+    pts: np.ndarray,
+    ignore_label: np.ndarray | None = None,
+) -> np.ndarray:
+    """(M,) least height of the tool points `pts` (P, 3: u, v, w) above the map, candidates placed at
+    `pos` with axes e_across, e_close, e_up (M, 3 each). Off the map counts as `outside_z` (walls);
+    cells labelled `ignore_label` (M,) (the target item, for the cup) count as free."""
+    if len(pos) == 0 or len(pts) == 0:
+        return np.full(len(pos), np.inf)
+    xy = (
+        pos[:, None, :2]
+        + pts[None, :, 0:1] * e_across[:, None, :2]
+        + pts[None, :, 1:2] * e_close[:, None, :2]
+        + pts[None, :, 2:3] * e_up[:, None, :2]
+    )
+    z = pos[:, None, 2] + pts[None, :, 0] * e_across[:, None, 2] + pts[None, :, 1] * e_close[:, None, 2]
+    z = z + pts[None, :, 2] * e_up[:, None, 2]
+    ix, iy, inside = hmap.cell(xy)
+    h = np.where(inside, hmap.height[ix, iy], outside_z)
+    if ignore_label is not None:
+        h = np.where(inside & (hmap.label[ix, iy] == ignore_label[:, None]), -np.inf, h)
+    return (z - h).min(axis=1)
+
+
+def _dilation_cells(cfg: CandidateConfig, res: float) -> int:
+    # Neighbouring samples are body_sample_m apart: every point of a face lies within half of that
+    # (per axis) of a sample, so within ceil(half / res) cells of the sample's cell.
+    return max(1, int(np.ceil(cfg.body_sample_m / 2.0 / res - 1e-9)))
+
+
+def suction_tool_clearance(
+    hmap: HeightMap,
+    rim_z: float,
+    cfg: CandidateConfig,
+    positions: np.ndarray,
+    rotations: np.ndarray,
+    target: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(body clearance (M,), cup clearance (M,)) in metres for suction candidates (cup lips at
+    `positions`, grasp frames `rotations`, items `target`); negative = collision. `rim_z`: the tote's
+    top (base z, metres); off the map is wall up to it.
+
+    Body: the stem, the open fingers, the hand and the flange, swept from pre-grasp down the
+    approach to the grasp, against everything in the tote (the target item included: only the cup
+    may touch it) and the walls up to the rim. The arm may turn the hand about the cup's axis (the
+    simulated arm tries four turns and prefers one that clears the walls), so each candidate gets
+    the better of the two distinct hand orientations. Cup: the cup, swept the same way, against
+    everything but the target item.
+    """
+    m = len(positions)
+    if m == 0:
+        return np.zeros(0), np.zeros(0)
+    r = _dilation_cells(cfg, hmap.res)
+    rim = rim_z + cfg.wall_margin_m
+    bmap = body_map(hmap, rim, r)
+    bottom, sides = tool_points(cfg.suction_body_boxes, cfg.body_sample_m, cfg.approach_sweep_m)
+    cup_bottom, cup_sides = _disk_points(
+        cfg.cup_diameter_m / 2.0, cfg.cup_height_m, hmap.res, cfg.approach_sweep_m
+    )
+    gx, gy, up = rotations[:, :, 0], rotations[:, :, 1], -rotations[:, :, 2]
+    # A vertical approach sweeps each tool point straight up over itself: its bottom faces are
+    # enough. Tilted ones also need the sides (the bottom outline lifted along the axis).
+    tilted = up[:, 2] < np.cos(np.deg2rad(3.0))
+    body = np.full(m, -np.inf)
+    cup = np.full(m, np.inf)
+    for group, pts, cpts in (
+        (np.flatnonzero(~tilted), bottom, cup_bottom),
+        (np.flatnonzero(tilted), np.vstack([bottom, sides]), np.vstack([cup_bottom, cup_sides])),
+    ):
+        if len(group) == 0:
+            continue
+        p, x, y, u = positions[group], gx[group], gy[group], up[group]
+        c0 = _clearance(bmap, rim, p, y, x, u, pts)  # closing direction along the grasp's x
+        c1 = _clearance(bmap, rim, p, x, y, u, pts)  # turned a quarter about the cup's axis
+        body[group] = np.maximum(c0, c1)
+        cup[group] = _clearance(hmap, rim, p, y, x, u, cpts, ignore_label=target[group])
+    return body, cup
+
+
+def jaw_tool_clearance(
+    hmap: HeightMap, rim_z: float, cfg: CandidateConfig, positions: np.ndarray, closing: np.ndarray
+) -> np.ndarray:
+    """(M,) metres: least clearance of the hand and flange above everything in the tote (the target
+    item included) and the walls, for top-down jaw grasps at `positions` closing along `closing`
+    (M, 2 or 3, horizontal unit vectors); negative = collision. The approach is vertical, so the
+    tool at the grasp pose is its whole swept volume."""
+    m = len(positions)
+    if m == 0:
+        return np.zeros(0)
+    r = _dilation_cells(cfg, hmap.res)
+    rim = rim_z + cfg.wall_margin_m
+    bmap = body_map(hmap, rim, r)
+    bottom, _ = tool_points(cfg.jaw_body_boxes, cfg.body_sample_m, 0.0)
+    e_close = np.zeros((m, 3))
+    e_close[:, :2] = closing[:, :2]
+    e_across = np.stack([-e_close[:, 1], e_close[:, 0], np.zeros(m)], 1)
+    e_up = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (m, 3))
+    return _clearance(bmap, rim, positions, e_across, e_close, e_up, bottom)
+
+
+def suction_candidates(
+    cloud: SceneCloud,
+    cfg: CandidateConfig,
+    rng: np.random.Generator,
+    res: float = 0.004,
+    hmap: HeightMap | None = None,
+) -> CandidateSet:
+    """Suction cups on sampled item points, scored for seal, tilt, torque and room; those whose tool
+    would hit something on the way down are dropped, near misses score lower (suction_tool_clearance).
+    `res` (metres) is the height map's cell size; pass `hmap` when it is already built."""
     vlab = cloud.voxel_labels
     n_items = cloud.n_clusters
     with np.errstate(invalid="ignore"):
@@ -224,6 +434,16 @@ def suction_candidates(cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.G
     score = s_plan * np.sqrt(s_gap) * s_tilt * np.sqrt(s_torque) * s_room
     keep = enough & (tilt <= cfg.suction_max_tilt_rad)
     score = np.where(keep, score, 0.0)
+    rotations = _frames_from_approach(-n_use)
+
+    # The whole tool, swept down the approach: collisions are dropped, near misses score lower.
+    sel = np.flatnonzero(keep)
+    if hmap is None:
+        hmap = height_map(cloud, res)
+    body, cup = suction_tool_clearance(hmap, float(cloud.bounds.hi[2]), cfg, p[sel], rotations[sel], lab[sel])
+    tol = cfg.collision_tol_m
+    keep[sel] = (body >= -tol) & (cup >= -tol)
+    score[sel] *= np.clip((body + tol) / cfg.body_clearance_scale_m, 0.0, 1.0)
 
     feats = np.zeros((m, N_FEATURES), np.float32)
     feats[:, _F["analytic_score"]] = score
@@ -238,7 +458,7 @@ def suction_candidates(cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.G
     out = CandidateSet(
         gripper=np.full(m, SUCTION, np.int64),
         positions=p,
-        rotations=_frames_from_approach(-n_use),
+        rotations=rotations,
         widths=np.zeros(m),
         analytic=score,
         features=feats,
@@ -330,12 +550,18 @@ def _outline_normals(hmap: HeightMap, ix: np.ndarray, iy: np.ndarray, lab: np.nd
 
 
 def jaw_candidates(
-    cloud: SceneCloud, cfg: CandidateConfig, rng: np.random.Generator, res: float
+    cloud: SceneCloud,
+    cfg: CandidateConfig,
+    rng: np.random.Generator,
+    res: float,
+    hmap: HeightMap | None = None,
 ) -> CandidateSet:
-    """Top-down antipodal jaw grasps: fit the opening, pass the friction cone, fingers collision-free."""
+    """Top-down antipodal jaw grasps: fit the opening, pass the friction cone, fingers collision-free,
+    hand and flange collision-free (jaw_tool_clearance). Pass `hmap` when it is already built."""
     if cloud.n_clusters == 0:
         return CandidateSet.empty()
-    hmap = height_map(cloud, res)
+    if hmap is None:
+        hmap = height_map(cloud, res)
     nx, ny = hmap.height.shape
     flat_lab = hmap.label.reshape(-1)
     idx = _sample_per_item(flat_lab, cloud.n_clusters, cfg.jaw_pool, cfg.min_per_item, rng)
@@ -421,7 +647,10 @@ def jaw_candidates(
     # Grasp depth: fingertips finger_depth below the item's top between the contacts, not into the floor.
     between = same & (np.abs(s[None, :] - ((s_r + s_l) / 2.0)[:, None]) <= (width / 2.0)[:, None])
     z_top = np.where(between, hmap.height[jx, jy], -np.inf).max(axis=1)
-    z_grasp = np.maximum(z_top - cfg.finger_depth_m, cloud.floor_z + cfg.finger_pad_half_m)
+    # The fingertips stop floor_clearance_m above the floor: touching the tote's floor is a collision.
+    z_grasp = np.maximum(
+        z_top - cfg.finger_depth_m, cloud.floor_z + cfg.finger_pad_half_m + cfg.floor_clearance_m
+    )
     z_tip = z_grasp - cfg.finger_pad_half_m
     opening = np.minimum(cfg.max_opening_m, width + 2 * cfg.jaw_clearance_m)
 
@@ -459,10 +688,17 @@ def jaw_candidates(
     ).astype(np.int64)
     _, first = np.unique(key, axis=0, return_index=True)
     sel = sel[np.sort(first)]
+    # The hand above the fingers: 20 cm long along the closing direction and only a few centimetres
+    # above the fingertips, it is what hits a tote wall or a taller neighbour.
+    pos = np.concatenate([mid[sel], z_grasp[sel, None]], axis=1)
+    body = jaw_tool_clearance(hmap, float(cloud.bounds.hi[2]), cfg, pos, direction[sel])
+    free_body = body >= -cfg.collision_tol_m
+    if not free_body.any():
+        return CandidateSet.empty()
+    sel, pos, body = sel[free_body], pos[free_body], body[free_body]
 
     cent, ext, top = _item_geometry(cloud)
     lab_s = lab[sel]
-    pos = np.concatenate([mid[sel], z_grasp[sel, None]], axis=1)
     dist = np.linalg.norm(pos[:, :2] - cent[lab_s, :2], axis=1)
     contact_h = np.minimum(z_top[sel] - cloud.floor_z, cfg.finger_depth_m)
     s_fc = 1.0 - 0.5 * ang[sel] / cone
@@ -470,7 +706,8 @@ def jaw_candidates(
     s_depth = np.clip(contact_h / cfg.finger_depth_m, 0.0, 1.0)
     s_torque = 1.0 / (1.0 + (dist / cfg.torque_scale_m) ** 2)
     s_width = np.clip((cfg.max_opening_m - width[sel]) / 0.02, 0.0, 1.0) ** 0.5
-    score = s_fc * s_clear * s_depth * np.sqrt(s_torque) * s_width
+    s_body = np.clip((body + cfg.collision_tol_m) / cfg.body_clearance_scale_m, 0.0, 1.0)
+    score = s_fc * s_clear * s_depth * np.sqrt(s_torque) * s_width * s_body
 
     d3 = np.concatenate([direction[sel], np.zeros((len(sel), 1))], 1)
     z = np.broadcast_to(_DOWN, d3.shape)

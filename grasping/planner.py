@@ -23,6 +23,7 @@ import numpy as np
 from grasping.candidates import (
     CandidateConfig,
     CandidateSet,
+    height_map,
     jaw_candidates,
     select_spread,
     suction_candidates,
@@ -31,6 +32,7 @@ from grasping.patches import N_FEATURES, PATCH_CHANNELS, PATCH_SIZE, extract_pat
 from grasping.pointcloud import CloudConfig, SceneCloud, segment_scene
 from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer
 from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, Plan
+from grasping.watchdog import item_watchdog_of
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +172,10 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
 
     rng = np.random.default_rng(config.seed)
     ccfg = config.candidate_config()
-    suction = suction_candidates(cloud, ccfg, rng)
-    jaw = jaw_candidates(cloud, ccfg, rng, config.voxel_m)
+    # One height map of the tote for both kinds' tool-collision checks.
+    hmap = height_map(cloud, config.voxel_m)
+    suction = suction_candidates(cloud, ccfg, rng, config.voxel_m, hmap=hmap)
+    jaw = jaw_candidates(cloud, ccfg, rng, config.voxel_m, hmap=hmap)
     # Up to candidates_per_gripper of each kind; when one kind has fewer, the other fills the
     # remaining places up to max_candidates (so a scene of items too wide for the jaw still gets
     # its several hundred suction candidates).
@@ -209,6 +213,11 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         )
         scene_sigma = float(res.scene_ood_sigma)
         in_dist = bool(res.in_distribution)
+        # Whole-item shapes separate never-trained item families far better than the candidates'
+        # patch embeddings (docs/training.md): where the model has an item watchdog, it judges the scene.
+        item_wd = item_watchdog_of(config.scorer)
+        if item_wd is not None:
+            _, scene_sigma, in_dist = item_wd.score_cloud(cloud)
         rank_score = calibrated
     else:
         rank_score = cands.analytic
