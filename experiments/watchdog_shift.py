@@ -65,6 +65,9 @@ def scene_sigmas(
             "flagged": not r["in_distribution"],
             "q90_distance": r["q90_distance"],
             "mean_distance": r["mean_distance"],
+            "embedding_sigma": r["embedding_sigma"],
+            "item_sigma": r.get("item_sigma"),
+            "item_scores": r.get("item_scores", []),
         }
         for i, r in enumerate(res)
         if r is not None  # an empty tote (every item bounced out) has nothing to score
@@ -107,6 +110,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     if args.leave_out == "random_urdf":
         groups = {"trained_families": ("procedural-train", kept, 1), "left_out_family": ("train", None, 2)}
+    elif args.skip_train_catalog:
+        del groups["train_catalog"]
     # The scene statistics are calibrated on live scenes of the trained families only, exactly as
     # train_from_sim does for the shipped model (sim.training.recalibrate_watchdog).
     wd = recalibrate_watchdog(
@@ -134,8 +139,19 @@ def run(args: argparse.Namespace) -> dict:
             a = [s[key] for s in scores["left_out_family"]] + [s[key] for s in scores[neg]]
             return float(auroc(np.array(a), y))
 
+        def items(agg) -> float:
+            a = [agg(s["item_scores"]) if s["item_scores"] else 0.0 for s in scores["left_out_family"]]
+            a += [agg(s["item_scores"]) if s["item_scores"] else 0.0 for s in scores[neg]]
+            return float(auroc(np.array(a), y))
+
         return {
+            # What the plan uses (Plan.scene_ood_sigma: the item watchdog when the model has one).
             "auroc": float(auroc(np.r_[pos, ngt], y)),
+            "auroc_embedding_sigma": alt("embedding_sigma"),
+            "auroc_item_sigma": alt("item_sigma"),
+            # Other aggregations of the same item scores (the watchdog uses its scene_quantile).
+            "auroc_item_max": items(np.max),
+            "auroc_item_median": items(np.median),
             # Secondary analysis (not what the cell uses): other aggregations of the same candidate
             # distances, to show whether the watchdog's median is what limits the separation.
             "auroc_q90_distance": alt("q90_distance"),
@@ -181,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-scenes", type=int, default=40, help="live scenes for the watchdog (default 40)")
     ap.add_argument("--workers", type=int, default=2, help="scene processes (default 2)")
     ap.add_argument("--out", default="runs/watchdog_shift", help="folder for the model (default runs/...)")
+    ap.add_argument(
+        "--skip-train-catalog",
+        action="store_true",
+        help="no third group of train-catalog scenes (saves a third of the scenes on a busy machine)",
+    )
     ap.add_argument("--reuse-model", action="store_true", help="reuse the model in --out if present")
     ap.add_argument("--json", help="write the result JSON here")
     args = ap.parse_args(argv)
@@ -197,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.leave_out} vs {k}: AUROC {r['auroc']:.3f} ({r['n_left_out']} vs {r['n_in_distribution']} "
             f"scenes); flagged {r['flagged_left_out']:.0%} of left-out, {r['flagged_in_distribution']:.0%} "
             f"of in-distribution; median sigma {r['sigma_median_left_out']:.2f} vs "
-            f"{r['sigma_median_in_distribution']:.2f}; AUROC of other aggregations: q90 "
-            f"{r['auroc_q90_distance']:.3f}, mean {r['auroc_mean_distance']:.3f}"
+            f"{r['sigma_median_in_distribution']:.2f}; AUROC embedding watchdog alone "
+            f"{r['auroc_embedding_sigma']:.3f} (q90 {r['auroc_q90_distance']:.3f}, mean "
+            f"{r['auroc_mean_distance']:.3f}); item scores: max {r['auroc_item_max']:.3f}, median "
+            f"{r['auroc_item_median']:.3f}"
         )
     return 0
 

@@ -1,8 +1,13 @@
 """The model file: one safetensors file holding everything a cell needs to score grasps.
 
 Tensors: the network's weights (`net.*`), the per-gripper calibrators (`calib.<g>.*`), the
-conformal thresholds (`conformal.thresholds`, one per gripper) and the watchdog statistics
-(`watchdog.*`). The safetensors header metadata (string -> string) carries
+conformal thresholds (`conformal.thresholds`, one per gripper), the watchdog statistics
+(`watchdog.*`) and, optionally, the item-level watchdog (`item_watchdog.*`: feature centre and
+scale, the bank of standardised training-item descriptors and their neighbour radii, and [scene
+mu, sd, threshold, quantile, k, descriptor version, scene quantile]). A file without
+`item_watchdog.*` (written before it existed) still loads: `LoadedModel.item_watchdog` is None
+and the planner uses the embedding watchdog alone.
+The safetensors header metadata (string -> string) carries
 `pickcell.format` / `pickcell.format_version` and `pickcell.meta`, a JSON object with the model
 version string, architecture arguments, feature names, training-data summary, metrics, alpha,
 thresholds and creation time.
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from grasping.calibration import ISOTONIC, METHOD_CODES, TEMPERATURE, Calibrator
-from grasping.watchdog import Watchdog
+from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, ItemWatchdog, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class LoadedModel:
     thresholds: np.ndarray  # (2,) calibrated p needed to auto-execute, per gripper (inf = never)
     watchdog: Watchdog
     extra: dict[str, Any] = field(default_factory=dict)
+    item_watchdog: ItemWatchdog | None = None  # item-level watchdog; None in files written before it
 
     @property
     def version(self) -> str:
@@ -125,10 +131,12 @@ def save_model(
     thresholds: np.ndarray,
     watchdog: Watchdog,
     meta: dict[str, Any],
+    item_watchdog: ItemWatchdog | None = None,
 ) -> str:
     """Write a model file atomically (tmp + rename) and its `.sha256` sidecar. Returns the sha256.
 
     `meta` must hold at least `model_version`; architecture args, format and creation time are added.
+    `item_watchdog` is optional (a freshly trained model has none until it is fitted on live scenes).
     """
     import torch
     from safetensors.torch import save
@@ -160,6 +168,30 @@ def save_model(
             ),
         }
     )
+    if item_watchdog is not None:
+        iw = item_watchdog
+        arrays.update(
+            {
+                "item_watchdog.center": iw.center,
+                "item_watchdog.scale": iw.scale,
+                "item_watchdog.bank": iw.bank,
+                "item_watchdog.radius": iw.radius,
+                # order read back by load_model: mu, sd, threshold, quantile, k, descriptor version,
+                # scene quantile
+                "item_watchdog.scene": np.array(
+                    [
+                        iw.scene_mu,
+                        iw.scene_sd,
+                        iw.threshold_sigma,
+                        iw.quantile,
+                        iw.k,
+                        iw.version,
+                        iw.scene_quantile,
+                    ],
+                    dtype=np.float64,
+                ),
+            }
+        )
     for k, v in arrays.items():
         tensors[k] = torch.from_numpy(np.ascontiguousarray(v))
     full_meta = dict(meta)
@@ -313,6 +345,48 @@ def load_model(path: str | Path, expected_sha256: str | None = None) -> LoadedMo
         )
         if wd.dim != net.embed_dim:
             raise ValueError(f"watchdog dimension {wd.dim} != embedding dimension {net.embed_dim}")
+        item_wd = _load_item_watchdog(p, tensors)
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
         raise ModelFileError(p, f"contents do not match format version {FORMAT_VERSION} ({exc})") from None
-    return LoadedModel(p, digest, meta, net, tuple(cals), thresholds, wd)
+    return LoadedModel(p, digest, meta, net, tuple(cals), thresholds, wd, item_watchdog=item_wd)
+
+
+def _load_item_watchdog(path: Path, tensors: dict[str, Any]) -> ItemWatchdog | None:
+    """The item watchdog of a file, or None (with a log line) when the file has none or an older one.
+
+    Malformed item-watchdog tensors raise (ValueError/KeyError, turned into ModelFileError by the
+    caller): a file that claims an item watchdog and holds a broken one is corrupt, not old.
+    """
+    keys = tuple(f"item_watchdog.{k}" for k in ("center", "scale", "bank", "radius", "scene"))
+    present = [k in tensors for k in keys]
+    if not any(present):
+        log.info("model file %s has no item watchdog; scene OOD uses the embedding watchdog alone", path)
+        return None
+    if not all(present):
+        missing = [k for k in keys if k not in tensors]
+        raise KeyError(f"item watchdog incomplete: missing {missing}")
+    sc = tensors["item_watchdog.scene"].numpy()
+    if sc.shape != (7,):
+        raise ValueError(f"item_watchdog.scene must hold 7 values, got shape {sc.shape}")
+    if int(sc[5]) != ITEM_DESCRIPTOR_VERSION:
+        log.warning(
+            "model file %s: item watchdog fitted on item descriptor version %d, this pickcell computes "
+            "version %d; ignoring it (scene OOD uses the embedding watchdog alone)",
+            path,
+            int(sc[5]),
+            ITEM_DESCRIPTOR_VERSION,
+        )
+        return None
+    return ItemWatchdog(
+        center=tensors["item_watchdog.center"].numpy(),
+        scale=tensors["item_watchdog.scale"].numpy(),
+        bank=tensors["item_watchdog.bank"].numpy(),
+        radius=tensors["item_watchdog.radius"].numpy(),
+        k=int(sc[4]),
+        scene_quantile=float(sc[6]),
+        scene_mu=float(sc[0]),
+        scene_sd=float(sc[1]),
+        threshold_sigma=float(sc[2]),
+        quantile=float(sc[3]),
+        version=int(sc[5]),
+    )

@@ -16,14 +16,32 @@ When the held-out scenes have few labelled rows each (a ledger usually stores on
 frame), a median over one or two rows has a far wider spread than the median over the 300 candidates
 of a live scene. `fit_watchdog` therefore builds pseudo-scenes of `pseudo_scene_size` rows of one
 family from held-out rows when real scenes are smaller than `min_scene_rows`.
+
+Item level (`ItemWatchdog`). The candidate embeddings see 12.8 cm patches, and at that scale a new
+kind of item is often indistinguishable from a known one (a tube's patch is a lying bottle's). So
+each segmented item also gets a small fixed-length shape descriptor (`item_descriptor`: its size
+along its own principal axes, height above the floor, footprint fill, how its surface normals tilt,
+its curvature across and along its long axis, and how far it is from any smooth quadric surface),
+invariant to where the item lies in the tote and to its yaw. The item watchdog scores each item by
+its mean distance to the k nearest descriptors of training-distribution items (standardised
+features; kNN because those items come from several families, a multi-modal density one Gaussian
+would smear over the gaps between families), and the scene by its most unusual item, in sigmas of
+in-distribution scenes with a conformal threshold, exactly like the embedding score. Where a model
+carries one, the planner's scene sigma and in-distribution verdict come from the item watchdog
+(measured to separate never-trained families far better: docs/training.md); the per-candidate
+embedding distances still fill `Candidate.ood_score`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -191,3 +209,322 @@ def fit_watchdog(
         "watchdog_pseudo_scene_size": float(max(sizes)),  # 0: real scenes were used
     }
     return wd, info
+
+
+# --- item level: one shape descriptor per segmented item ----------------------------------------------
+
+# Bump when the descriptor's definition changes: a model fitted on another version's descriptors is
+# not used (the planner falls back to the embedding watchdog, with a log line).
+ITEM_DESCRIPTOR_VERSION = 1
+ITEM_FEATURES = (
+    "log_length",  # log metres, extent along the footprint's major axis (2nd-98th percentile)
+    "log_width",  # log metres, extent along the minor axis
+    "log_height",  # log metres, top (98th percentile) above the floor
+    "width_over_length",  # minor / major extent, (0, 1]
+    "height_over_width",  # height / minor extent
+    "fill",  # fraction of the major x minor rectangle's 6 mm cells that hold a point
+    "tilt_flat",  # fraction of normals with n_z > 0.97 (faces within 14 deg of up)
+    "tilt_low",  # 0.85 < n_z <= 0.97
+    "tilt_mid",  # 0.6 < n_z <= 0.85
+    "tilt_steep",  # n_z <= 0.6 (walls; also the share of the item without a usable normal)
+    "curvature_across",  # -2 * d2z/db2 * width: about 2 for a cylinder lying across b, 0 for a flat top
+    "curvature_along",  # the same along the major axis: about 2 for a sphere, 0 for a lying cylinder
+    "log_roughness",  # log metres, RMS residual of a quadric fit to the upward-facing surface
+    "taper",  # narrower end third's footprint width / widest third's: 1 for a tube, < 1 for a bottle
+    "relief",  # height range of the upward-facing surface / the item's height above the floor, [0, 1]
+)
+_FILL_CELL_M = 0.006  # metres: a little coarser than the grid's point spacing at ~0.9 m (about 3 mm)
+_MIN_ITEM_POINTS = 10  # fewer points: no descriptor (a segmentation crumb, not an item)
+
+
+def item_descriptor(points_base: np.ndarray, normals_base: np.ndarray, floor_z: float) -> np.ndarray | None:
+    """(len(ITEM_FEATURES),) shape descriptor of one item's visible points, or None if too few.
+
+    points_base (N, 3) metres, normals_base (N, 3) unit (NaN rows where unknown), floor_z metres.
+    Everything is measured in the footprint's own principal axes and relative to the floor, so
+    moving or yawing the item in the tote leaves it unchanged (up to the camera's changing view).
+    Written for speed: an item has only 50-3,000 grid points, so numpy's per-call overhead is
+    what costs; one percentile call and a 6x6 solve instead of lstsq keep it near 0.3 ms an item.
+    """
+    p = np.asarray(points_base, dtype=np.float64)
+    good = np.isfinite(p).all(axis=1)
+    p = p[good]
+    n = len(p)
+    if n < _MIN_ITEM_POINTS:
+        return None
+    xy = p[:, :2] - p[:, :2].mean(axis=0)
+    sxx, syy, sxy = (xy[:, 0] ** 2).mean(), (xy[:, 1] ** 2).mean(), (xy[:, 0] * xy[:, 1]).mean()
+    theta = 0.5 * math.atan2(2.0 * sxy, sxx - syy)  # the major axis of the 2x2 covariance
+    c, s = math.cos(theta), math.sin(theta)
+    a = xy[:, 0] * c + xy[:, 1] * s  # major axis coordinate
+    b = -xy[:, 0] * s + xy[:, 1] * c
+    z = p[:, 2] - floor_z
+    (a_lo, b_lo, _), (a_hi, b_hi, z_hi) = np.percentile(np.stack([a, b, z]), [2, 98], axis=1)
+    length = max(a_hi - a_lo, 0.004)
+    width = max(b_hi - b_lo, 0.004)
+    height = max(float(z_hi), 0.002)
+    # Footprint fill: a box's footprint is full, a ring or an L-shaped blob is not.
+    na = int(math.ceil(length / _FILL_CELL_M)) + 1
+    nb = int(math.ceil(width / _FILL_CELL_M)) + 1
+    ia = ((a - a_lo) / _FILL_CELL_M).astype(np.int64)
+    ib = ((b - b_lo) / _FILL_CELL_M).astype(np.int64)
+    inside = (ia >= 0) & (ia < na) & (ib >= 0) & (ib < nb)
+    occ = np.zeros(na * nb, dtype=bool)
+    occ[ia[inside] * nb + ib[inside]] = True
+    fill = occ.sum() / (na * nb)
+    nz = np.asarray(normals_base, dtype=np.float64)[good, 2]
+    with np.errstate(invalid="ignore"):  # NaN normals compare False: they count as steep
+        flat = np.count_nonzero(nz > 0.97) / n
+        low = np.count_nonzero((nz > 0.85) & (nz <= 0.97)) / n
+        mid = np.count_nonzero((nz > 0.6) & (nz <= 0.85)) / n
+    steep = 1.0 - flat - low - mid
+    # Quadric height fit in the principal frame, centred and scaled so the normal equations are
+    # well conditioned; curvature is made dimensionless by the extent it is measured across. Only
+    # the surface facing up takes part: how much of an item's side walls the camera sees depends on
+    # where the item lies in the image, and walls would make a box away from the centre "rough".
+    with np.errstate(invalid="ignore"):
+        up = nz > 0.3
+    if np.count_nonzero(up) < _MIN_ITEM_POINTS:
+        up = np.ones(n, dtype=bool)
+    ac, bc, zu = (a[up] - a.mean()) / length, (b[up] - b.mean()) / width, z[up]
+    A = np.stack([np.ones_like(ac), ac, bc, ac * ac, bc * bc, ac * bc], axis=1)
+    coef = np.linalg.solve(A.T @ A + 1e-9 * np.eye(6), A.T @ zu)
+    resid = zu - A @ coef
+    # z = c4 (b / width)^2 -> d2z/db2 = 2 c4 / width^2; times the width: -2 for a lying cylinder.
+    curv_across = float(np.clip(-2.0 * coef[4] / width, -5.0, 5.0))
+    curv_along = float(np.clip(-2.0 * coef[3] / length, -5.0, 5.0))
+    rough = float(np.sqrt(np.mean(resid * resid)))
+    # Taper: the footprint's width near each end of the major axis against its widest part. A
+    # tube is as wide at both ends as in the middle; a lying bottle narrows to its neck.
+    third = (a - a_lo) * (3.0 / length)
+    w_end = []
+    for sel in (third < 1.0, third > 2.0, (third >= 1.0) & (third <= 2.0)):
+        bs = b[sel]
+        w_end.append(float(bs.max() - bs.min()) if bs.size >= 2 else 0.0)
+    taper = min(w_end[0], w_end[1]) / max(max(w_end), 1e-3)
+    # Relief: the height range of the item's upward-facing surface as a share of its height above
+    # the floor: about 0 for a box top, large for a lying cylinder, a ball or a bottle's shoulder.
+    zq = np.percentile(zu, [2, 98])
+    relief = min(max(float(zq[1] - zq[0]), 0.0) / height, 1.0)
+    return np.array(
+        [
+            math.log(length),
+            math.log(width),
+            math.log(height),
+            width / length,
+            min(height / width, 10.0),
+            fill,
+            flat,
+            low,
+            mid,
+            steep,
+            curv_across,
+            curv_along,
+            math.log(rough + 1e-4),
+            taper,
+            relief,
+        ]
+    )
+
+
+def scene_item_descriptors(cloud: Any) -> np.ndarray:
+    """(K, len(ITEM_FEATURES)) descriptors of a `grasping.pointcloud.SceneCloud`'s items.
+
+    Items with too few points for a descriptor are left out (K <= cloud.n_clusters).
+    """
+    labels = np.asarray(cloud.labels)
+    pts = np.asarray(cloud.points_base).reshape(-1, 3)
+    nrm = np.asarray(cloud.normals_base).reshape(-1, 3)
+    flat = labels.reshape(-1)
+    out = []
+    # One sort instead of a full-grid comparison per item.
+    idx = np.flatnonzero(flat >= 0)
+    order = idx[np.argsort(flat[idx], kind="stable")]
+    bounds = np.searchsorted(flat[order], np.arange(cloud.n_clusters + 1))
+    for k in range(cloud.n_clusters):
+        rows = order[bounds[k] : bounds[k + 1]]
+        d = item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z))
+        if d is not None:
+            out.append(d)
+    return np.array(out).reshape(-1, len(ITEM_FEATURES))
+
+
+@dataclass(frozen=True)
+class ItemWatchdog:
+    """Item-level watchdog: local-density (LOF-like) kNN score of item descriptors.
+
+    An item's score is its mean distance to its k nearest training items divided by those items'
+    own mean distance to *their* k nearest training items (from other scenes). Plain kNN distance
+    flags the ordinary members of a diverse family (random meshes, cartons of every size) as much
+    as a new family that sits between dense known ones (a tube between lying bottles and cartons);
+    dividing by the neighbours' own spacing makes "1" mean "as close as training items are to each
+    other" everywhere (measured: docs/training.md).
+    """
+
+    center: np.ndarray  # (F,) per-feature median of the bank's raw descriptors
+    scale: np.ndarray  # (F,) per-feature robust spread (1.4826 MAD, floored), > 0
+    bank: np.ndarray  # (N, F) standardised descriptors of in-distribution items
+    radius: np.ndarray  # (N,) each bank item's mean distance to its k nearest bank items of other scenes
+    k: int  # neighbours averaged for an item's distance
+    scene_quantile: float  # quantile of the scene's item scores that is the scene's score (1.0 = max)
+    scene_mu: float  # mean of in-distribution scene scores (LOF units)
+    scene_sd: float  # their standard deviation, > 0
+    threshold_sigma: float  # scene sigma above which the scene is out of distribution
+    quantile: float = 0.99  # quantile of in-distribution scene sigmas the threshold sits at
+    version: int = ITEM_DESCRIPTOR_VERSION  # item_descriptor definition the bank was computed with
+
+    def __post_init__(self) -> None:
+        center = np.asarray(self.center, dtype=np.float64)
+        scale = np.asarray(self.scale, dtype=np.float64)
+        bank = np.asarray(self.bank, dtype=np.float64)
+        radius = np.asarray(self.radius, dtype=np.float64)
+        f = len(ITEM_FEATURES)
+        if center.shape != (f,) or scale.shape != (f,) or bank.ndim != 2 or bank.shape[1] != f:
+            raise ValueError(
+                f"item watchdog needs center/scale ({f},) and bank (N, {f}); got {center.shape}, "
+                f"{scale.shape}, {bank.shape}"
+            )
+        if radius.shape != (len(bank),):
+            raise ValueError(f"item watchdog radius must be ({len(bank)},), got {radius.shape}")
+        finite = [np.isfinite(x).all() for x in (center, scale, bank, radius)]
+        if not all(finite):
+            raise ValueError("item watchdog statistics contain NaN or inf")
+        if not ((scale > 0).all() and (radius > 0).all()):
+            raise ValueError("item watchdog feature scales and bank radii must be > 0")
+        if not 1 <= self.k <= len(bank):
+            raise ValueError(f"item watchdog k={self.k} needs 1 <= k <= bank size {len(bank)}")
+        if not 0.0 <= self.scene_quantile <= 1.0:
+            raise ValueError(f"item watchdog scene_quantile must be in [0, 1], got {self.scene_quantile}")
+        if not (self.scene_sd > 0 and math.isfinite(self.scene_mu)):
+            raise ValueError(
+                f"item watchdog scene statistics invalid: mu={self.scene_mu}, sd={self.scene_sd}"
+            )
+        object.__setattr__(self, "center", center)
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "radius", radius)
+        object.__setattr__(self, "k", int(self.k))
+
+    def standardise(self, descriptors: np.ndarray) -> np.ndarray:
+        d = np.asarray(descriptors, dtype=np.float64).reshape(-1, len(ITEM_FEATURES))
+        return (d - self.center) / self.scale
+
+    def item_scores(self, descriptors: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """(K, F) raw descriptors -> (K,) LOF-like scores (about 1 for a typical training item).
+
+        `exclude` (K, N) bool: bank items not to count as neighbours of each item (used when fitting,
+        to score a calibration scene against the other scenes only).
+        """
+        q = self.standardise(descriptors)
+        if len(q) == 0:
+            return np.zeros(0)
+        return _lof(q, self.bank, self.radius, self.k, exclude)
+
+    def scene_raw(self, item_scores: np.ndarray) -> float:
+        """The scene's score: a high quantile of its items' scores (1.0: the most unusual item)."""
+        s = np.asarray(item_scores, dtype=np.float64)
+        return float(np.quantile(s, self.scene_quantile)) if s.size else 0.0
+
+    def scene_sigma(self, item_scores: np.ndarray) -> float:
+        s = np.asarray(item_scores)
+        if s.size == 0:
+            return 0.0
+        return float((self.scene_raw(s) - self.scene_mu) / self.scene_sd)
+
+    def score(self, descriptors: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """One scene's item descriptors -> (per-item scores, scene sigma, in_distribution)."""
+        items = self.item_scores(descriptors)
+        sigma = self.scene_sigma(items)
+        return items, sigma, bool(sigma <= self.threshold_sigma)
+
+    def score_cloud(self, cloud: Any) -> tuple[np.ndarray, float, bool]:
+        """`score` on the items of a `grasping.pointcloud.SceneCloud`."""
+        return self.score(scene_item_descriptors(cloud))
+
+
+def _knn(
+    q: np.ndarray, bank: np.ndarray, k: int, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distances (M, k), indices (M, k)) of each query row's k nearest bank rows (Euclidean)."""
+    d2 = (q * q).sum(1)[:, None] + (bank * bank).sum(1)[None, :] - 2.0 * q @ bank.T
+    d = np.sqrt(np.maximum(d2, 0.0))
+    if exclude is not None:
+        d = np.where(exclude, np.inf, d)
+    k = min(k, d.shape[1])
+    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(d, idx, axis=1), idx
+
+
+def _lof(
+    q: np.ndarray, bank: np.ndarray, radius: np.ndarray, k: int, exclude: np.ndarray | None
+) -> np.ndarray:
+    d, idx = _knn(q, bank, k, exclude)
+    return d.mean(axis=1) / radius[idx].mean(axis=1)
+
+
+def fit_item_watchdog(
+    scenes: list[np.ndarray], k: int = 5, scene_quantile: float = 0.75, quantile: float = 0.99
+) -> tuple[ItemWatchdog, dict[str, float]]:
+    """Fit the item watchdog on the item descriptors of in-distribution scenes (one (K_i, F) array each).
+
+    Every item goes into the bank. Bank radii and the scene statistics are leave-one-scene-out: a
+    scene's items are compared with the other scenes' items only, as a fresh scene's would be. Even
+    scenes (by position) set mu and sd, odd ones the conformal threshold, so the threshold is not
+    fitted on the scenes that define the sigma scale.
+    """
+    f = len(ITEM_FEATURES)
+    arrays = [np.asarray(s, dtype=np.float64).reshape(-1, f) for s in scenes]
+    keep = [i for i, s in enumerate(arrays) if len(s)]
+    if len(keep) < 4:
+        raise ValueError(f"the item watchdog needs at least 4 scenes with items, got {len(keep)}")
+    raw = np.concatenate([arrays[i] for i in keep])
+    if not np.isfinite(raw).all():
+        raise ValueError("item descriptors contain NaN or inf")
+    if len(raw) <= 2 * k:
+        raise ValueError(f"the item watchdog needs more than 2k={2 * k} items, got {len(raw)}")
+    owner = np.concatenate([np.full(len(arrays[i]), j) for j, i in enumerate(keep)])
+    center = np.median(raw, axis=0)
+    mad = 1.4826 * np.median(np.abs(raw - center), axis=0)
+    # A feature that hardly varies in training (e.g. fill on box-only data) must not turn every tiny
+    # difference into a huge distance: floor its scale at a fraction of its ordinary spread.
+    scale = np.maximum(mad, np.maximum(0.25 * raw.std(axis=0), 1e-3))
+    bank = (raw - center) / scale
+    same = owner[:, None] == owner[None, :]
+    d_own, _ = _knn(bank, bank, k, same)
+    # Floor: duplicates (the same item seen in two scenes) must not make a zero radius.
+    radius = np.maximum(d_own.mean(axis=1), 1e-3)
+    partial = ItemWatchdog(center, scale, bank, radius, k, scene_quantile, 0.0, 1.0, math.inf, quantile)
+    scores = np.array(
+        [
+            partial.scene_raw(partial.item_scores(arrays[i], exclude=(owner[None, :] == j)))
+            for j, i in enumerate(keep)
+        ]
+    )
+    ref, thr = scores[0::2], scores[1::2]
+    mu = float(ref.mean())
+    sd = max(float(ref.std(ddof=1)), 1e-3 * max(abs(mu), 1.0))
+    threshold = conformal_quantile((thr - mu) / sd, quantile)
+    wd = ItemWatchdog(center, scale, bank, radius, k, scene_quantile, mu, sd, threshold, quantile)
+    info = {
+        "item_watchdog_scenes": float(len(keep)),
+        "item_watchdog_items": float(len(raw)),
+        "item_watchdog_k": float(k),
+        "item_watchdog_scene_quantile": float(scene_quantile),
+        "item_watchdog_scene_mu": mu,
+        "item_watchdog_scene_sd": sd,
+        "item_watchdog_threshold_sigma": float(threshold),
+        "item_watchdog_quantile_exact": float(math.ceil((thr.size + 1) * quantile) <= thr.size),
+    }
+    return wd, info
+
+
+def item_watchdog_of(scorer: Any) -> ItemWatchdog | None:
+    """The item watchdog a scorer carries: its own `item_watchdog`, or its model file's (LearnedScorer).
+
+    None when it has none (the analytic planner, a model file written before item watchdogs).
+    """
+    for owner in (scorer, getattr(scorer, "model", None)):
+        wd = getattr(owner, "item_watchdog", None)
+        if isinstance(wd, ItemWatchdog):
+            return wd
+    return None

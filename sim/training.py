@@ -158,6 +158,8 @@ class LiveSceneConfig:
     objects_per_tote: int = 8  # items per tote
     seed: int = WATCHDOG_SCENE_SEED  # scene seeds derive from it
     workers: int = 2  # processes
+    item_k: int = 5  # item watchdog: neighbours of an item's local-density score
+    item_scene_quantile: float = 0.75  # item watchdog: quantile of item scores that scores the scene
 
     def __post_init__(self) -> None:
         from sim.collect import check_training_catalogs
@@ -178,21 +180,33 @@ def _scene_init(model_path: str) -> None:
 
 
 def _scene_job(job: tuple[str, tuple[str, ...] | None, int, int]) -> dict[str, Any] | None:
-    """Fill one fresh tote, plan it with the model, return its watchdog numbers (None if empty)."""
-    from grasping.planner import PlannerConfig, plan
+    """Fill one fresh tote, plan it with the model, return its watchdog numbers (None if empty).
+
+    Both watchdogs are reported: `sigma` / `in_distribution` are what the plan used (the item
+    watchdog where the model has one), `embedding_sigma` and `item_sigma` each one alone, and
+    `item_descriptors` the scene's item descriptors (what the item watchdog is fitted on).
+    """
+    from grasping.planner import PlannerConfig, plan_detailed
+    from grasping.watchdog import scene_item_descriptors
     from sim.catalogs import load_catalog
     from sim.scene import SimCell
 
     catalog, families, objects, seed = job
     cat = load_catalog(catalog, families if catalog == "procedural-train" else None)
+    scorer = _SCORER["scorer"]
     with SimCell(seed=seed) as cell:
         cell.fill(cat, objects, np.random.default_rng([seed, 0]))
         frame = cell.camera.capture()
-        p = plan(frame, PlannerConfig(tote=cell.tote_bounds, scorer=_SCORER["scorer"], seed=seed % 2**31))
+        detail = plan_detailed(frame, PlannerConfig(tote=cell.tote_bounds, scorer=scorer, seed=seed % 2**31))
+    p = detail.plan
     ood = np.array([c.ood_score for c in p.candidates if c.ood_score is not None], dtype=np.float64)
     if ood.size == 0:
         return None
-    return {
+    desc = scene_item_descriptors(detail.cloud)
+    emb_wd = scorer.model.watchdog
+    item_wd = scorer.model.item_watchdog
+    emb_sigma = emb_wd.scene_sigma(ood)
+    out: dict[str, Any] = {
         "catalog": catalog,
         "seed": seed,
         "median_distance": float(np.median(ood)),
@@ -200,8 +214,20 @@ def _scene_job(job: tuple[str, tuple[str, ...] | None, int, int]) -> dict[str, A
         "mean_distance": float(np.mean(ood)),
         "sigma": float(p.scene_ood_sigma),
         "in_distribution": bool(p.in_distribution),
+        "embedding_sigma": float(emb_sigma),
+        "embedding_in_distribution": bool(emb_sigma <= emb_wd.threshold_sigma),
         "candidates": int(ood.size),
+        "items": int(len(desc)),
+        "item_descriptors": desc.tolist(),
     }
+    if item_wd is not None:
+        items, item_sigma, item_in = item_wd.score(desc)
+        out |= {
+            "item_sigma": float(item_sigma),
+            "item_in_distribution": bool(item_in),
+            "item_scores": items.tolist(),
+        }
+    return out
 
 
 def live_scene_scores(
@@ -227,13 +253,17 @@ def live_scene_scores(
 def recalibrate_watchdog(
     model_path: str | Path, cfg: LiveSceneConfig, progress: bool = False
 ) -> dict[str, Any]:
-    """Refit the watchdog's scene mu, sd and threshold on live scenes; rewrite the file (new sha256).
+    """Refit both watchdogs' scene statistics on live scenes; rewrite the file (new sha256).
 
-    The candidate-level statistics (embedding mean and precision) are kept; only the scene
-    aggregation is re-measured. Returns what was measured, including the new sha256.
+    Embedding watchdog: the candidate-level statistics (embedding mean and precision) are kept; only
+    the scene aggregation is re-measured. Item watchdog: fitted from scratch on the item descriptors
+    of the same live scenes (`grasping.watchdog.fit_item_watchdog`). The training export holds
+    candidate rows, not whole scenes, so live scenes of the training catalogs are where whole items
+    come from here; a real cell would fit them from the point clouds of its recorded plans.
+    Returns what was measured, including the new sha256.
     """
     from grasping.modelfile import load_model, save_model
-    from grasping.watchdog import conformal_quantile
+    from grasping.watchdog import conformal_quantile, fit_item_watchdog
 
     if cfg.scenes < 4:
         raise ValueError(f"need at least 4 live scenes to calibrate the watchdog, got {cfg.scenes}")
@@ -253,6 +283,12 @@ def recalibrate_watchdog(
     wd = loaded.watchdog
     threshold = conformal_quantile((thr - mu) / sd, wd.quantile)
     new = replace(wd, scene_mu=mu, scene_sd=sd, threshold_sigma=float(threshold))
+    item_wd, item_info = fit_item_watchdog(
+        [np.asarray(r["item_descriptors"]) for r in res if r is not None],
+        k=cfg.item_k,
+        scene_quantile=cfg.item_scene_quantile,
+        quantile=wd.quantile,
+    )
     info = {
         "calibrated_on": "live scenes of the training catalogs (sim.training.recalibrate_watchdog)",
         "catalogs": list(cfg.catalogs),
@@ -267,13 +303,14 @@ def recalibrate_watchdog(
         "quantile": wd.quantile,
         "quantile_exact": bool(np.ceil((thr.size + 1) * wd.quantile) <= thr.size),
         "before": {"scene_mu": wd.scene_mu, "scene_sd": wd.scene_sd, "threshold_sigma": wd.threshold_sigma},
-        "flagged_before": float(np.mean([not r["in_distribution"] for r in res if r is not None])),
+        "flagged_before": float(np.mean([not r["embedding_in_distribution"] for r in res if r is not None])),
+        "item_watchdog": item_info,
     }
     meta = dict(loaded.meta)
     meta["watchdog"] = {**meta.get("watchdog", {}), **{k: v for k, v in info.items() if k != "before"}}
     meta["watchdog_train_split"] = info["before"]
     info["sha256"] = save_model(
-        model_path, loaded.net, list(loaded.calibrators), loaded.thresholds, new, meta
+        model_path, loaded.net, list(loaded.calibrators), loaded.thresholds, new, meta, item_watchdog=item_wd
     )
     return info
 
@@ -436,6 +473,15 @@ def _collection_card(
             f"threshold {b['threshold_sigma']:.2f} sigma, which flagged {w['flagged_before']:.0%} of these "
             "in-distribution live scenes; the file holds the live-scene values (so its sha256 changed)",
         ]
+        iw = w.get("item_watchdog")
+        if iw:
+            lines.append(
+                f"- item watchdog (decides the scene verdict): {int(iw['item_watchdog_items'])} items "
+                f"of {int(iw['item_watchdog_scenes'])} of these totes, k {int(iw['item_watchdog_k'])}, scene "
+                f"score = {iw['item_watchdog_scene_quantile']} quantile of item scores, mu "
+                f"{iw['item_watchdog_scene_mu']:.3f}, sd {iw['item_watchdog_scene_sd']:.3f}, threshold "
+                f"{iw['item_watchdog_threshold_sigma']:.2f} sigma"
+            )
     lines += ["", "## Reproduce", "```", command, "```", ""]
     if gate is not None:
         lines += ["## Gate", f"- passed: {gate.passed}", *[f"- {r}" for r in gate.reasons]]

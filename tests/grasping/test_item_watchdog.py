@@ -1,0 +1,215 @@
+"""The item-level watchdog: shape descriptors of segmented items, kNN density, model-file round trip."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+from synthetic import TOTE, box_on_floor, lying_cylinder, render, sphere_on_floor
+from test_modelfile import write_model
+
+from grasping.learned_scorer import LearnedScorer
+from grasping.modelfile import ModelFileError, load_model, save_model, sidecar_path
+from grasping.planner import PlannerConfig, plan_detailed
+from grasping.pointcloud import segment_scene
+from grasping.watchdog import (
+    ITEM_FEATURES,
+    ItemWatchdog,
+    fit_item_watchdog,
+    item_descriptor,
+    item_watchdog_of,
+    scene_item_descriptors,
+)
+
+# Per-feature tolerance for "the same item seen elsewhere in the tote": log sizes within ~12%,
+# fractions and ratios within 0.15, dimensionless curvature within 0.5, log roughness within 0.7
+# (with 2 mm depth noise, as in the simulated camera, its floor is the noise). The camera sees a
+# little more of an item's side away from the image centre, which is what these tolerances absorb.
+_TOL = {
+    "log_length": 0.12,
+    "log_width": 0.12,
+    "log_height": 0.12,
+    "width_over_length": 0.12,
+    "height_over_width": 0.2,
+    "curvature_across": 0.5,
+    "curvature_along": 0.5,
+    "log_roughness": 0.7,
+}
+
+
+def descriptors_of(shapes) -> np.ndarray:
+    cloud = segment_scene(render(shapes, noise_sigma_m=0.002, seed=1), TOTE)
+    return scene_item_descriptors(cloud)
+
+
+def assert_same_item(d0: np.ndarray, d1: np.ndarray) -> None:
+    for i, name in enumerate(ITEM_FEATURES):
+        tol = _TOL.get(name, 0.15)
+        assert abs(d0[i] - d1[i]) <= tol, f"{name}: {d0[i]:.3f} vs {d1[i]:.3f} (tolerance {tol})"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y, yaw: box_on_floor(x, y, 0.12, 0.07, 0.05, yaw),
+        lambda x, y, yaw: lying_cylinder(x, y, 0.025, 0.2, yaw),
+    ],
+    ids=["box", "lying_cylinder"],
+)
+def test_descriptor_does_not_depend_on_where_the_item_lies_or_its_yaw(make) -> None:
+    ref = descriptors_of([make(0.0, 0.0, 0.0)])
+    assert ref.shape == (1, len(ITEM_FEATURES))
+    for x, y, yaw in ((0.12, 0.05, 0.7), (-0.1, -0.06, 2.0), (0.05, -0.08, np.pi / 2)):
+        moved = descriptors_of([make(x, y, yaw)])
+        assert moved.shape == (1, len(ITEM_FEATURES))
+        assert_same_item(ref[0], moved[0])
+
+
+def test_descriptor_tells_shapes_apart() -> None:
+    """What the features mean: a box top is flat, a lying cylinder curves across only, a sphere both ways."""
+    f = {n: i for i, n in enumerate(ITEM_FEATURES)}
+    box, cyl, ball = descriptors_of(
+        [
+            box_on_floor(-0.17, 0.0, 0.1, 0.08, 0.05),
+            lying_cylinder(0.0, 0.0, 0.025, 0.2),
+            sphere_on_floor(0.2, 0.0, 0.035),
+        ]
+    )
+    assert abs(box[f["curvature_across"]]) < 0.5 and abs(box[f["curvature_along"]]) < 0.5
+    assert cyl[f["curvature_across"]] > 1.0 and abs(cyl[f["curvature_along"]]) < 0.5
+    assert ball[f["curvature_across"]] > 1.0 and ball[f["curvature_along"]] > 1.0
+    assert cyl[f["width_over_length"]] < 0.4 < box[f["width_over_length"]] < ball[f["width_over_length"]]
+    assert np.exp(cyl[f["log_length"]]) == pytest.approx(0.2, abs=0.02)
+    assert np.exp(ball[f["log_height"]]) == pytest.approx(0.07, abs=0.01)
+
+
+def test_too_few_points_give_no_descriptor() -> None:
+    p = np.zeros((5, 3))
+    assert item_descriptor(p, np.full((5, 3), np.nan), 0.0) is None
+
+
+def box_scene(seed: int, n: int = 5) -> list:
+    """n boxes of random size and yaw on a jittered 3x2 grid (no overlaps)."""
+    rng = np.random.default_rng(seed)
+    slots = [(x, y) for x in (-0.18, 0.0, 0.18) for y in (-0.09, 0.09)]
+    out = []
+    for k in rng.permutation(len(slots))[:n]:
+        x, y = slots[k]
+        out.append(
+            box_on_floor(
+                x + rng.uniform(-0.01, 0.01),
+                y + rng.uniform(-0.01, 0.01),
+                rng.uniform(0.06, 0.12),
+                rng.uniform(0.05, 0.08),
+                rng.uniform(0.03, 0.08),
+                rng.uniform(0, np.pi),
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def box_watchdog() -> ItemWatchdog:
+    scenes = [descriptors_of(box_scene(s)) for s in range(8)]
+    wd, info = fit_item_watchdog(scenes, k=5, scene_quantile=0.75, quantile=0.9)
+    assert info["item_watchdog_scenes"] == 8 and info["item_watchdog_items"] >= 35
+    return wd
+
+
+def test_a_watchdog_fitted_on_boxes_flags_thin_cylinders_and_spheres_not_fresh_boxes(box_watchdog) -> None:
+    wd = box_watchdog
+    fresh = [wd.score(descriptors_of(box_scene(100 + s)))[1] for s in range(3)]
+    tubes = [lying_cylinder(-0.1, y, 0.015, 0.25, 0.1) for y in (-0.12, -0.04, 0.04, 0.12)]
+    balls = [sphere_on_floor(x, y, 0.035) for x in (-0.15, 0.0, 0.15) for y in (-0.08, 0.08)]
+    _, tube_sigma, tube_in = wd.score(descriptors_of(tubes))
+    items, ball_sigma, ball_in = wd.score(descriptors_of(balls))
+    assert items.shape == (6,)
+    assert not tube_in and not ball_in
+    assert all(s <= wd.threshold_sigma for s in fresh), fresh
+    assert min(tube_sigma, ball_sigma) > max(fresh) + 2.0
+
+
+def test_fit_refuses_too_little_data() -> None:
+    d = np.zeros((1, len(ITEM_FEATURES)))
+    with pytest.raises(ValueError, match="at least 4 scenes"):
+        fit_item_watchdog([d, d, d])
+    with pytest.raises(ValueError, match="NaN"):
+        fit_item_watchdog([np.full((3, len(ITEM_FEATURES)), np.nan)] * 4)
+
+
+def save_with_item_watchdog(src, dst, wd: ItemWatchdog) -> str:
+    m = load_model(src)
+    return save_model(dst, m.net, m.calibrators, m.thresholds, m.watchdog, m.meta, item_watchdog=wd)
+
+
+def test_model_file_round_trips_the_item_watchdog_and_the_planner_uses_it(tmp_path, box_watchdog) -> None:
+    write_model(tmp_path / "old.safetensors")
+    path = tmp_path / "m.safetensors"
+    save_with_item_watchdog(tmp_path / "old.safetensors", path, box_watchdog)
+    got = load_model(path).item_watchdog
+    assert got is not None
+    for name in ("center", "scale", "bank", "radius"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(box_watchdog, name))
+    for name in ("k", "scene_quantile", "scene_mu", "scene_sd", "threshold_sigma", "quantile", "version"):
+        assert getattr(got, name) == getattr(box_watchdog, name)
+    # The planner's scene verdict comes from the item watchdog: a scene of spheres is flagged.
+    scorer = LearnedScorer.from_file(path)
+    assert item_watchdog_of(scorer) is not None
+    # The small test model takes 4 analytic features; the planner computes more.
+    frame = render([sphere_on_floor(x, y, 0.035) for x in (-0.15, 0.0, 0.15) for y in (-0.08, 0.08)])
+    detail = plan_detailed(frame, PlannerConfig(tote=TOTE, scorer=_FirstFeatures(scorer)))
+    _, sigma, in_dist = got.score_cloud(detail.cloud)
+    assert detail.plan.scene_ood_sigma == pytest.approx(sigma)
+    assert detail.plan.in_distribution is in_dist is False
+    assert any("out of distribution" in r for r in detail.plan.reasons)
+
+
+class _FirstFeatures:
+    """Wraps the small test model (4 analytic features) so it accepts the planner's feature rows."""
+
+    def __init__(self, inner: LearnedScorer) -> None:
+        self.inner = inner
+        self.version = inner.version
+        self.model = inner.model
+
+    def score(self, patches, features, gripper):
+        return self.inner.score(patches, features[:, :4], gripper)
+
+
+def test_a_model_file_without_an_item_watchdog_still_loads_with_a_log_line(tmp_path, caplog) -> None:
+    path = tmp_path / "old.safetensors"
+    write_model(path)  # the format as written before item watchdogs existed
+    with caplog.at_level(logging.INFO, logger="grasping.modelfile"):
+        m = load_model(path)
+    assert m.item_watchdog is None and m.watchdog.dim == 64
+    assert "no item watchdog" in caplog.text
+    assert item_watchdog_of(LearnedScorer(m)) is None
+
+
+def test_an_item_watchdog_of_another_descriptor_version_is_ignored(tmp_path, box_watchdog, caplog) -> None:
+    from dataclasses import replace
+
+    write_model(tmp_path / "old.safetensors")
+    path = tmp_path / "m.safetensors"
+    save_with_item_watchdog(tmp_path / "old.safetensors", path, replace(box_watchdog, version=999))
+    with caplog.at_level(logging.WARNING, logger="grasping.modelfile"):
+        assert load_model(path).item_watchdog is None
+    assert "descriptor version 999" in caplog.text
+
+
+def test_an_incomplete_item_watchdog_is_a_corrupt_file(tmp_path, box_watchdog) -> None:
+    write_model(tmp_path / "old.safetensors")
+    path = tmp_path / "m.safetensors"
+    save_with_item_watchdog(tmp_path / "old.safetensors", path, box_watchdog)
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    del tensors["item_watchdog.radius"]
+    save_file(tensors, path, metadata=meta)
+    sidecar_path(path).unlink()
+    with pytest.raises(ModelFileError, match="item_watchdog.radius"):
+        load_model(path)
