@@ -91,8 +91,11 @@ def _unit_accel(dq: np.ndarray, duration: float, accel_scale: float = 1.0) -> fl
     with np.errstate(divide="ignore", invalid="ignore"):
         a_unit = np.where(dq > 1e-12, accel_scale * PANDA_MAX_ACCELERATION / dq, np.inf)
     a = float(np.min(a_unit))
-    # The profile must fit in `duration`: a unit path needs a >= 4 / duration^2.
-    return max(a, 4.0 / (duration * duration) * (1.0 + 1e-9))
+    # The profile must fit in `duration`: a unit path needs a >= 4 / duration^2. When no joint moves
+    # (every |dq| <= 1e-12) no joint limits the profile: the fitting minimum is used, never inf,
+    # whose 0 * inf in the profile made NaN joint targets (a 1e-13 rad home() move did).
+    a_fit = 4.0 / (duration * duration) * (1.0 + 1e-9)
+    return max(a, a_fit) if np.isfinite(a) else a_fit
 
 
 def joint_move_time(
