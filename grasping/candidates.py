@@ -30,6 +30,7 @@ Everything is vectorised over candidates; the only Python loops run over items.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,6 +194,7 @@ def _grid(lo: float, hi: float, spacing: float) -> np.ndarray:
     return np.linspace(lo, hi, max(2, int(np.ceil((hi - lo) / spacing - 1e-9)) + 1))
 
 
+@functools.lru_cache(maxsize=16)
 def tool_points(
     boxes: tuple[tuple[float, float, float, float, float], ...], spacing: float, sweep_m: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -202,10 +204,18 @@ def tool_points(
     Moving the tool straight back along its axis by up to `sweep_m` (the approach from pre-grasp)
     sweeps each box into a taller box; the lowest points of a swept box over any spot of the map lie
     on its bottom face or, when the axis is tilted, on its side faces, which are the bottom outline
-    lifted up the axis. A vertical approach needs only the bottom faces.
+    lifted up the axis. A vertical approach needs only the bottom faces. A box's sides stop where a
+    box above it whose footprint holds its own begins (that box's swept sides cover the rest).
+    Side points come sorted by w.
     """
     bottom, sides = [np.zeros((0, 3))], [np.zeros((0, 3))]
     for hu, v_in, v_out, w_lo, w_hi in boxes:
+        covers = [
+            b[3]
+            for b in boxes
+            if b[3] > w_lo and b[4] >= w_hi and b[0] >= hu and b[1] <= v_in and b[2] >= v_out
+        ]
+        w_end = min(covers, default=w_hi + sweep_m)
         us = _grid(-hu, hu, spacing)
         vs = _grid(v_in, v_out, spacing)
         vs = np.unique(np.concatenate([vs, -vs]))
@@ -215,20 +225,28 @@ def tool_points(
         if v_in == 0.0:
             edge = (np.abs(uu) >= hu - 1e-12) | (np.abs(vv) >= v_out - 1e-12)
         ring = np.stack([uu[edge], vv[edge]], 1)
-        levels = _grid(w_lo, w_hi + sweep_m, spacing)[1:]
+        levels = _grid(w_lo, w_end, spacing)[1:]
         sides.append(np.concatenate([np.column_stack([ring, np.full(len(ring), w)]) for w in levels], axis=0))
-    return np.concatenate(bottom), np.concatenate(sides)
+    sides_all = np.concatenate(sides)
+    out = np.concatenate(bottom), sides_all[np.argsort(sides_all[:, 2], kind="stable")]
+    for a in out:
+        a.flags.writeable = False  # cached: shared by every call
+    return out
 
 
-def _disk_points(radius: float, height: float, spacing: float, sweep_m: float):
-    """The cup: (lip disk (Pb, 3), its rim lifted up the axis to the stem plus the sweep (Ps, 3))."""
+@functools.lru_cache(maxsize=16)
+def _disk_points(radius: float, height: float, spacing: float, sweep_m: float, level_step: float):
+    """The cup: (lip disk (Pb, 3), its rim lifted up the axis to the stem plus the sweep (Ps, 3)).
+    `spacing` (metres) between points on the rim, `level_step` (metres) between lifted rims."""
     n = max(8, int(np.ceil(2 * np.pi * radius / spacing)))
     ang = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
     rim = np.stack([radius * np.cos(ang), radius * np.sin(ang)], 1)
     disk = np.vstack([rim, rim / 2.0, [[0.0, 0.0]]])
     bottom = np.column_stack([disk, np.zeros(len(disk))])
-    levels = _grid(0.0, height + sweep_m, spacing)[1:]
+    levels = _grid(0.0, height + sweep_m, level_step)[1:]
     sides = np.concatenate([np.column_stack([rim, np.full(n, w)]) for w in levels], axis=0)
+    for a in (bottom, sides):
+        a.flags.writeable = False  # cached: shared by every call
     return bottom, sides
 
 
@@ -260,25 +278,41 @@ def _clearance(
     e_up: np.ndarray,
     pts: np.ndarray,
     ignore_label: np.ndarray | None = None,
+    care_below: float = np.inf,
 ) -> np.ndarray:
     """(M,) least height of the tool points `pts` (P, 3: u, v, w) above the map, candidates placed at
     `pos` with axes e_across, e_close, e_up (M, 3 each). Off the map counts as `outside_z` (walls);
-    cells labelled `ignore_label` (M,) (the target item, for the cup) count as free."""
-    if len(pos) == 0 or len(pts) == 0:
-        return np.full(len(pos), np.inf)
-    xy = (
-        pos[:, None, :2]
-        + pts[None, :, 0:1] * e_across[:, None, :2]
-        + pts[None, :, 1:2] * e_close[:, None, :2]
-        + pts[None, :, 2:3] * e_up[:, None, :2]
-    )
-    z = pos[:, None, 2] + pts[None, :, 0] * e_across[:, None, 2] + pts[None, :, 1] * e_close[:, None, 2]
-    z = z + pts[None, :, 2] * e_up[:, None, 2]
+    cells labelled `ignore_label` (M,) (the target item, for the cup) count as free. Points at or
+    above `care_below` (base z, metres) are not looked up: their clearance is reported as +inf.
+    """
+    m = len(pos)
+    if m == 0 or len(pts) == 0:
+        return np.full(m, np.inf)
+    axes = np.stack([e_across, e_close, e_up], axis=1)  # (M, 3 tool axes, 3 base coordinates)
+    z = pos[:, 2:3] + axes[:, :, 2] @ pts.T  # (M, P)
+    # Most of the hand rides far above everything in the tote: only look up the points that could
+    # touch something (the map's top plus the near-miss range), a fraction of the tool's samples.
+    mi, pi = np.nonzero(z < care_below)
+    out = np.full(m, np.inf)
+    if len(mi) == 0:
+        return out
+    xy = pos[mi, :2] + np.einsum("kj,kjd->kd", pts[pi], axes[mi, :, :2])
     ix, iy, inside = hmap.cell(xy)
     h = np.where(inside, hmap.height[ix, iy], outside_z)
     if ignore_label is not None:
-        h = np.where(inside & (hmap.label[ix, iy] == ignore_label[:, None]), -np.inf, h)
-    return (z - h).min(axis=1)
+        h = np.where(inside & (hmap.label[ix, iy] == ignore_label[mi]), -np.inf, h)
+    # nonzero() lists the pairs row by row: one reduceat per candidate row that has any.
+    starts = np.flatnonzero(np.r_[True, mi[1:] != mi[:-1]])
+    out[mi[starts]] = np.minimum.reduceat(z[mi, pi] - h, starts)
+    return out
+    xy = pos[mi, :2] + pts[pi, 0:1] * e_across[mi, :2] + pts[pi, 1:2] * e_close[mi, :2]
+    xy = xy + pts[pi, 2:3] * e_up[mi, :2]
+    ix, iy, inside = hmap.cell(xy)
+    h = np.where(inside, hmap.height[ix, iy], outside_z)
+    if ignore_label is not None:
+        h = np.where(inside & (hmap.label[ix, iy] == ignore_label[mi]), -np.inf, h)
+    out[mi, pi] = z[mi, pi] - h
+    return out.min(axis=1)
 
 
 def _dilation_cells(cfg: CandidateConfig, res: float) -> int:
@@ -314,25 +348,38 @@ def suction_tool_clearance(
     bmap = body_map(hmap, rim, r)
     bottom, sides = tool_points(cfg.suction_body_boxes, cfg.body_sample_m, cfg.approach_sweep_m)
     cup_bottom, cup_sides = _disk_points(
-        cfg.cup_diameter_m / 2.0, cfg.cup_height_m, hmap.res, cfg.approach_sweep_m
+        cfg.cup_diameter_m / 2.0, cfg.cup_height_m, hmap.res, cfg.approach_sweep_m, cfg.body_sample_m
     )
     gx, gy, up = rotations[:, :, 0], rotations[:, :, 1], -rotations[:, :, 2]
     # A vertical approach sweeps each tool point straight up over itself: its bottom faces are
-    # enough. Tilted ones also need the sides (the bottom outline lifted along the axis).
-    tilted = up[:, 2] < np.cos(np.deg2rad(3.0))
+    # enough. Tilted ones also need the sides (the bottom outline lifted along the axis). Below 5
+    # degrees a point 9 cm up the side is within the map's dilation of the bottom face's outline.
+    tilted = up[:, 2] < np.cos(np.deg2rad(5.0))
+    care = float(bmap.height.max()) + cfg.body_clearance_scale_m
+    # Side points higher up the axis than a candidate's w_need cannot come below `care` (the tool's
+    # points lie within `reach` of its axis): tilted candidates go in chunks sorted by w_need, each
+    # with the side points (sorted by w) it needs.
+    reach = float(np.linalg.norm(sides[:, :2], axis=1).max()) if len(sides) else 0.0
+    sin_t = np.sqrt(np.maximum(1.0 - up[:, 2] ** 2, 0.0))
+    w_need = (care - positions[:, 2] + reach * sin_t) / np.maximum(up[:, 2], 1e-6)
+    groups = [(np.flatnonzero(~tilted), bottom, cup_bottom)]
+    t_idx = np.flatnonzero(tilted)
+    t_idx = t_idx[np.argsort(w_need[t_idx], kind="stable")]
+    for chunk in np.array_split(t_idx, min(4, len(t_idx))) if len(t_idx) else []:
+        w_max = float(w_need[chunk].max())
+        ns = int(np.searchsorted(sides[:, 2], w_max, side="right"))
+        cs = cup_sides[cup_sides[:, 2] <= w_max]
+        groups.append((chunk, np.vstack([bottom, sides[:ns]]), np.vstack([cup_bottom, cs])))
     body = np.full(m, -np.inf)
     cup = np.full(m, np.inf)
-    for group, pts, cpts in (
-        (np.flatnonzero(~tilted), bottom, cup_bottom),
-        (np.flatnonzero(tilted), np.vstack([bottom, sides]), np.vstack([cup_bottom, cup_sides])),
-    ):
+    for group, pts, cpts in groups:
         if len(group) == 0:
             continue
         p, x, y, u = positions[group], gx[group], gy[group], up[group]
-        c0 = _clearance(bmap, rim, p, y, x, u, pts)  # closing direction along the grasp's x
-        c1 = _clearance(bmap, rim, p, x, y, u, pts)  # turned a quarter about the cup's axis
+        c0 = _clearance(bmap, rim, p, y, x, u, pts, care_below=care)  # closing along the grasp's x
+        c1 = _clearance(bmap, rim, p, x, y, u, pts, care_below=care)  # turned a quarter about the axis
         body[group] = np.maximum(c0, c1)
-        cup[group] = _clearance(hmap, rim, p, y, x, u, cpts, ignore_label=target[group])
+        cup[group] = _clearance(hmap, rim, p, y, x, u, cpts, ignore_label=target[group], care_below=care)
     return body, cup
 
 
@@ -354,7 +401,8 @@ def jaw_tool_clearance(
     e_close[:, :2] = closing[:, :2]
     e_across = np.stack([-e_close[:, 1], e_close[:, 0], np.zeros(m)], 1)
     e_up = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (m, 3))
-    return _clearance(bmap, rim, positions, e_across, e_close, e_up, bottom)
+    care = float(bmap.height.max()) + cfg.body_clearance_scale_m
+    return _clearance(bmap, rim, positions, e_across, e_close, e_up, bottom, care_below=care)
 
 
 def suction_candidates(
