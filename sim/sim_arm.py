@@ -775,6 +775,12 @@ class SimArm:
             self._lift(R_hand, link, above)
         except _Abort as exc:
             details.update(exc.details)
+            lk = details.get("link")
+            if exc.reason is Reason.COLLISION and isinstance(lk, int) and lk >= -2:
+                # Name the part that hit (panda_hand, panda_leftfinger, suction_cup...) for failure analysis.
+                special = {-2: "held_item", -1: "base"}
+                info = None if lk < 0 else p.getJointInfo(self.body, lk, physicsClientId=self.client_id)
+                details["link_name"] = special[lk] if info is None else info[12].decode()
             details["max_impact_n"] = round(self.max_impact_n, 2)
             if self._time > t0:  # the arm moved: let go, settle, back out (not for a refused request)
                 self._abort_recover()
