@@ -283,12 +283,18 @@ def recalibrate_watchdog(
     wd = loaded.watchdog
     threshold = conformal_quantile((thr - mu) / sd, wd.quantile)
     new = replace(wd, scene_mu=mu, scene_sd=sd, threshold_sigma=float(threshold))
-    item_wd, item_info = fit_item_watchdog(
-        [np.asarray(r["item_descriptors"]) for r in res if r is not None],
-        k=cfg.item_k,
-        scene_quantile=cfg.item_scene_quantile,
-        quantile=wd.quantile,
-    )
+    try:
+        item_wd, item_info = fit_item_watchdog(
+            [np.asarray(r["item_descriptors"]) for r in res if r is not None],
+            k=cfg.item_k,
+            scene_quantile=cfg.item_scene_quantile,
+            quantile=wd.quantile,
+        )
+    except ValueError as exc:
+        # Too few items (a tiny smoke run): the file keeps no item watchdog and the planner uses
+        # the embedding watchdog alone; say so in the metadata and the card rather than fail training.
+        log.warning("item watchdog not fitted (%s); the embedding watchdog alone will judge scenes", exc)
+        item_wd, item_info = None, {"skipped": str(exc)}
     info = {
         "calibrated_on": "live scenes of the training catalogs (sim.training.recalibrate_watchdog)",
         "catalogs": list(cfg.catalogs),
@@ -474,7 +480,9 @@ def _collection_card(
             "in-distribution live scenes; the file holds the live-scene values (so its sha256 changed)",
         ]
         iw = w.get("item_watchdog")
-        if iw:
+        if iw and "skipped" in iw:
+            lines.append(f"- item watchdog not fitted ({iw['skipped']}): the embedding watchdog decides")
+        elif iw:
             lines.append(
                 f"- item watchdog (decides the scene verdict): {int(iw['item_watchdog_items'])} items "
                 f"of {int(iw['item_watchdog_scenes'])} of these totes, k {int(iw['item_watchdog_k'])}, scene "

@@ -244,6 +244,14 @@ def test_train_from_sim_writes_a_verified_model_registers_and_gates_it(tmp_path)
     assert wd.threshold_sigma == pytest.approx(info["watchdog_threshold_sigma"])
     assert scorer.model.meta["watchdog"]["calibrated_on"].startswith("live scenes")
     assert "## Watchdog scene statistics" in card
+    # The item watchdog was fitted on the same live scenes' items, or (too few items in a tiny run)
+    # left out with the reason in the card; either way the file and the measurements agree.
+    iw = info["item_watchdog"]
+    if "skipped" in iw:
+        assert scorer.model.item_watchdog is None and "item watchdog not fitted" in card
+    else:
+        assert scorer.model.item_watchdog.bank.shape[0] == iw["item_watchdog_items"]
+        assert "item watchdog (decides the scene verdict)" in card
 
 
 def test_a_crashing_benchmark_episode_becomes_a_record_not_a_lost_run():
