@@ -88,8 +88,9 @@ class CandidateConfig:
     cup_height_m: float = 0.03  # metres, the cup (lip to stem) that may touch only the target item
     approach_sweep_m: float = 0.10  # metres, the straight approach checked: pre-grasp back along it
     wall_margin_m: float = 0.005  # metres, the tool keeps this far above the tote's rim near the walls
-    body_sample_m: float = 0.012  # metres, spacing of the tool's sample points (the map is dilated to match)
+    body_sample_m: float = 0.016  # metres, spacing of the tool's sample points (the map is dilated to match)
     body_clearance_scale_m: float = 0.01  # metres, clearance at which the near-miss factor reaches 1
+    tool_check_pool: int = 480  # count, best suction candidates (spread over items) checked; rest dropped
 
 
 @dataclass(frozen=True)
@@ -197,18 +198,19 @@ def _grid(lo: float, hi: float, spacing: float) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def tool_points(
     boxes: tuple[tuple[float, float, float, float, float], ...], spacing: float, sweep_m: float
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample points (u across the closing direction, v along it, w up the tool axis from the TCP) of
-    the tool's swept volume: (bottom faces (Pb, 3), side outlines (Ps, 3)).
+    the tool's swept volume: (bottom faces (Pb, 3), side faces (Ps, 3), the side faces' outward
+    normals (Ps, 2: u, v)).
 
     Moving the tool straight back along its axis by up to `sweep_m` (the approach from pre-grasp)
     sweeps each box into a taller box; the lowest points of a swept box over any spot of the map lie
-    on its bottom face or, when the axis is tilted, on its side faces, which are the bottom outline
-    lifted up the axis. A vertical approach needs only the bottom faces. A box's sides stop where a
-    box above it whose footprint holds its own begins (that box's swept sides cover the rest).
-    Side points come sorted by w.
+    on its bottom face or, when the axis is tilted, on its side faces that face downwards, which are
+    the bottom outline lifted up the axis. A vertical approach needs only the bottom faces. A box's
+    sides stop where a box above it whose footprint holds its own begins (that box's swept sides
+    cover the rest). Side points come sorted by w.
     """
-    bottom, sides = [np.zeros((0, 3))], [np.zeros((0, 3))]
+    bottom, sides, normals = [np.zeros((0, 3))], [np.zeros((0, 3))], [np.zeros((0, 2))]
     for hu, v_in, v_out, w_lo, w_hi in boxes:
         covers = [
             b[3]
@@ -217,18 +219,27 @@ def tool_points(
         ]
         w_end = min(covers, default=w_hi + sweep_m)
         us = _grid(-hu, hu, spacing)
-        vs = _grid(v_in, v_out, spacing)
-        vs = np.unique(np.concatenate([vs, -vs]))
+        vs_half = _grid(v_in, v_out, spacing)
+        vs = np.unique(np.concatenate([vs_half, -vs_half]))
         uu, vv = np.meshgrid(us, vs, indexing="ij")
         bottom.append(np.stack([uu.ravel(), vv.ravel(), np.full(uu.size, w_lo)], 1))
-        edge = (np.abs(uu) >= hu - 1e-12) | (np.abs(vv) >= v_out - 1e-12) | (np.abs(vv) <= v_in + 1e-12)
-        if v_in == 0.0:
-            edge = (np.abs(uu) >= hu - 1e-12) | (np.abs(vv) >= v_out - 1e-12)
-        ring = np.stack([uu[edge], vv[edge]], 1)
-        levels = _grid(w_lo, w_end, spacing)[1:]
-        sides.append(np.concatenate([np.column_stack([ring, np.full(len(ring), w)]) for w in levels], axis=0))
-    sides_all = np.concatenate(sides)
-    out = np.concatenate(bottom), sides_all[np.argsort(sides_all[:, 2], kind="stable")]
+        # The outline, face by face (corners belong to both of their faces).
+        faces = [
+            (np.full(len(vs), hu), vs, (1.0, 0.0)),
+            (np.full(len(vs), -hu), vs, (-1.0, 0.0)),
+            (us, np.full(len(us), v_out), (0.0, 1.0)),
+            (us, np.full(len(us), -v_out), (0.0, -1.0)),
+        ]
+        if v_in > 0.0:  # two separate boxes (the fingers): their inner faces look at the axis
+            faces += [(us, np.full(len(us), v_in), (0.0, -1.0)), (us, np.full(len(us), -v_in), (0.0, 1.0))]
+        ring = np.concatenate([np.stack([fu, fv], 1) for fu, fv, _ in faces])
+        ring_n = np.concatenate([np.tile(n, (len(fu), 1)) for fu, _, n in faces])
+        for w in _grid(w_lo, w_end, spacing)[1:]:
+            sides.append(np.column_stack([ring, np.full(len(ring), w)]))
+            normals.append(ring_n)
+    side_pts, side_n = np.concatenate(sides), np.concatenate(normals)
+    order = np.argsort(side_pts[:, 2], kind="stable")
+    out = np.concatenate(bottom), side_pts[order], side_n[order]
     for a in out:
         a.flags.writeable = False  # cached: shared by every call
     return out
@@ -236,18 +247,20 @@ def tool_points(
 
 @functools.lru_cache(maxsize=16)
 def _disk_points(radius: float, height: float, spacing: float, sweep_m: float, level_step: float):
-    """The cup: (lip disk (Pb, 3), its rim lifted up the axis to the stem plus the sweep (Ps, 3)).
-    `spacing` (metres) between points on the rim, `level_step` (metres) between lifted rims."""
+    """The cup: (lip disk (Pb, 3), its rim lifted up the axis to the stem plus the sweep (Ps, 3), the
+    rim's outward normals (Ps, 2)). `spacing` (metres) between rim points, `level_step` between rims."""
     n = max(8, int(np.ceil(2 * np.pi * radius / spacing)))
     ang = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
-    rim = np.stack([radius * np.cos(ang), radius * np.sin(ang)], 1)
+    radial = np.stack([np.cos(ang), np.sin(ang)], 1)
+    rim = radius * radial
     disk = np.vstack([rim, rim / 2.0, [[0.0, 0.0]]])
     bottom = np.column_stack([disk, np.zeros(len(disk))])
     levels = _grid(0.0, height + sweep_m, level_step)[1:]
     sides = np.concatenate([np.column_stack([rim, np.full(n, w)]) for w in levels], axis=0)
-    for a in (bottom, sides):
+    normals = np.tile(radial, (len(levels), 1))
+    for a in (bottom, sides, normals):
         a.flags.writeable = False  # cached: shared by every call
-    return bottom, sides
+    return bottom, sides, normals
 
 
 def body_map(hmap: HeightMap, rim_z: float, r_cells: int) -> HeightMap:
@@ -279,24 +292,38 @@ def _clearance(
     pts: np.ndarray,
     ignore_label: np.ndarray | None = None,
     care_below: float = np.inf,
+    normals: np.ndarray | None = None,
 ) -> np.ndarray:
     """(M,) least height of the tool points `pts` (P, 3: u, v, w) above the map, candidates placed at
     `pos` with axes e_across, e_close, e_up (M, 3 each). Off the map counts as `outside_z` (walls);
     cells labelled `ignore_label` (M,) (the target item, for the cup) count as free. Points at or
     above `care_below` (base z, metres) are not looked up: their clearance is reported as +inf.
+    `normals` (P, 2: u, v; zero for bottom-face points): points on side faces that face upwards are
+    never the lowest over their spot and are skipped too.
     """
     m = len(pos)
     if m == 0 or len(pts) == 0:
         return np.full(m, np.inf)
-    axes = np.stack([e_across, e_close, e_up], axis=1)  # (M, 3 tool axes, 3 base coordinates)
-    z = pos[:, 2:3] + axes[:, :, 2] @ pts.T  # (M, P)
+    # float32 and plain broadcasting (not BLAS, whose threads spin on a busy machine for these
+    # 3-long products): millimetres are all that matter here.
+    axes = np.stack([e_across, e_close, e_up], axis=1).astype(np.float32)  # (M, tool axis, base xyz)
+    pts32 = pts.astype(np.float32)
+    z = pos[:, 2:3].astype(np.float32) + axes[:, 0, 2:3] * pts32[:, 0]
+    z += axes[:, 1, 2:3] * pts32[:, 1]
+    z += axes[:, 2, 2:3] * pts32[:, 2]
     # Most of the hand rides far above everything in the tote: only look up the points that could
     # touch something (the map's top plus the near-miss range), a fraction of the tool's samples.
-    mi, pi = np.nonzero(z < care_below)
+    near = z < care_below
+    if normals is not None:
+        n32 = normals.astype(np.float32)
+        near &= axes[:, 0, 2:3] * n32[:, 0] + axes[:, 1, 2:3] * n32[:, 1] <= 1e-7
+    mi, pi = np.nonzero(near)
     out = np.full(m, np.inf)
     if len(mi) == 0:
         return out
-    xy = pos[mi, :2] + np.einsum("kj,kjd->kd", pts[pi], axes[mi, :, :2])
+    a = axes[mi]
+    q = pts32[pi]
+    xy = pos[mi, :2] + q[:, 0:1] * a[:, 0, :2] + q[:, 1:2] * a[:, 1, :2] + q[:, 2:3] * a[:, 2, :2]
     ix, iy, inside = hmap.cell(xy)
     h = np.where(inside, hmap.height[ix, iy], outside_z)
     if ignore_label is not None:
@@ -305,14 +332,6 @@ def _clearance(
     starts = np.flatnonzero(np.r_[True, mi[1:] != mi[:-1]])
     out[mi[starts]] = np.minimum.reduceat(z[mi, pi] - h, starts)
     return out
-    xy = pos[mi, :2] + pts[pi, 0:1] * e_across[mi, :2] + pts[pi, 1:2] * e_close[mi, :2]
-    xy = xy + pts[pi, 2:3] * e_up[mi, :2]
-    ix, iy, inside = hmap.cell(xy)
-    h = np.where(inside, hmap.height[ix, iy], outside_z)
-    if ignore_label is not None:
-        h = np.where(inside & (hmap.label[ix, iy] == ignore_label[mi]), -np.inf, h)
-    out[mi, pi] = z[mi, pi] - h
-    return out.min(axis=1)
 
 
 def _dilation_cells(cfg: CandidateConfig, res: float) -> int:
@@ -346,8 +365,8 @@ def suction_tool_clearance(
     r = _dilation_cells(cfg, hmap.res)
     rim = rim_z + cfg.wall_margin_m
     bmap = body_map(hmap, rim, r)
-    bottom, sides = tool_points(cfg.suction_body_boxes, cfg.body_sample_m, cfg.approach_sweep_m)
-    cup_bottom, cup_sides = _disk_points(
+    bottom, sides, side_n = tool_points(cfg.suction_body_boxes, cfg.body_sample_m, cfg.approach_sweep_m)
+    cup_bottom, cup_sides, cup_n = _disk_points(
         cfg.cup_diameter_m / 2.0, cfg.cup_height_m, hmap.res, cfg.approach_sweep_m, cfg.body_sample_m
     )
     gx, gy, up = rotations[:, :, 0], rotations[:, :, 1], -rotations[:, :, 2]
@@ -362,24 +381,41 @@ def suction_tool_clearance(
     reach = float(np.linalg.norm(sides[:, :2], axis=1).max()) if len(sides) else 0.0
     sin_t = np.sqrt(np.maximum(1.0 - up[:, 2] ** 2, 0.0))
     w_need = (care - positions[:, 2] + reach * sin_t) / np.maximum(up[:, 2], 1e-6)
-    groups = [(np.flatnonzero(~tilted), bottom, cup_bottom)]
+    flat_b, flat_c = np.zeros((len(bottom), 2)), np.zeros((len(cup_bottom), 2))
+    groups = [(np.flatnonzero(~tilted), bottom, flat_b, cup_bottom, flat_c)]
     t_idx = np.flatnonzero(tilted)
     t_idx = t_idx[np.argsort(w_need[t_idx], kind="stable")]
     for chunk in np.array_split(t_idx, min(4, len(t_idx))) if len(t_idx) else []:
         w_max = float(w_need[chunk].max())
         ns = int(np.searchsorted(sides[:, 2], w_max, side="right"))
-        cs = cup_sides[cup_sides[:, 2] <= w_max]
-        groups.append((chunk, np.vstack([bottom, sides[:ns]]), np.vstack([cup_bottom, cs])))
+        nc = int(np.searchsorted(cup_sides[:, 2], w_max, side="right"))
+        groups.append(
+            (
+                chunk,
+                np.vstack([bottom, sides[:ns]]),
+                np.vstack([flat_b, side_n[:ns]]),
+                np.vstack([cup_bottom, cup_sides[:nc]]),
+                np.vstack([flat_c, cup_n[:nc]]),
+            )
+        )
     body = np.full(m, -np.inf)
     cup = np.full(m, np.inf)
-    for group, pts, cpts in groups:
+    for group, pts, nrm, cpts, cnrm in groups:
         if len(group) == 0:
             continue
         p, x, y, u = positions[group], gx[group], gy[group], up[group]
-        c0 = _clearance(bmap, rim, p, y, x, u, pts, care_below=care)  # closing along the grasp's x
-        c1 = _clearance(bmap, rim, p, x, y, u, pts, care_below=care)  # turned a quarter about the axis
-        body[group] = np.maximum(c0, c1)
-        cup[group] = _clearance(hmap, rim, p, y, x, u, cpts, ignore_label=target[group], care_below=care)
+        kw = {"care_below": care, "normals": nrm}
+        c = _clearance(bmap, rim, p, y, x, u, pts, **kw)  # closing direction along the grasp's x
+        # Turned a quarter about the cup's axis: only needed where the first way is not clear.
+        again = np.flatnonzero(c < cfg.body_clearance_scale_m - cfg.collision_tol_m)
+        if len(again):
+            c[again] = np.maximum(
+                c[again], _clearance(bmap, rim, p[again], x[again], y[again], u[again], pts, **kw)
+            )
+        body[group] = c
+        cup[group] = _clearance(
+            hmap, rim, p, y, x, u, cpts, ignore_label=target[group], care_below=care, normals=cnrm
+        )
     return body, cup
 
 
@@ -396,7 +432,7 @@ def jaw_tool_clearance(
     r = _dilation_cells(cfg, hmap.res)
     rim = rim_z + cfg.wall_margin_m
     bmap = body_map(hmap, rim, r)
-    bottom, _ = tool_points(cfg.jaw_body_boxes, cfg.body_sample_m, 0.0)
+    bottom, _, _ = tool_points(cfg.jaw_body_boxes, cfg.body_sample_m, 0.0)
     e_close = np.zeros((m, 3))
     e_close[:, :2] = closing[:, :2]
     e_across = np.stack([-e_close[:, 1], e_close[:, 0], np.zeros(m)], 1)
@@ -485,7 +521,12 @@ def suction_candidates(
     rotations = _frames_from_approach(-n_use)
 
     # The whole tool, swept down the approach: collisions are dropped, near misses score lower.
+    # Only the best tool_check_pool (spread over items as the planner selects them) are worth the
+    # check; the planner would never reach the others.
     sel = np.flatnonzero(keep)
+    sel = sel[_spread_order(score[sel], lab[sel])[: cfg.tool_check_pool]]
+    keep[:] = False
+    keep[sel] = True
     if hmap is None:
         hmap = height_map(cloud, res)
     body, cup = suction_tool_clearance(hmap, float(cloud.bounds.hi[2]), cfg, p[sel], rotations[sel], lab[sel])
@@ -781,19 +822,24 @@ def jaw_candidates(
     )
 
 
+def _spread_order(score: np.ndarray, cluster: np.ndarray) -> np.ndarray:
+    """Indices best first, each item's best before any item's second best (ties: lower index first)."""
+    m = len(score)
+    idx = np.arange(m)
+    by_item = np.lexsort((idx, -score, cluster))  # item, then best first
+    cl_sorted = cluster[by_item]
+    rank = np.empty(m, np.int64)
+    rank[by_item] = idx - np.searchsorted(cl_sorted, cl_sorted, side="left")
+    return np.lexsort((idx, -score, rank))
+
+
 def select_spread(cands: CandidateSet, n: int) -> CandidateSet:
     """The best `n` candidates, spread over items, sorted best first.
 
     Each item's best candidate comes before any item's second best (round robin by rank within
     the item), so one large item cannot take every slot.
     """
-    m = len(cands)
-    if m == 0:
+    if len(cands) == 0:
         return cands
-    idx = np.arange(m)
-    by_item = np.lexsort((idx, -cands.analytic, cands.cluster))  # item, then best first
-    cl_sorted = cands.cluster[by_item]
-    rank = np.empty(m, np.int64)
-    rank[by_item] = idx - np.searchsorted(cl_sorted, cl_sorted, side="left")
-    chosen = np.lexsort((idx, -cands.analytic, rank))[:n]
+    chosen = _spread_order(cands.analytic, cands.cluster)[:n]
     return cands.take(chosen[np.lexsort((chosen, -cands.analytic[chosen]))])

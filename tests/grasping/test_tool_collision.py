@@ -166,10 +166,15 @@ def test_tilted_suction_sweep_meets_the_wall_behind_it():
 
 def test_tool_points_cover_the_boxes_and_the_sweep():
     boxes = ((0.02, 0.0, 0.10, 0.04, 0.14),)
-    bottom, sides = tool_points(boxes, 0.012, 0.10)
+    bottom, sides, normals = tool_points(boxes, 0.012, 0.10)
     assert np.allclose(bottom[:, 2], 0.04)
     assert np.isclose(np.abs(bottom[:, 0]).max(), 0.02) and np.isclose(np.abs(bottom[:, 1]).max(), 0.10)
     assert np.diff(np.unique(bottom[:, 1])).max() <= 0.012 + 1e-12
     assert np.isclose(sides[:, 2].max(), 0.14 + 0.10)  # top of the box plus the sweep
     on_outline = (np.abs(np.abs(sides[:, 0]) - 0.02) < 1e-9) | (np.abs(np.abs(sides[:, 1]) - 0.10) < 1e-9)
     assert on_outline.all()
+    # Each side point carries its face's outward normal (corners belong to both faces).
+    assert np.allclose(np.linalg.norm(normals, axis=1), 1.0)
+    on_u_face = np.abs(np.abs(sides[:, 0]) - 0.02) < 1e-9
+    assert np.allclose(normals[normals[:, 0] != 0, 0], np.sign(sides[normals[:, 0] != 0, 0]))
+    assert on_u_face[normals[:, 0] != 0].all()
