@@ -78,8 +78,9 @@ class CandidateConfig:
         (0.036, 0.0, 0.090, 0.069, 0.135),  # the hand's outer shell
         (0.045, 0.0, 0.085, 0.103, 0.170),  # link 7 and the flange above the hand
     )
+    # The stem (8 mm radius, above the cup) needs no box: the cup's swept rim (cup_height_m plus the
+    # sweep, 15 mm radius) encloses it, and it is checked against everything but the target.
     suction_body_boxes: tuple[tuple[float, float, float, float, float], ...] = (
-        (0.008, 0.0, 0.008, 0.030, 0.142),  # the stem above the cup
         (0.014, 0.036, 0.070, 0.085, 0.145),  # the fingers, opened fully during a suction pick
         (0.020, 0.0, 0.100, 0.133, 0.230),  # palm
         (0.036, 0.0, 0.090, 0.164, 0.230),  # the hand's outer shell
@@ -296,7 +297,8 @@ def _clearance(
 ) -> np.ndarray:
     """(M,) least height of the tool points `pts` (P, 3: u, v, w) above the map, candidates placed at
     `pos` with axes e_across, e_close, e_up (M, 3 each). Off the map counts as `outside_z` (walls);
-    cells labelled `ignore_label` (M,) (the target item, for the cup) count as free. Points at or
+    cells labelled `ignore_label` (M,) (the target item, for the cup) or unlabelled count as free
+    (the map's labels are needed then: not for a dilated body_map). Points at or
     above `care_below` (base z, metres) are not looked up: their clearance is reported as +inf.
     `normals` (P, 2: u, v; zero for bottom-face points): points on side faces that face upwards are
     never the lowest over their spot and are skipped too.
@@ -327,7 +329,10 @@ def _clearance(
     ix, iy, inside = hmap.cell(xy)
     h = np.where(inside, hmap.height[ix, iy], outside_z)
     if ignore_label is not None:
-        h = np.where(inside & (hmap.label[ix, iy] == ignore_label[mi]), -np.inf, h)
+        # The target and unlabelled cells (floor, and the steep edges segmentation leaves out,
+        # mostly the target's own) are free: only other items and the walls can block the cup.
+        lab = hmap.label[ix, iy]
+        h = np.where(inside & ((lab == ignore_label[mi]) | (lab == NO_CLUSTER)), -np.inf, h)
     # nonzero() lists the pairs row by row: one reduceat per candidate row that has any.
     starts = np.flatnonzero(np.r_[True, mi[1:] != mi[:-1]])
     out[mi[starts]] = np.minimum.reduceat(z[mi, pi] - h, starts)
@@ -366,8 +371,12 @@ def suction_tool_clearance(
     rim = rim_z + cfg.wall_margin_m
     bmap = body_map(hmap, rim, r)
     bottom, sides, side_n = tool_points(cfg.suction_body_boxes, cfg.body_sample_m, cfg.approach_sweep_m)
+    # The cup is looked up cell by cell in the undilated map: a cell that a rim point falls in may hold
+    # its blocking point anywhere, up to half a cell diagonal further out; sampling the rim that much
+    # inside the lip keeps the check from being a cell wider than the cup.
+    cup_r = max(cfg.cup_diameter_m / 2.0 - hmap.res * np.sqrt(0.5), 0.0)
     cup_bottom, cup_sides, cup_n = _disk_points(
-        cfg.cup_diameter_m / 2.0, cfg.cup_height_m, hmap.res, cfg.approach_sweep_m, cfg.body_sample_m
+        cup_r, cfg.cup_height_m, hmap.res, cfg.approach_sweep_m, cfg.body_sample_m
     )
     gx, gy, up = rotations[:, :, 0], rotations[:, :, 1], -rotations[:, :, 2]
     # A vertical approach sweeps each tool point straight up over itself: its bottom faces are
