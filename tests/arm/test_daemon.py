@@ -253,7 +253,10 @@ def test_a_verified_model_dropped_into_the_models_folder_is_swapped_in_between_p
     t.start()
     daemon.run(install_signal_handlers=False)
     t.join(timeout=5)
+    from grasping.modelfile import load_model
+
+    shipped = load_model(DEFAULT_MODEL).version
     assert daemon.stats.model_reloads == 1 and daemon.stats.model_refusals == 0
-    assert daemon.stats.model_version == "graspnet-sim-v1"
+    assert daemon.stats.model_version == shipped
     assert st.controller.planner is not gated and st.controller.planner is not original_planner
-    assert versions[0] == "analytic" and versions[-1] == "graspnet-sim-v1"  # later picks used the new model
+    assert versions[0] == "analytic" and versions[-1] == shipped  # later picks used the new model

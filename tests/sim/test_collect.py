@@ -200,7 +200,9 @@ def test_collection_guided_by_the_shipped_model_records_model_top_attempts(tmp_p
     assert {r.decided_by for r in rows} == {"explore:model_top"}
     assert {r.outcome.details["mode"] for r in rows} == {"model_top"}
     # The ledger names the model that chose, so the data says which policy collected it.
-    assert {r.model_version for r in rows} == {"graspnet-sim-v1"}
+    from grasping.modelfile import load_model
+
+    assert {r.model_version for r in rows} == {load_model(model).version}
 
 
 def test_train_from_sim_writes_a_verified_model_registers_and_gates_it(tmp_path):
