@@ -14,7 +14,10 @@ seal test as the suction cup. For the topmost items first (the ones a person wou
   fingers: the slips on tapered items), no finger may come down on another part of the item, and
   no neighbour may sit between an open finger and the item. Closing directions every 10 deg and
   TCP heights every 4 mm are searched; the squarest contact nearest the centre of mass's height
-  wins (see `_jaw`). Tilted approaches are offered too, for items near a tote wall.
+  wins (see `_jaw`). Tilted approaches are offered too, for items near a tote wall. A small item
+  (under 4.5 cm across) lying on another item is held with the fingertips (5 mm below the pads)
+  just above that item and the pads reaching below its centre of mass, or declined with the reason
+  in `declined` (pressed into the support, the fingers lever the part out in the lift).
 
 Suction is preferred when its load stays under `suction_preferred_load` of the cup's rating (cartons,
 mailers, flat random objects); the jaw takes round and heavy items (bottles, balls, tubes, small
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 _PAD_HALF_WIDTH = 0.007  # m, lateral ray offset on the pad (inside its 8.75 mm half width)
 _PAD_ABOVE_TCP = 0.0116  # m
 _PAD_BELOW_TCP = 0.0072  # m
+# The finger's lowest point is its rounded tip, 12 mm below the TCP (finger links' AABB with the
+# hand pointing down), 5 mm below the pad's lower edge; it sits just outside the pad face.
+_TIP_BELOW_TCP = 0.012  # m
+_TIP_DEPTH = 0.012  # m, extent of the tip's footprint outwards from the pad face (estimate)
 _FINGER_THICKNESS = 0.026  # m, finger depth behind the pad face (along the closing line)
 _FINGER_HALF_WIDTH = 0.0105  # m
 # Rows 3 mm apart: on a 25 mm tube the patch then straddles the equator (mean normal level)
@@ -65,7 +72,13 @@ class OracleConfig:
     max_contact_angle_deg: float = 20.0  # deg, largest angle of a contact normal from the closing line
     max_wedge_deg: float = 12.0  # deg, largest upward tilt of a contact normal (squeezes the item out)
     pad_compliance: float = 0.0015  # m, depth of the rubber pad's squeeze: hits this close form the patch
-    jaw_floor_clearance: float = 0.017  # m, lowest jaw TCP height above the tote floor (tips 1.1 cm below)
+    jaw_floor_clearance: float = 0.017  # m, lowest jaw TCP height above the tote floor (tips 1.2 cm below)
+    small_item_extent: float = 0.045  # m, items narrower than this (largest AABB side in x, y) get the
+    #   fingertip check against the item they rest on (small parts: every side 1-4 cm)
+    tip_clearance: float = 0.0005  # m, fingertips at least this far above the item a small item rests on
+    min_pad_contact: float = 0.008  # m, least pad height on a small item when raised to clear its support
+    pad_below_com: float = 0.002  # m, pads' lower edge at least this far below a small item's centre of mass
+    small_height_step: float = 0.0005  # m, spacing of the TCP heights searched on a small item on a support
     suction_preferred_load: float = 0.6  # unitless, cup load fraction below which suction wins
     max_load: float = 0.9  # unitless, largest cup load fraction (at lift acceleration) the oracle accepts
     max_suction_candidates: int = 40  # count, surface points tested with the seal check per item
@@ -83,6 +96,7 @@ class OracleGraspSource:
         self.cfg = config or OracleConfig()
         self.failures: dict[int, list[str]] = {}  # body -> grippers that failed on it
         self.failed_grasps: dict[int, list[Grasp]] = {}  # body -> grasps that failed on it
+        self.declined: dict[int, str] = {}  # body -> why its jaw grasps were all dropped (small items)
 
     def record_failure(self, body: int | None, gripper: str, grasp: Grasp | None = None) -> None:
         """Note a failed attempt on `body`; with `grasp`, that grasp is not proposed again."""
@@ -230,7 +244,8 @@ class OracleGraspSource:
         cid = self.cell.client_id
         cfg = self.cfg
         top = float(pts[:, 2].max())
-        lo_z = float(p.getAABB(body, physicsClientId=cid)[0][2])
+        lo, hi = (np.asarray(v) for v in p.getAABB(body, physicsClientId=cid))
+        lo_z = float(lo[2])
         floor_z = float(self.cell.tote_bounds.lo[2]) + cfg.jaw_floor_clearance
         z_hi = top - _PAD_ABOVE_TCP + 0.002  # the pad's upper edge at most 2 mm above the top
         z_lo = max(floor_z, top - cfg.max_jaw_depth, lo_z + _PAD_BELOW_TCP)
@@ -240,11 +255,24 @@ class OracleGraspSource:
                 return []
             z_hi = z_lo = max(floor_z, lo_z + 0.5 * (top - lo_z))
         heights = np.arange(z_hi, z_lo - 1e-9, -cfg.jaw_height_step) if z_hi > z_lo else np.array([z_hi])
+        # A small item lying on another item: the fingertips (5 mm below the pads) must stay clear of
+        # that item. Pressed into it, the fingers close against the support and the item leaves them
+        # in the lift (how small parts on mailers slipped). Only the item it rests on counts (ground
+        # truth contacts), not the neighbours: a footprint check against everything rejected grasps
+        # among neighbours that work. Heights up to where the pads still overlap the item by
+        # `min_pad_contact` are searched, finer, for the window between the support and the top.
+        small = float(max(hi[0] - lo[0], hi[1] - lo[1])) < cfg.small_item_extent
+        supports = self._supports(body) if small else []
+        if supports:
+            z_top = top + _PAD_BELOW_TCP - cfg.min_pad_contact
+            z_bottom = float(heights.min())
+            heights = np.arange(max(z_top, z_bottom), z_bottom - 1e-9, -cfg.small_height_step)
         com = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=cid)[0])
         mu = self.cell.arm.cfg.jaw.finger_friction * p.getDynamicsInfo(body, -1, physicsClientId=cid)[1]
         # The cone actually available shrinks with the item's friction (PyBullet multiplies them).
         max_angle = min(cfg.max_contact_angle_deg, float(np.degrees(np.arctan(mu))) - 10.0)
-        found: list[tuple[float, float, Grasp]] = []  # (score, direction, grasp)
+        found: list[tuple[float, float, Grasp, float]] = []  # (score, direction, grasp, tip clearance)
+        n_on_support = 0  # candidates dropped because the fingertips would land on the support
         for th in np.radians(np.arange(0.0, 180.0, cfg.jaw_angle_step_deg)):
             d = np.array([np.cos(th), np.sin(th), 0.0])
             best = None
@@ -258,35 +286,70 @@ class OracleGraspSource:
                     continue
                 if self._fingers_land_on(pts, centre + shift * d, d, width):
                     continue
+                clearance = np.inf
+                if supports:
+                    overlap = min(top, z + _PAD_ABOVE_TCP) - max(lo_z, z - _PAD_BELOW_TCP)
+                    # Pads gripping only above the centre of mass let the part tip out downwards
+                    # as they squeeze (a 17 mm part, pads' lower edge 1 mm below it: it did).
+                    if overlap < cfg.min_pad_contact or z - _PAD_BELOW_TCP > com[2] - cfg.pad_below_com:
+                        continue
+                    clearance = self._tip_clearance(supports, centre + shift * d, d, width)
+                    if clearance < 0.0:
+                        n_on_support += 1
+                        continue
                 score = angle + 100.0 * abs(z - com[2])  # 1 cm of height counts as 1 degree
+                if supports:
+                    # On a support the tips just above it hold best (measured on two procedural parts
+                    # on mailers: 0.4 and 0.6 mm above picked both; 1.4 mm above slipped the 8 g one,
+                    # 2.6 mm the other): the lowest height that clears it wins. 1 mm counts as 5 deg: the
+                    # contact angle read by rays on a box's vertical faces varies by up to 6 degrees
+                    # from one height to the next (hits near its edges), which must not outweigh it.
+                    score = angle + 5000.0 * clearance
                 if best is None or score < best[0]:
-                    best = (score, centre + shift * d, width)
+                    best = (score, centre + shift * d, width, clearance)
             if best is not None:
-                found.append((best[0], th, self._jaw_grasp(best[1], d, best[2])))
+                found.append((best[0], th, self._jaw_grasp(best[1], d, best[2]), best[3]))
+        if supports and not found and n_on_support:
+            why = (
+                f"no jaw height keeps the fingertips above the item it rests on (bodies {supports}) with "
+                f"{1000 * cfg.min_pad_contact:.0f} mm of pad on it, its lower edge "
+                f"{1000 * cfg.pad_below_com:.0f} mm below the centre of mass"
+            )
+            if self.declined.get(body) != why:
+                log.info("oracle: no jaw grasp on small body %d: %s", body, why)
+            self.declined[body] = why
         found.sort(key=lambda t: t[0])
         out: list[Grasp] = []
         used: list[float] = []
-        for _score, th, g in found:
+        for _score, th, g, clearance in found:
             if len(used) >= 4:
                 break
             if any(abs((th - u + np.pi / 2) % np.pi - np.pi / 2) < np.radians(20) for u in used):
                 continue
             used.append(th)
-            out.extend(self._tilted(g))
+            out.extend(self._tilted(g, clearance))
         return out
 
     def _jaw_grasp(self, centre: np.ndarray, d: np.ndarray, width: float) -> Grasp:
         R = grasp_frame(np.array([0.0, 0.0, -1.0]), d)
         return Grasp("parallel_jaw", centre, matrix_to_quat(R), width=width)
 
-    def _tilted(self, g: Grasp) -> list[Grasp]:
-        """The grasp top-down and tilted by `jaw_tilts_deg` about its two horizontal axes."""
+    def _tilted(self, g: Grasp, clearance: float = np.inf) -> list[Grasp]:
+        """The grasp top-down and tilted by `jaw_tilts_deg` about its two horizontal axes.
+
+        A tilt lowers one fingertip (about the closing axis by up to the finger's half width, about
+        the other axis by up to the finger's reach from the TCP, times the tilt's sine); tilts that
+        lower it by more than its `clearance` above a support (see `_tip_clearance`) are left out.
+        """
         closing = g.R[:, 0]
         across = np.array([-closing[1], closing[0], 0.0])
-        tilts = [(closing, t) for t in self.cfg.jaw_tilts_deg]
-        tilts += [(across, t) for t in self.cfg.jaw_tilts_deg if t != 0.0]
+        reach = 0.5 * (g.width + self.cell.arm.cfg.jaw.open_margin) + _FINGER_THICKNESS
+        tilts = [(closing, t, _FINGER_HALF_WIDTH) for t in self.cfg.jaw_tilts_deg]
+        tilts += [(across, t, reach) for t in self.cfg.jaw_tilts_deg if t != 0.0]
         out = []
-        for axis, tilt in tilts:
+        for axis, tilt, lever in tilts:
+            if lever * np.sin(np.radians(abs(tilt))) > clearance:
+                continue
             # Tilting about the closing axis keeps the fingers closing horizontally while the
             # hand leans away from a tote wall beside the item; tilting about the other
             # horizontal axis leans the hand's long side away from a wall it faces.
@@ -294,6 +357,45 @@ class OracleGraspSource:
             R = grasp_frame(approach, _rotate(closing, axis, np.radians(tilt)))
             out.append(Grasp("parallel_jaw", g.position.copy(), matrix_to_quat(R), width=g.width))
         return out
+
+    def _supports(self, body: int) -> list[int]:
+        """Items `body` rests on: ground-truth contacts whose normal points up from the other item.
+
+        The tote is left out (the jaw's floor clearance keeps the fingertips off it).
+        """
+        out = set()
+        for c in p.getContactPoints(bodyA=body, physicsClientId=self.cell.client_id):
+            # c[2] is the other body; c[7] the contact normal on it, pointing towards `body`.
+            if c[2] != body and c[2] in self.cell.items and c[7][2] > 0.5:
+                out.add(int(c[2]))
+        return sorted(out)
+
+    def _tip_clearance(self, supports: list[int], centre: np.ndarray, d: np.ndarray, width: float) -> float:
+        """Height of the open fingertips above the highest point of `supports` under them (m).
+
+        Negative: the tips would come down on (into) a support. Vertical rays over both fingertips'
+        footprints (from just outside the open pad faces, `_TIP_DEPTH` outwards, across the finger's
+        width) read only hits on the supports; inf when no support lies under the fingertips.
+        """
+        cid = self.cell.client_id
+        open_half = 0.5 * (width + self.cell.arm.cfg.jaw.open_margin)
+        perp = np.array([-d[1], d[0], 0.0])
+        starts, ends = [], []
+        for sign in (-1.0, 1.0):
+            for a in (open_half + 0.001, open_half + 0.5 * _TIP_DEPTH, open_half + _TIP_DEPTH):
+                for u in (-_FINGER_HALF_WIDTH + 0.001, 0.0, _FINGER_HALF_WIDTH - 0.001):
+                    xy = centre + sign * a * d + u * perp
+                    starts.append([xy[0], xy[1], float(centre[2]) + 0.05])
+                    ends.append([xy[0], xy[1], float(self.cell.tote_bounds.lo[2]) - 0.02])
+        support_z = -np.inf
+        for k in range(_RAY_HITS + 1):  # the k-th hit of each ray (pybullet reports them in no order)
+            for h in p.rayTestBatch(
+                starts, ends, reportHitNumber=k, collisionFilterMask=RAY_MASK, physicsClientId=cid
+            ):
+                if h[0] in supports:
+                    support_z = max(support_z, float(h[3][2]))
+        tips = float(centre[2]) - _TIP_BELOW_TCP
+        return float(tips - (support_z + self.cfg.tip_clearance))
 
     def _fingers_land_on(self, pts: np.ndarray, centre: np.ndarray, d: np.ndarray, width: float) -> bool:
         """Would an open finger coming down come to rest on another part of the item itself?

@@ -96,3 +96,58 @@ def test_a_grasp_that_failed_is_not_proposed_again(sim_cell):
     other = OracleGraspSource(cell)
     other.record_failure(body, first.gripper)
     assert other.propose()[1].position == pytest.approx(first.position)
+
+
+def _part_on_mailer(cell, part_half_extents) -> tuple[int, int, float]:
+    """A 1 cm thick mailer flat on the tote floor and a small box part lying on it; (part, mailer,
+    mailer top z). The 17 mm part is like procedural small_part-0173 (17 x 20 x 32 mm, 50 g)."""
+    b = cell.tote_bounds
+    c = np.array([(b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2]])
+    mailer = cell.add_primitive(
+        "box", (0.105, 0.06, 0.005), (c[0], c[1], c[2] + 0.0052), mass=0.05, friction=0.45, name="mailer"
+    )
+    hz = part_half_extents[2]
+    part = cell.add_primitive(
+        "box", part_half_extents, (c[0], c[1], c[2] + 0.0102 + hz), mass=0.05, friction=0.5, name="small_part"
+    )
+    cell.settle(0.5)
+    mailer_top = p.getAABB(mailer, physicsClientId=cell.client_id)[1][2]
+    return part, mailer, mailer_top
+
+
+def test_a_small_part_on_a_mailer_is_held_with_the_fingertips_above_the_mailer(sim_cell):
+    """The fingertips reach 12 mm below the TCP; grasped at its mid-height, a 17 mm part lying on
+    a mailer had the tips pressed 4 mm into the mailer and slipped out during the lift."""
+    cell = sim_cell
+    part, mailer, mailer_top = _part_on_mailer(cell, (0.016, 0.0102, 0.0087))
+    oracle = OracleGraspSource(cell)
+    assert oracle._supports(part) == [mailer]  # the part rests on the mailer, not on the tote
+    assert oracle._supports(mailer) == []
+    centre = np.asarray(p.getBasePositionAndOrientation(part, physicsClientId=cell.client_id)[0])
+    d = np.array([0.0, 1.0, 0.0])
+    assert oracle._tip_clearance([mailer], centre, d, 0.0204) < -0.003  # at mid-height: tips in the mailer
+    assert oracle._tip_clearance([mailer], centre + [0.0, 0.0, 0.01], d, 0.0204) > 0.0
+    picked, grasp = oracle.propose(exclude={mailer})
+    assert picked == part and grasp.gripper == "parallel_jaw"
+    assert grasp.position[2] - 0.012 >= mailer_top + oracle.cfg.tip_clearance - 1e-6
+    # ...and the pads reach below its centre of mass (gripped only above it, a part tips out).
+    assert grasp.position[2] - 0.0072 <= centre[2] - oracle.cfg.pad_below_com + 1e-6
+    out = cell.arm.pick(grasp)
+    assert out.success, out
+    placed = cell.arm.place(oracle.placement())
+    assert placed.success, placed
+    assert part in cell.items_in_box()
+
+
+def test_a_part_too_flat_for_the_fingers_on_a_mailer_is_declined_with_its_reason(sim_cell):
+    """12 mm tall on a mailer: with the tips clear of the mailer the pads (which start 5 mm above
+    the tips) cannot reach below the part's centre of mass; its 20 mm face is too narrow
+    for the 30 mm cup. No grasp is proposed for it and the reason is kept; the mailer still is."""
+    cell = sim_cell
+    part, mailer, _ = _part_on_mailer(cell, (0.019, 0.01, 0.006))
+    oracle = OracleGraspSource(cell)
+    assert oracle.grasp_for(part) is None
+    assert oracle.propose(exclude={mailer}) is None
+    assert "keeps the fingertips above the item it rests on" in oracle.declined[part]
+    picked, grasp = oracle.propose()
+    assert picked == mailer and grasp.gripper == "suction"
