@@ -119,9 +119,9 @@ def _markdown(res: dict, cmd: str) -> str:
             "",
             f"Command: `{cmd}`",
             "",
-            f"Machine: {res['machine']}; Python {res['python']}. Taken while other engineers' jobs "
-            f"shared the 2 cores (1-minute load average {res['load_average_1min']:.1f}): figures are "
-            "contended.",
+            f"Machine: {res['machine']}; Python {res['python']}; 1-minute load average "
+            f"{res['load_average_1min']:.1f} at the end (above about 1.5, other jobs were competing "
+            "and the wall times are inflated).",
             "",
             "| measure | value | target |",
             "| --- | --- | --- |",
