@@ -30,6 +30,15 @@ def _wedge(cell, bottom=0.06, top=0.02, thick=0.055, height=0.06, mass=0.3, fric
     return body
 
 
+def _pick_and_place_into_the_box(cell, oracle, grasp, body: int) -> None:
+    """Execute the oracle's grasp in real physics: the pick holds and the item ends up in the box."""
+    out = cell.arm.pick(grasp)
+    assert out.success, out
+    placed = cell.arm.place(oracle.placement())
+    assert placed.success, placed
+    assert body in cell.items_in_box()
+
+
 def test_jaw_closes_across_the_straight_faces_of_a_tapered_item_below_its_top(sim_cell):
     cell = sim_cell
     body = _wedge(cell)
@@ -49,11 +58,7 @@ def test_jaw_closes_across_the_straight_faces_of_a_tapered_item_below_its_top(si
     assert picked == body and grasp.gripper == "parallel_jaw"
     assert abs(grasp.R[:, 0] @ np.array([0.0, 1.0, 0.0])) > 0.95  # closing across the straight faces
     assert grasp.position[2] < top - 0.01  # the whole pad on the item, not its top edge
-    out = cell.arm.pick(grasp)
-    assert out.success, out
-    placed = cell.arm.place(oracle.placement())
-    assert placed.success, placed
-    assert body in cell.items_in_box()
+    _pick_and_place_into_the_box(cell, oracle, grasp, body)
 
 
 def test_a_finger_coming_down_on_another_part_of_the_item_is_detected(sim_cell):
@@ -132,11 +137,7 @@ def test_a_small_part_on_a_mailer_is_held_with_the_fingertips_above_the_mailer(s
     assert grasp.position[2] - 0.012 >= mailer_top + oracle.cfg.tip_clearance - 1e-6
     # ...and the pads reach below its centre of mass (gripped only above it, a part tips out).
     assert grasp.position[2] - 0.0072 <= centre[2] - oracle.cfg.pad_below_com + 1e-6
-    out = cell.arm.pick(grasp)
-    assert out.success, out
-    placed = cell.arm.place(oracle.placement())
-    assert placed.success, placed
-    assert part in cell.items_in_box()
+    _pick_and_place_into_the_box(cell, oracle, grasp, part)
 
 
 def test_a_part_too_flat_for_the_fingers_on_a_mailer_is_declined_with_its_reason(sim_cell):
