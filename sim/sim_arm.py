@@ -52,6 +52,8 @@ HAND_ITEM_TOLERANCE = 0.003  # m, same for the other links
 FIXTURE_MARGIN = 0.005  # m, clearance from tote/box that check_grasp demands (physical tracking error)
 HELD_ITEM_TOLERANCE = 0.006  # m, overlap of a carried item with anything that is not yet a collision
 PHYSICAL_LIFT = 0.05  # m, lift simulated with full physics before the kinematic part
+CARRY_UTILISATION = 0.9  # unitless, grip load a payload-aware move keeps under (lift and transit)
+MIN_LIFT_ACCEL = 0.2  # m/s^2, slowest lift acceleration (a 5 cm lift then takes about 1 s)
 # Hand axes expressed in the grasp frame: the Panda fingers close along the hand's y axis while a
 # Grasp closes along its x axis, approach (z) is shared.
 M_GRASP_HAND = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
@@ -544,7 +546,7 @@ class SimArm:
                 log.warning("joint move sampled non-finite joints; using a linear profile instead")
                 frac = np.linspace(0.0, 1.0, n)[:, None]
                 qs = move.q_start[None, :] + frac * (move.q_end - move.q_start)[None, :]
-            if self._held is None or self._carry_utilisation(qs, times, tcp) <= 0.9:
+            if self._held is None or self._carry_utilisation(qs, times, tcp) <= CARRY_UTILISATION:
                 break
         self._run_samples(qs, times, tcp, ignore)
 
@@ -566,16 +568,18 @@ class SimArm:
         speed: float,
         ignore: Sequence[int] = (),
         fixtures_only: bool = False,
+        accel: float | None = None,
     ) -> None:
         p0, _ = self.link_pose(link)
         length = float(np.linalg.norm(p1 - p0))
         if length < 1e-4:
             return
-        t_tool = trapezoid_time(length, speed, self.cfg.tool_accel)
+        acc = self.cfg.tool_accel if accel is None else accel
+        t_tool = trapezoid_time(length, speed, acc)
         n = max(2, int(np.ceil(t_tool / self.cfg.transit_check_dt)) + 1)
         # Solve IK on the path at n equally spaced fractions of the time profile.
         times = np.linspace(0.0, t_tool, n)
-        a_unit = self.cfg.tool_accel / length
+        a_unit = acc / length
         frac = trapezoid_fraction(times, t_tool, speed / length, a_unit)
         qs = []
         seed = self.q()
@@ -584,24 +588,28 @@ class SimArm:
             qs.append(q)
             seed = q
         qs = np.array(qs)
-        duration = cartesian_move_time(length, speed, self.cfg.tool_accel, qs[0], qs[-1])
+        duration = cartesian_move_time(length, speed, acc, qs[0], qs[-1])
         self._run_samples(qs, times * (duration / t_tool), link, ignore, fixtures_only)
 
     # --- physical execution ----------------------------------------------------------------------------
-    def _physical_line(self, p1: np.ndarray, R_hand: np.ndarray, link: int, speed: float, monitor) -> dict:
+    def _physical_line(
+        self, p1: np.ndarray, R_hand: np.ndarray, link: int, speed: float, monitor, accel: float | None = None
+    ) -> dict:
         """Drive the TCP along a straight line with physics; `monitor()` after each step may stop it.
 
         Returns the monitor's last answer. `monitor` returns None to continue or a dict to stop.
+        `accel` (m/s^2): the tool's acceleration on this line (default `tool_accel`).
         """
+        acc = self.cfg.tool_accel if accel is None else accel
         p0, _ = self.link_pose(link)
         length = float(np.linalg.norm(p1 - p0))
-        duration = trapezoid_time(length, speed, self.cfg.tool_accel)
+        duration = trapezoid_time(length, speed, acc)
         n_steps = max(1, int(np.ceil(duration * self.cfg.physics_hz)))
         n_way = max(2, n_steps // 6 + 1)
         qs = self._line_qs(p0, p1, R_hand, link, n_way)
-        duration = max(duration, cartesian_move_time(length, speed, self.cfg.tool_accel, qs[0], qs[-1]))
+        duration = max(duration, cartesian_move_time(length, speed, acc, qs[0], qs[-1]))
         n_steps = max(1, int(np.ceil(duration * self.cfg.physics_hz)))
-        a_unit = self.cfg.tool_accel / max(length, 1e-6)
+        a_unit = acc / max(length, 1e-6)
         t = np.arange(1, n_steps + 1) / self.cfg.physics_hz
         frac = trapezoid_fraction(t, duration, speed / max(length, 1e-6), a_unit)
         way_s = np.linspace(0.0, 1.0, n_way)
@@ -772,7 +780,7 @@ class SimArm:
                 width=opening if grasp.gripper == "parallel_jaw" else 0.0,
             )
             self._grip(grasp.gripper, details)
-            self._lift(R_hand, link, above)
+            self._lift(R_hand, link, above, details)
         except _Abort as exc:
             details.update(exc.details)
             lk = details.get("link")
@@ -886,10 +894,30 @@ class SimArm:
                 raise _Abort(Reason.SLIPPED, why="fingers did not both hold the same item")
             self._held, self._held_kind = self.jaw.held_body, "parallel_jaw"
 
-    def _lift(self, R_hand: np.ndarray, link: int, above: np.ndarray) -> None:
+    def _lift_accel(self) -> float:
+        """Tool acceleration (m/s^2) for lifting the item just gripped: payload-aware, like the transit.
+
+        A sealed cup's load scales with (g + a) on a vertical lift, so from the static utilisation u0
+        (what a vacuum-level or wrist force-torque reading gives a real cell) the largest acceleration
+        that keeps the load under `CARRY_UTILISATION` is g (CARRY_UTILISATION / u0 - 1). A heavily
+        loaded cup lifts gently instead of peeling off at full acceleration; floored at
+        `MIN_LIFT_ACCEL` so the lift always ends. The jaw (friction checked per sample) lifts at full
+        acceleration.
+        """
+        if self._held_kind != "suction":
+            return self.cfg.tool_accel
+        _, u0 = self._grip_ok(np.zeros(3))
+        if u0 <= 0.0:
+            return self.cfg.tool_accel
+        a = 9.81 * (CARRY_UTILISATION / u0 - 1.0)
+        return float(min(self.cfg.tool_accel, max(MIN_LIFT_ACCEL, a)))
+
+    def _lift(self, R_hand: np.ndarray, link: int, above: np.ndarray, details: dict) -> None:
         pos, _ = self.link_pose(link)
         up = pos + np.array([0.0, 0.0, min(PHYSICAL_LIFT, max(above[2] - pos[2], 0.0))])
-        lift_acc = np.array([0.0, 0.0, self.cfg.tool_accel])
+        acc = self._lift_accel()
+        details["lift_accel_m_s2"] = round(acc, 3)
+        lift_acc = np.array([0.0, 0.0, acc])
 
         def monitor():
             ok, u = self._grip_ok(lift_acc)
@@ -898,7 +926,7 @@ class SimArm:
                 raise _Abort(Reason.DROPPED, why="load beyond the grip during lift", utilisation=round(u, 3))
             return None
 
-        self._physical_line(up, R_hand, link, self.cfg.lift_speed, monitor)
+        self._physical_line(up, R_hand, link, self.cfg.lift_speed, monitor, accel=acc)
         if self._held_kind == "parallel_jaw" and not self.jaw.is_holding():
             self._held = None
             self._held_kind = None
@@ -911,7 +939,7 @@ class SimArm:
         above = above.copy()
         above[2] = max(above[2], self._safe_height() - self.cfg.transit_clearance + (pos[2] - lo_z) + 0.03)
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
-        self._kinematic_line(above, R_hand, link, self.cfg.lift_speed, fixtures_only=True)
+        self._kinematic_line(above, R_hand, link, self.cfg.lift_speed, fixtures_only=True, accel=acc)
 
     def _drop(self) -> None:
         """Let go of the held item (seal lost or friction exceeded) and let it fall with physics."""
@@ -1043,7 +1071,8 @@ class SimArm:
                 raise last
             self._joint_move(q_above, link)
             try:
-                self._kinematic_line(target, R_hand, link, self.cfg.lift_speed)
+                # Lowering into the box decelerates upwards: the same payload-aware limit as the lift.
+                self._kinematic_line(target, R_hand, link, self.cfg.lift_speed, accel=self._lift_accel())
             except _Abort as exc:
                 if exc.reason is not Reason.COLLISION:
                     raise
