@@ -21,11 +21,13 @@ Item level (`ItemWatchdog`). The candidate embeddings see 12.8 cm patches, and a
 kind of item is often indistinguishable from a known one (a tube's patch is a lying bottle's). So
 each segmented item also gets a small fixed-length shape descriptor (`item_descriptor`: its size
 along its own principal axes, height above the floor, footprint fill, how its surface normals tilt,
-its curvature across and along its long axis, and how far it is from any smooth quadric surface),
-invariant to where the item lies in the tote and to its yaw. The item watchdog scores each item by
-its mean distance to the k nearest descriptors of training-distribution items (standardised
-features; kNN because those items come from several families, a multi-modal density one Gaussian
-would smear over the gaps between families), and the scene by its most unusual item, in sigmas of
+its curvature across its long axis, how far it is from a smooth quadric and from a sphere, and what
+lies just outside its edge: something higher on top of it, or a short step down to what it rests
+on, as a thin mailer has), invariant to where the item lies in the tote and to its yaw. The item
+watchdog scores each item by its mean distance to the k nearest descriptors of training-distribution
+items relative to those neighbours' own spacing (standardised features; kNN because those items
+come from several families, a multi-modal density one Gaussian would smear over the gaps between
+families), and the scene by a high quantile (0.75) of its item scores, in sigmas of
 in-distribution scenes with a conformal threshold, exactly like the embedding score. Where a model
 carries one, the planner's scene sigma and in-distribution verdict come from the item watchdog
 (measured to separate never-trained families far better: docs/training.md); the per-candidate
@@ -215,7 +217,7 @@ def fit_watchdog(
 
 # Bump when the descriptor's definition changes: a model fitted on another version's descriptors is
 # not used (the planner falls back to the embedding watchdog, with a log line).
-ITEM_DESCRIPTOR_VERSION = 1
+ITEM_DESCRIPTOR_VERSION = 2  # 2: boundary (occlusion, thin edge) and sphere-fit features; no curvature_along
 ITEM_FEATURES = (
     "log_length",  # log metres, extent along the footprint's major axis (2nd-98th percentile)
     "log_width",  # log metres, extent along the minor axis
@@ -228,19 +230,36 @@ ITEM_FEATURES = (
     "tilt_mid",  # 0.6 < n_z <= 0.85
     "tilt_steep",  # n_z <= 0.6 (walls; also the share of the item without a usable normal)
     "curvature_across",  # -2 * d2z/db2 * width: about 2 for a cylinder lying across b, 0 for a flat top
-    "curvature_along",  # the same along the major axis: about 2 for a sphere, 0 for a lying cylinder
     "log_roughness",  # log metres, RMS residual of a quadric fit to the upward-facing surface
     "taper",  # narrower end third's footprint width / widest third's: 1 for a tube, < 1 for a bottle
     "relief",  # height range of the upward-facing surface / the item's height above the floor, [0, 1]
+    "occluded",  # share of the item's boundary where the surface just outside is > 1 cm higher, [0, 1]
+    "thin_edge",  # share of its downward boundary steps under 3.5 cm (a mailer's edge), [0, 1]
+    "log_sphere_residual",  # log metres, RMS distance of the upward surface from its best-fit sphere
+    "log_sphere_relative_residual",  # log of that residual / the sphere's radius (~ -5 for a ball)
 )
+
 _FILL_CELL_M = 0.006  # metres: a little coarser than the grid's point spacing at ~0.9 m (about 3 mm)
 _MIN_ITEM_POINTS = 10  # fewer points: no descriptor (a segmentation crumb, not an item)
+_BOUNDARY_OFFSET_CELLS = 2  # grid cells (~6 mm) between an item's edge cell and the cell outside it
+_OCCLUDER_STEP_M = 0.01  # metres: a neighbour this much higher than the item's edge lies on top of it
+_EDGE_STEP_MIN_M = 0.004  # metres: smaller downward steps are noise, not an edge
+_THIN_EDGE_M = 0.035  # metres: mailers are 1-3 cm thick, cartons at least 5 cm
+_TOP_FACE_NZ = 0.45  # cosine: cells whose normal is within ~63 deg of up face up (top faces, floor)
 
 
-def item_descriptor(points_base: np.ndarray, normals_base: np.ndarray, floor_z: float) -> np.ndarray | None:
+def item_descriptor(
+    points_base: np.ndarray,
+    normals_base: np.ndarray,
+    floor_z: float,
+    boundary: np.ndarray | None = None,
+) -> np.ndarray | None:
     """(len(ITEM_FEATURES),) shape descriptor of one item's visible points, or None if too few.
 
     points_base (N, 3) metres, normals_base (N, 3) unit (NaN rows where unknown), floor_z metres.
+    boundary (B, 3): for each pair (item edge cell, cell just outside it), the edge's height minus
+    the outside's (metres), the edge cell's normal z and the outside cell's (`boundary_steps`
+    computes them for a whole scene); None or empty leaves the boundary features at 0.
     Everything is measured in the footprint's own principal axes and relative to the floor, so
     moving or yawing the item in the tote leaves it unchanged (up to the camera's changing view).
     Written for speed: an item has only 50-3,000 grid points, so numpy's per-call overhead is
@@ -292,8 +311,30 @@ def item_descriptor(points_base: np.ndarray, normals_base: np.ndarray, floor_z: 
     resid = zu - A @ coef
     # z = c4 (b / width)^2 -> d2z/db2 = 2 c4 / width^2; times the width: -2 for a lying cylinder.
     curv_across = float(np.clip(-2.0 * coef[4] / width, -5.0, 5.0))
-    curv_along = float(np.clip(-2.0 * coef[3] / length, -5.0, 5.0))
     rough = float(np.sqrt(np.mean(resid * resid)))
+    # Sphere fit (algebraic, Kasa) to the same upward surface, centred and scaled for conditioning:
+    # |q|^2 = 2 c.q + d. A ball's visible cap fits to the sensor noise; a lying cylinder, a flat top
+    # or an irregular blob does not, and a fragment's partial cap keeps a ball-like relative residual
+    # only if it really is spherical. (The quadric's second curvature, which this replaces, was
+    # measured to blur balls into fragments: docs/training.md.)
+    q = np.stack([a[up] - a[up].mean(), b[up] - b[up].mean(), zu - zu.mean()], axis=1) / length
+    S = np.concatenate([2.0 * q, np.ones((len(q), 1))], axis=1)
+    rhs = (q * q).sum(axis=1)
+    sol = np.linalg.solve(S.T @ S + 1e-9 * np.eye(4), S.T @ rhs)
+    r = math.sqrt(max(float(sol[3] + sol[:3] @ sol[:3]), 1e-12))
+    sphere_res = float(np.sqrt(np.mean((np.linalg.norm(q - sol[:3], axis=1) - r) ** 2))) * length
+    sphere_r = r * length
+    # Boundary: what lies just outside the item's edge. Higher surfaces mean something lies on top
+    # of it (a fragment is mostly bounded by its occluder); short downward steps mean a thin item.
+    # Steps are read only from a top-face edge cell to a facing-up cell: away from the image centre
+    # the camera sees an item's side wall (steep, left unclustered by segmentation), and a step onto
+    # or off that wall is a few millimetres on any item, not its thickness.
+    bd = np.zeros((0, 3)) if boundary is None else np.asarray(boundary, dtype=np.float64).reshape(-1, 3)
+    st = bd[np.isfinite(bd[:, 0]), 0]
+    occluded = np.count_nonzero(st < -_OCCLUDER_STEP_M) / st.size if st.size else 0.0
+    with np.errstate(invalid="ignore"):
+        down = bd[(bd[:, 0] > _EDGE_STEP_MIN_M) & (bd[:, 1] > _TOP_FACE_NZ) & (bd[:, 2] > _TOP_FACE_NZ), 0]
+    thin = np.count_nonzero(down < _THIN_EDGE_M) / down.size if down.size else 0.0
     # Taper: the footprint's width near each end of the major axis against its widest part. A
     # tube is as wide at both ends as in the middle; a lying bottle narrows to its neck.
     third = (a - a_lo) * (3.0 / length)
@@ -319,12 +360,43 @@ def item_descriptor(points_base: np.ndarray, normals_base: np.ndarray, floor_z: 
             mid,
             steep,
             curv_across,
-            curv_along,
             math.log(rough + 1e-4),
             taper,
             relief,
+            occluded,
+            thin,
+            math.log(sphere_res + 1e-4),
+            math.log(sphere_res / sphere_r + 1e-4),
         ]
     )
+
+
+def boundary_steps(
+    labels: np.ndarray, z: np.ndarray, normal_z: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every (item edge cell, cell outside it) pair of an organised grid: (item labels (B,), (B, 2)).
+
+    labels (h, w) int, item index or negative; z (h, w) metres, NaN where unknown; normal_z (h, w)
+    the cells' normal z (None: all 1). Pairs are cells `_BOUNDARY_OFFSET_CELLS` apart in the 8
+    grid directions (skipping the edge's own mixed-depth cells); per pair the item cell's height
+    minus the outside cell's (metres), the item cell's normal z and the outside cell's (NaN normals
+    read as 0: steep). Vectorised over the grid.
+    """
+    L = np.asarray(labels)
+    z = np.asarray(z, dtype=np.float64)
+    nz = np.ones_like(z) if normal_z is None else np.nan_to_num(np.asarray(normal_z, dtype=np.float64))
+    h, w = L.shape
+    o = _BOUNDARY_OFFSET_CELLS
+    labs, steps = [], []
+    for di, dj in ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+        si, sj = di * o, dj * o
+        here = (slice(max(0, -si), h - max(0, si)), slice(max(0, -sj), w - max(0, sj)))
+        there = (slice(max(0, si), h - max(0, -si)), slice(max(0, sj), w - max(0, -sj)))
+        la, lb, za, zb = L[here], L[there], z[here], z[there]
+        m = (la >= 0) & (lb != la) & np.isfinite(za) & np.isfinite(zb)
+        labs.append(la[m])
+        steps.append(np.stack([za[m] - zb[m], nz[here][m], nz[there][m]], axis=1))
+    return np.concatenate(labs), np.concatenate(steps)
 
 
 def scene_item_descriptors(cloud: Any) -> np.ndarray:
@@ -341,9 +413,15 @@ def scene_item_descriptors(cloud: Any) -> np.ndarray:
     idx = np.flatnonzero(flat >= 0)
     order = idx[np.argsort(flat[idx], kind="stable")]
     bounds = np.searchsorted(flat[order], np.arange(cloud.n_clusters + 1))
+    b_lab, b_step = boundary_steps(
+        labels, np.asarray(cloud.points_base)[..., 2], nrm.reshape(labels.shape + (3,))[..., 2]
+    )
+    b_order = np.argsort(b_lab, kind="stable")
+    b_bounds = np.searchsorted(b_lab[b_order], np.arange(cloud.n_clusters + 1))
     for k in range(cloud.n_clusters):
         rows = order[bounds[k] : bounds[k + 1]]
-        d = item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z))
+        steps = b_step[b_order[b_bounds[k] : b_bounds[k + 1]]]
+        d = item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps)
         if d is not None:
             out.append(d)
     return np.array(out).reshape(-1, len(ITEM_FEATURES))
@@ -462,15 +540,28 @@ def _lof(
     return d.mean(axis=1) / radius[idx].mean(axis=1)
 
 
+def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of two disjoint halves of n calibration scenes: (sigma-scale half, threshold half).
+
+    A seeded random split, not even/odd positions: live calibration scenes are built round robin
+    over the training catalogs, and with two catalogs even/odd would put every `train` scene in one
+    half and every procedural scene in the other (the threshold would then be set on a different
+    population than the scale it is expressed in).
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    half = (n + 1) // 2
+    return np.sort(perm[:half]), np.sort(perm[half:])
+
+
 def fit_item_watchdog(
     scenes: list[np.ndarray], k: int = 5, scene_quantile: float = 0.75, quantile: float = 0.99
 ) -> tuple[ItemWatchdog, dict[str, float]]:
     """Fit the item watchdog on the item descriptors of in-distribution scenes (one (K_i, F) array each).
 
     Every item goes into the bank. Bank radii and the scene statistics are leave-one-scene-out: a
-    scene's items are compared with the other scenes' items only, as a fresh scene's would be. Even
-    scenes (by position) set mu and sd, odd ones the conformal threshold, so the threshold is not
-    fitted on the scenes that define the sigma scale.
+    scene's items are compared with the other scenes' items only, as a fresh scene's would be. One
+    half of the scenes (`split_halves`) sets mu and sd, the other the conformal threshold, so the
+    threshold is not fitted on the scenes that define the sigma scale.
     """
     f = len(ITEM_FEATURES)
     arrays = [np.asarray(s, dtype=np.float64).reshape(-1, f) for s in scenes]
@@ -500,7 +591,8 @@ def fit_item_watchdog(
             for j, i in enumerate(keep)
         ]
     )
-    ref, thr = scores[0::2], scores[1::2]
+    ref_idx, thr_idx = split_halves(len(scores))
+    ref, thr = scores[ref_idx], scores[thr_idx]
     mu = float(ref.mean())
     sd = max(float(ref.std(ddof=1)), 1e-3 * max(abs(mu), 1.0))
     threshold = conformal_quantile((thr - mu) / sd, quantile)

@@ -240,7 +240,10 @@ def extend_train(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--gate-episodes", type=int, default=6, help="with --from-sim: simulation gate episodes")
     t.add_argument(
-        "--watchdog-scenes", type=int, default=40, help="with --from-sim: live scenes for the watchdog"
+        "--watchdog-scenes",
+        type=int,
+        default=60,
+        help="with --from-sim: live scenes for the watchdog (default 60)",
     )
     t.add_argument(
         "--explore-model",

@@ -2,6 +2,7 @@
 
     pickcell sim pick --catalog test|train|procedural|DIR --objects-per-tote N --seed S --grasp oracle
                       [--json OUT] [--record DIR] [--gui] [--max-attempts K]
+    pickcell sim refit-watchdog MODEL [--out FILE] [--scenes N] [--seed S] [--workers W] [--json]
 
 Heavy imports (pybullet) happen inside the handler so `pickcell --help` stays fast.
 """
@@ -67,7 +68,77 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pk.add_argument("--gui", action="store_true", help="open the PyBullet window (needs a display)")
     pk.set_defaults(func=cmd_pick)
+    rw = sub.add_parser(
+        "refit-watchdog",
+        help="refit a model file's watchdogs on fresh simulated totes of the training catalogs",
+        description=(
+            "Plan N fresh totes of the training catalogs (train, procedural-train; never test or "
+            "procedural) with the model, then refit the embedding watchdog's scene statistics and fit the "
+            "item watchdog from scratch on those totes' items, and write the model file again (new "
+            "sha256 and sidecar; the network, calibrators and threshold are unchanged). Use it after an "
+            "upgrade that changes the item descriptor: a file fitted on another descriptor version loads "
+            "with its item watchdog ignored (a log line says so) until it is refit."
+        ),
+    )
+    rw.add_argument("model", help="model file (.safetensors) to refit")
+    rw.add_argument("--out", default=None, metavar="FILE", help="write here instead of over MODEL")
+    rw.add_argument("--scenes", type=int, default=60, metavar="N", help="live totes (default 60, at least 4)")
+    rw.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="tote seed (default: the training one)"
+    )
+    rw.add_argument("--workers", type=int, default=2, metavar="W", help="processes (default 2)")
+    rw.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    rw.set_defaults(func=cmd_refit_watchdog)
     sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
+
+
+def cmd_refit_watchdog(args: argparse.Namespace) -> int:
+    import shutil
+
+    from grasping.modelfile import ModelFileError, load_model, sidecar_path
+    from sim.training import WATCHDOG_SCENE_SEED, LiveSceneConfig, recalibrate_watchdog
+
+    if args.scenes < 4 or args.workers < 1:
+        print(
+            f"error: --scenes must be >= 4 and --workers >= 1, got {args.scenes}, {args.workers}",
+            file=sys.stderr,
+        )
+        return 2
+    src = Path(args.model)
+    try:
+        load_model(src)  # verify (hash, format) before anything is copied or simulated
+    except ModelFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dst = Path(args.out) if args.out else src
+    if dst != src:
+        if not dst.parent.is_dir():
+            print(f"error: folder of --out {dst} does not exist", file=sys.stderr)
+            return 2
+        shutil.copyfile(src, dst)
+        if sidecar_path(src).exists():
+            shutil.copyfile(sidecar_path(src), sidecar_path(dst))
+    cfg = LiveSceneConfig(
+        scenes=args.scenes,
+        seed=WATCHDOG_SCENE_SEED if args.seed is None else args.seed,
+        workers=args.workers,
+    )
+    info = recalibrate_watchdog(dst, cfg, progress=not args.json)
+    if args.json:
+        print(json.dumps(info, indent=2, default=_jsonable))
+        return 0
+    iw = info.get("item_watchdog", {})
+    item = (
+        f"item watchdog: {int(iw['item_watchdog_items'])} items, "
+        f"threshold {iw['item_watchdog_threshold_sigma']:.2f} sigma"
+        if "item_watchdog_items" in iw
+        else f"item watchdog not fitted ({iw.get('skipped')})"
+    )
+    print(
+        f"{dst}: refit on {info['scenes_ref'] + info['scenes_threshold']} live totes; embedding watchdog "
+        f"threshold {info['watchdog_threshold_sigma']:.2f} sigma; {item}; sha256 {info['sha256']}"
+    )
+    return 0
 
 
 def cmd_pick(args: argparse.Namespace) -> int:

@@ -152,7 +152,10 @@ class LiveSceneConfig:
     catalogs, planned with the new model, give the statistic exactly as the cell computes it.
     """
 
-    scenes: int = 40  # live scenes; the even ones set mu/sd, the odd ones the conformal threshold
+    # live scenes; a seeded half sets mu/sd, the other half the conformal threshold. 60, not 40: the
+    # item watchdog's bank is these scenes' items, and a larger bank separated never-trained families
+    # measurably better (docs/training.md, "Watchdog: a family it never trained on").
+    scenes: int = 60
     catalogs: tuple[str, ...] = TRAINING_CATALOGS  # round robin by scene; training catalogs only
     families: tuple[str, ...] | None = None  # only these procedural families (None: all)
     objects_per_tote: int = 8  # items per tote
@@ -263,7 +266,7 @@ def recalibrate_watchdog(
     Returns what was measured, including the new sha256.
     """
     from grasping.modelfile import load_model, save_model
-    from grasping.watchdog import conformal_quantile, fit_item_watchdog
+    from grasping.watchdog import conformal_quantile, fit_item_watchdog, split_halves
 
     if cfg.scenes < 4:
         raise ValueError(f"need at least 4 live scenes to calibrate the watchdog, got {cfg.scenes}")
@@ -274,8 +277,9 @@ def recalibrate_watchdog(
         for i, s in enumerate(seeds)
     ]
     res = live_scene_scores(model_path, jobs, cfg.workers, progress)
-    ref = np.array([r["median_distance"] for r in res[0::2] if r is not None])
-    thr = np.array([r["median_distance"] for r in res[1::2] if r is not None])
+    ref_idx, thr_idx = split_halves(len(res))  # both halves hold both catalogs (round robin above)
+    ref = np.array([res[i]["median_distance"] for i in ref_idx if res[i] is not None])
+    thr = np.array([res[i]["median_distance"] for i in thr_idx if res[i] is not None])
     if ref.size < 2 or thr.size < 1:
         raise ValueError(f"too few non-empty live scenes ({ref.size} + {thr.size}) to calibrate the watchdog")
     mu = float(ref.mean())
@@ -535,7 +539,7 @@ class TrainFromSimConfig:
     extra_data: tuple[str, ...] = ()
     registry: str | None = None  # registry directory; None: no registry (file + card only)
     incumbent: str | None = None  # incumbent model file (default: the registry's current, if any)
-    watchdog_scenes: int = 40  # live scenes the watchdog's scene statistics are refit on; 0 = keep train's
+    watchdog_scenes: int = 60  # live scenes the watchdog's scene statistics are refit on; 0 = keep train's
     sim_suite_episodes: int = 6  # K episodes per planner in the regression suite; 0 = no sim suite
     sim_suite_tolerance: float = 0.05  # first-attempt success the candidate may lose in the suite
     gate: bool = True  # run the gate (holdout + sim suite); False: train only
@@ -681,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--registry", help="model registry directory (add, and promote if the gate passes)")
     ap.add_argument("--incumbent", help="incumbent model file for the gate (default: registry current)")
     ap.add_argument("--sim-suite-episodes", type=int, default=6, help="regression suite episodes (0: none)")
-    ap.add_argument("--watchdog-scenes", type=int, default=40, help="live scenes for the watchdog (0: none)")
+    ap.add_argument(
+        "--watchdog-scenes", type=int, default=60, help="live scenes for the watchdog (0: none; default 60)"
+    )
     ap.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
     ap.add_argument("--version", help="model version string (default graspnet-<UTC time>-s<seed>)")
     ap.add_argument("--no-gate", action="store_true", help="train only: no holdout or simulation gate")

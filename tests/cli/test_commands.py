@@ -95,3 +95,61 @@ def test_train_from_sim_collects_in_simulation_and_refuses_too_little_data(tmp_p
     collected = json.loads((tmp_path / "m.work" / "collect" / "collect.json").read_text())
     assert collected["n_totes"] == 2
     assert set(collected["config"]["catalogs"]) == {"train", "procedural-train"}  # never the test catalogs
+
+
+def test_refit_watchdog_fits_the_current_item_descriptor_into_a_copy_and_leaves_the_source(tmp_path):
+    """An upgraded descriptor makes an old item watchdog unusable; `sim refit-watchdog` fits a new one."""
+    from dataclasses import replace
+
+    from grasping.modelfile import file_sha256, load_model, read_sidecar, save_model
+    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION
+
+    shipped = load_model(REPO / "grasping" / "models" / "default.safetensors")
+    old = tmp_path / "old.safetensors"
+    # The shipped model with its item watchdog marked as fitted on another descriptor version.
+    save_model(
+        old,
+        shipped.net,
+        shipped.calibrators,
+        shipped.thresholds,
+        shipped.watchdog,
+        shipped.meta,
+        item_watchdog=replace(shipped.item_watchdog, version=ITEM_DESCRIPTOR_VERSION - 1),
+    )
+    assert load_model(old).item_watchdog is None  # ignored, with a log line
+    before = file_sha256(old)
+    out = tmp_path / "new.safetensors"
+    argv = [sys.executable, "-m", "pickcell", "sim", "refit-watchdog", str(old), "--out", str(out)]
+    proc = subprocess.run(
+        [*argv, "--scenes", "4", "--workers", "1", "--seed", "11", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    info = json.loads(proc.stdout)
+    assert file_sha256(old) == before  # the source is untouched
+    assert read_sidecar(out) == file_sha256(out) == info["sha256"]
+    new = load_model(out)
+    assert new.item_watchdog is not None and new.item_watchdog.version == ITEM_DESCRIPTOR_VERSION
+    assert new.item_watchdog.bank.shape[0] == info["item_watchdog"]["item_watchdog_items"] > 10
+    assert info["scenes_ref"] + info["scenes_threshold"] == 4
+    # The network is the same one: refitting the watchdog does not retrain.
+    for a, b in zip(new.net.state_dict().values(), shipped.net.state_dict().values(), strict=True):
+        assert (a == b).all()
+
+
+def test_refit_watchdog_names_a_corrupt_model_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pickcell", "sim", "refit-watchdog", str(bad), "--scenes", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    assert bad.read_bytes() == b"not a model"

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
-from synthetic import TOTE, box_on_floor, lying_cylinder, render, sphere_on_floor
+from synthetic import TOTE, Box, box_on_floor, lying_cylinder, render, sphere_on_floor
 from test_modelfile import write_model
 
 from grasping.learned_scorer import LearnedScorer
@@ -17,6 +17,7 @@ from grasping.pointcloud import segment_scene
 from grasping.watchdog import (
     ITEM_FEATURES,
     ItemWatchdog,
+    boundary_steps,
     fit_item_watchdog,
     item_descriptor,
     item_watchdog_of,
@@ -34,8 +35,9 @@ _TOL = {
     "width_over_length": 0.12,
     "height_over_width": 0.2,
     "curvature_across": 0.5,
-    "curvature_along": 0.5,
     "log_roughness": 0.7,
+    "log_sphere_residual": 0.7,
+    "log_sphere_relative_residual": 0.7,
 }
 
 
@@ -44,31 +46,40 @@ def descriptors_of(shapes) -> np.ndarray:
     return scene_item_descriptors(cloud)
 
 
-def assert_same_item(d0: np.ndarray, d1: np.ndarray) -> None:
+# A flat top is a sphere of infinite radius: the sphere fit is degenerate there and follows whichever
+# smoothed edge cells the camera sees, so on a box the sphere features move by up to ~2.5 in log as
+# the box moves (on curved items they stay within 0.35). The watchdog's bank holds boxes seen all over
+# the tote, so this spread is part of "in distribution"; what matters is that a box never looks like
+# a ball (test_descriptor_tells_shapes_apart).
+_FLAT_TOP_TOL = {"log_sphere_residual": 2.6, "log_sphere_relative_residual": 2.6}
+
+
+def assert_same_item(d0: np.ndarray, d1: np.ndarray, flat_top: bool = False) -> None:
     for i, name in enumerate(ITEM_FEATURES):
-        tol = _TOL.get(name, 0.15)
+        tol = (_FLAT_TOP_TOL.get(name) if flat_top else None) or _TOL.get(name, 0.15)
         assert abs(d0[i] - d1[i]) <= tol, f"{name}: {d0[i]:.3f} vs {d1[i]:.3f} (tolerance {tol})"
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "flat_top"),
     [
-        lambda x, y, yaw: box_on_floor(x, y, 0.12, 0.07, 0.05, yaw),
-        lambda x, y, yaw: lying_cylinder(x, y, 0.025, 0.2, yaw),
+        (lambda x, y, yaw: box_on_floor(x, y, 0.12, 0.07, 0.05, yaw), True),
+        (lambda x, y, yaw: lying_cylinder(x, y, 0.025, 0.2, yaw), False),
+        (lambda x, y, yaw: sphere_on_floor(x, y, 0.035), False),
     ],
-    ids=["box", "lying_cylinder"],
+    ids=["box", "lying_cylinder", "ball"],
 )
-def test_descriptor_does_not_depend_on_where_the_item_lies_or_its_yaw(make) -> None:
+def test_descriptor_does_not_depend_on_where_the_item_lies_or_its_yaw(make, flat_top) -> None:
     ref = descriptors_of([make(0.0, 0.0, 0.0)])
     assert ref.shape == (1, len(ITEM_FEATURES))
     for x, y, yaw in ((0.12, 0.05, 0.7), (-0.1, -0.06, 2.0), (0.05, -0.08, np.pi / 2)):
         moved = descriptors_of([make(x, y, yaw)])
         assert moved.shape == (1, len(ITEM_FEATURES))
-        assert_same_item(ref[0], moved[0])
+        assert_same_item(ref[0], moved[0], flat_top)
 
 
 def test_descriptor_tells_shapes_apart() -> None:
-    """What the features mean: a box top is flat, a lying cylinder curves across only, a sphere both ways."""
+    """What the features mean: a box top is flat, a lying cylinder curves across, a ball is a sphere."""
     f = {n: i for i, n in enumerate(ITEM_FEATURES)}
     box, cyl, ball = descriptors_of(
         [
@@ -77,12 +88,70 @@ def test_descriptor_tells_shapes_apart() -> None:
             sphere_on_floor(0.2, 0.0, 0.035),
         ]
     )
-    assert abs(box[f["curvature_across"]]) < 0.5 and abs(box[f["curvature_along"]]) < 0.5
-    assert cyl[f["curvature_across"]] > 1.0 and abs(cyl[f["curvature_along"]]) < 0.5
-    assert ball[f["curvature_across"]] > 1.0 and ball[f["curvature_along"]] > 1.0
+    assert abs(box[f["curvature_across"]]) < 0.5
+    assert cyl[f["curvature_across"]] > 1.0 and ball[f["curvature_across"]] > 1.0
+    # The ball's cap fits a sphere to about the sensor noise (2 mm, smoothed): well under the others.
+    rel = f["log_sphere_relative_residual"]
+    assert ball[rel] < min(box[rel], cyl[rel]) - 0.5
+    assert np.exp(ball[f["log_sphere_residual"]]) < 0.0015
     assert cyl[f["width_over_length"]] < 0.4 < box[f["width_over_length"]] < ball[f["width_over_length"]]
     assert np.exp(cyl[f["log_length"]]) == pytest.approx(0.2, abs=0.02)
     assert np.exp(ball[f["log_height"]]) == pytest.approx(0.07, abs=0.01)
+
+
+def by_height(desc: np.ndarray) -> np.ndarray:
+    """Descriptors sorted by the items' height above the floor (cluster order is not input order)."""
+    return desc[np.argsort(desc[:, ITEM_FEATURES.index("log_height")])]
+
+
+def test_boundary_features_see_a_thin_mailer_and_an_item_lying_on_another() -> None:
+    f = {n: i for i, n in enumerate(ITEM_FEATURES)}
+    # A 2 cm mailer and an 8 cm carton side by side on the floor: only the mailer's edge is thin.
+    mailer, carton = by_height(
+        descriptors_of([box_on_floor(-0.1, 0.0, 0.25, 0.18, 0.02), box_on_floor(0.17, 0.0, 0.12, 0.1, 0.08)])
+    )
+    assert mailer[f["thin_edge"]] > 0.8 and carton[f["thin_edge"]] < 0.3
+    assert mailer[f["occluded"]] < 0.05 and carton[f["occluded"]] < 0.05
+    # A box lying across part of another: the lower one's edge runs into a higher surface there.
+    lower, upper = by_height(
+        descriptors_of(
+            [
+                box_on_floor(0.0, 0.0, 0.2, 0.15, 0.05),
+                Box(np.array([0.08, 0.0, 0.08]), np.array([0.1, 0.1, 0.06]), np.eye(3)),
+            ]
+        )
+    )
+    assert lower[f["occluded"]] > 0.15 and upper[f["occluded"]] < 0.05
+
+
+def test_boundary_steps_pairs_each_item_edge_with_the_cell_outside() -> None:
+    labels = np.full((9, 9), -1)
+    labels[3:6, 3:6] = 0  # a 3x3 item
+    z = np.zeros((9, 9))
+    z[3:6, 3:6] = 0.02  # 2 cm above the floor around it
+    z[:, 7:] = 0.1  # a taller neighbour two cells to the right of the item's right edge
+    nz = np.ones((9, 9))
+    nz[5, 3:6] = 0.2  # the item's bottom row is a steep side wall
+    lab, pairs = boundary_steps(labels, z, nz)
+    assert (lab == 0).all() and pairs.shape == (len(lab), 3) and len(lab) > 0
+    step = pairs[:, 0]
+    assert np.isclose(step, 0.02).sum() > 0 and np.isclose(step, -0.08).sum() > 0
+    assert set(np.round(step, 3)) <= {0.02, -0.08}
+    assert set(np.round(pairs[:, 1], 3)) == {1.0, 0.2}  # the edge cell's normal z rides along
+    assert set(np.round(pairs[:, 2], 3)) == {1.0}
+    z[4, 7] = np.nan  # unknown depth outside: that pair is skipped, not counted as a step
+    assert len(boundary_steps(labels, z, nz)[0]) < len(lab)
+    # Without boundary information the boundary features are 0, not NaN.
+    rng = np.random.default_rng(0)
+    pts = np.c_[rng.uniform(0, 0.1, (200, 2)), np.full(200, 0.03)]
+    nrm = np.tile([0.0, 0.0, 1.0], (200, 1))
+    d = item_descriptor(pts, nrm, 0.0)
+    assert d is not None and d[f_index("occluded")] == 0.0 and d[f_index("thin_edge")] == 0.0
+    assert np.isfinite(d).all()
+
+
+def f_index(name: str) -> int:
+    return ITEM_FEATURES.index(name)
 
 
 def test_too_few_points_give_no_descriptor() -> None:
