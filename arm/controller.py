@@ -11,8 +11,8 @@ One tote at a time:
    planner is still unsure, ask a person about that item — and go on picking *other* items the planner
    is confident about while the person thinks. The cell never blocks on a person: when nothing else can
    be done it idles in short steps, and a request whose deadline passes is skipped.
-5. A failed pick is remembered (don't retry the same spot, Sanders et al. 2020) and the item is retried
-   with the next candidate, up to a limit per item.
+5. A failed pick is remembered (don't retry the same spot, Sanders et al. 2020, and don't offer it to a
+   person either) and the item is retried with the next candidate, up to a limit per item.
 
 Every plan, attempt, request and answer goes to the ledger with the model version and the reasons.
 The controller talks only to the interfaces in `arm.interfaces` and to duck-typed planner, assist
@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -309,7 +309,7 @@ class CellController:
                 )
                 st.skipped.append(centre)
                 continue
-            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending)
+            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots)
 
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
@@ -333,9 +333,18 @@ class CellController:
         frame: Frame,
         centre: np.ndarray,
         pending: dict[str, _Pending],
+        failed_spots: Sequence[np.ndarray] = (),
     ) -> None:
         cfg = self.config
         png = self.render_png(frame, plan) if self.render_png is not None else b""
+        # Offer the best 20 candidates that have not already failed in this tote: an associate who
+        # approves a spot the cell just failed at would see it fail again (measured in the benchmark:
+        # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back.
+        fresh = [
+            (k, c)
+            for k, c in enumerate(plan.candidates)
+            if not _near(c.grasp.position, list(failed_spots), cfg.failed_spot_radius_m)
+        ]
         views = tuple(
             CandidateView(
                 index=k,
@@ -344,7 +353,7 @@ class CellController:
                 gripper=c.grasp.gripper,
                 p_success=float(c.score),
             )
-            for k, c in enumerate(plan.candidates[:20])
+            for k, c in fresh[:20]
         )
         now = time.time()
         req = AssistRequest(

@@ -22,6 +22,11 @@ How motions are executed, and why it stays honest:
   from weight, inertial force and the moment of the centre-of-mass offset, the jaw's friction
   (-> DROPPED, after which the item falls with physics). This trades the jitter of a tracked
   trajectory for speed; nothing the gripper could fail at in transit goes unchecked.
+- Carrying is payload-aware, as industrial controllers are: joint moves slow down until the sampled
+  grip load stays under `CARRY_UTILISATION`, and a suction lift (or the lowering into the box) uses
+  the acceleration that keeps the cup's load under it, from the static load read after the seal
+  (on a real cell: the vacuum level or a wrist force-torque sensor). `Outcome.details` records the
+  static utilisation and the lift acceleration used.
 """
 
 from __future__ import annotations

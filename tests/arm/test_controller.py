@@ -167,6 +167,32 @@ def test_failed_spot_is_not_retried_and_the_next_candidate_is(stack_factory):
     assert _in_box(st, body)
 
 
+def test_a_person_is_not_offered_a_spot_that_already_failed(stack_factory, assist_rig):
+    """The cell fails at a spot, then asks about the item: the failed spot is not among the offered
+    candidates, so a person who approves the first one offered gets a grasp that can work."""
+    st = stack_factory()
+    body = add_carton(st)
+    bad = grasp_above(st, body, 0.10)  # sure (p 0.99) but touches nothing; every real candidate is unsure
+    st.controller.planner = ScriptedPlanner(
+        st.controller.planner, unsure=lambda c: True, prepend=lambda frame: [bad]
+    )
+    st.controller.assist = assist_rig.cell_client()
+    person = ScriptedAssociate(
+        assist_rig.associate("alice"), lambda req: ("approve", req.candidates[0].index, None)
+    )
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    assert rep.attempts[0].outcome.reason is Reason.NO_CONTACT and rep.attempts[0].decided_by == "model"
+    assert person.seen and all(v.index != 0 for req in person.seen for v in req.candidates)  # 0: the bad one
+    approved = rep.attempts[1]
+    assert approved.decided_by == "associate:alice" and approved.outcome.success
+    assert np.linalg.norm(approved.grasp.position - bad.position) > st.controller.config.failed_spot_radius_m
+    assert _in_box(st, body)
+
+
 def test_camera_that_keeps_failing_aborts_the_tote_without_crashing(stack_factory):
     st = stack_factory()
     add_carton(st)
