@@ -234,7 +234,7 @@ ITEM_FEATURES = (
     "taper",  # narrower end third's footprint width / widest third's: 1 for a tube, < 1 for a bottle
     "relief",  # height range of the upward-facing surface / the item's height above the floor, [0, 1]
     "occluded",  # share of the item's boundary where the surface just outside is > 1 cm higher, [0, 1]
-    "thin_edge",  # share of its downward boundary steps under 3.5 cm (a mailer's edge), [0, 1]
+    "thin_edge",  # share of its top face's downward edge steps under 3.5 cm (a mailer's edge), [0, 1]
     "log_sphere_residual",  # log metres, RMS distance of the upward surface from its best-fit sphere
     "log_sphere_relative_residual",  # log of that residual / the sphere's radius (~ -5 for a ball)
 )
@@ -374,7 +374,7 @@ def item_descriptor(
 def boundary_steps(
     labels: np.ndarray, z: np.ndarray, normal_z: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every (item edge cell, cell outside it) pair of an organised grid: (item labels (B,), (B, 2)).
+    """Every (item edge cell, cell outside it) pair of an organised grid: (item labels (B,), (B, 3)).
 
     labels (h, w) int, item index or negative; z (h, w) metres, NaN where unknown; normal_z (h, w)
     the cells' normal z (None: all 1). Pairs are cells `_BOUNDARY_OFFSET_CELLS` apart in the 8

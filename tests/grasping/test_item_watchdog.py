@@ -22,6 +22,7 @@ from grasping.watchdog import (
     item_descriptor,
     item_watchdog_of,
     scene_item_descriptors,
+    split_halves,
 )
 
 # Per-feature tolerance for "the same item seen elsewhere in the tote": log sizes within ~12%,
@@ -148,6 +149,18 @@ def test_boundary_steps_pairs_each_item_edge_with_the_cell_outside() -> None:
     d = item_descriptor(pts, nrm, 0.0)
     assert d is not None and d[f_index("occluded")] == 0.0 and d[f_index("thin_edge")] == 0.0
     assert np.isfinite(d).all()
+
+
+def test_calibration_halves_are_disjoint_cover_every_scene_and_mix_alternating_catalogs() -> None:
+    ref, thr = split_halves(60)
+    assert len(ref) == len(thr) == 30
+    assert set(ref).isdisjoint(thr) and set(ref) | set(thr) == set(range(60))
+    # Calibration totes alternate train / procedural-train: each half must hold both (even/odd did not).
+    for half in (ref, thr):
+        assert 10 <= np.count_nonzero(half % 2 == 0) <= 20
+    np.testing.assert_array_equal(split_halves(60)[0], ref)  # seeded: the same split every time
+    odd_ref, odd_thr = split_halves(7)
+    assert len(odd_ref) == 4 and len(odd_thr) == 3
 
 
 def f_index(name: str) -> int:
