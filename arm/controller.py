@@ -340,10 +340,11 @@ class CellController:
         # Offer the best 20 candidates that have not already failed in this tote: an associate who
         # approves a spot the cell just failed at would see it fail again (measured in the benchmark:
         # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back.
+        spots = list(failed_spots)
         fresh = [
             (k, c)
             for k, c in enumerate(plan.candidates)
-            if not _near(c.grasp.position, list(failed_spots), cfg.failed_spot_radius_m)
+            if not _near(c.grasp.position, spots, cfg.failed_spot_radius_m)
         ]
         views = tuple(
             CandidateView(
