@@ -119,3 +119,35 @@ def test_an_unknown_planner_is_a_clear_error():
         build_planner("sim.benchmark.baselines:NoSuch", tote)
     with pytest.raises(ValueError, match="unknown planner"):
         build_planner("magic", tote)
+
+
+def test_an_attempt_is_charged_to_the_item_it_aimed_at_not_a_long_neighbours_bounding_box(sim_cell):
+    """A tube lying diagonally has a bounding box that covers a small part beside it: a grasp on
+    the small part is charged to the small part (the first item on the approach line), and a grasp
+    over bare floor to whichever item's box is nearest (within 5 cm) or to nothing."""
+    import numpy as np
+    import pybullet as pb
+
+    from grasping.types import Grasp, grasp_frame, matrix_to_quat
+    from sim.benchmark.episode import _Instrumented
+
+    cell = sim_cell
+    b = cell.tote_bounds
+    c = np.array([(b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2]])
+    yaw45 = pb.getQuaternionFromEuler([np.pi / 2, 0.0, np.pi / 4])  # cylinder axis along x = -y
+    tube = cell.add_primitive("cylinder", (0.025, 0.30), (c[0], c[1], c[2] + 0.026), yaw45, name="tube")
+    # 6 cm off the tube's axis, across it: inside the tube's bounding box, beside the tube itself.
+    off = 0.06 * np.array([1.0, 1.0]) / np.sqrt(2.0)
+    part = cell.add_primitive("box", (0.012, 0.012, 0.01), (c[0] + off[0], c[1] + off[1], c[2] + 0.011))
+    cell.settle(0.3)
+    lo, hi = (np.array(x) for x in pb.getAABB(tube, physicsClientId=cell.client_id))
+    part_pos = cell.item_pose(part)[0]
+    assert (lo[:2] <= part_pos[:2]).all() and (part_pos[:2] <= hi[:2]).all()  # the premise
+    arm = _Instrumented(cell)
+    down = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0])))
+    on_part = Grasp("suction", part_pos + [0.0, 0.0, 0.01], down)
+    assert arm._aimed_item(on_part) == part
+    on_tube = Grasp("suction", np.array([c[0], c[1], c[2] + 0.05]), down)
+    assert arm._aimed_item(on_tube) == tube
+    nowhere = Grasp("suction", np.array([b.lo[0] + 0.03, b.hi[1] - 0.03, c[2] + 0.01]), down)
+    assert arm._aimed_item(nowhere) is None
