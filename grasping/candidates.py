@@ -57,6 +57,9 @@ class CandidateConfig:
     finger_width_m: float = 0.02  # metres, across the closing direction
     finger_depth_m: float = 0.02  # metres, how far below the item's top the fingertips go
     finger_pad_half_m: float = 0.0115  # metres, fingertip below the jaw's grasp point (TCP)
+    # metres, least drop of the grasp point (pad centre) below the height of the item's outline where
+    # the fingers close: the outline cell of a round item sits 1-1.5 cm above its widest point
+    jaw_edge_drop_m: float = 0.01
     floor_clearance_m: float = 0.003  # metres, least gap left between the fingertips and the floor
     jaw_clearance_m: float = 0.01  # metres, opening beyond the item on each side
     min_jaw_clearance_m: float = 0.003  # metres, the least side clearance a candidate may have
@@ -712,6 +715,9 @@ def jaw_candidates(
     lx, ly, _ = hmap.cell(cl)
     n_r = _outline_normals(hmap, rx, ry, lab)
     n_l = _outline_normals(hmap, lx, ly, lab)
+    # Height of the lower of the two outline cells the fingers close on: on a box it is the top, on
+    # a lying cylinder or a ball it is just above the widest point (the outline seen from above).
+    z_edge = np.minimum(hmap.height[rx, ry], hmap.height[lx, ly])
     with np.errstate(invalid="ignore"):
         ang_r = np.arccos(np.clip(np.sum(n_r * direction, 1), -1, 1))
         ang_l = np.arccos(np.clip(np.sum(n_l * -direction, 1), -1, 1))
@@ -742,14 +748,19 @@ def jaw_candidates(
         return CandidateSet.empty()
     centre, direction, theta, lab, mid, ang = centre[k], direction[k], theta[k], lab[k], mid[k], ang[k]
     s_r, s_l, width, same, jx, jy = s_r[k], s_l[k], width[k], same[k], jx[k], jy[k]
+    z_edge = z_edge[k]
     fits = antipodal = np.ones(len(k), dtype=bool)
 
-    # Grasp depth: fingertips finger_depth below the item's top between the contacts, not into the floor.
+    # Grasp depth: fingertips finger_depth below the item's top between the contacts, and the pads'
+    # centre at least jaw_edge_drop_m below the outline's height, so that on a round item (bottle or
+    # tube lying down, ball) the pads reach past the widest point instead of squeezing the item from
+    # above it, which pushes it out of the fingers as they lift. Never into the floor.
     between = same & (np.abs(s[None, :] - ((s_r + s_l) / 2.0)[:, None]) <= (width / 2.0)[:, None])
     z_top = np.where(between, hmap.height[jx, jy], -np.inf).max(axis=1)
     # The fingertips stop floor_clearance_m above the floor: touching the tote's floor is a collision.
     z_grasp = np.maximum(
-        z_top - cfg.finger_depth_m, cloud.floor_z + cfg.finger_pad_half_m + cfg.floor_clearance_m
+        np.minimum(z_top - cfg.finger_depth_m, z_edge - cfg.jaw_edge_drop_m),
+        cloud.floor_z + cfg.finger_pad_half_m + cfg.floor_clearance_m,
     )
     z_tip = z_grasp - cfg.finger_pad_half_m
     opening = np.minimum(cfg.max_opening_m, width + 2 * cfg.jaw_clearance_m)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,8 +31,8 @@ from grasping.candidates import (
 from grasping.patches import N_FEATURES, PATCH_CHANNELS, PATCH_SIZE, extract_patches
 from grasping.pointcloud import CloudConfig, SceneCloud, segment_scene
 from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer
-from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, Plan
-from grasping.watchdog import item_watchdog_of
+from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, ItemCluster, Plan
+from grasping.watchdog import OCCLUDER_STEP_M, boundary_steps, item_watchdog_of
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         frame_id=frame.frame_id,
         patches=patches,
         features=features,
-        clusters=cloud.clusters,
+        clusters=_with_occlusion(cloud),
     )
     log.debug("plan %s: %s, %d candidates, %.1f ms", frame.frame_id, decision, len(out), p.latency_ms)
     t_end = time.perf_counter()
@@ -275,6 +275,23 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         "assemble": (t_end - t_score) * 1e3,
     }
     return PlanDetail(p, cloud, len(suction), len(jaw), stages)
+
+
+def occluded_shares(cloud: SceneCloud) -> np.ndarray:
+    """(K,) per item: the share of its outline where the surface just outside is higher by more
+    than the watchdog's occluder step (1 cm), i.e. where something lies on or against it."""
+    k = cloud.n_clusters
+    if k == 0:
+        return np.zeros(0)
+    b_lab, b_step = boundary_steps(cloud.labels, np.asarray(cloud.points_base)[..., 2])
+    total = np.bincount(b_lab, minlength=k)[:k]
+    under = np.bincount(b_lab[b_step[:, 0] < -OCCLUDER_STEP_M], minlength=k)[:k]
+    return np.where(total > 0, under / np.maximum(total, 1), 0.0)
+
+
+def _with_occlusion(cloud: SceneCloud) -> tuple[ItemCluster, ...]:
+    shares = occluded_shares(cloud)
+    return tuple(replace(c, occluded=float(s)) for c, s in zip(cloud.clusters, shares, strict=True))
 
 
 def _decide(

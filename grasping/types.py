@@ -183,6 +183,10 @@ class ItemCluster:
     lo: np.ndarray  # (3,) metres, minimum corner; z = the support (tote floor): the camera sees only tops
     hi: np.ndarray  # (3,) metres, axis-aligned maximum corner
     n_points: int = 0
+    # [0, 1] share of the item's outline where the surface just outside is over 1 cm higher: how much
+    # of it lies under (or against) something else. A covered item's visible part is not the whole
+    # item, so its centroid is not where its centre of mass is.
+    occluded: float = 0.0
 
     @property
     def extents(self) -> np.ndarray:

@@ -242,7 +242,7 @@ ITEM_FEATURES = (
 _FILL_CELL_M = 0.006  # metres: a little coarser than the grid's point spacing at ~0.9 m (about 3 mm)
 _MIN_ITEM_POINTS = 10  # fewer points: no descriptor (a segmentation crumb, not an item)
 _BOUNDARY_OFFSET_CELLS = 2  # grid cells (~6 mm) between an item's edge cell and the cell outside it
-_OCCLUDER_STEP_M = 0.01  # metres: a neighbour this much higher than the item's edge lies on top of it
+OCCLUDER_STEP_M = 0.01  # metres: a neighbour this much higher than the item's edge lies on top of it
 _EDGE_STEP_MIN_M = 0.004  # metres: smaller downward steps are noise, not an edge
 _THIN_EDGE_M = 0.035  # metres: mailers are 1-3 cm thick, cartons at least 5 cm
 _TOP_FACE_NZ = 0.45  # cosine: cells whose normal is within ~63 deg of up face up (top faces, floor)
@@ -331,7 +331,7 @@ def item_descriptor(
     # or off that wall is a few millimetres on any item, not its thickness.
     bd = np.zeros((0, 3)) if boundary is None else np.asarray(boundary, dtype=np.float64).reshape(-1, 3)
     st = bd[np.isfinite(bd[:, 0]), 0]
-    occluded = np.count_nonzero(st < -_OCCLUDER_STEP_M) / st.size if st.size else 0.0
+    occluded = np.count_nonzero(st < -OCCLUDER_STEP_M) / st.size if st.size else 0.0
     with np.errstate(invalid="ignore"):
         down = bd[(bd[:, 0] > _EDGE_STEP_MIN_M) & (bd[:, 1] > _TOP_FACE_NZ) & (bd[:, 2] > _TOP_FACE_NZ), 0]
     thin = np.count_nonzero(down < _THIN_EDGE_M) / down.size if down.size else 0.0

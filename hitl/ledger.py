@@ -563,6 +563,7 @@ class Ledger:
                 "lo": np.asarray(cl.lo, dtype=float).tolist(),
                 "hi": np.asarray(cl.hi, dtype=float).tolist(),
                 "n_points": int(cl.n_points),
+                "occluded": round(float(getattr(cl, "occluded", 0.0)), 4),
             }
             for cl in getattr(plan, "clusters", ())
         ]

@@ -7,6 +7,8 @@ to the broker over real sockets.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pybullet as pb
 from cellrig import ScriptedAssociate, ScriptedPlanner, add_carton, grasp_above, project
@@ -258,3 +260,57 @@ def test_a_candidate_is_held_to_its_own_grippers_threshold(stack_factory):
     st.controller.planner = strict
     rep = st.controller.run_tote("t0")
     assert rep.attempts == [] and rep.status == "diverted"
+
+
+def _covered_scene(st) -> tuple[int, int]:
+    """A flat 24 x 16 x 2 cm board on the floor with a 10 x 8 x 6 cm carton lying across one end."""
+    b = st.cell.tote_bounds
+    c = (b.lo + b.hi) / 2
+    board = st.cell.add_primitive(
+        "box", (0.12, 0.08, 0.01), (c[0], c[1], b.lo[2] + 0.011), mass=0.3, name="board"
+    )
+    st.cell.settle(0.3)
+    top = st.cell.add_primitive(
+        "box", (0.05, 0.04, 0.03), (c[0] + 0.06, c[1], b.lo[2] + 0.02 + 0.031), mass=0.2, name="top"
+    )
+    st.cell.settle(0.5)
+    return board, top
+
+
+def _prefer_covered(inner):
+    """The real planner, with the covered item's candidates scripted as the most confident."""
+    seen = []
+
+    def plan_fn(frame):
+        plan = inner(frame)
+        occ = [cl.occluded for cl in plan.clusters]
+        worst = int(np.argmax(occ)) if occ else -1
+        cands = [
+            replace(c, p_success=0.99 if c.cluster == worst else 0.9, threshold=0.6) for c in plan.candidates
+        ]
+        cands.sort(key=lambda c: -c.score)
+        seen.append(plan)
+        return replace(plan, candidates=tuple(cands), decision="pick", patches=None, features=None)
+
+    return plan_fn, seen
+
+
+def test_an_item_lying_on_another_is_picked_before_the_one_it_covers(stack_factory):
+    """The board's visible part is not the whole board (its centroid is off its centre of mass):
+    the carton on top goes first even though the board's candidates score higher, and then the
+    board, uncovered, follows. With the rule off, the higher score wins."""
+    st = stack_factory()
+    board, top = _covered_scene(st)
+    st.controller.planner, seen = _prefer_covered(st.controller.planner)
+    rep = st.controller.run_tote("t0")
+    first = seen[0]
+    shares = sorted(cl.occluded for cl in first.clusters)
+    assert len(first.clusters) == 2 and shares[0] == 0.0 and shares[1] > 0.15, shares
+    assert rep.attempts[0].outcome.item_id == top and rep.attempts[0].outcome.success
+    assert _in_box(st, top) and _in_box(st, board)
+
+    off = stack_factory(max_covered_share=None)
+    board2, top2 = _covered_scene(off)
+    off.controller.planner, _ = _prefer_covered(off.controller.planner)
+    rep2 = off.controller.run_tote("t0")
+    assert rep2.attempts[0].grasp.position[2] < off.cell.item_pose(top2)[0][2] - 0.01  # aimed at the board

@@ -68,9 +68,10 @@ def test_ball_flank_scores_low_for_suction():
     assert np.median(np.sum(-approach * n_true, axis=1)) > 0.97
 
 
-def test_lying_cylinder_gets_antipodal_jaw_grasps_across_its_axis_with_free_fingers():
+@pytest.mark.parametrize("radius", [0.025, 0.035])
+def test_lying_cylinder_gets_antipodal_jaw_grasps_across_its_axis_with_free_fingers(radius):
     yaw = 0.7
-    cyl = lying_cylinder(0.0, 0.02, 0.025, 0.12, yaw)
+    cyl = lying_cylinder(0.0, 0.02, radius, 0.12 + 2 * (radius - 0.025), yaw)
     cloud, j = _cands([cyl], "jaw")
     assert len(j) > 10
     assert (j.gripper == PARALLEL_JAW).all()
@@ -82,16 +83,23 @@ def test_lying_cylinder_gets_antipodal_jaw_grasps_across_its_axis_with_free_fing
     assert np.median(np.abs(closing @ axis)) < 0.2
     width = j.features[:, F["jaw_width_m"]]
     assert (width < CFG.max_opening_m).all() and (j.widths <= CFG.max_opening_m + 1e-9).all()
-    assert np.median(width) == pytest.approx(0.05, abs=0.01)
+    assert np.median(width) == pytest.approx(2 * radius, abs=0.01)
     np.testing.assert_allclose(j.rotations[:, :, 2], np.tile([0, 0, -1.0], (len(j), 1)), atol=1e-9)
     # Fingers (at +-width/2 + thickness/2 along the closing direction) stand clear of the true cylinder.
     for sign in (1.0, -1.0):
         finger = j.positions[:, :2] + sign * (j.widths / 2 + CFG.finger_thickness_m / 2)[:, None] * closing
         d = _point_line_distance(finger, np.array([0.0, 0.02]), axis)
-        assert (d > 0.025 + CFG.finger_thickness_m / 2 - 0.003).all()
-    # Grasp point on the cylinder's axis line, at most a finger depth below the top.
+        assert (d > radius + CFG.finger_thickness_m / 2 - 0.003).all()
+    # Grasp point on the cylinder's axis line. The finger pads (grasp point +- finger_pad_half)
+    # straddle the widest point, the axis height (typically by 5 mm or more): pads that close above it squeeze
+    # a round item down and out of the fingers as they lift (2 cm below the top is not enough for a
+    # 7 cm bottle: the pads would end 3.5 mm above its widest point).
     assert (_point_line_distance(j.positions[:, :2], np.array([0.0, 0.02]), axis) < 0.008).all()
-    assert (j.positions[:, 2] > 0.05 - CFG.finger_depth_m - 0.006).all()
+    pad_lo = j.positions[:, 2] - CFG.finger_pad_half_m
+    pad_hi = j.positions[:, 2] + CFG.finger_pad_half_m
+    assert (pad_lo < radius).all() and (pad_hi > radius + 0.003).all()
+    assert np.median(pad_lo) < radius - 0.005
+    assert (pad_lo > CFG.floor_clearance_m - 1e-6).all()
 
 
 def test_narrow_box_is_gripped_across_its_short_side():
@@ -102,6 +110,8 @@ def test_narrow_box_is_gripped_across_its_short_side():
     assert (np.abs(closing[:, 0]) > np.cos(np.arctan(CFG.friction_coef)) - 0.05).all()  # along x
     width = j.features[:, F["jaw_width_m"]]
     assert ((width > 0.035) & (width < 0.06)).all()
+    # A box's outline is its top edge: the fingertips go finger_depth below the 5 cm top, no deeper.
+    np.testing.assert_allclose(j.positions[:, 2], 0.05 - CFG.finger_depth_m, atol=0.003)
 
 
 def test_object_wider_than_the_opening_gets_no_jaw_candidates():
