@@ -938,10 +938,12 @@ class SimArm:
             self.jaw.held_body = None
             raise _Abort(Reason.SLIPPED, why="item not between the fingers after lifting")
         self._remember_grasp_transform(link)
-        # Carry the item's lowest point clear of the rims, not just the TCP.
+        # Carry the item's lowest point clear of the rims, not just the TCP, and lift straight up: the
+        # pre-grasp of a tilted approach lies back along the surface normal, and a line there moves a
+        # large held item sideways into the wall it slopes down to (a mailer on a pile near a wall).
         lo_z = p.getAABB(self._held, physicsClientId=self.client_id)[0][2]
         pos, _ = self.link_pose(link)
-        above = above.copy()
+        above = np.array([pos[0], pos[1], above[2]])
         above[2] = max(above[2], self._safe_height() - self.cfg.transit_clearance + (pos[2] - lo_z) + 0.03)
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
         self._kinematic_line(above, R_hand, link, self.cfg.lift_speed, fixtures_only=True, accel=acc)

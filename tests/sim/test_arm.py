@@ -6,7 +6,7 @@ import numpy as np
 import pybullet as p
 import pytest
 
-from grasping.types import Grasp, Placement, Reason, grasp_frame, matrix_to_quat
+from grasping.types import Grasp, Placement, Reason, grasp_frame, matrix_to_quat, quat_to_matrix
 from sim.motion import joint_move_time, plan_joint_move, trapezoid_time
 from sim.oracle import OracleGraspSource
 
@@ -305,3 +305,28 @@ def test_a_non_finite_joint_target_is_refused_not_a_crash(sim_cell):
     assert not out.success and out.reason in (Reason.UNREACHABLE, Reason.IK_FAILED, Reason.INVALID)
     assert np.isfinite(arm.q()).all()
     assert arm.home().success
+
+
+def test_a_board_leaning_on_the_tote_wall_is_lifted_straight_up_not_into_the_wall(sim_cell):
+    """Suction along the normal of a board that leans against the wall: the pre-grasp lies back
+    along the normal, towards the wall, so a lift towards it dragged the board into the wall
+    (a collision of the held item). The lift goes straight up, and the board comes out."""
+    cell = sim_cell
+    b = cell.tote_bounds
+    cx = (b.lo[0] + b.hi[0]) / 2
+    cell.add_primitive("box", (0.06, 0.04, 0.04), (cx, b.hi[1] - 0.16, b.lo[2] + 0.041), mass=1.0)
+    lean = p.getQuaternionFromEuler([-0.4, 0.0, 0.0])
+    board = cell.add_primitive(
+        "box", (0.10, 0.13, 0.008), (cx, b.hi[1] - 0.11, b.lo[2] + 0.06), lean, mass=0.2, name="board"
+    )
+    cell.settle(1.0)
+    pos, orn = cell.item_pose(board)
+    R = quat_to_matrix(np.asarray(orn))
+    n = R[:, 2] if R[2, 2] > 0 else -R[:, 2]
+    hi_y = p.getAABB(board, physicsClientId=cell.client_id)[1][1]
+    assert (
+        20.0 < np.degrees(np.arccos(n[2])) < 50.0 and hi_y > b.hi[1] - 0.005
+    )  # the premise: it leans on the wall
+    out = cell.arm.pick(Grasp("suction", np.asarray(pos) + 0.008 * n, matrix_to_quat(grasp_frame(-n))))
+    assert out.success, out
+    assert cell.item_pose(board)[0][2] > b.hi[2]  # out of the tote, under the cup
