@@ -32,7 +32,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from arm.interfaces import Arm, Camera, CameraError, Grasp, Outcome, Placement, Reason, ToteFeed
+from arm.interfaces import (
+    Arm,
+    Camera,
+    CameraError,
+    Grasp,
+    Outcome,
+    Placement,
+    ReachCheck,
+    Reason,
+    ToteFeed,
+)
 from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
 from grasping.types import Candidate, Frame, ItemCluster, Plan, matrix_to_quat
 from hitl.messages import AssistAnswer, AssistRequest, CandidateView
@@ -73,6 +83,9 @@ class ControllerConfig:
     # against (outline share under a higher surface <= max_covered_share, [0, 1]); only when every
     # confident candidate is on a covered item, the best of those. None: plain best-first.
     max_covered_share: float | None = 0.15
+    # Confident candidates checked for reach (IK and fixtures, no motion) before one is executed, in
+    # pick order, where the arm offers the check (arm.interfaces.ReachCheck); 0: execute unchecked.
+    reach_checks: int = 8
 
 
 @dataclass
@@ -262,7 +275,10 @@ class CellController:
             ]
             # 3. confident: pick
             if confident:
-                i, cand = _uncovered_first(plan, confident, cfg.max_covered_share)
+                chosen = self._first_reachable(_uncovered_first(plan, confident, cfg.max_covered_share), st)
+                if chosen is None:
+                    continue  # the best ones are out of reach: marked, plan again without them
+                i, cand = chosen
                 looked_again = False
                 self._pick_and_place(rep, st, tote_id, plan, plan_id, i, cand.grasp, "model", cand.p_success)
                 continue
@@ -321,6 +337,27 @@ class CellController:
         return rep
 
     # --- pieces -----------------------------------------------------------------------------------
+
+    def _first_reachable(
+        self, ordered: list[tuple[int, Candidate]], st: _ToteState
+    ) -> tuple[int, Candidate] | None:
+        """The first candidate the arm can reach (ReachCheck), checking at most `reach_checks`.
+
+        Unreachable ones are remembered as failed spots of this tote (no attempt is recorded: the
+        arm never moved) and the caller plans again. Arms without the check: the first candidate.
+        """
+        if not isinstance(self.arm, ReachCheck) or self.config.reach_checks <= 0:
+            return ordered[0]
+        for i, cand in ordered[: self.config.reach_checks]:
+            why = self.arm.check_grasp(cand.grasp)
+            if why is Reason.OK:
+                return i, cand
+            st.failed_spots.append(np.asarray(cand.grasp.position))
+            self._count("unreachable_skipped")
+            log.info(
+                "candidate %d at %s skipped before moving: %s", i, np.round(cand.grasp.position, 3), why.value
+            )
+        return None
 
     def _idle(self) -> float:
         """Wait one idle step (robot time) and let other threads deliver answers (wall time)."""
@@ -606,8 +643,9 @@ def _bump(counts: list[tuple[np.ndarray, int]], centre: np.ndarray, radius: floa
 
 def _uncovered_first(
     plan: Plan, confident: list[tuple[int, Candidate]], max_share: float | None
-) -> tuple[int, Candidate]:
-    """The best confident candidate on an item nothing lies on; the best of all if there is none.
+) -> list[tuple[int, Candidate]]:
+    """Confident candidates in pick order: those on items nothing lies on first (best first), then
+    the others (best first).
 
     Why: under a covering item the camera sees only part of an item (often split in two by what
     lies across it), so the candidate's distance to the visible centroid, which the model trusts
@@ -616,12 +654,13 @@ def _uncovered_first(
     uncovers the rest.
     """
     if max_share is None:
-        return confident[0]
-    for i, c in confident:
+        return list(confident)
+
+    def uncovered(c: Candidate) -> bool:
         cl = plan.clusters[c.cluster] if plan.clusters and 0 <= c.cluster < len(plan.clusters) else None
-        if cl is None or cl.occluded <= max_share:
-            return i, c
-    return confident[0]
+        return cl is None or cl.occluded <= max_share
+
+    return [ic for ic in confident if uncovered(ic[1])] + [ic for ic in confident if not uncovered(ic[1])]
 
 
 def _cluster_of(plan: Plan, index: int | None) -> ItemCluster | None:

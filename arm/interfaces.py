@@ -60,6 +60,19 @@ class Gripper(Protocol):
 
 
 @runtime_checkable
+class ReachCheck(Protocol):
+    """Optional arm capability: can the arm reach a grasp, without moving?
+
+    `check_grasp(grasp)` answers Reason.OK, or why not (UNREACHABLE, IK_FAILED, COLLISION of the
+    hand with a fixture at the pre-grasp or grasp pose, INVALID), from inverse kinematics and the
+    cell's fixed geometry only. The controller asks before it commits to a candidate and skips the
+    ones that would fail before the arm moved: a real arm's driver answers from its IK solver.
+    """
+
+    def check_grasp(self, grasp: Grasp) -> Reason: ...
+
+
+@runtime_checkable
 class Arm(Protocol):
     """A robot arm with its grippers. Motions return Outcomes; failures are values, not exceptions.
 

@@ -1005,7 +1005,8 @@ class SimArm:
 
         Kinematic only (no physics, the scene is unchanged): OK, UNREACHABLE, IK_FAILED, COLLISION
         or INVALID. With `target` (the item to pick) the open hand must also clear every other item
-        at the grasp and pre-grasp poses. Used by the oracle to skip grasps bound to fail.
+        at the grasp and pre-grasp poses. Used by the oracle to skip grasps bound to fail, and by the
+        controller (arm.interfaces.ReachCheck) to skip candidates the arm cannot reach.
         """
         if grasp.gripper == "parallel_jaw" and not 0.0 < grasp.width <= self.cfg.jaw.max_opening:
             return Reason.INVALID
@@ -1019,9 +1020,10 @@ class SimArm:
         w_keep, ext_keep = self.jaw.width(), self.suction.extended
         try:
             R_hand, q_grasp = self._best_hand_rotation(grasp, link, grasp.position)
-            q_pre = self._solve(
-                grasp.position - grasp.approach * self.cfg.pregrasp_offset, R_hand, link, q_grasp
-            )
+            pre = grasp.position - grasp.approach * self.cfg.pregrasp_offset
+            # The same poses `pick` solves before it moves: above the pre-grasp, then the pre-grasp.
+            self._solve(np.array([pre[0], pre[1], max(pre[2], self._safe_height())]), R_hand, link, q_grasp)
+            q_pre = self._solve(pre, R_hand, link, q_grasp)
             for f in self.finger_joints:
                 p.resetJointState(self.body, f, opening / 2, physicsClientId=self.client_id)
             slide = self.suction.extended_position if grasp.gripper == "suction" else 0.0
