@@ -199,7 +199,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=2))
     if args.report:
-        cmd = {k: v for k, v in metrics["config"].items() if k not in ("json", "report") and v is not None}
+        # The subcommand's own name ("command") is not an option of it.
+        skip = ("json", "report", "command")
+        cmd = {k: v for k, v in metrics["config"].items() if k not in skip and v is not None}
         path = write_report(args.report, metrics, episodes, cmd)
         print(f"report: {path}")
     keys = (

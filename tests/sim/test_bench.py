@@ -50,6 +50,10 @@ def test_one_and_two_workers_give_identical_metrics(tmp_path):
     assert one["picks"] >= 1 and one["attempts"] >= one["picks"]
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "first-attempt success" in report
+    # The report's command line is one a person can paste back: options of `pickcell bench` only.
+    line = next(ln for ln in report.splitlines() if ln.startswith("Command: "))
+    assert line.startswith("Command: `pickcell bench --") and "--command" not in line
+    assert "--catalog procedural" in line and "--workers 2" in line
     for png in ("success_by_family.png", "latency_hist.png", "cycle_breakdown.png", "picks_over_time.png"):
         assert (tmp_path / "rep" / png).read_bytes().startswith(b"\x89PNG")
 
