@@ -79,12 +79,12 @@ class ControllerConfig:
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
     ledger_source: str = "production"  # how attempts are labeled in the ledger: production | sim
     guess_when_alone: bool = False  # with no assist channel: pick unsure items anyway (else skip them)
-    # Pick order: among confident candidates, take the best one on an item that nothing lies on or
-    # against (outline share under a higher surface <= max_covered_share, [0, 1]); only when every
-    # confident candidate is on a covered item, the best of those. None: plain best-first.
+    # Pick order: among confident candidates, suction on an item that something lies on or against
+    # (outline share under a higher surface > max_covered_share, [0, 1]) comes after the rest: the
+    # visible part's centroid is not the item's centre of mass. None: plain best-first.
     max_covered_share: float | None = 0.15
-    # Confident candidates checked for reach (IK and fixtures, no motion) before one is executed, in
-    # pick order, where the arm offers the check (arm.interfaces.ReachCheck); 0: execute unchecked.
+    # Confident candidates checked for reach (IK, no motion) before one is executed, in pick order,
+    # where the arm offers the check (arm.interfaces.ReachCheck); 0: execute unchecked.
     reach_checks: int = 8
 
 
@@ -350,7 +350,9 @@ class CellController:
             return ordered[0]
         for i, cand in ordered[: self.config.reach_checks]:
             why = self.arm.check_grasp(cand.grasp)
-            if why is Reason.OK:
+            # Only what the arm itself cannot do is skipped. A hand near a fixture (the check keeps a
+            # tracking margin) is left to the pick: the planner's tool-collision check judged it.
+            if why not in _UNREACHABLE:
                 return i, cand
             st.failed_spots.append(np.asarray(cand.grasp.position))
             self._count("unreachable_skipped")
@@ -641,11 +643,14 @@ def _bump(counts: list[tuple[np.ndarray, int]], centre: np.ndarray, radius: floa
     return 1
 
 
+_UNREACHABLE = (Reason.UNREACHABLE, Reason.IK_FAILED, Reason.INVALID)
+
+
 def _uncovered_first(
     plan: Plan, confident: list[tuple[int, Candidate]], max_share: float | None
 ) -> list[tuple[int, Candidate]]:
-    """Confident candidates in pick order: those on items nothing lies on first (best first), then
-    the others (best first).
+    """Confident candidates in pick order: suction on items nothing lies on, and every jaw candidate,
+    first (best first); then suction on covered items (best first).
 
     Why: under a covering item the camera sees only part of an item (often split in two by what
     lies across it), so the candidate's distance to the visible centroid, which the model trusts
@@ -657,6 +662,8 @@ def _uncovered_first(
         return list(confident)
 
     def uncovered(c: Candidate) -> bool:
+        if c.grasp.gripper != "suction":
+            return True  # the centroid bias is a torque error for the cup; the jaw grips across
         cl = plan.clusters[c.cluster] if plan.clusters and 0 <= c.cluster < len(plan.clusters) else None
         return cl is None or cl.occluded <= max_share
 
