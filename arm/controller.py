@@ -661,26 +661,27 @@ def _uncovered_first(
     if max_share is None:
         return list(confident)
 
-    def uncovered(c: Candidate) -> bool:
-        if c.grasp.gripper != "suction":
-            return True  # the centroid bias is a torque error for the cup; the jaw grips across
-        cl = plan.clusters[c.cluster] if plan.clusters and 0 <= c.cluster < len(plan.clusters) else None
-        return cl is None or cl.occluded <= max_share
+    first, last = [], []
+    for i, c in confident:
+        cl = _cluster(plan, c)
+        # The centroid bias is a torque error for the cup; the jaw grips across the item.
+        covered = c.grasp.gripper == "suction" and cl is not None and cl.occluded > max_share
+        (last if covered else first).append((i, c))
+    return first + last
 
-    return [ic for ic in confident if uncovered(ic[1])] + [ic for ic in confident if not uncovered(ic[1])]
+
+def _cluster(plan: Plan, cand: Candidate) -> ItemCluster | None:
+    """The item a candidate lies on, where the plan has its clusters."""
+    return plan.clusters[cand.cluster] if 0 <= cand.cluster < len(plan.clusters) else None
 
 
 def _cluster_of(plan: Plan, index: int | None) -> ItemCluster | None:
-    if index is None or not plan.clusters:
-        return None
-    k = plan.candidates[index].cluster
-    return plan.clusters[k] if 0 <= k < len(plan.clusters) else None
+    return None if index is None else _cluster(plan, plan.candidates[index])
 
 
 def _centre_of(plan: Plan, cand: Candidate) -> np.ndarray:
-    if plan.clusters and 0 <= cand.cluster < len(plan.clusters):
-        return np.asarray(plan.clusters[cand.cluster].centroid)
-    return np.asarray(cand.grasp.position)
+    cl = _cluster(plan, cand)
+    return np.asarray(cl.centroid if cl is not None else cand.grasp.position)
 
 
 __all__ = ["AssistChannel", "Attempt", "CellController", "ControllerConfig", "ToteReport", "Reason"]

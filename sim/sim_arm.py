@@ -753,8 +753,7 @@ class SimArm:
             target = grasp.position.copy()
             R_hand, q_grasp = self._best_hand_rotation(grasp, link, target)
             pre = target - a * self.cfg.pregrasp_offset
-            safe_z = max(pre[2], self._safe_height())
-            above = np.array([pre[0], pre[1], safe_z])
+            above = self._above(pre)
             q_above = self._solve(above, R_hand, link, q_grasp)
             self._solve(pre, R_hand, link, q_grasp)  # fail before moving if pre-grasp is infeasible
             self._prepare_tool(grasp.gripper, opening)
@@ -1000,6 +999,10 @@ class SimArm:
         self._command(qs[-1])
         self._time += duration
 
+    def _above(self, pre: np.ndarray) -> np.ndarray:
+        """Where a pick starts its descent: over the pre-grasp, at least at the safe height."""
+        return np.array([pre[0], pre[1], max(pre[2], self._safe_height())])
+
     def check_grasp(self, grasp: Grasp, target: int | None = None) -> Reason:
         """Would the arm reach this grasp and its pre-grasp without the hand hitting a fixture?
 
@@ -1022,7 +1025,7 @@ class SimArm:
             R_hand, q_grasp = self._best_hand_rotation(grasp, link, grasp.position)
             pre = grasp.position - grasp.approach * self.cfg.pregrasp_offset
             # The same poses `pick` solves before it moves: above the pre-grasp, then the pre-grasp.
-            self._solve(np.array([pre[0], pre[1], max(pre[2], self._safe_height())]), R_hand, link, q_grasp)
+            self._solve(self._above(pre), R_hand, link, q_grasp)
             q_pre = self._solve(pre, R_hand, link, q_grasp)
             for f in self.finger_joints:
                 p.resetJointState(self.body, f, opening / 2, physicsClientId=self.client_id)
