@@ -7,6 +7,7 @@ identity the console sends to the broker as `on_behalf_of`, so the ledger record
 from __future__ import annotations
 
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -61,9 +62,7 @@ class UserStore:
             "CREATE TABLE IF NOT EXISTS users "
             "(name TEXT PRIMARY KEY, hash TEXT NOT NULL, created REAL NOT NULL)"
         )
-        # A hash of a random password: verifying unknown names against it costs as much as a real
-        # check, so response time does not tell which names exist.
-        self._dummy = self._hasher.hash("not a real password: timing equaliser")
+        self._dummy: str | None = None  # made on first use (one argon2 hash costs ~0.1-0.5 s)
 
     def close(self) -> None:
         with self._lock:
@@ -105,6 +104,10 @@ class UserStore:
         if NAME_RE.match(name):
             with self._lock:
                 row = self._conn.execute("SELECT hash FROM users WHERE name = ?", (name,)).fetchone()
+        if row is None and self._dummy is None:
+            # A hash of a random password: verifying unknown names against it costs as much as a real
+            # check, so response time does not tell which names exist.
+            self._dummy = self._hasher.hash(secrets.token_urlsafe(16))
         try:
             self._hasher.verify(row[0] if row else self._dummy, password)
         except (VerificationError, InvalidHashError):
