@@ -90,6 +90,8 @@
 
   function gripperName(g) { return g === "suction" ? "cup" : g === "parallel_jaw" ? "jaw" : g; }
 
+  // Tap targets over the cell's picture: a faint ring at each offered candidate (the cell drew the
+  // numbers and grippers; grasping.draw draws exactly the offered list).
   function drawOverlay(r) {
     const svg = $("overlay");
     svg.setAttribute("viewBox", "0 0 " + r.width + " " + r.height);
@@ -100,13 +102,11 @@
       g.setAttribute("class", "cand " + (c.gripper === "suction" ? "cup" : "jaw"));
       g.setAttribute("data-index", String(c.index));
       const ring = document.createElementNS(SVG, "circle");
-      ring.setAttribute("cx", c.u); ring.setAttribute("cy", c.v); ring.setAttribute("r", 11 * scale);
+      ring.setAttribute("cx", c.u); ring.setAttribute("cy", c.v); ring.setAttribute("r", 12 * scale);
       g.appendChild(ring);
-      const label = document.createElementNS(SVG, "text");
-      label.setAttribute("x", c.u - 13 * scale); label.setAttribute("y", c.v + 20 * scale);
-      label.setAttribute("font-size", 13 * scale);
-      label.textContent = String(c.index);
-      g.appendChild(label);
+      const title = document.createElementNS(SVG, "title"); // the number itself is on the cell's picture
+      title.textContent = "#" + c.index + " " + gripperName(c.gripper);
+      g.appendChild(title);
       svg.appendChild(g);
     }
   }
