@@ -162,6 +162,30 @@ def test_everything_from_the_browser_is_checked(rig, people):
     assert alice.post("/api/answer", {"request_id": rid, "kind": "no_safe_pick"}).status_code == 409
 
 
+def test_a_skip_nobody_here_can_take_goes_to_an_associate_elsewhere(rig, people):
+    req = make_request(seed=13)
+    fut = rig.cell.ask(req)
+    alice = people("alice")
+    alice.open_page()
+    rid = wait_for(alice.holding, 10, "alice to be given the request")
+    dave = rig.terminal("dave")  # a person at `pickcell assist`
+    try:
+        assert dave.next_request(0.5) is None  # the console holds it
+        n_before = len(alice.states)
+        r = alice.post("/api/skip", {"request_id": rid})
+        assert r.status_code == 200 and r.json()["state"] == "skipped"
+        got = dave.next_request(10)
+        assert got is not None and got.request_id == rid
+        dave.answer(rid, "approve", candidate_index=2)
+        ans = fut.result(10)
+        assert (ans.kind, ans.candidate_index, ans.associate_id) == ("approve", 2, "dave")
+        # It never came back to alice's page, though the broker may have offered it to the console again.
+        after = alice.states[n_before:]
+        assert after and all(s["request"] is None or s["request"]["request_id"] != rid for s in after)
+    finally:
+        dave.close()
+
+
 def test_sign_in_is_rate_limited_per_name_and_address(rig):
     with httpx.Client(base_url=rig.url, timeout=15) as c:
         page = c.get("/login")
