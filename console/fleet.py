@@ -91,7 +91,7 @@ class BrokerFleetSource:
             at=time.time(),
             cells=tuple(rows),
             queue_waiting=_int("waiting"),
-            queue_held=_int("held"),
+            queue_held=_int("held_total") if _int("held_total") is not None else _int("held"),
             associates_connected=_int("associates"),
             cells_connected=_int("cells"),
         )

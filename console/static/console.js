@@ -267,10 +267,14 @@
   }
 
   function renderFleet(f) {
-    const n = (x) => (x === null || x === undefined ? "?" : x);
-    $("fleet-summary").textContent = "From the " + f.source + ": " + n(f.queue_waiting) + " waiting, "
-      + n(f.queue_held) + " held, " + n(f.associates_connected) + " associates and "
-      + n(f.cells_connected) + " cells connected.";
+    const known = (x) => x !== null && x !== undefined;
+    const parts = [];
+    if (known(f.queue_waiting)) parts.push(f.queue_waiting + " requests waiting");
+    if (known(f.queue_held)) parts.push(f.queue_held + " held by people");
+    if (known(f.associates_connected)) parts.push(f.associates_connected + " answering clients connected");
+    if (known(f.cells_connected)) parts.push(f.cells_connected + " cells connected");
+    $("fleet-summary").textContent = "From the " + f.source + (parts.length ? ": " + parts.join(", ") + "." : ".")
+      + " Cells appear here once they ask this console; what the source does not know shows as unknown.";
     const body = $("fleet-rows");
     body.textContent = "";
     if (!f.cells.length) {
