@@ -14,6 +14,7 @@
   let digits = "";
   let digitTimer = null;
   let pendingChoice = null; // {cup, jaw} candidates while the chooser is open
+  let zoomed = true; // show the part of the picture around the candidates, larger (z toggles)
 
   // Timestamps for benchmarks/console_latency.py (epoch ms): when a request became visible, and when
   // the person's click/key for it happened.
@@ -94,7 +95,6 @@
   // numbers and grippers; grasping.draw draws exactly the offered list).
   function drawOverlay(r) {
     const svg = $("overlay");
-    svg.setAttribute("viewBox", "0 0 " + r.width + " " + r.height);
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     const scale = Math.max(1, r.width / 640);
     for (const c of r.candidates) {
@@ -126,6 +126,51 @@
     if (!r.candidates.length) box.textContent = "The cell offers no candidate: tap a spot, or say no safe pick.";
   }
 
+  // The part of the picture to show: around the offered candidates (a margin for pointing at a spot
+  // beside them), at least 240 px wide, in the picture's own aspect; or all of it.
+  function viewBox(r) {
+    if (!zoomed || !r.candidates.length) return [0, 0, r.width, r.height];
+    const m = 90;
+    let x0 = Math.min(...r.candidates.map((c) => c.u)) - m, x1 = Math.max(...r.candidates.map((c) => c.u)) + m;
+    let y0 = Math.min(...r.candidates.map((c) => c.v)) - m, y1 = Math.max(...r.candidates.map((c) => c.v)) + m;
+    let w = Math.max(x1 - x0, 240), h = Math.max(y1 - y0, 180);
+    const aspect = r.width / r.height;
+    if (w / h < aspect) w = h * aspect; else h = w / aspect;
+    w = Math.min(w, r.width); h = Math.min(h, r.height);
+    const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
+    const x = Math.min(Math.max(cx - w / 2, 0), r.width - w), y = Math.min(Math.max(cy - h / 2, 0), r.height - h);
+    return [x, y, w, h];
+  }
+
+  function applyView() {
+    if (!req) return;
+    const vb = viewBox(req);
+    const view = $("view");
+    view.setAttribute("viewBox", vb.join(" "));
+    view.style.aspectRatio = vb[2] + " / " + vb[3];
+    $("zoom").hidden = !req.candidates.length;
+    $("zoom").firstChild.textContent = zoomed ? "Whole picture " : "Zoom in ";
+    closeChooser();
+  }
+
+  // Page <-> picture coordinates (also used by the browser tests and the latency benchmark).
+  function toImage(clientX, clientY) {
+    const view = $("view");
+    const pt = view.createSVGPoint();
+    pt.x = clientX; pt.y = clientY;
+    const p = pt.matrixTransform(view.getScreenCTM().inverse());
+    return { u: Math.floor(p.x), v: Math.floor(p.y) };
+  }
+  function toClient(u, v) {
+    const view = $("view");
+    const pt = view.createSVGPoint();
+    pt.x = u + 0.5; pt.y = v + 0.5;
+    const p = pt.matrixTransform(view.getScreenCTM());
+    return { x: p.x, y: p.y };
+  }
+  window.__pickcell.toImage = toImage;
+  window.__pickcell.toClient = toClient;
+
   function render(state) {
     clockOffset = state.server_time - Date.now() / 1000;
     $("me").textContent = state.you;
@@ -154,14 +199,19 @@
     }
     listCandidates(r);
     drawOverlay(r);
-    const img = $("image");
     const rid = r.request_id;
-    img.src = r.image_url;
-    img.decode().catch(() => null).then(() => {
+    const pre = new Image();
+    pre.src = r.image_url;
+    pre.decode().catch(() => null).then(() => {
       if (!req || req.request_id !== rid) return;
+      const img = $("image");
+      img.setAttribute("width", r.width);
+      img.setAttribute("height", r.height);
+      img.setAttribute("href", r.image_url);
       shownId = rid;
       $("idle").hidden = true;
       $("picture").hidden = false;
+      applyView();
       $("stage").setAttribute("data-request-id", rid);
       requestAnimationFrame(() => { window.__pickcell.shown[rid] = epochMs(performance.now()); });
       setButtons();
@@ -183,20 +233,14 @@
 
   // ---- taps on the picture ----
 
-  function imageCoords(ev) {
-    const rect = $("image").getBoundingClientRect();
-    const sx = req.width / rect.width, sy = req.height / rect.height;
-    const u = Math.floor((ev.clientX - rect.left) * sx), v = Math.floor((ev.clientY - rect.top) * sy);
-    return { u, v, sx, sy };
-  }
-
   function closeChooser() { pendingChoice = null; $("chooser").hidden = true; }
 
-  $("picture").addEventListener("click", (ev) => {
-    if (!req || busy || ev.target.closest("#chooser")) return;
-    const { u, v, sx } = imageCoords(ev);
+  $("zoom").addEventListener("click", (ev) => { ev.stopPropagation(); zoomed = !zoomed; applyView(); });
+  $("view").addEventListener("click", (ev) => {
+    if (!req || busy) return;
+    const { u, v } = toImage(ev.clientX, ev.clientY);
     if (u < 0 || v < 0 || u >= req.width || v >= req.height) return;
-    const reach = HIT_PX * sx;
+    const reach = HIT_PX / $("view").getScreenCTM().a; // finger-sized, in picture pixels
     const near = req.candidates
       .map((c) => ({ c, d: Math.hypot(c.u - u, c.v - v) }))
       .filter((x) => x.d <= reach)
@@ -250,6 +294,8 @@
       commitDigits(ev.timeStamp); ev.preventDefault();
     } else if (ev.key === "Escape") {
       digits = ""; closeChooser();
+    } else if (ev.key === "z") {
+      zoomed = !zoomed; applyView();
     } else if (ev.key === "n") {
       send("no_safe_pick", {}, "no safe pick", ev.timeStamp); ev.preventDefault();
     } else if (ev.key === "s") {

@@ -3,15 +3,19 @@ broker -> a real cell client, and the cell's ledger (SQLite)."""
 
 from __future__ import annotations
 
-from conftest import PASSWORDS, H, W, make_request, sign_in, wait_for
+from conftest import PASSWORDS, make_request, sign_in, wait_for
 
 from hitl.ledger import Ledger
 
 
-def image_point(page, u: int, v: int) -> tuple[float, float]:
-    """Page coordinates of the centre of image pixel (u, v) as the page shows it (scaled)."""
-    box = page.locator("#image").bounding_box()
-    return box["x"] + (u + 0.5) * box["width"] / W, box["y"] + (v + 0.5) * box["height"] / H
+def click_pixel(page, u: int, v: int) -> tuple[int, int]:
+    """Click the centre of picture pixel (u, v) as the page shows it (zoomed, scaled); returns the pixel
+    the page itself maps that click to (browsers report whole CSS pixels), which the cell must receive."""
+    p = page.evaluate("([u, v]) => window.__pickcell.toClient(u, v)", [u, v])
+    x, y = round(p["x"]), round(p["y"])
+    got = page.evaluate("([x, y]) => window.__pickcell.toImage(x, y)", [x, y])
+    page.mouse.click(x, y)
+    return got["u"], got["v"]
 
 
 def wait_shown(page, request_id: str) -> None:
@@ -36,17 +40,25 @@ def test_sign_in_approve_one_point_at_another_and_the_ledger_names_the_person(ri
     assert "low confidence" in page.inner_text("#reasons")
     assert page.inner_text("#cell").startswith("cell-1")
 
+    # The page zooms onto the candidates; z shows the whole picture and back.
+    zoomed = page.get_attribute("#view", "viewBox")
+    assert [float(x) for x in zoomed.split()][2] < 640
+    page.keyboard.press("z")
+    assert page.get_attribute("#view", "viewBox") == "0 0 640 480"
+    page.click("#zoom")
+    assert page.get_attribute("#view", "viewBox") == zoomed
     # Tap candidate #0 on the picture: approve.
-    page.mouse.click(*image_point(page, 200, 150))
+    click_pixel(page, 200, 150)
     a1 = f1.result(15)
     wait_shown(page, second.request_id)  # the next one appears by itself
 
     # Tap a spot away from every candidate: pick there.
-    page.mouse.click(*image_point(page, 300, 60))
+    spot = click_pixel(page, 300, 250)
+    assert spot == (300, 250)  # zoomed in, a picture pixel spans more than one CSS pixel
     a2 = f2.result(15)
 
     assert (a1.status, a1.kind, a1.candidate_index, a1.pixel) == ("answered", "approve", 0, None)
-    assert (a2.status, a2.kind, a2.candidate_index, a2.pixel) == ("answered", "point", None, (300, 60))
+    assert (a2.status, a2.kind, a2.candidate_index, a2.pixel) == ("answered", "point", None, (300, 250))
     assert a1.associate_id == "alice" and a2.associate_id == "alice"
     assert getattr(a1, "via", "console") == "console"
 
@@ -57,7 +69,7 @@ def test_sign_in_approve_one_point_at_another_and_the_ledger_names_the_person(ri
             ledger.record_request(req)
             ledger.record_answer(ans)
         assert ledger.answer(first.request_id).associate_id == "alice"
-        assert ledger.answer(second.request_id).pixel == (300, 60)
+        assert ledger.answer(second.request_id).pixel == (300, 250)
         assert ledger.answer(second.request_id).associate_id == "alice"
     finally:
         ledger.close()
@@ -75,7 +87,7 @@ def test_both_grippers_fit_choose_jaw_then_keys(rig, page):
     sign_in(page, rig.url, "bob", PASSWORDS["bob"])
     wait_shown(page, first.request_id)
     # #1 (jaw) and #2 (cup) sit on the same spot: the page asks which.
-    page.mouse.click(*image_point(page, 422, 302))
+    click_pixel(page, 422, 302)
     page.wait_for_selector("#chooser:not([hidden])")
     page.click("#choose-jaw")
     wait_shown(page, second.request_id)
