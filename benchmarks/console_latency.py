@@ -307,7 +307,8 @@ def screenshots(browser, url: str, cell, pictures: list[dict], out: Path) -> lis
         written.append(str(out / name))
         if name == "console-desktop.png":
             page.click("#tab-fleet")
-            page.wait_for_selector("tr[data-cell='cell-1']")
+            # wait for a fleet push that has seen this request
+            page.wait_for_selector("tr[data-cell='cell-1'] td:has-text('waiting for a person')")
             page.screenshot(path=str(out / "console-fleet.png"))
             written.append(str(out / "console-fleet.png"))
             page.click("#tab-answer")
