@@ -177,6 +177,8 @@ class CellController:
         self._planner_lock = threading.Lock()
         # Called after every attempt with (attempt, the plan it came from): benchmarks and UIs listen here.
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
+        # Called after every question with (request, centre (3,) of the item it is about, base frame).
+        self.on_ask: Callable[[AssistRequest, np.ndarray], None] | None = None
 
     # --- control from other threads -------------------------------------------------------------
 
@@ -423,6 +425,8 @@ class CellController:
         )
         rep.assists_requested += 1
         self._count("assists_requested")
+        if self.on_ask is not None:
+            self.on_ask(req, np.asarray(centre))
         log.info("asked a person (%s): %s", req.request_id[:8], "; ".join(plan.reasons))
 
     def _apply_answers(self, rep: ToteReport, tote_id: str, st: _ToteState) -> None:
