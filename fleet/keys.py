@@ -1,10 +1,10 @@
 """`pickcell fleet init`: the fleet's keys, and one folder per cell to copy onto that cell.
 
-    <fleet>/keys/fleet.key, fleet.key_secret      the service's CURVE pair
-    <fleet>/keys/allowed/<cell>.key               every cell's public CURVE key (its identity)
-    <fleet>/keys/signing.ed25519, signing.pub     the model-signing pair
-    <fleet>/cells/<cell>/                         <cell>.key_secret, fleet.key, signing.pub: the cell's
-                                                  fleet keys folder (copy it to the cell; nothing else)
+<fleet>/keys/fleet.key, fleet.key_secret      the service's CURVE pair
+<fleet>/keys/allowed/<cell>.key               every cell's public CURVE key (its identity)
+<fleet>/keys/signing.ed25519, signing.pub     the model-signing pair
+<fleet>/cells/<cell>/                         <cell>.key_secret, fleet.key, signing.pub: the cell's
+                                              fleet keys folder (copy it to the cell; nothing else)
 """
 
 from __future__ import annotations
