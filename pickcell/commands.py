@@ -403,6 +403,15 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
                 setattr(args, k, Path(v) if k in ("data", "keys") else v)
     if args.log_json:
         use_json_logs(logging.INFO)
+    if args.planner == "learned":  # refuse to start on a missing or corrupt model (never fall back)
+        from arm.daemon import StartupError, check_model_file
+        from sim.stack import DEFAULT_MODEL
+
+        try:
+            check_model_file(args.model or DEFAULT_MODEL)
+        except StartupError as exc:
+            print(f"pickcell cell run: {exc}", file=sys.stderr, flush=True)
+            return 2
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(data / "ledger.sqlite", cell_id=args.cell_id)
