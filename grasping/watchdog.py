@@ -404,6 +404,12 @@ def scene_item_descriptors(cloud: Any) -> np.ndarray:
 
     Items with too few points for a descriptor are left out (K <= cloud.n_clusters).
     """
+    out = [d for d in cluster_descriptors(cloud) if d is not None]
+    return np.array(out).reshape(-1, len(ITEM_FEATURES))
+
+
+def cluster_descriptors(cloud: Any) -> list[np.ndarray | None]:
+    """One descriptor per cluster of a SceneCloud, in cluster order (None: too few points)."""
     labels = np.asarray(cloud.labels)
     pts = np.asarray(cloud.points_base).reshape(-1, 3)
     nrm = np.asarray(cloud.normals_base).reshape(-1, 3)
@@ -421,10 +427,8 @@ def scene_item_descriptors(cloud: Any) -> np.ndarray:
     for k in range(cloud.n_clusters):
         rows = order[bounds[k] : bounds[k + 1]]
         steps = b_step[b_order[b_bounds[k] : b_bounds[k + 1]]]
-        d = item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps)
-        if d is not None:
-            out.append(d)
-    return np.array(out).reshape(-1, len(ITEM_FEATURES))
+        out.append(item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps))
+    return out
 
 
 @dataclass(frozen=True)
