@@ -189,6 +189,7 @@ class CellController:
         render_png: Callable[[Frame, Plan], bytes] | None = None,
         metrics: Any | None = None,
         config: ControllerConfig | None = None,
+        pixel_candidate: Callable[[Frame, int, int, str], Any] | None = None,
     ) -> None:
         self.arm = arm
         self.camera = camera
@@ -200,6 +201,10 @@ class CellController:
         self.render_png = render_png
         self.metrics = metrics
         self.config = config or ControllerConfig()
+        # (frame, u, v, gripper) -> grasping.pixel_candidate.PixelCandidate: turns a clicked pixel
+        # into a planner candidate with its patch and features, so the attempt is a training row.
+        # None: grasping.pixel_grasp's suction grasp (executed, but stored without an observation).
+        self.pixel_candidate = pixel_candidate
         self._stop = threading.Event()
         self._planner_lock = threading.Lock()
         # Called after every attempt with (attempt, the plan it came from): benchmarks and UIs listen here.
@@ -366,7 +371,7 @@ class CellController:
                 )
                 st.skipped.append(centre)
                 continue
-            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots)
+            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots, item=cand.cluster)
 
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
@@ -453,6 +458,7 @@ class CellController:
         centre: np.ndarray,
         pending: dict[str, _Pending],
         failed_spots: Sequence[np.ndarray] = (),
+        item: int | None = None,
     ) -> None:
         cfg = self.config
         png = self.render_png(frame, plan) if self.render_png is not None else b""
@@ -489,6 +495,9 @@ class CellController:
                 "frame_id": plan.frame_id,
                 "plan_id": plan_id,
                 "model_version": plan.model_version,
+                # The item asked about (plan cluster): a "no safe pick" answer labels its
+                # candidates only, never those on other items shown in the same picture.
+                "item": None if item is None or item < 0 else int(item),
             },
         )
         if self.ledger is not None:
@@ -557,21 +566,69 @@ class CellController:
                     log.info("approved candidate %d: the surface moved since the question; skipped", k)
                     continue
                 self._pick_and_place(
-                    rep, st, tote_id, p.plan, p.plan_id, k, cand.grasp, who, cand.p_success, item
-                )
+                    rep, st, tote_id, p.plan, p.plan_id, k, cand.grasp, who, cand.p_success,
+                    request_id=rid, tracked=item,
+                )  # fmt: skip
             elif answer.kind == "point" and answer.pixel is not None:
-                try:
-                    frame = self.camera.capture()
-                    grasp = grasp_from_pixel(frame, *answer.pixel)
-                except (PixelGraspError, CameraError) as exc:
-                    log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
-                    continue
-                item = st.items.get(p.centre)
-                if item.set_aside:
+                tracked = st.items.get(p.centre)
+                if tracked.set_aside:
                     log.info("clicked pixel on an item already set aside: skipped")
                     continue
-                self._pick_and_place(rep, st, tote_id, p.plan, p.plan_id, None, grasp, who, None, item)
+                self._apply_point(rep, st, tote_id, p, answer, who, tracked)
             # "skip": nothing to do; the item may be asked about again later.
+
+    def _apply_point(
+        self,
+        rep: ToteReport,
+        st: _ToteState,
+        tote_id: str,
+        p: _Pending,
+        answer: AssistAnswer,
+        who: str,
+        tracked: TrackedItem | None = None,
+    ) -> None:
+        """Execute a clicked pixel, if the surface under it is where it was when the person looked.
+
+        If it moved, nothing is executed and the item stays unmarked: the loop plans it afresh and,
+        still unsure, asks again about what is there now. The click becomes a planner candidate
+        (`pixel_candidate`) so its attempt is stored with a patch and features and labelled by its
+        outcome; the item it is on in the plan the person saw is recorded with it.
+        """
+        u, v = answer.pixel
+        try:
+            frame = self.camera.capture()
+        except CameraError as exc:
+            log.info("clicked pixel %s: no frame to check it against (%s)", answer.pixel, exc)
+            return
+        d0, d1 = _window_depth(p.frame, u, v), _window_depth(frame, u, v)
+        if d0 is not None and d1 is not None and abs(d1 - d0) > self.config.answer_depth_tolerance_m:
+            log.info(
+                "clicked pixel %s: the surface moved %.3f m since the question; asking again",
+                answer.pixel,
+                d1 - d0,
+            )
+            self._count("answers_stale")
+            return
+        gripper = answer.gripper or "suction"
+        try:
+            if self.pixel_candidate is not None:
+                pc = self.pixel_candidate(frame, u, v, gripper)
+                grasp, patch, features, descriptor = pc.grasp, pc.patch, pc.features, pc.descriptor
+            else:
+                if gripper != "suction":
+                    raise PixelGraspError(f"no {gripper} grasp at a pixel without a pixel_candidate builder")
+                grasp, patch, features, descriptor = grasp_from_pixel(frame, u, v), None, None, None
+        except (PixelGraspError, CameraError) as exc:
+            log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
+            return
+        item = _item_at(p.plan, grasp.position, self.config.item_radius_m)
+        if descriptor is None and item is not None:
+            descriptor = p.plan.clusters[item].descriptor
+        self._pick_and_place(
+            rep, st, tote_id, p.plan, p.plan_id, None, grasp, who, None,
+            request_id=p.request.request_id, item=item, item_descriptor=descriptor,
+            patch=patch, features=features, tracked=tracked,
+        )  # fmt: skip
 
     def _still_valid(self, cand: Candidate, frame_then: Frame) -> bool:
         """Is the surface under an approved candidate where it was when the person looked?
@@ -600,7 +657,13 @@ class CellController:
         grasp: Grasp,
         decided_by: str,
         p_success: float | None,
-        item: TrackedItem | None = None,
+        *,
+        request_id: str | None = None,
+        item: int | None = None,
+        item_descriptor: np.ndarray | None = None,
+        patch: np.ndarray | None = None,
+        features: np.ndarray | None = None,
+        tracked: TrackedItem | None = None,
     ) -> Attempt:
         out = self.arm.pick(grasp)
         placed = None
@@ -622,19 +685,19 @@ class CellController:
             # hovering over the tote, where it hides the items from the camera).
             self.arm.home()
             st.failed_spots.append(np.asarray(grasp.position))
-        if item is None:
+        if tracked is None:
             cand = plan.candidates[index] if index is not None else None
             centre = _centre_of(plan, cand) if cand is not None else np.asarray(grasp.position)
-            item = st.items.get(centre, _cluster(plan, cand) if cand is not None else None)
+            tracked = st.items.get(centre, _cluster(plan, cand) if cand is not None else None)
         # What this try teaches about the next one on the item: the pick's reason, or the place's
         # (a drop in transit is the grip's failure too).
         why_failed = out if not out.success else placed
         reason = why_failed.reason if why_failed is not None else Reason.OK
         why = str(why_failed.details.get("why", "")) if why_failed is not None else ""
-        st.items.record(item, grasp.gripper, reason, why, by_model=decided_by.startswith("model"))
-        if item.set_aside and reason is not Reason.OK:
+        st.items.record(tracked, grasp.gripper, reason, why, by_model=decided_by.startswith("model"))
+        if tracked.set_aside and reason is not Reason.OK:
             self._count("items_set_aside")
-            log.info("item at %s set aside: %s", np.round(item.centre, 3), item.why_set_aside)
+            log.info("item at %s set aside: %s", np.round(tracked.centre, 3), tracked.why_set_aside)
         att = Attempt(
             attempt_id=uuid.uuid4().hex,
             tote_id=tote_id,
@@ -649,9 +712,12 @@ class CellController:
         self._count("attempts")
         self._count("picks" if out.success else f"failures_{out.reason.value}")
         if self.ledger is not None:
-            patch = features = None
             if index is not None and plan.patches is not None:
                 patch, features = plan.patches[index], plan.features[index]
+            if item is None and index is not None:
+                cl = _cluster_of(plan, index)
+                item = plan.candidates[index].cluster if cl is not None else None
+                item_descriptor = cl.descriptor if cl is not None else None
             self.ledger.record_attempt(
                 attempt_id=att.attempt_id,
                 plan_id=plan_id,
@@ -665,6 +731,9 @@ class CellController:
                 features=features,
                 family=out.details.get("family") if isinstance(out.details, dict) else None,
                 source=self.config.ledger_source,
+                request_id=request_id,
+                item=item,
+                item_descriptor=item_descriptor,
             )
         log.info("pick %s by %s: %s", att.attempt_id[:8], decided_by, out.reason.value)
         if self.on_attempt is not None:
@@ -790,6 +859,20 @@ def _cluster(plan: Plan, cand: Candidate) -> ItemCluster | None:
 
 def _cluster_of(plan: Plan, index: int | None) -> ItemCluster | None:
     return None if index is None else _cluster(plan, plan.candidates[index])
+
+
+def _item_at(plan: Plan, point: np.ndarray, radius: float) -> int | None:
+    """The plan's item under a base-frame point: the nearest cluster whose footprint (grown by
+    `radius`) contains it horizontally, or None."""
+    best, best_d = None, np.inf
+    for k, cl in enumerate(plan.clusters):
+        lo, hi = np.asarray(cl.lo)[:2] - radius, np.asarray(cl.hi)[:2] + radius
+        xy = np.asarray(point)[:2]
+        if (xy >= lo).all() and (xy <= hi).all():
+            d = float(np.linalg.norm(xy - np.asarray(cl.centroid)[:2]))
+            if d < best_d:
+                best, best_d = k, d
+    return best
 
 
 def _centre_of(plan: Plan, cand: Candidate) -> np.ndarray:

@@ -81,8 +81,11 @@ class AssociateClient(_Link):
         pixel: tuple[int, int] | None = None,
         note: str = "",
         timeout_s: float = 10.0,
+        gripper: str | None = None,
     ) -> str:
         """Send a person's answer; returns the final state once journaled ("answered").
+
+        `gripper` ("suction" | "parallel_jaw") goes with a `point` answer: the tool for the clicked spot.
 
         Raises AssistError (with the broker's code) if refused, e.g. already expired (409) or invalid (422);
         TimeoutError if the broker did not confirm in time (the answer is resent after a reconnect).
@@ -95,6 +98,8 @@ class AssociateClient(_Link):
             "note": note,
             "name": self.name,
         }
+        if gripper is not None:
+            body["gripper"] = gripper
         return self._request_ack(request_id, P.ANSWER, body, timeout_s)
 
     def skip(self, request_id: str, timeout_s: float = 10.0) -> str:

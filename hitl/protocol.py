@@ -229,6 +229,11 @@ def validate_answer(body: dict, candidates: list[dict] | None) -> dict[str, Any]
         ):
             raise ProtocolError(E_INVALID, "'point' needs pixel [u, v] of two non-negative integers", rid)
         out["pixel"] = [int(px[0]), int(px[1])]
+        gripper = body.get("gripper")
+        if gripper is not None and gripper not in ("suction", "parallel_jaw"):
+            raise ProtocolError(E_INVALID, "field 'gripper' must be 'suction' or 'parallel_jaw'", rid)
+        if gripper is not None:
+            out["gripper"] = gripper
     note = body.get("note", "")
     if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS:
         raise ProtocolError(
