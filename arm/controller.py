@@ -51,6 +51,7 @@ from arm.interfaces import (
     ToteFeed,
 )
 from arm.items import ItemMemory, ItemMemoryConfig, TrackedItem
+from grasping.draw import offered_indices
 from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
 from grasping.types import Candidate, Frame, ItemCluster, Plan, matrix_to_quat
 from hitl.messages import AssistAnswer, AssistRequest, CandidateView
@@ -186,7 +187,7 @@ class CellController:
         assist: AssistChannel | None = None,
         ledger: Any | None = None,
         packer: Any | None = None,
-        render_png: Callable[[Frame, Plan], bytes] | None = None,
+        render_png: Callable[..., bytes] | None = None,  # (frame, plan, indices=[...]) -> PNG
         metrics: Any | None = None,
         config: ControllerConfig | None = None,
         pixel_candidate: Callable[[Frame, int, int, str], Any] | None = None,
@@ -461,25 +462,26 @@ class CellController:
         item: int | None = None,
     ) -> None:
         cfg = self.config
-        png = self.render_png(frame, plan) if self.render_png is not None else b""
-        # Offer the best 20 candidates that have not already failed in this tote: an associate who
-        # approves a spot the cell just failed at would see it fail again (measured in the benchmark:
-        # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back.
+        # Offer the best 20 distinct candidates that have not already failed in this tote: an associate
+        # who approves a spot the cell just failed at would see it fail again (measured in the benchmark:
+        # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back, and
+        # the picture draws exactly this list, so every number the person sees is one they can answer.
         spots = list(failed_spots)
-        fresh = [
-            (k, c)
-            for k, c in enumerate(plan.candidates)
-            if not _near(c.grasp.position, spots, cfg.failed_spot_radius_m)
-        ]
+        offered = offered_indices(
+            plan,
+            20,
+            exclude=lambda k: _near(plan.candidates[k].grasp.position, spots, cfg.failed_spot_radius_m),
+        )
+        png = self.render_png(frame, plan, indices=offered) if self.render_png is not None else b""
         views = tuple(
             CandidateView(
                 index=k,
-                u=int(c.pixel[0]),
-                v=int(c.pixel[1]),
-                gripper=c.grasp.gripper,
-                p_success=float(c.score),
+                u=int(plan.candidates[k].pixel[0]),
+                v=int(plan.candidates[k].pixel[1]),
+                gripper=plan.candidates[k].grasp.gripper,
+                p_success=float(plan.candidates[k].score),
             )
-            for k, c in fresh[:20]
+            for k in offered
         )
         now = time.time()
         req = AssistRequest(

@@ -490,7 +490,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from arm.metrics import CellMetrics
     from hitl.associate import AssociateClient
     from hitl.broker import Broker, BrokerConfig
-    from hitl.keys import ClientKeys, load_public, new_keypair
+    from hitl.keys import ClientKeys, allow, load_public, new_keypair
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssociateConfig, SimAssociateWorker
 
@@ -502,13 +502,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         data = Path(args.data)
         data.mkdir(parents=True, exist_ok=True)
     keys = data / "keys"
-    allowed = keys / "allowed"
-    allowed.mkdir(parents=True, exist_ok=True)
-    for name in ("broker", "cell-1", "associate-sim"):
+    if not (keys / "broker.key_secret").exists():
+        new_keypair("broker", keys)
+    for name, role in (("cell-1", "cell"), ("associate-sim", "associate")):  # each key bound to its role
         if not (keys / f"{name}.key_secret").exists():
-            new_keypair(name, keys)
-    for name in ("cell-1", "associate-sim"):
-        (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+            new_keypair(name, keys, role=role)
+        allow(keys / f"{name}.key", keys, role=role)
     server_key = load_public(keys / "broker.key")
 
     t_wall = time.perf_counter()
