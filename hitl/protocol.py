@@ -400,6 +400,11 @@ def validate_answer(body: dict, candidates: list[dict] | None, size: tuple[int, 
                     f"'point' needs pixel [u, v] inside the {w}x{h} image (0 <= u < {w}, 0 <= v < {h})",
                 )
             out["pixel"] = [int(px[0]), int(px[1])]
+            gripper = body.get("gripper")
+            if gripper is not None and gripper not in KNOWN_GRIPPERS:
+                raise _invalid("gripper", f"field 'gripper' must be one of {KNOWN_GRIPPERS} or absent")
+            if gripper is not None:
+                out["gripper"] = gripper
         note = body.get("note", "")
         if note is None:
             note = ""

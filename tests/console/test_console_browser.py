@@ -3,7 +3,7 @@ broker -> a real cell client, and the cell's ledger (SQLite)."""
 
 from __future__ import annotations
 
-from conftest import PASSWORDS, make_request, sign_in, wait_for
+from consolerig import PASSWORDS, make_request, sign_in, wait_for
 
 from hitl.ledger import Ledger
 

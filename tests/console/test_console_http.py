@@ -10,7 +10,7 @@ import threading
 
 import httpx
 import pytest
-from conftest import PASSWORDS, make_request, wait_for
+from consolerig import PASSWORDS, make_request, wait_for
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
