@@ -21,6 +21,14 @@
   window.__pickcell = { shown: {}, acted: {} };
   const epochMs = (t) => performance.timeOrigin + t;
 
+  // Back to the sign-in page, once (a closing WebSocket and a "signed_out" message both ask for it).
+  let leaving = false;
+  function toLogin() {
+    if (leaving) return;
+    leaving = true;
+    window.location.assign("/login");
+  }
+
   // ---- server calls ----
 
   async function post(path, body) {
@@ -30,7 +38,7 @@
       body: JSON.stringify(body),
       credentials: "same-origin",
     });
-    if (resp.status === 401) { window.location.assign("/login"); throw new Error("signed out"); }
+    if (resp.status === 401) { toLogin(); throw new Error("signed out"); }
     let data = {};
     try { data = await resp.json(); } catch (e) { /* no body */ }
     if (!resp.ok) throw new Error(data.error || ("error " + resp.status));
@@ -357,7 +365,7 @@
 
   $("sign-out").addEventListener("click", async () => {
     try { await post("/api/logout", {}); } catch (e) { /* signed out either way */ }
-    window.location.assign("/login");
+    toLogin();
   });
 
   let backoff = 500;
@@ -369,10 +377,10 @@
       if (msg.type === "state") render(msg);
       else if (msg.type === "fleet") renderFleet(msg);
       else if (msg.type === "notice") notice(msg.text, true);
-      else if (msg.type === "signed_out") window.location.assign("/login");
+      else if (msg.type === "signed_out") toLogin();
     };
     ws.onclose = (ev) => {
-      if (ev.code === 4401) { window.location.assign("/login"); return; }
+      if (ev.code === 4401 || leaving) { toLogin(); return; }
       notice("Connection lost: reconnecting…", true);
       setTimeout(connect, backoff);
       backoff = Math.min(backoff * 2, 8000);
