@@ -29,6 +29,7 @@ from hitl.messages import AssistRequest
 log = logging.getLogger(__name__)
 
 ANSWER_KINDS = ("approve", "point", "no_safe_pick")
+GRIPPERS = ("suction", "parallel_jaw")  # what a 'point' answer may ask the cell to use
 MAX_NOTE_CHARS = 500  # what the page lets a person type; the protocol allows 2,000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -195,14 +196,14 @@ class Desk:
         """Validate an answer from the browser; returns the held request and the normalised fields."""
         if not isinstance(body, dict):
             raise DeskError(422, "the answer must be a JSON object")
-        unknown = set(body) - {"request_id", "kind", "candidate_index", "pixel", "note"}
+        unknown = set(body) - {"request_id", "kind", "candidate_index", "pixel", "gripper", "note"}
         if unknown:
             raise DeskError(422, f"unknown fields {sorted(unknown)}")
         h = self.holding(name, body.get("request_id"))
         kind = body.get("kind")
         if kind not in ANSWER_KINDS:
             raise DeskError(422, f"kind must be one of {list(ANSWER_KINDS)}")
-        out: dict[str, Any] = {"kind": kind, "candidate_index": None, "pixel": None}
+        out: dict[str, Any] = {"kind": kind, "candidate_index": None, "pixel": None, "gripper": None}
         if kind == "approve":
             idx = body.get("candidate_index")
             offered = [c.index for c in h.request.candidates]
@@ -220,6 +221,12 @@ class Desk:
             if not (0 <= px[0] < h.width and 0 <= px[1] < h.height):
                 raise DeskError(422, f"pixel {px} is outside the {h.width}x{h.height} image")
             out["pixel"] = (px[0], px[1])
+            gripper = body.get("gripper")
+            if gripper is not None and gripper not in GRIPPERS:
+                raise DeskError(422, f"gripper must be one of {list(GRIPPERS)} or absent")
+            out["gripper"] = gripper
+        if kind != "point" and body.get("gripper") is not None:
+            raise DeskError(422, "gripper goes with a 'point' answer only")
         note = body.get("note", "")
         if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS:
             raise DeskError(422, f"note must be text of at most {MAX_NOTE_CHARS} characters")
@@ -233,7 +240,13 @@ class Desk:
         rid = h.request.request_id
         h.busy = True
         fut = self.link.answer(
-            rid, name, fields["kind"], fields["candidate_index"], fields["pixel"], fields["note"]
+            rid,
+            name,
+            fields["kind"],
+            fields["candidate_index"],
+            fields["pixel"],
+            fields["note"],
+            gripper=fields["gripper"],
         )
         try:
             state = await asyncio.wait_for(asyncio.wrap_future(fut), self.answer_timeout_s)
@@ -252,7 +265,13 @@ class Desk:
             seen.answered_here += 1
         self._drop(rid, None, notify_holder=False)
         log.info("request %s answered %s by %s", rid, fields["kind"], name)
-        return {"request_id": rid, "state": state, "kind": fields["kind"], "associate": name}
+        return {
+            "request_id": rid,
+            "state": state,
+            "kind": fields["kind"],
+            "gripper": fields["gripper"],
+            "associate": name,
+        }
 
     async def skip(self, name: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or set(body) - {"request_id"}:

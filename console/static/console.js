@@ -6,6 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
   const HIT_PX = 26; // display pixels around a candidate that count as tapping it (finger-sized)
+  const AROUND_PX = 48; // picture pixels: offered candidates this close to a tapped spot say what fits there
 
   let req = null; // the request on screen (server's view), or null
   let shownId = ""; // request id whose picture is on screen
@@ -13,7 +14,7 @@
   let busy = false; // an answer is on its way
   let digits = "";
   let digitTimer = null;
-  let pendingChoice = null; // {cup, jaw} candidates while the chooser is open
+  let pendingChoice = null; // {cup, jaw}: what each chooser button does while it is open
   let zoomed = true; // show the part of the picture around the candidates, larger (z toggles)
 
   // Timestamps for benchmarks/console_latency.py (epoch ms): when a request became visible, and when
@@ -68,7 +69,9 @@
   }
 
   const approve = (c, t) => send("approve", { candidate_index: c.index }, "approve #" + c.index, t);
-  const point = (u, v, t) => send("point", { pixel: [u, v] }, "pick at (" + u + ", " + v + ")", t);
+  const point = (u, v, t, gripper) => send(
+    "point", gripper ? { pixel: [u, v], gripper } : { pixel: [u, v] },
+    "pick at (" + u + ", " + v + ")" + (gripper ? " with the " + gripperName(gripper) : ""), t);
 
   // ---- showing a request ----
 
@@ -244,34 +247,53 @@
   function closeChooser() { pendingChoice = null; $("chooser").hidden = true; }
 
   $("zoom").addEventListener("click", (ev) => { ev.stopPropagation(); zoomed = !zoomed; applyView(); });
+  function openChooser(ev, cupLabel, jawLabel, cupAct, jawAct) {
+    pendingChoice = { cup: cupAct, jaw: jawAct };
+    $("choose-cup").textContent = cupLabel;
+    $("choose-jaw").textContent = jawLabel;
+    const ch = $("chooser");
+    const rect = $("picture").getBoundingClientRect();
+    ch.style.left = Math.min(ev.clientX - rect.left, rect.width - 180) + "px";
+    ch.style.top = Math.min(ev.clientY - rect.top, rect.height - 90) + "px";
+    ch.hidden = false;
+  }
+
   $("view").addEventListener("click", (ev) => {
     if (!req || busy) return;
     const { u, v } = toImage(ev.clientX, ev.clientY);
     if (u < 0 || v < 0 || u >= req.width || v >= req.height) return;
     const reach = HIT_PX / $("view").getScreenCTM().a; // finger-sized, in picture pixels
-    const near = req.candidates
+    const byDistance = req.candidates
       .map((c) => ({ c, d: Math.hypot(c.u - u, c.v - v) }))
-      .filter((x) => x.d <= reach)
       .sort((a, b) => a.d - b.d);
-    if (!near.length) { closeChooser(); point(u, v, ev.timeStamp); return; }
-    const cup = near.find((x) => x.c.gripper === "suction");
-    const jaw = near.find((x) => x.c.gripper !== "suction");
-    if (cup && jaw) {
-      pendingChoice = { cup: cup.c, jaw: jaw.c };
-      $("choose-cup").textContent = "Cup #" + cup.c.index;
-      $("choose-jaw").textContent = "Jaw #" + jaw.c.index;
-      const ch = $("chooser");
-      const rect = $("picture").getBoundingClientRect();
-      ch.style.left = Math.min(ev.clientX - rect.left, rect.width - 180) + "px";
-      ch.style.top = Math.min(ev.clientY - rect.top, rect.height - 90) + "px";
-      ch.hidden = false;
+    const near = byDistance.filter((x) => x.d <= reach);
+    if (near.length) {
+      // On a candidate: approve it. Candidates of both grippers under the finger: ask which.
+      const cup = near.find((x) => x.c.gripper === "suction");
+      const jaw = near.find((x) => x.c.gripper !== "suction");
+      if (cup && jaw) {
+        openChooser(ev, "Cup #" + cup.c.index, "Jaw #" + jaw.c.index,
+          (t) => approve(cup.c, t), (t) => approve(jaw.c, t));
+        return;
+      }
+      closeChooser();
+      approve(near[0].c, ev.timeStamp);
+      return;
+    }
+    // Elsewhere: pick this spot. The gripper: where the cell offered both grippers nearby (both fit
+    // on this item), the person chooses; where it offered one, that one; else the cell chooses.
+    const around = byDistance.filter((x) => x.d <= AROUND_PX);
+    const kinds = new Set(around.map((x) => x.c.gripper));
+    if (kinds.has("suction") && kinds.has("parallel_jaw")) {
+      openChooser(ev, "Cup here", "Jaw here",
+        (t) => point(u, v, t, "suction"), (t) => point(u, v, t, "parallel_jaw"));
       return;
     }
     closeChooser();
-    approve(near[0].c, ev.timeStamp);
+    point(u, v, ev.timeStamp, kinds.size === 1 ? [...kinds][0] : undefined);
   });
-  $("choose-cup").addEventListener("click", (ev) => { const c = pendingChoice.cup; closeChooser(); approve(c, ev.timeStamp); });
-  $("choose-jaw").addEventListener("click", (ev) => { const c = pendingChoice.jaw; closeChooser(); approve(c, ev.timeStamp); });
+  $("choose-cup").addEventListener("click", (ev) => { const act = pendingChoice.cup; closeChooser(); act(ev.timeStamp); });
+  $("choose-jaw").addEventListener("click", (ev) => { const act = pendingChoice.jaw; closeChooser(); act(ev.timeStamp); });
   $("choose-cancel").addEventListener("click", closeChooser);
   $("no-safe-pick").addEventListener("click", (ev) => send("no_safe_pick", {}, "no safe pick", ev.timeStamp));
   $("skip").addEventListener("click", (ev) => send("skip", {}, "skip", ev.timeStamp));

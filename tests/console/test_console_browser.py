@@ -59,6 +59,7 @@ def test_sign_in_approve_one_point_at_another_and_the_ledger_names_the_person(ri
 
     assert (a1.status, a1.kind, a1.candidate_index, a1.pixel) == ("answered", "approve", 0, None)
     assert (a2.status, a2.kind, a2.candidate_index, a2.pixel) == ("answered", "point", None, (300, 250))
+    assert a2.gripper is None  # no candidate near that spot: the cell chooses the gripper
     assert a1.associate_id == "alice" and a2.associate_id == "alice"
     assert getattr(a1, "via", "console") == "console"
 
@@ -80,26 +81,33 @@ def test_sign_in_approve_one_point_at_another_and_the_ledger_names_the_person(ri
 
 
 def test_both_grippers_fit_choose_jaw_then_keys(rig, page):
-    first = make_request(deadline_in_s=60, seed=3)
-    second = make_request(deadline_in_s=90, seed=4)
-    third = make_request(deadline_in_s=120, seed=5)
-    futs = [rig.cell.ask(r) for r in (first, second, third)]
+    reqs = [make_request(deadline_in_s=60 + 30 * k, seed=3 + k) for k in range(4)]
+    futs = [rig.cell.ask(r) for r in reqs]
     sign_in(page, rig.url, "bob", PASSWORDS["bob"])
-    wait_shown(page, first.request_id)
+    wait_shown(page, reqs[0].request_id)
     # #1 (jaw) and #2 (cup) sit on the same spot: the page asks which.
     click_pixel(page, 422, 302)
     page.wait_for_selector("#chooser:not([hidden])")
     page.click("#choose-jaw")
-    wait_shown(page, second.request_id)
+    wait_shown(page, reqs[1].request_id)
     page.keyboard.press("7")  # digit: approve #7 (no other offered number starts with 7)
-    wait_shown(page, third.request_id)
+    wait_shown(page, reqs[2].request_id)
     page.keyboard.press("n")  # no safe pick
+    wait_shown(page, reqs[3].request_id)
+    # A spot beside #1 and #2 (not on them): the cell offered both grippers there, so the page asks
+    # which one to pick this spot with.
+    spot = click_pixel(page, 460, 304)
+    page.wait_for_selector("#chooser:not([hidden])")
+    assert page.inner_text("#choose-jaw") == "Jaw here"
+    page.click("#choose-jaw")
     answers = [f.result(15) for f in futs]
     assert [(a.kind, a.candidate_index) for a in answers] == [
         ("approve", 1),
         ("approve", 7),
         ("no_safe_pick", None),
+        ("point", None),
     ]
+    assert (answers[3].pixel, answers[3].gripper) == (spot, "parallel_jaw") and spot == (460, 304)
     assert {a.associate_id for a in answers} == {"bob"}
 
 

@@ -124,6 +124,8 @@ def test_everything_from_the_browser_is_checked(rig, people):
         {"request_id": rid, "kind": "point", "pixel": [1.5, 10]},
         {"request_id": rid, "kind": "point", "pixel": [1, 2, 3]},
         {"request_id": rid, "kind": "banana"},
+        {"request_id": rid, "kind": "point", "pixel": [10, 10], "gripper": "banana"},
+        {"request_id": rid, "kind": "approve", "candidate_index": 0, "gripper": "suction"},
         {"request_id": rid, "kind": "no_safe_pick", "note": "x" * 501},
         {"request_id": rid, "kind": "no_safe_pick", "associate_id": "mallory"},  # no field to claim a name
         {"request_id": "x" * 129, "kind": "no_safe_pick"},
@@ -154,10 +156,12 @@ def test_everything_from_the_browser_is_checked(rig, people):
     img = alice.http.get(f"/api/requests/{rid}/image")
     assert img.status_code == 200 and img.content == req.image_png
     assert not fut.done()  # nothing of the above reached the cell
-    r = alice.post("/api/answer", {"request_id": rid, "kind": "point", "pixel": [639, 479]})
+    r = alice.post(
+        "/api/answer", {"request_id": rid, "kind": "point", "pixel": [639, 479], "gripper": "parallel_jaw"}
+    )
     assert r.status_code == 200
     ans = fut.result(10)
-    assert (ans.kind, ans.pixel) == ("point", (639, 479))
+    assert (ans.kind, ans.pixel, ans.gripper) == ("point", (639, 479), "parallel_jaw")
     # Answering again: the request is no longer hers.
     assert alice.post("/api/answer", {"request_id": rid, "kind": "no_safe_pick"}).status_code == 409
 
