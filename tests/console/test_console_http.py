@@ -273,3 +273,42 @@ def test_user_store_and_cli(tmp_path, monkeypatch, capsys):
     assert pickcell_main(["console", "users", "remove", "frank", "--users", path]) == 0
     assert pickcell_main(["console", "users", "remove", "frank", "--users", path]) == 2
     assert UserStore(path).verify("frank", "frank-password") is False
+
+
+def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path):
+    import asyncio
+
+    from console.fleet import BrokerFleetSource, FleetServiceSource
+    from fleet.keys import init_fleet
+    from fleet.service import FleetService, ServiceConfig
+
+    req = make_request(seed=14)
+    rig.cell.ask(req)
+    alice = people("alice")
+    alice.open_page()
+    wait_for(alice.holding, 10, "alice to be given the request")
+    st = rig.console.state
+    broker_view = BrokerFleetSource(st.desk, st.link)
+    fleet_dir = tmp_path / "fleet"
+    src = FleetServiceSource(fleet_dir, broker_view, timeout_s=1.0)
+    # No fleet service yet: the broker's view, and the page says the service is not reachable.
+    alone = asyncio.run(src.snapshot())
+    assert "not reachable" in alone.source
+    row = {c.cell_id: c for c in alone.cells}["cell-1"]
+    assert (row.state, row.assists_waiting, row.model_version) == (
+        "waiting for a person",
+        1,
+        "graspnet-sim-v4",
+    )
+    assert row.picks_per_hour is None and row.rollout_stage is None  # the broker cannot know: unknown
+    init_fleet(fleet_dir, ["cell-1", "cell-2"])
+    svc = FleetService(ServiceConfig(fleet_dir, router="tcp://127.0.0.1:0", pub="tcp://127.0.0.1:0")).start()
+    try:
+        view = asyncio.run(src.snapshot())
+    finally:
+        svc.stop()
+    assert view.source.startswith("fleet service and assist broker")
+    rows = {c.cell_id: c for c in view.cells}
+    assert set(rows) == {"cell-1", "cell-2"}  # cell-2 is known to the fleet only
+    assert rows["cell-1"].state == "never seen" and rows["cell-1"].model_version == "graspnet-sim-v4"
+    assert rows["cell-2"].state == "never seen" and rows["cell-2"].last_request_at is None
