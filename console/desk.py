@@ -73,6 +73,7 @@ class Person:
     current: str | None = None  # request id they look at
     free_since: float = 0.0  # unix s; orders who gets the next request
     answered: int = 0
+    away: int = 0  # counts departures (last page closed), so a late check of an old one does nothing
 
 
 @dataclass
@@ -117,19 +118,32 @@ class Desk:
         p.conns.add(conn)
         self._pump({name})
 
-    def disconnect(self, name: str, conn: Any) -> None:
+    def disconnect(self, name: str, conn: Any, keep_s: float = 0.0) -> None:
+        """A page closed. When it was the person's last, their request goes to someone else (or back to
+        the broker), after `keep_s` seconds if they are still away then: a tablet's Wi-Fi blip or a
+        reload should not cost them the question they are looking at."""
         p = self.people.get(name)
         if p is None:
             return
         p.conns.discard(conn)
-        if not p.conns:
-            # Nobody at that page any more: its request goes to someone else (or back to the broker).
-            if p.current is not None:
-                h = self.held.get(p.current)
-                p.current = None
-                if h is not None and not h.busy:
-                    h.holder = None
-            self._pump(set())
+        if p.conns:
+            return
+        p.away += 1
+        if keep_s > 0 and p.current is not None:
+            asyncio.get_running_loop().call_later(keep_s, self._still_away, name, p.away)
+        else:
+            self._still_away(name, p.away)
+
+    def _still_away(self, name: str, away: int) -> None:
+        p = self.people.get(name)
+        if p is None or p.conns or p.away != away:
+            return  # back meanwhile (or away again since: that later check decides)
+        if p.current is not None:
+            h = self.held.get(p.current)
+            p.current = None
+            if h is not None and not h.busy:
+                h.holder = None
+        self._pump(set())
 
     def sign_out(self, name: str) -> None:
         p = self.people.get(name)

@@ -162,7 +162,7 @@ def rig(tmp_path: Path):
     console = ConsoleServer(
         BrokerAccess.from_keys_dir(endpoint, keys, "console"),
         users,
-        ConsoleConfig(tick_s=0.2, fleet_every_s=0.5),
+        ConsoleConfig(tick_s=0.2, fleet_every_s=0.5, reconnect_grace_s=30.0),
         clock=clock,
         heartbeat_s=HB,
     )

@@ -190,6 +190,22 @@ def test_a_skip_nobody_here_can_take_goes_to_an_associate_elsewhere(rig, people)
         dave.close()
 
 
+def test_a_page_that_drops_keeps_its_request_and_signing_out_gives_it_back(rig, people):
+    req = make_request(seed=15)
+    fut = rig.cell.ask(req)
+    alice = people("alice")
+    alice.open_page()
+    rid = wait_for(alice.holding, 10, "alice to be given the request")
+    alice._ws_cm.__exit__(None, None, None)  # the tablet's Wi-Fi drops
+    alice.states.clear()
+    alice.open_page()  # and comes back: the same question is still hers
+    assert wait_for(alice.holding, 10, "the page to show her request again") == rid
+    assert rig.console.state.desk.held[rid].holder == "alice"
+    assert alice.post("/api/logout", {}).status_code == 200  # signing out gives it back at once
+    wait_for(lambda: rid not in rig.console.state.desk.held, 10, "the request to go back to the broker")
+    assert not fut.done()
+
+
 def test_sign_in_is_rate_limited_per_name_and_address(rig):
     with httpx.Client(base_url=rig.url, timeout=15) as c:
         page = c.get("/login")
@@ -275,9 +291,17 @@ def test_user_store_and_cli(tmp_path, monkeypatch, capsys):
     assert UserStore(path).verify("frank", "frank-password") is False
 
 
-def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path):
+def _run(coro):
+    """Run a coroutine to its end on a fresh event loop in its own thread (Playwright's sync API may
+    hold this thread's loop when the browser tests ran first)."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(30)
+
+
+def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path):
     from console.fleet import BrokerFleetSource, FleetServiceSource
     from fleet.keys import init_fleet
     from fleet.service import FleetService, ServiceConfig
@@ -292,7 +316,7 @@ def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path)
     fleet_dir = tmp_path / "fleet"
     src = FleetServiceSource(fleet_dir, broker_view, timeout_s=1.0)
     # No fleet service yet: the broker's view, and the page says the service is not reachable.
-    alone = asyncio.run(src.snapshot())
+    alone = _run(src.snapshot())
     assert "not reachable" in alone.source
     row = {c.cell_id: c for c in alone.cells}["cell-1"]
     assert (row.state, row.assists_waiting, row.model_version) == (
@@ -304,7 +328,7 @@ def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path)
     init_fleet(fleet_dir, ["cell-1", "cell-2"])
     svc = FleetService(ServiceConfig(fleet_dir, router="tcp://127.0.0.1:0", pub="tcp://127.0.0.1:0")).start()
     try:
-        view = asyncio.run(src.snapshot())
+        view = _run(src.snapshot())
     finally:
         svc.stop()
     assert view.source.startswith("fleet service and assist broker")
