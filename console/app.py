@@ -144,9 +144,14 @@ def _session(st: ConsoleState, conn: HTTPConnection) -> Session | None:
 
 
 async def _read_json(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise DeskError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    raw = b""
+    async for chunk in request.stream():  # never hold more than the limit, whatever the header said
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise DeskError(413, f"body larger than {MAX_BODY_BYTES} bytes")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -149,6 +149,12 @@ def test_everything_from_the_browser_is_checked(rig, people):
         ).status_code
         == 413
     )
+    chunked = alice.http.post(  # no Content-Length: the server stops reading at the limit
+        "/api/answer",
+        content=iter([b" " * 10_000] * 3),
+        headers={"X-CSRF-Token": alice.csrf, "Content-Type": "application/json"},
+    )
+    assert chunked.status_code == 413
     # Bob holds nothing: he can neither answer, skip nor see alice's request.
     assert bob.post("/api/answer", {"request_id": rid, "kind": "no_safe_pick"}).status_code == 409
     assert bob.post("/api/skip", {"request_id": rid}).status_code == 409
