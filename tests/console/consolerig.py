@@ -130,6 +130,18 @@ class Rig:
     data: Path
     endpoint: str
 
+    def another_cell(self, cell_id: str = "cell-2") -> AssistClient:
+        keys = self.data / "keys"
+        c = AssistClient(
+            self.endpoint,
+            cell_id,
+            ClientKeys.from_file(keys / f"{cell_id}.key_secret"),
+            load_public(keys / "broker.key"),
+            heartbeat_s=HB,
+        )
+        c.start()
+        return c
+
     def terminal(self, name: str = "dave") -> AssociateClient:
         """An associate at `pickcell assist`, connected to the same broker."""
         keys = self.data / "keys"
@@ -144,9 +156,16 @@ class Rig:
 @pytest.fixture
 def rig(tmp_path: Path):
     keys = tmp_path / "keys"
-    for name, role in (("broker", None), ("cell-1", "cell"), ("console", "console"), ("dave", "associate")):
+    for name, role in (
+        ("broker", None),
+        ("cell-1", "cell"),
+        ("cell-2", "cell"),
+        ("console", "console"),
+        ("dave", "associate"),
+    ):
         new_key(keys, name, role)
     admit(keys, "cell-1", "cell")
+    admit(keys, "cell-2", "cell")
     admit(keys, "console", "console")
     admit(keys, "dave", "associate")  # an associate at a terminal, beside the console
     broker = Broker(

@@ -206,10 +206,43 @@ def test_a_page_that_drops_keeps_its_request_and_signing_out_gives_it_back(rig, 
     alice.states.clear()
     alice.open_page()  # and comes back: the same question is still hers
     assert wait_for(alice.holding, 10, "the page to show her request again") == rid
-    assert rig.console.state.desk.held[rid].holder == "alice"
+    assert rig.console.state.desk.held[("cell-1", rid)].holder == "alice"
     assert alice.post("/api/logout", {}).status_code == 200  # signing out gives it back at once
-    wait_for(lambda: rid not in rig.console.state.desk.held, 10, "the request to go back to the broker")
+    wait_for(
+        lambda: ("cell-1", rid) not in rig.console.state.desk.held, 10, "the request to go back to the broker"
+    )
     assert not fut.done()
+
+
+def test_two_cells_with_the_same_request_id_are_two_questions(rig, people):
+    # Request ids are unique per cell only: the console keeps them apart and answers each to its cell.
+    cell2 = rig.another_cell("cell-2")
+    try:
+        r1 = make_request(seed=17, request_id="same-id")
+        r2 = make_request(cell_id="cell-2", seed=18, request_id="same-id")
+        f1, f2 = rig.cell.ask(r1), cell2.ask(r2)
+        alice, bob = people("alice"), people("bob")
+        alice.open_page()
+        bob.open_page()
+        wait_for(lambda: alice.holding() and bob.holding(), 10, "both to be given a request")
+        cells = {alice.states[-1]["request"]["cell_id"]: alice, bob.states[-1]["request"]["cell_id"]: bob}
+        assert set(cells) == {"cell-1", "cell-2"}
+        assert (
+            cells["cell-1"].post("/api/answer", {"request_id": "same-id", "kind": "no_safe_pick"}).status_code
+            == 200
+        )
+        assert (
+            cells["cell-2"]
+            .post("/api/answer", {"request_id": "same-id", "kind": "approve", "candidate_index": 7})
+            .status_code
+            == 200
+        )
+        a1, a2 = f1.result(10), f2.result(10)
+        assert (a1.kind, a2.kind, a2.candidate_index) == ("no_safe_pick", "approve", 7)
+        names = {"cell-1": a1.associate_id, "cell-2": a2.associate_id}
+        assert names == {c: p.states[-1]["you"] for c, p in cells.items()}
+    finally:
+        cell2.close()
 
 
 def test_sign_in_is_rate_limited_per_name_and_address(rig):
