@@ -59,7 +59,12 @@ def load_cell_toml(path: Path) -> dict[str, Any]:
 
 
 def _add_sim_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--catalog", default="procedural", help="items: train | test | procedural | a folder")
+    p.add_argument(
+        "--catalog",
+        default="procedural",
+        help="items: procedural (default: the warehouse mix of cartons, mailers, bottles, tubes, balls, "
+        "small parts) | train | test | a folder",
+    )
     p.add_argument("--objects-per-tote", type=int, default=8, help="items per tote (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated totes (default 0)")
     p.add_argument(
@@ -484,6 +489,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hitl.keys import ClientKeys, load_public, new_keypair
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssociateConfig, SimAssociateWorker
+    from sim.benchmark.record import ToteRecorder
 
     tmp = None
     if args.data is None:
@@ -519,15 +525,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     worker = SimAssociateWorker(worker_client, judge, time_scale=args.answer_speed)
     worker.start()
-    print(f"cell-1 running model {stack.model_version}; simulated associate connected")
+    # Ground truth of who decided each attempt and what became of each item, for the summary's
+    # operator metrics (the same bookkeeping as `pickcell bench`).
+    recorder = ToteRecorder(stack)
+    print(
+        f"cell-1 running model {stack.model_version} on totes of {args.objects_per_tote} "
+        f"{args.catalog} items; simulated associate connected"
+    )
 
     reports = []
+    records: list[dict[str, Any]] = []
     bar = tqdm(total=args.totes, desc="totes", unit="tote")
     try:
         for _ in range(args.totes):
             tote = stack.feed.next_tote()
+            recorder.begin()
             rep = stack.controller.run_tote(tote)
             reports.append(rep)
+            records.append({"episode": len(records), **recorder.finish(rep)})
             bar.update(1)
             bar.set_postfix(
                 picks=sum(r.picks for r in reports), assists=sum(r.assists_requested for r in reports)
@@ -540,7 +555,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker.stop()
         ledger.close()
         stack.close()
-    summary = summarise(reports, stack.packer, time.perf_counter() - t_wall, stack.model_version)
+    summary = summarise(reports, stack.packer, time.perf_counter() - t_wall, stack.model_version, records)
     print_summary(summary)
     if args.json is not None:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -549,26 +564,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise(reports, packer, wall_seconds: float, model_version: str) -> dict[str, Any]:
+def summarise(
+    reports, packer, wall_seconds: float, model_version: str, records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The demo's summary: the operator metrics of `pickcell bench` (sim.benchmark.metrics) over the
+    totes just cleared, plus the cell's own counters and the packing."""
+    from sim.benchmark.metrics import operator_metrics
+
     attempts = [a for r in reports for a in r.attempts]
     picks = sum(r.picks for r in reports)
-    # first attempt per targeted item: the attempt's grasp is the first within 3 cm of earlier ones
-    firsts: list[bool] = []
-    for r in reports:
-        seen: list = []
-        for a in r.attempts:
-            p = a.grasp.position
-            if all(((p - q) ** 2).sum() > 0.03**2 for q in seen):
-                firsts.append(bool(a.placed is not None and a.placed.success))
-            seen.append(p)
+    firsts = [a["success"] for rec in records for a in rec["attempts"] if a["first"]]
+    ops = operator_metrics(records)
     robot = sum(r.robot_seconds for r in reports)
     pack = packer.report()
     return {
         "model_version": model_version,
         "totes": len(reports),
         "tote_status": [r.status for r in reports],
+        "items": sum(rec["items"] for rec in records),
         "picks": picks,
         "attempts": len(attempts),
+        "autonomous_pick_rate": ops["autonomous_pick_rate"],
+        "autonomous_pick_rate_ci95": ops["autonomous_pick_rate_ci95"],
+        "auto_precision": ops["auto_precision"],
+        "auto_precision_ci95": ops["auto_precision_ci95"],
+        "auto_attempts": ops["auto_attempts"],
+        "person_precision": ops["person_precision"],
+        "person_attempts": ops["person_attempts"],
+        "first_attempt_success_by_decider": {
+            d: r["value"] for d, r in ops["first_attempt_success_by_decider"].items()
+        },
+        "items_left_rate": ops["items_left_rate"],
+        "items_left_by_fate": ops["items_left_by_fate"],
+        "interventions_per_100_items": ops["interventions_per_100_items"],
+        "max_attempts_on_one_item": ops["max_attempts_on_one_item"],
+        "damage_rate": ops["damage_rate"],
         "first_attempt_success": (sum(firsts) / len(firsts)) if firsts else None,
         "assists_requested": sum(r.assists_requested for r in reports),
         "assists_answered": sum(r.assists_answered for r in reports),
@@ -588,10 +618,29 @@ def print_summary(s: dict[str, Any]) -> None:
             return "n/a"
         return f"{100 * x:.0f}%" if pct else (f"{x:.0f}" if isinstance(x, float) else str(x))
 
+    def ci(key: str) -> str:
+        lo, hi = s[f"{key}_ci95"]
+        return f"  (95% CI {f(lo, True)}-{f(hi, True)})" if s[key] is not None else ""
+
+    left = ", ".join(f"{k} {v}" for k, v in s["items_left_by_fate"].items()) or "none"
+    by = s["first_attempt_success_by_decider"]
     rows = [
         ("totes", f(s["totes"]) + f"  ({', '.join(s['tote_status'])})"),
-        ("picks", f(s["picks"])),
-        ("attempts", f(s["attempts"])),
+        ("items placed by the model alone", f(s["autonomous_pick_rate"], True) + ci("autonomous_pick_rate")),
+        (
+            "model's unasked attempts that worked",
+            f(s["auto_precision"], True) + ci("auto_precision") + f"  of {s['auto_attempts']}",
+        ),
+        (
+            "person-chosen attempts that worked",
+            f(s["person_precision"], True) + f"  of {s['person_attempts']}",
+        ),
+        ("first-attempt success, model / person", f"{f(by['model'], True)} / {f(by['person'], True)}"),
+        ("items left (not in a box)", f(s["items_left_rate"], True) + f"  ({left})"),
+        ("interventions per 100 items", f(s["interventions_per_100_items"])),
+        ("most attempts on one item", f(s["max_attempts_on_one_item"])),
+        ("damage (of motions)", f(s["damage_rate"], True)),
+        ("items / picks / attempts", f"{s['items']} / {s['picks']} / {s['attempts']}"),
         ("first-attempt success", f(s["first_attempt_success"], True)),
         (
             "assists (answered / expired)",
