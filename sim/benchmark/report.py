@@ -55,7 +55,13 @@ def _operator_rates(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
         ("person's attempts OK", _rate_of(metrics, "person_precision", "person_attempts")),
         ("first attempt OK, person", fasd.get("person", none)),
         ("items left (not in a box)", _rate_of(metrics, "items_left_rate")),
-        ("damaging motions", _rate_of(metrics, "damage_rate", "attempts")),
+        (
+            "damaging motions",
+            dict(
+                _rate_of(metrics, "damage_rate"),
+                n=metrics.get("attempts", 0) + metrics.get("halted_motions", 0),
+            ),
+        ),
     ]
 
 
@@ -96,7 +102,10 @@ def write_report(out_dir: Path, metrics: dict[str, Any], episodes: list[dict[str
     ax.invert_yaxis()
     ax.set_xlim(0, 1.3)  # room for the labels right of 100%
     ax.set_xlabel("rate (95% CI)")
-    ax.set_title("Operator metrics: model alone (blue), person decided (orange), losses (red)")
+    ax.set_xticks(np.linspace(0.0, 1.0, 6))
+    ax.set_title(
+        "Operator metrics, 95% CI\nblue: the model alone; orange: a person chose; red: losses", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(out / "operator.png", dpi=110)
     plt.close(fig)
