@@ -408,6 +408,15 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
                 setattr(args, k, Path(v) if k in ("data", "keys") else v)
     if args.log_json:
         use_json_logs(logging.INFO)
+    if args.planner == "learned":  # refuse to start on a missing or corrupt model (never fall back)
+        from arm.daemon import StartupError, check_model_file
+        from sim.stack import DEFAULT_MODEL
+
+        try:
+            check_model_file(args.model or DEFAULT_MODEL)
+        except StartupError as exc:
+            print(f"pickcell cell run: {exc}", file=sys.stderr, flush=True)
+            return 2
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(data / "ledger.sqlite", cell_id=args.cell_id)
@@ -486,7 +495,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from arm.metrics import CellMetrics
     from hitl.associate import AssociateClient
     from hitl.broker import Broker, BrokerConfig
-    from hitl.keys import ClientKeys, load_public, new_keypair
+    from hitl.keys import ClientKeys, allow, load_public, new_keypair
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssociateConfig, SimAssociateWorker
     from sim.benchmark.record import ToteRecorder
@@ -499,13 +508,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         data = Path(args.data)
         data.mkdir(parents=True, exist_ok=True)
     keys = data / "keys"
-    allowed = keys / "allowed"
-    allowed.mkdir(parents=True, exist_ok=True)
-    for name in ("broker", "cell-1", "associate-sim"):
+    if not (keys / "broker.key_secret").exists():
+        new_keypair("broker", keys)
+    for name, role in (("cell-1", "cell"), ("associate-sim", "associate")):  # each key bound to its role
         if not (keys / f"{name}.key_secret").exists():
-            new_keypair(name, keys)
-    for name in ("cell-1", "associate-sim"):
-        (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+            new_keypair(name, keys, role=role)
+        allow(keys / f"{name}.key", keys, role=role)
     server_key = load_public(keys / "broker.key")
 
     t_wall = time.perf_counter()
