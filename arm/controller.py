@@ -330,7 +330,8 @@ class CellController:
                 # exception handling, where a person takes those items out.
                 rep.status = "diverted"
                 if self.feed is not None:
-                    why = "set aside after failed tries" if rep.items_set_aside else "no safe pick"
+                    set_aside = any(it.set_aside for it in st.items.items)
+                    why = "set aside after failed tries" if set_aside else "no safe pick"
                     self.feed.divert_tote(f"{why} on the remaining items")
                 break
             if cfg.look_again and not looked_again:
@@ -463,6 +464,8 @@ class CellController:
             for k, c in enumerate(plan.candidates)
             if not _near(c.grasp.position, spots, cfg.failed_spot_radius_m)
         ]
+        # The item asked about first (best first), then the rest: "approve the first" means this item.
+        fresh.sort(key=lambda kc: not _near(_centre_of(plan, kc[1]), [centre], cfg.item_radius_m))
         views = tuple(
             CandidateView(
                 index=k,
