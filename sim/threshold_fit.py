@@ -64,7 +64,8 @@ def _always_execute(planner):
     def run(frame):
         plan = planner(frame)
         cands = tuple(replace(c, threshold=0.0) for c in plan.candidates)
-        return replace(plan, candidates=cands, threshold=0.0, in_distribution=True)
+        clusters = tuple(replace(c, in_distribution=None) for c in plan.clusters)
+        return replace(plan, candidates=cands, clusters=clusters, threshold=0.0, in_distribution=True)
 
     return run
 
@@ -143,7 +144,7 @@ def collect_rows(
 
 
 def fit_thresholds(
-    rows: list[dict[str, Any]], alpha: float, delta: float
+    rows: list[dict[str, Any]], alpha: float, delta: float, min_exec: int = 100
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Per-gripper thresholds (index scoring.SUCTION / PARALLEL_JAW) and what the fit saw."""
     from grasping.calibration import selective_threshold
@@ -155,7 +156,7 @@ def fit_thresholds(
         sel = [r for r in rows if r["gripper"] == name]
         p = np.array([r["p"] for r in sel], dtype=np.float64)
         y = np.array([1.0 if r["success"] else 0.0 for r in sel])
-        res = selective_threshold(p, y, alpha=alpha, delta=delta)
+        res = selective_threshold(p, y, alpha=alpha, delta=delta, min_exec=min_exec)
         thr[g] = res.threshold
         info[name] = asdict(res)
     return thr, info
@@ -170,12 +171,13 @@ def refit_model(
     alpha: float,
     delta: float,
     run_seed: int,
+    min_exec: int = 100,
 ) -> dict[str, Any]:
     """Write `model_out`: `model_in` with thresholds refitted on `rows`, the fit in its metadata."""
     from grasping.modelfile import load_model, save_model
 
     m = load_model(model_in)
-    thr, info = fit_thresholds(rows, alpha, delta)
+    thr, info = fit_thresholds(rows, alpha, delta, min_exec)
     meta = {k: v for k, v in m.meta.items() if k not in ("arch", "thresholds")}
     meta["alpha"] = alpha
     meta["risk"] = "executed"
@@ -184,6 +186,7 @@ def refit_model(
         "guarantee": "P(fail | executed without asking) <= alpha per gripper, with probability >= 1 - delta",
         "alpha": alpha,
         "delta": delta,
+        "min_exec": min_exec,
         "n": len(rows),
         "per_gripper": info,
         "thresholds": thr.tolist(),
@@ -213,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.05, help="bound on P(fail | executed), default 0.05")
     ap.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the bound, default 0.1")
     ap.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    ap.add_argument(
+        "--catalog",
+        action="append",
+        default=None,
+        help="catalog (repeatable; default train and procedural-train). Test catalogs give evaluation "
+        "rows (--rows) only: a fit (--out) refuses them",
+    )
+    ap.add_argument("--min-exec", type=int, default=100, help="executed picks where the walk starts")
     ap.add_argument("--json", action="store_true", help="print the fit as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, seeds = collect_rows(
             args.totes,
             args.seed,
+            catalogs=tuple(args.catalog or FIT_CATALOGS),
             objects_per_tote=args.objects_per_tote,
             model_path=args.model,
             workers=args.workers,
@@ -234,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         from sim.stack import DEFAULT_MODEL
 
+        bad = sorted({r["catalog"] for r in rows} - set(FIT_CATALOGS))
+        if bad:
+            print(f"error: refusing to fit thresholds on {bad}: only {list(FIT_CATALOGS)} are fit on")
+            return 2
         fit = refit_model(
             args.model or DEFAULT_MODEL,
             args.out,
@@ -242,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha,
             delta=args.delta,
             run_seed=run_seed,
+            min_exec=args.min_exec,
         )
     else:
-        thr, info = fit_thresholds(rows, args.alpha, args.delta)
+        thr, info = fit_thresholds(rows, args.alpha, args.delta, args.min_exec)
         fit = {"thresholds": thr.tolist(), "per_gripper": info, "n": len(rows)}
     if args.json:
         print(json.dumps({k: v for k, v in fit.items() if k != "tote_seeds"}, indent=2, default=str))
