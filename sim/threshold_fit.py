@@ -143,6 +143,29 @@ def collect_rows(
     return rows, seeds
 
 
+def live_item_descriptors(n_scenes: int, seed: int, objects_per_tote: int = 8) -> list[list[list[float]]]:
+    """Item descriptors of n fresh totes of the training catalogs (round robin), one list per tote.
+
+    Planning is not needed: the descriptors come from the segmented depth image alone.
+    """
+    from grasping.pointcloud import segment_scene
+    from grasping.watchdog import scene_item_descriptors
+    from sim.catalogs import load_catalog
+    from sim.scene import SimCell
+
+    out = []
+    for i, s in enumerate(tote_seeds(seed, n_scenes)):
+        with SimCell(seed=s) as cell:
+            cell.fill(
+                load_catalog(FIT_CATALOGS[i % len(FIT_CATALOGS)]),
+                objects_per_tote,
+                np.random.default_rng([s, 0]),
+            )
+            cloud = segment_scene(cell.camera.capture(), cell.tote_bounds)
+        out.append(scene_item_descriptors(cloud).tolist())
+    return out
+
+
 def fit_thresholds(
     rows: list[dict[str, Any]], alpha: float, delta: float, min_exec: int = 100
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -172,12 +195,23 @@ def refit_model(
     delta: float,
     run_seed: int,
     min_exec: int = 100,
+    item_scenes: list[list[list[float]]] | None = None,
+    item_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Write `model_out`: `model_in` with thresholds refitted on `rows`, the fit in its metadata."""
+    """Write `model_out`: `model_in` with thresholds refitted on `rows` (and, given `item_scenes`,
+    the item watchdog's per-item threshold fitted on them), the fits in its metadata."""
     from grasping.modelfile import load_model, save_model
+    from grasping.watchdog import fit_item_threshold
 
     m = load_model(model_in)
     thr, info = fit_thresholds(rows, alpha, delta, min_exec)
+    item_wd = m.item_watchdog
+    item_info: dict[str, Any] | None = None
+    if item_scenes is not None:
+        if item_wd is None:
+            raise ValueError(f"{model_in} has no item watchdog to give a per-item threshold")
+        item_wd, item_info = fit_item_threshold(item_wd, [np.asarray(s) for s in item_scenes if s])
+        item_info = {**item_info, "catalogs": list(FIT_CATALOGS), "seed": item_seed}
     meta = {k: v for k, v in m.meta.items() if k not in ("arch", "thresholds")}
     meta["alpha"] = alpha
     meta["risk"] = "executed"
@@ -197,8 +231,10 @@ def refit_model(
         "previous_thresholds": m.thresholds.tolist(),
         "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    save_model(model_out, m.net, m.calibrators, thr, m.watchdog, meta, item_watchdog=m.item_watchdog)
-    return meta["threshold_fit"]
+    if item_info is not None:
+        meta["item_threshold_fit"] = item_info
+    save_model(model_out, m.net, m.calibrators, thr, m.watchdog, meta, item_watchdog=item_wd)
+    return {**meta["threshold_fit"], "item_threshold_fit": item_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         "rows (--rows) only: a fit (--out) refuses them",
     )
     ap.add_argument("--min-exec", type=int, default=100, help="executed picks where the walk starts")
+    ap.add_argument(
+        "--item-scenes",
+        type=int,
+        default=0,
+        help="with --out: fit the item watchdog's per-item threshold on this many fresh training totes",
+    )
     ap.add_argument("--json", action="store_true", help="print the fit as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -250,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             print(f"error: refusing to fit thresholds on {bad}: only {list(FIT_CATALOGS)} are fit on")
             return 2
+        item_scenes = None
+        if args.item_scenes > 0:
+            item_scenes = live_item_descriptors(args.item_scenes, run_seed + 1, args.objects_per_tote)
         fit = refit_model(
             args.model or DEFAULT_MODEL,
             args.out,
@@ -259,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             delta=args.delta,
             run_seed=run_seed,
             min_exec=args.min_exec,
+            item_scenes=item_scenes,
+            item_seed=run_seed + 1 if item_scenes is not None else None,
         )
     else:
         thr, info = fit_thresholds(rows, args.alpha, args.delta, args.min_exec)
