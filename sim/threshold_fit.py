@@ -40,6 +40,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FIT_CATALOGS = ("train", "procedural-train")
+ALPHAS = (0.01, 0.02, 0.05, 0.10)  # alphas a model file carries certified thresholds for
 
 
 @dataclass(frozen=True)
@@ -125,22 +126,53 @@ def collect_rows(
     objects_per_tote: int = 8,
     model_path: str | None = None,
     workers: int = 1,
+    journal: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Rows of n_totes always-execute totes (catalogs round robin) and the tote seeds used."""
+    """Rows of n_totes always-execute totes (catalogs round robin) and the tote seeds used.
+
+    With `journal`, each finished tote is appended to it as one JSON line ({"tote", "seed", "rows"})
+    and totes already there are not run again: a long run can be stopped and resumed, and what it
+    has so far can be fitted on (`read_journal`)."""
     seeds = tote_seeds(seed, n_totes)
+    done = {t["tote"]: t for t in read_journal(journal)} if journal is not None and journal.exists() else {}
     specs = [
-        ExecSpec(i, s, catalogs[i % len(catalogs)], objects_per_tote, model_path) for i, s in enumerate(seeds)
+        ExecSpec(i, s, catalogs[i % len(catalogs)], objects_per_tote, model_path)
+        for i, s in enumerate(seeds)
+        if i not in done
     ]
-    rows: list[dict[str, Any]] = []
+
+    def keep(spec_rows: tuple[int, int, list[dict[str, Any]]]) -> None:
+        i, s, part = spec_rows
+        done[i] = {"tote": i, "seed": s, "rows": part}
+        if journal is not None:
+            with open(journal, "a") as f:
+                f.write(json.dumps(done[i]) + "\n")
+        log.info("tote %d done (%d of %d)", i, len(done), n_totes)
+
     if workers <= 1:
         for s in specs:
-            rows.extend(run_exec_tote(s))
-            log.info("tote %d/%d: %d rows so far", s.index + 1, n_totes, len(rows))
+            keep(_run_indexed(s))
     else:
         with mp.get_context("spawn").Pool(workers) as pool:
-            for part in pool.imap(run_exec_tote, specs):
-                rows.extend(part)
-    return rows, seeds
+            for res in pool.imap_unordered(_run_indexed, specs):
+                keep(res)
+    rows = [r for i in sorted(done) for r in done[i]["rows"]]
+    return rows, [done[i]["seed"] for i in sorted(done)]
+
+
+def _run_indexed(spec: ExecSpec) -> tuple[int, int, list[dict[str, Any]]]:
+    return spec.index, spec.seed, run_exec_tote(spec)
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The totes a `collect_rows` journal holds (a line cut short by a kill is ignored)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def live_item_descriptors(n_scenes: int, seed: int, objects_per_tote: int = 8) -> list[list[list[float]]]:
@@ -205,6 +237,10 @@ def refit_model(
 
     m = load_model(model_in)
     thr, info = fit_thresholds(rows, alpha, delta, min_exec)
+    # Thresholds for the other alphas a cell may be configured with (LearnedScorer(alpha=...)).
+    by_alpha = {
+        f"{a:g}": fit_thresholds(rows, a, delta, min_exec)[0].tolist() for a in sorted({*ALPHAS, alpha})
+    }
     item_wd = m.item_watchdog
     item_info: dict[str, Any] | None = None
     if item_scenes is not None:
@@ -224,6 +260,7 @@ def refit_model(
         "n": len(rows),
         "per_gripper": info,
         "thresholds": thr.tolist(),
+        "by_alpha": by_alpha,
         "policy": "CellController, every threshold 0 (the executed candidate of each decision)",
         "catalogs": sorted({r["catalog"] for r in rows}),
         "run_seed": run_seed,
@@ -248,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objects-per-tote", type=int, default=8, help="items per tote (default 8)")
     ap.add_argument("--model", default=None, help="model file (default: the shipped one)")
     ap.add_argument("--rows", type=Path, help="rows JSON: read it if it exists, else write it after running")
+    ap.add_argument(
+        "--journal",
+        type=Path,
+        help="JSON lines, one per finished tote: resume from it, or fit on it as it is",
+    )
+    ap.add_argument("--no-run", action="store_true", help="with --journal: fit on the totes it has, run none")
     ap.add_argument("--out", type=Path, help="write the refitted model here (with its .sha256)")
     ap.add_argument("--alpha", type=float, default=0.05, help="bound on P(fail | executed), default 0.05")
     ap.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the bound, default 0.1")
@@ -272,6 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows is not None and args.rows.exists():
         saved = json.loads(args.rows.read_text())
         rows, seeds, run_seed = saved["rows"], saved["tote_seeds"], saved["run_seed"]
+    elif args.no_run:
+        if args.journal is None or not args.journal.exists():
+            print("error: --no-run needs an existing --journal")
+            return 2
+        totes = sorted(read_journal(args.journal), key=lambda t: t["tote"])
+        rows = [r for t in totes for r in t["rows"]]
+        seeds, run_seed = [t["seed"] for t in totes], args.seed
+        if args.rows is not None:
+            args.rows.parent.mkdir(parents=True, exist_ok=True)
+            args.rows.write_text(json.dumps({"run_seed": run_seed, "tote_seeds": seeds, "rows": rows}))
     else:
         rows, seeds = collect_rows(
             args.totes,
@@ -280,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             objects_per_tote=args.objects_per_tote,
             model_path=args.model,
             workers=args.workers,
+            journal=args.journal,
         )
         run_seed = args.seed
         if args.rows is not None:
