@@ -91,3 +91,25 @@ def test_a_smaller_alpha_never_lowers_the_threshold_and_too_few_rows_certify_not
         selective_threshold(p, y, alpha=0.0)
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
         selective_threshold(p, y * 2)
+
+
+def test_a_cell_configured_with_an_alpha_uses_the_thresholds_certified_for_it(tmp_path):
+    """The model file carries thresholds per alpha; an alpha it has none for is refused, naming the file."""
+    from test_modelfile import write_model
+
+    from grasping.learned_scorer import LearnedScorer
+    from grasping.modelfile import ModelFileError, load_model, save_model
+
+    write_model(tmp_path / "a.safetensors")
+    m = load_model(tmp_path / "a.safetensors")
+    meta = dict(m.meta, alpha=0.05)
+    meta["threshold_fit"] = {"alpha": 0.05, "by_alpha": {"0.01": [0.97, np.inf], "0.05": [0.81, 0.9]}}
+    path = tmp_path / "b.safetensors"
+    save_model(path, m.net, m.calibrators, np.array([0.81, 0.9]), m.watchdog, meta)
+    assert LearnedScorer.from_file(path).thresholds.tolist() == [0.81, 0.9]
+    strict = LearnedScorer.from_file(path, alpha=0.01)
+    assert strict.alpha == 0.01 and strict.thresholds[0] == 0.97 and strict.thresholds[1] == np.inf
+    assert strict.candidate_thresholds(np.array([0, 1, 0])).tolist() == [0.97, np.inf, 0.97]
+    with pytest.raises(ModelFileError, match=r"no auto-execute thresholds certified for alpha 0\.03") as e:
+        LearnedScorer.from_file(path, alpha=0.03)
+    assert str(path) in str(e.value)
