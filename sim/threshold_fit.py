@@ -274,6 +274,66 @@ def refit_model(
     return {**meta["threshold_fit"], "item_threshold_fit": item_info}
 
 
+CARD_HEADING = "## Auto-execute thresholds: guaranteed precision of unasked picks"
+
+
+def card_section(fit: dict[str, Any], command: str) -> str:
+    """The model card's section on the threshold fit (Markdown), from `refit_model`'s return value."""
+    lines = [
+        CARD_HEADING,
+        "",
+        f"Refitted {fit['fitted']} by `sim.threshold_fit` (this section replaces the conformal "
+        "thresholds above as what the cell uses; the network, calibrators and watchdogs are unchanged).",
+        "",
+        f"- guarantee: {fit['guarantee']}; alpha {fit['alpha']}, delta {fit['delta']} "
+        f"(confidence {1 - fit['delta']:.0%}), for picks exchangeable with the fit's",
+        f"- method: {fit['method']}; the walk starts where {fit['min_exec']} picks are executed",
+        f"- rows: {fit['n']} executed picks of the real controller with every threshold at 0 "
+        f"({fit['policy']}), on {len(fit['tote_seeds'])} held-out totes of {fit['catalogs']}, split by "
+        "tote from everything the model was trained or calibrated on; tote seeds in the file's "
+        "metadata (`threshold_fit.tote_seeds`)",
+        f"- thresholds (calibrated p; suction, jaw): {[round(t, 3) for t in fit['thresholds']]} "
+        f"(before: {[round(t, 3) for t in fit['previous_thresholds']]}, CRC on the joint rate)",
+        "",
+        "| gripper | picks | executed alone at the threshold | failed | failure rate | "
+        f"{1 - fit['delta']:.0%} upper bound |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for g, r in fit["per_gripper"].items():
+        rate = r["n_fail"] / r["n_exec"] if r["n_exec"] else float("nan")
+        lines.append(
+            f"| {g} | {r['n']} | {r['n_exec']} ({r['coverage']:.0%}) | {r['n_fail']} | {rate:.3f} | "
+            f"{r['upper_bound']:.3f} |"
+        )
+    lines += ["", "Thresholds certified for the alphas a cell may be configured with (`--alpha`):", ""]
+    lines += ["| alpha | suction | jaw |", "| --- | --- | --- |"]
+    for a, thr in fit["by_alpha"].items():
+        lines.append(f"| {a} | {thr[0]:.3f} | {thr[1]:.3f} |")
+    item = fit.get("item_threshold_fit")
+    if item:
+        lines += [
+            "",
+            f"Per-item watchdog threshold (doubt per item): {item['item_threshold']:.3f} (LOF units), the "
+            f"conformal {item['item_quantile']} quantile of {int(item['items'])} items of "
+            f"{int(item['scenes'])} fresh totes of {item['catalogs']} (seed {item['seed']}), none of them "
+            "in the item bank.",
+        ]
+    lines += ["", "Reproduce:", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def write_card_section(card: Path, section: str) -> None:
+    """Replace the card's threshold section (or append it)."""
+    text = card.read_text() if card.exists() else ""
+    if CARD_HEADING in text:
+        head, rest = text.split(CARD_HEADING, 1)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -310,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --out: fit the item watchdog's per-item threshold on this many fresh training totes",
     )
     ap.add_argument("--json", action="store_true", help="print the fit as JSON")
+    ap.add_argument("--card", type=Path, help="with --out: write the fit's section into this model card")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.rows is not None and args.rows.exists():
@@ -364,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         thr, info = fit_thresholds(rows, args.alpha, args.delta, args.min_exec)
         fit = {"thresholds": thr.tolist(), "per_gripper": info, "n": len(rows)}
+    if args.out is not None and args.card is not None:
+        import shlex
+        import sys
+
+        cmd = "python -m sim.threshold_fit " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        write_card_section(args.card, card_section(fit, cmd))
     if args.json:
         print(json.dumps({k: v for k, v in fit.items() if k != "tote_seeds"}, indent=2, default=str))
     else:
