@@ -168,3 +168,7 @@ def test_item_memory_follows_a_dropped_item_by_its_size_and_bans_the_gripper_tha
     assert it2.allows("suction") and not it2.set_aside
     mem.record(it2, "suction", Reason.SEAL_FAILED)
     assert it2.set_aside and mem.max_attempts_on_one_item == 3
+    # A picked item is gone: what the camera sees there afterwards (an item it lay on) is another item.
+    it3 = mem.get(np.array([0.2, -0.15, 0.05]))
+    mem.record(it3, "parallel_jaw", Reason.OK)
+    assert mem.find(np.array([0.2, -0.15, 0.02])) is None
