@@ -338,7 +338,8 @@ class CellController:
                 # exception handling, where a person takes those items out.
                 rep.status = "diverted"
                 if self.feed is not None:
-                    why = "set aside after failed tries" if rep.items_set_aside else "no safe pick"
+                    set_aside = any(it.set_aside for it in st.items.items)
+                    why = "set aside after failed tries" if set_aside else "no safe pick"
                     self.feed.divert_tote(f"{why} on the remaining items")
                 break
             if cfg.look_again and not looked_again:
@@ -467,11 +468,15 @@ class CellController:
         # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back, and
         # the picture draws exactly this list, so every number the person sees is one they can answer.
         spots = list(failed_spots)
-        offered = offered_indices(
-            plan,
-            20,
-            exclude=lambda k: _near(plan.candidates[k].grasp.position, spots, cfg.failed_spot_radius_m),
-        )
+        def failed(k: int) -> bool:
+            return _near(plan.candidates[k].grasp.position, spots, cfg.failed_spot_radius_m)
+
+        def on_item(k: int) -> bool:
+            return _near(_centre_of(plan, plan.candidates[k]), [centre], cfg.item_radius_m)
+
+        # The item asked about first (best first), then the rest: "approve the first" means this item.
+        offered = offered_indices(plan, 20, exclude=lambda k: failed(k) or not on_item(k))
+        offered += offered_indices(plan, 20 - len(offered), exclude=lambda k: failed(k) or on_item(k))
         png = self.render_png(frame, plan, indices=offered) if self.render_png is not None else b""
         views = tuple(
             CandidateView(

@@ -37,17 +37,21 @@ class StartupError(RuntimeError):
     """The cell must not start as configured; the message says what to fix."""
 
 
-def check_model_file(path: str | Path) -> str:
+def check_model_file(path: str | Path, alpha: float | None = None) -> str:
     """Verify the model file the cell is configured with (hash, format, contents); returns its version.
 
     A missing or corrupt model is a reason to refuse to start, never to fall back silently to
     another scorer: the operator chose a model, and its thresholds are what bounds the cell's
-    unasked failures. `--planner analytic` is the explicit way to run without one.
+    unasked failures. `--planner analytic` is the explicit way to run without one. With `alpha`,
+    the file must hold thresholds certified for it.
     """
+    from grasping.learned_scorer import thresholds_for_alpha
     from grasping.modelfile import ModelFileError, load_model
 
     try:
-        return load_model(path).version
+        model = load_model(path)
+        thresholds_for_alpha(model, alpha)
+        return model.version
     except ModelFileError as exc:
         raise StartupError(
             f"refusing to start: {exc}. Restore the file (or its .sha256), give another with --model, "

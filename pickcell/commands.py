@@ -27,6 +27,7 @@ TOML_KEYS = {
     ("sim", "seed"): "seed",
     ("planner", "kind"): "planner",
     ("planner", "model"): "model",
+    ("planner", "alpha"): "alpha",
     ("assist", "broker"): "broker",
     ("assist", "keys"): "keys",
     ("assist", "insecure"): "insecure",
@@ -71,6 +72,13 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
         "--planner", default="learned", help="learned (default, shipped model) | analytic | MODULE:CLASS"
     )
     p.add_argument("--model", default=None, help="model file for the learned planner (default: shipped)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="bound on P(fail | executed without asking), per gripper: use the model's thresholds "
+        "certified for it (0.01, 0.02, 0.05, 0.1 in the shipped model; default: the file's, 0.05)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +185,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes or Ray")
     b.add_argument("--planner", default="learned", help="learned | analytic | MODULE:CLASS")
     b.add_argument("--model", default=None, help="model file for the learned planner (default: shipped)")
+    b.add_argument(
+        "--alpha", type=float, default=None, help="use the model's thresholds certified for this alpha"
+    )
     b.add_argument("--associate", choices=("sim", "none"), default="sim", help="who answers assist requests")
     b.add_argument("--json", type=Path, help="write the metrics JSON here")
     b.add_argument("--report", type=Path, help="write report.md, plots and failed-pick images here")
@@ -214,6 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         associate=args.associate,
         model_path=args.model,
         record_dir=str(args.report) if args.report else None,
+        alpha=args.alpha,
     )
     episodes, wall = run_episodes(
         specs, run_bench_episode, workers=args.workers, backend=args.backend, progress=not args.no_progress
@@ -390,6 +402,7 @@ def _live_sim_stack(args, cell_id: str, deadline_s: float, assist, ledger, metri
         ledger=ledger,
         metrics=metrics,
         first_tote=first_tote,
+        alpha=getattr(args, "alpha", None),
     )
 
 
@@ -413,7 +426,7 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
         from sim.stack import DEFAULT_MODEL
 
         try:
-            check_model_file(args.model or DEFAULT_MODEL)
+            check_model_file(args.model or DEFAULT_MODEL, args.alpha)
         except StartupError as exc:
             print(f"pickcell cell run: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -431,7 +444,7 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
         stack.controller,
         stack.feed,
         data_dir=data,
-        planner_factory=model_planner_factory(stack.cell.tote_bounds, args.seed),
+        planner_factory=model_planner_factory(stack.cell.tote_bounds, args.seed, args.alpha),
         model_version=stack.model_version,
         totes=args.totes,
     )
@@ -467,6 +480,7 @@ _DEFAULTS_CELL_RUN = {
     "seed": 0,
     "planner": "learned",
     "model": None,
+    "alpha": None,
 }
 
 

@@ -55,6 +55,7 @@ def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:
         planner=spec.planner,
         model_path=spec.model_path,
         controller_config=cfg,
+        alpha=spec.alpha,
     )
     try:
         cell = stack.cell
