@@ -191,6 +191,47 @@ def test_a_training_round_is_reproducible_from_its_manifest(tmp_path) -> None:
     # Nothing new since the round: no trigger fires, no round runs.
     assert not run_round(cfg, progress=False).triggered
 
+    # The CLI: the triggers, and the whole gate on the registered version from the ledger's held-out totes.
+    from pickcell.cli import main
+
+    toml = tmp_path / "learn.toml"
+    toml.write_text(f'ledgers = ["{db}"]\nregistry = "registry"\nwork_dir = "work"\n')
+    assert main(["learn", "check", "--config", str(toml), "--json"]) == 0
+    code = main(
+        [
+            "models",
+            "gate",
+            res.version,
+            "--ledger",
+            str(db),
+            "--registry",
+            cfg.registry,
+            "--sim-episodes",
+            "0",
+        ]
+    )
+    assert code == (0 if res.gate_passed else 1)
+    assert main(["models", "gate", "no-such-version", "--ledger", str(db), "--registry", cfg.registry]) == 1
+
+
+def test_sampling_weights_favour_novel_hard_human_rows_and_keep_the_replay_share() -> None:
+    from learn.config import WeightsConfig
+    from learn.weights import sampling_weights
+
+    ds, _ = make_dataset_synth(20, seed=30)
+    n = len(ds)
+    sigma = np.where(np.arange(n) % 2 == 0, 6.0, 0.0)  # every other row from a flagged scene
+    who = np.where(np.arange(n) % 3 == 0, "associate:ann", "model")
+    ds = replace(ds, ood_sigma=sigma, decided_by=who, timestamp=np.full(n, 1e9))
+    old = np.arange(n) < n // 2
+    cfg = WeightsConfig(replay_share=0.3)
+    w, info = sampling_weights(ds, cfg, old=old)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[old].sum() / w.sum() == pytest.approx(0.3) and info["replay_share"] == pytest.approx(0.3)
+    new = ~old
+    assert w[new & (sigma > 0)].mean() > w[new & (sigma == 0)].mean()  # novelty
+    assert w[new & (who != "model")].mean() > w[new & (who == "model")].mean()  # people's labels
+
 
 # --- the gate names a forgotten kind -------------------------------------------------------------------
 
