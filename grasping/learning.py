@@ -449,7 +449,9 @@ def fit_item_kinds(descriptor: np.ndarray, k: int, seed: int) -> dict[str, Any] 
         return None
     center = np.median(d, axis=0)
     scale = np.maximum(1.4826 * np.median(np.abs(d - center), axis=0), np.maximum(0.25 * d.std(axis=0), 1e-3))
-    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit((d - center) / scale)
+    z = (d - center) / scale
+    k = min(k, len(np.unique(np.round(z, 6), axis=0)))  # no more kinds than distinct items
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(z)
     return {"center": center.tolist(), "scale": scale.tolist(), "centroids": km.cluster_centers_.tolist()}
 
 
@@ -1152,8 +1154,7 @@ def gate(
         check(
             c_fail <= cond_limit,
             f"conditional precision: P(fail | auto-executed) {c_fail:.4f} <= {cond_limit:.4f} "
-            f"at alpha {alpha}"
-            + ("" if c_fail <= cond_limit else f" (over by {c_fail - cond_limit:.4f})"),
+            f"at alpha {alpha}" + ("" if c_fail <= cond_limit else f" (over by {c_fail - cond_limit:.4f})"),
         )
     else:  # a model thresholded for the joint rate promises nothing about the conditional one
         reasons.append(f"note: P(fail | auto-executed) {c_fail:.4f} (the model bounds the joint rate only)")

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "hitl.cli",
     "hitl.ledger_cli",
     "learn.cli",
+    "sim.benchmark.continual",  # adds `pickcell bench continual` to pickcell.commands' `bench`
 )
 
 
