@@ -6,10 +6,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-try:  # the standard library from Python 3.11; pickcell still supports 3.10 elsewhere
+try:  # the standard library from Python 3.11; tomli (pinned for 3.10 in pyproject.toml) before
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    tomllib = None  # type: ignore[assignment]
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]
 
 
 class LearnConfigError(ValueError):
