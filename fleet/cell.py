@@ -98,6 +98,7 @@ class FleetLink:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._paused = threading.Event()  # tests and the load benchmark: drop off the network
+        self.online = threading.Event()  # set while a session (sockets open) is running
 
     # --- public --------------------------------------------------------------------------------
 
@@ -153,6 +154,7 @@ class FleetLink:
                 time.sleep(0.05)
                 continue
             sub, dealer = self._open(ctx)
+            self.online.set()
             try:
                 heard = self._session(sub, dealer)
             except Exception:
@@ -161,6 +163,7 @@ class FleetLink:
             finally:
                 sub.close(0)
                 dealer.close(0)
+                self.online.clear()
             if self._halt.is_set():
                 break
             self.reconnects += 1

@@ -39,6 +39,7 @@ def test_an_offline_cell_catches_up_on_reconnect(fleet_dir, service, tmp_path) -
     try:
         wait_for(lambda: all(c.running == "v1" for c in cells.values()), what="v1 everywhere")
         cells["cell-3"].link.disconnect()
+        wait_for(lambda: not cells["cell-3"].link.online.is_set(), what="cell-3 offline")
         publish(fleet_dir, make_version("v2", models), stage="canary", cells=["cell-1"])
         wait_for(lambda: cells["cell-1"].running == "v2", what="canary on cell-1")
         assert send_control(fleet_dir, "promote", force=True)["ok"]
@@ -106,8 +107,12 @@ def test_bad_hash_and_bad_signature_are_refused_and_the_running_model_stays(
         wait_for(lambda: len(cells["cell-1"].link.refused) >= 2, what="signature refusal")
         assert "signature" in cells["cell-1"].link.refused[-1]["reason"]
         assert cells["cell-1"].running == "v1" and cells["cell-1"].loaded == ["v1"]
-        status = send_control(fleet_dir, "status")
-        assert status["cells"]["cell-1"]["refused"]  # the refusal reached the fleet
+        wait_for(
+            lambda: any(
+                r["version"] == "v3" for r in send_control(fleet_dir, "status")["cells"]["cell-1"]["refused"]
+            ),
+            what="the refusal reported to the fleet",
+        )
     finally:
         stop_cells(cells)
 
