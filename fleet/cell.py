@@ -62,6 +62,7 @@ class _Download:
     part: Path
     have: int = 0
     next_offset: int = 0
+    step: int = 0  # bytes per request: ours, or the service's if it sends less
     last_rx: float = field(default_factory=time.monotonic)
 
 
@@ -360,7 +361,9 @@ class FleetLink:
         if have > int(meta["size"]):
             part.unlink()
             have = 0
-        self._download = _Download(version, meta, part, have=have, next_offset=have)
+        self._download = _Download(
+            version, meta, part, have=have, next_offset=have, step=self.config.chunk_bytes
+        )
 
     def _restart_download(self, dealer: zmq.Socket) -> None:
         d = self._download
@@ -377,7 +380,7 @@ class FleetLink:
         if d.have >= size:
             self._finish(dealer)
             return
-        step = self.config.chunk_bytes
+        step = d.step
         while d.next_offset < size and d.next_offset - d.have < self.config.window * step:
             dealer.send(pack({"t": "fetch", "version": d.version, "offset": d.next_offset, "length": step}))
             d.next_offset += step
@@ -398,6 +401,12 @@ class FleetLink:
         if not data and d.have < int(d.meta["size"]):
             self._fail_download(f"the service sent an empty chunk at {offset} of {d.meta['size']}")
             return
+        if len(data) < d.step and d.have < int(d.meta["size"]):
+            # The service caps chunks below our request: ask again from here in its size (answers to
+            # the requests already out are dropped unless one lands exactly where we are, where its
+            # bytes are the right ones anyway).
+            d.step = len(data)
+            d.next_offset = d.have
         self._pump(dealer)
 
     def _finish(self, dealer: zmq.Socket) -> None:
