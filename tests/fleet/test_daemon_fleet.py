@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import make_version, wait_for
+from fleetrig import make_version, wait_for
 
 from arm.controller import ControllerConfig
 from arm.daemon import CellDaemon

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import RecordingCell, make_version, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fleetrig import RecordingCell, make_version, wait_for
 
 from fleet import signing
 from fleet.service import send_control

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import wait_for
+from fleetrig import wait_for
 
 from grasping.types import Candidate, Frame, Grasp, Outcome, Plan, Reason
 from hitl.ledger import Ledger
