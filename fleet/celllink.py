@@ -59,7 +59,9 @@ class CellFleet:
         link: LinkConfig,
         ship: ShipConfig | None = None,
         shadow_loader: Callable[[Path], Any] | None = None,
+        connect: bool = True,  # False: ship ledger rows only (no fleet service to follow)
     ) -> None:
+        self.connect = connect
         self.link_config = link
         self.ship_config = ship
         self.shadow_loader = shadow_loader or _load_scorer
@@ -67,6 +69,7 @@ class CellFleet:
         self.shipper: LedgerShipper | None = None
         self.daemon: Any = None
         self.counts: dict[str, Counts] = {}
+        self._stopped = False
         self._lock = threading.Lock()
         self._picks: deque[tuple[float, int]] = deque()  # (wall time, picks) per tote, last hour
         self._started = time.time()
@@ -89,11 +92,13 @@ class CellFleet:
                 listener(att, plan)
 
         ctl.on_attempt = on_attempt
-        self.link = FleetLink(self.link_config, self._on_model, self._on_shadow, self.status).start()
+        if self.connect:
+            self.link = FleetLink(self.link_config, self._on_model, self._on_shadow, self.status).start()
         if self.ship_config is not None:
             self.shipper = LedgerShipper(self.ship_config).start()
 
     def stop(self) -> None:
+        self._stopped = True
         if self.link is not None:
             self.link.stop()
         if self.shipper is not None:
@@ -236,6 +241,8 @@ class CellFleet:
         d = self.daemon
         if d is None:
             return "starting"
+        if self._stopped:
+            return "stopped"
         if getattr(d.controller.arm, "stopped", False):
             return "protective_stop"
         if d.controller.stopping:
