@@ -91,9 +91,18 @@ def test_bad_hash_and_bad_signature_are_refused_and_the_running_model_stays(
         f.write_bytes(bytes(data))
         publish(fleet_dir, "v2", stage="canary", cells=["cell-1", "cell-2"])
         wait_for(lambda: all(c.link.refused for c in cells.values()), what="refusals")
+        # A cell that reconnects while the refused version is still assigned does not take it either.
+        link = cells["cell-2"].link
+        before = link.snapshots
+        link.disconnect()
+        wait_for(lambda: not link.online.is_set(), what="cell-2 offline")
+        link.reconnect()
+        wait_for(lambda: link.snapshots > before, what="cell-2's new snapshot")
         for c in cells.values():
             assert "sha256" in c.link.refused[-1]["reason"]
-            assert c.running == "v1" and c.loaded == ["v1"]
+            assert (
+                c.running == "v1" and c.loaded == ["v1"] and c.handed == ["v1"]
+            )  # never offered to the loader
             assert not (c.link.models_dir / "v2.safetensors").exists()
         assert send_control(fleet_dir, "rollback", reason="bad file")["ok"]
 
@@ -106,7 +115,7 @@ def test_bad_hash_and_bad_signature_are_refused_and_the_running_model_stays(
         publish(fleet_dir, "v3", stage="canary", cells=["cell-1"])
         wait_for(lambda: len(cells["cell-1"].link.refused) >= 2, what="signature refusal")
         assert "signature" in cells["cell-1"].link.refused[-1]["reason"]
-        assert cells["cell-1"].running == "v1" and cells["cell-1"].loaded == ["v1"]
+        assert cells["cell-1"].running == "v1" and cells["cell-1"].handed == ["v1"]
         wait_for(
             lambda: any(
                 r["version"] == "v3" for r in send_control(fleet_dir, "status")["cells"]["cell-1"]["refused"]
