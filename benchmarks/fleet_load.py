@@ -38,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 def worker(args: argparse.Namespace) -> int:
     """One process holding several cells; prints one JSON line per event."""
+    import logging
+
+    logging.basicConfig(level=logging.CRITICAL)  # refusals are counted in the JSON, not printed 50 times
     from fleet.cell import FleetLink, LinkConfig
     from grasping.modelfile import file_sha256
 

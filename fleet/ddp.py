@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--version", default=None, help="model version (default: generated)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--backend", default="gloo", help="torch.distributed backend (gloo on CPU; nccl on GPUs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
         )
-    dist.init_process_group("gloo")
+    dist.init_process_group(args.backend)
     try:
         ds = learning.load_dataset(args.dataset)
         cfg = learning.TrainConfig(
