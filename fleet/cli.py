@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router", default="tcp://127.0.0.1:5570", help="snapshot/chunk/status endpoint")
     p.add_argument("--pub", default="tcp://127.0.0.1:5571", help="update/heartbeat endpoint")
     p.add_argument("--config", type=Path, default=None, help="rollout rules (default: FLEET/fleet.toml)")
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="the model registry (default FLEET/registry; give the learner's to publish its gated versions)",
+    )
     p.add_argument("--insecure", action="store_true", help="no CURVE (loopback testing only)")
     p.set_defaults(func=cmd_serve)
 
@@ -133,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fleet.service import FleetService, ServiceConfig
 
     rules = RolloutConfig.load(args.config or args.dir / "fleet.toml")
-    svc = FleetService(ServiceConfig(args.dir, args.router, args.pub, args.insecure, rules))
+    svc = FleetService(ServiceConfig(args.dir, args.router, args.pub, args.insecure, rules, args.registry))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -58,6 +58,7 @@ class ServiceConfig:
     pub: str = "tcp://127.0.0.1:5571"  # updates and heartbeats
     insecure: bool = False  # no CURVE (loopback tests only)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    registry: Path | None = None  # the model registry (default <fleet>/registry); share it with the learner
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -74,7 +75,7 @@ class FleetService:
         self.config = config
         self.dir = Path(config.fleet_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.registry = ModelRegistry(self.dir / "registry")
+        self.registry = ModelRegistry(config.registry or self.dir / "registry")
         self._key = signing.load_private(self.dir / "keys" / signing.PRIVATE_NAME)
         self.state = self._load_state()
         self.epoch = secrets.token_hex(8)  # a restarted service is a new epoch: cells re-snapshot

@@ -240,3 +240,34 @@ def test_a_manual_rollback_reaches_every_cell(fleet_dir, service, tmp_path) -> N
         assert all(c.loaded == ["v1", "v2", "v1"] for c in cells.values())
     finally:
         stop_cells(cells)
+
+
+def test_a_gated_version_from_the_learner_is_published_without_force(fleet_dir, service, tmp_path) -> None:
+    from dataclasses import dataclass
+
+    from grasping.modelfile import file_sha256
+
+    @dataclass(frozen=True)
+    class Report:  # what the registry stores of a gate report (grasping.learning.GateReport's shape)
+        passed: bool
+        candidate_sha256: str
+
+        def to_json(self) -> dict:
+            return {"passed": self.passed, "candidate_sha256": self.candidate_sha256}
+
+    models = tmp_path / "models"
+    models.mkdir()
+    reg = ModelRegistry(fleet_dir / "registry")  # the registry the learner writes to
+    for v, ok in (("g1", True), ("g2", False)):
+        f = make_version(v, models)
+        reg.add(f, gate_report=Report(ok, file_sha256(f)))
+    assert send_control(fleet_dir, "publish", path="g1")["ok"]
+    reply = send_control(fleet_dir, "publish", path="g2", cells=["cell-1"])
+    assert not reply["ok"] and "failed its gate" in reply["error"]
+    assert send_control(fleet_dir, "status")["rollout"] == {
+        "live": "g1",
+        "candidate": None,
+        "stage": None,
+        "cells": [],
+        "generation": 1,
+    }
