@@ -271,3 +271,91 @@ def test_a_gated_version_from_the_learner_is_published_without_force(fleet_dir, 
         "cells": [],
         "generation": 1,
     }
+
+
+def test_bad_input_gets_a_clear_error_and_the_service_keeps_serving(fleet_dir, service, tmp_path) -> None:
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x80\x04 a pickle, not a model" * 20)
+    reply = send_control(fleet_dir, "publish", path=str(bad), force=True)
+    assert not reply["ok"] and "broken.safetensors" in reply["error"]
+    reply = send_control(fleet_dir, "publish", path="no-such-version", force=True)
+    assert not reply["ok"] and "no-such-version" in reply["error"]
+    assert not send_control(fleet_dir, "frobnicate")["ok"]
+    # Garbage and unknown messages on the cells' socket get an error reply, not a dead service.
+    import zmq
+
+    from fleet.net import ClientSecurity, pack, unpack
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    ClientSecurity(fleet_dir / "cells" / "cell-1", "cell-1").apply(s)
+    s.connect(service.router_endpoint)
+    try:
+        for raw in (
+            b"\xc1 not msgpack",
+            pack({"t": "launch"}),
+            pack({"t": "fetch", "version": "nope"}),
+            pack({"t": "fetch", "version": 3, "offset": "x"}),
+        ):
+            s.send(raw)
+            assert s.poll(10000)
+            assert unpack(s.recv())["t"] == "error"
+    finally:
+        s.close(0)
+    assert send_control(fleet_dir, "status")["ok"]
+
+
+def test_cells_follow_a_restarted_service(fleet_dir, tmp_path) -> None:
+    import socket
+
+    from fleetrig import fast_rules
+
+    from fleet.service import FleetService, ServiceConfig
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    cfg = ServiceConfig(
+        fleet_dir, router=f"tcp://127.0.0.1:{port()}", pub=f"tcp://127.0.0.1:{port()}", rollout=fast_rules()
+    )
+    models = tmp_path / "models"
+    models.mkdir()
+    svc = FleetService(cfg).start()
+    cells = start_cells(fleet_dir, svc, tmp_path, ["cell-1", "cell-2"])
+    try:
+        publish(fleet_dir, make_version("v1", models))
+        wait_for(lambda: all(c.running == "v1" for c in cells.values()), what="v1")
+        svc.stop()  # the service goes away; the cells keep running v1
+        svc = FleetService(cfg).start()  # same folder: the rollout state comes back from rollout.json
+        assert svc.state["live"] == "v1"
+        publish(fleet_dir, make_version("v2", models), stage="canary", cells=["cell-2"])
+        assert send_control(fleet_dir, "promote", force=True)["ok"]
+        # The new service numbers its updates from scratch under a new epoch: the cells take a snapshot.
+        wait_for(lambda: all(c.running == "v2" for c in cells.values()), what="v2 from the restarted service")
+        assert all(c.loaded == ["v1", "v2"] for c in cells.values())
+    finally:
+        stop_cells(cells)
+        svc.stop()
+
+
+def test_cell_state_comes_from_the_arm_the_controller_and_the_assist_client(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from fleet.cell import LinkConfig
+    from fleet.celllink import CellFleet
+
+    fleet = CellFleet(LinkConfig("cell-1", "", "", tmp_path, None), connect=False)
+    assert fleet.state() == "starting"
+    arm = SimpleNamespace(stopped=False)
+    assist = SimpleNamespace(pending=0)
+    ctl = SimpleNamespace(arm=arm, assist=assist, stopping=False, on_attempt=None)
+    fleet.start(SimpleNamespace(controller=ctl, stats=SimpleNamespace(model_version="v1")))
+    assert fleet.status()["state"] == "picking"
+    assist.pending = 2
+    assert fleet.status()["state"] == "waiting_for_person" and fleet.status()["assists_waiting"] == 2
+    arm.stopped = True
+    assert fleet.state() == "protective_stop"
+    arm.stopped, ctl.stopping = False, True
+    assert fleet.state() == "stopped"
