@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from hitl.keys import ClientKeys, KeyFileError, load_allowlist, load_public
+from hitl.keys import ClientKeys, KeyFileError, load_public
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,23 @@ class Allowlist:
         except OSError:
             stamp = None
         if stamp != self._stamp:
-            self.names = load_allowlist(self.allowed_dir)
+            self.names = _flat_allowlist(self.allowed_dir)
             self._stamp = stamp
 
     def stop(self) -> None:
         self.thread.stop()
+
+
+def _flat_allowlist(allowed_dir: Path) -> dict[bytes, str]:
+    """{z85 public key: name} of `allowed_dir/*.key`. The fleet admits one kind of client (cells), so
+    its allowlist is one flat folder, unlike the assist broker's one folder per role."""
+    names: dict[bytes, str] = {}
+    for p in sorted(Path(allowed_dir).glob("*.key")):
+        try:
+            names[load_public(p)] = p.stem
+        except KeyFileError as exc:
+            log.error("fleet allowlist: skipping %s: %s", p, exc)
+    return names
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "hitl.cli",
     "hitl.ledger_cli",
     "fleet.cli",
+    "console.cli",
 )
 
 

@@ -1,0 +1,119 @@
+"""`pickcell console demo` (= `pickcell demo --console`): broker, a simulated cell and the web console on
+this machine, so that a person answers the cell's questions in a browser.
+
+Keys: fresh CURVE pairs for the broker, the cell and the console; the cell's and the console's public
+keys are admitted in the broker's allowlist. A sign-in is created and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+
+def admit(keys: Path, name: str, role: str) -> None:
+    """Admit NAME.key at the broker whose keys folder is `keys`: into allowed/ROLE/ where the broker binds
+    roles to keys (hitl.keys.ROLES), else into allowed/."""
+    import hitl.keys
+
+    folder = keys / "allowed" / role if hasattr(hitl.keys, "ROLES") else keys / "allowed"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+
+
+def new_key(keys: Path, name: str, role: str | None) -> None:
+    """NAME.key / NAME.key_secret in `keys` unless there already, with its role where keys carry one."""
+    import inspect
+
+    from hitl.keys import new_keypair
+
+    if (keys / f"{name}.key_secret").exists():
+        return
+    if role is not None and "role" in inspect.signature(new_keypair).parameters:
+        new_keypair(name, keys, role=role)
+    else:
+        new_keypair(name, keys)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from console.app import ConsoleConfig
+    from console.server import BrokerAccess, ConsoleServer, parse_bind
+    from console.users import UserStore
+    from hitl.broker import Broker, BrokerConfig
+    from hitl.client import AssistClient
+    from hitl.keys import ClientKeys, load_public
+    from hitl.ledger import Ledger
+    from pickcell.commands import _live_sim_stack, print_summary, summarise
+
+    host, port = parse_bind(args.bind)
+    tmp = None
+    if args.data is None:
+        tmp = tempfile.TemporaryDirectory(prefix="pickcell-console-demo-")
+        data = Path(tmp.name)
+    else:
+        data = Path(args.data)
+        data.mkdir(parents=True, exist_ok=True)
+    keys = data / "keys"
+    for name, role in (("broker", None), ("cell-1", "cell"), ("console", "console")):
+        new_key(keys, name, role)
+    admit(keys, "cell-1", "cell")
+    admit(keys, "console", "console")
+    server_key = load_public(keys / "broker.key")
+
+    users = UserStore(data / "users.sqlite")
+    password = args.password or secrets.token_urlsafe(9)
+    if users.exists(args.user):
+        users.remove(args.user)
+    users.add(args.user, password)
+
+    broker = Broker(BrokerConfig(bind="tcp://127.0.0.1:0", data_dir=data / "broker", keys_dir=keys))
+    endpoint = broker.start()
+    console = ConsoleServer(
+        BrokerAccess.from_keys_dir(endpoint, keys, "console"), users, ConsoleConfig(), host=host, port=port
+    )
+    url = console.start()
+    assist = AssistClient(endpoint, "cell-1", ClientKeys.from_file(keys / "cell-1.key_secret"), server_key)
+    assist.start()
+    ledger = Ledger(data / "ledger.sqlite", cell_id="cell-1")
+    stack = None
+    reports = []
+    t0 = time.perf_counter()
+    try:
+        stack = _live_sim_stack(args, "cell-1", args.assist_deadline, assist, ledger, None)
+        print(f"broker on {endpoint} (CURVE on); cell-1 running model {stack.model_version}")
+        print(f"console: open {url}/ and sign in as {args.user!r} with password {password!r}")
+        print(
+            f"the cell asks when unsure and waits up to {args.assist_deadline:.0f} s for an answer; "
+            "Ctrl-C stops"
+        )
+        for k in range(args.totes):
+            rep = stack.controller.run_tote(stack.feed.next_tote())
+            reports.append(rep)
+            print(
+                f"tote {k + 1}/{args.totes}: {rep.picks} picks, {rep.assists_requested} questions, "
+                f"{rep.assists_answered} answered, {rep.assists_expired} expired",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        assist.close()
+        console.stop()
+        broker.stop()
+        ledger.close()
+        users.close()
+        if stack is not None:
+            stack.close()
+    if reports and stack is not None:
+        print_summary(summarise(reports, stack.packer, time.perf_counter() - t0, stack.model_version))
+    print(
+        f"ledger: {data / 'ledger.sqlite'}"
+        if tmp is None
+        else "data was in a temp folder (use --data to keep it)"
+    )
+    if tmp is not None:
+        tmp.cleanup()
+    return 0

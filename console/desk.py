@@ -1,0 +1,359 @@
+"""The console's desk: which signed-in person looks at which held request, and what they may answer.
+
+The broker hands the console one request per READY; the desk gives each request to one free person
+(the one waiting longest) and asks the broker for more while people are free. It checks every answer
+from the browser against what that person holds: the request id, the candidate numbers the cell offered,
+a pixel inside the image. It lives on the web server's event loop (single-threaded, no locks); the
+broker link's thread reaches it through `loop.call_soon_threadsafe`.
+
+Skip: the request goes to another free person at this console who has not skipped it; if there is
+none, it goes back to the broker with skip=true, so that other associates get it and this console is
+not offered it again (otherwise a person who skipped would be handed it straight back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hitl import protocol as P
+from hitl.client import AssistError
+from hitl.messages import AssistRequest
+
+log = logging.getLogger(__name__)
+
+ANSWER_KINDS = ("approve", "point", "no_safe_pick")
+MAX_NOTE_CHARS = 500  # what the page lets a person type; the protocol allows 2,000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class DeskError(Exception):
+    """Refused input from the browser; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, or None if `data` is not a PNG."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    return (w, h) if w > 0 and h > 0 else None
+
+
+@dataclass
+class Held:
+    """A request the broker assigned to this console."""
+
+    request: AssistRequest
+    width: int  # px, from the PNG header; 0 when the request carries no readable image
+    height: int
+    received_at: float  # unix s, when the broker's assign arrived
+    holder: str | None = None  # the person looking at it
+    given_at: float = 0.0  # unix s, when the holder got it
+    skipped_by: set[str] = field(default_factory=set)
+    busy: bool = False  # an answer or skip is on its way to the broker
+
+
+@dataclass
+class Person:
+    name: str
+    conns: set[Any] = field(default_factory=set)  # open page connections (WebSockets)
+    current: str | None = None  # request id they look at
+    free_since: float = 0.0  # unix s; orders who gets the next request
+    answered: int = 0
+
+
+@dataclass
+class CellSeen:
+    """What the console learned about one cell from its requests (the broker's view of the fleet)."""
+
+    cell_id: str
+    requests: int = 0  # assigned to this console
+    answered_here: int = 0
+    last_request_at: float = 0.0  # unix s (cell clock: the request's `created`)
+    model_version: str | None = None  # from the request's context
+    tote_id: str | None = None
+
+
+class Desk:
+    def __init__(
+        self,
+        link: Any,  # ConsoleLink (or anything with want_work / answer / release)
+        clock: Callable[[], float] = time.time,
+        answer_timeout_s: float = 10.0,
+    ):
+        self.link = link
+        self.clock = clock
+        self.answer_timeout_s = answer_timeout_s
+        self.held: dict[str, Held] = {}
+        self.people: dict[str, Person] = {}
+        self.cells: dict[str, CellSeen] = {}
+        self.broker_waiting = 0  # queue depth the broker last told us
+        self.on_change: Callable[[set[str]], None] = lambda names: None  # the app pushes to these people
+        self.on_notice: Callable[[str, str], None] = lambda name, text: None  # a line for one page
+        self._want_sent = -1
+
+    # ---- people ----
+
+    def connect(self, name: str, conn: Any) -> None:
+        p = self.people.setdefault(name, Person(name, free_since=self.clock()))
+        if not p.conns and p.current is None:
+            p.free_since = self.clock()
+        p.conns.add(conn)
+        self._pump({name})
+
+    def disconnect(self, name: str, conn: Any) -> None:
+        p = self.people.get(name)
+        if p is None:
+            return
+        p.conns.discard(conn)
+        if not p.conns:
+            # Nobody at that page any more: its request goes to someone else (or back to the broker).
+            if p.current is not None:
+                h = self.held.get(p.current)
+                p.current = None
+                if h is not None and not h.busy:
+                    h.holder = None
+            self._pump(set())
+
+    def sign_out(self, name: str) -> None:
+        p = self.people.get(name)
+        if p is not None:
+            for conn in list(p.conns):
+                self.disconnect(name, conn)
+
+    # ---- the broker's side ----
+
+    def on_link_event(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "assign":
+            req: AssistRequest = payload["request"]
+            self.broker_waiting = int(payload.get("waiting", self.broker_waiting))
+            size = png_size(req.image_png) or (0, 0)
+            if req.request_id in self.held:
+                return  # re-assigned after a reconnect: we have it already
+            self.held[req.request_id] = Held(req, size[0], size[1], self.clock())
+            seen = self.cells.setdefault(req.cell_id, CellSeen(req.cell_id))
+            seen.requests += 1
+            seen.last_request_at = max(seen.last_request_at, req.created)
+            mv = req.context.get("model_version")
+            if isinstance(mv, str):
+                seen.model_version = mv
+            tote = req.context.get("tote_id")
+            if isinstance(tote, str):
+                seen.tote_id = tote
+            self._want_sent = -1  # the link counted one READY down
+            self._pump(set())
+        elif kind == "cancel":
+            rid = payload["request_id"]
+            reason = payload.get("reason", "cancelled")
+            self._drop(rid, f"request {reason}" if reason != "answered" else "answered by someone else")
+
+    def set_broker_waiting(self, waiting: int) -> None:
+        if waiting != self.broker_waiting:
+            self.broker_waiting = waiting
+            self.on_change(set(self.people))
+
+    def expire_due(self) -> None:
+        """Drop held requests past their deadline (the broker's cancel normally does this first)."""
+        now = self.clock()
+        for rid, h in list(self.held.items()):
+            if h.request.deadline <= now and not h.busy:
+                self._drop(rid, "request expired")
+
+    # ---- answers from the browser ----
+
+    def holding(self, name: str, request_id: Any) -> Held:
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= P.MAX_ID_CHARS:
+            raise DeskError(422, "request_id must be a string of 1-128 characters")
+        h = self.held.get(request_id)
+        if h is None or h.holder != name:
+            raise DeskError(409, f"you do not hold request {request_id} (answered, expired or not yours)")
+        return h
+
+    def check_answer(self, name: str, body: Any) -> tuple[Held, dict[str, Any]]:
+        """Validate an answer from the browser; returns the held request and the normalised fields."""
+        if not isinstance(body, dict):
+            raise DeskError(422, "the answer must be a JSON object")
+        unknown = set(body) - {"request_id", "kind", "candidate_index", "pixel", "note"}
+        if unknown:
+            raise DeskError(422, f"unknown fields {sorted(unknown)}")
+        h = self.holding(name, body.get("request_id"))
+        kind = body.get("kind")
+        if kind not in ANSWER_KINDS:
+            raise DeskError(422, f"kind must be one of {list(ANSWER_KINDS)}")
+        out: dict[str, Any] = {"kind": kind, "candidate_index": None, "pixel": None}
+        if kind == "approve":
+            idx = body.get("candidate_index")
+            offered = [c.index for c in h.request.candidates]
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx not in offered:
+                raise DeskError(422, f"candidate_index must be one of the offered candidates {offered}")
+            out["candidate_index"] = idx
+        elif kind == "point":
+            px = body.get("pixel")
+            if (
+                not isinstance(px, list)
+                or len(px) != 2
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in px)
+            ):
+                raise DeskError(422, "pixel must be [column, row], two integers")
+            if not (0 <= px[0] < h.width and 0 <= px[1] < h.height):
+                raise DeskError(422, f"pixel {px} is outside the {h.width}x{h.height} image")
+            out["pixel"] = (px[0], px[1])
+        note = body.get("note", "")
+        if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS:
+            raise DeskError(422, f"note must be text of at most {MAX_NOTE_CHARS} characters")
+        out["note"] = note
+        if h.busy:
+            raise DeskError(409, "an answer for this request is already on its way")
+        return h, out
+
+    async def answer(self, name: str, body: Any) -> dict[str, Any]:
+        h, fields = self.check_answer(name, body)
+        rid = h.request.request_id
+        h.busy = True
+        fut = self.link.answer(
+            rid, name, fields["kind"], fields["candidate_index"], fields["pixel"], fields["note"]
+        )
+        try:
+            state = await asyncio.wait_for(asyncio.wrap_future(fut), self.answer_timeout_s)
+        except AssistError as exc:
+            self._drop(rid, f"not sent: {exc}", notify_holder=False)
+            status = 409 if exc.code in (P.E_ALREADY_FINAL, P.E_UNKNOWN_REQUEST) else 502
+            raise DeskError(status, f"the broker refused the answer: {exc}") from None
+        except asyncio.TimeoutError:
+            h.busy = False  # the link re-sends it after a reconnect; the person may also try again
+            raise DeskError(504, "the broker did not confirm the answer in time; try again") from None
+        p = self.people.get(name)
+        if p is not None:
+            p.answered += 1
+        seen = self.cells.get(h.request.cell_id)
+        if seen is not None:
+            seen.answered_here += 1
+        self._drop(rid, None, notify_holder=False)
+        log.info("request %s answered %s by %s", rid, fields["kind"], name)
+        return {"request_id": rid, "state": state, "kind": fields["kind"], "associate": name}
+
+    async def skip(self, name: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or set(body) - {"request_id"}:
+            raise DeskError(422, "skip takes {request_id} only")
+        h = self.holding(name, body.get("request_id"))
+        if h.busy:
+            raise DeskError(409, "an answer for this request is already on its way")
+        h.skipped_by.add(name)
+        h.holder = None
+        p = self.people[name]
+        p.current = None
+        p.free_since = self.clock()
+        self._pump({name})
+        return {"request_id": h.request.request_id, "state": "skipped", "associate": name}
+
+    # ---- views ----
+
+    def view(self, name: str) -> dict[str, Any]:
+        """What one person's page shows (JSON-ready)."""
+        p = self.people.get(name)
+        h = self.held.get(p.current) if p is not None and p.current else None
+        now = self.clock()
+        req = None
+        if h is not None:
+            r = h.request
+            req = {
+                "request_id": r.request_id,
+                "cell_id": r.cell_id,
+                "deadline": r.deadline,
+                "created": r.created,
+                "received_at": h.received_at,
+                "reasons": list(r.reasons),
+                "priority": r.priority,
+                "width": h.width,
+                "height": h.height,
+                "image_url": f"/api/requests/{r.request_id}/image",
+                "candidates": [
+                    {"index": c.index, "u": c.u, "v": c.v, "gripper": c.gripper, "p_success": c.p_success}
+                    for c in r.candidates
+                ],
+                "context": {
+                    k: v for k, v in r.context.items() if k in ("tote_id", "model_version", "frame_id")
+                },
+            }
+        return {
+            "type": "state",
+            "you": name,
+            "server_time": now,
+            "queue": self.queue_view(),
+            "request": req,
+        }
+
+    def queue_view(self) -> dict[str, Any]:
+        now = self.clock()
+        open_here = [h for h in self.held.values() if h.holder is None]
+        ages = [now - (h.request.created or h.received_at) for h in self.held.values()]
+        return {
+            "waiting_at_broker": self.broker_waiting,
+            "held_here": len(self.held),
+            "unassigned_here": len(open_here),
+            "people_here": sum(1 for p in self.people.values() if p.conns),
+            "oldest_asked_s": round(max(ages), 1) if ages else None,
+        }
+
+    # ---- internals ----
+
+    def _drop(self, rid: str, why: str | None, notify_holder: bool = True) -> None:
+        h = self.held.pop(rid, None)
+        if h is None:
+            return
+        changed: set[str] = set()
+        if h.holder is not None:
+            p = self.people.get(h.holder)
+            if p is not None and p.current == rid:
+                p.current = None
+                p.free_since = self.clock()
+                changed.add(p.name)
+                if why and notify_holder:
+                    self.on_notice(p.name, why)
+        self._pump(changed)
+
+    def _pump(self, changed: set[str]) -> None:
+        """Give unassigned requests to free people; give back what nobody here can take; ask for more."""
+        free = sorted(
+            (p for p in self.people.values() if p.conns and p.current is None), key=lambda p: p.free_since
+        )
+        for h in sorted(self.held.values(), key=lambda h: (h.request.deadline, -h.request.priority)):
+            if h.holder is not None or h.busy:
+                continue
+            taker = next((p for p in free if p.name not in h.skipped_by), None)
+            if taker is not None:
+                free.remove(taker)
+                h.holder, h.given_at = taker.name, self.clock()
+                taker.current = h.request.request_id
+                changed.add(taker.name)
+                continue
+            # Nobody here can take it now: back to the broker. skip=true when free people here all
+            # skipped it, or the broker would hand it straight back to us.
+            rid = h.request.request_id
+            skipped = bool(h.skipped_by)
+            del self.held[rid]
+            who = sorted(h.skipped_by)[0] if skipped else None
+            fut = self.link.release(rid, who, skip=skipped)
+            fut.add_done_callback(lambda f, rid=rid: _log_release(rid, f))
+        want = len(free)
+        if want != self._want_sent:
+            self._want_sent = want
+            self.link.want_work(want)
+        if changed:
+            self.on_change(changed | set(self.people))  # queue counts changed for everyone
+
+
+def _log_release(rid: str, fut: Any) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.info("release of %s not confirmed: %s", rid, exc)
