@@ -8,6 +8,9 @@
   `status`. `pickcell cell reload-model PATH` is a client of it.
 - A new model file dropped into `<data>/models/` is picked up the same way: verified first, swapped in
   between picks; a bad file is refused and the running model keeps working.
+- With `fleet` (a fleet.celllink.CellFleet), models also come from the fleet service (verified by
+  hash and signature, then through `reload_model`), plans can be shadow-scored, and the cell reports
+  its status and ships its ledger rows.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class CellDaemon:
         watch_models: bool = True,
         watch_interval_s: float = 1.0,
         on_tote: Callable[[ToteReport], None] | None = None,
+        fleet: Any | None = None,  # fleet.celllink.CellFleet: models from the fleet, status to it
     ) -> None:
         self.controller = controller
         self.feed = feed
@@ -105,6 +109,7 @@ class CellDaemon:
         self.watch_models = watch_models
         self.watch_interval_s = watch_interval_s
         self.on_tote = on_tote
+        self.fleet = fleet
         self.stats = DaemonStats(model_version=model_version)
         self._ctx = zmq.Context.instance()
         self._control_thread: threading.Thread | None = None
@@ -126,6 +131,8 @@ class CellDaemon:
             log.error("refused model file %s: %s", path, exc)
             self.controller._count("model_refused")
             return False, f"refused {path}: {exc}"
+        if self.fleet is not None:
+            planner = self.fleet.wrap(planner)  # shadow scoring beside whichever model is live
         self.controller.swap_planner(planner)
         with self._lock:
             self.stats.model_version = version
@@ -206,6 +213,9 @@ class CellDaemon:
                 signal.signal(sig, self._on_signal)
         self._control_thread = threading.Thread(target=self._control_loop, name="cell-control", daemon=True)
         self._control_thread.start()
+        if self.fleet is not None:
+            self.controller.swap_planner(self.fleet.wrap(self.controller.planner))
+            self.fleet.start(self)
         try:
             while not self.controller.stopping:
                 if self.totes is not None and self.stats.totes >= self.totes:
@@ -230,9 +240,13 @@ class CellDaemon:
                     len(rep.attempts),
                     rep.robot_seconds,
                 )
+                if self.fleet is not None:
+                    self.fleet.on_tote(rep)
                 if self.on_tote is not None:
                     self.on_tote(rep)
         finally:
+            if self.fleet is not None:
+                self.fleet.stop()
             self._halt.set()
             if self._control_thread is not None:
                 self._control_thread.join(timeout=2.0)

@@ -117,6 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--metrics-port", type=int, default=9108, help="/metrics port; -1 = off (default 9108)")
     run.add_argument("--log-json", action="store_true", help="structured JSON log lines on stderr")
     _add_sim_options(run)
+    from fleet.cli import add_cell_run_options  # the fleet's own block of options
+
+    add_cell_run_options(run)
     run.set_defaults(func=cmd_cell_run)
 
     for name, helptext in (
@@ -409,6 +412,7 @@ def _live_sim_stack(args, cell_id: str, deadline_s: float, assist, ledger, metri
 def cmd_cell_run(args: argparse.Namespace) -> int:
     from arm.daemon import CellDaemon
     from arm.metrics import CellMetrics
+    from fleet.cli import cell_fleet_from_args
     from hitl.ledger import Ledger
     from pickcell.logs import use_json_logs
     from sim.stack import model_planner_factory
@@ -447,6 +451,7 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
         planner_factory=model_planner_factory(stack.cell.tote_bounds, args.seed, args.alpha),
         model_version=stack.model_version,
         totes=args.totes,
+        fleet=cell_fleet_from_args(args, data),
     )
     print(
         f"pickcell cell {args.cell_id}: model {stack.model_version}, data {data}, from tote {first_tote}",
