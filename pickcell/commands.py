@@ -153,8 +153,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--data", type=Path, help="keep ledger, keys and journal here (default: a temp dir)")
     demo.add_argument("--answer-speed", type=float, default=0.5, help="scale associate answer times (0.5)")
     _add_sim_options(demo)
+    _add_console_demo_options(demo)
     demo.set_defaults(func=cmd_demo, objects_per_tote=6)
     register_bench(sub)
+
+
+def _add_console_demo_options(demo: argparse.ArgumentParser) -> None:
+    """`pickcell demo --console`: a person answers in the web console (console/demo.py)."""
+    g = demo.add_argument_group("web console (--console)")
+    g.add_argument(
+        "--console",
+        action="store_true",
+        help="a person answers in the web console instead of the simulated associate (prints the address)",
+    )
+    g.add_argument("--bind", default="127.0.0.1:8080", help="HOST:PORT of the console (default %(default)s)")
+    g.add_argument("--user", default="associate", help="sign-in name to create (default: associate)")
+    g.add_argument("--password", default=None, help="its password (default: a random one, printed)")
+    g.add_argument("--assist-deadline", type=float, default=30.0, help="seconds a person has to answer (30)")
 
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
@@ -509,6 +524,10 @@ def cmd_cell_control(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "console", False):
+        from console.demo import run_demo
+
+        return run_demo(args)
     from tqdm import tqdm
 
     from arm.metrics import CellMetrics
