@@ -72,7 +72,7 @@ ANSWER_KINDS = ("approve", "point", "no_safe_pick")  # "skip" is a RELEASE, not 
 
 # Error codes (HTTP-like numbers so that they read at a glance).
 E_MALFORMED = 400  # wrong frame count, body not msgpack, body not a map
-E_FORBIDDEN = 403  # e.g. cancelling another cell's request
+E_FORBIDDEN = 403  # not for this key: wrong role, another cell, a request it does not hold
 E_UNKNOWN_REQUEST = 404  # no such request_id
 E_UNKNOWN_TYPE = 405  # message type not in the protocol
 E_ALREADY_FINAL = 409  # answering/cancelling a request that already has its final state
