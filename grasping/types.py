@@ -187,6 +187,14 @@ class ItemCluster:
     # of it lies under (or against) something else. A covered item's visible part is not the whole
     # item, so its centroid is not where its centre of mass is.
     occluded: float = 0.0
+    # The item watchdog's verdict on this item (None: no per-item verdict; the Plan's scene verdict
+    # applies) and its score (LOF units, about 1 for a typical training item; None: not scored).
+    in_distribution: bool | None = None
+    ood_score: float | None = None
+    # (len(grasping.watchdog.ITEM_FEATURES),) the item watchdog's shape descriptor of this item, or
+    # None (too few points, or a planner that does not compute it). The ledger stores it with every
+    # row on this item, so "which kind of item" is known on a real cell without simulator families.
+    descriptor: np.ndarray | None = None
 
     @property
     def extents(self) -> np.ndarray:

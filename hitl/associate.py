@@ -93,10 +93,12 @@ class AssociateClient(_Link):
         pixel: tuple[int, int] | None = None,
         note: str = "",
         timeout_s: float = 10.0,
+        gripper: str | None = None,
         on_behalf_of: str | None = None,
     ) -> str:
         """Send a person's answer; returns the final state once journaled ("answered").
 
+        `gripper` ("suction" | "parallel_jaw") goes with a `point` answer: the tool for the clicked spot.
         `on_behalf_of` names the person: required for a console key, refused for an associate key.
         Raises AssistError (with the broker's code) if refused, e.g. already expired (409), not held by
         us (403) or invalid (422); TimeoutError if the broker did not confirm in time (the answer is
@@ -109,6 +111,8 @@ class AssociateClient(_Link):
             "pixel": list(pixel) if pixel is not None else None,
             "note": note,
         }
+        if gripper is not None:
+            body["gripper"] = gripper
         if on_behalf_of is not None:
             body["on_behalf_of"] = on_behalf_of
         self._add_cell(request_id, body)

@@ -977,6 +977,7 @@ class Broker:
             "kind": None,
             "candidate_index": None,
             "pixel": None,
+            "gripper": None,
             "associate_id": None,
             "via": None,
             "answered_at": time.time(),

@@ -65,6 +65,9 @@ class AssistAnswer:
     kind: AnswerKind | None = None  # only when status == "answered"
     candidate_index: int | None = None  # for kind == "approve"
     pixel: tuple[int, int] | None = None  # (u, v) for kind == "point"
+    # For kind == "point": the gripper the person chose for the clicked spot ("suction" |
+    # "parallel_jaw"); None lets the cell choose (suction).
+    gripper: str | None = None
     # Who answered: the person. For an associate key, its authenticated name; for a console, the person
     # the console named (on_behalf_of), with the console's key name in `via`.
     associate_id: str | None = None
@@ -89,5 +92,6 @@ class AssistAnswer:
             associate_id=d.get("associate_id"),
             answered_at=float(d.get("answered_at", 0.0)),
             note=str(d.get("note", "")),
+            gripper=d.get("gripper"),
             via=d.get("via"),
         )

@@ -373,7 +373,7 @@ def check_deadline(deadline: float, now: float, max_horizon_s: float, request_id
 
 
 def validate_answer(body: dict, candidates: list[dict] | None, size: tuple[int, int]) -> dict[str, Any]:
-    """Check an answer body against its request; returns {kind, candidate_index, pixel, note}."""
+    """Check an answer body against its request; returns {kind, candidate_index, pixel, note[, gripper]}."""
     rid = req_str(body, "request_id")
     try:
         kind = body.get("kind")
@@ -400,6 +400,11 @@ def validate_answer(body: dict, candidates: list[dict] | None, size: tuple[int, 
                     f"'point' needs pixel [u, v] inside the {w}x{h} image (0 <= u < {w}, 0 <= v < {h})",
                 )
             out["pixel"] = [int(px[0]), int(px[1])]
+            gripper = body.get("gripper")  # the tool for the clicked spot; absent = the cell chooses
+            if gripper is not None and gripper not in KNOWN_GRIPPERS:
+                raise _invalid("gripper", f"field 'gripper' must be one of {KNOWN_GRIPPERS}")
+            if gripper is not None:
+                out["gripper"] = gripper
         note = body.get("note", "")
         if note is None:
             note = ""

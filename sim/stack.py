@@ -30,9 +30,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "grasping" / "models" /
 
 
 def build_planner(
-    kind: str, tote: Bounds, *, model_path: str | Path | None = None, seed: int = 0, fallback: bool = True
+    kind: str, tote: Bounds, *, model_path: str | Path | None = None, seed: int = 0, fallback: bool = False
 ) -> tuple[Callable[[Frame], Plan], str]:
-    """(planner function, version string) for a planner name (learned | analytic | MODULE:CLASS)."""
+    """(planner function, version string) for a planner name (learned | analytic | MODULE:CLASS).
+
+    A missing or corrupt model file raises `ModelFileError` naming it; `fallback=True` (opt-in) logs
+    a warning and plans with analytic scores instead.
+    """
     from grasping.planner import PlannerConfig, plan
 
     if kind == "analytic":
@@ -54,6 +58,16 @@ def build_planner(
         planner = cls(tote=tote, seed=seed)
         return planner, str(getattr(planner, "version", kind))
     raise ValueError(f"unknown planner {kind!r}; expected learned, analytic or MODULE:CLASS")
+
+
+def pixel_candidate_builder(tote: Bounds, seed: int = 0) -> Callable[..., object]:
+    """(frame, u, v, gripper) -> grasping.pixel_candidate.PixelCandidate with the planner's geometry."""
+    from grasping.pixel_candidate import PixelCandidateConfig, candidate_at_pixel
+    from grasping.planner import PlannerConfig
+
+    cfg = PlannerConfig(tote=tote, seed=seed)
+    pcfg = PixelCandidateConfig(seed=seed)
+    return lambda frame, u, v, gripper: candidate_at_pixel(frame, u, v, gripper, cfg, pcfg)
 
 
 def model_planner_factory(tote: Bounds, seed: int = 0):
@@ -134,5 +148,6 @@ def build_sim_stack(
         render_png=render_plan_png,
         metrics=metrics,
         config=cfg,
+        pixel_candidate=pixel_candidate_builder(cell.tote_bounds, seed=seed),
     )
     return SimStack(cell, camera, feed, packer, controller, version)
