@@ -124,9 +124,9 @@ class _Auth:
     def __init__(self, context: zmq.Context, allowed_dir: Path):
         from zmq.auth.thread import ThreadAuthenticator
 
-        from hitl.keys import Allowlist, load_allowlist
+        from hitl.keys import Allowlist, load_role_allowlist
 
-        self._load = load_allowlist
+        self._load = load_role_allowlist
         self.allowed_dir = allowed_dir
         self.allowlist: Allowlist = Allowlist()
         self.roles: dict[str, str] = {}  # name -> role of every admitted key

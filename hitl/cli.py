@@ -221,10 +221,10 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     import json
 
-    from hitl.keys import ALLOWED_DIR, KeyFileError, load_allowlist
+    from hitl.keys import ALLOWED_DIR, KeyFileError, load_role_allowlist
 
     try:
-        allowlist = load_allowlist(Path(args.keys) / ALLOWED_DIR)
+        allowlist = load_role_allowlist(Path(args.keys) / ALLOWED_DIR)
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
