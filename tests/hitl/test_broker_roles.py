@@ -439,3 +439,36 @@ def test_revoking_a_key_closes_its_open_connection_and_requeues_what_it_held(bro
             if p is not None:
                 p.close()
     _round_trip(broker, keyring, hx)
+
+
+def test_keys_cli_binds_roles_admits_lists_and_revokes(tmp_path, capsys):
+    import json
+
+    from pickcell.cli import main as pickcell_main
+
+    keys, own = tmp_path / "keys", tmp_path / "mine"
+    assert pickcell_main(["keys", "new", "broker", "--dir", str(keys)]) == 0
+    assert pickcell_main(["keys", "new", "cell-7", "--dir", str(own)]) == 2  # a client key needs a role
+    assert "--role is required" in capsys.readouterr().err
+    assert pickcell_main(["keys", "new", "cell-7", "--role", "cell", "--dir", str(own)]) == 0
+    assert (
+        pickcell_main(["keys", "new", "desk", "--role", "console", "--dir", str(own), "--allow", str(keys)])
+        == 0
+    )
+    assert (keys / "allowed" / "console" / "desk.key").is_file()
+    assert pickcell_main(["keys", "allow", str(own / "cell-7.key"), "--keys", str(keys)]) == 0
+    assert (keys / "allowed" / "cell" / "cell-7.key").is_file()
+    assert not list((keys / "allowed").rglob("*.key_secret"))  # secrets never leave their owner's folder
+    # A key made for one role cannot be admitted as another.
+    assert (
+        pickcell_main(["keys", "allow", str(own / "cell-7.key"), "--keys", str(keys), "--role", "associate"])
+        == 2
+    )
+    assert "made for role 'cell'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert pickcell_main(["keys", "list", "--keys", str(keys), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(r["role"], r["name"]) for r in listed["admitted"]] == [("cell", "cell-7"), ("console", "desk")]
+    assert pickcell_main(["keys", "revoke", "cell-7", "--keys", str(keys)]) == 0
+    assert not (keys / "allowed" / "cell" / "cell-7.key").exists()
+    assert pickcell_main(["keys", "revoke", "cell-7", "--keys", str(keys)]) == 2
