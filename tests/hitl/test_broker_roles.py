@@ -357,13 +357,40 @@ def test_one_key_on_two_connections_is_one_associate(broker, keyring, hx):
         a1.send(P.READY, {})
         a1.expect(P.ASSIGN)
         a1.close()  # no goodbye: the connection just goes silent
-        time.sleep(HB * 2)
+        time.sleep(HB)
+        t_new = time.monotonic()  # the broker's clock too: a3's connection is first seen after this
         a3 = hx.RawPeer(broker.endpoint, keyring.client("alice"), keyring.server_key)
         try:
-            a3.send(P.HEARTBEAT, {"role": "associate"})
-            hx.wait_for(lambda: broker.stats["requeued"] == 0 and not broker.orphans, 10, "the hold adopted")
+
+            def beat_for(seconds: float) -> None:  # keep a3 alive (a raw peer does not heartbeat)
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    a3.send(P.HEARTBEAT, {"role": "associate"})
+                    a3.recv(HB / 3)  # nothing is expected but heartbeats
+
+            beat_for(HB)
+            # The broker drops the silent connection after 3 missed beats; a3 adopts what it held.
+            end = time.monotonic() + 10
+
+            def only_a3() -> bool:
+                alices = [p for p in list(broker.peers.values()) if p.identity == "alice"]
+                return len(alices) == 1 and alices[0].first_seen >= t_new
+
+            while not only_a3():
+                assert time.monotonic() < end, "the silent connection was never dropped"
+                beat_for(HB / 3)
+            beat_for(HB * 3 + 0.5)  # well past the grace window in which an orphaned hold is kept
+            assert broker.stats["requeued"] == 0 and not broker.orphans
+            a3.send(P.STATUS, {})
+            while (got := a3.recv(5)) is not None and got[0] != P.STATUS:
+                pass
+            assert got is not None and got[1]["holding"] == [
+                {"cell_id": "cell-1", "request_id": r2.request_id}
+            ]
             a3.send(P.ANSWER, {"request_id": r2.request_id, "kind": "no_safe_pick"})
-            assert a3.expect(P.ACK)["state"] == "answered"
+            while (got := a3.recv(5)) is not None and got[0] != P.ACK:
+                pass
+            assert got is not None and got[1]["state"] == "answered"
             assert broker.stats["requeued"] == 0
         finally:
             a3.close()
