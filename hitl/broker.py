@@ -589,6 +589,7 @@ class Broker:
         if not isinstance(name, str) or not name:
             name = peer.routing_id.hex()
         peer.identity = f"insecure:{name[: P.MAX_ID_CHARS]}"
+        peer.role = role
         if role in P.ANSWERING_ROLES:
             self._add_answerer(peer)
         self.metrics.connections.labels(role=role).inc()
