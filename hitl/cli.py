@@ -256,6 +256,14 @@ def cmd_assist(args: argparse.Namespace) -> int:
                 )
                 return 2
             keys = ClientKeys.from_file(args.key)
+            if keys.role not in (None, "associate"):
+                print(
+                    f"error: {args.key} is a {keys.role} key; `pickcell assist` is for a person's "
+                    "associate key "
+                    "(make one with `pickcell keys new NAME --role associate`)",
+                    file=sys.stderr,
+                )
+                return 2
             server_path = Path(args.server_key) if args.server_key else Path(args.key).parent / "broker.key"
             server_key = load_public(server_path)
     except KeyFileError as exc:
