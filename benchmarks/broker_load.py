@@ -360,6 +360,8 @@ Machine: {r['machine']}. {note}
 | journal rows / missing | {r['journal_rows']} / {r['journal_missing']} |
 | duplicate results (re-deliveries, harmless) | {r['duplicate_results']} |
 | request image size (bytes) | {r['image_bytes']} |
+| broker CPU for the run (s) / per request (ms) | {r['broker_cpu_s']} / \
+{r['broker_cpu_s'] / max(r['submitted'], 1) * 1000:.3f} |
 | load average at end | {r['load_average_at_end']} |
 """  # fmt: skip
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
