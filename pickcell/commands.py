@@ -570,6 +570,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         endpoint, ClientKeys.from_file(keys / "associate-sim.key_secret"), server_public_key=server_key
     )
     worker = SimAssociateWorker(worker_client, judge, time_scale=args.answer_speed)
+    stack.controller.assist = worker.judge_at_ask(assist)  # judged on this (the simulation's) thread
     worker.start()
     # Ground truth of who decided each attempt and what became of each item, for the summary's
     # operator metrics (the same bookkeeping as `pickcell bench`).
