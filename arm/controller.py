@@ -509,6 +509,7 @@ class CellController:
         p_success: float | None,
     ) -> Attempt:
         out = self.arm.pick(grasp)
+        rep.estop_s += _stop_held_s(out)  # a protective stop held inside the motion (stop category 2)
         placed = None
         if out.reason is Reason.ESTOP:
             # Halted by a protective stop, not a failure of this grasp: no failed spot, no record.
@@ -518,11 +519,13 @@ class CellController:
         if out.success:
             placement = self._placement_for(plan, index, out.executed or grasp)
             placed = self.arm.place(placement)
+            rep.estop_s += _stop_held_s(placed)
             while placed.reason is Reason.ESTOP and not self._stop.is_set():
                 # Stopped while carrying: hold the item until the stop clears, then finish the place.
                 while getattr(self.arm, "stopped", False) and not self._stop.is_set():
                     rep.estop_s += self._idle()
                 placed = self.arm.place(placement)
+                rep.estop_s += _stop_held_s(placed)
         else:
             # Back out of the camera's view before the next look (a failed pick leaves the arm
             # hovering over the tote, where it hides the items from the camera).
@@ -611,6 +614,12 @@ class CellController:
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             self.metrics.count(name)
+
+
+def _stop_held_s(out: Outcome) -> float:
+    """Robot seconds a motion spent holding in a protective stop (the arm's "stopped" phase)."""
+    phases = out.details.get("phases") if isinstance(out.details, dict) else None
+    return float(phases.get("stopped", 0.0)) if isinstance(phases, dict) else 0.0
 
 
 def _threshold(plan: Plan, cand: Candidate) -> float | None:

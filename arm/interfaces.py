@@ -98,15 +98,25 @@ class Arm(Protocol):
         ...
 
     def stop(self) -> None:
-        """Protective stop: halt motion now and hold until `clear_stop`."""
+        """Protective stop, category 2 (ISO 10218-1 / IEC 60204-1): a controlled stop with power kept.
+
+        The motion in progress brakes along its path within the joint limits (not an instantaneous
+        halt) and holds there: the arm does not move and a gripped item stays gripped. The motion
+        call does not return while it holds; it resumes after `clear_stop` and returns its normal
+        Outcome, whose details carry `stops` (each with `stop_to_standstill_s`). A motion asked for
+        while stopped is refused with Reason.ESTOP before anything moves. Safe to call from another
+        thread (the daemon's control socket).
+        """
         ...
 
     @property
     def stopped(self) -> bool:
-        """True while a protective stop holds the arm (motions return Reason.ESTOP)."""
+        """True while a protective stop holds the arm (motions started now return Reason.ESTOP)."""
         ...
 
-    def clear_stop(self) -> None: ...
+    def clear_stop(self) -> None:
+        """The only way a protective stop ends (`clear-stop`): a held motion resumes from where it stopped."""
+        ...
 
     def idle(self, seconds: float) -> None:
         """Hold still for `seconds` of robot time (a real arm sleeps; a simulated one advances its clock)."""

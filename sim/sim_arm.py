@@ -35,13 +35,15 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pybullet as p
 import pybullet_data
+from scipy.interpolate import CubicSpline
 
 from grasping.types import Grasp, Outcome, Placement, Reason, matrix_to_quat, quat_to_matrix
 from sim.config_sim_arm import SimArmConfig
@@ -193,9 +195,20 @@ class SimArm:
         )
         self._time = 0.0
         self._stopped = False
-        self._stop_cause, self._stop_triggered_at, self._stop_halted = "command", 0.0, True
+        self._stop_lock = threading.Lock()
+        self._stop_cleared = threading.Event()  # set by clear_stop: wakes a hold waiting in real time
+        self._abandon = threading.Event()  # set on shutdown: a held motion gives up (still holding)
+        self._pending_stop: dict | None = None  # a triggered stop not yet at standstill
+        self._rest_since: float | None = 0.0  # robot time the arm last came to rest; None while moving
+        self._hold_total = 0.0  # robot seconds spent holding in protective stops
         self.safety_zone = None  # sim.safety.SafetyZone, checked at every motion sample
         self.stop_events: list = []  # sim.safety.StopEvent per protective stop
+        # Callbacks fn(arm, event) for "sample" (every control sample of a motion), "hold" (every
+        # tick of a protective stop) and "resume": what an operator panel or a test observes.
+        self.observers: list[Callable[[SimArm, str], None]] = []
+        self.phase = ""  # motion phase now executing ("move_to_pick", "approach", ..., "" between motions)
+        self.phase_time: dict[str, float] = {}  # robot seconds charged to each phase so far
+        self._phase_t0 = self._phase_hold0 = 0.0
         self.max_impact_n = 0.0  # largest arm-on-item contact force in the current pick, newtons
         self._impact_avg = 0.0  # running average of that force over ~20 ms, newtons
         self._held: int | None = None
@@ -206,47 +219,91 @@ class SimArm:
         self.suction.set_extended(False)
 
     # --- Arm protocol: clock and stops -----------------------------------------------------------
+    # A protective stop is a stop category 2 (see sim/safety.py): the arm brakes along its path
+    # within its limits, holds there powered (a gripped item stays gripped) until `clear_stop`, then
+    # the interrupted motion resumes. A motion *started* while stopped is refused with ESTOP before
+    # anything moves. `stop` and `clear_stop` may come from another thread (the daemon's control
+    # socket); the motion thread notices at its next control sample.
     @property
     def robot_time(self) -> float:
         return self._time
 
     def stop(self) -> None:
-        """Protective stop: the current motion ends with ESTOP at its next sample; motions refuse."""
-        if not self._stopped:
-            self._stop_cause, self._stop_triggered_at, self._stop_halted = "command", self._time, False
-        self._stopped = True
+        """Protective stop: brake at the next control sample, hold until `clear_stop`; motions refuse."""
+        with self._stop_lock:
+            if not self._stopped:
+                self._pending_stop = {"cause": "command", "triggered_at": self._time}
+                self._stop_cleared.clear()
+            self._stopped = True
 
     def clear_stop(self) -> None:
-        self._stopped = False
+        """End the protective stop (the control socket's `clear-stop`); a held motion then resumes."""
+        with self._stop_lock:
+            if not self._stopped:
+                return
+            self._stopped = False
+            self._pending_stop = None
+            if self.stop_events and self.stop_events[-1].cleared_at is None:
+                self.stop_events[-1] = replace(self.stop_events[-1], cleared_at=self._time)
+            self._stop_cleared.set()
 
     @property
     def stopped(self) -> bool:
-        self._check_stop()
+        if self._check_stop() and self._rest_since is not None:
+            self._note_halted(self._rest_since)  # polled between motions: the arm already stands still
         return self._stopped
 
     def set_safety_zone(self, zone) -> None:
         """Guard the cell with a `sim.safety.SafetyZone` (a person entering halts the arm)."""
         self.safety_zone = zone
 
+    def abandon_hold(self) -> None:
+        """Shutdown while stopped (SIGTERM): the held motion ends with ESTOP, still stopped and holding."""
+        self._abandon.set()
+        self._stop_cleared.set()
+
     def _check_stop(self) -> bool:
-        """Poll the safety zone at the current robot time; True when the arm must not move."""
+        """Poll the safety zone (and its simulated operator) at the current robot time; True when stopped."""
         zone = self.safety_zone
         if zone is not None:
             entered = zone.entered_at(self._time)
-            if entered is not None and not self._stopped:
-                self._stopped = True
-                self._stop_cause, self._stop_triggered_at, self._stop_halted = "zone", entered, False
-            elif entered is None and self._stopped and self._stop_cause == "zone" and zone.auto_reset:
-                self._stopped = False
-        if self._stopped and not self._stop_halted:
-            # Motions call this before every sample, so this is when the arm stands still.
-            from sim.safety import StopEvent
-
-            self._stop_halted = True
-            self.stop_events.append(StopEvent(self._stop_cause, self._stop_triggered_at, self._time))
+            with self._stop_lock:
+                if entered is not None and not self._stopped:
+                    self._stopped = True
+                    self._pending_stop = {"cause": "zone", "triggered_at": entered}
+                    self._stop_cleared.clear()
+            last = self.stop_events[-1] if self.stop_events else None
+            if (
+                self._stopped
+                and self._pending_stop is None
+                and last is not None
+                and last.cause == "zone"
+                and last.cleared_at is None
+                and zone.reset_due(last.triggered_at, self._time)
+            ):
+                self.clear_stop()  # the simulated operator presses clear-stop
         return self._stopped
 
+    def _note_halted(self, halted_at: float, braking_from: float | None = None, speed: float = 0.0) -> None:
+        """Record the pending stop as a StopEvent once the arm stands still."""
+        from sim.safety import StopEvent
+
+        with self._stop_lock:
+            pend = self._pending_stop
+            if pend is None:
+                return
+            self._pending_stop = None
+        t_trig = float(pend["triggered_at"])
+        halted = max(float(halted_at), t_trig)
+        start = halted if braking_from is None else max(float(braking_from), t_trig)
+        self.stop_events.append(
+            StopEvent(pend["cause"], t_trig, halted, start, None, float(speed), self.phase)
+        )
+
     def _estop(self) -> _Abort:
+        """The refusal of a motion asked for while stopped (nothing has moved)."""
+        if self._pending_stop is not None:
+            self._note_halted(self._rest_since if self._rest_since is not None else self._time)
         ev = self.stop_events[-1] if self.stop_events else None
         if ev is None:
             return _Abort(Reason.ESTOP)
@@ -256,6 +313,68 @@ class SimArm:
             triggered_at=round(ev.triggered_at, 4),
             halted_at=round(ev.halted_at, 4),
         )
+
+    def _notify(self, event: str) -> None:
+        for fn in list(self.observers):
+            fn(self, event)
+
+    def _hold(self, q_hold: np.ndarray, tcp: int, physical: bool) -> None:
+        """Hold still, powered, until `clear_stop`; the gripper keeps what it holds.
+
+        Kinematic phases hold exactly (joints and the carried item stay put; the grip's static load
+        was already fine). Physical phases keep stepping the physics with the motors commanded to
+        the held pose until the arm and the item are at rest, then only the clock runs (nothing
+        moves). A commanded stop (control socket) is held in real time, waiting on the clear
+        event: a person releases it. The hold ends early only by `abandon_hold` (shutdown) or
+        after `max_hold_s`, with ESTOP: still stopped, still holding, nothing dropped.
+        """
+        t_start = self._time
+        tick = self.cfg.hold_tick_s
+        settling = physical
+        while True:
+            self._notify("hold")
+            if not self._check_stop():
+                break
+            if self._abandon.is_set() or self._time - t_start >= self.cfg.max_hold_s:
+                ev = self.stop_events[-1] if self.stop_events else None
+                raise _Abort(
+                    Reason.ESTOP, holding=self._held is not None, **({} if ev is None else ev.as_dict())
+                )
+            if settling:
+                self._command(q_hold)
+                n = max(1, int(round(tick * self.cfg.physics_hz)))
+                for _ in range(n):
+                    p.stepSimulation(physicsClientId=self.client_id)
+                self._time += n / self.cfg.physics_hz
+                self._hold_total += n / self.cfg.physics_hz
+                settling = not self._at_rest()
+            else:
+                self._carry_item(tcp)
+                self._time += tick
+                self._hold_total += tick
+            if self._pending_stop is None and self.stop_events and self.stop_events[-1].cause == "command":
+                self._stop_cleared.wait(tick)  # a person presses clear-stop in real time
+        self.phase_time["stopped"] = self.phase_time.get("stopped", 0.0) + (self._time - t_start)
+        self._notify("resume")
+
+    def _at_rest(self) -> bool:
+        """Arm joints and the held item are still (motors settled after a brake)."""
+        qd = [s[1] for s in p.getJointStates(self.body, self.arm_joints, physicsClientId=self.client_id)]
+        if float(np.max(np.abs(qd))) > 1e-3:
+            return False
+        if self._held is not None:
+            v, w = p.getBaseVelocity(self._held, physicsClientId=self.client_id)
+            if float(np.linalg.norm(v)) > 1e-3 or float(np.linalg.norm(w)) > 1e-2:
+                return False
+        return True
+
+    def _enter_phase(self, name: str) -> None:
+        """Charge the robot time since the last phase change to that phase (holds go to "stopped")."""
+        if self.phase:
+            spent = (self._time - self._phase_t0) - (self._hold_total - self._phase_hold0)
+            self.phase_time[self.phase] = self.phase_time.get(self.phase, 0.0) + spent
+        self.phase = name
+        self._phase_t0, self._phase_hold0 = self._time, self._hold_total
 
     def idle(self, seconds: float) -> None:
         """Hold still for `seconds` of robot time. Nothing moves, so no physics needs stepping."""
@@ -451,42 +570,187 @@ class SimArm:
         tcp: int,
         ignore: Sequence[int] = (),
         fixtures_only: bool = False,
+        checks: bool = True,
     ) -> None:
-        """Walk the joints through `qs` (timed by `times`), carrying and checking; raises _Abort."""
-        dt = np.diff(times, prepend=times[0])
-        positions: list[np.ndarray] = []
-        t_prev = 0.0
-        for k, q in enumerate(qs):
+        """Walk the joints through `qs` (timed by `times`), carrying and checking; raises _Abort.
+
+        `checks=False` (backing out of a failed pick) skips the grip and contact checks. A
+        protective stop at a sample brakes along this path, holds, and after `clear_stop`
+        accelerates back onto it and finishes the motion (see `_stop_and_resume`).
+        """
+        track: list[tuple[float, np.ndarray]] = []  # (robot time, TCP position) of executed samples
+        last = [np.asarray(qs[0], dtype=np.float64)]  # the last executed joint sample
+
+        def advance(q: np.ndarray, dt: float) -> None:
+            self._kinematic_sample(q, dt, tcp, track, last, ignore, fixtures_only, checks)
+
+        qs, times = np.asarray(qs, dtype=np.float64), np.asarray(times, dtype=np.float64)
+        k, t_done, moving = 0, float(times[0]), False
+        while k < len(qs):
             if self._check_stop():
-                raise self._estop()
-            for j, v in zip(self.arm_joints, q, strict=True):
-                p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-            self._carry_item(tcp)
-            pos, _ = self.link_pose(tcp)
-            positions.append(pos)
-            if len(positions) >= 3 and dt[k] > 0:
-                h = dt[k]
-                accel = (positions[-1] - 2 * positions[-2] + positions[-3]) / (h * h)
+                if not moving:  # between motions the arm is at rest: nothing to brake
+                    self._note_halted(self._rest_since if self._rest_since is not None else self._time)
+                    self._hold(last[0], tcp, physical=False)
+                else:
+                    # Brake on a smooth path through the samples (a cubic spline: the piecewise-linear
+                    # path between 20 ms samples has kinks that finite differences at the 4.2 ms braking
+                    # rate would read as huge accelerations), then finish the motion on it at the
+                    # nominal sample spacing.
+                    spacing = max(float(np.max(np.diff(times))), 1e-3)
+                    spline = CubicSpline(times, qs, axis=0)
+                    t0_, t1_ = float(times[0]), float(times[-1])
+
+                    def q_of(tau: float, spline=spline, t0_=t0_, t1_=t1_) -> np.ndarray:
+                        return np.asarray(spline(min(max(tau, t0_), t1_)), dtype=np.float64)
+
+                    t_done, _ = self._stop_and_resume(q_of, t_done, t1_, spacing, advance, tcp, False)
+                    rest = np.arange(t_done + spacing, t1_ - 1e-9, spacing)
+                    times = np.concatenate([rest, [t1_]]) if t1_ > t_done + 1e-9 else np.zeros(0)
+                    qs = np.array([q_of(t) for t in times]) if len(times) else np.zeros((0, qs.shape[1]))
+                    k = 0
+                    continue
+            self._rest_since = None
+            advance(qs[k], float(times[k]) - t_done)
+            t_done = float(times[k])
+            moving = True
+            k += 1
+        self._command(last[0])
+        self._rest_since = self._time
+
+    def _kinematic_sample(
+        self,
+        q: np.ndarray,
+        dt: float,
+        tcp: int,
+        track: list[tuple[float, np.ndarray]],
+        last: list[np.ndarray],
+        ignore: Sequence[int],
+        fixtures_only: bool,
+        checks: bool,
+    ) -> None:
+        """Put the arm at q, dt robot seconds after the previous sample; check the grip and contacts."""
+        for j, v in zip(self.arm_joints, q, strict=True):
+            p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
+        self._carry_item(tcp)
+        pos, _ = self.link_pose(tcp)
+        t_new = self._time + dt
+        track.append((t_new, pos))
+        if checks and len(track) >= 3:
+            (t1, p1), (t2, p2), (t3, p3) = track[-3:]
+            h1, h2 = t2 - t1, t3 - t2
+            if h1 > 0 and h2 > 0:
+                accel = 2.0 * ((p3 - p2) / h2 - (p2 - p1) / h1) / (h1 + h2)
                 ok, u = self._grip_ok(accel)
                 if not ok:
-                    self._time += times[k] - t_prev
-                    t_prev = times[k]
+                    self._time = t_new
                     self._drop()
-                    raise _Abort(Reason.DROPPED, utilisation=round(u, 3), at_s=round(float(times[k]), 3))
+                    raise _Abort(Reason.DROPPED, utilisation=round(u, 3), at_s=round(float(t_new), 3))
+        if checks:
             contacts = self._kinematic_contacts(ignore, fixtures_only)
             if contacts:
                 link, body, name = contacts[0]
                 # Stop at the last contact-free sample (a speed-and-separation monitor stops short).
-                q_stop = qs[k - 1] if k > 0 else q
+                q_stop = last[0]
                 for j, v in zip(self.arm_joints, q_stop, strict=True):
                     p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
                 self._carry_item(tcp)
                 self._command(q_stop)
-                self._time += times[k] - t_prev
+                self._time = t_new
+                self._rest_since = self._time
                 raise _Abort(Reason.COLLISION, link=int(link), body=int(body), with_=name)
-            self._time += times[k] - t_prev
-            t_prev = times[k]
-        self._command(qs[-1])
+        self._time = t_new
+        last[0] = np.asarray(q, dtype=np.float64)
+        self._notify("sample")
+
+    def _stop_and_resume(
+        self,
+        q_of: Callable[[float], np.ndarray],
+        tau: float,
+        tau_end: float,
+        h: float,
+        advance: Callable[[np.ndarray, float], object],
+        tcp: int,
+        physical: bool,
+    ) -> tuple[float, object]:
+        """Brake along the path q_of(tau) from nominal time `tau`, hold, resume after clear_stop.
+
+        `advance(q, dt)` executes one control sample (kinematic: with the grip and contact checks;
+        physical: a motor command, one physics step and the motion's monitor, whose non-None answer
+        ends the motion and is passed back). Returns (nominal time reached at full speed again, the
+        monitor's answer or None). Braking and re-acceleration run at the physics rate (4.2 ms) with
+        the Panda's acceleration and jerk limits (sim.safety.PathRate).
+        """
+        from sim.motion import PANDA_MAX_ACCELERATION
+        from sim.safety import PathRate
+
+        dt = 1.0 / self.cfg.physics_hz
+        rate = PathRate(q_of, tau, tau_end, PANDA_MAX_ACCELERATION, h=h)
+        speed, braking_from = rate.speed(), self._time
+        q_last = q_of(tau)
+        target = 0.0
+        rate.a_max = PANDA_MAX_ACCELERATION * self._payload_rate_scale(rate, target, tcp, dt)
+        while True:
+            if target == 1.0 and self._check_stop():  # stopped again while speeding up
+                target, speed, braking_from = 0.0, rate.speed(), self._time
+                rate.a_max = PANDA_MAX_ACCELERATION * self._payload_rate_scale(rate, target, tcp, dt)
+            if rate.r == target:
+                if target == 1.0 or rate.tau >= tau_end:
+                    break
+                if physical:  # let the motors come to rest on the held pose
+                    for _ in range(int(0.3 * self.cfg.physics_hz)):
+                        qd = [
+                            s_[1]
+                            for s_ in p.getJointStates(
+                                self.body, self.arm_joints, physicsClientId=self.client_id
+                            )
+                        ]
+                        if float(np.max(np.abs(qd))) < 0.01:
+                            break
+                        answer = advance(q_last, dt)
+                        if answer is not None:
+                            self._note_halted(self._time, braking_from, speed)
+                            return rate.tau, answer
+                self._note_halted(self._time, braking_from, speed)
+                self._command(q_last)
+                self._hold(q_last, tcp, physical)
+                target = 1.0
+                rate.a_max = PANDA_MAX_ACCELERATION * self._payload_rate_scale(rate, target, tcp, dt)
+                continue
+            rate.step(dt, target)
+            q_last = q_of(rate.tau)
+            answer = advance(q_last, dt)
+            if answer is not None:
+                if target == 0.0:
+                    self._note_halted(self._time, braking_from, speed)
+                return rate.tau, answer
+        if self._pending_stop is not None:  # the path ended while braking: it ended at rest
+            self._note_halted(self._time, braking_from, speed)
+            self._command(q_last)
+            self._hold(q_last, tcp, physical)
+        return rate.tau, None
+
+    def _payload_rate_scale(self, rate, target: float, tcp: int, dt: float) -> float:
+        """Fraction of the joint acceleration limits for braking (target 0) or resuming (target 1)
+        while carrying: the largest of 1, 1/2, 1/4 ... whose dry-run keeps the grip load under
+        CARRY_UTILISATION (payload-aware, like the transit). A heavy item on the cup brakes gently
+        rather than being flung off by a stop. 1 when nothing is held."""
+        if self._held is None:
+            return 1.0
+        from sim.motion import PANDA_MAX_ACCELERATION
+        from sim.safety import PathRate
+
+        scales = (1.0, 0.5, 0.25, 0.12, 0.06)
+        for scale in scales:
+            dry = PathRate(rate.q_of_tau, rate.tau, rate.tau_end, PANDA_MAX_ACCELERATION * scale, h=rate.h)
+            dry.r, dry.rdot = rate.r, rate.rdot
+            # The sample before, at the current rate, so the change of acceleration is seen too.
+            qs = [rate.q_of_tau(max(rate.tau - rate.r * dt, 0.0)), rate.q_of_tau(rate.tau)]
+            while dry.r != target and len(qs) < 2000:
+                qs.append(rate.q_of_tau(dry.step(dt, target)))
+            times = np.arange(len(qs)) * dt
+            if self._carry_utilisation(np.array(qs), times, tcp) <= CARRY_UTILISATION:
+                return scale
+        return scales[-1]
 
     def _carry_utilisation(self, qs: np.ndarray, times: np.ndarray, tcp: int) -> float:
         """Worst grip load along a sampled move (dry run, joints restored): suction utilisation,
@@ -619,18 +883,45 @@ class SimArm:
         frac = trapezoid_fraction(t, duration, speed / max(length, 1e-6), a_unit)
         way_s = np.linspace(0.0, 1.0, n_way)
         result: dict = {}
-        # A few extra steps let the motors catch up with the end of the path.
-        for k in range(n_steps + 12):
-            if self._check_stop():
-                raise self._estop()
-            s = frac[min(k, n_steps - 1)]
-            q_target = np.array([np.interp(s, way_s, qs[:, i]) for i in range(7)])
+        hz = self.cfg.physics_hz
+
+        def q_at(s: float) -> np.ndarray:
+            return np.array([np.interp(s, way_s, qs[:, i]) for i in range(7)])
+
+        def q_of(tau: float) -> np.ndarray:  # joints at nominal time tau (s) of this line
+            f = trapezoid_fraction(tau, duration, speed / max(length, 1e-6), a_unit)
+            return q_at(float(f))
+
+        def advance(q_target: np.ndarray, _dt: float):
             self._command(q_target)
             self._step(1)
             self._note_impact()
-            answer = monitor()
+            self._notify("sample")
+            return monitor()
+
+        # A few extra steps let the motors catch up with the end of the path.
+        k = 0
+        while k < n_steps + 12:
+            if self._check_stop():
+                if k == 0:  # not moving yet: hold where it stands
+                    self._note_halted(self._rest_since if self._rest_since is not None else self._time)
+                    self._hold(self.q(), link, physical=True)
+                else:
+                    # Command k-1 was the plan at nominal time k / hz: brake along the line from there.
+                    tau, answer = self._stop_and_resume(
+                        q_of, min(k / hz, duration), duration, 0.02, advance, link, True
+                    )
+                    if answer is not None:
+                        return answer
+                    k = max(k, int(np.floor(tau * hz + 1e-9)))
+                    continue
+            self._rest_since = None
+            answer = advance(q_at(frac[min(k, n_steps - 1)]), 1.0 / hz)
             if answer is not None:
+                self._rest_since = self._time
                 return answer
+            k += 1
+        self._rest_since = self._time
         return result
 
     def _note_impact(self) -> None:
@@ -706,18 +997,40 @@ class SimArm:
 
     # --- Arm protocol: motions -----------------------------------------------------------------------
     def home(self) -> Outcome:
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         try:
             if self._check_stop():
                 raise self._estop()
+            self._enter_phase("home")
             self._joint_move(self.cfg.home, self.tcp_link(self._held_kind or "parallel_jaw"))
         except _Abort as exc:
-            return Outcome(False, exc.reason, robot_seconds=self._time - t0, details=exc.details)
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0)
+            return Outcome(
+                False,
+                exc.reason,
+                robot_seconds=self._time - t0,
+                details=self._motion_details(mark, exc.details),
+            )
+        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, details=self._motion_details(mark, {}))
+
+    def _motion_mark(self) -> tuple[dict[str, float], int]:
+        return dict(self.phase_time), len(self.stop_events)
+
+    def _motion_details(self, mark: tuple[dict[str, float], int], details: dict) -> dict:
+        """Close the motion's phase and add its robot time per phase and its protective stops."""
+        self._enter_phase("")
+        before, n_stops = mark
+        phases = {k: v - before.get(k, 0.0) for k, v in self.phase_time.items() if v - before.get(k, 0.0) > 0}
+        if phases:
+            details["phases"] = phases
+        stops = [ev.as_dict() for ev in self.stop_events[n_stops:]]
+        if stops:
+            details["stops"] = stops
+            details["stop_to_standstill_s"] = max(ev["stop_to_standstill_s"] for ev in stops)
+        return details
 
     def move(self, position: np.ndarray, orientation: np.ndarray) -> Outcome:
         """Joint-space move of the jaw TCP (or the carrying tool's TCP) to a pose, base frame."""
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         link = self.tcp_link(self._held_kind or "parallel_jaw")
         try:
             if self._check_stop():
@@ -725,14 +1038,20 @@ class SimArm:
             pos = np.asarray(position, dtype=np.float64)
             R_hand = quat_to_matrix(np.asarray(orientation, dtype=np.float64)) @ M_GRASP_HAND
             q = self._solve(pos, R_hand, link, self._seed_over(pos))
+            self._enter_phase("move")
             self._joint_move(q, link)
         except _Abort as exc:
-            return Outcome(False, exc.reason, robot_seconds=self._time - t0, details=exc.details)
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0)
+            return Outcome(
+                False,
+                exc.reason,
+                robot_seconds=self._time - t0,
+                details=self._motion_details(mark, exc.details),
+            )
+        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, details=self._motion_details(mark, {}))
 
     def pick(self, grasp: Grasp) -> Outcome:
         """Pre-grasp, straight-line approach, grip, lift, verify. See the module docstring."""
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         executed = grasp
         details: dict = {}
         self.max_impact_n = self._impact_avg = 0.0
@@ -756,10 +1075,12 @@ class SimArm:
             above = self._above(pre)
             q_above = self._solve(above, R_hand, link, q_grasp)
             self._solve(pre, R_hand, link, q_grasp)  # fail before moving if pre-grasp is infeasible
+            self._enter_phase("move_to_pick")
             self._prepare_tool(grasp.gripper, opening)
             self._joint_move(q_above, link)
             try:
                 self._kinematic_line(pre, R_hand, link, self.cfg.lift_speed)
+                self._enter_phase("approach")
                 # The straight approach runs kinematically while it touches nothing, at approach
                 # speed, and with physics for its last `physical_approach` metres (or from the
                 # first contact): free space needs no contact solver, contact needs nothing else.
@@ -770,6 +1091,7 @@ class SimArm:
                 # a real arm would. Fixtures in the way: a collision.
                 if exc.reason is not Reason.COLLISION or exc.details.get("with_") != "item":
                     raise
+            self._enter_phase("approach")
             details["approach_from_m"] = round(float(np.linalg.norm(self.link_pose(link)[0] - target)), 4)
             if grasp.gripper == "suction":
                 details.update(self._approach_suction(target, a, R_hand, link))
@@ -783,7 +1105,9 @@ class SimArm:
                 matrix_to_quat(R_now @ M_GRASP_HAND.T),
                 width=opening if grasp.gripper == "parallel_jaw" else 0.0,
             )
+            self._enter_phase("grasp")
             self._grip(grasp.gripper, details)
+            self._enter_phase("lift")
             self._lift(R_hand, link, above, details)
         except _Abort as exc:
             details.update(exc.details)
@@ -794,10 +1118,21 @@ class SimArm:
                 info = None if lk < 0 else p.getJointInfo(self.body, lk, physicsClientId=self.client_id)
                 details["link_name"] = special[lk] if info is None else info[12].decode()
             details["max_impact_n"] = round(self.max_impact_n, 2)
-            if self._time > t0:  # the arm moved: let go, settle, back out (not for a refused request)
-                self._abort_recover()
+            # The arm moved and failed: let go, settle, back out. Not for a refused request (nothing
+            # moved), and never for a protective stop: a held item stays held, the arm stays put.
+            if self._time > t0 and exc.reason is not Reason.ESTOP:
+                self._enter_phase("recover")
+                try:
+                    self._abort_recover()
+                except _Abort as rec:  # stopped and abandoned while backing out
+                    details["recover"] = rec.reason.value
             return Outcome(
-                False, exc.reason, executed=executed, robot_seconds=self._time - t0, details=details
+                False,
+                exc.reason,
+                executed=executed,
+                robot_seconds=self._time - t0,
+                item_id=self._held,
+                details=self._motion_details(mark, details),
             )
         details["max_impact_n"] = round(self.max_impact_n, 2)
         return Outcome(
@@ -806,7 +1141,7 @@ class SimArm:
             executed=executed,
             robot_seconds=self._time - t0,
             item_id=self._held,
-            details=details,
+            details=self._motion_details(mark, details),
         )
 
     def _safe_height(self) -> float:
@@ -974,30 +1309,33 @@ class SimArm:
         self.retreat()
 
     def retreat(self) -> None:
-        """Move the TCP straight up to the transit height, without contact checks (backing out)."""
+        """Move the TCP straight up to the transit height, without contact checks (backing out).
+
+        A protective stop during the retreat brakes and holds like any other motion.
+        """
         link = self.tcp_link("suction" if self.suction.extended else "parallel_jaw")
         pos, R = self.link_pose(link)
         top = max(pos[2], self._safe_height())
         if top - pos[2] < 1e-3:
             return
         target = np.array([pos[0], pos[1], top])
-        stopped, self._stopped = self._stopped, False
         try:
             qs = self._line_qs(pos, target, R, link, 6)
         except _Abort:
             qs = None
-        self._stopped = stopped
         if qs is None:
             log.warning("retreat: no straight path up from %s; going home directly", np.round(pos, 3))
             qs = np.array([self.q(), self.cfg.home])
         duration = cartesian_move_time(
             float(top - pos[2]), self.cfg.lift_speed, self.cfg.tool_accel, qs[0], qs[-1]
         )
-        for q in qs:
-            for j, v in zip(self.arm_joints, q, strict=True):
-                p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-        self._command(qs[-1])
-        self._time += duration
+        n = max(2, int(np.ceil(duration / self.cfg.transit_check_dt)) + 1)
+        times = np.linspace(0.0, duration, n)
+        length = float(top - pos[2])
+        frac = trapezoid_fraction(times, duration, self.cfg.lift_speed / length, self.cfg.tool_accel / length)
+        way = np.linspace(0.0, 1.0, len(qs))
+        samples = np.array([[np.interp(f, way, qs[:, i]) for i in range(7)] for f in frac])
+        self._run_samples(samples, times, link, checks=False)
 
     def _above(self, pre: np.ndarray) -> np.ndarray:
         """Where a pick starts its descent: over the pre-grasp, at least at the safe height."""
@@ -1053,7 +1391,7 @@ class SimArm:
 
     def place(self, placement: Placement) -> Outcome:
         """Move over the box, lower until the item is `place_drop_height` above what is below, release."""
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         details: dict = {}
         if self._held is None:
             return Outcome(False, Reason.NOT_HOLDING, robot_seconds=0.0)
@@ -1081,7 +1419,9 @@ class SimArm:
             else:
                 assert last is not None
                 raise last
+            self._enter_phase("transit")
             self._joint_move(q_above, link)
+            self._enter_phase("place")
             try:
                 # Lowering into the box decelerates upwards: the same payload-aware limit as the lift.
                 self._kinematic_line(target, R_hand, link, self.cfg.lift_speed, accel=self._lift_accel())
@@ -1090,6 +1430,7 @@ class SimArm:
                     raise
                 # The item or the hand is about to touch the stack or the box: release here.
                 details["released_early"] = exc.details
+            self._enter_phase("release")
             if kind == "suction":
                 self.suction.release()
                 self._time += self.cfg.suction.actuation_s
@@ -1099,11 +1440,34 @@ class SimArm:
             self._held_kind = None
             self._T_tcp_item = None
             self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
+            self._enter_phase("retreat")
             self.retreat()  # back out the way it came in
         except _Abort as exc:
             details.update(exc.details)
+            if exc.reason is Reason.ESTOP:
+                # Stopped and abandoned (shutdown) or refused: the item stays held where the arm is.
+                return Outcome(
+                    False,
+                    exc.reason,
+                    robot_seconds=self._time - t0,
+                    item_id=item,
+                    details=self._motion_details(mark, details),
+                )
+            self._enter_phase("recover")
             if self._held is not None:
                 self._drop()
             self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
-            return Outcome(False, exc.reason, robot_seconds=self._time - t0, item_id=item, details=details)
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, item_id=item, details=details)
+            return Outcome(
+                False,
+                exc.reason,
+                robot_seconds=self._time - t0,
+                item_id=item,
+                details=self._motion_details(mark, details),
+            )
+        return Outcome(
+            True,
+            Reason.OK,
+            robot_seconds=self._time - t0,
+            item_id=item,
+            details=self._motion_details(mark, details),
+        )
