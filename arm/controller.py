@@ -12,7 +12,14 @@ One tote at a time:
    is confident about while the person thinks. The cell never blocks on a person: when nothing else can
    be done it idles in short steps, and a request whose deadline passes is skipped.
 5. A failed pick is remembered (don't retry the same spot, Sanders et al. 2020, and don't offer it to a
-   person either) and the item is retried with the next candidate, up to a limit per item.
+   person either) and the item is retried according to why it failed (`arm.items`: a drop -> the
+   other gripper; a seal failure -> another spot), at most `max_attempts_per_item` times in all;
+   then it is set aside for a person and the cell goes on with the other items.
+
+Doubt is per item: the planner's watchdog marks each segmented item in or out of distribution
+(`ItemCluster.in_distribution`). A novel item is asked about at once (no look-again: a fresh capture
+does not make a new kind of item familiar) and waits for its answer, while the items the model is
+sure of are picked. Plans without per-item verdicts fall back to the scene's.
 
 Every plan, attempt, request and answer goes to the ledger with the model version and the reasons.
 The controller talks only to the interfaces in `arm.interfaces` and to duck-typed planner, assist
@@ -43,6 +50,7 @@ from arm.interfaces import (
     Reason,
     ToteFeed,
 )
+from arm.items import ItemMemory, ItemMemoryConfig, TrackedItem
 from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
 from grasping.types import Candidate, Frame, ItemCluster, Plan, matrix_to_quat
 from hitl.messages import AssistAnswer, AssistRequest, CandidateView
@@ -61,7 +69,12 @@ class AssistChannel(Protocol):
 @dataclass(frozen=True)
 class ControllerConfig:
     cell_id: str = "cell-1"
-    max_failures_per_item: int = 3  # failed picks on one item before asking a person about it, count
+    # Failed picks the model makes alone on one item before it asks a person about it, count. With the
+    # default equal to max_attempts_per_item, an item the model keeps failing is set aside, not asked
+    # about: a person's approval would be a fourth try.
+    max_failures_per_item: int = 3
+    max_attempts_per_item: int = 3  # tries on one item (model and people together), then set aside, count
+    ask_novel_at_once: bool = True  # ask about an out-of-distribution item as soon as it is seen
     max_asks_per_item: int = 2  # questions about one item per tote before it is skipped, count
     max_attempts_per_tote: int = 80  # hard stop for one tote (then it is diverted), count
     look_again: bool = True  # re-capture once before asking a person
@@ -113,6 +126,9 @@ class ToteReport:
     plans: int = 0
     plan_latency_ms: list[float] = field(default_factory=list)
     robot_seconds: float = 0.0
+    items_set_aside: list[str] = field(default_factory=list)  # why each item set aside was set aside
+    max_attempts_on_one_item: int = 0  # most tries on one item (as the cell told items apart), count
+    novel_items_asked: int = 0  # questions asked at once because an item was out of distribution
 
     @property
     def picks(self) -> int:
@@ -131,8 +147,19 @@ class _ToteState:
         default_factory=list
     )  # items whose question expired, or asked too often
     asks: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (item centre, questions asked)
-    failures: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (item centre, failed picks)
+    items: ItemMemory = field(default_factory=ItemMemory)  # tries per item and what they taught
     pending: dict[str, _Pending] = field(default_factory=dict)  # request id -> question in flight
+
+
+@dataclass
+class _Pools:
+    """A plan's candidates by what the cell may do with them now, each list best first."""
+
+    usable: list[tuple[int, Candidate]] = field(default_factory=list)  # not blocked, gripper allowed
+    confident: list[tuple[int, Candidate]] = field(default_factory=list)  # usable, sure, item in distribution
+    unsure: list[tuple[int, Candidate]] = field(default_factory=list)  # usable, not confident
+    novel: list[tuple[int, Candidate]] = field(default_factory=list)  # unsure because the item is novel
+    hard: list[tuple[int, Candidate]] = field(default_factory=list)  # items the model failed too often
 
 
 @dataclass
@@ -177,6 +204,8 @@ class CellController:
         self._planner_lock = threading.Lock()
         # Called after every attempt with (attempt, the plan it came from): benchmarks and UIs listen here.
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
+        # Called after every question with (request, centre (3,) of the item it is about, base frame).
+        self.on_ask: Callable[[AssistRequest, np.ndarray], None] | None = None
 
     # --- control from other threads -------------------------------------------------------------
 
@@ -199,7 +228,11 @@ class CellController:
         cfg = self.config
         rep = ToteReport(tote_id)
         t0 = self.arm.robot_time
-        st = _ToteState()
+        st = _ToteState(
+            items=ItemMemory(
+                ItemMemoryConfig(max_attempts=cfg.max_attempts_per_item, radius_m=cfg.item_radius_m)
+            )
+        )
         pending = st.pending
         looked_again = False
         holding = False  # in a protective stop
@@ -260,19 +293,26 @@ class CellController:
                 continue
             empty_captures = 0
 
-            blocked = [p.centre for p in pending.values()] + st.no_pick + st.skipped
-            hard_items = [c for c, n in st.failures if n >= cfg.max_failures_per_item]
-            usable = [
-                (i, c)
-                for i, c in enumerate(plan.candidates)
-                if not _near(c.grasp.position, st.failed_spots, cfg.failed_spot_radius_m)
-                and not _near(_centre_of(plan, c), blocked + hard_items, cfg.item_radius_m)
-            ]
-            confident = [
-                (i, c)
-                for i, c in usable
-                if plan.in_distribution and _threshold(plan, c) is not None and c.score >= _threshold(plan, c)
-            ]
+            pools = self._pools(plan, st)
+            confident = pools.confident
+            # A novel item: ask about it now and go on picking the items the model is sure of.
+            if pools.novel and self.assist is not None and cfg.ask_novel_at_once:
+                i, cand = pools.novel[0]
+                centre = _centre_of(plan, cand)
+                if _bump(st.asks, centre, cfg.item_radius_m) > cfg.max_asks_per_item:
+                    st.skipped.append(centre)
+                else:
+                    self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots)
+                    rep.novel_items_asked += 1
+                    self._count("novel_items_asked")
+                    log.info("item at %s is out of distribution: asked at once", np.round(centre, 3))
+                confident = [
+                    (j, c)
+                    for j, c in confident
+                    if not _near(_centre_of(plan, c), [centre], cfg.item_radius_m)
+                ]
+                if not confident:
+                    continue  # plan again: the item is now pending (or skipped)
             # 3. confident: pick
             if confident:
                 chosen = self._first_reachable(_uncovered_first(plan, confident, cfg.max_covered_share), st)
@@ -283,20 +323,17 @@ class CellController:
                 self._pick_and_place(rep, st, tote_id, plan, plan_id, i, cand.grasp, "model", cand.p_success)
                 continue
             # 4. unsure: look again once, then ask about the best remaining item
-            ask_pool = usable or [
-                (i, c)
-                for i, c in enumerate(plan.candidates)
-                if _near(_centre_of(plan, c), hard_items, cfg.item_radius_m)
-                and not _near(_centre_of(plan, c), blocked, cfg.item_radius_m)
-            ]
+            ask_pool = pools.unsure or pools.hard
             if not ask_pool:
                 if pending:
                     rep.human_wait_s += self._idle()
                     continue
-                # Everything left is marked "no safe pick": the tote goes to exception handling.
+                # Everything left is marked "no safe pick", skipped or set aside: the tote goes to
+                # exception handling, where a person takes those items out.
                 rep.status = "diverted"
                 if self.feed is not None:
-                    self.feed.divert_tote("no safe pick on the remaining items")
+                    why = "set aside after failed tries" if rep.items_set_aside else "no safe pick"
+                    self.feed.divert_tote(f"{why} on the remaining items")
                 break
             if cfg.look_again and not looked_again:
                 looked_again = True
@@ -334,7 +371,46 @@ class CellController:
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
         rep.robot_seconds = self.arm.robot_time - t0
+        rep.items_set_aside = [it.why_set_aside for it in st.items.items if it.set_aside]
+        rep.max_attempts_on_one_item = st.items.max_attempts_on_one_item
         return rep
+
+    def _pools(self, plan: Plan, st: _ToteState) -> _Pools:
+        """Sort a plan's candidates by what the cell may do with them now (see `_Pools`)."""
+        cfg = self.config
+        blocked = [p.centre for p in st.pending.values()] + st.no_pick + st.skipped
+        memo: dict[int, TrackedItem | None] = {}  # cluster index -> remembered item
+
+        def item(c: Candidate) -> TrackedItem | None:
+            if c.cluster < 0:
+                return st.items.find(_centre_of(plan, c))
+            if c.cluster not in memo:
+                memo[c.cluster] = st.items.find(_centre_of(plan, c), _cluster(plan, c))
+            return memo[c.cluster]
+
+        pools = _Pools()
+        for i, c in enumerate(plan.candidates):
+            if _near(c.grasp.position, st.failed_spots, cfg.failed_spot_radius_m):
+                continue
+            if _near(_centre_of(plan, c), blocked, cfg.item_radius_m):
+                continue
+            it = item(c)
+            if it is not None and not it.allows(c.grasp.gripper):
+                continue  # set aside, or this gripper already lost it
+            if it is not None and it.model_failures >= cfg.max_failures_per_item:
+                pools.hard.append((i, c))  # the model has tried enough: a person may
+                continue
+            pools.usable.append((i, c))
+            thr = _threshold(plan, c)
+            sure = thr is not None and c.score >= thr
+            in_dist = _item_in_distribution(plan, c)
+            if sure and in_dist:
+                pools.confident.append((i, c))
+            else:
+                pools.unsure.append((i, c))
+                if not in_dist:
+                    pools.novel.append((i, c))
+        return pools
 
     # --- pieces -----------------------------------------------------------------------------------
 
@@ -423,6 +499,8 @@ class CellController:
         )
         rep.assists_requested += 1
         self._count("assists_requested")
+        if self.on_ask is not None:
+            self.on_ask(req, np.asarray(centre))
         log.info("asked a person (%s): %s", req.request_id[:8], "; ".join(plan.reasons))
 
     def _apply_answers(self, rep: ToteReport, tote_id: str, st: _ToteState) -> None:
@@ -466,10 +544,21 @@ class CellController:
                     log.warning("answer approves candidate %d of %d; ignored", k, len(p.plan.candidates))
                     continue
                 cand = p.plan.candidates[k]
+                item = st.items.get(_centre_of(p.plan, cand), _cluster(p.plan, cand))
+                if not item.allows(cand.grasp.gripper):
+                    # Set aside meanwhile, or this gripper already lost the item: not tried again.
+                    log.info(
+                        "approved candidate %d: its item does not allow %s any more; skipped",
+                        k,
+                        cand.grasp.gripper,
+                    )
+                    continue
                 if not self._still_valid(cand, p.frame):
                     log.info("approved candidate %d: the surface moved since the question; skipped", k)
                     continue
-                self._pick_and_place(rep, st, tote_id, p.plan, p.plan_id, k, cand.grasp, who, cand.p_success)
+                self._pick_and_place(
+                    rep, st, tote_id, p.plan, p.plan_id, k, cand.grasp, who, cand.p_success, item
+                )
             elif answer.kind == "point" and answer.pixel is not None:
                 try:
                     frame = self.camera.capture()
@@ -477,7 +566,11 @@ class CellController:
                 except (PixelGraspError, CameraError) as exc:
                     log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
                     continue
-                self._pick_and_place(rep, st, tote_id, p.plan, p.plan_id, None, grasp, who, None)
+                item = st.items.get(p.centre)
+                if item.set_aside:
+                    log.info("clicked pixel on an item already set aside: skipped")
+                    continue
+                self._pick_and_place(rep, st, tote_id, p.plan, p.plan_id, None, grasp, who, None, item)
             # "skip": nothing to do; the item may be asked about again later.
 
     def _still_valid(self, cand: Candidate, frame_then: Frame) -> bool:
@@ -507,6 +600,7 @@ class CellController:
         grasp: Grasp,
         decided_by: str,
         p_success: float | None,
+        item: TrackedItem | None = None,
     ) -> Attempt:
         out = self.arm.pick(grasp)
         rep.estop_s += _stop_held_s(out)  # a protective stop held inside the motion (stop category 2)
@@ -531,8 +625,19 @@ class CellController:
             # hovering over the tote, where it hides the items from the camera).
             self.arm.home()
             st.failed_spots.append(np.asarray(grasp.position))
-            centre = _centre_of(plan, plan.candidates[index]) if index is not None else grasp.position
-            _bump(st.failures, np.asarray(centre), self.config.item_radius_m)
+        if item is None:
+            cand = plan.candidates[index] if index is not None else None
+            centre = _centre_of(plan, cand) if cand is not None else np.asarray(grasp.position)
+            item = st.items.get(centre, _cluster(plan, cand) if cand is not None else None)
+        # What this try teaches about the next one on the item: the pick's reason, or the place's
+        # (a drop in transit is the grip's failure too).
+        why_failed = out if not out.success else placed
+        reason = why_failed.reason if why_failed is not None else Reason.OK
+        why = str(why_failed.details.get("why", "")) if why_failed is not None else ""
+        st.items.record(item, grasp.gripper, reason, why, by_model=decided_by.startswith("model"))
+        if item.set_aside and reason is not Reason.OK:
+            self._count("items_set_aside")
+            log.info("item at %s set aside: %s", np.round(item.centre, 3), item.why_set_aside)
         att = Attempt(
             attempt_id=uuid.uuid4().hex,
             tote_id=tote_id,
@@ -625,6 +730,14 @@ def _stop_held_s(out: Outcome) -> float:
 def _threshold(plan: Plan, cand: Candidate) -> float | None:
     """The score this candidate needs to auto-execute: its own (its gripper's), else the plan's."""
     return cand.threshold if cand.threshold is not None else plan.threshold
+
+
+def _item_in_distribution(plan: Plan, cand: Candidate) -> bool:
+    """The watchdog's verdict on the candidate's item; the scene's where the plan has no item verdicts."""
+    cl = _cluster(plan, cand)
+    if cl is not None and cl.in_distribution is not None:
+        return bool(cl.in_distribution)
+    return bool(plan.in_distribution)
 
 
 def _window_depth(frame: Frame, u: int, v: int, r: int = 2) -> float | None:

@@ -35,6 +35,28 @@ log = logging.getLogger(__name__)
 PlannerFactory = Callable[[Path], tuple[Callable[[Frame], Plan], str]]  # model path -> (planner, version)
 
 
+class StartupError(RuntimeError):
+    """The cell must not start as configured; the message says what to fix."""
+
+
+def check_model_file(path: str | Path) -> str:
+    """Verify the model file the cell is configured with (hash, format, contents); returns its version.
+
+    A missing or corrupt model is a reason to refuse to start, never to fall back silently to
+    another scorer: the operator chose a model, and its thresholds are what bounds the cell's
+    unasked failures. `--planner analytic` is the explicit way to run without one.
+    """
+    from grasping.modelfile import ModelFileError, load_model
+
+    try:
+        return load_model(path).version
+    except ModelFileError as exc:
+        raise StartupError(
+            f"refusing to start: {exc}. Restore the file (or its .sha256), give another with --model, "
+            "or run without a learned model with --planner analytic."
+        ) from None
+
+
 def control_endpoint(data_dir: Path) -> str:
     return f"ipc://{Path(data_dir).resolve() / 'control.sock'}"
 

@@ -25,7 +25,7 @@ threshold is feasible and `NEVER` (above any probability) is returned: the cell 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +365,66 @@ def executed_failure_threshold(
             break
         best = ConformalThreshold(float(t), alpha, n, n_fail / n, pval, n_exec / n)
     return best if best is not None else ConformalThreshold(NEVER, alpha, n, 0.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class SelectiveThreshold:
+    """A threshold with a guaranteed precision for what the cell does unasked (`selective_threshold`)."""
+
+    threshold: float  # calibrated p needed to auto-execute; NEVER (inf) if no threshold is certified
+    alpha: float  # bound on P(fail | executed without asking)
+    delta: float  # the bound holds with probability >= 1 - delta over the held-out rows
+    n: int  # held-out rows (executed picks of the always-execute policy) of this gripper
+    n_exec: int  # of them, rows at or above the threshold (what the cell would have done alone)
+    n_fail: int  # of those, failures
+    p_value: float  # binomial p-value of H0 "failure rate among executed > alpha" at the threshold
+    upper_bound: float  # Clopper-Pearson (1 - delta) upper bound on the failure rate among executed
+    coverage: float  # n_exec / n: share of decisions the cell would take alone
+    tested: int  # thresholds tested in the fixed sequence before it stopped
+
+
+def selective_threshold(
+    p: np.ndarray, y: np.ndarray, alpha: float = 0.05, delta: float = 0.1, step: float = 0.005
+) -> SelectiveThreshold:
+    """Lowest threshold t with P(fail | p >= t) <= alpha certified at confidence 1 - delta.
+
+    Learn-then-Test (Angelopoulos, Bates, Candes, Jordan, Lei 2021) with fixed-sequence testing:
+    thresholds t_1 > t_2 > ... on a fixed grid (`step`), from the strictest down. At each t the null
+    H0_t "the failure rate among rows with p >= t exceeds alpha" is tested with the exact binomial
+    tail p-value P(Binom(n_exec, alpha) <= n_fail) (scipy); the walk stops at the first t not
+    rejected at level delta and returns the last rejected one. Fixed-sequence testing controls the
+    family-wise error at delta, so with probability >= 1 - delta every returned threshold (and so
+    the one used) has failure rate among executed picks <= alpha, for rows exchangeable with these.
+    Thresholds that execute so few rows that no outcome could reject ((1 - alpha)^n_exec > delta)
+    are passed over before the walk starts: which those are depends on the scores alone, not on
+    the outcomes, so the sequence is still fixed given the scores. NEVER when nothing is certified.
+    The rows must be the picks the cell would execute (not every candidate) and must come from
+    totes the model was not fitted on, split by tote.
+    """
+    from scipy.stats import beta, binom
+
+    p, y = _check_py(p, y)
+    if not 0.0 < alpha < 1.0 or not 0.0 < delta < 1.0:
+        raise ValueError(f"alpha and delta must be in (0, 1), got {alpha}, {delta}")
+    if not 0.0 < step < 0.5:
+        raise ValueError(f"step must be in (0, 0.5), got {step}")
+    n = p.size
+    n_min = math.ceil(math.log(delta) / math.log1p(-alpha))  # fewest rows that can reject at all
+    grid = np.round(np.arange(1.0 - step, 0.0, -step), 10)
+    best = SelectiveThreshold(NEVER, alpha, delta, n, 0, 0, 1.0, 1.0, 0.0, 0)
+    tested = 0
+    for t in grid:
+        act = p >= t
+        n_exec, n_fail = int(act.sum()), int((act & (y == 0)).sum())
+        if n_exec < n_min:
+            continue  # powerless: not yet part of the sequence
+        tested += 1
+        pval = float(binom.cdf(n_fail, n_exec, alpha))
+        if pval > delta:
+            break
+        upper = float(beta.ppf(1.0 - delta, n_fail + 1, n_exec - n_fail)) if n_fail < n_exec else 1.0
+        best = SelectiveThreshold(float(t), alpha, delta, n, n_exec, n_fail, pval, upper, n_exec / n, tested)
+    return replace(best, tested=tested)
 
 
 def _binom_cdf(k: int, n: int, q: float) -> float:

@@ -4,9 +4,11 @@ Tensors: the network's weights (`net.*`), the per-gripper calibrators (`calib.<g
 conformal thresholds (`conformal.thresholds`, one per gripper), the watchdog statistics
 (`watchdog.*`) and, optionally, the item-level watchdog (`item_watchdog.*`: feature centre and
 scale, the bank of standardised training-item descriptors and their neighbour radii, and [scene
-mu, sd, threshold, quantile, k, descriptor version, scene quantile]). A file without
-`item_watchdog.*` (written before it existed) still loads: `LoadedModel.item_watchdog` is None
-and the planner uses the embedding watchdog alone.
+mu, sd, threshold, quantile, k, descriptor version, scene quantile]; optionally
+`item_watchdog.item` = [per-item threshold, its quantile], which gives each item its own verdict).
+A file without `item_watchdog.*` (written before it existed) still loads: `LoadedModel.item_watchdog`
+is None and the planner uses the embedding watchdog alone; one without `item_watchdog.item` judges
+whole scenes only.
 The safetensors header metadata (string -> string) carries
 `pickcell.format` / `pickcell.format_version` and `pickcell.meta`, a JSON object with the model
 version string, architecture arguments, feature names, training-data summary, metrics, alpha,
@@ -192,6 +194,8 @@ def save_model(
                 ),
             }
         )
+        if iw.item_threshold is not None:
+            arrays["item_watchdog.item"] = np.array([iw.item_threshold, iw.item_quantile], dtype=np.float64)
     for k, v in arrays.items():
         tensors[k] = torch.from_numpy(np.ascontiguousarray(v))
     full_meta = dict(meta)
@@ -389,4 +393,15 @@ def _load_item_watchdog(path: Path, tensors: dict[str, Any]) -> ItemWatchdog | N
         threshold_sigma=float(sc[2]),
         quantile=float(sc[3]),
         version=int(sc[5]),
+        **_item_threshold(tensors),
     )
+
+
+def _item_threshold(tensors: dict[str, Any]) -> dict[str, float]:
+    """The per-item threshold fields of the item watchdog, where the file has them."""
+    if "item_watchdog.item" not in tensors:
+        return {}
+    it = tensors["item_watchdog.item"].numpy()
+    if it.shape != (2,):
+        raise ValueError(f"item_watchdog.item must hold 2 values, got shape {it.shape}")
+    return {"item_threshold": float(it[0]), "item_quantile": float(it[1])}

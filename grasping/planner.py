@@ -193,6 +193,8 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     threshold = config.analytic_threshold
     scene_sigma: float | None = None
     in_dist = True
+    item_scores: np.ndarray | None = None  # (K,) per cluster, where the model has an item watchdog
+    item_verdicts: np.ndarray | None = None  # (K,) bool per cluster, where it has a per-item threshold
     if config.scorer is not None and len(cands) > 0:
         res = config.scorer.score(patches, features, cands.gripper)
         learned = np.asarray(res.learned, dtype=np.float64)
@@ -217,7 +219,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         # patch embeddings (docs/training.md): where the model has an item watchdog, it judges the scene.
         item_wd = item_watchdog_of(config.scorer)
         if item_wd is not None:
-            _, scene_sigma, in_dist = item_wd.score_cloud(cloud)
+            item_scores, item_verdicts, scene_sigma, in_dist = item_wd.score_clusters(cloud)
         rank_score = calibrated
     else:
         rank_score = cands.analytic
@@ -250,7 +252,17 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
             )
         )
 
-    decision, reasons = _decide(out, threshold, scene_sigma, in_dist, config.scorer is not None)
+    clusters = _with_occlusion(cloud)
+    if item_scores is not None:
+        clusters = tuple(
+            replace(
+                c,
+                ood_score=None if np.isnan(s) else float(s),
+                in_distribution=None if item_verdicts is None else bool(item_verdicts[k]),
+            )
+            for k, (c, s) in enumerate(zip(clusters, item_scores, strict=True))
+        )
+    decision, reasons = _decide(out, threshold, scene_sigma, in_dist, config.scorer is not None, clusters)
     p = Plan(
         candidates=tuple(out),
         decision=decision,
@@ -263,7 +275,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         frame_id=frame.frame_id,
         patches=patches,
         features=features,
-        clusters=_with_occlusion(cloud),
+        clusters=clusters,
     )
     log.debug("plan %s: %s, %d candidates, %.1f ms", frame.frame_id, decision, len(out), p.latency_ms)
     t_end = time.perf_counter()
@@ -300,6 +312,7 @@ def _decide(
     scene_sigma: float | None,
     in_dist: bool,
     learned: bool,
+    clusters: tuple[ItemCluster, ...] = (),
 ) -> tuple[str, tuple[str, ...]]:
     reasons: list[str] = []
     if not cands:
@@ -311,6 +324,14 @@ def _decide(
         return threshold if c.threshold is None else c.threshold
 
     ok = best.score >= thr(best)
+    novel = [k for k, c in enumerate(clusters) if c.in_distribution is False]
+    per_item = any(c.in_distribution is not None for c in clusters)
+    scene_in_dist = in_dist
+    if per_item:
+        # Doubt is per item: the scene verdict is reported, the items' verdicts decide.
+        in_dist = (
+            clusters[best.cluster].in_distribution is not False if 0 <= best.cluster < len(clusters) else True
+        )
     for kind, name in ((SUCTION, "suction"), (PARALLEL_JAW, "jaw")):
         ks = [c for c in cands if c.grasp.gripper == GRIPPER_KINDS[kind]]
         if not ks:
@@ -321,8 +342,10 @@ def _decide(
     if scene_sigma is not None:
         reasons.append(
             f"scene {scene_sigma:.1f} sigma from training data"
-            + ("" if in_dist else " (out of distribution)")
+            + ("" if scene_in_dist else " (out of distribution)")
         )
+    if novel:
+        reasons.append("out of distribution: item " + ", ".join(str(k) for k in novel))
     if ok and in_dist:
         reasons.insert(0, f"pick: {best.grasp.gripper} on item {best.cluster}, {what} {best.score:.2f}")
         return "pick", tuple(reasons)
@@ -330,6 +353,6 @@ def _decide(
     if not ok:
         why.append(f"best {what} {best.score:.2f} < threshold {thr(best):.2f}")
     if not in_dist:
-        why.append("scene out of distribution")
+        why.append(f"item {best.cluster} out of distribution" if per_item else "scene out of distribution")
     reasons.insert(0, "ask: " + "; ".join(why))
     return "ask", tuple(reasons)

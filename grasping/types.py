@@ -187,6 +187,10 @@ class ItemCluster:
     # of it lies under (or against) something else. A covered item's visible part is not the whole
     # item, so its centroid is not where its centre of mass is.
     occluded: float = 0.0
+    # The item watchdog's verdict on this item (None: no per-item verdict; the Plan's scene verdict
+    # applies) and its score (LOF units, about 1 for a typical training item; None: not scored).
+    in_distribution: bool | None = None
+    ood_score: float | None = None
 
     @property
     def extents(self) -> np.ndarray:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -404,11 +404,17 @@ def scene_item_descriptors(cloud: Any) -> np.ndarray:
 
     Items with too few points for a descriptor are left out (K <= cloud.n_clusters).
     """
+    return scene_item_descriptors_by_cluster(cloud)[0]
+
+
+def scene_item_descriptors_by_cluster(cloud: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`scene_item_descriptors` and, for each row, the index of the cluster it describes (K,)."""
     labels = np.asarray(cloud.labels)
     pts = np.asarray(cloud.points_base).reshape(-1, 3)
     nrm = np.asarray(cloud.normals_base).reshape(-1, 3)
     flat = labels.reshape(-1)
     out = []
+    which: list[int] = []
     # One sort instead of a full-grid comparison per item.
     idx = np.flatnonzero(flat >= 0)
     order = idx[np.argsort(flat[idx], kind="stable")]
@@ -424,7 +430,8 @@ def scene_item_descriptors(cloud: Any) -> np.ndarray:
         d = item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps)
         if d is not None:
             out.append(d)
-    return np.array(out).reshape(-1, len(ITEM_FEATURES))
+            which.append(k)
+    return np.array(out).reshape(-1, len(ITEM_FEATURES)), np.array(which, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -450,6 +457,11 @@ class ItemWatchdog:
     threshold_sigma: float  # scene sigma above which the scene is out of distribution
     quantile: float = 0.99  # quantile of in-distribution scene sigmas the threshold sits at
     version: int = ITEM_DESCRIPTOR_VERSION  # item_descriptor definition the bank was computed with
+    # Per-item verdict: an item whose score is above this (LOF units) is out of distribution. A
+    # conformal quantile (`item_quantile`) of the scores of items from fresh in-distribution scenes
+    # that are not in the bank (`fit_item_threshold`). None: no per-item verdict (older files).
+    item_threshold: float | None = None
+    item_quantile: float = 0.99  # quantile of in-distribution item scores item_threshold sits at
 
     def __post_init__(self) -> None:
         center = np.asarray(self.center, dtype=np.float64)
@@ -476,6 +488,12 @@ class ItemWatchdog:
         if not (self.scene_sd > 0 and math.isfinite(self.scene_mu)):
             raise ValueError(
                 f"item watchdog scene statistics invalid: mu={self.scene_mu}, sd={self.scene_sd}"
+            )
+        if self.item_threshold is not None and not (
+            math.isfinite(self.item_threshold) and self.item_threshold > 0
+        ):
+            raise ValueError(
+                f"item watchdog item_threshold must be finite and > 0, got {self.item_threshold}"
             )
         object.__setattr__(self, "center", center)
         object.__setattr__(self, "scale", scale)
@@ -518,6 +536,20 @@ class ItemWatchdog:
     def score_cloud(self, cloud: Any) -> tuple[np.ndarray, float, bool]:
         """`score` on the items of a `grasping.pointcloud.SceneCloud`."""
         return self.score(scene_item_descriptors(cloud))
+
+    def score_clusters(self, cloud: Any) -> tuple[np.ndarray, np.ndarray | None, float, bool]:
+        """Per cluster of a SceneCloud: (scores (K,), in-distribution verdicts (K,) or None, scene
+        sigma, scene in-distribution). A cluster too small for a descriptor has score NaN and is
+        judged in distribution (nothing to judge it by; its candidates still face the thresholds).
+        Verdicts are None when the watchdog has no per-item threshold."""
+        desc, which = scene_item_descriptors_by_cluster(cloud)
+        items, sigma, in_dist = self.score(desc)
+        scores = np.full(int(cloud.n_clusters), np.nan)
+        scores[which] = items
+        verdicts = None
+        if self.item_threshold is not None:
+            verdicts = ~(scores > self.item_threshold)  # NaN compares False: in distribution
+        return scores, verdicts, sigma, in_dist
 
 
 def _knn(
@@ -608,6 +640,32 @@ def fit_item_watchdog(
         "item_watchdog_quantile_exact": float(math.ceil((thr.size + 1) * quantile) <= thr.size),
     }
     return wd, info
+
+
+def fit_item_threshold(
+    wd: ItemWatchdog, scenes: list[np.ndarray], quantile: float = 0.99
+) -> tuple[ItemWatchdog, dict[str, float]]:
+    """Set the per-item threshold from the item descriptors of fresh in-distribution scenes.
+
+    The scenes must not be the ones the bank was built from (then their items are exchangeable with
+    a new in-distribution item, and the conformal quantile bounds the chance that such an item is
+    flagged by 1 - quantile). Returns the watchdog with `item_threshold` set, and what was measured.
+    """
+    f = len(ITEM_FEATURES)
+    arrays = [np.asarray(s, dtype=np.float64).reshape(-1, f) for s in scenes]
+    scores = np.concatenate([wd.item_scores(a) for a in arrays if len(a)] or [np.zeros(0)])
+    if scores.size < 20:
+        raise ValueError(f"the per-item threshold needs at least 20 items, got {scores.size}")
+    thr = conformal_quantile(scores, quantile)
+    out = replace(wd, item_threshold=float(thr), item_quantile=float(quantile))
+    info = {
+        "item_threshold": float(thr),
+        "item_quantile": float(quantile),
+        "items": float(scores.size),
+        "scenes": float(sum(1 for a in arrays if len(a))),
+        "quantile_exact": float(math.ceil((scores.size + 1) * quantile) <= scores.size),
+    }
+    return out, info
 
 
 def item_watchdog_of(scorer: Any) -> ItemWatchdog | None:

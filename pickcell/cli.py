@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "grasping.models_cli",
     "hitl.cli",
     "hitl.ledger_cli",
+    "fleet.cli",
 )
 
 

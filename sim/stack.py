@@ -30,9 +30,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "grasping" / "models" /
 
 
 def build_planner(
-    kind: str, tote: Bounds, *, model_path: str | Path | None = None, seed: int = 0, fallback: bool = True
+    kind: str, tote: Bounds, *, model_path: str | Path | None = None, seed: int = 0, fallback: bool = False
 ) -> tuple[Callable[[Frame], Plan], str]:
-    """(planner function, version string) for a planner name (learned | analytic | MODULE:CLASS)."""
+    """(planner function, version string) for a planner name (learned | analytic | MODULE:CLASS).
+
+    A missing or corrupt model file raises `ModelFileError` naming it; `fallback=True` (opt-in) logs
+    a warning and plans with analytic scores instead.
+    """
     from grasping.planner import PlannerConfig, plan
 
     if kind == "analytic":

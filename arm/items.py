@@ -1,0 +1,146 @@
+"""What the cell remembers about each item of the tote it is working on: learning within a tote.
+
+The controller never sees simulator ground truth, so an item is what the planner segmented: a
+cluster with a centre and a size. `ItemMemory` follows items from plan to plan and keeps, per item,
+how often it was tried and why it failed, and turns that into the next try (Sanders et al., CASE
+2020: remembering failed grasps doubled picks per hour on a real robot):
+
+* a drop, or a slip (lost under load) -> not that gripper again on that item: the other one.
+  "Heavier than the cup holds" (the seal held but the static load alone is over the cup's limit)
+  rules the cup out for good, whichever gripper would come next. Slower motion is already the
+  arm's own answer to load (payload-aware lift and transit): a second drop under it means the
+  gripper is wrong for the item, not the speed.
+* a seal failure, no contact, a collision -> another spot (the controller keeps the failed spots);
+  the gripper stays allowed.
+* at most `max_attempts` tries on one item, by the model and by people together; then the item is
+  set aside for a person to take out by hand. An item no gripper may take any more is set aside at
+  once. Setting an item aside never ends the tote: the other items are still picked.
+
+Following an item: the nearest remembered centre within `radius_m`. An item that was dropped or
+slipped may have moved (it fell back, or rolled), so it is also recognised by its size (sorted
+footprint and height, within `size_tol_m` plus `size_tol_rel`) anywhere in the tote. Two items of the
+same size can then be taken for one: the cell is more careful with the second, never less.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from grasping.types import GRIPPER_KINDS, ItemCluster, Reason
+
+# Failures that say the grip could not carry the item: try the other gripper next.
+LOST_UNDER_LOAD = (Reason.DROPPED, Reason.SLIPPED)
+# Failures after which the item may lie elsewhere: recognise it by size, not only by place.
+MOVES_ITEM = (Reason.DROPPED, Reason.SLIPPED, Reason.COLLISION)
+TOO_HEAVY_FOR_CUP = "item heavier than the cup holds"  # SimArm's reason; a real cup reads its vacuum
+
+
+@dataclass(frozen=True)
+class ItemMemoryConfig:
+    max_attempts: int = 3  # tries on one item, model and people together, count
+    radius_m: float = 0.04  # a cluster this close to a remembered centre is that item, metres
+    size_tol_m: float = 0.015  # size match for an item that may have moved: absolute part, metres
+    size_tol_rel: float = 0.15  # ... plus this share of the size, [0, 1]
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+
+@dataclass
+class TrackedItem:
+    """One item of the tote, as the cell has come to know it."""
+
+    key: int  # stable id within the tote
+    centre: np.ndarray  # (3,) metres, base frame: where it was last seen
+    size: np.ndarray | None  # (3,) metres: sorted footprint (large, small) and visible height
+    attempts: int = 0  # tries executed on it (model and people)
+    failures: int = 0  # of them, failed
+    model_failures: int = 0  # failed tries the model chose alone
+    reasons: list[str] = field(default_factory=list)  # why each failed try failed (Reason values)
+    banned: set[str] = field(default_factory=set)  # grippers not to use on it again
+    moved: bool = False  # last failure may have moved it (recognise it by size)
+    set_aside: bool = False  # no more tries this tote: a person takes it out by hand
+    why_set_aside: str = ""
+
+    def allows(self, gripper: str) -> bool:
+        return not self.set_aside and gripper not in self.banned
+
+
+def _size_of(cluster: ItemCluster | None) -> np.ndarray | None:
+    if cluster is None:
+        return None
+    e = np.asarray(cluster.extents, dtype=np.float64)
+    return np.array([max(e[0], e[1]), min(e[0], e[1]), e[2]])
+
+
+class ItemMemory:
+    """Items of one tote: lookup by cluster, the outcome of every try, and what it means next."""
+
+    def __init__(self, config: ItemMemoryConfig | None = None) -> None:
+        self.config = config or ItemMemoryConfig()
+        self.items: list[TrackedItem] = []
+
+    def find(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem | None:
+        """The remembered item at `centre` (or, for one that may have moved, of this size)."""
+        c = np.asarray(centre, dtype=np.float64)
+        near = [(float(np.linalg.norm(it.centre[:2] - c[:2])), it) for it in self.items]
+        near = [(d, it) for d, it in near if d < self.config.radius_m]
+        if near:
+            return min(near, key=lambda x: x[0])[1]
+        size = _size_of(cluster)
+        if size is None:
+            return None
+        tol = self.config.size_tol_m + self.config.size_tol_rel * size
+        moved = [
+            (float(np.linalg.norm(it.centre[:2] - c[:2])), it)
+            for it in self.items
+            if it.moved and it.size is not None and bool(np.all(np.abs(it.size - size) <= tol))
+        ]
+        return min(moved, key=lambda x: x[0])[1] if moved else None
+
+    def get(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem:
+        """`find`, or a new remembered item; the item's last-seen centre is updated either way."""
+        it = self.find(centre, cluster)
+        if it is None:
+            it = TrackedItem(len(self.items), np.asarray(centre, dtype=np.float64), _size_of(cluster))
+            self.items.append(it)
+        else:
+            it.centre = np.asarray(centre, dtype=np.float64)
+            if it.size is None:
+                it.size = _size_of(cluster)
+        return it
+
+    def record(
+        self, item: TrackedItem, gripper: str, reason: Reason, why: str = "", by_model: bool = True
+    ) -> None:
+        """Count one try on `item` and decide what the next one may be."""
+        item.attempts += 1
+        if reason is Reason.OK:
+            item.moved = False
+            return
+        item.failures += 1
+        item.model_failures += int(by_model)
+        item.reasons.append(reason.value)
+        item.moved = reason in MOVES_ITEM
+        if reason in LOST_UNDER_LOAD:
+            item.banned.add(gripper)
+        if TOO_HEAVY_FOR_CUP in why:
+            item.banned.add("suction")
+        if all(g in item.banned for g in GRIPPER_KINDS):
+            self.set_aside(item, "no gripper holds it: " + ", ".join(item.reasons))
+        elif item.attempts >= self.config.max_attempts:
+            self.set_aside(item, f"{item.attempts} tries failed: " + ", ".join(item.reasons))
+
+    def set_aside(self, item: TrackedItem, why: str) -> None:
+        item.set_aside = True
+        item.why_set_aside = why
+
+    @property
+    def max_attempts_on_one_item(self) -> int:
+        return max((it.attempts for it in self.items), default=0)
+
+
+__all__ = ["ItemMemory", "ItemMemoryConfig", "TrackedItem", "LOST_UNDER_LOAD", "TOO_HEAVY_FOR_CUP"]
