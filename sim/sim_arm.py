@@ -43,13 +43,20 @@ from pathlib import Path
 import numpy as np
 import pybullet as p
 import pybullet_data
-from scipy.interpolate import CubicSpline
 
 from grasping.types import Grasp, Outcome, Placement, Reason, matrix_to_quat, quat_to_matrix
 from sim.config_sim_arm import SimArmConfig
 from sim.grippers import ARM_COLLISION_GROUP, ParallelJawGripper, SuctionGripper
+from sim.motion import PANDA_MAX_ACCELERATION as _AMAX
 from sim.motion import PANDA_MAX_VELOCITY as _VMAX
-from sim.motion import JointMove, cartesian_move_time, plan_joint_move, trapezoid_fraction, trapezoid_time
+from sim.motion import (
+    cartesian_move_time,
+    line_profile,
+    plan_joint_move,
+    plan_via_move,
+    trapezoid_fraction,
+    trapezoid_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -571,8 +578,14 @@ class SimArm:
         ignore: Sequence[int] = (),
         fixtures_only: bool = False,
         checks: bool = True,
+        physics: bool = False,
+        phases: Sequence[tuple[float, str]] = (),
     ) -> None:
         """Walk the joints through `qs` (timed by `times`), carrying and checking; raises _Abort.
+
+        `phases`: (t, name) enters phase `name` at the first sample after nominal time t.
+        `physics`: step the physics along (the arm's motors hold each sample) so that the rest of
+        the scene keeps moving while the arm does (a released item settling during the retreat).
 
         `checks=False` (backing out of a failed pick) skips the grip and contact checks. A
         protective stop at a sample brakes along this path, holds, and after `clear_stop`
@@ -581,8 +594,17 @@ class SimArm:
         track: list[tuple[float, np.ndarray]] = []  # (robot time, TCP position) of executed samples
         last = [np.asarray(qs[0], dtype=np.float64)]  # the last executed joint sample
 
+        owed = [0.0]  # physics seconds not yet stepped (physics=True)
+
         def advance(q: np.ndarray, dt: float) -> None:
             self._kinematic_sample(q, dt, tcp, track, last, ignore, fixtures_only, checks)
+            if physics:
+                self._command(q)
+                owed[0] += dt
+                n = int(owed[0] * self.cfg.physics_hz + 1e-9)
+                for _ in range(n):
+                    p.stepSimulation(physicsClientId=self.client_id)
+                owed[0] -= n / self.cfg.physics_hz
 
         qs, times = np.asarray(qs, dtype=np.float64), np.asarray(times, dtype=np.float64)
         k, t_done, moving = 0, float(times[0]), False
@@ -596,6 +618,8 @@ class SimArm:
                     # path between 20 ms samples has kinks that finite differences at the 4.2 ms braking
                     # rate would read as huge accelerations), then finish the motion on it at the
                     # nominal sample spacing.
+                    from scipy.interpolate import CubicSpline  # only on a stop: a slow import
+
                     spacing = max(float(np.max(np.diff(times))), 1e-3)
                     spline = CubicSpline(times, qs, axis=0)
                     t0_, t1_ = float(times[0]), float(times[-1])
@@ -610,6 +634,9 @@ class SimArm:
                     k = 0
                     continue
             self._rest_since = None
+            for t_switch, name in phases:
+                if t_done < t_switch <= float(times[k]) and self.phase != name:
+                    self._enter_phase(name)
             advance(qs[k], float(times[k]) - t_done)
             t_done = float(times[k])
             moving = True
@@ -782,10 +809,19 @@ class SimArm:
                 worst = max(worst, need / max(2.0 * mu * self.cfg.jaw.grip_force_n, 1e-9))
         return worst
 
-    def _joint_move(self, q_target: np.ndarray, tcp: int, ignore: Sequence[int] = ()) -> None:
-        """Timed joint-space move, executed kinematically. While carrying, the speed is scaled down
+    def _joint_move(
+        self,
+        q_target: np.ndarray,
+        tcp: int,
+        ignore: Sequence[int] = (),
+        via: Sequence[np.ndarray] = (),
+        phases: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        """Time-optimal, jerk-limited joint move (ruckig), executed kinematically; through the `via`
+        joint positions without stopping (blended). While carrying, the speed is scaled down
         (payload-aware, as industrial controllers do) until the sampled accelerations keep the grip
-        load under 90 % of what it can hold; the slower move is what gets charged."""
+        load under 90 % of what it can hold; the slower move is what gets charged. `phases`: (i, name)
+        enters phase `name` once the move passes via point i."""
         if not np.isfinite(self.q()).all():
             # The physics solver blew up (a rare PyBullet instability after hard contact): put the
             # arm back at home kinematically and report the motion as a collision, never crash.
@@ -805,7 +841,10 @@ class SimArm:
         if self._held is not None:
             scales += [s * self.cfg.joint_speed_scale for s in (0.7, 0.5, 0.35, 0.25)]
         for scale in scales:
-            move: JointMove = plan_joint_move(self.q(), q_target, scale)
+            if via:
+                move = plan_via_move([self.q(), *via, np.asarray(q_target, dtype=np.float64)], scale)
+            else:
+                move = plan_joint_move(self.q(), q_target, scale)
             n = max(2, int(np.ceil(move.duration / self.cfg.transit_check_dt)) + 1)
             times = np.linspace(0.0, move.duration, n)
             qs = move.sample(times)
@@ -817,7 +856,8 @@ class SimArm:
                 qs = move.q_start[None, :] + frac * (move.q_end - move.q_start)[None, :]
             if self._held is None or self._carry_utilisation(qs, times, tcp) <= CARRY_UTILISATION:
                 break
-        self._run_samples(qs, times, tcp, ignore)
+        switches = [(move.starts[i + 1], name) for i, name in phases] if via else []
+        self._run_samples(qs, times, tcp, ignore, phases=switches)
 
     def _line_qs(self, p0: np.ndarray, p1: np.ndarray, R_hand: np.ndarray, link: int, n: int) -> np.ndarray:
         """IK along a straight line, each solution seeded by the previous one (continuity)."""
@@ -839,26 +879,35 @@ class SimArm:
         fixtures_only: bool = False,
         accel: float | None = None,
     ) -> None:
+        """Straight tool line on a jerk-limited time-optimal profile (sim.motion.line_profile), slowed
+        uniformly until every joint's sampled velocity and acceleration are within the Panda's limits."""
         p0, _ = self.link_pose(link)
         length = float(np.linalg.norm(p1 - p0))
         if length < 1e-4:
             return
         acc = self.cfg.tool_accel if accel is None else accel
-        t_tool = trapezoid_time(length, speed, acc)
-        n = max(2, int(np.ceil(t_tool / self.cfg.transit_check_dt)) + 1)
-        # Solve IK on the path at n equally spaced fractions of the time profile.
-        times = np.linspace(0.0, t_tool, n)
-        a_unit = acc / length
-        frac = trapezoid_fraction(times, t_tool, speed / length, a_unit)
-        qs = []
-        seed = self.q()
-        for s in frac:
-            q = self._solve(p0 + s * (p1 - p0), R_hand, link, seed)
-            qs.append(q)
-            seed = q
-        qs = np.array(qs)
-        duration = cartesian_move_time(length, speed, acc, qs[0], qs[-1])
-        self._run_samples(qs, times * (duration / t_tool), link, ignore, fixtures_only)
+        jerk = self.cfg.tool_jerk
+        for _ in range(4):
+            prof = line_profile(length, speed, acc, jerk)
+            n = max(3, int(np.ceil(prof.duration / self.cfg.transit_check_dt)) + 1)
+            # Solve IK on the path at n equally spaced times of the profile.
+            times = np.linspace(0.0, prof.duration, n)
+            qs = []
+            seed = self.q()
+            for s in prof.fraction(times):
+                q = self._solve(p0 + s * (p1 - p0), R_hand, link, seed)
+                qs.append(q)
+                seed = q
+            qs = np.array(qs)
+            h = times[1] - times[0]
+            v_ratio = float(np.max(np.abs(np.diff(qs, axis=0)) / h / _VMAX))
+            a_ratio = float(np.max(np.abs(np.diff(qs, 2, axis=0)) / (h * h) / _AMAX))
+            f = max(v_ratio, np.sqrt(a_ratio))
+            if f <= 1.0:
+                break
+            f *= 1.05  # a uniformly slower profile: v / f, a / f^2, j / f^3
+            speed, acc, jerk = speed / f, acc / f**2, jerk / f**3
+        self._run_samples(qs, times, link, ignore, fixtures_only)
 
     # --- physical execution ----------------------------------------------------------------------------
     def _physical_line(
@@ -1074,23 +1123,31 @@ class SimArm:
             pre = target - a * self.cfg.pregrasp_offset
             above = self._above(pre)
             q_above = self._solve(above, R_hand, link, q_grasp)
-            self._solve(pre, R_hand, link, q_grasp)  # fail before moving if pre-grasp is infeasible
+            q_pre = self._solve(pre, R_hand, link, q_above)  # fail before moving if pre-grasp is infeasible
             self._enter_phase("move_to_pick")
             self._prepare_tool(grasp.gripper, opening)
-            self._joint_move(q_above, link)
+            # The approach runs kinematically while it touches nothing and with physics for its last
+            # `physical_approach` metres (or from the first contact): free space needs no contact
+            # solver, contact needs nothing else. The free part is one time-optimal move over the
+            # tote, down past the pre-grasp and along the approach axis to where the physical part
+            # starts, through those points without stopping (blended); it is checked at every sample
+            # like the straight lines it replaces.
+            near = target - a * min(self.cfg.physical_approach, self.cfg.pregrasp_offset)
+            q_near = self._solve(near, R_hand, link, q_pre)
+            via = [
+                q
+                for q, here, there in ((q_above, above, pre), (q_pre, pre, near))
+                if np.linalg.norm(here - there) > 1e-3
+            ]
             try:
-                self._kinematic_line(pre, R_hand, link, self.cfg.lift_speed)
-                self._enter_phase("approach")
-                # The straight approach runs kinematically while it touches nothing, at approach
-                # speed, and with physics for its last `physical_approach` metres (or from the
-                # first contact): free space needs no contact solver, contact needs nothing else.
-                near = target - a * min(self.cfg.physical_approach, self.cfg.pregrasp_offset)
-                self._kinematic_line(near, R_hand, link, self.cfg.approach_speed)
+                self._joint_move(q_near, link, via=via)
             except _Abort as exc:
                 # Items in the way: the physical approach starts here and pushes through them as
                 # a real arm would. Fixtures in the way: a collision.
                 if exc.reason is not Reason.COLLISION or exc.details.get("with_") != "item":
                     raise
+                if self.link_pose(link)[0][2] > above[2] - 0.01:
+                    raise  # an item met before the descent over the tote began: not an approach
             self._enter_phase("approach")
             details["approach_from_m"] = round(float(np.linalg.norm(self.link_pose(link)[0] - target)), 4)
             if grasp.gripper == "suction":
@@ -1233,7 +1290,7 @@ class SimArm:
                 raise _Abort(Reason.SLIPPED, why="fingers did not both hold the same item")
             self._held, self._held_kind = self.jaw.held_body, "parallel_jaw"
 
-    def _lift_accel(self) -> float:
+    def _lift_accel(self, cap: float | None = None) -> float:
         """Tool acceleration (m/s^2) for lifting the item just gripped: payload-aware, like the transit.
 
         A sealed cup's load scales with (g + a) on a vertical lift, so from the static utilisation u0
@@ -1243,13 +1300,14 @@ class SimArm:
         `MIN_LIFT_ACCEL` so the lift always ends. The jaw (friction checked per sample) lifts at full
         acceleration.
         """
+        cap = self.cfg.tool_accel if cap is None else cap
         if self._held_kind != "suction":
-            return self.cfg.tool_accel
+            return cap
         _, u0 = self._grip_ok(np.zeros(3))
         if u0 <= 0.0:
-            return self.cfg.tool_accel
+            return cap
         a = 9.81 * (CARRY_UTILISATION / u0 - 1.0)
-        return float(min(self.cfg.tool_accel, max(MIN_LIFT_ACCEL, a)))
+        return float(min(cap, max(MIN_LIFT_ACCEL, a)))
 
     def _lift(self, R_hand: np.ndarray, link: int, above: np.ndarray, details: dict) -> None:
         pos, _ = self.link_pose(link)
@@ -1280,7 +1338,14 @@ class SimArm:
         above = np.array([pos[0], pos[1], above[2]])
         above[2] = max(above[2], self._safe_height() - self.cfg.transit_clearance + (pos[2] - lo_z) + 0.03)
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
-        self._kinematic_line(above, R_hand, link, self.cfg.lift_speed, fixtures_only=True, accel=acc)
+        self._kinematic_line(
+            above,
+            R_hand,
+            link,
+            self.cfg.free_speed,
+            fixtures_only=True,
+            accel=self._lift_accel(self.cfg.free_accel),
+        )
 
     def _drop(self) -> None:
         """Let go of the held item (seal lost or friction exceeded) and let it fall with physics."""
@@ -1308,10 +1373,12 @@ class SimArm:
         self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
         self.retreat()
 
-    def retreat(self) -> None:
+    def retreat(self, with_physics: bool = False) -> None:
         """Move the TCP straight up to the transit height, without contact checks (backing out).
 
-        A protective stop during the retreat brakes and holds like any other motion.
+        `with_physics`: keep stepping the physics along the way (a released item falls and settles
+        while the arm leaves). A protective stop during the retreat brakes and holds like any other
+        motion.
         """
         link = self.tcp_link("suction" if self.suction.extended else "parallel_jaw")
         pos, R = self.link_pose(link)
@@ -1326,16 +1393,19 @@ class SimArm:
         if qs is None:
             log.warning("retreat: no straight path up from %s; going home directly", np.round(pos, 3))
             qs = np.array([self.q(), self.cfg.home])
-        duration = cartesian_move_time(
-            float(top - pos[2]), self.cfg.lift_speed, self.cfg.tool_accel, qs[0], qs[-1]
+        length = float(top - pos[2])
+        prof = line_profile(length, self.cfg.free_speed, self.cfg.free_accel, self.cfg.tool_jerk)
+        # Never faster than the joints allow between the two ends (the profile is stretched).
+        duration = max(
+            prof.duration,
+            cartesian_move_time(length, self.cfg.free_speed, self.cfg.free_accel, qs[0], qs[-1]),
         )
         n = max(2, int(np.ceil(duration / self.cfg.transit_check_dt)) + 1)
         times = np.linspace(0.0, duration, n)
-        length = float(top - pos[2])
-        frac = trapezoid_fraction(times, duration, self.cfg.lift_speed / length, self.cfg.tool_accel / length)
+        frac = prof.fraction(times * (prof.duration / duration))
         way = np.linspace(0.0, 1.0, len(qs))
         samples = np.array([[np.interp(f, way, qs[:, i]) for i in range(7)] for f in frac])
-        self._run_samples(samples, times, link, checks=False)
+        self._run_samples(samples, times, link, checks=False, physics=with_physics)
 
     def _above(self, pre: np.ndarray) -> np.ndarray:
         """Where a pick starts its descent: over the pre-grasp, at least at the safe height."""
@@ -1419,14 +1489,14 @@ class SimArm:
             else:
                 assert last is not None
                 raise last
+            q_target = self._solve(target, R_hand, link, q_above)
             self._enter_phase("transit")
-            self._joint_move(q_above, link)
-            self._enter_phase("place")
             try:
-                # Lowering into the box decelerates upwards: the same payload-aware limit as the lift.
-                self._kinematic_line(target, R_hand, link, self.cfg.lift_speed, accel=self._lift_accel())
+                # One time-optimal move to the box and down into it, passing the point above the
+                # drop without stopping (blended); "place" from there. Payload-aware like any carry.
+                self._joint_move(q_target, link, via=[q_above], phases=[(0, "place")])
             except _Abort as exc:
-                if exc.reason is not Reason.COLLISION:
+                if exc.reason is not Reason.COLLISION or self.phase != "place":
                     raise
                 # The item or the hand is about to touch the stack or the box: release here.
                 details["released_early"] = exc.details
@@ -1439,9 +1509,15 @@ class SimArm:
             self._held = None
             self._held_kind = None
             self._T_tcp_item = None
-            self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
+            # Back out the way it came in while the item settles in the box (physics runs along).
+            # What settling is left when the arm is clear is stepped without charging the arm: it
+            # is free to go on, and the next motions happen over the tote.
             self._enter_phase("retreat")
-            self.retreat()  # back out the way it came in
+            t_r = self._time
+            self.retreat(with_physics=True)
+            rest = int(round((self.cfg.settle_s - (self._time - t_r)) * self.cfg.physics_hz))
+            for _ in range(max(rest, 0)):
+                p.stepSimulation(physicsClientId=self.client_id)
         except _Abort as exc:
             details.update(exc.details)
             if exc.reason is Reason.ESTOP:
