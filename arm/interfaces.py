@@ -6,6 +6,7 @@ implementation, never editing the controller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "Placement",
     "Reason",
     "ToteFeed",
+    "ViewClearNotice",
 ]
 
 
@@ -70,6 +72,19 @@ class ReachCheck(Protocol):
     """
 
     def check_grasp(self, grasp: Grasp) -> Reason: ...
+
+
+@runtime_checkable
+class ViewClearNotice(Protocol):
+    """Optional arm capability: say when the arm has left the camera's view of the tote.
+
+    `notify_when_clear(fn)` calls fn once, during the next `place`, as soon as the arm and the item
+    it carries are out of the camera's view of the tote. The controller captures and plans the next
+    pick there, while the arm goes on placing (arm/lookahead.py). A real arm's driver decides it
+    from its joint positions and the camera's field of view.
+    """
+
+    def notify_when_clear(self, fn: Callable[[], None]) -> None: ...
 
 
 @runtime_checkable

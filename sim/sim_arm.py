@@ -215,6 +215,7 @@ class SimArm:
         self.observers: list[Callable[[SimArm, str], None]] = []
         self.phase = ""  # motion phase now executing ("move_to_pick", "approach", ..., "" between motions)
         self.phase_time: dict[str, float] = {}  # robot seconds charged to each phase so far
+        self._clear_hooks: list[Callable[[], None]] = []  # notify_when_clear callbacks, next place only
         self._phase_t0 = self._phase_hold0 = 0.0
         self.max_impact_n = 0.0  # largest arm-on-item contact force in the current pick, newtons
         self._impact_avg = 0.0  # running average of that force over ~20 ms, newtons
@@ -382,6 +383,15 @@ class SimArm:
             self.phase_time[self.phase] = self.phase_time.get(self.phase, 0.0) + spent
         self.phase = name
         self._phase_t0, self._phase_hold0 = self._time, self._hold_total
+        if name == "place":  # over the box, going down: out of the camera's view of the tote
+            hooks, self._clear_hooks = self._clear_hooks, []
+            for fn in hooks:
+                fn()
+
+    def notify_when_clear(self, fn: Callable[[], None]) -> None:
+        """arm.interfaces.ViewClearNotice: call fn once during the next place, when the arm and its
+        item are out of the camera's view of the tote (over the box, starting down into it)."""
+        self._clear_hooks.append(fn)
 
     def idle(self, seconds: float) -> None:
         """Hold still for `seconds` of robot time. Nothing moves, so no physics needs stepping."""
@@ -1067,6 +1077,7 @@ class SimArm:
     def _motion_details(self, mark: tuple[dict[str, float], int], details: dict) -> dict:
         """Close the motion's phase and add its robot time per phase and its protective stops."""
         self._enter_phase("")
+        self._clear_hooks = []  # a place that never got over the box does not call them later
         before, n_stops = mark
         phases = {k: v - before.get(k, 0.0) for k, v in self.phase_time.items() if v - before.get(k, 0.0) > 0}
         if phases:
