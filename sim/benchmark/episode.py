@@ -102,7 +102,7 @@ def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:
             **rec,
             "sensing_seconds": captures["n"] * SENSING_S_PER_CAPTURE,
             "human_seconds": channel.human_seconds,
-            **cycle_record(cell.arm, rep),  # per-phase robot time, waits, exposed planning (cycle.py)
+            **cycle_record(cell.arm, rep, cell),  # per-phase robot time, waits, exposed planning (cycle.py)
             "failed_frames": failed_frames,
             "wall_seconds": time.perf_counter() - t0,
         }

@@ -97,5 +97,17 @@ def test_aggregate_reports_the_cycle_keys_and_no_picks_gives_no_division_by_zero
     assert m["mpph"] == pytest.approx(2 / 20.4 * 3600)
     assert m["mpph_with_planning"] == pytest.approx(2 / 20.6 * 3600)
     assert "cycle_breakdown_s_per_pick" in m and "mpph_excluding_waits" in m
+    assert m["mpph_limit"] is None  # records without a layout limit
+    limited = cycle_metrics([_episode(cycle_limit_s=3.0)])
+    assert limited["mpph_limit"] == pytest.approx(1200.0)
+    assert limited["mpph_share_of_limit"] == pytest.approx(limited["mpph_excluding_waits"] / 1200.0)
     none = cycle_metrics([_episode(attempts=[])])
     assert all(v is None for v in none["cycle_breakdown_s_per_pick"].values())
+
+
+def test_the_layout_limit_is_a_few_seconds_and_no_motion_of_the_arm_beats_it(sim_cell):
+    from sim.benchmark.cycle import minimum_cycle_s
+
+    lim = minimum_cycle_s(sim_cell.arm, sim_cell.tote_bounds, sim_cell.box_bounds)
+    assert 2.0 < lim["cycle_s"] < 5.0
+    assert lim["cycle_s"] == pytest.approx(sum(lim["legs_s"].values()) + lim["actuation_s"])
