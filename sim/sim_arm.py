@@ -8,9 +8,15 @@ fingers (TCP `suction_tcp`, the extended lip, 20 cm below the hand). The URDF is
 those two links appended and mesh paths made absolute (`panda_urdf_path`).
 
 How motions are executed, and why it stays honest:
-- Every motion is charged robot time from sim/motion.py (joint velocity and acceleration limits,
-  tool speeds on straight lines, gripper actuation times); physics-step time is never used as the
-  clock, and in the physical phases the number of steps *is* the robot time (1 step = 1/physics_hz).
+- Every motion is charged robot time from sim/motion.py (time-optimal jerk-limited ruckig profiles
+  at the joint velocity, acceleration and jerk limits, tool limits on straight lines, gripper
+  actuation times); physics-step time is never used as the clock, and in the physical phases the
+  number of steps *is* the robot time (1 step = 1/physics_hz). Free-space legs that need no stop
+  are one move through blended via points (over the tote -> pre-grasp -> start of the physical
+  approach; over the box -> down into it). Each robot second is charged to a phase
+  (`Outcome.details["phases"]`).
+- Protective stops hold (stop category 2, sim/safety.py): the motion brakes along its path within
+  the limits, holds powered with the item gripped until `clear_stop`, then resumes.
 - Contact phases run real physics with the joints driven by position motors that have the Panda's
   velocity limits and torque limits: the straight-line approach (pre-grasp to grasp), the grip, the
   first `PHYSICAL_LIFT` metres of the lift, and the release plus the item's fall and settling.
