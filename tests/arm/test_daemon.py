@@ -214,12 +214,11 @@ def test_unreachable_broker_does_not_stop_the_cell(stack_factory, tmp_path):
 
 
 def test_a_verified_model_dropped_into_the_models_folder_is_swapped_in_between_picks(stack_factory, tmp_path):
+    import dataclasses
     import shutil
     import threading
 
     from sim.stack import DEFAULT_MODEL, model_planner_factory
-
-    import dataclasses
 
     st = stack_factory()
     # The test holds the planner until the swap: plan after each place, not during it (a plan made
