@@ -47,6 +47,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from hitl.keys import ClientKeys, load_public
     from hitl.ledger import Ledger
     from pickcell.commands import _live_sim_stack, print_summary, summarise
+    from sim.benchmark.record import ToteRecorder
 
     host, port = parse_bind(args.bind)
     tmp = None
@@ -80,6 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ledger = Ledger(data / "ledger.sqlite", cell_id="cell-1")
     stack = None
     reports = []
+    records: list[dict] = []
     t0 = time.perf_counter()
     try:
         stack = _live_sim_stack(args, "cell-1", args.assist_deadline, assist, ledger, None)
@@ -89,9 +91,15 @@ def run_demo(args: argparse.Namespace) -> int:
             f"the cell asks when unsure and waits up to {args.assist_deadline:.0f} s for an answer; "
             "Ctrl-C stops"
         )
+        # What became of each item and who decided each attempt (simulation ground truth), for the
+        # summary's operator metrics, as `pickcell demo` does.
+        recorder = ToteRecorder(stack)
         for k in range(args.totes):
-            rep = stack.controller.run_tote(stack.feed.next_tote())
+            tote = stack.feed.next_tote()
+            recorder.begin()
+            rep = stack.controller.run_tote(tote)
             reports.append(rep)
+            records.append({"episode": len(records), **recorder.finish(rep)})
             print(
                 f"tote {k + 1}/{args.totes}: {rep.picks} picks, {rep.assists_requested} questions, "
                 f"{rep.assists_answered} answered, {rep.assists_expired} expired",
@@ -107,8 +115,9 @@ def run_demo(args: argparse.Namespace) -> int:
         users.close()
         if stack is not None:
             stack.close()
-    if reports and stack is not None:
-        print_summary(summarise(reports, stack.packer, time.perf_counter() - t0, stack.model_version))
+    if reports and stack is not None and len(records) == len(reports):
+        wall = time.perf_counter() - t0
+        print_summary(summarise(reports, stack.packer, wall, stack.model_version, records))
     print(
         f"ledger: {data / 'ledger.sqlite'}"
         if tmp is None
