@@ -15,27 +15,19 @@ from pathlib import Path
 
 
 def admit(keys: Path, name: str, role: str) -> None:
-    """Admit NAME.key at the broker whose keys folder is `keys`: into allowed/ROLE/ where the broker binds
-    roles to keys (hitl.keys.ROLES), else into allowed/."""
-    import hitl.keys
-
-    folder = keys / "allowed" / role if hasattr(hitl.keys, "ROLES") else keys / "allowed"
+    """Admit NAME.key at the broker whose keys folder is `keys`: into allowed/ROLE/ (the broker binds
+    roles to keys by folder, hitl/keys.py)."""
+    folder = keys / "allowed" / role
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
 
 
 def new_key(keys: Path, name: str, role: str | None) -> None:
-    """NAME.key / NAME.key_secret in `keys` unless there already, with its role where keys carry one."""
-    import inspect
-
+    """NAME.key / NAME.key_secret in `keys` (with its role) unless there already."""
     from hitl.keys import new_keypair
 
-    if (keys / f"{name}.key_secret").exists():
-        return
-    if role is not None and "role" in inspect.signature(new_keypair).parameters:
+    if not (keys / f"{name}.key_secret").exists():
         new_keypair(name, keys, role=role)
-    else:
-        new_keypair(name, keys)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ whichever was imported last.)"""
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import threading
 import time
@@ -153,8 +154,19 @@ class Rig:
         )
 
 
+@pytest.fixture(scope="session")
+def accounts_file(tmp_path_factory) -> Path:
+    """alice and bob, hashed once per session (each argon2 hash costs ~0.5 s on a busy machine)."""
+    path = tmp_path_factory.mktemp("accounts") / "users.sqlite"
+    users = UserStore(path)
+    for name, pw in PASSWORDS.items():
+        users.add(name, pw)
+    users.close()
+    return path
+
+
 @pytest.fixture
-def rig(tmp_path: Path):
+def rig(tmp_path: Path, accounts_file: Path):
     keys = tmp_path / "keys"
     for name, role in (
         ("broker", None),
@@ -174,9 +186,8 @@ def rig(tmp_path: Path):
         )
     )
     endpoint = broker.start()
+    shutil.copyfile(accounts_file, tmp_path / "users.sqlite")  # WAL checkpointed at close: one file
     users = UserStore(tmp_path / "users.sqlite")
-    for name, pw in PASSWORDS.items():
-        users.add(name, pw)
     clock = Clock()
     console = ConsoleServer(
         BrokerAccess.from_keys_dir(endpoint, keys, "console"),
