@@ -267,7 +267,10 @@ class FleetLink:
 
     def _apply_update(self, msg: dict[str, Any], dealer: zmq.Socket) -> None:
         self.seq = int(msg["seq"])
-        self.kv[msg["key"]] = msg["value"]
+        if msg["value"] is None:  # a deleted key
+            self.kv.pop(msg["key"], None)
+        else:
+            self.kv[msg["key"]] = msg["value"]
         self._reconcile(dealer)
 
     # --- bring the cell to its assignment ----------------------------------------------------------
@@ -277,6 +280,8 @@ class FleetLink:
 
     def _reconcile(self, dealer: zmq.Socket) -> None:
         run, shadow, _stage = self.assignment()
+        if self._download is not None and self._download.version not in (run, shadow):
+            self._download = None  # no longer assigned (a rollback mid-download); its .part stays for later
         ready: set[str] = set()  # versions whose file is here and verified against the announcement
         for v in (run, shadow):
             if v is None:

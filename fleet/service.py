@@ -142,10 +142,14 @@ class FleetService:
         }
 
     def _set(self, key: str, value: Any, pub: zmq.Socket | None) -> None:
+        """One numbered update; value None deletes the key (the Clone pattern's empty value)."""
         if self.kv.get(key) == value:
             return
         self.seq += 1
-        self.kv[key] = value
+        if value is None:
+            self.kv.pop(key, None)
+        else:
+            self.kv[key] = value
         if pub is not None:
             pub.send_multipart(
                 [b"kv", pack({"epoch": self.epoch, "seq": self.seq, "key": key, "value": value})]
@@ -153,10 +157,14 @@ class FleetService:
 
     def _publish_state(self, pub: zmq.Socket | None) -> None:
         """Bring the key-value store in line with the state; each change goes out as one update."""
-        for v in (self.state["live"], self.state["candidate"]):
-            if v is not None:
-                self._set(f"model/{v}", self._model_value(v), pub)
+        needed = {v for v in (self.state["live"], self.state["candidate"]) if v is not None}
+        for v in sorted(needed):
+            self._set(f"model/{v}", self._model_value(v), pub)
         self._set("rollout", self._rollout_value(), pub)
+        # Versions no cell runs any more leave the store, so a snapshot stays small (their files stay
+        # in the registry: a rollback announces them again).
+        for key in [k for k in self.kv if k.startswith("model/") and k.removeprefix("model/") not in needed]:
+            self._set(key, None, pub)
 
     # --- operations (run on the service thread, from the control socket) -------------------------
 
