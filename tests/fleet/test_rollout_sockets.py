@@ -237,7 +237,9 @@ def test_a_manual_rollback_reaches_every_cell(fleet_dir, service, tmp_path) -> N
         assert reply["ok"] and reply["to"] == "v1"
         wait_for(lambda: all(c.running == "v1" for c in cells.values()), what="v1 back everywhere")
         assert set(service.kv) == {"rollout", "model/v1"}  # v2 left the store (a snapshot stays small)
-        assert all(set(c.link.kv) == {"rollout", "model/v1"} for c in cells.values())
+        wait_for(
+            lambda: all(set(c.link.kv) == {"rollout", "model/v1"} for c in cells.values()), what="deletes"
+        )
         assert ModelRegistry(fleet_dir / "registry").current_version() == "v1"
         assert all(c.loaded == ["v1", "v2", "v1"] for c in cells.values())
     finally:
