@@ -171,6 +171,22 @@ class FleetLink:
             backoff = 0.5 if heard else min(backoff * 2, 8.0)
             if not self._paused.is_set():
                 self._halt.wait(backoff)
+        self._last_word(ctx)
+
+    def _last_word(self, ctx: zmq.Context) -> None:
+        """The cell is stopping: say so on a connection of its own (in or between sessions alike)."""
+        if self._paused.is_set():
+            return
+        dealer = ctx.socket(zmq.DEALER)
+        try:
+            ClientSecurity(self.config.keys_dir, self.config.cell_id, self.config.insecure).apply(dealer)
+            dealer.setsockopt(
+                zmq.LINGER, 2000
+            )  # ms the message may wait for the connection (CURVE handshake)
+            dealer.connect(self.config.router)
+            self._send_status(dealer)
+        finally:
+            dealer.close()
 
     def _session(self, sub: zmq.Socket, dealer: zmq.Socket) -> bool:
         """One connection; returns when the service is presumed gone. True if it was ever heard."""

@@ -102,7 +102,7 @@ class CellFleet:
         if self.link is not None:
             self.link.stop()
         if self.shipper is not None:
-            self.shipper.stop()
+            self.shipper.stop(drain_s=5.0)  # what the last tote wrote, if the learner is there to take it
 
     def wrap(self, planner: Callable[[Frame], Plan]) -> Callable[[Frame], Plan]:
         return planner if isinstance(planner, ShadowPlanner) else ShadowPlanner(planner, self)

@@ -321,10 +321,10 @@ class FleetService:
                 cells[name] = {"state": "never seen"}
                 continue
             age = now - rep["received"]
+            # Silent for three report intervals: unreachable, unless its last word was that it stopped.
+            fresh = age < 3 * self.config.rollout.status_interval_s + 2 or rep.get("state") == "stopped"
             cells[name] = {
-                "state": rep.get("state")
-                if age < 3 * self.config.rollout.status_interval_s + 2
-                else "unreachable",
+                "state": rep.get("state") if fresh else "unreachable",
                 "model_version": rep.get("model_version"),
                 "stage": rep.get("stage"),
                 "shadow_version": (rep.get("shadow") or {}).get("version"),
