@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "hitl.ledger_cli",
     "fleet.cli",
     "console.cli",
+    "learn.cli",
+    "sim.benchmark.continual",  # adds `pickcell bench continual` to pickcell.commands' `bench`
 )
 
 
