@@ -175,6 +175,15 @@ class FleetService:
             names |= set(self.allowlist.names.values())
         return sorted(names)
 
+    def _check_cells(self, cells: list[str]) -> None:
+        known = set(self.known_cells())
+        unknown = sorted(set(cells) - known)
+        if unknown:
+            raise FleetError(
+                f"unknown cells {unknown}: the fleet knows {sorted(known) or 'none yet'} "
+                "(a cell is known by its key in keys/allowed/ or by reporting)"
+            )
+
     def _change(self, **fields: Any) -> None:
         self.state.update(fields)
         self.state["generation"] += 1
@@ -205,6 +214,7 @@ class FleetService:
                 f"version {self.state['candidate']} is in {self.state['stage']}; "
                 "promote or roll it back before starting another"
             )
+        self._check_cells(cells)
         stage = stage or ("shadow" if cells else "canary")
         if stage == "shadow" and not cells:
             raise FleetError("a shadow stage needs the cells that run it (--cells)")
@@ -226,6 +236,7 @@ class FleetService:
             raise FleetError(
                 f"{v} in {stage}: the rule says {verdict.verdict} ({verdict.reason}); wait, or --force"
             )
+        self._check_cells(cells)
         if stage == "shadow":
             cells = cells or canary_cells(self.known_cells(), self.config.rollout.canary_share, v)
             self._change(stage="canary", cells=sorted(cells))

@@ -285,6 +285,11 @@ def test_bad_input_gets_a_clear_error_and_the_service_keeps_serving(fleet_dir, s
     reply = send_control(fleet_dir, "publish", path="no-such-version", force=True)
     assert not reply["ok"] and "no-such-version" in reply["error"]
     assert not send_control(fleet_dir, "frobnicate")["ok"]
+    publish(fleet_dir, make_version("v1", tmp_path))
+    reply = send_control(
+        fleet_dir, "publish", path=str(make_version("v2", tmp_path)), force=True, cells=["cel-1"]
+    )
+    assert not reply["ok"] and "unknown cells ['cel-1']" in reply["error"]  # a typo does not shadow on nobody
     # Garbage and unknown messages on the cells' socket get an error reply, not a dead service.
     import zmq
 
