@@ -92,6 +92,9 @@ def without_family(export_dir: str | Path, family: str, out_dir: Path) -> Path:
         shards.append(
             {**sh, "rows": int(keep.sum()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         )
+    removed = sum(sh["rows"] for sh in manifest["shards"]) - sum(sh["rows"] for sh in shards)
+    if removed == 0:
+        log.warning("the start data %s holds no %r rows: nothing was left out", src, family)
     manifest = {
         **manifest,
         "shards": shards,
@@ -108,8 +111,6 @@ def train_start_model(cfg: ContinualConfig, out: Path) -> Path:
 
     ds = load_dataset(cfg.start_data)
     keep = np.flatnonzero(ds.family != cfg.new_family)
-    if keep.size == len(ds):
-        log.warning("the start data holds no %r rows: nothing was left out", cfg.new_family)
     tcfg = TrainConfig(
         epochs=cfg.start_epochs,
         seed=cfg.seed,
