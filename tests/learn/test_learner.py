@@ -294,3 +294,22 @@ def test_the_service_survives_a_failing_round_and_stops_on_request(tmp_path) -> 
         logging.getLogger("learn.learner").removeHandler(h)
     assert not t.is_alive() and len(failures) >= 3
     assert "no ledger files match" in str(failures[0].exc_info[1])
+
+
+def test_item_kinds_are_families_or_shapes_and_a_persons_label_takes_its_items_family() -> None:
+    from grasping.learning import fit_item_kinds, item_kinds
+
+    ds, _ = make_dataset_synth(4, seed=31, rows_per_scene=3)  # 12 rows
+    n = len(ds)
+    rng = np.random.default_rng(0)
+    desc = np.concatenate([rng.normal(0, 0.1, (6, D)), rng.normal(5, 0.1, (6, D))])
+    family = np.array(["tube", "", "", "", "", "", "", "", "", "", "", ""])
+    item = np.array(["p1:0", "p1:0", "p2:1", "", "", "", "", "", "", "", "", ""])
+    ds = replace(ds, family=family, item=item, descriptor=desc)
+    model = fit_item_kinds(desc[family == ""], k=2, seed=0)
+    kinds = item_kinds(ds, model)
+    assert kinds[0] == kinds[1] == "tube"  # the passed-over row on the tube's item is a tube
+    shapes = set(kinds[2:6]) | set(kinds[6:])
+    assert len(set(kinds[3:6])) == 1 and len(set(kinds[6:])) == 1 and kinds[3] != kinds[6]
+    assert shapes <= {"shape-0", "shape-1"}
+    assert item_kinds(replace(ds, descriptor=np.zeros((n, 0))), None)[5] == "unknown"
