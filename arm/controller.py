@@ -51,6 +51,7 @@ from arm.interfaces import (
     ToteFeed,
 )
 from arm.items import ItemMemory, ItemMemoryConfig, TrackedItem
+from arm.lookahead import Lookahead
 from grasping.draw import offered_indices
 from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
 from grasping.types import Candidate, Frame, ItemCluster, Plan, matrix_to_quat
@@ -88,6 +89,7 @@ class ControllerConfig:
     idle_step_s: float = 0.25  # robot idles in steps of this length when it can only wait, seconds
     wall_poll_s: float = 0.02  # wall-clock sleep per idle step, so answers from other threads arrive, seconds
     answer_depth_tolerance_m: float = 0.01  # an approved candidate is still valid if the surface moved less
+    plan_while_placing: bool = True  # capture and plan while the arm places, where it can (arm/lookahead.py)
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
@@ -126,6 +128,9 @@ class ToteReport:
     estop_s: float = 0.0  # robot seconds held in a protective stop
     plans: int = 0
     plan_latency_ms: list[float] = field(default_factory=list)
+    plan_exposed_ms: list[float] = field(default_factory=list)  # the part of each plan the arm waited for
+    lookahead_used: int = 0  # plans made while placing and used, count
+    lookahead_discarded: int = 0  # ... and discarded (the place failed or the tote changed), count
     robot_seconds: float = 0.0
     items_set_aside: list[str] = field(default_factory=list)  # why each item set aside was set aside
     max_attempts_on_one_item: int = 0  # most tries on one item (as the cell told items apart), count
@@ -212,6 +217,14 @@ class CellController:
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
         # Called after every question with (request, centre (3,) of the item it is about, base frame).
         self.on_ask: Callable[[AssistRequest, np.ndarray], None] | None = None
+        # Sensing and planning while the arm places (arm/lookahead.py); used where the arm can say
+        # when it has left the camera's view (arm.interfaces.ViewClearNotice).
+        self.lookahead = Lookahead(
+            camera,
+            lambda: self.planner,
+            lambda: self.arm.robot_time,
+            self.config.answer_depth_tolerance_m,
+        )
 
     # --- control from other threads -------------------------------------------------------------
 
@@ -240,6 +253,8 @@ class CellController:
             )
         )
         pending = st.pending
+        self.lookahead.reset()  # a look taken during the last tote's final place is not this tote
+        ahead_counts = (self.lookahead.used, self.lookahead.discarded)
         looked_again = False
         holding = False  # in a protective stop
         empty_captures = 0
@@ -265,9 +280,10 @@ class CellController:
                 break
             # 1. answers that came back
             self._apply_answers(rep, tote_id, st)
-            # 2. observe and plan
+            # 2. observe and plan (or take the plan made while the arm placed: arm/lookahead.py)
             try:
-                frame = self.camera.capture()
+                ahead = self.lookahead.take() if cfg.plan_while_placing else None
+                frame = ahead.frame if ahead is not None else self.camera.capture()
             except CameraError as exc:
                 camera_failures += 1
                 log.warning("camera capture failed (%d/%d): %s", camera_failures, cfg.camera_retries, exc)
@@ -278,11 +294,18 @@ class CellController:
                 self.arm.idle(cfg.idle_step_s)
                 continue
             camera_failures = 0
-            with self._planner_lock:
-                planner = self.planner
-            plan = planner(frame)
+            if ahead is not None and ahead.plan is not None:
+                plan = ahead.plan
+            else:
+                with self._planner_lock:
+                    planner = self.planner
+                plan = planner(frame)
             rep.plans += 1
             rep.plan_latency_ms.append(plan.latency_ms)
+            planned_ahead = ahead is not None and ahead.plan is not None
+            rep.plan_exposed_ms.append(ahead.exposed_ms if planned_ahead else plan.latency_ms)
+            rep.lookahead_used = self.lookahead.used - ahead_counts[0]
+            rep.lookahead_discarded = self.lookahead.discarded - ahead_counts[1]
             self._observe_plan(plan)
             plan_id = None
             if self.ledger is not None:
@@ -338,7 +361,8 @@ class CellController:
                 # exception handling, where a person takes those items out.
                 rep.status = "diverted"
                 if self.feed is not None:
-                    why = "set aside after failed tries" if rep.items_set_aside else "no safe pick"
+                    set_aside = any(it.set_aside for it in st.items.items)
+                    why = "set aside after failed tries" if set_aside else "no safe pick"
                     self.feed.divert_tote(f"{why} on the remaining items")
                 break
             if cfg.look_again and not looked_again:
@@ -467,11 +491,15 @@ class CellController:
         # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back, and
         # the picture draws exactly this list, so every number the person sees is one they can answer.
         spots = list(failed_spots)
-        offered = offered_indices(
-            plan,
-            20,
-            exclude=lambda k: _near(plan.candidates[k].grasp.position, spots, cfg.failed_spot_radius_m),
-        )
+        def failed(k: int) -> bool:
+            return _near(plan.candidates[k].grasp.position, spots, cfg.failed_spot_radius_m)
+
+        def on_item(k: int) -> bool:
+            return _near(_centre_of(plan, plan.candidates[k]), [centre], cfg.item_radius_m)
+
+        # The item asked about first (best first), then the rest: "approve the first" means this item.
+        offered = offered_indices(plan, 20, exclude=lambda k: failed(k) or not on_item(k))
+        offered += offered_indices(plan, 20 - len(offered), exclude=lambda k: failed(k) or on_item(k))
         png = self.render_png(frame, plan, indices=offered) if self.render_png is not None else b""
         views = tuple(
             CandidateView(
@@ -668,6 +696,7 @@ class CellController:
         tracked: TrackedItem | None = None,
     ) -> Attempt:
         out = self.arm.pick(grasp)
+        rep.estop_s += _stop_held_s(out)  # a protective stop held inside the motion (stop category 2)
         placed = None
         if out.reason is Reason.ESTOP:
             # Halted by a protective stop, not a failure of this grasp: no failed spot, no record.
@@ -676,12 +705,16 @@ class CellController:
             return Attempt(uuid.uuid4().hex, tote_id, grasp, out, decided_by, p_success, self.arm.robot_time)
         if out.success:
             placement = self._placement_for(plan, index, out.executed or grasp)
+            self._look_while_placing()
             placed = self.arm.place(placement)
+            rep.estop_s += _stop_held_s(placed)
             while placed.reason is Reason.ESTOP and not self._stop.is_set():
                 # Stopped while carrying: hold the item until the stop clears, then finish the place.
                 while getattr(self.arm, "stopped", False) and not self._stop.is_set():
                     rep.estop_s += self._idle()
                 placed = self.arm.place(placement)
+                rep.estop_s += _stop_held_s(placed)
+            self.lookahead.placed(placed)
         else:
             # Back out of the camera's view before the next look (a failed pick leaves the arm
             # hovering over the tote, where it hides the items from the camera).
@@ -742,6 +775,12 @@ class CellController:
             self.on_attempt(att, plan)
         return att
 
+    def _look_while_placing(self) -> None:
+        """Ask the arm to call the look-ahead once it has left the camera's view (arm/lookahead.py)."""
+        notify = getattr(self.arm, "notify_when_clear", None)
+        if self.config.plan_while_placing and notify is not None:
+            notify(self.lookahead.look)
+
     def _placement_for(self, plan: Plan, index: int | None, grasp: Grasp) -> Placement:
         """Where to release: a slot from the packer's height map (swapping a full box for an empty one)."""
         if self.packer is None:
@@ -787,6 +826,12 @@ class CellController:
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             self.metrics.count(name)
+
+
+def _stop_held_s(out: Outcome) -> float:
+    """Robot seconds a motion spent holding in a protective stop (the arm's "stopped" phase)."""
+    phases = out.details.get("phases") if isinstance(out.details, dict) else None
+    return float(phases.get("stopped", 0.0)) if isinstance(phases, dict) else 0.0
 
 
 def _threshold(plan: Plan, cand: Candidate) -> float | None:

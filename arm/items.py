@@ -16,10 +16,11 @@ how often it was tried and why it failed, and turns that into the next try (Sand
   set aside for a person to take out by hand. An item no gripper may take any more is set aside at
   once. Setting an item aside never ends the tote: the other items are still picked.
 
-Following an item: the nearest remembered centre within `radius_m`. An item that was dropped or
-slipped may have moved (it fell back, or rolled), so it is also recognised by its size (sorted
-footprint and height, within `size_tol_m` plus `size_tol_rel`) anywhere in the tote. Two items of the
-same size can then be taken for one: the cell is more careful with the second, never less.
+Following an item: the nearest remembered centre within `radius_m`. An item a try failed on may
+have moved (dropped, slipped, pushed by the cup or a finger), so it is also recognised by its size
+(sorted footprint and height, within `size_tol_m` plus `size_tol_rel`) anywhere in the tote. Two
+items of the same size can then be taken for one: the cell is more careful with the second, never
+less, and the limit on tries holds for the item that moved.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from grasping.types import GRIPPER_KINDS, ItemCluster, Reason
 
 # Failures that say the grip could not carry the item: try the other gripper next.
 LOST_UNDER_LOAD = (Reason.DROPPED, Reason.SLIPPED)
-# Failures after which the item may lie elsewhere: recognise it by size, not only by place.
-MOVES_ITEM = (Reason.DROPPED, Reason.SLIPPED, Reason.COLLISION)
 TOO_HEAVY_FOR_CUP = "item heavier than the cup holds"  # SimArm's reason; a real cup reads its vacuum
 
 
@@ -61,7 +60,8 @@ class TrackedItem:
     model_failures: int = 0  # failed tries the model chose alone
     reasons: list[str] = field(default_factory=list)  # why each failed try failed (Reason values)
     banned: set[str] = field(default_factory=set)  # grippers not to use on it again
-    moved: bool = False  # last failure may have moved it (recognise it by size)
+    moved: bool = False  # a try failed on it, which may have moved it (recognise it by size too)
+    picked: bool = False  # taken out of the tote: what is seen there later is another item
     set_aside: bool = False  # no more tries this tote: a person takes it out by hand
     why_set_aside: str = ""
 
@@ -86,7 +86,8 @@ class ItemMemory:
     def find(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem | None:
         """The remembered item at `centre` (or, for one that may have moved, of this size)."""
         c = np.asarray(centre, dtype=np.float64)
-        near = [(float(np.linalg.norm(it.centre[:2] - c[:2])), it) for it in self.items]
+        live = [it for it in self.items if not it.picked]
+        near = [(float(np.linalg.norm(it.centre[:2] - c[:2])), it) for it in live]
         near = [(d, it) for d, it in near if d < self.config.radius_m]
         if near:
             return min(near, key=lambda x: x[0])[1]
@@ -96,7 +97,7 @@ class ItemMemory:
         tol = self.config.size_tol_m + self.config.size_tol_rel * size
         moved = [
             (float(np.linalg.norm(it.centre[:2] - c[:2])), it)
-            for it in self.items
+            for it in live
             if it.moved and it.size is not None and bool(np.all(np.abs(it.size - size) <= tol))
         ]
         return min(moved, key=lambda x: x[0])[1] if moved else None
@@ -119,12 +120,12 @@ class ItemMemory:
         """Count one try on `item` and decide what the next one may be."""
         item.attempts += 1
         if reason is Reason.OK:
-            item.moved = False
+            item.picked = True  # an item seen here later (one it lay on) is another item
             return
         item.failures += 1
         item.model_failures += int(by_model)
         item.reasons.append(reason.value)
-        item.moved = reason in MOVES_ITEM
+        item.moved = True
         if reason in LOST_UNDER_LOAD:
             item.banned.add(gripper)
         if TOO_HEAVY_FOR_CUP in why:

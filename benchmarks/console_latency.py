@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -82,12 +81,16 @@ def sim_pictures(n_totes: int, seed: int) -> list[dict]:
 
 
 def free_spot(cands, w: int, h: int, rng: np.random.Generator, min_px: float = 45.0) -> tuple[int, int]:
-    """A pixel away from every candidate (a tap there is a 'point' answer)."""
-    for _ in range(1000):
-        u, v = int(rng.integers(60, w - 60)), int(rng.integers(60, h - 60))
+    """A pixel away from every candidate (a tap there is a 'point' answer), near them (inside the part of
+    the picture the page zooms onto)."""
+    us, vs = [c.u for c in cands], [c.v for c in cands]
+    lo_u, hi_u = max(10, min(us) - 60), min(w - 10, max(us) + 60)
+    lo_v, hi_v = max(10, min(vs) - 60), min(h - 10, max(vs) + 60)
+    for _ in range(2000):
+        u, v = int(rng.integers(lo_u, hi_u)), int(rng.integers(lo_v, hi_v))
         if all(np.hypot(c.u - u, c.v - v) > min_px for c in cands):
             return u, v
-    raise RuntimeError("no free spot on the picture")
+    raise RuntimeError("no free spot near the candidates")
 
 
 def lonely_candidate(cands, min_px: float = 30.0):
@@ -197,20 +200,18 @@ def run(args: argparse.Namespace) -> dict:
                     ).json_value()
                     / 1000.0
                 )
-                box = page.locator("#image").bounding_box()
                 c = lonely_candidate(pic["candidates"]) if i % 2 == 0 else None
                 if c is not None:
                     u, v, kind = c.u, c.v, "approve"
                 else:
                     (u, v), kind = free_spot(pic["candidates"], w, h, rng), "point"
-                # Browsers report whole CSS pixels for a click: the pixel the page computes is the one
-                # under that whole position, which is what the cell must receive.
-                x = round(box["x"] + (u + 0.5) * box["width"] / w)
-                y = round(box["y"] + (v + 0.5) * box["height"] / h)
+                # The page maps picture pixels to the screen (zoomed onto the candidates); browsers report
+                # whole CSS pixels, so the cell must receive the pixel the page maps the rounded click to.
+                pt = page.evaluate("([u, v]) => window.__pickcell.toClient(u, v)", [u, v])
+                x, y = round(pt["x"]), round(pt["y"])
                 if kind == "point":
-                    # same arithmetic as the page (console.js imageCoords), so the same float rounding
-                    u = math.floor((x - box["x"]) * (w / box["width"]))
-                    v = math.floor((y - box["y"]) * (h / box["height"]))
+                    got = page.evaluate("([x, y]) => window.__pickcell.toImage(x, y)", [x, y])
+                    u, v = got["u"], got["v"]
                 page.mouse.click(x, y)
                 ans = fut.result(30)
                 t_acted = page.evaluate("rid => window.__pickcell.acted[rid]", rid) / 1000.0
@@ -306,7 +307,8 @@ def screenshots(browser, url: str, cell, pictures: list[dict], out: Path) -> lis
         written.append(str(out / name))
         if name == "console-desktop.png":
             page.click("#tab-fleet")
-            page.wait_for_selector("tr[data-cell='cell-1']")
+            # wait for a fleet push that has seen this request
+            page.wait_for_selector("tr[data-cell='cell-1'] td:has-text('waiting for a person')")
             page.screenshot(path=str(out / "console-fleet.png"))
             written.append(str(out / "console-fleet.png"))
             page.click("#tab-answer")

@@ -347,7 +347,8 @@ def create_app(
             loop.call_soon_threadsafe(lambda: desk_box[0].on_link_event(kind, payload))
 
         st.link = st.link_factory(on_event)
-        st.desk = Desk(st.link, clock=clock, answer_timeout_s=cfg.answer_timeout_s)
+        # The desk runs on wall time (the cells' deadlines); `clock` is for sessions and the rate limit.
+        st.desk = Desk(st.link, answer_timeout_s=cfg.answer_timeout_s)
         desk_box.append(st.desk)
         st.desk.on_change = st.push_state
         st.desk.on_notice = st.push_notice

@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="mark cookies Secure (when a TLS proxy serves the console)",
     )
     c.add_argument("--insecure", action="store_true", help="no CURVE (only for a loopback --insecure broker)")
+    c.add_argument(
+        "--fleet",
+        type=Path,
+        default=None,
+        help="the fleet service's folder (`pickcell fleet serve --dir`): the fleet view adds its status",
+    )
     c.set_defaults(func=cmd_console)
     csub = c.add_subparsers(dest="console_command", metavar="ACTION")
 
@@ -128,7 +134,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         )
     cfg = ConsoleConfig(session_ttl_s=args.session_hours * 3600.0, cookie_secure=args.secure_cookies)
     try:
-        return serve_forever(access, users, args.bind, cfg)
+        return serve_forever(access, users, args.bind, cfg, fleet_dir=args.fleet)
     finally:
         users.close()
 

@@ -6,9 +6,10 @@ from the browser against what that person holds: the request id, the candidate n
 a pixel inside the image. It lives on the web server's event loop (single-threaded, no locks); the
 broker link's thread reaches it through `loop.call_soon_threadsafe`.
 
-Skip: the request goes to another free person at this console who has not skipped it; if there is
-none, it goes back to the broker with skip=true, so that other associates get it and this console is
-not offered it again (otherwise a person who skipped would be handed it straight back).
+Skip: the request goes to another free person at this console who has not skipped it. If every free
+person here skipped it, it stays parked for `park_s` (someone who did not skip may come free) and then
+goes back to the broker for associates elsewhere. The console remembers who skipped it, so when the
+broker hands it back, it never reaches them again. When nobody here is free, a request goes back at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hitl.messages import AssistRequest
 log = logging.getLogger(__name__)
 
 ANSWER_KINDS = ("approve", "point", "no_safe_pick")
+GRIPPERS = ("suction", "parallel_jaw")  # what a 'point' answer may ask the cell to use
 MAX_NOTE_CHARS = 500  # what the page lets a person type; the protocol allows 2,000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -61,6 +63,7 @@ class Held:
     given_at: float = 0.0  # unix s, when the holder got it
     skipped_by: set[str] = field(default_factory=set)
     busy: bool = False  # an answer or skip is on its way to the broker
+    park_until: float = 0.0  # unix s; >0: everyone free here skipped it, give it back at this time
 
 
 @dataclass
@@ -88,12 +91,14 @@ class Desk:
     def __init__(
         self,
         link: Any,  # ConsoleLink (or anything with want_work / answer / release)
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time,  # unix s, the clock deadlines are on
         answer_timeout_s: float = 10.0,
+        park_s: float = 1.0,
     ):
         self.link = link
         self.clock = clock
         self.answer_timeout_s = answer_timeout_s
+        self.park_s = park_s  # s a request everyone free here skipped stays before going back
         self.held: dict[str, Held] = {}
         self.people: dict[str, Person] = {}
         self.cells: dict[str, CellSeen] = {}
@@ -101,6 +106,7 @@ class Desk:
         self.on_change: Callable[[set[str]], None] = lambda names: None  # the app pushes to these people
         self.on_notice: Callable[[str, str], None] = lambda name, text: None  # a line for one page
         self._want_sent = -1
+        self._skips: dict[str, tuple[set[str], float]] = {}  # released after skips: who, until when
 
     # ---- people ----
 
@@ -140,7 +146,9 @@ class Desk:
             size = png_size(req.image_png) or (0, 0)
             if req.request_id in self.held:
                 return  # re-assigned after a reconnect: we have it already
-            self.held[req.request_id] = Held(req, size[0], size[1], self.clock())
+            held = Held(req, size[0], size[1], self.clock())
+            held.skipped_by |= self._skips.pop(req.request_id, (set(), 0.0))[0]  # came back after a skip
+            self.held[req.request_id] = held
             seen = self.cells.setdefault(req.cell_id, CellSeen(req.cell_id))
             seen.requests += 1
             seen.last_request_at = max(seen.last_request_at, req.created)
@@ -163,11 +171,16 @@ class Desk:
             self.on_change(set(self.people))
 
     def expire_due(self) -> None:
-        """Drop held requests past their deadline (the broker's cancel normally does this first)."""
+        """Drop held requests past their deadline (the broker's cancel normally does this first), give
+        parked ones back to the broker, forget skips of requests that are over."""
         now = self.clock()
         for rid, h in list(self.held.items()):
             if h.request.deadline <= now and not h.busy:
                 self._drop(rid, "request expired")
+            elif h.park_until and now >= h.park_until and h.holder is None and not h.busy:
+                self._release(h)
+        for rid in [r for r, (_, deadline) in self._skips.items() if deadline <= now]:
+            del self._skips[rid]
 
     # ---- answers from the browser ----
 
@@ -183,14 +196,14 @@ class Desk:
         """Validate an answer from the browser; returns the held request and the normalised fields."""
         if not isinstance(body, dict):
             raise DeskError(422, "the answer must be a JSON object")
-        unknown = set(body) - {"request_id", "kind", "candidate_index", "pixel", "note"}
+        unknown = set(body) - {"request_id", "kind", "candidate_index", "pixel", "gripper", "note"}
         if unknown:
             raise DeskError(422, f"unknown fields {sorted(unknown)}")
         h = self.holding(name, body.get("request_id"))
         kind = body.get("kind")
         if kind not in ANSWER_KINDS:
             raise DeskError(422, f"kind must be one of {list(ANSWER_KINDS)}")
-        out: dict[str, Any] = {"kind": kind, "candidate_index": None, "pixel": None}
+        out: dict[str, Any] = {"kind": kind, "candidate_index": None, "pixel": None, "gripper": None}
         if kind == "approve":
             idx = body.get("candidate_index")
             offered = [c.index for c in h.request.candidates]
@@ -208,6 +221,12 @@ class Desk:
             if not (0 <= px[0] < h.width and 0 <= px[1] < h.height):
                 raise DeskError(422, f"pixel {px} is outside the {h.width}x{h.height} image")
             out["pixel"] = (px[0], px[1])
+            gripper = body.get("gripper")
+            if gripper is not None and gripper not in GRIPPERS:
+                raise DeskError(422, f"gripper must be one of {list(GRIPPERS)} or absent")
+            out["gripper"] = gripper
+        if kind != "point" and body.get("gripper") is not None:
+            raise DeskError(422, "gripper goes with a 'point' answer only")
         note = body.get("note", "")
         if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS:
             raise DeskError(422, f"note must be text of at most {MAX_NOTE_CHARS} characters")
@@ -221,7 +240,13 @@ class Desk:
         rid = h.request.request_id
         h.busy = True
         fut = self.link.answer(
-            rid, name, fields["kind"], fields["candidate_index"], fields["pixel"], fields["note"]
+            rid,
+            name,
+            fields["kind"],
+            fields["candidate_index"],
+            fields["pixel"],
+            fields["note"],
+            gripper=fields["gripper"],
         )
         try:
             state = await asyncio.wait_for(asyncio.wrap_future(fut), self.answer_timeout_s)
@@ -240,7 +265,13 @@ class Desk:
             seen.answered_here += 1
         self._drop(rid, None, notify_holder=False)
         log.info("request %s answered %s by %s", rid, fields["kind"], name)
-        return {"request_id": rid, "state": state, "kind": fields["kind"], "associate": name}
+        return {
+            "request_id": rid,
+            "state": state,
+            "kind": fields["kind"],
+            "gripper": fields["gripper"],
+            "associate": name,
+        }
 
     async def skip(self, name: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or set(body) - {"request_id"}:
@@ -337,20 +368,32 @@ class Desk:
                 taker.current = h.request.request_id
                 changed.add(taker.name)
                 continue
-            # Nobody here can take it now: back to the broker. skip=true when free people here all
-            # skipped it, or the broker would hand it straight back to us.
-            rid = h.request.request_id
-            skipped = bool(h.skipped_by)
-            del self.held[rid]
-            who = sorted(h.skipped_by)[0] if skipped else None
-            fut = self.link.release(rid, who, skip=skipped)
-            fut.add_done_callback(lambda f, rid=rid: _log_release(rid, f))
+            if free:
+                # Everyone free here skipped it. The broker does not track which person behind a console
+                # skipped (a console's skip excludes nobody there), so it would hand it straight back
+                # while we ask for work: park it here for a moment (a person who did not skip it may come
+                # free), then give it back so that associates elsewhere get their turn.
+                if h.park_until == 0.0:
+                    h.park_until = self.clock() + self.park_s
+                continue
+            # Nobody here is free: back to the broker for someone else (it may come back to us later).
+            self._release(h)
+        want = len(free)
         want = len(free)
         if want != self._want_sent:
             self._want_sent = want
             self.link.want_work(want)
         if changed:
             self.on_change(changed | set(self.people))  # queue counts changed for everyone
+
+    def _release(self, h: Held) -> None:
+        rid = h.request.request_id
+        del self.held[rid]
+        if h.skipped_by:
+            self._skips[rid] = (set(h.skipped_by), h.request.deadline)
+        who = sorted(h.skipped_by)[0] if h.skipped_by else None
+        fut = self.link.release(rid, who, skip=bool(h.skipped_by))
+        fut.add_done_callback(lambda f, rid=rid: _log_release(rid, f))
 
 
 def _log_release(rid: str, fut: Any) -> None:

@@ -4,14 +4,17 @@
 the queue (waiting, held, connected associates and cells) and, per cell, what the requests assigned to
 this console said (model version, last request, how many were answered here). What the broker cannot
 know (a cell's state, picks per hour, rollout stage) is None and the page shows "unknown" rather than a
-guess. A source built on the fleet service's status (issue 15) fills those fields in and plugs in
-unchanged: `create_app(..., fleet_source=...)`.
+guess. `FleetServiceSource` adds the fleet service's status (`pickcell fleet serve`: each cell's
+state, picks per hour, assists waiting, model and stage, as the cells report them) on top of it;
+`pickcell console --fleet DIR` uses it. Any other source plugs in through
+`create_app(..., fleet_factory=...)`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -91,7 +94,52 @@ class BrokerFleetSource:
             at=time.time(),
             cells=tuple(rows),
             queue_waiting=_int("waiting"),
-            queue_held=_int("held"),
+            queue_held=_int("held_total") if _int("held_total") is not None else _int("held"),
             associates_connected=_int("associates"),
             cells_connected=_int("cells"),
+        )
+
+
+class FleetServiceSource:
+    """The fleet service's status (per cell: state, picks per hour, assists waiting, model version,
+    rollout stage) merged with what the broker knows. Asks the service's control socket
+    (`ipc://FLEET/control.sock`, so the console runs where the fleet folder is readable); if the service
+    does not answer, the view says so and shows the broker's knowledge alone."""
+
+    def __init__(self, fleet_dir: str | Path, broker: BrokerFleetSource, timeout_s: float = 2.0):
+        self.fleet_dir = Path(fleet_dir)
+        self.broker = broker
+        self.timeout_s = timeout_s
+
+    async def snapshot(self) -> FleetView:
+        import asyncio
+
+        from fleet.service import send_control
+
+        base = await self.broker.snapshot()
+        try:
+            status = await asyncio.to_thread(send_control, self.fleet_dir, "status", self.timeout_s)
+        except (TimeoutError, OSError, ValueError) as exc:
+            return replace(base, source=f"{base.source}; fleet service not reachable ({exc})")
+        if not status.get("ok"):
+            return replace(base, source=f"{base.source}; fleet service: {status.get('error')}")
+        rows = {c.cell_id: c for c in base.cells}
+        for name, c in (status.get("cells") or {}).items():
+            seen = rows.get(name)
+            pph = c.get("picks_per_hour")
+            waiting = c.get("assists_waiting")
+            rows[name] = CellRow(
+                cell_id=name,
+                state=c.get("state"),
+                picks_per_hour=float(pph) if isinstance(pph, (int, float)) else None,
+                assists_waiting=waiting
+                if isinstance(waiting, int)
+                else (seen.assists_waiting if seen else None),
+                model_version=c.get("model_version") or (seen.model_version if seen else None),
+                rollout_stage=c.get("stage"),
+                last_request_at=seen.last_request_at if seen else None,
+                assists_answered_here=seen.assists_answered_here if seen else 0,
+            )
+        return replace(
+            base, source=f"fleet service and {base.source}", cells=tuple(rows[k] for k in sorted(rows))
         )

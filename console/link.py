@@ -74,8 +74,10 @@ class ConsoleLink(_Link):
         candidate_index: int | None = None,
         pixel: tuple[int, int] | None = None,
         note: str = "",
+        gripper: str | None = None,
     ) -> Future:
-        """Send a person's answer; the Future ends with the journaled state ("answered") or AssistError."""
+        """Send a person's answer; the Future ends with the journaled state ("answered") or AssistError.
+        `gripper` goes with a 'point': the gripper the person chose for that spot (None: the cell's)."""
         body = {
             "request_id": request_id,
             "kind": kind,
@@ -85,6 +87,8 @@ class ConsoleLink(_Link):
             "name": self.name,
             "on_behalf_of": on_behalf_of,
         }
+        if gripper is not None:
+            body["gripper"] = gripper
         return self._request_ack(request_id, P.ANSWER, body)
 
     def release(self, request_id: str, on_behalf_of: str | None, skip: bool) -> Future:

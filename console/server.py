@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from console.app import ConsoleConfig, create_app
+from console.fleet import BrokerFleetSource, FleetServiceSource
 from console.link import ConsoleLink
 from console.users import UserStore
 from hitl.keys import BROKER_KEY_NAME, ClientKeys, KeyFileError, load_public
@@ -57,12 +58,21 @@ def build_app(
     users: UserStore,
     config: ConsoleConfig | None = None,
     clock: Callable[[], float] = time.time,
+    fleet_dir: str | Path | None = None,
     **link_kwargs: Any,
 ):
+    """The app; with `fleet_dir`, the fleet view adds the fleet service's status to the broker's view."""
+
     def link_factory(on_event):
         return ConsoleLink(access.endpoint, access.keys, access.server_public_key, on_event, **link_kwargs)
 
-    return create_app(link_factory, users, config, clock)
+    fleet_factory = None
+    if fleet_dir is not None:
+
+        def fleet_factory(desk, link):
+            return FleetServiceSource(fleet_dir, BrokerFleetSource(desk, link))
+
+    return create_app(link_factory, users, config, clock, fleet_factory)
 
 
 def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
@@ -79,7 +89,13 @@ def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
     )
 
 
-def serve_forever(access: BrokerAccess, users: UserStore, bind: str, config: ConsoleConfig) -> int:
+def serve_forever(
+    access: BrokerAccess,
+    users: UserStore,
+    bind: str,
+    config: ConsoleConfig,
+    fleet_dir: str | Path | None = None,
+) -> int:
     host, port = parse_bind(bind)
     if host not in ("127.0.0.1", "localhost", "::1") and not config.cookie_secure:
         log.warning(
@@ -87,7 +103,9 @@ def serve_forever(access: BrokerAccess, users: UserStore, bind: str, config: Con
             "in over a network (passwords and session cookies would cross it in clear)",
             host,
         )
-    server = uvicorn.Server(_uvicorn_config(build_app(access, users, config), host, port))
+    server = uvicorn.Server(
+        _uvicorn_config(build_app(access, users, config, fleet_dir=fleet_dir), host, port)
+    )
     print(f"pickcell console on http://{host}:{port}/ (broker {access.endpoint})", flush=True)
     server.run()
     return 0
@@ -104,9 +122,10 @@ class ConsoleServer:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
+        fleet_dir: str | Path | None = None,
         **link_kwargs: Any,
     ):
-        self.app = build_app(access, users, config, clock, **link_kwargs)
+        self.app = build_app(access, users, config, clock, fleet_dir, **link_kwargs)
         self.server = uvicorn.Server(_uvicorn_config(self.app, host, port))
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self.host = host

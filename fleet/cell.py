@@ -62,6 +62,7 @@ class _Download:
     part: Path
     have: int = 0
     next_offset: int = 0
+    step: int = 0  # bytes per request: ours, or the service's if it sends less
     last_rx: float = field(default_factory=time.monotonic)
 
 
@@ -98,6 +99,7 @@ class FleetLink:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._paused = threading.Event()  # tests and the load benchmark: drop off the network
+        self.online = threading.Event()  # set while a session (sockets open) is running
 
     # --- public --------------------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class FleetLink:
                 time.sleep(0.05)
                 continue
             sub, dealer = self._open(ctx)
+            self.online.set()
             try:
                 heard = self._session(sub, dealer)
             except Exception:
@@ -161,6 +164,7 @@ class FleetLink:
             finally:
                 sub.close(0)
                 dealer.close(0)
+                self.online.clear()
             if self._halt.is_set():
                 break
             self.reconnects += 1
@@ -273,38 +277,48 @@ class FleetLink:
 
     def _reconcile(self, dealer: zmq.Socket) -> None:
         run, shadow, _stage = self.assignment()
-        need = [v for v in (run, shadow) if v is not None]
-        for v in need:
-            meta = self.kv.get(f"model/{v}")
-            if meta is None:
+        ready: set[str] = set()  # versions whose file is here and verified against the announcement
+        for v in (run, shadow):
+            if v is None:
                 continue
-            if not self._verified(v, meta):
-                if self._is_refused(v, meta):
-                    continue
-                if self._download is None or self._download.version != v:
-                    self._start_download(v, meta)
-                self._pump(dealer)
-                return  # one file at a time; the rest once this one is in
-        if run is not None and run != self.live_version:
-            meta = self.kv[f"model/{run}"]
-            ok, text = self.on_model(self._final_path(run), run)
+            meta = self.kv.get(f"model/{v}")
+            if meta is None or self._is_refused(v, meta):
+                continue  # not announced (yet), or refused: the cell stays on what it runs
+            if self._verified(v, meta):
+                ready.add(v)
+                continue
+            if self._download is None or self._download.version != v:
+                self._start_download(v, meta)
+            self._pump(dealer)
+            return  # one file at a time; the rest once this one is in
+        if run is not None and run != self.live_version and run in ready:
+            ok, text = self._call(self.on_model, self._final_path(run), run)
             if ok:
                 self.live_version = run
                 log.info("fleet link %s: running %s", self.config.cell_id, run)
             else:
-                self._refuse(run, meta, f"the cell refused to load it: {text}")
-        if shadow != self.shadow_version and self.on_shadow is not None:
-            ok, text = self.on_shadow(self._final_path(shadow) if shadow else None, shadow)
-            if ok:
+                self._refuse(run, self.kv[f"model/{run}"], f"the cell refused to load it: {text}")
+        if shadow != self.shadow_version and (shadow is None or shadow in ready):
+            if self.on_shadow is None:
                 self.shadow_version = shadow
-            elif shadow is not None:
-                self._refuse(shadow, self.kv[f"model/{shadow}"], f"the cell refused to shadow it: {text}")
-        elif self.on_shadow is None:
-            self.shadow_version = shadow
+            else:
+                ok, text = self._call(self.on_shadow, self._final_path(shadow) if shadow else None, shadow)
+                if ok:
+                    self.shadow_version = shadow
+                elif shadow is not None:
+                    self._refuse(shadow, self.kv[f"model/{shadow}"], f"the cell refused to shadow it: {text}")
         if (run is None or run == self.live_version) and shadow == self.shadow_version:
             self.applied.set()
         else:
             self.applied.clear()
+
+    def _call(self, hook: Callable[..., tuple[bool, str]], *args: Any) -> tuple[bool, str]:
+        """A cell's loader must not take the subscriber down: an exception is a refusal."""
+        try:
+            return hook(*args)
+        except Exception as exc:
+            log.exception("fleet link %s: loader failed", self.config.cell_id)
+            return False, f"{type(exc).__name__}: {exc}"
 
     def _verified(self, version: str, meta: dict[str, Any]) -> bool:
         """The final file exists and matches meta (hash, size, signature). Re-checked every time."""
@@ -357,7 +371,9 @@ class FleetLink:
         if have > int(meta["size"]):
             part.unlink()
             have = 0
-        self._download = _Download(version, meta, part, have=have, next_offset=have)
+        self._download = _Download(
+            version, meta, part, have=have, next_offset=have, step=self.config.chunk_bytes
+        )
 
     def _restart_download(self, dealer: zmq.Socket) -> None:
         d = self._download
@@ -374,7 +390,7 @@ class FleetLink:
         if d.have >= size:
             self._finish(dealer)
             return
-        step = self.config.chunk_bytes
+        step = d.step
         while d.next_offset < size and d.next_offset - d.have < self.config.window * step:
             dealer.send(pack({"t": "fetch", "version": d.version, "offset": d.next_offset, "length": step}))
             d.next_offset += step
@@ -395,6 +411,12 @@ class FleetLink:
         if not data and d.have < int(d.meta["size"]):
             self._fail_download(f"the service sent an empty chunk at {offset} of {d.meta['size']}")
             return
+        if len(data) < d.step and d.have < int(d.meta["size"]):
+            # The service caps chunks below our request: ask again from here in its size (answers to
+            # the requests already out are dropped unless one lands exactly where we are, where its
+            # bytes are the right ones anyway).
+            d.step = len(data)
+            d.next_offset = d.have
         self._pump(dealer)
 
     def _finish(self, dealer: zmq.Socket) -> None:

@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router", default="tcp://127.0.0.1:5570", help="snapshot/chunk/status endpoint")
     p.add_argument("--pub", default="tcp://127.0.0.1:5571", help="update/heartbeat endpoint")
     p.add_argument("--config", type=Path, default=None, help="rollout rules (default: FLEET/fleet.toml)")
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="the model registry (default FLEET/registry; give the learner's to publish its gated versions)",
+    )
     p.add_argument("--insecure", action="store_true", help="no CURVE (loopback testing only)")
     p.set_defaults(func=cmd_serve)
 
@@ -133,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fleet.service import FleetService, ServiceConfig
 
     rules = RolloutConfig.load(args.config or args.dir / "fleet.toml")
-    svc = FleetService(ServiceConfig(args.dir, args.router, args.pub, args.insecure, rules))
+    svc = FleetService(ServiceConfig(args.dir, args.router, args.pub, args.insecure, rules, args.registry))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -219,3 +225,51 @@ def cmd_ship(args: argparse.Namespace) -> int:
     cfg = ShipConfig(args.ledger, args.cell, args.to, args.keys, args.site, args.insecure, args.batch_rows)
     print(f"shipping {args.ledger} as {args.site}/{args.cell} to {args.to}", flush=True)
     return _run_until_signal(LedgerShipper(cfg))
+
+
+# --- `pickcell cell run` options (the cell's side of the fleet) --------------------------------------
+
+
+def add_cell_run_options(run: argparse.ArgumentParser) -> None:
+    """The options `pickcell cell run` takes to join a fleet (all off by default)."""
+    g = run.add_argument_group(
+        "fleet (models from the fleet service, status to it, ledger rows to the learner)"
+    )
+    g.add_argument("--fleet", default=None, help="the fleet service's router endpoint, e.g. tcp://fleet:5570")
+    g.add_argument("--fleet-pub", default=None, help="its update endpoint (default: the router's port + 1)")
+    g.add_argument(
+        "--fleet-keys",
+        type=Path,
+        default=None,
+        help="this cell's fleet keys folder: CELL_ID.key_secret, fleet.key, signing.pub "
+        "(default DATA/fleet-keys)",
+    )
+    g.add_argument(
+        "--site", default="site-1", help="the site this cell belongs to (kept with its ledger rows)"
+    )
+    g.add_argument("--learner", default=None, help="the learner's ledger intake endpoint (ships ledger rows)")
+    g.add_argument(
+        "--fleet-insecure", action="store_true", help="no CURVE to the fleet (loopback testing only)"
+    )
+
+
+def cell_fleet_from_args(args: argparse.Namespace, data: Path):
+    """A fleet.celllink.CellFleet for `cell run`, or None when no --fleet / --learner was given."""
+    if not getattr(args, "fleet", None) and not getattr(args, "learner", None):
+        return None
+    from fleet.cell import LinkConfig
+    from fleet.celllink import CellFleet
+    from fleet.shipping import ShipConfig
+
+    keys = args.fleet_keys or data / "fleet-keys"
+    pub = args.fleet_pub
+    if args.fleet and pub is None:
+        host, _, port = args.fleet.rpartition(":")
+        pub = f"{host}:{int(port) + 1}"
+    link = LinkConfig(args.cell_id, args.fleet or "", pub or "", data, keys, args.site, args.fleet_insecure)
+    ship = None
+    if args.learner:
+        ship = ShipConfig(
+            data / "ledger.sqlite", args.cell_id, args.learner, keys, args.site, args.fleet_insecure
+        )
+    return CellFleet(link, ship, connect=bool(args.fleet))

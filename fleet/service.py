@@ -34,6 +34,7 @@ import zmq
 from fleet import signing
 from fleet.net import Allowlist, ServerSecurity, WireError, pack, peer_name, unpack
 from fleet.rollout import Counts, RolloutConfig, StageVerdict, canary_cells, judge
+from grasping.modelfile import ModelFileError
 from grasping.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ServiceConfig:
     pub: str = "tcp://127.0.0.1:5571"  # updates and heartbeats
     insecure: bool = False  # no CURVE (loopback tests only)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    registry: Path | None = None  # the model registry (default <fleet>/registry); share it with the learner
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -74,7 +76,7 @@ class FleetService:
         self.config = config
         self.dir = Path(config.fleet_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.registry = ModelRegistry(self.dir / "registry")
+        self.registry = ModelRegistry(config.registry or self.dir / "registry")
         self._key = signing.load_private(self.dir / "keys" / signing.PRIVATE_NAME)
         self.state = self._load_state()
         self.epoch = secrets.token_hex(8)  # a restarted service is a new epoch: cells re-snapshot
@@ -394,7 +396,10 @@ class FleetService:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_router(router, frames)
+                        try:
+                            self._on_router(router, frames)
+                        except Exception:  # one bad request must not stop the service
+                            log.exception("fleet service: a message from a cell could not be handled")
                 if control in events:
                     reply = self._on_control(control.recv())
                     self._publish_state(pub)
@@ -487,8 +492,11 @@ class FleetService:
                 out = self.status()
             else:
                 return {"ok": False, "error": f"unknown command {cmd!r}"}
-        except (FleetError, RegistryError) as exc:
+        except (FleetError, RegistryError, ModelFileError) as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug or an unexpected file problem must not stop the service
+            log.exception("fleet control %r failed", cmd)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return {"ok": True, **out}
 
 

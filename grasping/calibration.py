@@ -348,7 +348,12 @@ class SelectiveThreshold:
 
 
 def selective_threshold(
-    p: np.ndarray, y: np.ndarray, alpha: float = 0.05, delta: float = 0.1, step: float = 0.005
+    p: np.ndarray,
+    y: np.ndarray,
+    alpha: float = 0.05,
+    delta: float = 0.1,
+    step: float = 0.005,
+    min_exec: int = 100,
 ) -> SelectiveThreshold:
     """Lowest threshold t with P(fail | p >= t) <= alpha certified at confidence 1 - delta.
 
@@ -359,9 +364,12 @@ def selective_threshold(
     rejected at level delta and returns the last rejected one. Fixed-sequence testing controls the
     family-wise error at delta, so with probability >= 1 - delta every returned threshold (and so
     the one used) has failure rate among executed picks <= alpha, for rows exchangeable with these.
-    Thresholds that execute so few rows that no outcome could reject ((1 - alpha)^n_exec > delta)
-    are passed over before the walk starts: which those are depends on the scores alone, not on
-    the outcomes, so the sequence is still fixed given the scores. NEVER when nothing is certified.
+    The walk starts at the first threshold that executes at least max(min_exec, n_min) rows, where
+    n_min is the fewest rows that could reject at all ((1 - alpha)^n_min <= delta); the stricter
+    thresholds are passed over. Which those are depends on the scores alone, not on the outcomes, so
+    the sequence is still fixed given the scores; starting where a test has some power keeps one
+    unlucky failure among the very first few rows from ending the walk. NEVER when nothing is
+    certified.
     The rows must be the picks the cell would execute (not every candidate) and must come from
     totes the model was not fitted on, split by tote.
     """
@@ -380,8 +388,8 @@ def selective_threshold(
     for t in grid:
         act = p >= t
         n_exec, n_fail = int(act.sum()), int((act & (y == 0)).sum())
-        if n_exec < n_min:
-            continue  # powerless: not yet part of the sequence
+        if n_exec < max(n_min, min_exec):
+            continue  # (nearly) powerless: not yet part of the sequence
         tested += 1
         pval = float(binom.cdf(n_fail, n_exec, alpha))
         if pval > delta:

@@ -29,7 +29,11 @@ INFERENCE_THREADS = 1
 class LearnedScorer:
     """Scores candidates with a verified model file. Implements `grasping.scoring.Scorer`."""
 
-    def __init__(self, model: LoadedModel, num_threads: int | None = INFERENCE_THREADS) -> None:
+    def __init__(
+        self, model: LoadedModel, num_threads: int | None = INFERENCE_THREADS, alpha: float | None = None
+    ) -> None:
+        """`alpha`: the bound on P(fail | executed without asking) whose certified thresholds to use
+        (the model file's `threshold_fit.by_alpha`); None: the file's own thresholds."""
         import torch
 
         if num_threads is not None:
@@ -40,23 +44,28 @@ class LearnedScorer:
         self.path = model.path
         net = model.net
         self._c, self._s, self._f = net.in_channels, net.patch_size, net.n_features
+        self.alpha, self._thresholds = thresholds_for_alpha(model, alpha)
 
     @classmethod
     def from_file(
-        cls, path: str | Path, expected_sha256: str | None = None, num_threads: int | None = INFERENCE_THREADS
+        cls,
+        path: str | Path,
+        expected_sha256: str | None = None,
+        num_threads: int | None = INFERENCE_THREADS,
+        alpha: float | None = None,
     ) -> LearnedScorer:
         """Verify and load a model file. `num_threads` sets torch's (process-wide) thread count;
         None leaves it alone (for tools that load several models in one process)."""
-        return cls(load_model(path, expected_sha256), num_threads=num_threads)
+        return cls(load_model(path, expected_sha256), num_threads=num_threads, alpha=alpha)
 
     @property
     def thresholds(self) -> np.ndarray:
         """(2,) per-gripper auto-execute thresholds on calibrated p (index SUCTION / PARALLEL_JAW)."""
-        return self.model.thresholds.copy()
+        return self._thresholds.copy()
 
     def candidate_thresholds(self, gripper: np.ndarray) -> np.ndarray:
         """(M,) the threshold that applies to each candidate (its own gripper's)."""
-        return self.model.thresholds[np.asarray(gripper, dtype=np.int64)]
+        return self._thresholds[np.asarray(gripper, dtype=np.int64)]
 
     def _check(self, patches: np.ndarray, features: np.ndarray, gripper: np.ndarray) -> None:
         m = patches.shape[0] if patches.ndim >= 1 else -1
@@ -100,7 +109,7 @@ class LearnedScorer:
         logits, emb = self.logits_and_embeddings(patches, features, gripper)
         if logits.size == 0:
             empty = np.zeros(0)
-            return ScoreResult(empty, empty, empty, 0.0, True, float(self.model.thresholds.max()))
+            return ScoreResult(empty, empty, empty, 0.0, True, float(self._thresholds.max()))
         ood, sigma, in_dist = self.model.watchdog.score(emb)
         calibrated = self.calibrate(logits, gripper)
         # ScoreResult carries one threshold, but each gripper has its own (each bounds its own
@@ -109,7 +118,7 @@ class LearnedScorer:
         # (the largest among tied tops). Reporting the max over all grippers would let a gripper
         # with thin data (threshold "never") veto every scene. `candidate_thresholds` gives all.
         top = calibrated == calibrated.max()
-        threshold = float(self.model.thresholds[np.unique(gripper[top])].max())
+        threshold = float(self._thresholds[np.unique(gripper[top])].max())
         return ScoreResult(
             learned=sigmoid(logits),
             calibrated=calibrated,
@@ -120,7 +129,35 @@ class LearnedScorer:
         )
 
 
-def load_scorer(path: str | Path | None, fallback_to_analytic: bool) -> Scorer | None:
+def thresholds_for_alpha(model: LoadedModel, alpha: float | None) -> tuple[float | None, np.ndarray]:
+    """(alpha, per-gripper thresholds) a cell configured with `alpha` uses with this model.
+
+    None: the file's thresholds (certified at `meta["alpha"]`). Otherwise the thresholds the fit
+    certified for that alpha (`meta["threshold_fit"]["by_alpha"]`); an alpha the file has no
+    certified thresholds for is an error naming the file, never a silent substitute.
+    """
+    if alpha is None:
+        a = model.meta.get("alpha")
+        return (float(a) if a is not None else None), model.thresholds.copy()
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    by = (model.meta.get("threshold_fit") or {}).get("by_alpha") or {}
+    for key, thr in by.items():
+        if abs(float(key) - alpha) < 1e-9:
+            return alpha, np.array([float(t) for t in thr], dtype=np.float64)
+    if model.meta.get("threshold_fit") and abs(float(model.meta.get("alpha", -1)) - alpha) < 1e-9:
+        return alpha, model.thresholds.copy()
+    have = sorted(float(k) for k in by) or ([float(model.meta["alpha"])] if "alpha" in model.meta else [])
+    raise ModelFileError(
+        model.path,
+        f"has no auto-execute thresholds certified for alpha {alpha:g} (it has: {have}); "
+        "fit them with `python -m sim.threshold_fit --out FILE`",
+    )
+
+
+def load_scorer(
+    path: str | Path | None, fallback_to_analytic: bool, alpha: float | None = None
+) -> Scorer | None:
     """Load the learned scorer, or return None (= analytic scoring only) where allowed.
 
     With `fallback_to_analytic`, a missing/corrupt/wrong-version file logs a warning naming the file
@@ -133,7 +170,7 @@ def load_scorer(path: str | Path | None, fallback_to_analytic: bool) -> Scorer |
             return None
         raise ModelFileError("<none>", "no model file configured and analytic fallback is not allowed")
     try:
-        return LearnedScorer.from_file(path)
+        return LearnedScorer.from_file(path, alpha=alpha)
     except ModelFileError as exc:
         if not fallback_to_analytic:
             raise

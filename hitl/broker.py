@@ -124,9 +124,9 @@ class _Auth:
     def __init__(self, context: zmq.Context, allowed_dir: Path):
         from zmq.auth.thread import ThreadAuthenticator
 
-        from hitl.keys import Allowlist, load_allowlist
+        from hitl.keys import Allowlist, load_role_allowlist
 
-        self._load = load_allowlist
+        self._load = load_role_allowlist
         self.allowed_dir = allowed_dir
         self.allowlist: Allowlist = Allowlist()
         self.roles: dict[str, str] = {}  # name -> role of every admitted key
@@ -589,6 +589,7 @@ class Broker:
         if not isinstance(name, str) or not name:
             name = peer.routing_id.hex()
         peer.identity = f"insecure:{name[: P.MAX_ID_CHARS]}"
+        peer.role = role
         if role in P.ANSWERING_ROLES:
             self._add_answerer(peer)
         self.metrics.connections.labels(role=role).inc()
@@ -977,6 +978,7 @@ class Broker:
             "kind": None,
             "candidate_index": None,
             "pixel": None,
+            "gripper": None,
             "associate_id": None,
             "via": None,
             "answered_at": time.time(),

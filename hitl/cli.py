@@ -221,10 +221,10 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     import json
 
-    from hitl.keys import ALLOWED_DIR, KeyFileError, load_allowlist
+    from hitl.keys import ALLOWED_DIR, KeyFileError, load_role_allowlist
 
     try:
-        allowlist = load_allowlist(Path(args.keys) / ALLOWED_DIR)
+        allowlist = load_role_allowlist(Path(args.keys) / ALLOWED_DIR)
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -256,6 +256,14 @@ def cmd_assist(args: argparse.Namespace) -> int:
                 )
                 return 2
             keys = ClientKeys.from_file(args.key)
+            if keys.role not in (None, "associate"):
+                print(
+                    f"error: {args.key} is a {keys.role} key; `pickcell assist` is for a person's "
+                    "associate key "
+                    "(make one with `pickcell keys new NAME --role associate`)",
+                    file=sys.stderr,
+                )
+                return 2
             server_path = Path(args.server_key) if args.server_key else Path(args.key).parent / "broker.key"
             server_key = load_public(server_path)
     except KeyFileError as exc:

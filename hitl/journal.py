@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS answers (
     candidate_index INTEGER,
     pixel_u         INTEGER,
     pixel_v         INTEGER,
+    gripper         TEXT,           -- for 'point': the tool the person chose (NULL = the cell chooses)
     associate_id    TEXT,           -- the person who answered (key name, or a console's on_behalf_of)
     via             TEXT,           -- the console's key name when a console answered; else NULL
     answered_at     REAL NOT NULL,  -- unix s
@@ -81,9 +82,9 @@ DROP INDEX IF EXISTS answers_undelivered;
 INSERT INTO requests (cell_id, request_id, submitted_by, deadline, priority, received_at, state, holder, body)
     SELECT cell_id, request_id, submitted_by, deadline, priority, received_at, state, NULL, body
     FROM requests_v0;
-INSERT INTO answers (cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, associate_id, via,
-                     answered_at, note, delivered_at)
-    SELECT cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, associate_id, NULL,
+INSERT INTO answers (cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, gripper,
+                     associate_id, via, answered_at, note, delivered_at)
+    SELECT cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, NULL, associate_id, NULL,
            answered_at, note, delivered_at FROM answers_v0;
 DROP TABLE answers_v0;
 DROP TABLE requests_v0;
@@ -228,7 +229,7 @@ class Journal:
         px = answer.get("pixel")
         self.db.execute(
             "INSERT INTO answers (cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, "
-            "associate_id, via, answered_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "gripper, associate_id, via, answered_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 cell_id,
                 request_id,
@@ -237,6 +238,7 @@ class Journal:
                 answer.get("candidate_index"),
                 px[0] if px else None,
                 px[1] if px else None,
+                answer.get("gripper"),
                 answer.get("associate_id"),
                 answer.get("via"),
                 float(answer.get("answered_at") or time.time()),
@@ -257,7 +259,7 @@ class Journal:
         """(cell_id, answer) of final requests with this id that `who` held or answered (directly or via)."""
         rows = self.db.execute(
             "SELECT a.request_id, a.status, a.kind, a.candidate_index, a.pixel_u, a.pixel_v, a.associate_id, "
-            "a.answered_at, a.note, a.via, a.cell_id "
+            "a.answered_at, a.note, a.via, a.gripper, a.cell_id "
             "FROM answers a JOIN requests r USING (cell_id, request_id) WHERE a.request_id = ? "
             "AND (r.holder = ? OR (a.associate_id = ? AND a.via IS NULL) OR a.via = ?)",
             (request_id, who, who, who),
@@ -318,7 +320,7 @@ _REQUEST_SELECT = (
 )
 _ANSWER_SELECT = (
     "SELECT request_id, status, kind, candidate_index, pixel_u, pixel_v, associate_id, answered_at, note, "
-    "via, cell_id FROM answers"
+    "via, gripper, cell_id FROM answers"
 )
 
 
@@ -346,4 +348,5 @@ def _row_to_answer(row: tuple) -> dict[str, Any]:
         "answered_at": row[7],
         "note": row[8],
         "via": row[9],
+        "gripper": row[10],
     }

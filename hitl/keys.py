@@ -168,7 +168,26 @@ class Allowlist:
         return {k.name: k.role for k in self.keys.values()}
 
 
-def load_allowlist(directory: str | Path) -> Allowlist:
+def load_allowlist(directory: str | Path) -> dict[bytes, str]:
+    """{z85 public key: name} for every *.key file directly in a flat folder (no roles).
+
+    For services whose clients all play one part (the fleet service: every key is a cell); the assist
+    broker, whose keys have roles, reads its folders with `load_role_allowlist`."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise KeyFileError(
+            f"allowlist folder {d} does not exist; create it and copy clients' NAME.key files in"
+        )
+    out: dict[bytes, str] = {}
+    for p in sorted(d.glob("*.key")):
+        try:
+            out[load_public(p)] = p.stem
+        except KeyFileError as exc:
+            log.error("allowlist: skipping %s: %s", p, exc)
+    return out
+
+
+def load_role_allowlist(directory: str | Path) -> Allowlist:
     """Read allowed/ROLE/*.key. Keys without a role, with a role that disagrees with their folder, or whose
     name or key appears twice are not admitted: they land in `refused` with the reason (and a log line)."""
     d = Path(directory)

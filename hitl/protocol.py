@@ -72,7 +72,7 @@ ANSWER_KINDS = ("approve", "point", "no_safe_pick")  # "skip" is a RELEASE, not 
 
 # Error codes (HTTP-like numbers so that they read at a glance).
 E_MALFORMED = 400  # wrong frame count, body not msgpack, body not a map
-E_FORBIDDEN = 403  # e.g. cancelling another cell's request
+E_FORBIDDEN = 403  # not for this key: wrong role, another cell, a request it does not hold
 E_UNKNOWN_REQUEST = 404  # no such request_id
 E_UNKNOWN_TYPE = 405  # message type not in the protocol
 E_ALREADY_FINAL = 409  # answering/cancelling a request that already has its final state
@@ -373,7 +373,7 @@ def check_deadline(deadline: float, now: float, max_horizon_s: float, request_id
 
 
 def validate_answer(body: dict, candidates: list[dict] | None, size: tuple[int, int]) -> dict[str, Any]:
-    """Check an answer body against its request; returns {kind, candidate_index, pixel, note}."""
+    """Check an answer body against its request; returns {kind, candidate_index, pixel, note[, gripper]}."""
     rid = req_str(body, "request_id")
     try:
         kind = body.get("kind")
@@ -400,9 +400,9 @@ def validate_answer(body: dict, candidates: list[dict] | None, size: tuple[int, 
                     f"'point' needs pixel [u, v] inside the {w}x{h} image (0 <= u < {w}, 0 <= v < {h})",
                 )
             out["pixel"] = [int(px[0]), int(px[1])]
-            gripper = body.get("gripper")
+            gripper = body.get("gripper")  # the tool for the clicked spot; absent = the cell chooses
             if gripper is not None and gripper not in KNOWN_GRIPPERS:
-                raise _invalid("gripper", f"field 'gripper' must be one of {KNOWN_GRIPPERS} or absent")
+                raise _invalid("gripper", f"field 'gripper' must be one of {KNOWN_GRIPPERS}")
             if gripper is not None:
                 out["gripper"] = gripper
         note = body.get("note", "")

@@ -27,6 +27,7 @@ TOML_KEYS = {
     ("sim", "seed"): "seed",
     ("planner", "kind"): "planner",
     ("planner", "model"): "model",
+    ("planner", "alpha"): "alpha",
     ("assist", "broker"): "broker",
     ("assist", "keys"): "keys",
     ("assist", "insecure"): "insecure",
@@ -59,13 +60,25 @@ def load_cell_toml(path: Path) -> dict[str, Any]:
 
 
 def _add_sim_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--catalog", default="procedural", help="items: train | test | procedural | a folder")
+    p.add_argument(
+        "--catalog",
+        default="procedural",
+        help="items: procedural (default: the warehouse mix of cartons, mailers, bottles, tubes, balls, "
+        "small parts) | train | test | a folder",
+    )
     p.add_argument("--objects-per-tote", type=int, default=8, help="items per tote (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated totes (default 0)")
     p.add_argument(
         "--planner", default="learned", help="learned (default, shipped model) | analytic | MODULE:CLASS"
     )
     p.add_argument("--model", default=None, help="model file for the learned planner (default: shipped)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="bound on P(fail | executed without asking), per gripper: use the model's thresholds "
+        "certified for it (0.01, 0.02, 0.05, 0.1 in the shipped model; default: the file's, 0.05)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,6 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--metrics-port", type=int, default=9108, help="/metrics port; -1 = off (default 9108)")
     run.add_argument("--log-json", action="store_true", help="structured JSON log lines on stderr")
     _add_sim_options(run)
+    from fleet.cli import add_cell_run_options  # the fleet's own block of options
+
+    add_cell_run_options(run)
     run.set_defaults(func=cmd_cell_run)
 
     for name, helptext in (
@@ -137,8 +153,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--data", type=Path, help="keep ledger, keys and journal here (default: a temp dir)")
     demo.add_argument("--answer-speed", type=float, default=0.5, help="scale associate answer times (0.5)")
     _add_sim_options(demo)
+    _add_console_demo_options(demo)
     demo.set_defaults(func=cmd_demo, objects_per_tote=6)
     register_bench(sub)
+
+
+def _add_console_demo_options(demo: argparse.ArgumentParser) -> None:
+    """`pickcell demo --console`: a person answers in the web console (console/demo.py)."""
+    g = demo.add_argument_group("web console (--console)")
+    g.add_argument(
+        "--console",
+        action="store_true",
+        help="a person answers in the web console instead of the simulated associate (prints the address)",
+    )
+    g.add_argument("--bind", default="127.0.0.1:8080", help="HOST:PORT of the console (default %(default)s)")
+    g.add_argument("--user", default="associate", help="sign-in name to create (default: associate)")
+    g.add_argument("--password", default=None, help="its password (default: a random one, printed)")
+    g.add_argument("--assist-deadline", type=float, default=30.0, help="seconds a person has to answer (30)")
 
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
@@ -172,6 +203,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes or Ray")
     b.add_argument("--planner", default="learned", help="learned | analytic | MODULE:CLASS")
     b.add_argument("--model", default=None, help="model file for the learned planner (default: shipped)")
+    b.add_argument(
+        "--alpha", type=float, default=None, help="use the model's thresholds certified for this alpha"
+    )
     b.add_argument("--associate", choices=("sim", "none"), default="sim", help="who answers assist requests")
     b.add_argument("--json", type=Path, help="write the metrics JSON here")
     b.add_argument("--report", type=Path, help="write report.md, plots and failed-pick images here")
@@ -209,6 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         associate=args.associate,
         model_path=args.model,
         record_dir=str(args.report) if args.report else None,
+        alpha=args.alpha,
     )
     episodes, wall = run_episodes(
         specs, run_bench_episode, workers=args.workers, backend=args.backend, progress=not args.no_progress
@@ -385,12 +420,14 @@ def _live_sim_stack(args, cell_id: str, deadline_s: float, assist, ledger, metri
         ledger=ledger,
         metrics=metrics,
         first_tote=first_tote,
+        alpha=getattr(args, "alpha", None),
     )
 
 
 def cmd_cell_run(args: argparse.Namespace) -> int:
     from arm.daemon import CellDaemon
     from arm.metrics import CellMetrics
+    from fleet.cli import cell_fleet_from_args
     from hitl.ledger import Ledger
     from pickcell.logs import use_json_logs
     from sim.stack import model_planner_factory
@@ -408,7 +445,7 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
         from sim.stack import DEFAULT_MODEL
 
         try:
-            check_model_file(args.model or DEFAULT_MODEL)
+            check_model_file(args.model or DEFAULT_MODEL, args.alpha)
         except StartupError as exc:
             print(f"pickcell cell run: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -426,9 +463,10 @@ def cmd_cell_run(args: argparse.Namespace) -> int:
         stack.controller,
         stack.feed,
         data_dir=data,
-        planner_factory=model_planner_factory(stack.cell.tote_bounds, args.seed),
+        planner_factory=model_planner_factory(stack.cell.tote_bounds, args.seed, args.alpha),
         model_version=stack.model_version,
         totes=args.totes,
+        fleet=cell_fleet_from_args(args, data),
     )
     print(
         f"pickcell cell {args.cell_id}: model {stack.model_version}, data {data}, from tote {first_tote}",
@@ -462,6 +500,7 @@ _DEFAULTS_CELL_RUN = {
     "seed": 0,
     "planner": "learned",
     "model": None,
+    "alpha": None,
 }
 
 
@@ -485,6 +524,10 @@ def cmd_cell_control(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "console", False):
+        from console.demo import run_demo
+
+        return run_demo(args)
     from tqdm import tqdm
 
     from arm.metrics import CellMetrics
@@ -493,6 +536,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hitl.keys import ClientKeys, allow, load_public, new_keypair
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssociateConfig, SimAssociateWorker
+    from sim.benchmark.record import ToteRecorder
 
     tmp = None
     if args.data is None:
@@ -526,16 +570,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         endpoint, ClientKeys.from_file(keys / "associate-sim.key_secret"), server_public_key=server_key
     )
     worker = SimAssociateWorker(worker_client, judge, time_scale=args.answer_speed)
+    stack.controller.assist = worker.judge_at_ask(assist)  # judged on this (the simulation's) thread
     worker.start()
-    print(f"cell-1 running model {stack.model_version}; simulated associate connected")
+    # Ground truth of who decided each attempt and what became of each item, for the summary's
+    # operator metrics (the same bookkeeping as `pickcell bench`).
+    recorder = ToteRecorder(stack)
+    print(
+        f"cell-1 running model {stack.model_version} on totes of {args.objects_per_tote} "
+        f"{args.catalog} items; simulated associate connected"
+    )
 
     reports = []
+    records: list[dict[str, Any]] = []
     bar = tqdm(total=args.totes, desc="totes", unit="tote")
     try:
         for _ in range(args.totes):
             tote = stack.feed.next_tote()
+            recorder.begin()
             rep = stack.controller.run_tote(tote)
             reports.append(rep)
+            records.append({"episode": len(records), **recorder.finish(rep)})
             bar.update(1)
             bar.set_postfix(
                 picks=sum(r.picks for r in reports), assists=sum(r.assists_requested for r in reports)
@@ -548,7 +602,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker.stop()
         ledger.close()
         stack.close()
-    summary = summarise(reports, stack.packer, time.perf_counter() - t_wall, stack.model_version)
+    summary = summarise(reports, stack.packer, time.perf_counter() - t_wall, stack.model_version, records)
     print_summary(summary)
     if args.json is not None:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -557,26 +611,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise(reports, packer, wall_seconds: float, model_version: str) -> dict[str, Any]:
+def summarise(
+    reports, packer, wall_seconds: float, model_version: str, records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The demo's summary: the operator metrics of `pickcell bench` (sim.benchmark.metrics) over the
+    totes just cleared, plus the cell's own counters and the packing."""
+    from sim.benchmark.metrics import operator_metrics
+
     attempts = [a for r in reports for a in r.attempts]
     picks = sum(r.picks for r in reports)
-    # first attempt per targeted item: the attempt's grasp is the first within 3 cm of earlier ones
-    firsts: list[bool] = []
-    for r in reports:
-        seen: list = []
-        for a in r.attempts:
-            p = a.grasp.position
-            if all(((p - q) ** 2).sum() > 0.03**2 for q in seen):
-                firsts.append(bool(a.placed is not None and a.placed.success))
-            seen.append(p)
+    firsts = [a["success"] for rec in records for a in rec["attempts"] if a["first"]]
+    ops = operator_metrics(records)
     robot = sum(r.robot_seconds for r in reports)
     pack = packer.report()
     return {
         "model_version": model_version,
         "totes": len(reports),
         "tote_status": [r.status for r in reports],
+        "items": sum(rec["items"] for rec in records),
         "picks": picks,
         "attempts": len(attempts),
+        "autonomous_pick_rate": ops["autonomous_pick_rate"],
+        "autonomous_pick_rate_ci95": ops["autonomous_pick_rate_ci95"],
+        "auto_precision": ops["auto_precision"],
+        "auto_precision_ci95": ops["auto_precision_ci95"],
+        "auto_attempts": ops["auto_attempts"],
+        "person_precision": ops["person_precision"],
+        "person_attempts": ops["person_attempts"],
+        "first_attempt_success_by_decider": {
+            d: r["value"] for d, r in ops["first_attempt_success_by_decider"].items()
+        },
+        "items_left_rate": ops["items_left_rate"],
+        "items_left_by_fate": ops["items_left_by_fate"],
+        "interventions_per_100_items": ops["interventions_per_100_items"],
+        "max_attempts_on_one_item": ops["max_attempts_on_one_item"],
+        "damage_rate": ops["damage_rate"],
         "first_attempt_success": (sum(firsts) / len(firsts)) if firsts else None,
         "assists_requested": sum(r.assists_requested for r in reports),
         "assists_answered": sum(r.assists_answered for r in reports),
@@ -596,10 +665,29 @@ def print_summary(s: dict[str, Any]) -> None:
             return "n/a"
         return f"{100 * x:.0f}%" if pct else (f"{x:.0f}" if isinstance(x, float) else str(x))
 
+    def ci(key: str) -> str:
+        lo, hi = s[f"{key}_ci95"]
+        return f"  (95% CI {f(lo, True)}-{f(hi, True)})" if s[key] is not None else ""
+
+    left = ", ".join(f"{k} {v}" for k, v in s["items_left_by_fate"].items()) or "none"
+    by = s["first_attempt_success_by_decider"]
     rows = [
         ("totes", f(s["totes"]) + f"  ({', '.join(s['tote_status'])})"),
-        ("picks", f(s["picks"])),
-        ("attempts", f(s["attempts"])),
+        ("items placed by the model alone", f(s["autonomous_pick_rate"], True) + ci("autonomous_pick_rate")),
+        (
+            "model's unasked attempts that worked",
+            f(s["auto_precision"], True) + ci("auto_precision") + f"  of {s['auto_attempts']}",
+        ),
+        (
+            "person-chosen attempts that worked",
+            f(s["person_precision"], True) + f"  of {s['person_attempts']}",
+        ),
+        ("first-attempt success, model / person", f"{f(by['model'], True)} / {f(by['person'], True)}"),
+        ("items left (not in a box)", f(s["items_left_rate"], True) + f"  ({left})"),
+        ("interventions per 100 items", f(s["interventions_per_100_items"])),
+        ("most attempts on one item", f(s["max_attempts_on_one_item"])),
+        ("damage (of motions)", f(s["damage_rate"], True)),
+        ("items / picks / attempts", f"{s['items']} / {s['picks']} / {s['attempts']}"),
         ("first-attempt success", f(s["first_attempt_success"], True)),
         (
             "assists (answered / expired)",

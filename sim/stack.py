@@ -30,12 +30,19 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "grasping" / "models" /
 
 
 def build_planner(
-    kind: str, tote: Bounds, *, model_path: str | Path | None = None, seed: int = 0, fallback: bool = False
+    kind: str,
+    tote: Bounds,
+    *,
+    model_path: str | Path | None = None,
+    seed: int = 0,
+    fallback: bool = False,
+    alpha: float | None = None,
 ) -> tuple[Callable[[Frame], Plan], str]:
     """(planner function, version string) for a planner name (learned | analytic | MODULE:CLASS).
 
     A missing or corrupt model file raises `ModelFileError` naming it; `fallback=True` (opt-in) logs
-    a warning and plans with analytic scores instead.
+    a warning and plans with analytic scores instead. `alpha`: use the model's thresholds certified
+    for that bound on P(fail | executed without asking) (None: the file's own).
     """
     from grasping.planner import PlannerConfig, plan
 
@@ -46,7 +53,9 @@ def build_planner(
         from grasping.learned_scorer import load_scorer
 
         path = Path(model_path) if model_path else DEFAULT_MODEL
-        scorer = load_scorer(path if path.exists() or not fallback else None, fallback_to_analytic=fallback)
+        scorer = load_scorer(
+            path if path.exists() or not fallback else None, fallback_to_analytic=fallback, alpha=alpha
+        )
         cfg = PlannerConfig(tote=tote, seed=seed, scorer=scorer)
         return (lambda frame: plan(frame, cfg)), (scorer.version if scorer is not None else "analytic")
     if ":" in kind:
@@ -70,11 +79,11 @@ def pixel_candidate_builder(tote: Bounds, seed: int = 0) -> Callable[..., object
     return lambda frame, u, v, gripper: candidate_at_pixel(frame, u, v, gripper, cfg, pcfg)
 
 
-def model_planner_factory(tote: Bounds, seed: int = 0):
+def model_planner_factory(tote: Bounds, seed: int = 0, alpha: float | None = None):
     """For hot-swap: model path -> (planner, version); raises on a bad file (never falls back)."""
 
     def factory(path: Path):
-        return build_planner("learned", tote, model_path=path, seed=seed, fallback=False)
+        return build_planner("learned", tote, model_path=path, seed=seed, fallback=False, alpha=alpha)
 
     return factory
 
@@ -118,6 +127,7 @@ def build_sim_stack(
     metrics=None,
     first_tote: int = 0,
     gui: bool = False,
+    alpha: float | None = None,
 ) -> SimStack:
     from grasping.draw import render_plan_png
     from sim.associate import RecordingCamera
@@ -134,7 +144,7 @@ def build_sim_stack(
     T_base_box = np.eye(4)
     T_base_box[:3, 3] = [(box.lo[0] + box.hi[0]) / 2, (box.lo[1] + box.hi[1]) / 2, box.lo[2]]
     packer = Packer(tuple(float(x) for x in (box.hi - box.lo)), resolution_m=0.01, T_base_box=T_base_box)
-    plan_fn, version = build_planner(planner, cell.tote_bounds, model_path=model_path, seed=seed)
+    plan_fn, version = build_planner(planner, cell.tote_bounds, model_path=model_path, seed=seed, alpha=alpha)
     if metrics is not None:
         metrics.set_model(version)
     controller = CellController(

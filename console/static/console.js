@@ -6,6 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
   const HIT_PX = 26; // display pixels around a candidate that count as tapping it (finger-sized)
+  const AROUND_PX = 48; // picture pixels: offered candidates this close to a tapped spot say what fits there
 
   let req = null; // the request on screen (server's view), or null
   let shownId = ""; // request id whose picture is on screen
@@ -13,12 +14,21 @@
   let busy = false; // an answer is on its way
   let digits = "";
   let digitTimer = null;
-  let pendingChoice = null; // {cup, jaw} candidates while the chooser is open
+  let pendingChoice = null; // {cup, jaw}: what each chooser button does while it is open
+  let zoomed = true; // show the part of the picture around the candidates, larger (z toggles)
 
   // Timestamps for benchmarks/console_latency.py (epoch ms): when a request became visible, and when
   // the person's click/key for it happened.
   window.__pickcell = { shown: {}, acted: {} };
   const epochMs = (t) => performance.timeOrigin + t;
+
+  // Back to the sign-in page, once (a closing WebSocket and a "signed_out" message both ask for it).
+  let leaving = false;
+  function toLogin() {
+    if (leaving) return;
+    leaving = true;
+    window.location.assign("/login");
+  }
 
   // ---- server calls ----
 
@@ -29,7 +39,7 @@
       body: JSON.stringify(body),
       credentials: "same-origin",
     });
-    if (resp.status === 401) { window.location.assign("/login"); throw new Error("signed out"); }
+    if (resp.status === 401) { toLogin(); throw new Error("signed out"); }
     let data = {};
     try { data = await resp.json(); } catch (e) { /* no body */ }
     if (!resp.ok) throw new Error(data.error || ("error " + resp.status));
@@ -59,7 +69,9 @@
   }
 
   const approve = (c, t) => send("approve", { candidate_index: c.index }, "approve #" + c.index, t);
-  const point = (u, v, t) => send("point", { pixel: [u, v] }, "pick at (" + u + ", " + v + ")", t);
+  const point = (u, v, t, gripper) => send(
+    "point", gripper ? { pixel: [u, v], gripper } : { pixel: [u, v] },
+    "pick at (" + u + ", " + v + ")" + (gripper ? " with the " + gripperName(gripper) : ""), t);
 
   // ---- showing a request ----
 
@@ -94,7 +106,6 @@
   // numbers and grippers; grasping.draw draws exactly the offered list).
   function drawOverlay(r) {
     const svg = $("overlay");
-    svg.setAttribute("viewBox", "0 0 " + r.width + " " + r.height);
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     const scale = Math.max(1, r.width / 640);
     for (const c of r.candidates) {
@@ -126,6 +137,51 @@
     if (!r.candidates.length) box.textContent = "The cell offers no candidate: tap a spot, or say no safe pick.";
   }
 
+  // The part of the picture to show: around the offered candidates (a margin for pointing at a spot
+  // beside them), at least 240 px wide, in the picture's own aspect; or all of it.
+  function viewBox(r) {
+    if (!zoomed || !r.candidates.length) return [0, 0, r.width, r.height];
+    const m = 90;
+    let x0 = Math.min(...r.candidates.map((c) => c.u)) - m, x1 = Math.max(...r.candidates.map((c) => c.u)) + m;
+    let y0 = Math.min(...r.candidates.map((c) => c.v)) - m, y1 = Math.max(...r.candidates.map((c) => c.v)) + m;
+    let w = Math.max(x1 - x0, 240), h = Math.max(y1 - y0, 180);
+    const aspect = r.width / r.height;
+    if (w / h < aspect) w = h * aspect; else h = w / aspect;
+    w = Math.min(w, r.width); h = Math.min(h, r.height);
+    const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
+    const x = Math.min(Math.max(cx - w / 2, 0), r.width - w), y = Math.min(Math.max(cy - h / 2, 0), r.height - h);
+    return [x, y, w, h];
+  }
+
+  function applyView() {
+    if (!req) return;
+    const vb = viewBox(req);
+    const view = $("view");
+    view.setAttribute("viewBox", vb.join(" "));
+    view.style.aspectRatio = vb[2] + " / " + vb[3];
+    $("zoom").hidden = !req.candidates.length;
+    $("zoom").firstChild.textContent = zoomed ? "Whole picture " : "Zoom in ";
+    closeChooser();
+  }
+
+  // Page <-> picture coordinates (also used by the browser tests and the latency benchmark).
+  function toImage(clientX, clientY) {
+    const view = $("view");
+    const pt = view.createSVGPoint();
+    pt.x = clientX; pt.y = clientY;
+    const p = pt.matrixTransform(view.getScreenCTM().inverse());
+    return { u: Math.floor(p.x), v: Math.floor(p.y) };
+  }
+  function toClient(u, v) {
+    const view = $("view");
+    const pt = view.createSVGPoint();
+    pt.x = u + 0.5; pt.y = v + 0.5;
+    const p = pt.matrixTransform(view.getScreenCTM());
+    return { x: p.x, y: p.y };
+  }
+  window.__pickcell.toImage = toImage;
+  window.__pickcell.toClient = toClient;
+
   function render(state) {
     clockOffset = state.server_time - Date.now() / 1000;
     $("me").textContent = state.you;
@@ -154,14 +210,19 @@
     }
     listCandidates(r);
     drawOverlay(r);
-    const img = $("image");
     const rid = r.request_id;
-    img.src = r.image_url;
-    img.decode().catch(() => null).then(() => {
+    const pre = new Image();
+    pre.src = r.image_url;
+    pre.decode().catch(() => null).then(() => {
       if (!req || req.request_id !== rid) return;
+      const img = $("image");
+      img.setAttribute("width", r.width);
+      img.setAttribute("height", r.height);
+      img.setAttribute("href", r.image_url);
       shownId = rid;
       $("idle").hidden = true;
       $("picture").hidden = false;
+      applyView();
       $("stage").setAttribute("data-request-id", rid);
       requestAnimationFrame(() => { window.__pickcell.shown[rid] = epochMs(performance.now()); });
       setButtons();
@@ -183,43 +244,56 @@
 
   // ---- taps on the picture ----
 
-  function imageCoords(ev) {
-    const rect = $("image").getBoundingClientRect();
-    const sx = req.width / rect.width, sy = req.height / rect.height;
-    const u = Math.floor((ev.clientX - rect.left) * sx), v = Math.floor((ev.clientY - rect.top) * sy);
-    return { u, v, sx, sy };
-  }
-
   function closeChooser() { pendingChoice = null; $("chooser").hidden = true; }
 
-  $("picture").addEventListener("click", (ev) => {
-    if (!req || busy || ev.target.closest("#chooser")) return;
-    const { u, v, sx } = imageCoords(ev);
+  $("zoom").addEventListener("click", (ev) => { ev.stopPropagation(); zoomed = !zoomed; applyView(); });
+  function openChooser(ev, cupLabel, jawLabel, cupAct, jawAct) {
+    pendingChoice = { cup: cupAct, jaw: jawAct };
+    $("choose-cup").textContent = cupLabel;
+    $("choose-jaw").textContent = jawLabel;
+    const ch = $("chooser");
+    const rect = $("picture").getBoundingClientRect();
+    ch.style.left = Math.min(ev.clientX - rect.left, rect.width - 180) + "px";
+    ch.style.top = Math.min(ev.clientY - rect.top, rect.height - 90) + "px";
+    ch.hidden = false;
+  }
+
+  $("view").addEventListener("click", (ev) => {
+    if (!req || busy) return;
+    const { u, v } = toImage(ev.clientX, ev.clientY);
     if (u < 0 || v < 0 || u >= req.width || v >= req.height) return;
-    const reach = HIT_PX * sx;
-    const near = req.candidates
+    const reach = HIT_PX / $("view").getScreenCTM().a; // finger-sized, in picture pixels
+    const byDistance = req.candidates
       .map((c) => ({ c, d: Math.hypot(c.u - u, c.v - v) }))
-      .filter((x) => x.d <= reach)
       .sort((a, b) => a.d - b.d);
-    if (!near.length) { closeChooser(); point(u, v, ev.timeStamp); return; }
-    const cup = near.find((x) => x.c.gripper === "suction");
-    const jaw = near.find((x) => x.c.gripper !== "suction");
-    if (cup && jaw) {
-      pendingChoice = { cup: cup.c, jaw: jaw.c };
-      $("choose-cup").textContent = "Cup #" + cup.c.index;
-      $("choose-jaw").textContent = "Jaw #" + jaw.c.index;
-      const ch = $("chooser");
-      const rect = $("picture").getBoundingClientRect();
-      ch.style.left = Math.min(ev.clientX - rect.left, rect.width - 180) + "px";
-      ch.style.top = Math.min(ev.clientY - rect.top, rect.height - 90) + "px";
-      ch.hidden = false;
+    const near = byDistance.filter((x) => x.d <= reach);
+    if (near.length) {
+      // On a candidate: approve it. Candidates of both grippers under the finger: ask which.
+      const cup = near.find((x) => x.c.gripper === "suction");
+      const jaw = near.find((x) => x.c.gripper !== "suction");
+      if (cup && jaw) {
+        openChooser(ev, "Cup #" + cup.c.index, "Jaw #" + jaw.c.index,
+          (t) => approve(cup.c, t), (t) => approve(jaw.c, t));
+        return;
+      }
+      closeChooser();
+      approve(near[0].c, ev.timeStamp);
+      return;
+    }
+    // Elsewhere: pick this spot. The gripper: where the cell offered both grippers nearby (both fit
+    // on this item), the person chooses; where it offered one, that one; else the cell chooses.
+    const around = byDistance.filter((x) => x.d <= AROUND_PX);
+    const kinds = new Set(around.map((x) => x.c.gripper));
+    if (kinds.has("suction") && kinds.has("parallel_jaw")) {
+      openChooser(ev, "Cup here", "Jaw here",
+        (t) => point(u, v, t, "suction"), (t) => point(u, v, t, "parallel_jaw"));
       return;
     }
     closeChooser();
-    approve(near[0].c, ev.timeStamp);
+    point(u, v, ev.timeStamp, kinds.size === 1 ? [...kinds][0] : undefined);
   });
-  $("choose-cup").addEventListener("click", (ev) => { const c = pendingChoice.cup; closeChooser(); approve(c, ev.timeStamp); });
-  $("choose-jaw").addEventListener("click", (ev) => { const c = pendingChoice.jaw; closeChooser(); approve(c, ev.timeStamp); });
+  $("choose-cup").addEventListener("click", (ev) => { const act = pendingChoice.cup; closeChooser(); act(ev.timeStamp); });
+  $("choose-jaw").addEventListener("click", (ev) => { const act = pendingChoice.jaw; closeChooser(); act(ev.timeStamp); });
   $("choose-cancel").addEventListener("click", closeChooser);
   $("no-safe-pick").addEventListener("click", (ev) => send("no_safe_pick", {}, "no safe pick", ev.timeStamp));
   $("skip").addEventListener("click", (ev) => send("skip", {}, "skip", ev.timeStamp));
@@ -250,6 +324,8 @@
       commitDigits(ev.timeStamp); ev.preventDefault();
     } else if (ev.key === "Escape") {
       digits = ""; closeChooser();
+    } else if (ev.key === "z") {
+      zoomed = !zoomed; applyView();
     } else if (ev.key === "n") {
       send("no_safe_pick", {}, "no safe pick", ev.timeStamp); ev.preventDefault();
     } else if (ev.key === "s") {
@@ -267,10 +343,14 @@
   }
 
   function renderFleet(f) {
-    const n = (x) => (x === null || x === undefined ? "?" : x);
-    $("fleet-summary").textContent = "From the " + f.source + ": " + n(f.queue_waiting) + " waiting, "
-      + n(f.queue_held) + " held, " + n(f.associates_connected) + " associates and "
-      + n(f.cells_connected) + " cells connected.";
+    const known = (x) => x !== null && x !== undefined;
+    const parts = [];
+    if (known(f.queue_waiting)) parts.push(f.queue_waiting + " requests waiting");
+    if (known(f.queue_held)) parts.push(f.queue_held + " held by people");
+    if (known(f.associates_connected)) parts.push(f.associates_connected + " answering clients connected");
+    if (known(f.cells_connected)) parts.push(f.cells_connected + " cells connected");
+    $("fleet-summary").textContent = "From the " + f.source + (parts.length ? ": " + parts.join(", ") + "." : ".")
+      + " Cells appear here once they ask this console; what the source does not know shows as unknown.";
     const body = $("fleet-rows");
     body.textContent = "";
     if (!f.cells.length) {
@@ -307,7 +387,7 @@
 
   $("sign-out").addEventListener("click", async () => {
     try { await post("/api/logout", {}); } catch (e) { /* signed out either way */ }
-    window.location.assign("/login");
+    toLogin();
   });
 
   let backoff = 500;
@@ -319,10 +399,10 @@
       if (msg.type === "state") render(msg);
       else if (msg.type === "fleet") renderFleet(msg);
       else if (msg.type === "notice") notice(msg.text, true);
-      else if (msg.type === "signed_out") window.location.assign("/login");
+      else if (msg.type === "signed_out") toLogin();
     };
     ws.onclose = (ev) => {
-      if (ev.code === 4401) { window.location.assign("/login"); return; }
+      if (ev.code === 4401 || leaving) { toLogin(); return; }
       notice("Connection lost: reconnecting…", true);
       setTimeout(connect, backoff);
       backoff = Math.min(backoff * 2, 8000);

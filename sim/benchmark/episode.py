@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sim.benchmark.cycle import cycle_record
 from sim.benchmark.record import DAMAGE_DROP_M, DAMAGE_IMPACT_N, ToteRecorder, _Instrumented
 from sim.benchmark.runner import EpisodeSpec
 
@@ -55,6 +56,7 @@ def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:
         planner=spec.planner,
         model_path=spec.model_path,
         controller_config=cfg,
+        alpha=spec.alpha,
     )
     try:
         cell = stack.cell
@@ -101,6 +103,7 @@ def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:
             **rec,
             "sensing_seconds": captures["n"] * SENSING_S_PER_CAPTURE,
             "human_seconds": channel.human_seconds,
+            **cycle_record(cell.arm, rep, cell),  # per-phase robot time, waits, exposed planning (cycle.py)
             "failed_frames": failed_frames,
             "wall_seconds": time.perf_counter() - t0,
         }

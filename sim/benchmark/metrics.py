@@ -42,8 +42,10 @@ Picks per hour (Mahler et al.): `mpph` = picks / (robot + sensing seconds) * 360
 come from simulated motion under the arm's velocity and acceleration limits plus the time the cell
 idled waiting for a person, and sensing seconds are a fixed time per capture. Failed attempts count
 in the denominator. Both parts are simulated, so `mpph` is the same on any host and with any number
-of workers. `mpph_with_planning` also adds the planner's measured wall time on this host (this
-controller does not overlap planning with motion), so it depends on the machine.
+of workers. `mpph_with_planning` also adds the planner's measured wall time on this host that the
+arm waited for (exposed planning; planning hidden behind motion is not charged), so it depends on
+the machine; `mpph_excluding_waits` leaves out the time idle waiting for a person. Both, and the
+per-pick cycle breakdown, come from `sim.benchmark.cycle`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from sim.benchmark.cycle import cycle_metrics
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -140,6 +144,9 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         "failures_by_reason": dict(sorted(reasons.items())),
         "families": families,
         **operator_metrics(eps),
+        # Cycle time (issue 17): mpph_with_planning counts only exposed planning; mpph_excluding_waits;
+        # the per-pick breakdown by phase. Defined in sim/benchmark/cycle.py.
+        **cycle_metrics(eps),
     }
 
 

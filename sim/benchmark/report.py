@@ -55,7 +55,13 @@ def _operator_rates(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
         ("person's attempts OK", _rate_of(metrics, "person_precision", "person_attempts")),
         ("first attempt OK, person", fasd.get("person", none)),
         ("items left (not in a box)", _rate_of(metrics, "items_left_rate")),
-        ("damaging motions", _rate_of(metrics, "damage_rate", "attempts")),
+        (
+            "damaging motions",
+            dict(
+                _rate_of(metrics, "damage_rate"),
+                n=metrics.get("attempts", 0) + metrics.get("halted_motions", 0),
+            ),
+        ),
     ]
 
 
@@ -96,7 +102,10 @@ def write_report(out_dir: Path, metrics: dict[str, Any], episodes: list[dict[str
     ax.invert_yaxis()
     ax.set_xlim(0, 1.3)  # room for the labels right of 100%
     ax.set_xlabel("rate (95% CI)")
-    ax.set_title("Operator metrics: model alone (blue), person decided (orange), losses (red)")
+    ax.set_xticks(np.linspace(0.0, 1.0, 6))
+    ax.set_title(
+        "Operator metrics, 95% CI\nblue: the model alone; orange: a person chose; red: losses", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(out / "operator.png", dpi=110)
     plt.close(fig)
@@ -116,21 +125,24 @@ def write_report(out_dir: Path, metrics: dict[str, Any], episodes: list[dict[str
     fig.savefig(out / "latency_hist.png", dpi=110)
     plt.close(fig)
 
-    # cycle-time breakdown per pick
+    # cycle-time breakdown per pick, by phase (sim/benchmark/cycle.py)
     picks = max(metrics["picks"], 1)
-    parts = {
-        "motion + idle (robot)": metrics["robot_seconds"] / picks,
-        "sensing": metrics["sensing_seconds"] / picks,
-        "planning": metrics["planning_seconds"] / picks,
-    }
-    fig, ax = plt.subplots(figsize=(6, 2.2))
+    parts = {k: v for k, v in (metrics.get("cycle_breakdown_s_per_pick") or {}).items() if v}
+    if not parts:
+        parts = {
+            "motion + idle (robot)": metrics["robot_seconds"] / picks,
+            "sensing": metrics["sensing_seconds"] / picks,
+            "planning": metrics["planning_seconds"] / picks,
+        }
+    fig, ax = plt.subplots(figsize=(7, 2.6))
     left = 0.0
-    for (name, v), c in zip(parts.items(), ["#4c72b0", "#dd8452", "#55a868"], strict=True):
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(parts), 2)))
+    for (name, v), c in zip(parts.items(), colours, strict=False):
         ax.barh([0], [v], left=left, color=c, label=f"{name}: {v:.2f} s")
         left += v
     ax.set_yticks([])
     ax.set_xlabel("seconds per successful pick")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=7)
     ax.set_title("Cycle time per pick")
     fig.tight_layout()
     fig.savefig(out / "cycle_breakdown.png", dpi=110)
@@ -187,6 +199,10 @@ def write_report(out_dir: Path, metrics: dict[str, Any], episodes: list[dict[str
         f"| clearance rate | {_fmt(metrics['clearance_rate'], True)} | "
         f"{_fmt(metrics['clearance_rate_ci95'][0], True)}-{_fmt(metrics['clearance_rate_ci95'][1], True)} |",
         f"| mean picks per hour (robot time) | {_fmt(metrics['mpph'])} | |",
+        f"| picks per hour with exposed planning | {_fmt(metrics.get('mpph_with_planning'))} | |",
+        f"| picks per hour excluding waits for a person | {_fmt(metrics.get('mpph_excluding_waits'))} | |",
+        f"| share of the layout's limit ({_fmt(metrics.get('mpph_limit'))} MPPH) | "
+        f"{_fmt(metrics.get('mpph_share_of_limit'), True)} | |",
         f"| assists per 100 picks | {_fmt(metrics['assists_per_100_picks'])} | |",
         f"| human seconds per 100 picks | {_fmt(metrics['human_seconds_per_100_picks'])} | |",
         f"| damage rate | {_fmt(metrics['damage_rate'], True)} | "

@@ -53,6 +53,7 @@ class EpisodeSpec:
     model_path: str | None = None  # model file for the learned planner (None = the shipped default)
     record_dir: str | None = None  # where annotated frames of failed picks go (None = don't save)
     max_attempts: int = 0  # 0 = the controller's default (2 x objects_per_tote is typical)
+    alpha: float | None = None  # the model's thresholds certified for this alpha (None: the file's)
 
 
 def episode_seeds(seed: int, n: int) -> list[int]:

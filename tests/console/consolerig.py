@@ -1,5 +1,7 @@
-"""Fixtures for the console's tests: a real broker (CURVE), a real cell client, the console served by
-uvicorn on loopback, real accounts (argon2), and Debian's chromium driven by Playwright."""
+"""Helpers for the console's tests: a real broker (CURVE), a real cell client, the console served by
+uvicorn on loopback, real accounts (argon2), and Debian's chromium driven by Playwright. (A module of
+its own, not conftest.py: every test folder has a conftest, and `from conftest import` would pick
+whichever was imported last.)"""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from console.app import ConsoleConfig
 from console.demo import admit, new_key
 from console.server import BrokerAccess, ConsoleServer
 from console.users import UserStore
+from hitl.associate import AssociateClient
 from hitl.broker import Broker, BrokerConfig
 from hitl.client import AssistClient
 from hitl.keys import ClientKeys, load_public
@@ -125,15 +128,27 @@ class Rig:
     clock: Clock
     url: str
     data: Path
+    endpoint: str
+
+    def terminal(self, name: str = "dave") -> AssociateClient:
+        """An associate at `pickcell assist`, connected to the same broker."""
+        keys = self.data / "keys"
+        return AssociateClient(
+            self.endpoint,
+            ClientKeys.from_file(keys / f"{name}.key_secret"),
+            load_public(keys / "broker.key"),
+            heartbeat_s=HB,
+        )
 
 
 @pytest.fixture
 def rig(tmp_path: Path):
     keys = tmp_path / "keys"
-    for name, role in (("broker", None), ("cell-1", "cell"), ("console", "console")):
+    for name, role in (("broker", None), ("cell-1", "cell"), ("console", "console"), ("dave", "associate")):
         new_key(keys, name, role)
     admit(keys, "cell-1", "cell")
     admit(keys, "console", "console")
+    admit(keys, "dave", "associate")  # an associate at a terminal, beside the console
     broker = Broker(
         BrokerConfig(
             bind=f"tcp://127.0.0.1:{free_port()}", data_dir=tmp_path / "broker", keys_dir=keys, heartbeat_s=HB
@@ -165,7 +180,7 @@ def rig(tmp_path: Path):
         10,
         "the console to reach the broker",
     )
-    yield Rig(broker, cell, console, users, clock, url, tmp_path)
+    yield Rig(broker, cell, console, users, clock, url, tmp_path, endpoint)
     cell.close()
     console.stop()
     broker.stop()

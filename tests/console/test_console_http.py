@@ -124,6 +124,8 @@ def test_everything_from_the_browser_is_checked(rig, people):
         {"request_id": rid, "kind": "point", "pixel": [1.5, 10]},
         {"request_id": rid, "kind": "point", "pixel": [1, 2, 3]},
         {"request_id": rid, "kind": "banana"},
+        {"request_id": rid, "kind": "point", "pixel": [10, 10], "gripper": "banana"},
+        {"request_id": rid, "kind": "approve", "candidate_index": 0, "gripper": "suction"},
         {"request_id": rid, "kind": "no_safe_pick", "note": "x" * 501},
         {"request_id": rid, "kind": "no_safe_pick", "associate_id": "mallory"},  # no field to claim a name
         {"request_id": "x" * 129, "kind": "no_safe_pick"},
@@ -154,12 +156,38 @@ def test_everything_from_the_browser_is_checked(rig, people):
     img = alice.http.get(f"/api/requests/{rid}/image")
     assert img.status_code == 200 and img.content == req.image_png
     assert not fut.done()  # nothing of the above reached the cell
-    r = alice.post("/api/answer", {"request_id": rid, "kind": "point", "pixel": [639, 479]})
+    r = alice.post(
+        "/api/answer", {"request_id": rid, "kind": "point", "pixel": [639, 479], "gripper": "parallel_jaw"}
+    )
     assert r.status_code == 200
     ans = fut.result(10)
-    assert (ans.kind, ans.pixel) == ("point", (639, 479))
+    assert (ans.kind, ans.pixel, ans.gripper) == ("point", (639, 479), "parallel_jaw")
     # Answering again: the request is no longer hers.
     assert alice.post("/api/answer", {"request_id": rid, "kind": "no_safe_pick"}).status_code == 409
+
+
+def test_a_skip_nobody_here_can_take_goes_to_an_associate_elsewhere(rig, people):
+    req = make_request(seed=13)
+    fut = rig.cell.ask(req)
+    alice = people("alice")
+    alice.open_page()
+    rid = wait_for(alice.holding, 10, "alice to be given the request")
+    dave = rig.terminal("dave")  # a person at `pickcell assist`
+    try:
+        assert dave.next_request(0.5) is None  # the console holds it
+        n_before = len(alice.states)
+        r = alice.post("/api/skip", {"request_id": rid})
+        assert r.status_code == 200 and r.json()["state"] == "skipped"
+        got = dave.next_request(10)
+        assert got is not None and got.request_id == rid
+        dave.answer(rid, "approve", candidate_index=2)
+        ans = fut.result(10)
+        assert (ans.kind, ans.candidate_index, ans.associate_id) == ("approve", 2, "dave")
+        # It never came back to alice's page, though the broker may have offered it to the console again.
+        after = alice.states[n_before:]
+        assert after and all(s["request"] is None or s["request"]["request_id"] != rid for s in after)
+    finally:
+        dave.close()
 
 
 def test_sign_in_is_rate_limited_per_name_and_address(rig):
@@ -245,3 +273,42 @@ def test_user_store_and_cli(tmp_path, monkeypatch, capsys):
     assert pickcell_main(["console", "users", "remove", "frank", "--users", path]) == 0
     assert pickcell_main(["console", "users", "remove", "frank", "--users", path]) == 2
     assert UserStore(path).verify("frank", "frank-password") is False
+
+
+def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path):
+    import asyncio
+
+    from console.fleet import BrokerFleetSource, FleetServiceSource
+    from fleet.keys import init_fleet
+    from fleet.service import FleetService, ServiceConfig
+
+    req = make_request(seed=14)
+    rig.cell.ask(req)
+    alice = people("alice")
+    alice.open_page()
+    wait_for(alice.holding, 10, "alice to be given the request")
+    st = rig.console.state
+    broker_view = BrokerFleetSource(st.desk, st.link)
+    fleet_dir = tmp_path / "fleet"
+    src = FleetServiceSource(fleet_dir, broker_view, timeout_s=1.0)
+    # No fleet service yet: the broker's view, and the page says the service is not reachable.
+    alone = asyncio.run(src.snapshot())
+    assert "not reachable" in alone.source
+    row = {c.cell_id: c for c in alone.cells}["cell-1"]
+    assert (row.state, row.assists_waiting, row.model_version) == (
+        "waiting for a person",
+        1,
+        "graspnet-sim-v4",
+    )
+    assert row.picks_per_hour is None and row.rollout_stage is None  # the broker cannot know: unknown
+    init_fleet(fleet_dir, ["cell-1", "cell-2"])
+    svc = FleetService(ServiceConfig(fleet_dir, router="tcp://127.0.0.1:0", pub="tcp://127.0.0.1:0")).start()
+    try:
+        view = asyncio.run(src.snapshot())
+    finally:
+        svc.stop()
+    assert view.source.startswith("fleet service and assist broker")
+    rows = {c.cell_id: c for c in view.cells}
+    assert set(rows) == {"cell-1", "cell-2"}  # cell-2 is known to the fleet only
+    assert rows["cell-1"].state == "never seen" and rows["cell-1"].model_version == "graspnet-sim-v4"
+    assert rows["cell-2"].state == "never seen" and rows["cell-2"].last_request_at is None

@@ -1,4 +1,4 @@
-"""Fixtures for the fleet tests: a fleet folder with keys, model files with their own versions, a
+"""Helpers and fixtures for the fleet tests: a fleet folder with keys, model files with their own versions, a
 running service on loopback with CURVE, and lightweight cells (FleetLink with a recording loader)."""
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class RecordingCell:
     def __init__(self, fleet_dir: Path, name: str, svc: FleetService, data: Path, **kw) -> None:
         self.name = name
         self.loaded: list[str] = []
+        self.handed: list[str] = []
         self.shadowed: list[str | None] = []
         self.counts: dict[str, dict[str, int]] = {}
         self.shadow_report: dict | None = None
@@ -69,6 +70,7 @@ class RecordingCell:
         self.link = FleetLink(cfg, self._load, self._shadow, self._status)
 
     def _load(self, path: Path, version: str) -> tuple[bool, str]:
+        self.handed.append(version)  # every file the subscriber hands over, loadable or not
         m = load_model(path, expected_sha256=None)
         if m.version != version:
             return False, f"file holds {m.version}"

@@ -39,6 +39,7 @@ def test_an_offline_cell_catches_up_on_reconnect(fleet_dir, service, tmp_path) -
     try:
         wait_for(lambda: all(c.running == "v1" for c in cells.values()), what="v1 everywhere")
         cells["cell-3"].link.disconnect()
+        wait_for(lambda: not cells["cell-3"].link.online.is_set(), what="cell-3 offline")
         publish(fleet_dir, make_version("v2", models), stage="canary", cells=["cell-1"])
         wait_for(lambda: cells["cell-1"].running == "v2", what="canary on cell-1")
         assert send_control(fleet_dir, "promote", force=True)["ok"]
@@ -90,9 +91,18 @@ def test_bad_hash_and_bad_signature_are_refused_and_the_running_model_stays(
         f.write_bytes(bytes(data))
         publish(fleet_dir, "v2", stage="canary", cells=["cell-1", "cell-2"])
         wait_for(lambda: all(c.link.refused for c in cells.values()), what="refusals")
+        # A cell that reconnects while the refused version is still assigned does not take it either.
+        link = cells["cell-2"].link
+        before = link.snapshots
+        link.disconnect()
+        wait_for(lambda: not link.online.is_set(), what="cell-2 offline")
+        link.reconnect()
+        wait_for(lambda: link.snapshots > before, what="cell-2's new snapshot")
         for c in cells.values():
             assert "sha256" in c.link.refused[-1]["reason"]
-            assert c.running == "v1" and c.loaded == ["v1"]
+            assert (
+                c.running == "v1" and c.loaded == ["v1"] and c.handed == ["v1"]
+            )  # never offered to the loader
             assert not (c.link.models_dir / "v2.safetensors").exists()
         assert send_control(fleet_dir, "rollback", reason="bad file")["ok"]
 
@@ -105,9 +115,13 @@ def test_bad_hash_and_bad_signature_are_refused_and_the_running_model_stays(
         publish(fleet_dir, "v3", stage="canary", cells=["cell-1"])
         wait_for(lambda: len(cells["cell-1"].link.refused) >= 2, what="signature refusal")
         assert "signature" in cells["cell-1"].link.refused[-1]["reason"]
-        assert cells["cell-1"].running == "v1" and cells["cell-1"].loaded == ["v1"]
-        status = send_control(fleet_dir, "status")
-        assert status["cells"]["cell-1"]["refused"]  # the refusal reached the fleet
+        assert cells["cell-1"].running == "v1" and cells["cell-1"].handed == ["v1"]
+        wait_for(
+            lambda: any(
+                r["version"] == "v3" for r in send_control(fleet_dir, "status")["cells"]["cell-1"]["refused"]
+            ),
+            what="the refusal reported to the fleet",
+        )
     finally:
         stop_cells(cells)
 
@@ -226,3 +240,122 @@ def test_a_manual_rollback_reaches_every_cell(fleet_dir, service, tmp_path) -> N
         assert all(c.loaded == ["v1", "v2", "v1"] for c in cells.values())
     finally:
         stop_cells(cells)
+
+
+def test_a_gated_version_from_the_learner_is_published_without_force(fleet_dir, service, tmp_path) -> None:
+    from dataclasses import dataclass
+
+    from grasping.modelfile import file_sha256
+
+    @dataclass(frozen=True)
+    class Report:  # what the registry stores of a gate report (grasping.learning.GateReport's shape)
+        passed: bool
+        candidate_sha256: str
+
+        def to_json(self) -> dict:
+            return {"passed": self.passed, "candidate_sha256": self.candidate_sha256}
+
+    models = tmp_path / "models"
+    models.mkdir()
+    reg = ModelRegistry(fleet_dir / "registry")  # the registry the learner writes to
+    for v, ok in (("g1", True), ("g2", False)):
+        f = make_version(v, models)
+        reg.add(f, gate_report=Report(ok, file_sha256(f)))
+    assert send_control(fleet_dir, "publish", path="g1")["ok"]
+    reply = send_control(fleet_dir, "publish", path="g2", cells=["cell-1"])
+    assert not reply["ok"] and "failed its gate" in reply["error"]
+    assert send_control(fleet_dir, "status")["rollout"] == {
+        "live": "g1",
+        "candidate": None,
+        "stage": None,
+        "cells": [],
+        "generation": 1,
+    }
+
+
+def test_bad_input_gets_a_clear_error_and_the_service_keeps_serving(fleet_dir, service, tmp_path) -> None:
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x80\x04 a pickle, not a model" * 20)
+    reply = send_control(fleet_dir, "publish", path=str(bad), force=True)
+    assert not reply["ok"] and "broken.safetensors" in reply["error"]
+    reply = send_control(fleet_dir, "publish", path="no-such-version", force=True)
+    assert not reply["ok"] and "no-such-version" in reply["error"]
+    assert not send_control(fleet_dir, "frobnicate")["ok"]
+    # Garbage and unknown messages on the cells' socket get an error reply, not a dead service.
+    import zmq
+
+    from fleet.net import ClientSecurity, pack, unpack
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    ClientSecurity(fleet_dir / "cells" / "cell-1", "cell-1").apply(s)
+    s.connect(service.router_endpoint)
+    try:
+        for raw in (
+            b"\xc1 not msgpack",
+            pack({"t": "launch"}),
+            pack({"t": "fetch", "version": "nope"}),
+            pack({"t": "fetch", "version": 3, "offset": "x"}),
+        ):
+            s.send(raw)
+            assert s.poll(10000)
+            assert unpack(s.recv())["t"] == "error"
+    finally:
+        s.close(0)
+    assert send_control(fleet_dir, "status")["ok"]
+
+
+def test_cells_follow_a_restarted_service(fleet_dir, tmp_path) -> None:
+    import socket
+
+    from fleetrig import fast_rules
+
+    from fleet.service import FleetService, ServiceConfig
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    cfg = ServiceConfig(
+        fleet_dir, router=f"tcp://127.0.0.1:{port()}", pub=f"tcp://127.0.0.1:{port()}", rollout=fast_rules()
+    )
+    models = tmp_path / "models"
+    models.mkdir()
+    svc = FleetService(cfg).start()
+    cells = start_cells(fleet_dir, svc, tmp_path, ["cell-1", "cell-2"])
+    try:
+        publish(fleet_dir, make_version("v1", models))
+        wait_for(lambda: all(c.running == "v1" for c in cells.values()), what="v1")
+        svc.stop()  # the service goes away; the cells keep running v1
+        svc = FleetService(cfg).start()  # same folder: the rollout state comes back from rollout.json
+        assert svc.state["live"] == "v1"
+        publish(fleet_dir, make_version("v2", models), stage="canary", cells=["cell-2"])
+        assert send_control(fleet_dir, "promote", force=True)["ok"]
+        # The new service numbers its updates from scratch under a new epoch: the cells take a snapshot.
+        wait_for(lambda: all(c.running == "v2" for c in cells.values()), what="v2 from the restarted service")
+        assert all(c.loaded == ["v1", "v2"] for c in cells.values())
+    finally:
+        stop_cells(cells)
+        svc.stop()
+
+
+def test_cell_state_comes_from_the_arm_the_controller_and_the_assist_client(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from fleet.cell import LinkConfig
+    from fleet.celllink import CellFleet
+
+    fleet = CellFleet(LinkConfig("cell-1", "", "", tmp_path, None), connect=False)
+    assert fleet.state() == "starting"
+    arm = SimpleNamespace(stopped=False)
+    assist = SimpleNamespace(pending=0)
+    ctl = SimpleNamespace(arm=arm, assist=assist, stopping=False, on_attempt=None)
+    fleet.start(SimpleNamespace(controller=ctl, stats=SimpleNamespace(model_version="v1")))
+    assert fleet.status()["state"] == "picking"
+    assist.pending = 2
+    assert fleet.status()["state"] == "waiting_for_person" and fleet.status()["assists_waiting"] == 2
+    arm.stopped = True
+    assert fleet.state() == "protective_stop"
+    arm.stopped, ctl.stopping = False, True
+    assert fleet.state() == "stopped"

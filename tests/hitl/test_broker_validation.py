@@ -93,6 +93,7 @@ ANSWER_CASES = [
     ("point not two integers", {"kind": "point", "pixel": [1.5, 2]}, "pixel"),
     ("approve of a candidate not shown", {"kind": "approve", "candidate_index": 7}, "candidate_index"),
     ("unknown kind", {"kind": "maybe"}, "kind"),
+    ("point with an unknown gripper", {"kind": "point", "pixel": [1, 1], "gripper": "banana"}, "gripper"),
     ("note too long", {"kind": "no_safe_pick", "note": "x" * (P.MAX_NOTE_CHARS + 1)}, "note"),
 ]
 
@@ -155,9 +156,15 @@ def test_every_answer_rule_is_a_422_and_the_request_stays_open(broker, keyring, 
             assert "associate key alice" in caplog.records[-1].getMessage()
             assert broker.metrics.refused_count("invalid", field, "associate") >= 1
         # The person's valid answer still counts (she still holds it).
-        a.send(P.ANSWER, {"request_id": req.request_id, "kind": "point", "pixel": [0, 47]})
+        a.send(
+            P.ANSWER,
+            {"request_id": req.request_id, "kind": "point", "pixel": [0, 47], "gripper": "parallel_jaw"},
+        )
         assert a.expect(P.ACK)["state"] == "answered"
-        assert c.expect(P.RESULT)["answer"]["pixel"] == [0, 47]
+        ans = c.expect(P.RESULT)["answer"]
+        assert (ans["pixel"], ans["gripper"]) == ([0, 47], "parallel_jaw")
+        c.send(P.STATUS, {"request_id": req.request_id})  # and the journal kept the gripper
+        assert c.expect(P.STATUS)["answer"]["gripper"] == "parallel_jaw"
         _round_trip(c, a, hx)
     finally:
         c.close()
@@ -277,9 +284,10 @@ def test_a_first_schema_journal_is_migrated_keeping_its_rows(tmp_path, hx):
     db.close()
     j = Journal(path)
     assert j.db.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert j.answer("cell-1", "a") == {"request_id": "a", "status": "answered", "kind": "point",
-                                       "candidate_index": None, "pixel": [3, 4], "associate_id": "alice",
-                                       "answered_at": 2.0, "note": "", "via": None}  # fmt: skip
+    assert j.answer("cell-1", "a") == {
+        "request_id": "a", "status": "answered", "kind": "point", "candidate_index": None, "pixel": [3, 4],
+        "associate_id": "alice", "answered_at": 2.0, "note": "", "via": None, "gripper": None,
+    }  # fmt: skip
     assert [r.request_id for r in j.open_requests()] == ["b"]
     with j.transaction():  # another cell may now use the same id
         assert j.add({**w1, "cell_id": "cell-2"}, "cell-2", time.time())
