@@ -2,20 +2,25 @@
 
 What it is
     One simulated cell (`sim.stack.build_sim_stack`, the real controller, a real ledger, the
-    simulated associate on the robot clock) works through totes of `procedural-train` items, which
-    mix the new kind (`--new-family`, default `tube`) with the familiar families. The starting model
-    is trained for the experiment with the new family **left out** (`--start-data`, a ledger export
-    of simulated picks; by default the repository's small fixture `tests/sim/data/sim_grasps`), so
-    the new kind is one it never trained on. Round 0 measures it. Each later round: `pickcell learn`'s
-    round (`learn.learner.run_round`, forced) retrains on the cell's ledger with the start data as
-    replay, the gate runs (per item kind, calibration, conditional precision; the simulation suite
-    only without `--quick`), a passing model is hot-swapped into the running controller
-    (`CellController.swap_planner`), a refused one is not (the round says so); then the round's
-    totes are worked and measured.
+    simulated associate on the robot clock) works through totes that mix a new kind of item with
+    familiar `procedural-train` items. By default the new kind is `frame` (catalog `novel-train`,
+    sim/catalogs/novel.py: a family no shipped model trained on) and the cell starts from the
+    shipped model (`grasping/models/default.safetensors`, `graspnet-sim-v4`; `--start-model`); a
+    `procedural-train` family as `--new-family` instead trains a starting model for the experiment
+    on `--start-data` with that family **left out**. Round 0 measures it: the item watchdog flags the
+    new kind out of distribution, so the cell asks a person instead of picking it alone. Each later
+    round: `pickcell learn`'s round (`learn.learner.run_round`, forced) fine-tunes on the cell's
+    ledger (the associate's answers and outcomes are labelled rows) with weighted sampling and
+    replay (the familiar items' rows of the same ledger, plus `--start-data` as replay), refits the
+    item watchdog on the recorded plans, recalibrates and refits the ask threshold; the gate runs
+    (per item kind, calibration, conditional precision; the simulation suite with `--sim-episodes`);
+    a passing model is hot-swapped into the running controller (`CellController.swap_planner`), a
+    refused one is not (the round says so); then the round's totes are worked and measured.
 
 What is randomised
-    Everything from `--seed`: tote contents, associate timing and mistakes, training. Totes are
-    numbered on from round to round (no tote is seen twice).
+    Everything from `--seed`: tote contents (the new kind's share of items is `--new-share`),
+    associate timing and mistakes, training. Totes are numbered on from round to round (no tote is
+    seen twice).
 
 What counts as success (per round, JSON keys)
     `new_family_failure`: share of new-kind items that were not placed by the model alone;
@@ -40,17 +45,22 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_START_DATA = REPO / "tests" / "sim" / "data" / "sim_grasps"
+DEFAULT_START_MODEL = REPO / "grasping" / "models" / "default.safetensors"
 CATALOG = "procedural-train"  # a training catalog: the experiment never touches test items
+NOVEL_CATALOG = "novel-train"  # the families no shipped model trained on (sim/catalogs/novel.py)
 
 
 @dataclass(frozen=True)
 class ContinualConfig:
     rounds: int = 3  # learning rounds after round 0
     seed: int = 0
-    new_family: str = "tube"  # the kind of item the starting model never trained on
+    new_family: str = "frame"  # the kind of item the starting model never trained on
+    new_share: float = 0.5  # share of the new kind among a tote's items (expected), in [0, 1]
+    start_model: str = str(DEFAULT_START_MODEL)  # used when new_family is not a procedural-train family
     totes_per_round: int = 8  # totes worked (and measured) per round
     objects_per_tote: int = 6  # items per tote
-    start_data: str = str(DEFAULT_START_DATA)  # export the starting model is trained on (new family removed)
+    # Replay export; for a procedural-train new family also the starting model's data (family removed).
+    start_data: str = str(DEFAULT_START_DATA)
     start_epochs: int = 10  # epochs of the starting model
     learn_epochs: int = 8  # epochs per learning round (fine-tuning)
     sim_episodes: int = 4  # the gate's simulation suite episodes (0: not run)
@@ -127,6 +137,33 @@ def train_start_model(cfg: ContinualConfig, out: Path) -> Path:
     return train(ds.subset(keep), tcfg, out).path
 
 
+def mixed_catalog(new_family: str, new_share: float, seed: int) -> Any:
+    """Familiar `procedural-train` items and the new kind, the new kind `new_share` of the items.
+
+    Catalog.sample draws items uniformly, so the share is set by the item counts: all new-kind items
+    and a seeded subset of the familiar ones (or the other way round)."""
+    from sim.catalogs import Catalog, load_catalog
+    from sim.catalogs import procedural as proc
+
+    if not 0.0 < new_share < 1.0:
+        raise ValueError(f"new_share must be in (0, 1), got {new_share}")
+    full = load_catalog(CATALOG)
+    if new_family in proc.FAMILIES:
+        new = full.filter([new_family]).items
+        old = tuple(it for it in full.items if it.family != new_family)
+    else:
+        new = load_catalog(NOVEL_CATALOG, [new_family]).items
+        old = full.items
+    rng = np.random.default_rng([seed, 77])
+    n_old = round(len(new) * (1 - new_share) / new_share)
+    if n_old <= len(old):
+        old = tuple(old[int(i)] for i in np.sort(rng.choice(len(old), n_old, replace=False)))
+    else:
+        n_new = max(1, round(len(old) * new_share / (1 - new_share)))
+        new = tuple(new[int(i)] for i in np.sort(rng.choice(len(new), n_new, replace=False)))
+    return Catalog(f"{CATALOG}+{new_family}", tuple(old) + tuple(new))
+
+
 def _work_tote(stack: Any, channel: Any, new_family: str) -> dict[str, Any]:
     """Work one tote; per item whether the model placed it alone, and the assists asked."""
     ctl = stack.controller
@@ -183,8 +220,15 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     t0 = time.time()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = replace(cfg, start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data")))
-    start = train_start_model(cfg, work / "start.safetensors")
+    from sim.catalogs import procedural as proc
+
+    left_out = cfg.new_family in proc.FAMILIES
+    if left_out:
+        cfg = replace(cfg, start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data")))
+        start = train_start_model(cfg, work / "start.safetensors")
+    else:
+        start = Path(cfg.start_model)
+    catalog = mixed_catalog(cfg.new_family, cfg.new_share, cfg.seed)
     reg = ModelRegistry(work / "registry")
     reg.add(start)
     reg.promote(reg.list()[0].version, force=True, reason="continual: the experiment's starting model")
@@ -205,6 +249,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         controller_config=ccfg,
         ledger=ledger,
     )
+    stack.feed.catalog = catalog  # totes mix the new kind with familiar items
     clock = lambda: stack.cell.arm.robot_time  # noqa: E731
     judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=cfg.seed))
     channel = SimAssistChannel(judge, clock)
@@ -265,8 +310,12 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     return {
         "experiment": "continual",
         "new_family": cfg.new_family,
-        "new_family_is": "left out of a starting model trained for the experiment",
-        "catalog": CATALOG,
+        "new_family_is": (
+            "left out of a starting model trained for the experiment"
+            if left_out
+            else f"a family the starting model ({Path(start).name}) never trained on"
+        ),
+        "catalog": catalog.name,
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         **{k: [x[k] for x in rounds] for k in keys},
         "rounds": rounds,
@@ -341,7 +390,13 @@ def register(sub: Any) -> None:
     )
     c.add_argument("--rounds", type=int, default=3, help="learning rounds after round 0 (default 3)")
     c.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    c.add_argument("--new-family", default="tube", help="procedural family left out of the start model")
+    c.add_argument(
+        "--new-family",
+        default="frame",
+        help="the new kind: 'frame' (novel-train, default) or a procedural-train family left out of the start model",
+    )
+    c.add_argument("--new-share", type=float, default=None, help="new kind's share of tote items (default 0.5)")
+    c.add_argument("--start-model", default=None, help="starting model for a novel family (default: shipped)")
     c.add_argument("--totes-per-round", type=int, default=None, help="totes per round (default 8; quick 1)")
     c.add_argument("--objects-per-tote", type=int, default=None, help="items per tote (default 6; quick 3)")
     c.add_argument("--start-data", default=None, help="export the starting model is trained on")
@@ -371,6 +426,8 @@ def cmd_continual(args: Any) -> int:
         "totes_per_round": args.totes_per_round,
         "objects_per_tote": args.objects_per_tote,
         "start_data": args.start_data,
+        "new_share": args.new_share,
+        "start_model": args.start_model,
         "sim_episodes": args.sim_episodes,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})

@@ -24,13 +24,73 @@ def test_continual_quick_runs_rounds_of_collect_learn_gate_and_reports_each(tmp_
     for key in ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed"):
         assert len(res[key]) == 2, key  # round 0 and round 1
     assert res["gate_passed"][0] is None and isinstance(res["gate_passed"][1], bool)
-    assert res["new_family"] == "tube" and "left out" in res["new_family_is"]
+    # The default new kind is the `frame` family (novel-train), which the shipped model never saw.
+    assert res["new_family"] == "frame" and "never trained on" in res["new_family_is"]
+    assert res["catalog"] == "procedural-train+frame"
     r1 = res["rounds"][1]
     assert r1["version"] and r1["gate_reasons"]  # a round was trained and gated, the verdict says why
     # A refused model is not swapped in: the cell keeps the starting model.
-    assert (r1["model"] == "start.safetensors") == (not r1["gate_passed"])
+    assert (r1["model"] == "default.safetensors") == (not r1["gate_passed"])
     for v in res["old_family_success"] + res["new_family_failure"]:
         assert v is None or 0.0 <= v <= 1.0
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "continual.png").exists()
     index = json.loads((tmp_path / "work" / "registry" / "index.json").read_text())
     assert index["models"][r1["version"]]["gate_passed"] == r1["gate_passed"]
+
+
+def test_frame_family_is_deterministic_has_a_hole_and_rests_flat(tmp_path, monkeypatch) -> None:
+    """The new kind (sim/catalogs/novel.py): same index -> same URDF; a frame lies flat at its
+    thickness, its middle bar is solid and a ray straight down through either opening reaches the floor."""
+    import numpy as np
+    import pybullet as p
+    import pytest
+
+    from sim.catalogs import load_catalog, spawn_item
+    from sim.catalogs import novel
+
+    monkeypatch.setenv("PICKCELL_CACHE_DIR", str(tmp_path / "cache"))
+    assert novel.generate(7) == novel.generate(7)
+    cat = load_catalog("novel-train")
+    assert len(cat) == novel.N_ITEMS and cat.families == ("frame",)
+    seeds = {it.name for it in cat.items}
+    assert not seeds & {it.name for it in load_catalog("procedural-train").items}
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setGravity(0, 0, -9.81, physicsClientId=cid)
+        floor = p.createCollisionShape(p.GEOM_BOX, halfExtents=(5, 5, 0.01), physicsClientId=cid)
+        p.createMultiBody(0, floor, basePosition=(0, 0, -0.01), physicsClientId=cid)
+        specs = cat.items[::40]
+        bodies = [
+            spawn_item(cid, s, (0.5 * i - 1.5, 0, s.extents[2] / 2 + 0.005), (0, 0, 0, 1))
+            for i, s in enumerate(specs)
+        ]
+        for _ in range(240):
+            p.stepSimulation(physicsClientId=cid)
+        for i, (spec, body) in enumerate(zip(specs, bodies, strict=True)):
+            assert p.getDynamicsInfo(body, -1, physicsClientId=cid)[0] == pytest.approx(spec.mass_kg)
+            lo, hi = (np.array(v) for v in p.getAABB(body, physicsClientId=cid))
+            assert abs(lo[2]) < 0.004 and hi[2] - lo[2] == pytest.approx(spec.extents[2], abs=0.007)
+            x = 0.5 * i - 1.5
+            for dx, on_frame in ((0.0, True), (spec.extents[0] / 4, False), (-spec.extents[0] / 4, False),
+                                 (spec.extents[0] / 2 - 0.01, True)):  # fmt: skip
+                hit = p.rayTest((x + dx, 0, 0.5), (x + dx, 0, -0.005), physicsClientId=cid)[0]
+                # The middle and end bars are there; a ray through either opening reaches the floor.
+                assert (hit[0] == body) == on_frame, (spec.name, dx)
+    finally:
+        p.disconnect(physicsClientId=cid)
+
+
+def test_mixed_catalog_holds_the_new_kind_at_its_share(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from sim.benchmark.continual import mixed_catalog
+
+    monkeypatch.setenv("PICKCELL_CACHE_DIR", str(tmp_path / "cache"))
+    cat = mixed_catalog("frame", 0.5, seed=1)
+    fams = [it.family for it in cat.items]
+    assert fams.count("frame") == 240 and len(fams) == 480
+    assert set(fams) - {"frame"} == {"carton", "mailer", "bottle", "ball", "tube", "small_part"}
+    left_out = mixed_catalog("tube", 0.25, seed=1)
+    assert [it.family for it in left_out.items].count("tube") / len(left_out) == pytest.approx(0.25, abs=0.01)
+    with pytest.raises(ValueError, match="new_share"):
+        mixed_catalog("frame", 1.0, seed=1)

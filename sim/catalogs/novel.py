@@ -1,0 +1,95 @@
+"""The `novel-train` catalog: one procedural family no shipped model trained on, for learning experiments.
+
+What it is
+    `frame`: double picture frames / small window frames lying flat, a rectangular ring of four
+    bars with a fifth bar across the middle (one single-link URDF of five boxes, exact collision
+    shapes), so two openings: outside 18-30 cm x 11-20 cm, bar width 3.5-5 cm, thickness 1.5-3 cm,
+    0.06-0.8 kg (light to hard wood). The shipped models
+    (`graspnet-sim-v4` and before, docs/training.md) were trained on `train` (random_urdfs) and the
+    six `procedural-train` families, none of which has a hole: a frame's footprint is only partly
+    filled, its inner edge is a downward step inside the item, so the item watchdog's descriptor
+    (fill, relief, thin edge) puts it outside the training distribution. `pickcell bench continual`
+    mixes it with familiar `procedural-train` items (sim/benchmark/continual.py). It is pickable:
+    every bar is at least 3.5 cm wide with a flat top (the ~3 cm suction cup seals on it), the middle
+    bar holds the centre of mass, and a bar is at most 5 cm across (the parallel jaw closes on it).
+
+What is randomised
+    Per item, from one generator seeded by (2,000,000 + index): outside length and width, bar width,
+    thickness, density (so mass) and RGB colour. Seeds are disjoint from `procedural` (1,000,000 up)
+    and `procedural-train` (0 up).
+
+What counts as success
+    Same index -> byte-identical URDF and identical spec on every machine; each frame rests flat and
+    stably at its stated extents and mass; each opening is at least 3 cm across (real holes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sim.catalogs.core import Catalog, ItemSpec, cache_dir, write_atomic
+from sim.catalogs.procedural import _box, _urdf, _visual_collision
+
+FAMILY = "frame"
+NAME = "novel-train"
+N_ITEMS = 240
+SEED0 = 2_000_000
+FRICTION = 0.5  # Coulomb, lacquered wood / painted metal against rubber pads
+_GENERATOR_VERSION = 1  # bump when the geometry rules change: new files go to a new folder
+
+
+def _design(rng: np.random.Generator) -> tuple[float, tuple[float, float, float], str]:
+    """(mass kg, extents m, URDF shape elements) of one frame; the base frame is its centre."""
+    rgba = " ".join(f"{c:.3f}" for c in rng.uniform(0.1, 0.95, size=3)) + " 1"
+    length = rng.uniform(0.18, 0.30)
+    width = rng.uniform(0.11, min(0.20, length))
+    # Bars leave two openings of at least 3 cm across.
+    bar = rng.uniform(0.035, min(0.05, (width - 0.03) / 2, (length - 0.06) / 3))
+    thick = rng.uniform(0.015, 0.03)
+    shapes = (
+        # The middle bar, across the frame through its centre (a double frame / window): the centre
+        # of mass lies on it, so a cup or the jaw there holds the frame without tipping.
+        _visual_collision(_box((bar, width - 2 * bar, thick)), (0.0, 0.0, 0.0), rgba)
+        +
+        _visual_collision(_box((length, bar, thick)), (0.0, (width - bar) / 2, 0.0), rgba)
+        + _visual_collision(_box((length, bar, thick)), (0.0, -(width - bar) / 2, 0.0), rgba)
+        + _visual_collision(_box((bar, width - 2 * bar, thick)), ((length - bar) / 2, 0.0, 0.0), rgba)
+        + _visual_collision(_box((bar, width - 2 * bar, thick)), (-(length - bar) / 2, 0.0, 0.0), rgba)
+    )
+    volume = thick * (length * width - (length - 3 * bar) * (width - 2 * bar))
+    mass = np.clip(rng.uniform(300, 900) * volume, 0.06, 0.8)  # balsa-like to hard wood, kg/m^3
+    return float(mass), (float(length), float(width), float(thick)), shapes
+
+
+def generate(index: int) -> tuple[ItemSpec, str]:
+    """The spec and URDF text of frame `index` (pure: writes nothing)."""
+    if not 0 <= index < N_ITEMS:
+        raise ValueError(f"{NAME} has items 0..{N_ITEMS - 1}, not {index}")
+    rng = np.random.default_rng(SEED0 + index)
+    mass, ext, shapes = _design(rng)
+    name = f"{FAMILY}-{index:04d}"
+    path = cache_dir() / f"novel-v{_GENERATOR_VERSION}" / NAME / f"{name}.urdf"
+    spec = ItemSpec(
+        name=f"{NAME}/{name}",
+        family=FAMILY,
+        urdf_path=str(path),
+        scale=1.0,
+        mass_kg=mass,
+        extents=ext,
+        friction=FRICTION,
+    )
+    return spec, _urdf(name.replace("-", "_"), mass, ext, shapes)
+
+
+def load() -> Catalog:
+    """The 240 frames of `novel-train`; URDFs written on first use."""
+    items = []
+    for i in range(N_ITEMS):
+        spec, text = generate(i)
+        path = Path(spec.urdf_path)
+        if not path.exists() or path.stat().st_size != len(text.encode()):
+            write_atomic(path, text)
+        items.append(spec)
+    return Catalog(NAME, tuple(items))
