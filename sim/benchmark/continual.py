@@ -224,7 +224,9 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
 
     left_out = cfg.new_family in proc.FAMILIES
     if left_out:
-        cfg = replace(cfg, start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data")))
+        cfg = replace(
+            cfg, start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data"))
+        )
         start = train_start_model(cfg, work / "start.safetensors")
     else:
         start = Path(cfg.start_model)
@@ -393,9 +395,12 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--new-family",
         default="frame",
-        help="the new kind: 'frame' (novel-train, default) or a procedural-train family left out of the start model",
+        help="the new kind: 'frame' (novel-train, default) or a procedural-train family "
+        "left out of a starting model trained for the experiment",
     )
-    c.add_argument("--new-share", type=float, default=None, help="new kind's share of tote items (default 0.5)")
+    c.add_argument(
+        "--new-share", type=float, default=None, help="new kind's share of tote items (default 0.5)"
+    )
     c.add_argument("--start-model", default=None, help="starting model for a novel family (default: shipped)")
     c.add_argument("--totes-per-round", type=int, default=None, help="totes per round (default 8; quick 1)")
     c.add_argument("--objects-per-tote", type=int, default=None, help="items per tote (default 6; quick 3)")

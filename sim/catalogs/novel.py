@@ -52,8 +52,7 @@ def _design(rng: np.random.Generator) -> tuple[float, tuple[float, float, float]
         # The middle bar, across the frame through its centre (a double frame / window): the centre
         # of mass lies on it, so a cup or the jaw there holds the frame without tipping.
         _visual_collision(_box((bar, width - 2 * bar, thick)), (0.0, 0.0, 0.0), rgba)
-        +
-        _visual_collision(_box((length, bar, thick)), (0.0, (width - bar) / 2, 0.0), rgba)
+        + _visual_collision(_box((length, bar, thick)), (0.0, (width - bar) / 2, 0.0), rgba)
         + _visual_collision(_box((length, bar, thick)), (0.0, -(width - bar) / 2, 0.0), rgba)
         + _visual_collision(_box((bar, width - 2 * bar, thick)), ((length - bar) / 2, 0.0, 0.0), rgba)
         + _visual_collision(_box((bar, width - 2 * bar, thick)), (-(length - bar) / 2, 0.0, 0.0), rgba)

@@ -45,8 +45,7 @@ def test_frame_family_is_deterministic_has_a_hole_and_rests_flat(tmp_path, monke
     import pybullet as p
     import pytest
 
-    from sim.catalogs import load_catalog, spawn_item
-    from sim.catalogs import novel
+    from sim.catalogs import load_catalog, novel, spawn_item
 
     monkeypatch.setenv("PICKCELL_CACHE_DIR", str(tmp_path / "cache"))
     assert novel.generate(7) == novel.generate(7)
