@@ -1,17 +1,15 @@
 """The `novel-train` catalog: one procedural family no shipped model trained on, for learning experiments.
 
 What it is
-    `frame`: double picture frames / small window frames lying flat, a rectangular ring of four
-    bars with a fifth bar across the middle (one single-link URDF of five boxes, exact collision
-    shapes), so two openings: outside 18-30 cm x 11-20 cm, bar width 3.5-5 cm, thickness 1.5-3 cm,
-    0.06-0.8 kg (light to hard wood). The shipped models
+    `frame`: picture frames lying flat, a rectangular ring of four bars (one single-link URDF of
+    four boxes, exact collision shapes) around one opening: outside 16-28 cm x 11-20 cm, bar width
+    3.5-5 cm, thickness 1.2-2.5 cm, 0.05-0.5 kg (balsa to pine). The shipped models
     (`graspnet-sim-v4` and before, docs/training.md) were trained on `train` (random_urdfs) and the
     six `procedural-train` families, none of which has a hole: a frame's footprint is only partly
-    filled, its inner edge is a downward step inside the item, so the item watchdog's descriptor
-    (fill, relief, thin edge) puts it outside the training distribution. `pickcell bench continual`
-    mixes it with familiar `procedural-train` items (sim/benchmark/continual.py). It is pickable:
-    every bar is at least 3.5 cm wide with a flat top (the ~3 cm suction cup seals on it), the middle
-    bar holds the centre of mass, and a bar is at most 5 cm across (the parallel jaw closes on it).
+    filled and its centre of mass lies over the opening, not on the item. `pickcell bench
+    continual` mixes it with familiar `procedural-train` items (sim/benchmark/continual.py). It is
+    pickable: every bar is at least 3.5 cm wide with a flat top (the ~3 cm suction cup seals on
+    it) and the frames are light, so a cup on a bar holds one despite the offset centre of mass.
 
 What is randomised
     Per item, from one generator seeded by (2,000,000 + index): outside length and width, bar width,
@@ -20,7 +18,7 @@ What is randomised
 
 What counts as success
     Same index -> byte-identical URDF and identical spec on every machine; each frame rests flat and
-    stably at its stated extents and mass; each opening is at least 3 cm across (real holes).
+    stably at its stated extents and mass; the opening is at least 3 cm across (a real hole).
 """
 
 from __future__ import annotations
@@ -36,29 +34,25 @@ FAMILY = "frame"
 NAME = "novel-train"
 N_ITEMS = 240
 SEED0 = 2_000_000
-FRICTION = 0.5  # Coulomb, lacquered wood / painted metal against rubber pads
+FRICTION = 0.5  # Coulomb, lacquered wood against rubber pads and the tote
 _GENERATOR_VERSION = 1  # bump when the geometry rules change: new files go to a new folder
 
 
 def _design(rng: np.random.Generator) -> tuple[float, tuple[float, float, float], str]:
     """(mass kg, extents m, URDF shape elements) of one frame; the base frame is its centre."""
     rgba = " ".join(f"{c:.3f}" for c in rng.uniform(0.1, 0.95, size=3)) + " 1"
-    length = rng.uniform(0.18, 0.30)
+    length = rng.uniform(0.16, 0.28)
     width = rng.uniform(0.11, min(0.20, length))
-    # Bars leave two openings of at least 3 cm across.
-    bar = rng.uniform(0.035, min(0.05, (width - 0.03) / 2, (length - 0.06) / 3))
-    thick = rng.uniform(0.015, 0.03)
+    bar = rng.uniform(0.035, min(0.05, (width - 0.03) / 2))
+    thick = rng.uniform(0.012, 0.025)
     shapes = (
-        # The middle bar, across the frame through its centre (a double frame / window): the centre
-        # of mass lies on it, so a cup or the jaw there holds the frame without tipping.
-        _visual_collision(_box((bar, width - 2 * bar, thick)), (0.0, 0.0, 0.0), rgba)
-        + _visual_collision(_box((length, bar, thick)), (0.0, (width - bar) / 2, 0.0), rgba)
+        _visual_collision(_box((length, bar, thick)), (0.0, (width - bar) / 2, 0.0), rgba)
         + _visual_collision(_box((length, bar, thick)), (0.0, -(width - bar) / 2, 0.0), rgba)
         + _visual_collision(_box((bar, width - 2 * bar, thick)), ((length - bar) / 2, 0.0, 0.0), rgba)
         + _visual_collision(_box((bar, width - 2 * bar, thick)), (-(length - bar) / 2, 0.0, 0.0), rgba)
     )
-    volume = thick * (length * width - (length - 3 * bar) * (width - 2 * bar))
-    mass = np.clip(rng.uniform(300, 900) * volume, 0.06, 0.8)  # balsa-like to hard wood, kg/m^3
+    volume = thick * (length * width - (length - 2 * bar) * (width - 2 * bar))
+    mass = np.clip(rng.uniform(200, 600) * volume, 0.05, 0.5)  # balsa to pine, kg/m^3
     return float(mass), (float(length), float(width), float(thick)), shapes
 
 
@@ -66,13 +60,14 @@ def generate(index: int) -> tuple[ItemSpec, str]:
     """The spec and URDF text of frame `index` (pure: writes nothing)."""
     if not 0 <= index < N_ITEMS:
         raise ValueError(f"{NAME} has items 0..{N_ITEMS - 1}, not {index}")
+    family = FAMILY
     rng = np.random.default_rng(SEED0 + index)
     mass, ext, shapes = _design(rng)
-    name = f"{FAMILY}-{index:04d}"
+    name = f"{family}-{index:04d}"
     path = cache_dir() / f"novel-v{_GENERATOR_VERSION}" / NAME / f"{name}.urdf"
     spec = ItemSpec(
         name=f"{NAME}/{name}",
-        family=FAMILY,
+        family=family,
         urdf_path=str(path),
         scale=1.0,
         mass_kg=mass,

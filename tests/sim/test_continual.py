@@ -40,7 +40,7 @@ def test_continual_quick_runs_rounds_of_collect_learn_gate_and_reports_each(tmp_
 
 def test_frame_family_is_deterministic_has_a_hole_and_rests_flat(tmp_path, monkeypatch) -> None:
     """The new kind (sim/catalogs/novel.py): same index -> same URDF; a frame lies flat at its
-    thickness, its middle bar is solid and a ray straight down through either opening reaches the floor."""
+    thickness, a ray down through its opening reaches the floor and one down through a bar hits it."""
     import numpy as np
     import pybullet as p
     import pytest
@@ -70,10 +70,10 @@ def test_frame_family_is_deterministic_has_a_hole_and_rests_flat(tmp_path, monke
             lo, hi = (np.array(v) for v in p.getAABB(body, physicsClientId=cid))
             assert abs(lo[2]) < 0.004 and hi[2] - lo[2] == pytest.approx(spec.extents[2], abs=0.007)
             x = 0.5 * i - 1.5
-            for dx, on_frame in ((0.0, True), (spec.extents[0] / 4, False), (-spec.extents[0] / 4, False),
+            for dx, on_frame in ((0.0, False), (spec.extents[0] / 8, False), (-spec.extents[0] / 8, False),
                                  (spec.extents[0] / 2 - 0.01, True)):  # fmt: skip
                 hit = p.rayTest((x + dx, 0, 0.5), (x + dx, 0, -0.005), physicsClientId=cid)[0]
-                # The middle and end bars are there; a ray through either opening reaches the floor.
+                # An end bar is there; rays through the opening reach the floor.
                 assert (hit[0] == body) == on_frame, (spec.name, dx)
     finally:
         p.disconnect(physicsClientId=cid)
