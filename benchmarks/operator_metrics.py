@@ -78,7 +78,7 @@ def summary(args: argparse.Namespace) -> None:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     ci = lambda m, k: f"{pct(m[k])} ({pct(m[k + '_ci95'][0])}-{pct(m[k + '_ci95'][1])})"  # noqa: E731
     print(
-        "| catalog-associate | totes x items | autonomous_pick_rate (95% CI) | auto_precision (95% CI) "
+        "| catalog-associate | totes, items | autonomous_pick_rate (95% CI) | auto_precision (95% CI) "
         "| person_precision | first_attempt_success model / person | items_left_rate | "
         "interventions_per_100_items | max_attempts_on_one_item | damage_rate | first_attempt_success |"
     )
@@ -86,7 +86,7 @@ def summary(args: argparse.Namespace) -> None:
     for name, n, m in rows:
         by = m["first_attempt_success_by_decider"]
         print(
-            f"| {name} | {n} x {m['items'] // max(n, 1)} | {ci(m, 'autonomous_pick_rate')} | "
+            f"| {name} | {n} totes, {m['items']} items | {ci(m, 'autonomous_pick_rate')} | "
             f"{ci(m, 'auto_precision')} | {pct(m['person_precision'])} of {m['person_attempts']} | "
             f"{pct(by['model']['value'])} / {pct(by['person']['value'])} | {pct(m['items_left_rate'])} "
             f"{m['items_left_by_fate']} | {m['interventions_per_100_items']:.1f} | "
