@@ -9,7 +9,9 @@ How it works
     - otherwise, before the plan is used, a fresh frame is compared with the one it was made on at
       every candidate's pixel (median depth of a 5x5 window): if the surface under any candidate
       moved by more than the tolerance (the place or a settling item disturbed the tote), the plan is
-      discarded and the controller plans on the fresh frame.
+      discarded and the controller plans on the fresh frame;
+    - a plan made by a planner that has since been swapped out (a new model was hot-swapped in during
+      the place) is discarded too: picks after a swap use the new model.
 
 What it charges
     Planning time that the place motion covered is hidden: the exposed part is what is left of the
@@ -52,8 +54,9 @@ class Lookahead:
         self.planner = planner  # returns the planner in use now (it may be swapped between picks)
         self.clock = clock  # robot seconds
         self.tolerance_m = tolerance_m  # m, depth change at a candidate that voids the plan
-        self._looked: tuple[Frame, Plan, float] | None = None  # frame, plan, robot time of the look
-        self._ready: tuple[Frame, Plan, float] | None = None  # frame, plan, exposed ms
+        # frame, plan, robot time of the look, the planner that made the plan
+        self._looked: tuple[Frame, Plan, float, object] | None = None
+        self._ready: tuple[Frame, Plan, float, object] | None = None  # frame, plan, exposed ms, planner
         self.used = 0  # plans made while placing and used, count
         self.discarded = 0  # plans made while placing and thrown away, count
 
@@ -68,20 +71,21 @@ class Lookahead:
         except CameraError as exc:
             log.info("look-ahead capture failed (%s): the next plan is made after the place", exc)
             return
-        self._looked = (frame, self.planner()(frame), self.clock())
+        planner = self.planner()
+        self._looked = (frame, planner(frame), self.clock(), planner)
 
     def placed(self, outcome: Outcome) -> None:
         """The place ended: keep the plan (with its exposed planning time) unless the place failed."""
         looked, self._looked = self._looked, None
         if looked is None:
             return
-        frame, plan, t_look = looked
+        frame, plan, t_look, planner = looked
         if not outcome.success:
             self.discarded += 1
             log.info("place failed (%s): the plan made while placing is discarded", outcome.reason.value)
             return
         covered_ms = (self.clock() - t_look) * 1000.0
-        self._ready = (frame, plan, max(0.0, plan.latency_ms - covered_ms))
+        self._ready = (frame, plan, max(0.0, plan.latency_ms - covered_ms), planner)
 
     def take(self) -> Ahead | None:
         """The next observation: the look-ahead plan if the tote did not change under it, else a fresh
@@ -90,8 +94,12 @@ class Lookahead:
         ready, self._ready = self._ready, None
         if ready is None:
             return None
-        frame, plan, exposed = ready
+        frame, plan, exposed, planner = ready
         now = self.camera.capture()
+        if planner is not self.planner():
+            self.discarded += 1
+            log.info("the model was swapped since the plan made while placing: planning again")
+            return Ahead(now, None, 0.0)
         if moved_under(plan, frame, now, self.tolerance_m):
             self.discarded += 1
             log.info("the tote changed under the plan made while placing: planning again")

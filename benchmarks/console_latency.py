@@ -80,12 +80,12 @@ def sim_pictures(n_totes: int, seed: int) -> list[dict]:
     return out
 
 
-def free_spot(cands, w: int, h: int, rng: np.random.Generator, min_px: float = 45.0) -> tuple[int, int]:
-    """A pixel away from every candidate (a tap there is a 'point' answer), near them (inside the part of
-    the picture the page zooms onto)."""
+def free_spot(cands, w: int, h: int, rng: np.random.Generator, min_px: float = 60.0) -> tuple[int, int]:
+    """A pixel away from every candidate (a tap there is a 'point' answer, sent at once: no candidate within
+    the page's 48 px to ask cup or jaw about), near them (inside the part the page zooms onto)."""
     us, vs = [c.u for c in cands], [c.v for c in cands]
-    lo_u, hi_u = max(10, min(us) - 60), min(w - 10, max(us) + 60)
-    lo_v, hi_v = max(10, min(vs) - 60), min(h - 10, max(vs) + 60)
+    lo_u, hi_u = max(10, min(us) - 80), min(w - 10, max(us) + 80)
+    lo_v, hi_v = max(10, min(vs) - 80), min(h - 10, max(vs) + 80)
     for _ in range(2000):
         u, v = int(rng.integers(lo_u, hi_u)), int(rng.integers(lo_v, hi_v))
         if all(np.hypot(c.u - u, c.v - v) > min_px for c in cands):

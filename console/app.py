@@ -61,6 +61,7 @@ class ConsoleConfig:
     tick_s: float = 0.5  # s between checks of deadlines, sessions and the broker's queue depth
     fleet_every_s: float = 2.0  # s between fleet refreshes pushed to the pages
     answer_timeout_s: float = 10.0  # s to wait for the broker to journal an answer
+    reconnect_grace_s: float = 5.0  # s a person's request waits for their page to come back
 
 
 class _Conn:
@@ -143,9 +144,14 @@ def _session(st: ConsoleState, conn: HTTPConnection) -> Session | None:
 
 
 async def _read_json(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise DeskError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    raw = b""
+    async for chunk in request.stream():  # never hold more than the limit, whatever the header said
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise DeskError(413, f"body larger than {MAX_BODY_BYTES} bytes")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -319,7 +325,10 @@ def create_app(
             st.conns.get(s.user, set()).discard(conn)
             if not st.conns.get(s.user):
                 st.conns.pop(s.user, None)
-            st.desk.disconnect(s.user, conn)
+            # A page that drops while its session is good may come back (reload, Wi-Fi): keep its
+            # request a moment. A session that ended gives its request up at once.
+            live = not _session_gone(st, s)
+            st.desk.disconnect(s.user, conn, keep_s=cfg.reconnect_grace_s if live else 0.0)
 
     async def ticker() -> None:
         next_fleet = 0.0

@@ -15,27 +15,19 @@ from pathlib import Path
 
 
 def admit(keys: Path, name: str, role: str) -> None:
-    """Admit NAME.key at the broker whose keys folder is `keys`: into allowed/ROLE/ where the broker binds
-    roles to keys (hitl.keys.ROLES), else into allowed/."""
-    import hitl.keys
-
-    folder = keys / "allowed" / role if hasattr(hitl.keys, "ROLES") else keys / "allowed"
+    """Admit NAME.key at the broker whose keys folder is `keys`: into allowed/ROLE/ (the broker binds
+    roles to keys by folder, hitl/keys.py)."""
+    folder = keys / "allowed" / role
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
 
 
 def new_key(keys: Path, name: str, role: str | None) -> None:
-    """NAME.key / NAME.key_secret in `keys` unless there already, with its role where keys carry one."""
-    import inspect
-
+    """NAME.key / NAME.key_secret in `keys` (with its role) unless there already."""
     from hitl.keys import new_keypair
 
-    if (keys / f"{name}.key_secret").exists():
-        return
-    if role is not None and "role" in inspect.signature(new_keypair).parameters:
+    if not (keys / f"{name}.key_secret").exists():
         new_keypair(name, keys, role=role)
-    else:
-        new_keypair(name, keys)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -47,6 +39,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from hitl.keys import ClientKeys, load_public
     from hitl.ledger import Ledger
     from pickcell.commands import _live_sim_stack, print_summary, summarise
+    from sim.benchmark.record import ToteRecorder
 
     host, port = parse_bind(args.bind)
     tmp = None
@@ -80,6 +73,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ledger = Ledger(data / "ledger.sqlite", cell_id="cell-1")
     stack = None
     reports = []
+    records: list[dict] = []
     t0 = time.perf_counter()
     try:
         stack = _live_sim_stack(args, "cell-1", args.assist_deadline, assist, ledger, None)
@@ -89,9 +83,15 @@ def run_demo(args: argparse.Namespace) -> int:
             f"the cell asks when unsure and waits up to {args.assist_deadline:.0f} s for an answer; "
             "Ctrl-C stops"
         )
+        # What became of each item and who decided each attempt (simulation ground truth), for the
+        # summary's operator metrics, as `pickcell demo` does.
+        recorder = ToteRecorder(stack)
         for k in range(args.totes):
-            rep = stack.controller.run_tote(stack.feed.next_tote())
+            tote = stack.feed.next_tote()
+            recorder.begin()
+            rep = stack.controller.run_tote(tote)
             reports.append(rep)
+            records.append({"episode": len(records), **recorder.finish(rep)})
             print(
                 f"tote {k + 1}/{args.totes}: {rep.picks} picks, {rep.assists_requested} questions, "
                 f"{rep.assists_answered} answered, {rep.assists_expired} expired",
@@ -107,8 +107,9 @@ def run_demo(args: argparse.Namespace) -> int:
         users.close()
         if stack is not None:
             stack.close()
-    if reports and stack is not None:
-        print_summary(summarise(reports, stack.packer, time.perf_counter() - t0, stack.model_version))
+    if reports and stack is not None and len(records) == len(reports):
+        wall = time.perf_counter() - t0
+        print_summary(summarise(reports, stack.packer, wall, stack.model_version, records))
     print(
         f"ledger: {data / 'ledger.sqlite'}"
         if tmp is None

@@ -32,6 +32,7 @@ ANSWER_KINDS = ("approve", "point", "no_safe_pick")
 GRIPPERS = ("suction", "parallel_jaw")  # what a 'point' answer may ask the cell to use
 MAX_NOTE_CHARS = 500  # what the page lets a person type; the protocol allows 2,000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+Key = tuple[str, str]  # (cell_id, request_id): request ids are unique per cell only
 
 
 class DeskError(Exception):
@@ -65,14 +66,19 @@ class Held:
     busy: bool = False  # an answer or skip is on its way to the broker
     park_until: float = 0.0  # unix s; >0: everyone free here skipped it, give it back at this time
 
+    @property
+    def key(self) -> Key:
+        return (self.request.cell_id, self.request.request_id)
+
 
 @dataclass
 class Person:
     name: str
     conns: set[Any] = field(default_factory=set)  # open page connections (WebSockets)
-    current: str | None = None  # request id they look at
+    current: Key | None = None  # (cell_id, request_id) they look at
     free_since: float = 0.0  # unix s; orders who gets the next request
     answered: int = 0
+    away: int = 0  # counts departures (last page closed), so a late check of an old one does nothing
 
 
 @dataclass
@@ -99,14 +105,15 @@ class Desk:
         self.clock = clock
         self.answer_timeout_s = answer_timeout_s
         self.park_s = park_s  # s a request everyone free here skipped stays before going back
-        self.held: dict[str, Held] = {}
+        # Keyed by (cell_id, request_id): request ids are unique per cell only (docs/protocol.md).
+        self.held: dict[Key, Held] = {}
         self.people: dict[str, Person] = {}
         self.cells: dict[str, CellSeen] = {}
         self.broker_waiting = 0  # queue depth the broker last told us
         self.on_change: Callable[[set[str]], None] = lambda names: None  # the app pushes to these people
         self.on_notice: Callable[[str, str], None] = lambda name, text: None  # a line for one page
         self._want_sent = -1
-        self._skips: dict[str, tuple[set[str], float]] = {}  # released after skips: who, until when
+        self._skips: dict[Key, tuple[set[str], float]] = {}  # released after skips: who, until when
 
     # ---- people ----
 
@@ -117,19 +124,32 @@ class Desk:
         p.conns.add(conn)
         self._pump({name})
 
-    def disconnect(self, name: str, conn: Any) -> None:
+    def disconnect(self, name: str, conn: Any, keep_s: float = 0.0) -> None:
+        """A page closed. When it was the person's last, their request goes to someone else (or back to
+        the broker), after `keep_s` seconds if they are still away then: a tablet's Wi-Fi blip or a
+        reload should not cost them the question they are looking at."""
         p = self.people.get(name)
         if p is None:
             return
         p.conns.discard(conn)
-        if not p.conns:
-            # Nobody at that page any more: its request goes to someone else (or back to the broker).
-            if p.current is not None:
-                h = self.held.get(p.current)
-                p.current = None
-                if h is not None and not h.busy:
-                    h.holder = None
-            self._pump(set())
+        if p.conns:
+            return
+        p.away += 1
+        if keep_s > 0 and p.current is not None:
+            asyncio.get_running_loop().call_later(keep_s, self._still_away, name, p.away)
+        else:
+            self._still_away(name, p.away)
+
+    def _still_away(self, name: str, away: int) -> None:
+        p = self.people.get(name)
+        if p is None or p.conns or p.away != away:
+            return  # back meanwhile (or away again since: that later check decides)
+        if p.current is not None:
+            h = self.held.get(p.current)
+            p.current = None
+            if h is not None and not h.busy:
+                h.holder = None
+        self._pump(set())
 
     def sign_out(self, name: str) -> None:
         p = self.people.get(name)
@@ -144,11 +164,12 @@ class Desk:
             req: AssistRequest = payload["request"]
             self.broker_waiting = int(payload.get("waiting", self.broker_waiting))
             size = png_size(req.image_png) or (0, 0)
-            if req.request_id in self.held:
+            key = (req.cell_id, req.request_id)
+            if key in self.held:
                 return  # re-assigned after a reconnect: we have it already
             held = Held(req, size[0], size[1], self.clock())
-            held.skipped_by |= self._skips.pop(req.request_id, (set(), 0.0))[0]  # came back after a skip
-            self.held[req.request_id] = held
+            held.skipped_by |= self._skips.pop(key, (set(), 0.0))[0]  # came back after a skip
+            self.held[key] = held
             seen = self.cells.setdefault(req.cell_id, CellSeen(req.cell_id))
             seen.requests += 1
             seen.last_request_at = max(seen.last_request_at, req.created)
@@ -161,9 +182,11 @@ class Desk:
             self._want_sent = -1  # the link counted one READY down
             self._pump(set())
         elif kind == "cancel":
-            rid = payload["request_id"]
+            rid, cell_id = payload["request_id"], payload.get("cell_id") or ""
+            keys = [k for k in self.held if k[1] == rid and (not cell_id or k[0] == cell_id)]
             reason = payload.get("reason", "cancelled")
-            self._drop(rid, f"request {reason}" if reason != "answered" else "answered by someone else")
+            for key in keys if cell_id or len(keys) == 1 else ():
+                self._drop(key, f"request {reason}" if reason != "answered" else "answered by someone else")
 
     def set_broker_waiting(self, waiting: int) -> None:
         if waiting != self.broker_waiting:
@@ -174,21 +197,24 @@ class Desk:
         """Drop held requests past their deadline (the broker's cancel normally does this first), give
         parked ones back to the broker, forget skips of requests that are over."""
         now = self.clock()
-        for rid, h in list(self.held.items()):
+        for key, h in list(self.held.items()):
             if h.request.deadline <= now and not h.busy:
-                self._drop(rid, "request expired")
+                self._drop(key, "request expired")
             elif h.park_until and now >= h.park_until and h.holder is None and not h.busy:
                 self._release(h)
-        for rid in [r for r, (_, deadline) in self._skips.items() if deadline <= now]:
-            del self._skips[rid]
+        for key in [k for k, (_, deadline) in self._skips.items() if deadline <= now]:
+            del self._skips[key]
 
     # ---- answers from the browser ----
 
     def holding(self, name: str, request_id: Any) -> Held:
         if not isinstance(request_id, str) or not 0 < len(request_id) <= P.MAX_ID_CHARS:
             raise DeskError(422, "request_id must be a string of 1-128 characters")
-        h = self.held.get(request_id)
-        if h is None or h.holder != name:
+        # A person holds at most one request, so its id alone names it.
+        h = next(
+            (h for h in self.held.values() if h.holder == name and h.request.request_id == request_id), None
+        )
+        if h is None:
             raise DeskError(409, f"you do not hold request {request_id} (answered, expired or not yours)")
         return h
 
@@ -247,11 +273,12 @@ class Desk:
             fields["pixel"],
             fields["note"],
             gripper=fields["gripper"],
+            cell_id=h.request.cell_id,
         )
         try:
             state = await asyncio.wait_for(asyncio.wrap_future(fut), self.answer_timeout_s)
         except AssistError as exc:
-            self._drop(rid, f"not sent: {exc}", notify_holder=False)
+            self._drop(h.key, f"not sent: {exc}", notify_holder=False)
             status = 409 if exc.code in (P.E_ALREADY_FINAL, P.E_UNKNOWN_REQUEST) else 502
             raise DeskError(status, f"the broker refused the answer: {exc}") from None
         except asyncio.TimeoutError:
@@ -263,7 +290,7 @@ class Desk:
         seen = self.cells.get(h.request.cell_id)
         if seen is not None:
             seen.answered_here += 1
-        self._drop(rid, None, notify_holder=False)
+        self._drop(h.key, None, notify_holder=False)
         log.info("request %s answered %s by %s", rid, fields["kind"], name)
         return {
             "request_id": rid,
@@ -338,14 +365,14 @@ class Desk:
 
     # ---- internals ----
 
-    def _drop(self, rid: str, why: str | None, notify_holder: bool = True) -> None:
-        h = self.held.pop(rid, None)
+    def _drop(self, key: Key, why: str | None, notify_holder: bool = True) -> None:
+        h = self.held.pop(key, None)
         if h is None:
             return
         changed: set[str] = set()
         if h.holder is not None:
             p = self.people.get(h.holder)
-            if p is not None and p.current == rid:
+            if p is not None and p.current == key:
                 p.current = None
                 p.free_since = self.clock()
                 changed.add(p.name)
@@ -365,7 +392,7 @@ class Desk:
             if taker is not None:
                 free.remove(taker)
                 h.holder, h.given_at = taker.name, self.clock()
-                taker.current = h.request.request_id
+                taker.current = h.key
                 changed.add(taker.name)
                 continue
             if free:
@@ -388,11 +415,11 @@ class Desk:
 
     def _release(self, h: Held) -> None:
         rid = h.request.request_id
-        del self.held[rid]
+        del self.held[h.key]
         if h.skipped_by:
-            self._skips[rid] = (set(h.skipped_by), h.request.deadline)
+            self._skips[h.key] = (set(h.skipped_by), h.request.deadline)
         who = sorted(h.skipped_by)[0] if h.skipped_by else None
-        fut = self.link.release(rid, who, skip=bool(h.skipped_by))
+        fut = self.link.release(rid, who, skip=bool(h.skipped_by), cell_id=h.request.cell_id)
         fut.add_done_callback(lambda f, rid=rid: _log_release(rid, f))
 
 

@@ -34,7 +34,7 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 class ConsoleLink(_Link):
     """A `console` client of the broker. `on_event` receives ("assign", {request, waiting}),
-    ("cancel", {request_id, reason}) and ("connected", {}) / ("waiting", {waiting})."""
+    ("cancel", {request_id, cell_id, reason})."""
 
     role = "console"
 
@@ -53,8 +53,9 @@ class ConsoleLink(_Link):
         self.name = keys.name if keys is not None and keys.name else name
         self._on_event = on_event
         self._lock = threading.Lock()
-        self._replies: dict[str, Future] = {}  # request id -> Future of the broker's ack
-        self._unacked: dict[str, tuple[bytes, dict]] = {}  # answers/releases to resend after a reconnect
+        # Keyed by (cell_id, request_id): request ids are unique per cell only (docs/protocol.md).
+        self._replies: dict[tuple[str, str], Future] = {}  # -> Future of the broker's ack
+        self._unacked: dict[tuple[str, str], tuple[bytes, dict]] = {}  # answers/releases to resend
         self._status_futs: list[Future] = []
         self._ready_out = False  # thread side: one READY is outstanding (the broker keeps one per peer)
         self._want = 0  # thread side: how many more requests the page can use right now
@@ -75,11 +76,13 @@ class ConsoleLink(_Link):
         pixel: tuple[int, int] | None = None,
         note: str = "",
         gripper: str | None = None,
+        cell_id: str = "",
     ) -> Future:
         """Send a person's answer; the Future ends with the journaled state ("answered") or AssistError.
         `gripper` goes with a 'point': the gripper the person chose for that spot (None: the cell's)."""
         body = {
             "request_id": request_id,
+            "cell_id": cell_id or None,
             "kind": kind,
             "candidate_index": candidate_index,
             "pixel": list(pixel) if pixel is not None else None,
@@ -89,14 +92,14 @@ class ConsoleLink(_Link):
         }
         if gripper is not None:
             body["gripper"] = gripper
-        return self._request_ack(request_id, P.ANSWER, body)
+        return self._request_ack((cell_id, request_id), P.ANSWER, body)
 
-    def release(self, request_id: str, on_behalf_of: str | None, skip: bool) -> Future:
+    def release(self, request_id: str, on_behalf_of: str | None, skip: bool, cell_id: str = "") -> Future:
         """Give a held request back; skip=True asks the broker not to offer it to this console again."""
-        body: dict[str, Any] = {"request_id": request_id, "skip": bool(skip)}
+        body: dict[str, Any] = {"request_id": request_id, "cell_id": cell_id or None, "skip": bool(skip)}
         if on_behalf_of is not None:
             body["on_behalf_of"] = on_behalf_of
-        return self._request_ack(request_id, P.RELEASE, body)
+        return self._request_ack((cell_id, request_id), P.RELEASE, body)
 
     def status(self) -> Future:
         """The broker's queue status (waiting, held, associates, cells) as a Future of the reply map."""
@@ -106,14 +109,14 @@ class ConsoleLink(_Link):
 
     # ---- internals ----
 
-    def _request_ack(self, request_id: str, msg_type: bytes, body: dict) -> Future:
+    def _request_ack(self, key: tuple[str, str], msg_type: bytes, body: dict) -> Future:
         fut: Future = Future()
         with self._lock:
-            old = self._replies.pop(request_id, None)
-            self._replies[request_id] = fut
+            old = self._replies.pop(key, None)
+            self._replies[key] = fut
         if old is not None and not old.done():
             old.set_exception(AssistError("superseded by a newer message for this request"))
-        self._call("send", request_id, msg_type, body)
+        self._call("send", key, msg_type, body)
         return fut
 
     def _heartbeat_body(self) -> dict:
@@ -124,8 +127,8 @@ class ConsoleLink(_Link):
             self._want = cmd[1]
             self._maybe_ready()
         elif cmd[0] == "send":
-            _, rid, msg_type, body = cmd
-            self._unacked[rid] = (msg_type, body)
+            _, key, msg_type, body = cmd
+            self._unacked[key] = (msg_type, body)
             self._send(msg_type, body)
         elif cmd[0] == "status":
             self._status_futs.append(cmd[1])
@@ -145,6 +148,7 @@ class ConsoleLink(_Link):
 
     def _on_message(self, msg_type: bytes, body: dict) -> None:
         rid = body.get("request_id")
+        cell_id = body.get("cell_id") if isinstance(body.get("cell_id"), str) else ""
         if msg_type == P.ASSIGN:
             self._ready_out = False
             self._want = max(0, self._want - 1)
@@ -161,25 +165,35 @@ class ConsoleLink(_Link):
             self._on_event("assign", {"request": req, "waiting": waiting if isinstance(waiting, int) else 0})
             self._maybe_ready()
         elif msg_type == P.CANCEL:
-            self._on_event("cancel", {"request_id": str(rid), "reason": str(body.get("reason", "cancelled"))})
+            reason = str(body.get("reason", "cancelled"))
+            self._on_event("cancel", {"request_id": str(rid), "cell_id": cell_id, "reason": reason})
         elif msg_type == P.ACK:
-            with self._lock:
-                self._unacked.pop(rid, None)
-            self._settle(rid, result=body.get("state"))
+            key = self._key(rid, cell_id)
+            self._unacked.pop(key, None)
+            self._settle(key, result=body.get("state"))
         elif msg_type == P.ERROR:
             log.warning("broker error %s %s: %s", body.get("code"), body.get("name"), body.get("message"))
             if rid is not None and body.get("code") != P.E_INTERNAL:
-                self._unacked.pop(rid, None)
-                self._settle(rid, error=AssistError(str(body.get("message")), body.get("code")))
+                key = self._key(rid, cell_id)
+                self._unacked.pop(key, None)
+                self._settle(key, error=AssistError(str(body.get("message")), body.get("code")))
         elif msg_type == P.STATUS:
             futs, self._status_futs = self._status_futs, []
             for f in futs:
                 if not f.done():
                     f.set_result(body)
 
-    def _settle(self, rid: Any, result: Any = None, error: Exception | None = None) -> None:
+    def _key(self, rid: Any, cell_id: str) -> tuple[str, str]:
+        """The (cell_id, request_id) a reply is about; a reply without cell_id matches by id alone."""
+        if cell_id:
+            return (cell_id, rid)
         with self._lock:
-            fut = self._replies.pop(rid, None)
+            keys = [k for k in self._replies if k[1] == rid]
+        return keys[0] if len(keys) == 1 else ("", rid)
+
+    def _settle(self, key: tuple[str, str], result: Any = None, error: Exception | None = None) -> None:
+        with self._lock:
+            fut = self._replies.pop(key, None)
         if fut is not None and not fut.done():
             if error is not None:
                 fut.set_exception(error)

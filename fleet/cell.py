@@ -171,6 +171,22 @@ class FleetLink:
             backoff = 0.5 if heard else min(backoff * 2, 8.0)
             if not self._paused.is_set():
                 self._halt.wait(backoff)
+        self._last_word(ctx)
+
+    def _last_word(self, ctx: zmq.Context) -> None:
+        """The cell is stopping: say so on a connection of its own (in or between sessions alike)."""
+        if self._paused.is_set():
+            return
+        dealer = ctx.socket(zmq.DEALER)
+        try:
+            ClientSecurity(self.config.keys_dir, self.config.cell_id, self.config.insecure).apply(dealer)
+            dealer.setsockopt(
+                zmq.LINGER, 2000
+            )  # ms the message may wait for the connection (CURVE handshake)
+            dealer.connect(self.config.router)
+            self._send_status(dealer)
+        finally:
+            dealer.close()
 
     def _session(self, sub: zmq.Socket, dealer: zmq.Socket) -> bool:
         """One connection; returns when the service is presumed gone. True if it was ever heard."""
@@ -267,7 +283,10 @@ class FleetLink:
 
     def _apply_update(self, msg: dict[str, Any], dealer: zmq.Socket) -> None:
         self.seq = int(msg["seq"])
-        self.kv[msg["key"]] = msg["value"]
+        if msg["value"] is None:  # a deleted key
+            self.kv.pop(msg["key"], None)
+        else:
+            self.kv[msg["key"]] = msg["value"]
         self._reconcile(dealer)
 
     # --- bring the cell to its assignment ----------------------------------------------------------
@@ -277,6 +296,8 @@ class FleetLink:
 
     def _reconcile(self, dealer: zmq.Socket) -> None:
         run, shadow, _stage = self.assignment()
+        if self._download is not None and self._download.version not in (run, shadow):
+            self._download = None  # no longer assigned (a rollback mid-download); its .part stays for later
         ready: set[str] = set()  # versions whose file is here and verified against the announcement
         for v in (run, shadow):
             if v is None:

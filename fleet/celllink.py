@@ -8,9 +8,9 @@ the ledger shipper. `arm.daemon.CellDaemon(fleet=CellFleet(...))` is the whole h
   challenger. The live model's decision is what the cell does; each plan's disagreement and, for every
   executed attempt, both models' predicted p(success) beside the actual outcome are appended to
   `<data>/fleet/shadow.jsonl` and counted for the stage's rule (see fleet.rollout).
-- Counts per model version (for the canary's rule) and picks per hour come from the daemon's tote
-  reports; the cell's state from the arm (protective stop), the controller (stopping) and the assist
-  client (questions waiting for a person).
+- Counts per model version (for the canary's rule) come from every attempt, for the version that
+  planned it; picks per hour from the daemon's tote reports; the cell's state from the arm (protective
+  stop), the controller (stopping) and the assist client (questions waiting for a person).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class CellFleet:
         if self.link is not None:
             self.link.stop()
         if self.shipper is not None:
-            self.shipper.stop()
+            self.shipper.stop(drain_s=5.0)  # what the last tote wrote, if the learner is there to take it
 
     def wrap(self, planner: Callable[[Frame], Plan]) -> Callable[[Frame], Plan]:
         return planner if isinstance(planner, ShadowPlanner) else ShadowPlanner(planner, self)
@@ -128,23 +128,15 @@ class CellFleet:
             self._shadow_seen.clear()
         return True, f"shadowing {version}"
 
-    def on_tote(self, rep: Any) -> None:
-        version = self.daemon.stats.model_version
-        c = Counts()
-        for a in rep.attempts:
-            auto = a.decided_by == "model"
-            placed = bool(a.outcome.success and a.placed is not None and a.placed.success)
-            c = c + Counts(
-                picks=int(placed),
-                auto_attempts=int(auto),
-                auto_success=int(auto and a.outcome.success),
-                auto_picks=int(auto and placed),
-                items_done=int(placed),
-            )
-        c = c + Counts(items_done=int(rep.assists_expired))
-        now = time.time()
+    def _count(self, version: str, c: Counts) -> None:
         with self._lock:
             self.counts[version] = self.counts.get(version, Counts()) + c
+
+    def on_tote(self, rep: Any) -> None:
+        """After each tote: picks per hour, and the items given up (questions that expired)."""
+        self._count(self.daemon.stats.model_version, Counts(items_done=int(rep.assists_expired)))
+        now = time.time()
+        with self._lock:
             self._picks.append((now, rep.picks))
             while self._picks and self._picks[0][0] < now - 3600:
                 self._picks.popleft()
@@ -191,8 +183,20 @@ class CellFleet:
             )
 
     def _on_attempt(self, attempt: Any, plan: Plan) -> None:
-        """Called by the controller after every attempt: match it to the shadow scores of its plan."""
+        """Called by the controller after every attempt: count it for the model that planned it (a swap
+        mid-tote is counted right), and match it to the shadow scores of its plan."""
         placed = bool(attempt.outcome.success and attempt.placed is not None and attempt.placed.success)
+        auto = attempt.decided_by == "model"
+        self._count(
+            plan.model_version,
+            Counts(
+                picks=int(placed),
+                auto_attempts=int(auto),
+                auto_success=int(auto and attempt.outcome.success),
+                auto_picks=int(auto and placed),
+                items_done=int(placed),
+            ),
+        )
         with self._lock:
             seen = self._shadow_seen.get(plan.frame_id)
             if seen is None:

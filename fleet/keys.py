@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def init_fleet(fleet_dir: str | Path, cells: list[str]) -> list[Path]:
     d = Path(fleet_dir)
     keys = d / "keys"
     (keys / "allowed").mkdir(parents=True, exist_ok=True)
+    # Only the fleet's owner may read its keys or talk to its control socket (ipc://<fleet>/control.sock).
+    os.chmod(d, 0o700)
     if not (keys / f"{SERVER_KEY_NAME}.key_secret").exists():
         new_keypair(SERVER_KEY_NAME, keys)
     if not (keys / signing.PRIVATE_NAME).exists():

@@ -142,10 +142,14 @@ class FleetService:
         }
 
     def _set(self, key: str, value: Any, pub: zmq.Socket | None) -> None:
+        """One numbered update; value None deletes the key (the Clone pattern's empty value)."""
         if self.kv.get(key) == value:
             return
         self.seq += 1
-        self.kv[key] = value
+        if value is None:
+            self.kv.pop(key, None)
+        else:
+            self.kv[key] = value
         if pub is not None:
             pub.send_multipart(
                 [b"kv", pack({"epoch": self.epoch, "seq": self.seq, "key": key, "value": value})]
@@ -153,10 +157,14 @@ class FleetService:
 
     def _publish_state(self, pub: zmq.Socket | None) -> None:
         """Bring the key-value store in line with the state; each change goes out as one update."""
-        for v in (self.state["live"], self.state["candidate"]):
-            if v is not None:
-                self._set(f"model/{v}", self._model_value(v), pub)
+        needed = {v for v in (self.state["live"], self.state["candidate"]) if v is not None}
+        for v in sorted(needed):
+            self._set(f"model/{v}", self._model_value(v), pub)
         self._set("rollout", self._rollout_value(), pub)
+        # Versions no cell runs any more leave the store, so a snapshot stays small (their files stay
+        # in the registry: a rollback announces them again).
+        for key in [k for k in self.kv if k.startswith("model/") and k.removeprefix("model/") not in needed]:
+            self._set(key, None, pub)
 
     # --- operations (run on the service thread, from the control socket) -------------------------
 
@@ -166,6 +174,15 @@ class FleetService:
             self.allowlist.refresh()
             names |= set(self.allowlist.names.values())
         return sorted(names)
+
+    def _check_cells(self, cells: list[str]) -> None:
+        known = set(self.known_cells())
+        unknown = sorted(set(cells) - known)
+        if unknown:
+            raise FleetError(
+                f"unknown cells {unknown}: the fleet knows {sorted(known) or 'none yet'} "
+                "(a cell is known by its key in keys/allowed/ or by reporting)"
+            )
 
     def _change(self, **fields: Any) -> None:
         self.state.update(fields)
@@ -197,6 +214,7 @@ class FleetService:
                 f"version {self.state['candidate']} is in {self.state['stage']}; "
                 "promote or roll it back before starting another"
             )
+        self._check_cells(cells)
         stage = stage or ("shadow" if cells else "canary")
         if stage == "shadow" and not cells:
             raise FleetError("a shadow stage needs the cells that run it (--cells)")
@@ -218,6 +236,7 @@ class FleetService:
             raise FleetError(
                 f"{v} in {stage}: the rule says {verdict.verdict} ({verdict.reason}); wait, or --force"
             )
+        self._check_cells(cells)
         if stage == "shadow":
             cells = cells or canary_cells(self.known_cells(), self.config.rollout.canary_share, v)
             self._change(stage="canary", cells=sorted(cells))
@@ -313,10 +332,10 @@ class FleetService:
                 cells[name] = {"state": "never seen"}
                 continue
             age = now - rep["received"]
+            # Silent for three report intervals: unreachable, unless its last word was that it stopped.
+            fresh = age < 3 * self.config.rollout.status_interval_s + 2 or rep.get("state") == "stopped"
             cells[name] = {
-                "state": rep.get("state")
-                if age < 3 * self.config.rollout.status_interval_s + 2
-                else "unreachable",
+                "state": rep.get("state") if fresh else "unreachable",
                 "model_version": rep.get("model_version"),
                 "stage": rep.get("stage"),
                 "shadow_version": (rep.get("shadow") or {}).get("version"),

@@ -73,6 +73,7 @@ class LedgerShipper:
         self.batches = 0
         self.last_error = ""
         self._halt = threading.Event()
+        self._finishing = threading.Event()  # stop once nothing is left to ship
         self._thread: threading.Thread | None = None
         self._batch_id = 0
 
@@ -81,7 +82,11 @@ class LedgerShipper:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop; with `drain_s`, first keep shipping for up to that long until nothing is left."""
+        if drain_s > 0 and self._thread is not None:
+            self._finishing.set()
+            self._thread.join(drain_s)
         self._halt.set()
         if self._thread is not None:
             self._thread.join(10.0)
@@ -165,6 +170,8 @@ class LedgerShipper:
                     backoff = 0.5
                 batch = self._read_batch(self.cursor)
                 if batch is None:
+                    if self._finishing.is_set():
+                        break  # everything the ledger held is at the learner
                     self._halt.wait(cfg.idle_s)
                     continue
                 reply = self._ask(sock, {"t": "batch", "cell": cfg.cell_id, "site": cfg.site, **batch})

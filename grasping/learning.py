@@ -456,12 +456,19 @@ def fit_item_kinds(descriptor: np.ndarray, k: int, seed: int) -> dict[str, Any] 
 
 
 def item_kinds(ds: Dataset, kinds_model: dict[str, Any] | None = None) -> np.ndarray:
-    """(N,) str: each row's kind of item: its family where known (simulation), else its shape kind
-    (`shape-<j>`, the nearest `fit_item_kinds` centroid of its descriptor), else "unknown"."""
-    out = np.where(ds.family != "", ds.family, "unknown").astype(object)
+    """(N,) str: each row's kind of item: its family where known (simulation; a row without one takes
+    that of another row on the same item), else its shape kind (`shape-<j>`, the nearest
+    `fit_item_kinds` centroid of its descriptor), else "unknown"."""
+    family = ds.family.astype(str).copy()
+    # Rows without a family (a person's label on a candidate) take the family another row on the
+    # same item has (the executed attempt on it), where there is one.
+    known = {k: f for k, f in zip(ds.item.astype(str), family, strict=True) if k and f}
+    if known:
+        family = np.array([f or known.get(k, "") for k, f in zip(ds.item.astype(str), family, strict=True)])
+    out = np.where(family != "", family, "unknown").astype(object)
     if kinds_model and ds.descriptor.shape[1] == len(kinds_model["center"]):
         d = ds.descriptor
-        ok = (ds.family == "") & np.isfinite(d).all(axis=1)
+        ok = (family == "") & np.isfinite(d).all(axis=1)
         if ok.any():
             z = (d[ok] - np.asarray(kinds_model["center"])) / np.asarray(kinds_model["scale"])
             c = np.asarray(kinds_model["centroids"])

@@ -96,20 +96,12 @@ class Watchdog:
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ledoit-Wolf (2004) shrinkage of the sample covariance towards mu * I. Returns (cov, shrinkage)."""
-    x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
-    xc = x - x.mean(axis=0)
-    s = xc.T @ xc / n
-    mu = np.trace(s) / d
-    delta = np.sum((s - mu * np.eye(d)) ** 2) / d
-    # beta: how noisy the sample covariance is, estimated from the data itself.
-    x2 = xc**2
-    beta = (np.sum(x2.T @ x2) / n - np.sum(s**2)) / (d * n)
-    beta = min(beta, delta)
-    shrink = 0.0 if delta == 0 else beta / delta
-    cov = shrink * mu * np.eye(d) + (1 - shrink) * s
-    return cov, float(shrink)
+    """Ledoit-Wolf (2004) shrinkage of the sample covariance towards mu * I (scikit-learn's
+    `LedoitWolf`, maximum-likelihood centring). Returns (cov, shrinkage)."""
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf(assume_centered=False).fit(np.asarray(x, dtype=np.float64))
+    return lw.covariance_, float(lw.shrinkage_)
 
 
 def _scene_groups(

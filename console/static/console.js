@@ -193,6 +193,7 @@
       shownId = "";
       $("stage").setAttribute("data-request-id", "");
       $("picture").hidden = true;
+      $("zoom").hidden = true;
       $("idle").hidden = false;
       $("cell").textContent = "—";
       $("asked").textContent = "";

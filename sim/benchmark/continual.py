@@ -70,14 +70,47 @@ def quick_config(rounds: int, seed: int) -> ContinualConfig:
     )
 
 
+def without_family(export_dir: str | Path, family: str, out_dir: Path) -> Path:
+    """A copy of a ledger export without one family's rows (shards re-hashed in a new manifest).
+
+    The starting model trains on it, and the learner replays it: the new kind's only examples are
+    then the ones the cell itself records."""
+    import hashlib
+
+    src = Path(export_dir)
+    manifest = json.loads((src / "manifest.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for sh in manifest["shards"]:
+        with np.load(src / sh["file"], allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        keep = arrays["family"].astype(str) != family
+        arrays = {k: v[keep] for k, v in arrays.items()}
+        path = out_dir / sh["file"]
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        shards.append(
+            {**sh, "rows": int(keep.sum()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        )
+    removed = sum(sh["rows"] for sh in manifest["shards"]) - sum(sh["rows"] for sh in shards)
+    if removed == 0:
+        log.warning("the start data %s holds no %r rows: nothing was left out", src, family)
+    manifest = {
+        **manifest,
+        "shards": shards,
+        "without_family": family,
+        "rows": sum(s["rows"] for s in shards),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
 def train_start_model(cfg: ContinualConfig, out: Path) -> Path:
-    """The experiment's starting model: trained on the start data without the new family."""
+    """The experiment's starting model: trained on the start data (its new-family rows removed)."""
     from grasping.learning import TrainConfig, load_dataset, train
 
     ds = load_dataset(cfg.start_data)
     keep = np.flatnonzero(ds.family != cfg.new_family)
-    if keep.size == len(ds):
-        log.warning("the start data holds no %r rows: nothing was left out", cfg.new_family)
     tcfg = TrainConfig(
         epochs=cfg.start_epochs,
         seed=cfg.seed,
@@ -150,6 +183,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     t0 = time.time()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data")))
     start = train_start_model(cfg, work / "start.safetensors")
     reg = ModelRegistry(work / "registry")
     reg.add(start)

@@ -52,3 +52,22 @@ def test_the_plan_made_while_placing_is_discarded_when_the_place_moved_an_item_u
     assert rep.lookahead_discarded >= 1
     # The cell planned again on a fresh frame and still cleared the tote.
     assert rep.status == "cleared" and {a, b} <= set(st.cell.items_in_box())
+
+
+def test_the_plan_made_while_placing_is_discarded_when_the_model_was_swapped_meanwhile(stack_factory):
+    st = stack_factory()
+    a, b = _two_cartons(st)
+    old = st.controller.planner
+    swapped = []
+
+    def swap_after_first_attempt(att, plan):
+        # A hot-swap lands after the first place, when the look-ahead plan was made by the old planner.
+        if not swapped:
+            st.controller.planner = ScriptedPlanner(old)
+            swapped.append(st.controller.planner)
+
+    st.controller.on_attempt = swap_after_first_attempt
+    rep = st.controller.run_tote("t0")
+    # Same scene as the first test, where nothing was discarded: here the swap voided the plan.
+    assert swapped and rep.lookahead_discarded >= 1
+    assert rep.status == "cleared" and {a, b} <= set(st.cell.items_in_box())

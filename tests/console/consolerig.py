@@ -6,6 +6,7 @@ whichever was imported last.)"""
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import threading
 import time
@@ -130,6 +131,18 @@ class Rig:
     data: Path
     endpoint: str
 
+    def another_cell(self, cell_id: str = "cell-2") -> AssistClient:
+        keys = self.data / "keys"
+        c = AssistClient(
+            self.endpoint,
+            cell_id,
+            ClientKeys.from_file(keys / f"{cell_id}.key_secret"),
+            load_public(keys / "broker.key"),
+            heartbeat_s=HB,
+        )
+        c.start()
+        return c
+
     def terminal(self, name: str = "dave") -> AssociateClient:
         """An associate at `pickcell assist`, connected to the same broker."""
         keys = self.data / "keys"
@@ -141,12 +154,30 @@ class Rig:
         )
 
 
+@pytest.fixture(scope="session")
+def accounts_file(tmp_path_factory) -> Path:
+    """alice and bob, hashed once per session (each argon2 hash costs ~0.5 s on a busy machine)."""
+    path = tmp_path_factory.mktemp("accounts") / "users.sqlite"
+    users = UserStore(path)
+    for name, pw in PASSWORDS.items():
+        users.add(name, pw)
+    users.close()
+    return path
+
+
 @pytest.fixture
-def rig(tmp_path: Path):
+def rig(tmp_path: Path, accounts_file: Path):
     keys = tmp_path / "keys"
-    for name, role in (("broker", None), ("cell-1", "cell"), ("console", "console"), ("dave", "associate")):
+    for name, role in (
+        ("broker", None),
+        ("cell-1", "cell"),
+        ("cell-2", "cell"),
+        ("console", "console"),
+        ("dave", "associate"),
+    ):
         new_key(keys, name, role)
     admit(keys, "cell-1", "cell")
+    admit(keys, "cell-2", "cell")
     admit(keys, "console", "console")
     admit(keys, "dave", "associate")  # an associate at a terminal, beside the console
     broker = Broker(
@@ -155,14 +186,13 @@ def rig(tmp_path: Path):
         )
     )
     endpoint = broker.start()
+    shutil.copyfile(accounts_file, tmp_path / "users.sqlite")  # WAL checkpointed at close: one file
     users = UserStore(tmp_path / "users.sqlite")
-    for name, pw in PASSWORDS.items():
-        users.add(name, pw)
     clock = Clock()
     console = ConsoleServer(
         BrokerAccess.from_keys_dir(endpoint, keys, "console"),
         users,
-        ConsoleConfig(tick_s=0.2, fleet_every_s=0.5),
+        ConsoleConfig(tick_s=0.2, fleet_every_s=0.5, reconnect_grace_s=30.0),
         clock=clock,
         heartbeat_s=HB,
     )

@@ -151,4 +151,8 @@ def test_expired_session_is_refused(rig, page):
     page.goto(rig.url + "/")
     page.wait_for_url(rig.url + "/login")
     assert not fut.done()  # nothing was answered on her behalf
-    wait_for(lambda: rig.console.state.desk.held.get(req.request_id) is None, 10, "the request to go back")
+    wait_for(
+        lambda: rig.console.state.desk.held.get(("cell-1", req.request_id)) is None,
+        10,
+        "the request to go back",
+    )

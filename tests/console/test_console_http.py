@@ -149,6 +149,12 @@ def test_everything_from_the_browser_is_checked(rig, people):
         ).status_code
         == 413
     )
+    chunked = alice.http.post(  # no Content-Length: the server stops reading at the limit
+        "/api/answer",
+        content=iter([b" " * 10_000] * 3),
+        headers={"X-CSRF-Token": alice.csrf, "Content-Type": "application/json"},
+    )
+    assert chunked.status_code == 413
     # Bob holds nothing: he can neither answer, skip nor see alice's request.
     assert bob.post("/api/answer", {"request_id": rid, "kind": "no_safe_pick"}).status_code == 409
     assert bob.post("/api/skip", {"request_id": rid}).status_code == 409
@@ -188,6 +194,55 @@ def test_a_skip_nobody_here_can_take_goes_to_an_associate_elsewhere(rig, people)
         assert after and all(s["request"] is None or s["request"]["request_id"] != rid for s in after)
     finally:
         dave.close()
+
+
+def test_a_page_that_drops_keeps_its_request_and_signing_out_gives_it_back(rig, people):
+    req = make_request(seed=15)
+    fut = rig.cell.ask(req)
+    alice = people("alice")
+    alice.open_page()
+    rid = wait_for(alice.holding, 10, "alice to be given the request")
+    alice._ws_cm.__exit__(None, None, None)  # the tablet's Wi-Fi drops
+    alice.states.clear()
+    alice.open_page()  # and comes back: the same question is still hers
+    assert wait_for(alice.holding, 10, "the page to show her request again") == rid
+    assert rig.console.state.desk.held[("cell-1", rid)].holder == "alice"
+    assert alice.post("/api/logout", {}).status_code == 200  # signing out gives it back at once
+    wait_for(
+        lambda: ("cell-1", rid) not in rig.console.state.desk.held, 10, "the request to go back to the broker"
+    )
+    assert not fut.done()
+
+
+def test_two_cells_with_the_same_request_id_are_two_questions(rig, people):
+    # Request ids are unique per cell only: the console keeps them apart and answers each to its cell.
+    cell2 = rig.another_cell("cell-2")
+    try:
+        r1 = make_request(seed=17, request_id="same-id")
+        r2 = make_request(cell_id="cell-2", seed=18, request_id="same-id")
+        f1, f2 = rig.cell.ask(r1), cell2.ask(r2)
+        alice, bob = people("alice"), people("bob")
+        alice.open_page()
+        bob.open_page()
+        wait_for(lambda: alice.holding() and bob.holding(), 10, "both to be given a request")
+        cells = {alice.states[-1]["request"]["cell_id"]: alice, bob.states[-1]["request"]["cell_id"]: bob}
+        assert set(cells) == {"cell-1", "cell-2"}
+        assert (
+            cells["cell-1"].post("/api/answer", {"request_id": "same-id", "kind": "no_safe_pick"}).status_code
+            == 200
+        )
+        assert (
+            cells["cell-2"]
+            .post("/api/answer", {"request_id": "same-id", "kind": "approve", "candidate_index": 7})
+            .status_code
+            == 200
+        )
+        a1, a2 = f1.result(10), f2.result(10)
+        assert (a1.kind, a2.kind, a2.candidate_index) == ("no_safe_pick", "approve", 7)
+        names = {"cell-1": a1.associate_id, "cell-2": a2.associate_id}
+        assert names == {c: p.states[-1]["you"] for c, p in cells.items()}
+    finally:
+        cell2.close()
 
 
 def test_sign_in_is_rate_limited_per_name_and_address(rig):
@@ -275,9 +330,17 @@ def test_user_store_and_cli(tmp_path, monkeypatch, capsys):
     assert UserStore(path).verify("frank", "frank-password") is False
 
 
-def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path):
+def _run(coro):
+    """Run a coroutine to its end on a fresh event loop in its own thread (Playwright's sync API may
+    hold this thread's loop when the browser tests ran first)."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(30)
+
+
+def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path):
     from console.fleet import BrokerFleetSource, FleetServiceSource
     from fleet.keys import init_fleet
     from fleet.service import FleetService, ServiceConfig
@@ -292,7 +355,7 @@ def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path)
     fleet_dir = tmp_path / "fleet"
     src = FleetServiceSource(fleet_dir, broker_view, timeout_s=1.0)
     # No fleet service yet: the broker's view, and the page says the service is not reachable.
-    alone = asyncio.run(src.snapshot())
+    alone = _run(src.snapshot())
     assert "not reachable" in alone.source
     row = {c.cell_id: c for c in alone.cells}["cell-1"]
     assert (row.state, row.assists_waiting, row.model_version) == (
@@ -304,7 +367,7 @@ def test_fleet_view_from_the_fleet_service_and_the_broker(rig, people, tmp_path)
     init_fleet(fleet_dir, ["cell-1", "cell-2"])
     svc = FleetService(ServiceConfig(fleet_dir, router="tcp://127.0.0.1:0", pub="tcp://127.0.0.1:0")).start()
     try:
-        view = asyncio.run(src.snapshot())
+        view = _run(src.snapshot())
     finally:
         svc.stop()
     assert view.source.startswith("fleet service and assist broker")

@@ -126,3 +126,7 @@ def test_a_daemon_runs_the_fleets_version_shadows_the_challenger_and_refuses_a_t
     assert s["counts"]["fleet-v1"]["picks"] == 2 and s["picks_per_hour"] > 0
     cells = send_control(fleet_dir, "status")["cells"]
     assert cells["cell-1"]["model_version"] == "fleet-v1"
+    # The daemon's last word to the fleet: it stopped (sent as it shut down).
+    wait_for(
+        lambda: send_control(fleet_dir, "status")["cells"]["cell-1"]["state"] == "stopped", 10, "stopped"
+    )

@@ -26,6 +26,7 @@ def test_init_serve_publish_status(tmp_path, capsys) -> None:
         d / "cells" / "cell-1" / "signing.pub"
     ).exists()
     assert oct((d / "keys" / "signing.ed25519").stat().st_mode & 0o777) == "0o600"
+    assert oct(d.stat().st_mode & 0o777) == "0o700"  # keys and the control socket: the owner only
     assert RolloutConfig.load(d / "fleet.toml") == RolloutConfig()  # the written defaults are the defaults
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     serve = subprocess.Popen(

@@ -236,6 +236,10 @@ def test_a_manual_rollback_reaches_every_cell(fleet_dir, service, tmp_path) -> N
         reply = send_control(fleet_dir, "rollback", reason="operator: jams at site 2")
         assert reply["ok"] and reply["to"] == "v1"
         wait_for(lambda: all(c.running == "v1" for c in cells.values()), what="v1 back everywhere")
+        assert set(service.kv) == {"rollout", "model/v1"}  # v2 left the store (a snapshot stays small)
+        wait_for(
+            lambda: all(set(c.link.kv) == {"rollout", "model/v1"} for c in cells.values()), what="deletes"
+        )
         assert ModelRegistry(fleet_dir / "registry").current_version() == "v1"
         assert all(c.loaded == ["v1", "v2", "v1"] for c in cells.values())
     finally:
@@ -281,6 +285,11 @@ def test_bad_input_gets_a_clear_error_and_the_service_keeps_serving(fleet_dir, s
     reply = send_control(fleet_dir, "publish", path="no-such-version", force=True)
     assert not reply["ok"] and "no-such-version" in reply["error"]
     assert not send_control(fleet_dir, "frobnicate")["ok"]
+    publish(fleet_dir, make_version("v1", tmp_path))
+    reply = send_control(
+        fleet_dir, "publish", path=str(make_version("v2", tmp_path)), force=True, cells=["cel-1"]
+    )
+    assert not reply["ok"] and "unknown cells ['cel-1']" in reply["error"]  # a typo does not shadow on nobody
     # Garbage and unknown messages on the cells' socket get an error reply, not a dead service.
     import zmq
 

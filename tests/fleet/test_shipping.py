@@ -189,3 +189,22 @@ def test_a_key_cannot_ship_rows_as_another_cell(fleet_dir, tmp_path) -> None:
         assert gap["t"] == "cursor" and gap["cursor"] == {}  # a batch past the cursor is refused
     finally:
         intake.stop()
+
+
+def test_a_clean_stop_ships_what_is_left_first(fleet_dir, tmp_path) -> None:
+    from fleet.shipping import IntakeConfig, LedgerIntake, LedgerShipper, ShipConfig
+
+    ledger_path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(ledger_path, cell_id="cell-1")
+    fill(ledger, np.random.default_rng(3), 0, 40)
+    ledger.close()
+    intake = LedgerIntake(IntakeConfig(tmp_path / "in", "tcp://127.0.0.1:0", fleet_dir / "keys")).start()
+    try:
+        shipper = LedgerShipper(
+            ShipConfig(ledger_path, "cell-1", intake.endpoint, fleet_dir / "cells" / "cell-1", batch_rows=3)
+        ).start()
+        shipper.stop(drain_s=60.0)
+        assert shipper.pending_rows() == 0
+        assert replica_rows(tmp_path / "in" / "site-1" / "cell-1.sqlite") == 40 * 5 + 4
+    finally:
+        intake.stop()

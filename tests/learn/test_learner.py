@@ -260,3 +260,56 @@ def test_the_gate_refuses_a_model_that_forgets_an_old_kind_and_names_it(tmp_path
     # The same model against itself passes the per-kind checks.
     same = gate(inc, inc, holdout, GateTolerance(kind_min_rows=30, ece_max=1.0))
     assert not any(r.startswith("FAIL") and "kind" in r for r in same.reasons)
+
+
+def test_the_service_survives_a_failing_round_and_stops_on_request(tmp_path) -> None:
+    import logging
+    import threading
+
+    from learn.learner import run_service
+
+    cfg = LearnConfig(
+        ledgers=(str(tmp_path / "nowhere" / "*.db"),),  # no ledger yet: every check fails
+        registry=str(tmp_path / "registry"),
+        work_dir=str(tmp_path / "work"),
+        triggers=TriggerConfig(poll_s=0.01),
+    )
+    stop = threading.Event()
+    failures = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "learning round failed" in record.getMessage():
+                failures.append(record)
+                if len(failures) >= 3:
+                    stop.set()  # it kept going after failures; now ask it to stop
+
+    h = Count()
+    logging.getLogger("learn.learner").addHandler(h)
+    try:
+        t = threading.Thread(target=run_service, args=(cfg, stop), daemon=True)
+        t.start()
+        t.join(timeout=60)
+    finally:
+        logging.getLogger("learn.learner").removeHandler(h)
+    assert not t.is_alive() and len(failures) >= 3
+    assert "no ledger files match" in str(failures[0].exc_info[1])
+
+
+def test_item_kinds_are_families_or_shapes_and_a_persons_label_takes_its_items_family() -> None:
+    from grasping.learning import fit_item_kinds, item_kinds
+
+    ds, _ = make_dataset_synth(4, seed=31, rows_per_scene=3)  # 12 rows
+    n = len(ds)
+    rng = np.random.default_rng(0)
+    desc = np.concatenate([rng.normal(0, 0.1, (6, D)), rng.normal(5, 0.1, (6, D))])
+    family = np.array(["tube", "", "", "", "", "", "", "", "", "", "", ""])
+    item = np.array(["p1:0", "p1:0", "p2:1", "", "", "", "", "", "", "", "", ""])
+    ds = replace(ds, family=family, item=item, descriptor=desc)
+    model = fit_item_kinds(desc[family == ""], k=2, seed=0)
+    kinds = item_kinds(ds, model)
+    assert kinds[0] == kinds[1] == "tube"  # the passed-over row on the tube's item is a tube
+    shapes = set(kinds[2:6]) | set(kinds[6:])
+    assert len(set(kinds[3:6])) == 1 and len(set(kinds[6:])) == 1 and kinds[3] != kinds[6]
+    assert shapes <= {"shape-0", "shape-1"}
+    assert item_kinds(replace(ds, descriptor=np.zeros((n, 0))), None)[5] == "unknown"
