@@ -25,6 +25,19 @@ if need_libusb; then
   fi
 fi
 
+# The web console's browser tests (tests/console) drive Debian's chromium through Playwright, which
+# ships its driver but not a browser. Installed for `./run.sh test` only, and only when missing.
+need_chromium() { [ ! -x /usr/bin/chromium ]; }
+if [ "${1:-demo}" = "test" ] && need_chromium; then
+  echo "[setup] installing chromium (needed by the console's browser tests)" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo_cmd="sudo"
+  if ! { $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium; } >/dev/null 2>&1; then
+    echo "[setup] ERROR: could not install chromium. Install it yourself (apt-get install -y chromium) and re-run." >&2
+    exit 1
+  fi
+fi
+
 python_bin="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv" >&2

@@ -51,6 +51,8 @@ from arm.interfaces import (
     ToteFeed,
 )
 from arm.items import ItemMemory, ItemMemoryConfig, TrackedItem
+from arm.lookahead import Lookahead
+from grasping.draw import offered_indices
 from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
 from grasping.types import Candidate, Frame, ItemCluster, Plan, matrix_to_quat
 from hitl.messages import AssistAnswer, AssistRequest, CandidateView
@@ -87,6 +89,7 @@ class ControllerConfig:
     idle_step_s: float = 0.25  # robot idles in steps of this length when it can only wait, seconds
     wall_poll_s: float = 0.02  # wall-clock sleep per idle step, so answers from other threads arrive, seconds
     answer_depth_tolerance_m: float = 0.01  # an approved candidate is still valid if the surface moved less
+    plan_while_placing: bool = True  # capture and plan while the arm places, where it can (arm/lookahead.py)
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
@@ -125,6 +128,9 @@ class ToteReport:
     estop_s: float = 0.0  # robot seconds held in a protective stop
     plans: int = 0
     plan_latency_ms: list[float] = field(default_factory=list)
+    plan_exposed_ms: list[float] = field(default_factory=list)  # the part of each plan the arm waited for
+    lookahead_used: int = 0  # plans made while placing and used, count
+    lookahead_discarded: int = 0  # ... and discarded (the place failed or the tote changed), count
     robot_seconds: float = 0.0
     items_set_aside: list[str] = field(default_factory=list)  # why each item set aside was set aside
     max_attempts_on_one_item: int = 0  # most tries on one item (as the cell told items apart), count
@@ -186,9 +192,10 @@ class CellController:
         assist: AssistChannel | None = None,
         ledger: Any | None = None,
         packer: Any | None = None,
-        render_png: Callable[[Frame, Plan], bytes] | None = None,
+        render_png: Callable[..., bytes] | None = None,  # (frame, plan, indices=[...]) -> PNG
         metrics: Any | None = None,
         config: ControllerConfig | None = None,
+        pixel_candidate: Callable[[Frame, int, int, str], Any] | None = None,
     ) -> None:
         self.arm = arm
         self.camera = camera
@@ -200,10 +207,24 @@ class CellController:
         self.render_png = render_png
         self.metrics = metrics
         self.config = config or ControllerConfig()
+        # (frame, u, v, gripper) -> grasping.pixel_candidate.PixelCandidate: turns a clicked pixel
+        # into a planner candidate with its patch and features, so the attempt is a training row.
+        # None: grasping.pixel_grasp's suction grasp (executed, but stored without an observation).
+        self.pixel_candidate = pixel_candidate
         self._stop = threading.Event()
         self._planner_lock = threading.Lock()
         # Called after every attempt with (attempt, the plan it came from): benchmarks and UIs listen here.
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
+        # Called after every question with (request, centre (3,) of the item it is about, base frame).
+        self.on_ask: Callable[[AssistRequest, np.ndarray], None] | None = None
+        # Sensing and planning while the arm places (arm/lookahead.py); used where the arm can say
+        # when it has left the camera's view (arm.interfaces.ViewClearNotice).
+        self.lookahead = Lookahead(
+            camera,
+            lambda: self.planner,
+            lambda: self.arm.robot_time,
+            self.config.answer_depth_tolerance_m,
+        )
 
     # --- control from other threads -------------------------------------------------------------
 
@@ -232,6 +253,8 @@ class CellController:
             )
         )
         pending = st.pending
+        self.lookahead.reset()  # a look taken during the last tote's final place is not this tote
+        ahead_counts = (self.lookahead.used, self.lookahead.discarded)
         looked_again = False
         holding = False  # in a protective stop
         empty_captures = 0
@@ -257,9 +280,10 @@ class CellController:
                 break
             # 1. answers that came back
             self._apply_answers(rep, tote_id, st)
-            # 2. observe and plan
+            # 2. observe and plan (or take the plan made while the arm placed: arm/lookahead.py)
             try:
-                frame = self.camera.capture()
+                ahead = self.lookahead.take() if cfg.plan_while_placing else None
+                frame = ahead.frame if ahead is not None else self.camera.capture()
             except CameraError as exc:
                 camera_failures += 1
                 log.warning("camera capture failed (%d/%d): %s", camera_failures, cfg.camera_retries, exc)
@@ -270,11 +294,18 @@ class CellController:
                 self.arm.idle(cfg.idle_step_s)
                 continue
             camera_failures = 0
-            with self._planner_lock:
-                planner = self.planner
-            plan = planner(frame)
+            if ahead is not None and ahead.plan is not None:
+                plan = ahead.plan
+            else:
+                with self._planner_lock:
+                    planner = self.planner
+                plan = planner(frame)
             rep.plans += 1
             rep.plan_latency_ms.append(plan.latency_ms)
+            planned_ahead = ahead is not None and ahead.plan is not None
+            rep.plan_exposed_ms.append(ahead.exposed_ms if planned_ahead else plan.latency_ms)
+            rep.lookahead_used = self.lookahead.used - ahead_counts[0]
+            rep.lookahead_discarded = self.lookahead.discarded - ahead_counts[1]
             self._observe_plan(plan)
             plan_id = None
             if self.ledger is not None:
@@ -365,7 +396,7 @@ class CellController:
                 )
                 st.skipped.append(centre)
                 continue
-            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots)
+            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots, item=cand.cluster)
 
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
@@ -452,29 +483,33 @@ class CellController:
         centre: np.ndarray,
         pending: dict[str, _Pending],
         failed_spots: Sequence[np.ndarray] = (),
+        item: int | None = None,
     ) -> None:
         cfg = self.config
-        png = self.render_png(frame, plan) if self.render_png is not None else b""
-        # Offer the best 20 candidates that have not already failed in this tote: an associate who
-        # approves a spot the cell just failed at would see it fail again (measured in the benchmark:
-        # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back.
+        # Offer the best 20 distinct candidates that have not already failed in this tote: an associate
+        # who approves a spot the cell just failed at would see it fail again (measured in the benchmark:
+        # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back, and
+        # the picture draws exactly this list, so every number the person sees is one they can answer.
         spots = list(failed_spots)
-        fresh = [
-            (k, c)
-            for k, c in enumerate(plan.candidates)
-            if not _near(c.grasp.position, spots, cfg.failed_spot_radius_m)
-        ]
+        def failed(k: int) -> bool:
+            return _near(plan.candidates[k].grasp.position, spots, cfg.failed_spot_radius_m)
+
+        def on_item(k: int) -> bool:
+            return _near(_centre_of(plan, plan.candidates[k]), [centre], cfg.item_radius_m)
+
         # The item asked about first (best first), then the rest: "approve the first" means this item.
-        fresh.sort(key=lambda kc: not _near(_centre_of(plan, kc[1]), [centre], cfg.item_radius_m))
+        offered = offered_indices(plan, 20, exclude=lambda k: failed(k) or not on_item(k))
+        offered += offered_indices(plan, 20 - len(offered), exclude=lambda k: failed(k) or on_item(k))
+        png = self.render_png(frame, plan, indices=offered) if self.render_png is not None else b""
         views = tuple(
             CandidateView(
                 index=k,
-                u=int(c.pixel[0]),
-                v=int(c.pixel[1]),
-                gripper=c.grasp.gripper,
-                p_success=float(c.score),
+                u=int(plan.candidates[k].pixel[0]),
+                v=int(plan.candidates[k].pixel[1]),
+                gripper=plan.candidates[k].grasp.gripper,
+                p_success=float(plan.candidates[k].score),
             )
-            for k, c in fresh[:20]
+            for k in offered
         )
         now = time.time()
         req = AssistRequest(
@@ -490,6 +525,9 @@ class CellController:
                 "frame_id": plan.frame_id,
                 "plan_id": plan_id,
                 "model_version": plan.model_version,
+                # The item asked about (plan cluster): a "no safe pick" answer labels its
+                # candidates only, never those on other items shown in the same picture.
+                "item": None if item is None or item < 0 else int(item),
             },
         )
         if self.ledger is not None:
@@ -500,6 +538,8 @@ class CellController:
         )
         rep.assists_requested += 1
         self._count("assists_requested")
+        if self.on_ask is not None:
+            self.on_ask(req, np.asarray(centre))
         log.info("asked a person (%s): %s", req.request_id[:8], "; ".join(plan.reasons))
 
     def _apply_answers(self, rep: ToteReport, tote_id: str, st: _ToteState) -> None:
@@ -556,21 +596,69 @@ class CellController:
                     log.info("approved candidate %d: the surface moved since the question; skipped", k)
                     continue
                 self._pick_and_place(
-                    rep, st, tote_id, p.plan, p.plan_id, k, cand.grasp, who, cand.p_success, item
-                )
+                    rep, st, tote_id, p.plan, p.plan_id, k, cand.grasp, who, cand.p_success,
+                    request_id=rid, tracked=item,
+                )  # fmt: skip
             elif answer.kind == "point" and answer.pixel is not None:
-                try:
-                    frame = self.camera.capture()
-                    grasp = grasp_from_pixel(frame, *answer.pixel)
-                except (PixelGraspError, CameraError) as exc:
-                    log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
-                    continue
-                item = st.items.get(p.centre)
-                if item.set_aside:
+                tracked = st.items.get(p.centre)
+                if tracked.set_aside:
                     log.info("clicked pixel on an item already set aside: skipped")
                     continue
-                self._pick_and_place(rep, st, tote_id, p.plan, p.plan_id, None, grasp, who, None, item)
+                self._apply_point(rep, st, tote_id, p, answer, who, tracked)
             # "skip": nothing to do; the item may be asked about again later.
+
+    def _apply_point(
+        self,
+        rep: ToteReport,
+        st: _ToteState,
+        tote_id: str,
+        p: _Pending,
+        answer: AssistAnswer,
+        who: str,
+        tracked: TrackedItem | None = None,
+    ) -> None:
+        """Execute a clicked pixel, if the surface under it is where it was when the person looked.
+
+        If it moved, nothing is executed and the item stays unmarked: the loop plans it afresh and,
+        still unsure, asks again about what is there now. The click becomes a planner candidate
+        (`pixel_candidate`) so its attempt is stored with a patch and features and labelled by its
+        outcome; the item it is on in the plan the person saw is recorded with it.
+        """
+        u, v = answer.pixel
+        try:
+            frame = self.camera.capture()
+        except CameraError as exc:
+            log.info("clicked pixel %s: no frame to check it against (%s)", answer.pixel, exc)
+            return
+        d0, d1 = _window_depth(p.frame, u, v), _window_depth(frame, u, v)
+        if d0 is not None and d1 is not None and abs(d1 - d0) > self.config.answer_depth_tolerance_m:
+            log.info(
+                "clicked pixel %s: the surface moved %.3f m since the question; asking again",
+                answer.pixel,
+                d1 - d0,
+            )
+            self._count("answers_stale")
+            return
+        gripper = answer.gripper or "suction"
+        try:
+            if self.pixel_candidate is not None:
+                pc = self.pixel_candidate(frame, u, v, gripper)
+                grasp, patch, features, descriptor = pc.grasp, pc.patch, pc.features, pc.descriptor
+            else:
+                if gripper != "suction":
+                    raise PixelGraspError(f"no {gripper} grasp at a pixel without a pixel_candidate builder")
+                grasp, patch, features, descriptor = grasp_from_pixel(frame, u, v), None, None, None
+        except (PixelGraspError, CameraError) as exc:
+            log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
+            return
+        item = _item_at(p.plan, grasp.position, self.config.item_radius_m)
+        if descriptor is None and item is not None:
+            descriptor = p.plan.clusters[item].descriptor
+        self._pick_and_place(
+            rep, st, tote_id, p.plan, p.plan_id, None, grasp, who, None,
+            request_id=p.request.request_id, item=item, item_descriptor=descriptor,
+            patch=patch, features=features, tracked=tracked,
+        )  # fmt: skip
 
     def _still_valid(self, cand: Candidate, frame_then: Frame) -> bool:
         """Is the surface under an approved candidate where it was when the person looked?
@@ -599,9 +687,16 @@ class CellController:
         grasp: Grasp,
         decided_by: str,
         p_success: float | None,
-        item: TrackedItem | None = None,
+        *,
+        request_id: str | None = None,
+        item: int | None = None,
+        item_descriptor: np.ndarray | None = None,
+        patch: np.ndarray | None = None,
+        features: np.ndarray | None = None,
+        tracked: TrackedItem | None = None,
     ) -> Attempt:
         out = self.arm.pick(grasp)
+        rep.estop_s += _stop_held_s(out)  # a protective stop held inside the motion (stop category 2)
         placed = None
         if out.reason is Reason.ESTOP:
             # Halted by a protective stop, not a failure of this grasp: no failed spot, no record.
@@ -610,30 +705,34 @@ class CellController:
             return Attempt(uuid.uuid4().hex, tote_id, grasp, out, decided_by, p_success, self.arm.robot_time)
         if out.success:
             placement = self._placement_for(plan, index, out.executed or grasp)
+            self._look_while_placing()
             placed = self.arm.place(placement)
+            rep.estop_s += _stop_held_s(placed)
             while placed.reason is Reason.ESTOP and not self._stop.is_set():
                 # Stopped while carrying: hold the item until the stop clears, then finish the place.
                 while getattr(self.arm, "stopped", False) and not self._stop.is_set():
                     rep.estop_s += self._idle()
                 placed = self.arm.place(placement)
+                rep.estop_s += _stop_held_s(placed)
+            self.lookahead.placed(placed)
         else:
             # Back out of the camera's view before the next look (a failed pick leaves the arm
             # hovering over the tote, where it hides the items from the camera).
             self.arm.home()
             st.failed_spots.append(np.asarray(grasp.position))
-        if item is None:
+        if tracked is None:
             cand = plan.candidates[index] if index is not None else None
             centre = _centre_of(plan, cand) if cand is not None else np.asarray(grasp.position)
-            item = st.items.get(centre, _cluster(plan, cand) if cand is not None else None)
+            tracked = st.items.get(centre, _cluster(plan, cand) if cand is not None else None)
         # What this try teaches about the next one on the item: the pick's reason, or the place's
         # (a drop in transit is the grip's failure too).
         why_failed = out if not out.success else placed
         reason = why_failed.reason if why_failed is not None else Reason.OK
         why = str(why_failed.details.get("why", "")) if why_failed is not None else ""
-        st.items.record(item, grasp.gripper, reason, why, by_model=decided_by.startswith("model"))
-        if item.set_aside and reason is not Reason.OK:
+        st.items.record(tracked, grasp.gripper, reason, why, by_model=decided_by.startswith("model"))
+        if tracked.set_aside and reason is not Reason.OK:
             self._count("items_set_aside")
-            log.info("item at %s set aside: %s", np.round(item.centre, 3), item.why_set_aside)
+            log.info("item at %s set aside: %s", np.round(tracked.centre, 3), tracked.why_set_aside)
         att = Attempt(
             attempt_id=uuid.uuid4().hex,
             tote_id=tote_id,
@@ -648,9 +747,12 @@ class CellController:
         self._count("attempts")
         self._count("picks" if out.success else f"failures_{out.reason.value}")
         if self.ledger is not None:
-            patch = features = None
             if index is not None and plan.patches is not None:
                 patch, features = plan.patches[index], plan.features[index]
+            if item is None and index is not None:
+                cl = _cluster_of(plan, index)
+                item = plan.candidates[index].cluster if cl is not None else None
+                item_descriptor = cl.descriptor if cl is not None else None
             self.ledger.record_attempt(
                 attempt_id=att.attempt_id,
                 plan_id=plan_id,
@@ -664,11 +766,20 @@ class CellController:
                 features=features,
                 family=out.details.get("family") if isinstance(out.details, dict) else None,
                 source=self.config.ledger_source,
+                request_id=request_id,
+                item=item,
+                item_descriptor=item_descriptor,
             )
         log.info("pick %s by %s: %s", att.attempt_id[:8], decided_by, out.reason.value)
         if self.on_attempt is not None:
             self.on_attempt(att, plan)
         return att
+
+    def _look_while_placing(self) -> None:
+        """Ask the arm to call the look-ahead once it has left the camera's view (arm/lookahead.py)."""
+        notify = getattr(self.arm, "notify_when_clear", None)
+        if self.config.plan_while_placing and notify is not None:
+            notify(self.lookahead.look)
 
     def _placement_for(self, plan: Plan, index: int | None, grasp: Grasp) -> Placement:
         """Where to release: a slot from the packer's height map (swapping a full box for an empty one)."""
@@ -715,6 +826,12 @@ class CellController:
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             self.metrics.count(name)
+
+
+def _stop_held_s(out: Outcome) -> float:
+    """Robot seconds a motion spent holding in a protective stop (the arm's "stopped" phase)."""
+    phases = out.details.get("phases") if isinstance(out.details, dict) else None
+    return float(phases.get("stopped", 0.0)) if isinstance(phases, dict) else 0.0
 
 
 def _threshold(plan: Plan, cand: Candidate) -> float | None:
@@ -789,6 +906,20 @@ def _cluster(plan: Plan, cand: Candidate) -> ItemCluster | None:
 
 def _cluster_of(plan: Plan, index: int | None) -> ItemCluster | None:
     return None if index is None else _cluster(plan, plan.candidates[index])
+
+
+def _item_at(plan: Plan, point: np.ndarray, radius: float) -> int | None:
+    """The plan's item under a base-frame point: the nearest cluster whose footprint (grown by
+    `radius`) contains it horizontally, or None."""
+    best, best_d = None, np.inf
+    for k, cl in enumerate(plan.clusters):
+        lo, hi = np.asarray(cl.lo)[:2] - radius, np.asarray(cl.hi)[:2] + radius
+        xy = np.asarray(point)[:2]
+        if (xy >= lo).all() and (xy <= hi).all():
+            d = float(np.linalg.norm(xy - np.asarray(cl.centroid)[:2]))
+            if d < best_d:
+                best, best_d = k, d
+    return best
 
 
 def _centre_of(plan: Plan, cand: Candidate) -> np.ndarray:

@@ -5,9 +5,14 @@
   questions are cancelled, the ledger is flushed and closed, and the process exits 0.
 - A control socket (ZeroMQ REQ/REP on an `ipc://` path inside the data folder, so only local users
   with access to that folder can reach it) takes `reload-model PATH`, `estop`, `clear-stop` and
-  `status`. `pickcell cell reload-model PATH` is a client of it.
+  `status`. `estop` is a protective stop that holds (stop category 2: the arm brakes within its
+  limits and holds its position and its item, powered); only `clear-stop` releases it.
+  `pickcell cell reload-model PATH` is a client of it.
 - A new model file dropped into `<data>/models/` is picked up the same way: verified first, swapped in
   between picks; a bad file is refused and the running model keeps working.
+- With `fleet` (a fleet.celllink.CellFleet), models also come from the fleet service (verified by
+  hash and signature, then through `reload_model`), plans can be shadow-scored, and the cell reports
+  its status and ships its ledger rows.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ class CellDaemon:
         watch_models: bool = True,
         watch_interval_s: float = 1.0,
         on_tote: Callable[[ToteReport], None] | None = None,
+        fleet: Any | None = None,  # fleet.celllink.CellFleet: models from the fleet, status to it
     ) -> None:
         self.controller = controller
         self.feed = feed
@@ -105,6 +111,7 @@ class CellDaemon:
         self.watch_models = watch_models
         self.watch_interval_s = watch_interval_s
         self.on_tote = on_tote
+        self.fleet = fleet
         self.stats = DaemonStats(model_version=model_version)
         self._ctx = zmq.Context.instance()
         self._control_thread: threading.Thread | None = None
@@ -126,6 +133,8 @@ class CellDaemon:
             log.error("refused model file %s: %s", path, exc)
             self.controller._count("model_refused")
             return False, f"refused {path}: {exc}"
+        if self.fleet is not None:
+            planner = self.fleet.wrap(planner)  # shadow scoring beside whichever model is live
         self.controller.swap_planner(planner)
         with self._lock:
             self.stats.model_version = version
@@ -184,12 +193,15 @@ class CellDaemon:
             ok, text = self.reload_model(Path(msg.get("path", "")))
             return {"ok": ok, "message": text, "model_version": self.stats.model_version}
         if cmd == "estop":
+            # Stop category 2: the arm brakes along its path, then holds powered (a gripped item stays
+            # gripped) until `clear-stop`, the only thing that releases it; the motion then resumes.
             self.controller.arm.stop()  # the controller counts the stop when it starts holding
             log.warning("protective stop requested over the control socket")
-            return {"ok": True, "message": "protective stop engaged"}
+            return {"ok": True, "message": "protective stop engaged: braking, then holding until clear-stop"}
         if cmd == "clear-stop":
             self.controller.arm.clear_stop()
-            return {"ok": True, "message": "protective stop cleared"}
+            log.warning("protective stop cleared over the control socket")
+            return {"ok": True, "message": "protective stop cleared: the interrupted motion resumes"}
         if cmd == "status":
             with self._lock:
                 return {"ok": True, **self.stats.as_dict()}
@@ -206,6 +218,9 @@ class CellDaemon:
                 signal.signal(sig, self._on_signal)
         self._control_thread = threading.Thread(target=self._control_loop, name="cell-control", daemon=True)
         self._control_thread.start()
+        if self.fleet is not None:
+            self.controller.swap_planner(self.fleet.wrap(self.controller.planner))
+            self.fleet.start(self)
         try:
             while not self.controller.stopping:
                 if self.totes is not None and self.stats.totes >= self.totes:
@@ -230,9 +245,13 @@ class CellDaemon:
                     len(rep.attempts),
                     rep.robot_seconds,
                 )
+                if self.fleet is not None:
+                    self.fleet.on_tote(rep)
                 if self.on_tote is not None:
                     self.on_tote(rep)
         finally:
+            if self.fleet is not None:
+                self.fleet.stop()
             self._halt.set()
             if self._control_thread is not None:
                 self._control_thread.join(timeout=2.0)
@@ -243,6 +262,11 @@ class CellDaemon:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.warning("signal %d: finishing the current motion, then stopping", signum)
         self.controller.request_stop()
+        # A motion held by a protective stop (now or later) cannot finish: it ends where it stands,
+        # still stopped and still holding what it grips. Only a flag is set here (signal context).
+        abandon = getattr(self.controller.arm, "abandon_hold", None)
+        if abandon is not None:
+            abandon()
 
 
 def send_control(data_dir: Path, cmd: str, timeout_s: float = 5.0, **fields: Any) -> dict[str, Any]:

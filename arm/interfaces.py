@@ -6,6 +6,7 @@ implementation, never editing the controller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "Placement",
     "Reason",
     "ToteFeed",
+    "ViewClearNotice",
 ]
 
 
@@ -73,6 +75,19 @@ class ReachCheck(Protocol):
 
 
 @runtime_checkable
+class ViewClearNotice(Protocol):
+    """Optional arm capability: say when the arm has left the camera's view of the tote.
+
+    `notify_when_clear(fn)` calls fn once, during the next `place`, as soon as the arm and the item
+    it carries are out of the camera's view of the tote. The controller captures and plans the next
+    pick there, while the arm goes on placing (arm/lookahead.py). A real arm's driver decides it
+    from its joint positions and the camera's field of view.
+    """
+
+    def notify_when_clear(self, fn: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
 class Arm(Protocol):
     """A robot arm with its grippers. Motions return Outcomes; failures are values, not exceptions.
 
@@ -98,15 +113,25 @@ class Arm(Protocol):
         ...
 
     def stop(self) -> None:
-        """Protective stop: halt motion now and hold until `clear_stop`."""
+        """Protective stop, category 2 (ISO 10218-1 / IEC 60204-1): a controlled stop with power kept.
+
+        The motion in progress brakes along its path within the joint limits (not an instantaneous
+        halt) and holds there: the arm does not move and a gripped item stays gripped. The motion
+        call does not return while it holds; it resumes after `clear_stop` and returns its normal
+        Outcome, whose details carry `stops` (each with `stop_to_standstill_s`). A motion asked for
+        while stopped is refused with Reason.ESTOP before anything moves. Safe to call from another
+        thread (the daemon's control socket).
+        """
         ...
 
     @property
     def stopped(self) -> bool:
-        """True while a protective stop holds the arm (motions return Reason.ESTOP)."""
+        """True while a protective stop holds the arm (motions started now return Reason.ESTOP)."""
         ...
 
-    def clear_stop(self) -> None: ...
+    def clear_stop(self) -> None:
+        """The only way a protective stop ends (`clear-stop`): a held motion resumes from where it stopped."""
+        ...
 
     def idle(self, seconds: float) -> None:
         """Hold still for `seconds` of robot time (a real arm sleeps; a simulated one advances its clock)."""

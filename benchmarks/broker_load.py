@@ -1,5 +1,9 @@
 """Load on the assist broker: many cells submitting, associates answering at once, CURVE on, on loopback.
 
+Roles are on as in production: every key sits in the allowlist folder of its role (allowed/cell/,
+allowed/associate/), every request carries a real PNG (seeded noise, about --image-bytes) with candidates
+inside it, and the broker checks each at the door (PNG structure and CRCs, candidates, deadline).
+
     .venv/bin/python benchmarks/broker_load.py --cells 50 --associates 10 --rate 500 --seconds 20 --json OUT
 
 The broker runs as its own process (`python -m hitl.broker`, journal on disk with synchronous=FULL); this
@@ -63,6 +67,18 @@ def send(s: zmq.Socket, msg_type: bytes, body: dict) -> None:
     s.send_multipart(P.encode(msg_type, body))
 
 
+def noise_png(rng: np.random.Generator, n_bytes: int) -> tuple[bytes, int]:
+    """A square RGB PNG of seeded noise (incompressible, so about n_bytes long) and its side in px."""
+    import io
+
+    from PIL import Image
+
+    side = max(8, int((n_bytes / 3) ** 0.5))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue(), side
+
+
 def commit_probe(directory: Path, n: int = 200, row_bytes: int = 20_000) -> tuple[float, float]:
     """p50/p99 ms of one SQLite WAL synchronous=FULL commit of one row on this disk: the fsync floor."""
     db = sqlite3.connect(str(directory / "probe.sqlite"), isolation_level=None)
@@ -88,8 +104,10 @@ def run(args: argparse.Namespace) -> dict:
     new_keypair("broker", keys)
     cell_names = [f"cell-{i}" for i in range(args.cells)]
     assoc_names = [f"assoc-{j}" for j in range(args.associates)]
-    for n in cell_names + assoc_names:
-        new_keypair(n, keys / "allowed")
+    for n in cell_names:
+        new_keypair(n, keys / "allowed" / "cell", role="cell")
+    for n in assoc_names:
+        new_keypair(n, keys / "allowed" / "associate", role="associate")
     server_key = load_public(keys / "broker.key")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     log_path = work / "broker.log"
@@ -110,9 +128,8 @@ def run(args: argparse.Namespace) -> dict:
             time.sleep(0.05)
 
         def connect(name: str) -> zmq.Socket:
-            return dealer(
-                ctx, endpoint, ClientKeys.from_file(keys / "allowed" / f"{name}.key_secret"), server_key
-            )
+            (path,) = (keys / "allowed").glob(f"*/{name}.key_secret")
+            return dealer(ctx, endpoint, ClientKeys.from_file(path), server_key)
 
         cells = [connect(n) for n in cell_names]
         assocs = [connect(n) for n in assoc_names]
@@ -142,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
             send(s, P.READY, {})
 
         rng = np.random.default_rng(args.seed)
-        image = rng.integers(0, 256, args.image_bytes, dtype=np.uint8).tobytes()  # incompressible, like a PNG
+        image, side = noise_png(rng, args.image_bytes)  # a real PNG, about image_bytes long
         total = int(args.rate * args.seconds)
         t_submit: dict[str, float] = {}
         t_ack: dict[str, float] = {}
@@ -153,6 +170,7 @@ def run(args: argparse.Namespace) -> dict:
         dup_results = 0
         errors = 0
         think: list[tuple[float, str, int]] = []  # (due, request id, associate index)
+        cell_of_request: dict[str, str] = {}  # request ids are per cell: answers name the cell
         assoc_index = {s: j for j, s in enumerate(assocs)}
         k = 0
         t0 = time.perf_counter()
@@ -165,8 +183,8 @@ def run(args: argparse.Namespace) -> dict:
                 cell = cells[k % len(cells)]
                 rid = uuid.uuid4().hex
                 req = {"cell_id": cell_of[cell], "deadline": time.time() + 60.0, "image_png": image,
-                       "candidates": [{"index": i, "u": 10 * i, "v": 10 * i, "gripper": "suction",
-                                       "p_success": 0.5} for i in range(3)],
+                       "candidates": [{"index": i, "u": (10 * i) % side, "v": (10 * i) % side,
+                                       "gripper": "suction", "p_success": 0.5} for i in range(3)],
                        "reasons": ["benchmark"], "priority": k % 3, "request_id": rid, "created": time.time(),
                        "context": {}}  # fmt: skip
                 t_submit[rid] = time.perf_counter()
@@ -175,7 +193,16 @@ def run(args: argparse.Namespace) -> dict:
             while think and think[0][0] <= now:
                 _, rid, j = heapq.heappop(think)
                 t_answer[rid] = time.perf_counter()
-                send(assocs[j], P.ANSWER, {"request_id": rid, "kind": "approve", "candidate_index": 1})
+                send(
+                    assocs[j],
+                    P.ANSWER,
+                    {
+                        "request_id": rid,
+                        "cell_id": cell_of_request[rid],
+                        "kind": "approve",
+                        "candidate_index": 1,
+                    },
+                )
                 send(assocs[j], P.READY, {})
             if now >= next_beat:
                 for s in cells:
@@ -198,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
                     msg_type, body = frames[1], P.decode(frames, P.BROKER_TYPES).body
                     if msg_type == P.ASSIGN:
                         rid = body["request"]["request_id"]
+                        cell_of_request[rid] = body["request"]["cell_id"]
                         t_assign.setdefault(rid, t)
                         heapq.heappush(think, (t + args.think_ms / 1000.0, rid, assoc_index[s]))
                         if args.think_ms == 0:
@@ -219,7 +247,16 @@ def run(args: argparse.Namespace) -> dict:
                 while think:
                     _, rid, j = heapq.heappop(think)
                     t_answer[rid] = time.perf_counter()
-                    send(assocs[j], P.ANSWER, {"request_id": rid, "kind": "approve", "candidate_index": 1})
+                    send(
+                        assocs[j],
+                        P.ANSWER,
+                        {
+                            "request_id": rid,
+                            "cell_id": cell_of_request[rid],
+                            "kind": "approve",
+                            "candidate_index": 1,
+                        },
+                    )
                     send(assocs[j], P.READY, {})
         elapsed = time.perf_counter() - t0
         broker_cpu_s = _cpu_seconds(broker.pid)
@@ -257,6 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         "image_bytes": args.image_bytes,
         "think_ms": args.think_ms,
         "curve": True,
+        "roles": True,
         "submitted": len(t_submit),
         "answered": sum(1 for s in final.values() if s == "answered"),
         "final_other": sum(1 for s in final.values() if s != "answered"),
@@ -299,6 +337,7 @@ def update_doc(result: dict, command: str, note: str) -> None:
     body = f"""{SECTION}
 
 Load on the assist broker: {r['cells']} cells, {r['associates']} associates answering at once, CURVE on,
+roles on (each key in its role's allowlist folder; every request a real PNG checked at the door),
 loopback, broker in its own process, journal on disk (SQLite WAL, synchronous=FULL, one fsync per event-loop
 pass). Added latency = (submit -> assignment received) + (answer sent -> result received), i.e. everything
 the broker adds to a person's think time. Target: p99 <= 5 ms added, 0 lost.
@@ -321,6 +360,8 @@ Machine: {r['machine']}. {note}
 | journal rows / missing | {r['journal_rows']} / {r['journal_missing']} |
 | duplicate results (re-deliveries, harmless) | {r['duplicate_results']} |
 | request image size (bytes) | {r['image_bytes']} |
+| broker CPU for the run (s) / per request (ms) | {r['broker_cpu_s']} / \
+{r['broker_cpu_s'] / max(r['submitted'], 1) * 1000:.3f} |
 | load average at end | {r['load_average_at_end']} |
 """  # fmt: skip
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"

@@ -95,22 +95,13 @@ def expected_calibration_error(
 
 
 def auroc(scores: np.ndarray, y: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties). NaN if one class only."""
+    """Area under the ROC curve (scikit-learn's roc_auc_score: ties count half). NaN if one class only."""
+    from sklearn.metrics import roc_auc_score
+
     s, y = _check_py(scores, y)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.min(initial=1.0) == y.max(initial=0.0):
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    s_sorted = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    # Average rank over runs of equal scores.
-    boundaries = np.flatnonzero(np.diff(s_sorted)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [s.size]])
-    avg = (starts + ends - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
 
 
 # --- calibrators ------------------------------------------------------------------------------------
@@ -190,48 +181,21 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None = No
     return Calibrator(TEMPERATURE, temperature=1.0 / a, bias=b)
 
 
-def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pool-adjacent-violators on y (already sorted by x). Returns block values, weights, sizes."""
-    vals: list[float] = []
-    wts: list[float] = []
-    sizes: list[int] = []
-    for yi, wi in zip(y, w, strict=True):
-        vals.append(float(yi))
-        wts.append(float(wi))
-        sizes.append(1)
-        while len(vals) > 1 and vals[-2] > vals[-1]:
-            w_new = wts[-2] + wts[-1]
-            v_new = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / w_new
-            s_new = sizes[-2] + sizes[-1]
-            del vals[-1], wts[-1], sizes[-1]
-            vals[-1], wts[-1], sizes[-1] = v_new, w_new, s_new
-    return np.array(vals), np.array(wts), np.array(sizes)
-
-
 def fit_isotonic(logits: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> Calibrator:
-    """(Weighted) isotonic regression of y on logit; knots at each block's lowest and highest logit."""
+    """(Weighted) isotonic regression of y on logit (scikit-learn's IsotonicRegression: tied logits
+    pooled, pool-adjacent-violators); knots at each constant block's lowest and highest logit."""
+    from sklearn.isotonic import IsotonicRegression
+
     z, y = _check_py(logits, y)
     w = _weights(w, z.size)
     if z.size < 2:
         raise ValueError("isotonic calibration needs at least 2 rows")
-    order = np.argsort(z, kind="mergesort")
-    zs, ys, ws = z[order], y[order], w[order] + 1e-12  # + tiny: a zero-weight tie block stays defined
-    # Pool tied logits first so equal inputs get equal outputs.
-    uz, inv = np.unique(zs, return_inverse=True)
-    wsum = np.bincount(inv, weights=ws)
-    ysum = np.bincount(inv, weights=ws * ys)
-    vals, _, sizes = _pav(ysum / wsum, wsum)
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    xs: list[float] = []
-    ps: list[float] = []
-    for s, e, v in zip(starts, ends, vals, strict=True):
-        xs.extend([uz[s], uz[e - 1]])
-        ps.extend([v, v])
-    x = np.array(xs)
-    p = np.clip(np.array(ps), 0.0, 1.0)
-    keep = np.concatenate([[True], np.diff(x) > 0])  # drop duplicate knots of one-value blocks
-    return Calibrator(ISOTONIC, iso_x=x[keep], iso_y=p[keep])
+    # + tiny: a zero-weight tie block stays defined.
+    ir = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    ir.fit(z, y, sample_weight=w + 1e-12)
+    x, p = np.asarray(ir.X_thresholds_, dtype=np.float64), np.asarray(ir.y_thresholds_, dtype=np.float64)
+    keep = np.concatenate([[True], np.diff(x) > 0])
+    return Calibrator(ISOTONIC, iso_x=x[keep], iso_y=np.clip(p[keep], 0.0, 1.0))
 
 
 @dataclass(frozen=True)

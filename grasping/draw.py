@@ -1,12 +1,13 @@
 """The picture an associate sees when the cell asks for help: numbered candidates over the RGB image.
 
-The best `max_candidates` distinct candidates are drawn (near-duplicates of a better one, same
-gripper within 12 px, are left out). Suction candidates are circles at the cup's contact point;
-parallel-jaw candidates are a line between the two fingertips (projected with K and
-T_base_camera) with a dot at the centre. Colour runs red (0) -> yellow -> green (1) with the
-candidate's score (calibrated p(success) when the plan has it, else the analytic score). Numbers
-are the candidates' positions in the Plan (0 = best), the same indices the associate answers
-with. The decision and the reasons are written on top.
+The candidates drawn are `offered_indices(plan)`: the best `max_candidates` distinct ones
+(near-duplicates of a better one, same gripper within 12 px, are left out), or exactly the indices
+the caller offers a person (the controller passes the list it puts in the AssistRequest).
+Suction candidates are circles at the cup's contact point; parallel-jaw candidates are a line
+between the two fingertips (projected with K and T_base_camera) with a dot at the centre. Colour
+runs red (0) -> yellow -> green (1) with the candidate's score (calibrated p(success) when the plan
+has it, else the analytic score). Numbers are the candidates' positions in the Plan (0 = best), the
+same indices the associate answers with. The decision and the reasons are written on top.
 
 Pillow only (installed with matplotlib): a plan's picture costs a few milliseconds, not the ~0.5 s
 of importing pyplot.
@@ -15,6 +16,7 @@ of importing pyplot.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,33 +50,55 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _pick_shown(plan: Plan, max_candidates: int, min_sep_px: float = 12.0) -> list[tuple[int, object]]:
-    """The best candidates to draw, skipping near-duplicates (same gripper within `min_sep_px` of one
-    already shown) so the picture offers distinct choices. Numbers stay the Plan's indices."""
-    shown: list[tuple[int, object]] = []
+def offered_indices(
+    plan: Plan,
+    max_candidates: int = 20,
+    exclude: Callable[[int], bool] | None = None,
+    min_sep_px: float = 12.0,
+) -> list[int]:
+    """The candidates to show and offer a person, as Plan indices, best first: at most
+    `max_candidates`, none for which `exclude(index)` is true (e.g. spots that already failed), and no
+    near-duplicate of one already chosen (same gripper within `min_sep_px`), so the choices are distinct.
+
+    A request's candidate list and its picture must both come from this one list: the person answers
+    with the numbers they see, and a number drawn but not offered (or offered but not drawn) is a
+    wrong or impossible answer.
+    """
+    if max_candidates < 0:
+        raise ValueError(f"max_candidates must be >= 0, got {max_candidates}")
+    shown: list[int] = []
     for i, c in enumerate(plan.candidates):
         if len(shown) >= max_candidates:
             break
+        if exclude is not None and exclude(i):
+            continue
         if any(
-            c.grasp.gripper == o.grasp.gripper
-            and np.hypot(c.pixel[0] - o.pixel[0], c.pixel[1] - o.pixel[1]) < min_sep_px
-            for _, o in shown
+            c.grasp.gripper == plan.candidates[o].grasp.gripper
+            and np.hypot(c.pixel[0] - plan.candidates[o].pixel[0], c.pixel[1] - plan.candidates[o].pixel[1])
+            < min_sep_px
+            for o in shown
         ):
             continue
-        shown.append((i, c))
+        shown.append(i)
     return shown
 
 
-def render_plan(frame: Frame, plan: Plan, max_candidates: int = 20) -> Image.Image:
-    """The annotated picture as a PIL image of the frame's size."""
-    if max_candidates < 0:
-        raise ValueError(f"max_candidates must be >= 0, got {max_candidates}")
+def render_plan(
+    frame: Frame, plan: Plan, max_candidates: int = 20, indices: Sequence[int] | None = None
+) -> Image.Image:
+    """The annotated picture as a PIL image of the frame's size: the candidates `indices` (Plan
+    indices, e.g. from `offered_indices`), or `offered_indices(plan, max_candidates)` when None."""
+    if indices is None:
+        indices = offered_indices(plan, max_candidates)
+    bad = [i for i in indices if not 0 <= i < len(plan.candidates)]
+    if bad:
+        raise ValueError(f"candidate indices {bad} are not in the plan (0..{len(plan.candidates) - 1})")
     img = Image.fromarray(np.asarray(frame.rgb, dtype=np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
     h, w = frame.shape
     scale = max(1.0, w / 640.0)
     small, big = _font(int(11 * scale)), _font(int(13 * scale))
-    shown = _pick_shown(plan, max_candidates)[::-1]  # worst first, so the best end up on top
+    shown = [(i, plan.candidates[i]) for i in indices][::-1]  # worst first, so the best end up on top
     for i, c in shown:
         col = score_colour(c.score)
         u, v = c.pixel
@@ -139,10 +163,12 @@ def render_plan(frame: Frame, plan: Plan, max_candidates: int = 20) -> Image.Ima
     return img
 
 
-def render_plan_png(frame: Frame, plan: Plan, max_candidates: int = 20) -> bytes:
-    """PNG bytes of the annotated picture (what an AssistRequest carries)."""
+def render_plan_png(
+    frame: Frame, plan: Plan, max_candidates: int = 20, indices: Sequence[int] | None = None
+) -> bytes:
+    """PNG bytes of the annotated picture (what an AssistRequest carries); `indices` as in render_plan."""
     buf = io.BytesIO()
-    render_plan(frame, plan, max_candidates).save(buf, format="PNG", compress_level=3)
+    render_plan(frame, plan, max_candidates, indices).save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
 
 

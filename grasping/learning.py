@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 GRIPPER_NAMES = {SUCTION: "suction", PARALLEL_JAW: "parallel_jaw"}
 REQUIRED_ARRAYS = ("patches", "features", "gripper", "label")
 _SCENE_KEYS = ("scene", "plan_id", "frame_id")  # first one present names each row's scene
+_OPTIONAL_ROWS = ("weight", "tote", "item", "decided_by", "row_id")  # optional (N,) Dataset columns
 
 
 class DatasetError(Exception):
@@ -82,15 +83,35 @@ class Dataset:
     ood_sigma: np.ndarray  # (N,) float64 watchdog sigma recorded at decision time (NaN unknown)
     feature_names: tuple[str, ...] = ()
     origin: str = ""  # where it came from (directory, shard list, "sim")
+    # Optional per-row columns of a ledger export (format 2); None fills the default shown.
+    weight: np.ndarray | None = None  # (N,) float64 export weight (weak negatives < 1); default 1
+    tote: np.ndarray | None = None  # (N,) str tote id; default: the scene key
+    item: np.ndarray | None = None  # (N,) str item key "<plan>:<cluster>"; default ""
+    descriptor: np.ndarray | None = None  # (N, D) float64 item shape descriptor, NaN unknown; default (N, 0)
+    decided_by: np.ndarray | None = None  # (N,) str "model" | "associate:<id>" | ...; default ""
+    row_id: np.ndarray | None = None  # (N,) str ledger row id; default the row number
 
     def __post_init__(self) -> None:
         n = len(self.label)
+        defaults = {
+            "weight": lambda: np.ones(n),
+            "tote": lambda: np.asarray(self.scene).astype(str),
+            "item": lambda: np.full(n, "", dtype=np.str_),
+            "descriptor": lambda: np.zeros((n, 0)),
+            "decided_by": lambda: np.full(n, "", dtype=np.str_),
+            "row_id": lambda: np.arange(n).astype(str),
+        }
+        for name, make in defaults.items():
+            v = getattr(self, name)
+            object.__setattr__(self, name, make() if v is None else np.asarray(v))
+        if self.descriptor.ndim != 2 or self.descriptor.shape[0] != n:
+            raise DatasetError(f"{self.origin}: descriptor must be (N, D) with N={n}")
         p = np.asarray(self.patches)
         if p.ndim != 4 or p.shape[0] != n or p.shape[2] != p.shape[3]:
             raise DatasetError(f"{self.origin}: patches must be (N, C, S, S) with N={n}, got {p.shape}")
         if np.asarray(self.features).shape[0] != n or np.asarray(self.features).ndim != 2:
             raise DatasetError(f"{self.origin}: features must be (N, F) with N={n}")
-        for name in ("gripper", "timestamp", "source", "family", "scene", "ood_sigma"):
+        for name in ("gripper", "timestamp", "source", "family", "scene", "ood_sigma", *_OPTIONAL_ROWS):
             if np.asarray(getattr(self, name)).shape != (n,):
                 raise DatasetError(f"{self.origin}: {name} must have shape ({n},)")
         if n and not np.isin(self.gripper, (SUCTION, PARALLEL_JAW)).all():
@@ -99,6 +120,8 @@ class Dataset:
             raise DatasetError(f"{self.origin}: labels must be 0 or 1")
         if not (np.isfinite(self.patches).all() and np.isfinite(self.features).all()):
             raise DatasetError(f"{self.origin}: patches/features contain NaN or inf")
+        if n and not (np.isfinite(self.weight).all() and (self.weight >= 0).all()):
+            raise DatasetError(f"{self.origin}: row weights must be finite and >= 0")
 
     def __len__(self) -> int:
         return int(len(self.label))
@@ -131,6 +154,8 @@ class Dataset:
                     "family",
                     "scene",
                     "ood_sigma",
+                    *_OPTIONAL_ROWS,
+                    "descriptor",
                 )
             },
         )
@@ -315,9 +340,141 @@ def load_dataset(path: str | Path) -> Dataset:
             ood_sigma=cat("scene_ood_sigma", np.nan, np.float64),
             feature_names=_default_feature_names(n_f),
             origin=str(root),
+            weight=cat("weight", 1.0, np.float64),
+            # Rows with no tote (an attempt without a plan) are their own scene's "tote".
+            tote=np.concatenate(
+                [
+                    np.where(p["tote_id"].astype(str) != "", p["tote_id"].astype(str), sc)
+                    if "tote_id" in p
+                    else sc
+                    for p, sc in zip(parts, scene_cols, strict=True)
+                ]
+            ),
+            item=cat("item_key", "", np.str_),
+            descriptor=_descriptors(parts),
+            decided_by=cat("decided_by", "", np.str_),
+            row_id=np.concatenate(
+                [
+                    p["row_id"].astype(str)
+                    if "row_id" in p
+                    else np.char.add(p["_shard"].astype(str), np.arange(len(p["label"])).astype(str))
+                    for p in parts
+                ]
+            ),
         )
     except ValueError as exc:
         raise DatasetError(f"dataset {root}: {exc}") from None
+
+
+def _descriptors(parts: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """(N, D) item descriptors of the shards (NaN rows where a shard has none)."""
+    dims = {p["item_descriptor"].shape[1] for p in parts if "item_descriptor" in p}
+    if not dims:
+        return np.zeros((sum(len(p["label"]) for p in parts), 0))
+    if len(dims) > 1:
+        raise ValueError(f"shards disagree on the item descriptor length: {sorted(dims)}")
+    d = dims.pop()
+    return np.concatenate(
+        [
+            p["item_descriptor"].astype(np.float64)
+            if "item_descriptor" in p
+            else np.full((len(p["label"]), d), np.nan)
+            for p in parts
+        ]
+    )
+
+
+def join_datasets(parts: list[Dataset], origin: str) -> Dataset:
+    """Join datasets of one patch shape and feature count (item descriptors padded with NaN)."""
+    if not parts:
+        raise DatasetError("no data: every source was empty")
+    ref = parts[0]
+    for d in parts[1:]:
+        if d.patches.shape[1:] != ref.patches.shape[1:] or d.features.shape[1:] != ref.features.shape[1:]:
+            raise DatasetError(
+                f"{d.origin}: patch/feature shape {d.patches.shape[1:]}/{d.features.shape[1:]} differs "
+                f"from {ref.origin}'s {ref.patches.shape[1:]}/{ref.features.shape[1:]}"
+            )
+    dims = {d.descriptor.shape[1] for d in parts if d.descriptor.shape[1] > 0}
+    if len(dims) > 1:
+        raise DatasetError(f"sources disagree on the item descriptor length: {sorted(dims)}")
+    dim = dims.pop() if dims else 0
+    desc = [d.descriptor if d.descriptor.shape[1] == dim else np.full((len(d), dim), np.nan) for d in parts]
+    cols = (
+        "patches", "features", "gripper", "label", "timestamp", "source", "family", "scene", "ood_sigma",
+        "weight", "tote", "item", "decided_by", "row_id",
+    )  # fmt: skip
+    return Dataset(
+        **{c: np.concatenate([getattr(d, c) for d in parts]) for c in cols},
+        descriptor=np.concatenate(desc) if desc else np.zeros((0, 0)),
+        feature_names=ref.feature_names,
+        origin=origin,
+    )
+
+
+# --- held-out totes ---------------------------------------------------------------------------------
+
+HOLDOUT_PERCENT = 20  # share of totes (by a hash of the tote id) that only the gate ever sees, percent
+
+
+def held_out(tote: np.ndarray, percent: int = HOLDOUT_PERCENT) -> np.ndarray:
+    """(N,) bool: rows of the totes a gate keeps for itself, chosen by a hash of the tote id (stable
+    across learning rounds, cells and runs, so no model ever trains on them)."""
+    memo: dict[str, bool] = {}
+    out = np.zeros(len(tote), dtype=bool)
+    for i, t in enumerate(np.asarray(tote).astype(str)):
+        if t not in memo:
+            memo[t] = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) % 100 < percent
+        out[i] = memo[t]
+    return out
+
+
+# --- item kinds -------------------------------------------------------------------------------------
+
+
+def fit_item_kinds(descriptor: np.ndarray, k: int, seed: int) -> dict[str, Any] | None:
+    """Group items by shape when no family is known: k-means (scikit-learn) on standardised
+    descriptors. Returns a JSON-able model {center, scale, centroids} (None: too few items).
+
+    A real cell has no simulator families; its ledger has every row's item shape descriptor. The
+    kinds are stored in the model file so the gate groups held-out rows exactly as training did.
+    """
+    from sklearn.cluster import KMeans
+
+    d = np.asarray(descriptor, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] == 0:
+        return None
+    d = d[np.isfinite(d).all(axis=1)]
+    if len(d) < 2 * k or k < 1:
+        return None
+    center = np.median(d, axis=0)
+    scale = np.maximum(1.4826 * np.median(np.abs(d - center), axis=0), np.maximum(0.25 * d.std(axis=0), 1e-3))
+    z = (d - center) / scale
+    k = min(k, len(np.unique(np.round(z, 6), axis=0)))  # no more kinds than distinct items
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(z)
+    return {"center": center.tolist(), "scale": scale.tolist(), "centroids": km.cluster_centers_.tolist()}
+
+
+def item_kinds(ds: Dataset, kinds_model: dict[str, Any] | None = None) -> np.ndarray:
+    """(N,) str: each row's kind of item: its family where known (simulation; a row without one takes
+    that of another row on the same item), else its shape kind (`shape-<j>`, the nearest
+    `fit_item_kinds` centroid of its descriptor), else "unknown"."""
+    family = ds.family.astype(str).copy()
+    # Rows without a family (a person's label on a candidate) take the family another row on the
+    # same item has (the executed attempt on it), where there is one.
+    known = {k: f for k, f in zip(ds.item.astype(str), family, strict=True) if k and f}
+    if known:
+        family = np.array([f or known.get(k, "") for k, f in zip(ds.item.astype(str), family, strict=True)])
+    out = np.where(family != "", family, "unknown").astype(object)
+    if kinds_model and ds.descriptor.shape[1] == len(kinds_model["center"]):
+        d = ds.descriptor
+        ok = (family == "") & np.isfinite(d).all(axis=1)
+        if ok.any():
+            z = (d[ok] - np.asarray(kinds_model["center"])) / np.asarray(kinds_model["scale"])
+            c = np.asarray(kinds_model["centroids"])
+            j = np.argmin(((z[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+            out[ok] = [f"shape-{int(x)}" for x in j]
+    return out.astype(str)
 
 
 def split_by_scene(scene: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
@@ -416,6 +573,11 @@ class TrainConfig:
     min_rows: int = 200  # refuse to train on fewer rows than this
     progress: bool = True  # tqdm progress bar
     threads: int | None = None  # torch threads for training (None: leave torch's default)
+    # "loss": importance weights scale each row's loss; "sample": rows are drawn with replacement in
+    # proportion to their weight and the loss is unweighted (loss weights fade on over-parameterised
+    # nets as training goes on: Byrd & Lipton, ICML 2019; sampling does not).
+    sampling: str = "loss"
+    init_model: str | None = None  # fine-tune: start from this model file's network (None: from scratch)
 
 
 @dataclass(frozen=True)
@@ -456,11 +618,23 @@ def _fit_net(
 
     from grasping.model import GraspNet
 
+    if cfg.sampling not in ("loss", "sample"):
+        raise ValueError(f"sampling must be 'loss' or 'sample', got {cfg.sampling!r}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    net = GraspNet(train_ds.n_channels, train_ds.patch_size, train_ds.n_features, cfg.embed_dim)
-    f = torch.from_numpy(train_ds.features)
-    net.set_feature_normalisation(f.mean(0), f.std(0) if len(train_ds) > 1 else torch.ones(f.shape[1]))
+    if cfg.init_model:
+        from grasping.modelfile import load_model
+
+        # Fine-tuning keeps the incumbent's feature normalisation: its weights were learnt on it.
+        net = load_model(cfg.init_model).net
+        have = (net.in_channels, net.patch_size, net.n_features)
+        want = (train_ds.n_channels, train_ds.patch_size, train_ds.n_features)
+        if have != want:
+            raise DatasetError(f"{cfg.init_model}: network input {have} does not match the data {want}")
+    else:
+        net = GraspNet(train_ds.n_channels, train_ds.patch_size, train_ds.n_features, cfg.embed_dim)
+        f = torch.from_numpy(train_ds.features)
+        net.set_feature_normalisation(f.mean(0), f.std(0) if len(train_ds) > 1 else torch.ones(f.shape[1]))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     P, F = torch.from_numpy(train_ds.patches), torch.from_numpy(train_ds.features)
@@ -471,7 +645,11 @@ def _fit_net(
     bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress, leave=False)
     for epoch in bar:
         net.train()
-        perm = torch.randperm(len(train_ds), generator=gen)
+        if cfg.sampling == "sample":
+            # One epoch = N draws with replacement, in proportion to the weights.
+            perm = torch.multinomial(W, len(train_ds), replacement=True, generator=gen)
+        else:
+            perm = torch.randperm(len(train_ds), generator=gen)
         total, count = 0.0, 0
         for s in range(0, len(perm), cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
@@ -484,7 +662,10 @@ def _fit_net(
                 x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(-2), x)
             logits, _ = net(x, F[idx], G[idx])
             loss_rows = torch.nn.functional.binary_cross_entropy_with_logits(logits, Y[idx], reduction="none")
-            loss = (loss_rows * W[idx]).sum() / W[idx].sum()
+            if cfg.sampling == "sample":
+                loss = loss_rows.mean()  # the weights already chose the rows
+            else:
+                loss = (loss_rows * W[idx]).sum() / W[idx].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -561,8 +742,13 @@ def _thresholds(p: np.ndarray, y: np.ndarray, g: np.ndarray, cfg: TrainConfig) -
     return thr, info
 
 
-def evaluate(scorer: Any, ds: Dataset, bins: int = 15) -> dict[str, Any]:
-    """Holdout metrics of a LearnedScorer on labelled rows (used by the model card and the gate)."""
+def evaluate(scorer: Any, ds: Dataset, bins: int = 15, kinds: np.ndarray | None = None) -> dict[str, Any]:
+    """Holdout metrics of a LearnedScorer on labelled rows (used by the model card and the gate).
+
+    `kinds` (N,) str: item kind per row (`item_kinds`); adds `by_kind`: per kind its rows, autonomous
+    success (share of its rows the model would execute alone and that succeeded), conditional
+    failure among those it would execute, and AUROC.
+    """
     if len(ds) == 0:
         raise ValueError(f"cannot evaluate on an empty dataset ({ds.origin})")
     logits, emb = scorer.logits_and_embeddings(ds.patches, ds.features, ds.gripper)
@@ -605,6 +791,21 @@ def evaluate(scorer: Any, ds: Dataset, bins: int = 15) -> dict[str, Any]:
             "auroc": auroc(logits[rows], y[rows]),
         }
     out["by_family"] = fams
+    if kinds is not None:
+        kinds = np.asarray(kinds).astype(str)
+        out["by_kind"] = {
+            str(k): {
+                "n": int(rows.sum()),
+                "auto_success": float((act[rows] & (y[rows] == 1)).mean()),
+                "auto_execute_rate": float(act[rows].mean()),
+                "auto_fail_given_executed": float(
+                    (act[rows] & (y[rows] == 0)).sum() / max(act[rows].sum(), 1)
+                ),
+                "auroc": auroc(logits[rows], y[rows]),
+            }
+            for k in np.unique(kinds)
+            for rows in [kinds == k]
+        }
     return out
 
 
@@ -662,8 +863,20 @@ def card_path_for(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".md")
 
 
-def train(dataset: Dataset, cfg: TrainConfig, out_path: str | Path) -> TrainResult:
-    """Train, calibrate, threshold, fit the watchdog, evaluate on the test split, write file + card."""
+def train(
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out_path: str | Path,
+    row_weights: np.ndarray | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train, calibrate, threshold, fit the watchdog, evaluate on the test split, write file + card.
+
+    `row_weights` (N,): what to learn most from, computed by the caller (e.g. `learn.weights`);
+    None: `importance_weights` (recency, new families, flagged scenes). Either way each row's export
+    weight (`Dataset.weight`: weak negatives count less) multiplies it. `extra_meta` is stored in the
+    model file's metadata (e.g. the learner's dataset manifest).
+    """
     import torch
 
     from grasping.calibration import Calibrator
@@ -707,7 +920,17 @@ def train(dataset: Dataset, cfg: TrainConfig, out_path: str | Path) -> TrainResu
     elif cfg.incumbent:
         old = load_model(cfg.incumbent).meta.get("data", {}).get("by_family", {})
         new_families = tuple(sorted(set(np.unique(dataset.family).tolist()) - set(old) - {""}))
-    w_all = importance_weights(dataset, cfg.weights, new_families=new_families)
+    if row_weights is not None:
+        row_weights = np.asarray(row_weights, dtype=np.float64)
+        if row_weights.shape != (len(dataset),) or not (
+            np.isfinite(row_weights).all() and (row_weights >= 0).all()
+        ):
+            raise ValueError(f"row_weights must be ({len(dataset)},) finite and >= 0")
+        w_all = row_weights / max(row_weights.mean(), 1e-12)
+    else:
+        w_all = importance_weights(dataset, cfg.weights, new_families=new_families)
+    w_all = w_all * dataset.weight
+    w_all = w_all / max(w_all.mean(), 1e-12)
     w_tr, w_val = w_all[idx["train"]], w_all[idx["val"]]
     if cfg.weights.balance_classes:
         w_tr = class_balance(w_tr, parts["train"].label, parts["train"].gripper)
@@ -787,6 +1010,7 @@ def train(dataset: Dataset, cfg: TrainConfig, out_path: str | Path) -> TrainResu
         "conformal": thr_info,
         "watchdog": wd_info,
         "history": history,
+        **(extra_meta or {}),
     }
     # Write a draft without test metrics, load it back through the real loading path, evaluate the
     # file (not the in-memory net), then write the final file with the metrics that promoted it.
@@ -832,6 +1056,14 @@ class GateTolerance:
     # Forgetting: no item family with at least family_min_rows holdout rows may lose more AUROC than this.
     family_auroc_drop: float = 0.05
     family_min_rows: int = 200
+    # Per item kind (`item_kinds`), autonomous success on held-out rows: a kind the incumbent already
+    # knew may lose at most this much (1 percentage point); a kind that triggered training must gain
+    # more than `new_kind_min_gain`. Kinds with fewer than `kind_min_rows` rows are not judged.
+    kind_success_drop: float = 0.01
+    new_kind_min_gain: float = 0.0
+    kind_min_rows: int = 30
+    # Conditional precision: P(fail | auto-executed) may exceed max(alpha, incumbent's) by this much.
+    executed_fail_rise: float = 0.02
 
 
 SimSuite = Callable[[Path], tuple[bool, dict[str, Any]]]  # model path -> (passed, details)
@@ -860,6 +1092,7 @@ def gate(
     holdout: Dataset,
     tolerance: GateTolerance | None = None,
     sim_suite: SimSuite | None = None,
+    new_kinds: tuple[str, ...] | None = None,
 ) -> GateReport:
     """Does the candidate model regress against the incumbent on `holdout`? Pluggable sim suite.
 
@@ -868,6 +1101,11 @@ def gate(
     families must not be forgotten); joint auto-execute failure rate <= max(alpha, incumbent's) +
     auto_fail_rise; and the simulation regression suite (when given) passes. The holdout must be
     data neither model trained on (e.g. a later ledger export).
+
+    Per item kind (family in simulation, shape kind from the candidate file's `item_kinds` on a real
+    cell): kinds the incumbent knew must not lose more than `kind_success_drop` of autonomous
+    success; `new_kinds` (default: the candidate file's `triggering_kinds`) must improve. Every
+    refusal names the check and by how much it missed.
     """
     from grasping.learned_scorer import LearnedScorer
 
@@ -875,9 +1113,12 @@ def gate(
     if len(holdout) == 0 or holdout.label.min() == holdout.label.max():
         raise ValueError(f"holdout {holdout.origin} needs both successes and failures to gate a model")
     cand = LearnedScorer.from_file(candidate_path, num_threads=None)
-    cm = evaluate(cand, holdout)
+    kinds = item_kinds(holdout, cand.model.meta.get("item_kinds"))
+    if new_kinds is None:
+        new_kinds = tuple(cand.model.meta.get("triggering_kinds", ()))
+    cm = evaluate(cand, holdout, kinds=kinds)
     im = (
-        evaluate(LearnedScorer.from_file(incumbent_path, num_threads=None), holdout)
+        evaluate(LearnedScorer.from_file(incumbent_path, num_threads=None), holdout, kinds=kinds)
         if incumbent_path
         else None
     )
@@ -912,11 +1153,50 @@ def gate(
         cm["auto_fail_joint"] <= fail_limit,
         f"auto-executed-and-failed rate {cm['auto_fail_joint']:.4f} <= {fail_limit:.4f}",
     )
+    cond_limit = (
+        max(alpha, im["auto_fail_given_executed"] if im is not None else 0.0) + tol.executed_fail_rise
+    )
+    c_fail = cm["auto_fail_given_executed"]
+    if cand.model.meta.get("risk") == "executed":
+        check(
+            c_fail <= cond_limit,
+            f"conditional precision: P(fail | auto-executed) {c_fail:.4f} <= {cond_limit:.4f} "
+            f"at alpha {alpha}" + ("" if c_fail <= cond_limit else f" (over by {c_fail - cond_limit:.4f})"),
+        )
+    else:  # a model thresholded for the joint rate promises nothing about the conditional one
+        reasons.append(f"note: P(fail | auto-executed) {c_fail:.4f} (the model bounds the joint rate only)")
+    if im is not None:
+        for kind, km in cm["by_kind"].items():
+            old = im["by_kind"].get(kind)
+            if old is None or km["n"] < tol.kind_min_rows:
+                continue
+            c, i = km["auto_success"], old["auto_success"]
+            if kind in new_kinds:
+                need = i + tol.new_kind_min_gain
+                check(
+                    c > need,
+                    f"triggering kind {kind!r} autonomous success {c:.4f} > incumbent {i:.4f}"
+                    + ("" if c > need else f" (did not improve: short by {need - c + 1e-4:.4f})"),
+                )
+            else:
+                need = i - tol.kind_success_drop
+                check(
+                    c >= need,
+                    f"old kind {kind!r} autonomous success {c:.4f} >= incumbent {i:.4f} - "
+                    f"{tol.kind_success_drop}"
+                    + ("" if c >= need else f" (forgotten: short by {need - c:.4f})"),
+                )
     sim = None
-    if sim_suite is not None:
+    if sim_suite is None:
+        reasons.append("note: simulation regression suite not run (none given)")
+    else:
         ok, sim = sim_suite(Path(candidate_path))
-        check(bool(ok), f"simulation regression suite {'passed' if ok else 'failed'}")
-    passed = all(r.startswith("ok") for r in reasons)
+        missed = "; ".join(sim.get("failed", ())) if isinstance(sim, dict) else ""
+        check(
+            bool(ok),
+            f"simulation regression suite {'passed' if ok else 'failed'}" + (f": {missed}" if missed else ""),
+        )
+    passed = not any(r.startswith("FAIL") for r in reasons)
     return GateReport(
         passed=passed,
         reasons=tuple(reasons),

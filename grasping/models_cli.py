@@ -106,17 +106,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = msub.add_parser(
         "gate",
-        help="check a candidate model against the current one on a holdout export; record the result",
+        help="run the whole gate on a model (a registered VERSION or a FILE) and store the verdict with it",
         description=(
-            "Evaluate the candidate and the incumbent (default: the registry's current model) on a "
-            "holdout ledger export neither trained on. Passes only without regression in AUROC, ECE "
-            "and auto-execute failure rate. The candidate is added to the registry with the report."
+            "Evaluate the candidate and the incumbent (default: the registry's current model) on held-out "
+            "rows neither trained on: export directories (--holdout) and/or the held-out totes of cells' "
+            "ledgers (--ledger: the totes `pickcell learn` never trains on). Checks: AUROC, calibration "
+            "(ECE), joint and conditional auto-execute failure at alpha, per item kind autonomous success "
+            "(old kinds may lose at most 1 pp, the kinds that triggered training must improve), and the "
+            "fixed-seed simulation suite (autonomous pick rate, first-attempt success, damage, cycle "
+            "time). A refusal names each failed check and by how much. The verdict is stored with the "
+            "version in the registry (a FILE is added first). Exit 0 passed, 1 refused or error."
         ),
     )
     _add_registry_arg(g)
-    g.add_argument("file", help="candidate model file")
-    g.add_argument("--holdout", required=True, help="holdout ledger export directory")
+    g.add_argument("target", help="registered model version, 'current', or a model file")
+    g.add_argument("--holdout", action="append", default=[], help="holdout export directory (repeatable)")
+    g.add_argument(
+        "--ledger", action="append", default=[], help="cell ledger: its held-out totes are used (repeatable)"
+    )
     g.add_argument("--incumbent", help="incumbent model file (default: the registry's current model)")
+    g.add_argument(
+        "--new-kind",
+        action="append",
+        default=None,
+        help="item kind that triggered training (repeatable; default: the model's own triggering_kinds)",
+    )
+    g.add_argument(
+        "--sim-episodes",
+        type=int,
+        default=6,
+        help="fixed-seed simulation suite episodes (default 6; 0: not run, and the verdict says so)",
+    )
+    g.add_argument(
+        "--kind-drop", type=float, default=0.01, help="old kinds may lose this much (default 0.01)"
+    )
     g.add_argument("--json", action="store_true", help="print the gate report as JSON")
     g.set_defaults(func=cmd_gate)
 
@@ -303,28 +326,80 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _holdout_rows(args: argparse.Namespace, tmp: Path) -> Any:
+    """The gate's held-out rows: export directories, plus the held-out totes of ledgers."""
+    import numpy as np
+
+    from grasping.learning import DatasetError, held_out, load_dataset
+
+    parts = [load_dataset(h) for h in args.holdout]
+    for i, db in enumerate(args.ledger):
+        from hitl.ledger import Ledger  # the CLI is above both packages
+
+        with Ledger(db, None, create=False) as ledger:
+            ledger.export(tmp / f"ledger-{i}")
+        ds = load_dataset(tmp / f"ledger-{i}")
+        parts.append(ds.subset(np.flatnonzero(held_out(ds.tote) & (ds.weight >= 1.0))))
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise DatasetError("no held-out rows: give --holdout DIR and/or --ledger DB")
+    if len(parts) == 1:
+        return parts[0]
+    from grasping.learning import join_datasets
+
+    return join_datasets(parts, origin=" + ".join(p.origin for p in parts))
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
-    from grasping.learning import DatasetError, gate, load_dataset
-    from grasping.modelfile import ModelFileError
+    import tempfile
+
+    from grasping.learning import DatasetError, GateTolerance, gate
+    from grasping.modelfile import ModelFileError, load_model
     from grasping.registry import ModelRegistry, RegistryError
 
     reg = ModelRegistry(args.registry)
     try:
-        holdout = load_dataset(args.holdout)
-        incumbent = args.incumbent or reg.current()
-        report = gate(args.file, incumbent, holdout)
-        reg.add(args.file, gate_report=report)
-    except (DatasetError, ModelFileError, RegistryError, ValueError) as exc:
+        path = _resolve(reg, args.target)
+        version = load_model(path).version
+        current = reg.current()
+        incumbent = args.incumbent or (
+            str(current) if current and current.resolve() != path.resolve() else None
+        )
+        suite = None
+        if args.sim_episodes > 0:
+            from sim.training import sim_suite_factory  # the CLI may hand the gate the simulator
+
+            suite = sim_suite_factory(args.sim_episodes)(Path(incumbent) if incumbent else None)
+        with tempfile.TemporaryDirectory(prefix="pickcell-gate-") as tmp:
+            holdout = _holdout_rows(args, Path(tmp))
+        report = gate(
+            path,
+            incumbent,
+            holdout,
+            GateTolerance(kind_success_drop=args.kind_drop),
+            sim_suite=suite,
+            new_kinds=tuple(args.new_kind) if args.new_kind is not None else None,
+        )
+        if any(e.version == version for e in reg.list()):
+            reg.record_gate(version, report)
+        else:
+            reg.add(path, gate_report=report)
+    except (DatasetError, ModelFileError, RegistryError, ValueError, OSError) as exc:
         return _fail(str(exc))
     if args.json:
         print(_dump(report.to_json()))
     else:
         print(
-            f"gate {'PASSED' if report.passed else 'FAILED'} for {report.candidate_version} "
-            f"on {report.holdout}"
+            f"gate {'PASSED' if report.passed else 'REFUSED'} for {report.candidate_version} "
+            f"against {incumbent or 'no incumbent'} on {report.holdout}"
         )
         for r in report.reasons:
             print(f"  {r}")
+        failed = [r for r in report.reasons if r.startswith("FAIL")]
+        if failed:
+            print(
+                f"refused by {len(failed)} check(s); the verdict is stored with {version} in {args.registry}"
+            )
     return 0 if report.passed else 1
 
 

@@ -32,7 +32,12 @@ from grasping.patches import N_FEATURES, PATCH_CHANNELS, PATCH_SIZE, extract_pat
 from grasping.pointcloud import CloudConfig, SceneCloud, segment_scene
 from grasping.scoring import PARALLEL_JAW, SUCTION, Scorer
 from grasping.types import GRIPPER_KINDS, Bounds, Candidate, Frame, Grasp, ItemCluster, Plan
-from grasping.watchdog import OCCLUDER_STEP_M, boundary_steps, item_watchdog_of
+from grasping.watchdog import (
+    OCCLUDER_STEP_M,
+    boundary_steps,
+    cluster_descriptors,
+    item_watchdog_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +194,9 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     features = cands.features
     t_patch = time.perf_counter()
 
+    # One shape descriptor per item: the item watchdog judges the scene by them, and the ledger
+    # records each row's item with its descriptor.
+    descriptors = cluster_descriptors(cloud)
     learned = calibrated = ood = None
     threshold = config.analytic_threshold
     scene_sigma: float | None = None
@@ -219,7 +227,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         # patch embeddings (docs/training.md): where the model has an item watchdog, it judges the scene.
         item_wd = item_watchdog_of(config.scorer)
         if item_wd is not None:
-            item_scores, item_verdicts, scene_sigma, in_dist = item_wd.score_clusters(cloud)
+            item_scores, item_verdicts, scene_sigma, in_dist = item_wd.score_clusters(cloud, descriptors)
         rank_score = calibrated
     else:
         rank_score = cands.analytic
@@ -252,7 +260,7 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
             )
         )
 
-    clusters = _with_occlusion(cloud)
+    clusters = _with_occlusion(cloud, descriptors)
     if item_scores is not None:
         clusters = tuple(
             replace(
@@ -301,9 +309,16 @@ def occluded_shares(cloud: SceneCloud) -> np.ndarray:
     return np.where(total > 0, under / np.maximum(total, 1), 0.0)
 
 
-def _with_occlusion(cloud: SceneCloud) -> tuple[ItemCluster, ...]:
+def _with_occlusion(
+    cloud: SceneCloud, descriptors: list[np.ndarray | None] | None = None
+) -> tuple[ItemCluster, ...]:
+    """The clusters with their occluded share and their shape descriptor (the ledger records it)."""
     shares = occluded_shares(cloud)
-    return tuple(replace(c, occluded=float(s)) for c, s in zip(cloud.clusters, shares, strict=True))
+    desc = cluster_descriptors(cloud) if descriptors is None else descriptors
+    return tuple(
+        replace(c, occluded=float(s), descriptor=d)
+        for c, s, d in zip(cloud.clusters, shares, desc, strict=True)
+    )
 
 
 def _decide(

@@ -191,6 +191,10 @@ class ItemCluster:
     # applies) and its score (LOF units, about 1 for a typical training item; None: not scored).
     in_distribution: bool | None = None
     ood_score: float | None = None
+    # (len(grasping.watchdog.ITEM_FEATURES),) the item watchdog's shape descriptor of this item, or
+    # None (too few points, or a planner that does not compute it). The ledger stores it with every
+    # row on this item, so "which kind of item" is known on a real cell without simulator families.
+    descriptor: np.ndarray | None = None
 
     @property
     def extents(self) -> np.ndarray:

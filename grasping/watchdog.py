@@ -96,20 +96,12 @@ class Watchdog:
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ledoit-Wolf (2004) shrinkage of the sample covariance towards mu * I. Returns (cov, shrinkage)."""
-    x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
-    xc = x - x.mean(axis=0)
-    s = xc.T @ xc / n
-    mu = np.trace(s) / d
-    delta = np.sum((s - mu * np.eye(d)) ** 2) / d
-    # beta: how noisy the sample covariance is, estimated from the data itself.
-    x2 = xc**2
-    beta = (np.sum(x2.T @ x2) / n - np.sum(s**2)) / (d * n)
-    beta = min(beta, delta)
-    shrink = 0.0 if delta == 0 else beta / delta
-    cov = shrink * mu * np.eye(d) + (1 - shrink) * s
-    return cov, float(shrink)
+    """Ledoit-Wolf (2004) shrinkage of the sample covariance towards mu * I (scikit-learn's
+    `LedoitWolf`, maximum-likelihood centring). Returns (cov, shrinkage)."""
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf(assume_centered=False).fit(np.asarray(x, dtype=np.float64))
+    return lw.covariance_, float(lw.shrinkage_)
 
 
 def _scene_groups(
@@ -407,14 +399,26 @@ def scene_item_descriptors(cloud: Any) -> np.ndarray:
     return scene_item_descriptors_by_cluster(cloud)[0]
 
 
-def scene_item_descriptors_by_cluster(cloud: Any) -> tuple[np.ndarray, np.ndarray]:
-    """`scene_item_descriptors` and, for each row, the index of the cluster it describes (K,)."""
+def scene_item_descriptors_by_cluster(
+    cloud: Any, descriptors: list[np.ndarray | None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`scene_item_descriptors` and, for each row, the index of the cluster it describes (K,).
+
+    `descriptors`: `cluster_descriptors(cloud)` when the caller already has them (the planner does).
+    """
+    desc = cluster_descriptors(cloud) if descriptors is None else descriptors
+    which = [k for k, d in enumerate(desc) if d is not None]
+    rows = np.array([desc[k] for k in which]).reshape(-1, len(ITEM_FEATURES))
+    return rows, np.array(which, dtype=np.int64)
+
+
+def cluster_descriptors(cloud: Any) -> list[np.ndarray | None]:
+    """One descriptor per cluster of a SceneCloud, in cluster order (None: too few points)."""
     labels = np.asarray(cloud.labels)
     pts = np.asarray(cloud.points_base).reshape(-1, 3)
     nrm = np.asarray(cloud.normals_base).reshape(-1, 3)
     flat = labels.reshape(-1)
-    out = []
-    which: list[int] = []
+    out: list[np.ndarray | None] = []
     # One sort instead of a full-grid comparison per item.
     idx = np.flatnonzero(flat >= 0)
     order = idx[np.argsort(flat[idx], kind="stable")]
@@ -427,11 +431,8 @@ def scene_item_descriptors_by_cluster(cloud: Any) -> tuple[np.ndarray, np.ndarra
     for k in range(cloud.n_clusters):
         rows = order[bounds[k] : bounds[k + 1]]
         steps = b_step[b_order[b_bounds[k] : b_bounds[k + 1]]]
-        d = item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps)
-        if d is not None:
-            out.append(d)
-            which.append(k)
-    return np.array(out).reshape(-1, len(ITEM_FEATURES)), np.array(which, dtype=np.int64)
+        out.append(item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps))
+    return out
 
 
 @dataclass(frozen=True)
@@ -537,12 +538,14 @@ class ItemWatchdog:
         """`score` on the items of a `grasping.pointcloud.SceneCloud`."""
         return self.score(scene_item_descriptors(cloud))
 
-    def score_clusters(self, cloud: Any) -> tuple[np.ndarray, np.ndarray | None, float, bool]:
+    def score_clusters(
+        self, cloud: Any, descriptors: list[np.ndarray | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, float, bool]:
         """Per cluster of a SceneCloud: (scores (K,), in-distribution verdicts (K,) or None, scene
         sigma, scene in-distribution). A cluster too small for a descriptor has score NaN and is
         judged in distribution (nothing to judge it by; its candidates still face the thresholds).
         Verdicts are None when the watchdog has no per-item threshold."""
-        desc, which = scene_item_descriptors_by_cluster(cloud)
+        desc, which = scene_item_descriptors_by_cluster(cloud, descriptors)
         items, sigma, in_dist = self.score(desc)
         scores = np.full(int(cloud.n_clusters), np.nan)
         scores[which] = items

@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class AssociateClient(_Link):
-    """One associate's connection. The broker knows it by its CURVE key name (`name`)."""
+    """One associate's connection. The broker knows it by its CURVE key name (`name`).
+
+    A console (a web console answering for the people logged into it) uses the same client with a
+    `console`-role key and `role="console"`, and names the person in every answer (`on_behalf_of`).
+    """
 
     role = "associate"
 
@@ -40,8 +44,15 @@ class AssociateClient(_Link):
         name: str | None = None,
         heartbeat_s: float = P.HEARTBEAT_S,
         context: zmq.Context | None = None,
+        role: str | None = None,
         **link_kwargs: Any,
     ):
+        # The broker decides the role from where the key sits in its allowlist; we only say it in our
+        # heartbeats (a mismatch is refused, which makes a misplaced key visible at once).
+        role = role or (keys.role if keys is not None and keys.role in P.ANSWERING_ROLES else P.ASSOCIATE)
+        if role not in P.ANSWERING_ROLES:
+            raise ValueError(f"an AssociateClient's role is one of {P.ANSWERING_ROLES}, not {role!r}")
+        self.role = role
         super().__init__(endpoint, keys, server_public_key, heartbeat_s, context=context, **link_kwargs)
         # With CURVE the broker ignores a declared name and uses the key's; without, it is all we have.
         self.name = keys.name if keys is not None and keys.name else (name or "associate")
@@ -50,6 +61,7 @@ class AssociateClient(_Link):
         self._cancelled: dict[str, str] = {}  # request id -> why (expired / cancelled / answered by another)
         self._replies: dict[str, Future] = {}  # request id -> Future of the broker's ack
         self._unacked: dict[str, tuple[bytes, dict]] = {}  # answers/releases to resend after a reconnect
+        self._cell_of: dict[str, str] = {}  # request id -> cell id of the assigned request (ids are per cell)
         self._status_futs: list[Future] = []
         self._ready_out = False  # thread side: a READY is outstanding
         self.start()
@@ -81,29 +93,40 @@ class AssociateClient(_Link):
         pixel: tuple[int, int] | None = None,
         note: str = "",
         timeout_s: float = 10.0,
+        gripper: str | None = None,
+        on_behalf_of: str | None = None,
     ) -> str:
         """Send a person's answer; returns the final state once journaled ("answered").
 
-        Raises AssistError (with the broker's code) if refused, e.g. already expired (409) or invalid (422);
-        TimeoutError if the broker did not confirm in time (the answer is resent after a reconnect).
+        `gripper` ("suction" | "parallel_jaw") goes with a `point` answer: the tool for the clicked spot.
+        `on_behalf_of` names the person: required for a console key, refused for an associate key.
+        Raises AssistError (with the broker's code) if refused, e.g. already expired (409), not held by
+        us (403) or invalid (422); TimeoutError if the broker did not confirm in time (the answer is
+        resent after a reconnect).
         """
-        body = {
+        body: dict[str, Any] = {
             "request_id": request_id,
             "kind": kind,
             "candidate_index": candidate_index,
             "pixel": list(pixel) if pixel is not None else None,
             "note": note,
-            "name": self.name,
         }
+        if gripper is not None:
+            body["gripper"] = gripper
+        if on_behalf_of is not None:
+            body["on_behalf_of"] = on_behalf_of
+        self._add_cell(request_id, body)
         return self._request_ack(request_id, P.ANSWER, body, timeout_s)
 
     def skip(self, request_id: str, timeout_s: float = 10.0) -> str:
         """Give the request back; the broker offers it to someone else, not to us again."""
-        return self._request_ack(request_id, P.RELEASE, {"request_id": request_id, "skip": True}, timeout_s)
+        body = self._add_cell(request_id, {"request_id": request_id, "skip": True})
+        return self._request_ack(request_id, P.RELEASE, body, timeout_s)
 
     def release(self, request_id: str, timeout_s: float = 10.0) -> str:
         """Give the request back without excluding ourselves (e.g. stepping away from the screen)."""
-        return self._request_ack(request_id, P.RELEASE, {"request_id": request_id, "skip": False}, timeout_s)
+        body = self._add_cell(request_id, {"request_id": request_id, "skip": False})
+        return self._request_ack(request_id, P.RELEASE, body, timeout_s)
 
     def cancelled_reason(self, request_id: str) -> str | None:
         """Why the broker took this request away from us (expired, cancelled, answered), or None."""
@@ -111,12 +134,20 @@ class AssociateClient(_Link):
             return self._cancelled.get(request_id)
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """The broker's queue status: waiting, held, associates, cells."""
+        """The broker's queue status: waiting (queue depth), held (by us), holding, associates."""
         fut: Future = Future()
         self._call("status", fut)
         return fut.result(timeout_s)
 
     # ---- internals ----
+
+    def _add_cell(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        # Request ids are unique per cell only: say which cell's request we mean.
+        with self._lock:
+            cell_id = self._cell_of.get(request_id)
+        if cell_id is not None:
+            body["cell_id"] = cell_id
+        return body
 
     def _request_ack(self, request_id: str, msg_type: bytes, body: dict, timeout_s: float) -> str:
         fut: Future = Future()
@@ -131,13 +162,13 @@ class AssociateClient(_Link):
             ) from None
 
     def _heartbeat_body(self) -> dict:
-        return {"role": "associate", "name": self.name}
+        return {"role": self.role, "name": self.name}
 
     def _on_command(self, cmd: tuple) -> None:
         if cmd[0] == "ready":
             if not self._ready_out:
                 self._ready_out = True
-                self._send(P.READY, {"name": self.name})
+                self._send(P.READY, {})
         elif cmd[0] == "send":
             _, rid, msg_type, body = cmd
             self._unacked[rid] = (msg_type, body)
@@ -151,7 +182,7 @@ class AssociateClient(_Link):
         for msg_type, body in self._unacked.values():
             self._send(msg_type, body)
         if self._ready_out:
-            self._send(P.READY, {"name": self.name})
+            self._send(P.READY, {})
 
     def _on_message(self, msg_type: bytes, body: dict) -> None:
         rid = body.get("request_id")
@@ -161,16 +192,21 @@ class AssociateClient(_Link):
                 req = AssistRequest.from_wire(body["request"])
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("unreadable assignment, giving it back: %s", exc)
-                rid = (body.get("request") or {}).get("request_id")
+                wire = body.get("request") if isinstance(body.get("request"), dict) else {}
+                rid, cell_id = wire.get("request_id"), wire.get("cell_id")
                 if isinstance(rid, str):
-                    self._send(P.RELEASE, {"request_id": rid, "skip": True})
+                    self._send(P.RELEASE, {"request_id": rid, "cell_id": cell_id, "skip": True})
                 return
+            with self._lock:
+                self._cell_of[req.request_id] = req.cell_id
             self._inbox.put(req)
         elif msg_type == P.CANCEL:
             with self._lock:
                 self._cancelled[str(rid)] = str(body.get("reason", "cancelled"))
         elif msg_type == P.ACK:
             self._unacked.pop(rid, None)
+            with self._lock:
+                self._cell_of.pop(rid, None)
             self._settle(rid, result=body.get("state"))
         elif msg_type == P.ERROR:
             log.warning("broker error %s %s: %s", body.get("code"), body.get("name"), body.get("message"))

@@ -314,12 +314,12 @@ class AssistClient(_Link):
                 f"request.cell_id {request.cell_id!r} is not this client's cell {self.cell_id!r}"
             )
         wire = request.to_wire()
-        try:
-            P.validate_request({"request": wire})
-        except P.ProtocolError as exc:
-            raise ValueError(exc.message) from None
         if len(P.pack({"request": wire})) > P.MAX_BODY_BYTES:
             raise ValueError(f"request {request.request_id} is larger than {P.MAX_BODY_BYTES} bytes encoded")
+        try:
+            P.validate_request({"request": wire})  # the broker's own door check, minus the clock
+        except P.ProtocolError as exc:
+            raise ValueError(f"{exc.message} (field {exc.field})") from None
         with self._lock:
             existing = self._pending.get(request.request_id)
             if existing is not None:
@@ -383,6 +383,17 @@ class AssistClient(_Link):
             log.warning("broker error %s %s: %s", code, body.get("name"), body.get("message"))
             if code in (P.E_ALREADY_FINAL, P.E_UNKNOWN_REQUEST) and body.get("ref") == "cancel":
                 return  # the final state comes (or came) as a RESULT
+            if rid is None:  # about the connection (e.g. our key was revoked): nothing to settle
+                self.last_error = f"broker error {code} {body.get('name')}: {body.get('message')}"
+                return
+            if code == P.E_INVALID and body.get("field") == "deadline":
+                with self._lock:
+                    p = self._pending.get(rid)
+                if p is not None and p.deadline <= time.time():
+                    # Sent (or resent after a reconnect) too late to be asked: it simply expired.
+                    note = "deadline passed before the broker accepted it"
+                    self._resolve(AssistAnswer(rid, "expired", answered_at=time.time(), note=note))
+                    return
             if rid is not None and code not in (P.E_INTERNAL,):
                 with self._lock:
                     p = self._pending.pop(rid, None)

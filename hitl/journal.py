@@ -2,12 +2,17 @@
 
 The broker writes here *before* it acknowledges anything (Titanic, rfc 9: persist, then reply), and it
 groups all the writes of one pass of its event loop into one transaction so that one fsync covers many
-messages. After a crash the journal is the truth: requests without a final state go back to the queue,
-final states not yet delivered to their cell are delivered again.
+messages. After a crash the journal is the truth: requests without a final state go back to the queue
+(a request an associate held stays with that associate if it reconnects in time), final states not yet
+delivered to their cell are delivered again.
 
-Each request has exactly one final state: the `requests.state` column moves from 'queued' to one of
-'answered' | 'expired' | 'cancelled' only through `finish`, whose UPDATE is guarded by `state='queued'`,
-and the answer row's primary key is the request id.
+Request ids live in their cell's namespace: the key of a request is (cell_id, request_id), so two cells
+may use the same id without meeting. Each request has exactly one final state: `requests.state` moves
+from 'queued' to one of 'answered' | 'expired' | 'cancelled' only through `finish`, whose UPDATE is
+guarded by `state='queued'`, and the answer row's primary key is the request's.
+
+Retention: `prune` deletes final states (request + answer) delivered more than `retention_s` ago, and
+undelivered ones older than `undelivered_retention_s`; nothing without a final state is ever deleted.
 """
 
 from __future__ import annotations
@@ -27,33 +32,64 @@ from hitl.protocol import FINAL_STATES, QUEUED
 
 log = logging.getLogger(__name__)
 
+SCHEMA_VERSION = 2  # PRAGMA user_version; 0 = the first schema (request_id alone was the key)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
-    request_id   TEXT PRIMARY KEY,
-    cell_id      TEXT NOT NULL,
+    cell_id      TEXT NOT NULL,     -- the submitting cell (= its key name with CURVE): the id's namespace
+    request_id   TEXT NOT NULL,     -- chosen by the cell; unique within the cell
     submitted_by TEXT NOT NULL,     -- authenticated identity of the submitting connection
     deadline     REAL NOT NULL,     -- unix s
     priority     INTEGER NOT NULL,
     received_at  REAL NOT NULL,     -- unix s, broker clock
     state        TEXT NOT NULL CHECK (state IN ('queued', 'answered', 'expired', 'cancelled')),
-    body         BLOB NOT NULL      -- msgpack of AssistRequest.to_wire()
+    holder       TEXT,              -- associate/console key name holding it (kept at the final state)
+    body         BLOB NOT NULL,     -- msgpack of AssistRequest.to_wire()
+    PRIMARY KEY (cell_id, request_id)
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 CREATE TABLE IF NOT EXISTS answers (
-    request_id      TEXT PRIMARY KEY REFERENCES requests(request_id),
     cell_id         TEXT NOT NULL,
+    request_id      TEXT NOT NULL,
     status          TEXT NOT NULL CHECK (status IN ('answered', 'expired', 'cancelled')),
     kind            TEXT,
     candidate_index INTEGER,
     pixel_u         INTEGER,
     pixel_v         INTEGER,
-    associate_id    TEXT,           -- authenticated identity (CURVE key name) of who answered
+    gripper         TEXT,           -- for 'point': the tool the person chose (NULL = the cell chooses)
+    associate_id    TEXT,           -- the person who answered (key name, or a console's on_behalf_of)
+    via             TEXT,           -- the console's key name when a console answered; else NULL
     answered_at     REAL NOT NULL,  -- unix s
     note            TEXT NOT NULL DEFAULT '',
-    delivered_at    REAL            -- unix s when the cell confirmed receipt; NULL = deliver again
+    delivered_at    REAL,           -- unix s when the cell confirmed receipt; NULL = deliver again
+    PRIMARY KEY (cell_id, request_id),
+    FOREIGN KEY (cell_id, request_id) REFERENCES requests(cell_id, request_id) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS answers_undelivered ON answers(cell_id) WHERE delivered_at IS NULL;
+CREATE INDEX IF NOT EXISTS answers_delivered_at ON answers(delivered_at);
 """
+
+# From the first schema (request_id PRIMARY KEY, no holder, no via): same rows, new keys.
+_MIGRATE_FROM_0 = (
+    """
+ALTER TABLE answers RENAME TO answers_v0;
+ALTER TABLE requests RENAME TO requests_v0;
+DROP INDEX IF EXISTS requests_state;
+DROP INDEX IF EXISTS answers_undelivered;
+"""
+    + SCHEMA
+    + """
+INSERT INTO requests (cell_id, request_id, submitted_by, deadline, priority, received_at, state, holder, body)
+    SELECT cell_id, request_id, submitted_by, deadline, priority, received_at, state, NULL, body
+    FROM requests_v0;
+INSERT INTO answers (cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, gripper,
+                     associate_id, via, answered_at, note, delivered_at)
+    SELECT cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, NULL, associate_id, NULL,
+           answered_at, note, delivered_at FROM answers_v0;
+DROP TABLE answers_v0;
+DROP TABLE requests_v0;
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,7 @@ class StoredRequest:
     priority: int
     received_at: float
     state: str
+    holder: str | None
     request: dict[str, Any]  # AssistRequest wire dict
 
 
@@ -80,9 +117,34 @@ class Journal:
             raise RuntimeError(f"journal {self.path}: could not switch to WAL mode (got {mode!r})")
         # FULL: the WAL is fsynced at every commit, so an acknowledged write survives power loss too.
         self.db.execute("PRAGMA synchronous=FULL")
+        self._open_schema()
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
         self._in_tx = False
+
+    def _open_schema(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = self.db.execute(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name='requests'"
+        ).fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"journal {self.path} has schema {version}, newer than this broker's {SCHEMA_VERSION}; "
+                "run a newer pickcell (the file is left untouched)"
+            )
+        if version == SCHEMA_VERSION or not has_tables:
+            self.db.executescript(SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            return
+        # version 0 with tables: the first schema. Migrate in one transaction (all or nothing).
+        log.warning("journal %s: migrating schema 0 -> %d (request ids per cell)", self.path, SCHEMA_VERSION)
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            self.db.executescript(
+                "BEGIN IMMEDIATE;" + _MIGRATE_FROM_0 + f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+            )
+        except sqlite3.Error:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -118,65 +180,67 @@ class Journal:
 
     # ---- requests ----
 
-    def get(self, request_id: str) -> StoredRequest | None:
+    def get(self, cell_id: str, request_id: str) -> StoredRequest | None:
         row = self.db.execute(
-            "SELECT request_id, cell_id, deadline, priority, received_at, state, body "
-            "FROM requests WHERE request_id = ?",
-            (request_id,),
+            _REQUEST_SELECT + " WHERE cell_id = ? AND request_id = ?", (cell_id, request_id)
         ).fetchone()
         return _row_to_request(row) if row else None
 
     def add(self, request: dict[str, Any], submitted_by: str, received_at: float) -> bool:
-        """Insert a new request; False (and nothing written) if the id exists already."""
+        """Insert a new request; False (and nothing written) if the cell already used that id."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO requests "
-            "(request_id, cell_id, submitted_by, deadline, priority, received_at, state, body) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
+            "(cell_id, request_id, submitted_by, deadline, priority, received_at, state, holder, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'queued', NULL, ?)",
             (
-                request["request_id"],
                 request["cell_id"],
+                request["request_id"],
                 submitted_by,
                 float(request["deadline"]),
-                int(request.get("priority", 0)),
+                int(request.get("priority", 0) or 0),
                 received_at,
                 msgpack.packb(request, use_bin_type=True),
             ),
         )
         return cur.rowcount == 1
 
+    def set_holder(self, cell_id: str, request_id: str, holder: str | None) -> None:
+        """Who holds a queued request now (None = waiting); survives a broker restart."""
+        self.db.execute(
+            "UPDATE requests SET holder = ? WHERE cell_id = ? AND request_id = ? AND state = 'queued'",
+            (holder, cell_id, request_id),
+        )
+
     def open_requests(self) -> list[StoredRequest]:
-        rows = self.db.execute(
-            "SELECT request_id, cell_id, deadline, priority, received_at, state, body "
-            "FROM requests WHERE state = 'queued' ORDER BY received_at"
-        ).fetchall()
+        rows = self.db.execute(_REQUEST_SELECT + " WHERE state = 'queued' ORDER BY received_at").fetchall()
         return [_row_to_request(r) for r in rows]
 
-    def finish(self, request_id: str, answer: dict[str, Any]) -> bool:
+    def finish(self, cell_id: str, request_id: str, answer: dict[str, Any]) -> bool:
         """Give a queued request its final state (answer = AssistAnswer wire dict). False if already final."""
         status = answer["status"]
         if status not in FINAL_STATES:
             raise ValueError(f"not a final state: {status!r}")
         cur = self.db.execute(
-            "UPDATE requests SET state = ? WHERE request_id = ? AND state = ?", (status, request_id, QUEUED)
+            "UPDATE requests SET state = ? WHERE cell_id = ? AND request_id = ? AND state = ?",
+            (status, cell_id, request_id, QUEUED),
         )
         if cur.rowcount != 1:
             return False
-        cell_id = self.db.execute(
-            "SELECT cell_id FROM requests WHERE request_id = ?", (request_id,)
-        ).fetchone()[0]
         px = answer.get("pixel")
         self.db.execute(
-            "INSERT INTO answers (request_id, cell_id, status, kind, candidate_index, pixel_u, pixel_v, "
-            "associate_id, answered_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO answers (cell_id, request_id, status, kind, candidate_index, pixel_u, pixel_v, "
+            "gripper, associate_id, via, answered_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                request_id,
                 cell_id,
+                request_id,
                 status,
                 answer.get("kind"),
                 answer.get("candidate_index"),
                 px[0] if px else None,
                 px[1] if px else None,
+                answer.get("gripper"),
                 answer.get("associate_id"),
+                answer.get("via"),
                 float(answer.get("answered_at") or time.time()),
                 answer.get("note", ""),
             ),
@@ -185,9 +249,22 @@ class Journal:
 
     # ---- answers ----
 
-    def answer(self, request_id: str) -> dict[str, Any] | None:
-        row = self.db.execute(_ANSWER_SELECT + " WHERE request_id = ?", (request_id,)).fetchone()
+    def answer(self, cell_id: str, request_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            _ANSWER_SELECT + " WHERE cell_id = ? AND request_id = ?", (cell_id, request_id)
+        ).fetchone()
         return _row_to_answer(row) if row else None
+
+    def finished_by(self, who: str, request_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(cell_id, answer) of final requests with this id that `who` held or answered (directly or via)."""
+        rows = self.db.execute(
+            "SELECT a.request_id, a.status, a.kind, a.candidate_index, a.pixel_u, a.pixel_v, a.associate_id, "
+            "a.answered_at, a.note, a.via, a.gripper, a.cell_id "
+            "FROM answers a JOIN requests r USING (cell_id, request_id) WHERE a.request_id = ? "
+            "AND (r.holder = ? OR (a.associate_id = ? AND a.via IS NULL) OR a.via = ?)",
+            (request_id, who, who, who),
+        ).fetchall()
+        return [(r[-1], _row_to_answer(r)) for r in rows]
 
     def undelivered(self, cell_id: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         """(cell_id, answer wire dict) of final states the cell has not confirmed, oldest first."""
@@ -204,8 +281,8 @@ class Journal:
         for rid in request_ids:
             n += self.db.execute(
                 "UPDATE answers SET delivered_at = ? "
-                "WHERE request_id = ? AND cell_id = ? AND delivered_at IS NULL",
-                (when, rid, cell_id),
+                "WHERE cell_id = ? AND request_id = ? AND delivered_at IS NULL",
+                (when, cell_id, rid),
             ).rowcount
         return n
 
@@ -218,10 +295,32 @@ class Journal:
         ).fetchone()[0]
         return out
 
+    # ---- retention ----
 
+    def prune(self, now: float, retention_s: float, undelivered_retention_s: float) -> int:
+        """Delete final states delivered more than retention_s ago, and undelivered ones answered more than
+        undelivered_retention_s ago (their cell never came back). Returns how many requests went.
+        Queued requests are never deleted. Call inside a transaction."""
+        keys = self.db.execute(
+            "SELECT cell_id, request_id FROM answers WHERE (delivered_at IS NOT NULL AND delivered_at < ?) "
+            "OR (delivered_at IS NULL AND answered_at < ?)",
+            (now - retention_s, now - undelivered_retention_s),
+        ).fetchall()
+        for cell_id, rid in keys:
+            self.db.execute("DELETE FROM answers WHERE cell_id = ? AND request_id = ?", (cell_id, rid))
+            self.db.execute(
+                "DELETE FROM requests WHERE cell_id = ? AND request_id = ? AND state != 'queued'",
+                (cell_id, rid),
+            )
+        return len(keys)
+
+
+_REQUEST_SELECT = (
+    "SELECT request_id, cell_id, deadline, priority, received_at, state, holder, body FROM requests"
+)
 _ANSWER_SELECT = (
     "SELECT request_id, status, kind, candidate_index, pixel_u, pixel_v, associate_id, answered_at, note, "
-    "cell_id FROM answers"
+    "via, gripper, cell_id FROM answers"
 )
 
 
@@ -233,7 +332,8 @@ def _row_to_request(row: tuple) -> StoredRequest:
         priority=row[3],
         received_at=row[4],
         state=row[5],
-        request=msgpack.unpackb(row[6], raw=False),
+        holder=row[6],
+        request=msgpack.unpackb(row[7], raw=False),
     )
 
 
@@ -247,4 +347,6 @@ def _row_to_answer(row: tuple) -> dict[str, Any]:
         "associate_id": row[6],
         "answered_at": row[7],
         "note": row[8],
+        "via": row[9],
+        "gripper": row[10],
     }

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from grasping.types import GRIPPER_KINDS, Frame, Grasp, Outcome, Plan, Reason
+from grasping.watchdog import ITEM_FEATURES
 from hitl.messages import AssistAnswer, AssistRequest, CandidateView
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,13 @@ SOURCES = ("production", "sim", "associate")
 UNLABELED_REASONS = frozenset(
     {Reason.IK_FAILED, Reason.UNREACHABLE, Reason.INVALID, Reason.ESTOP, Reason.NOT_HOLDING}
 )
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
+# Weight of a "passed over" row: a candidate on the item a person answered about that they did not
+# choose. A weak negative: the person preferred another spot, which says little about this one.
+WEAK_NEGATIVE_WEIGHT = 0.3
+# Length of an item descriptor row in the export (grasping.watchdog.ITEM_FEATURES); rows whose stored
+# descriptor has another length (an older descriptor definition) export NaN.
+ITEM_DESCRIPTOR_DIM = len(ITEM_FEATURES)
 
 
 class LedgerError(RuntimeError):
@@ -134,8 +141,26 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Labels from every answer and item identity: which assist request an attempt answered, and
+    which segmented item it was on with that item's shape descriptor (the item watchdog's)."""
+    _run_ddl(
+        conn,
+        """
+        ALTER TABLE attempts ADD COLUMN request_id TEXT;
+        ALTER TABLE attempts ADD COLUMN item INTEGER;
+        ALTER TABLE attempts ADD COLUMN item_descriptor BLOB;
+        CREATE INDEX attempts_request ON attempts(request_id);
+        """,
+    )
+
+
 # _MIGRATIONS[k] takes a file from schema version k to k + 1. Append only; never edit a shipped step.
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1, _migrate_1_to_2)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_0_to_1,
+    _migrate_1_to_2,
+    _migrate_2_to_3,
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -305,6 +330,9 @@ class AttemptRecord:
     features: np.ndarray | None  # (F,) float32
     family: str | None
     source: str
+    request_id: str | None = None  # the assist request this attempt answered (approve / point)
+    item: int | None = None  # index of the segmented item (plan cluster) it was on
+    item_descriptor: np.ndarray | None = None  # (D,) that item's shape descriptor
 
 
 @dataclass(frozen=True)
@@ -564,6 +592,7 @@ class Ledger:
                 "hi": np.asarray(cl.hi, dtype=float).tolist(),
                 "n_points": int(cl.n_points),
                 "occluded": round(float(getattr(cl, "occluded", 0.0)), 4),
+                "descriptor": _descriptor_list(getattr(cl, "descriptor", None)),
             }
             for cl in getattr(plan, "clusters", ())
         ]
@@ -639,6 +668,9 @@ class Ledger:
         features: np.ndarray | None = None,
         family: str | None = None,
         source: str = "production",
+        request_id: str | None = None,
+        item: int | None = None,
+        item_descriptor: np.ndarray | None = None,
     ) -> bool:
         """Store one executed attempt; committed (fsynced) before returning.
 
@@ -647,6 +679,12 @@ class Ledger:
         `features` (F,) are the observation the label belongs to; when omitted, export takes them
         from the plan's candidate `candidate_index`. `plan_id` is the id record_plan returned, or the
         plan's frame_id (resolved to that frame's latest plan). `source` is one of SOURCES.
+
+        `request_id`: the assist request this attempt carries out (an approved candidate or a
+        clicked pixel); export uses it to label the candidates the person passed over. `item` is
+        the index of the segmented item (the plan's cluster) the grasp is on and `item_descriptor`
+        its shape descriptor; when omitted and the attempt names a plan candidate, both are taken
+        from that candidate's cluster in the stored plan.
         """
         if not attempt_id:
             raise ValueError("attempt_id must be a non-empty string")
@@ -659,6 +697,7 @@ class Ledger:
             raise ValueError(f"robot_time must be finite, got {robot_time}")
         patch = _check_patch(patch, "patch")
         features = _check_features(features, "features")
+        item_descriptor = _check_features(item_descriptor, "item_descriptor")
         details = _dumps(outcome.details, "Outcome.details")
         row = [
             attempt_id,
@@ -681,15 +720,21 @@ class Ledger:
             _npy(features),
             family,
             source,
+            request_id,
+            None if item is None else int(item),
+            _npy(item_descriptor),
         ]
 
         def write() -> bool:
             row[1] = _resolve_plan(self._conn, plan_id)
+            if item is None and row[1] is not None and candidate_index is not None:
+                row[21], row[22] = _item_of_candidate(self._conn, row[1], int(candidate_index))
             cur = self._conn.execute(
                 "INSERT INTO attempts(attempt_id, plan_id, candidate_index, cell_id, recorded_at, "
                 "robot_time, gripper, grasp, success, reason, executed, robot_seconds, item_id, details, "
-                "decided_by, model_version, patch, features, family, source) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "decided_by, model_version, patch, features, family, source, request_id, item, "
+                "item_descriptor) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(attempt_id) DO NOTHING",
                 row,
             )
@@ -846,6 +891,9 @@ class Ledger:
             features=_from_npy(r["features"]),
             family=r["family"],
             source=r["source"],
+            request_id=r["request_id"],
+            item=r["item"],
+            item_descriptor=_from_npy(r["item_descriptor"]),
         )
 
     def plan(self, plan_id: str) -> PlanRecord | None:
@@ -941,6 +989,7 @@ class Ledger:
             "answered": "SELECT count(*) FROM answers WHERE status='answered'",
             "expired": "SELECT count(*) FROM answers WHERE status='expired'",
             "no_safe_pick": "SELECT count(*) FROM answers WHERE kind='no_safe_pick'",
+            "skipped": "SELECT count(*) FROM answers WHERE kind='skip'",
         }
         with self._lock:
             return {k: int(self._conn.execute(sql).fetchone()[0]) for k, sql in q.items()}
@@ -961,7 +1010,12 @@ class Ledger:
     # --- export ------------------------------------------------------------------------------------
 
     def export(
-        self, out_dir: str | Path, *, since: float | None = None, shard_rows: int = 4096
+        self,
+        out_dir: str | Path,
+        *,
+        since: float | None = None,
+        shard_rows: int = 4096,
+        weak_negative_weight: float = WEAK_NEGATIVE_WEIGHT,
     ) -> ExportManifest:
         """Write the labeled rows as a training dataset: npz shards plus manifest.json.
 
@@ -989,6 +1043,8 @@ class Ledger:
         out_dir = Path(out_dir)
         if shard_rows < 1:
             raise ValueError("shard_rows must be >= 1")
+        if not 0.0 <= float(weak_negative_weight) <= 1.0:
+            raise ValueError(f"weak_negative_weight must be in [0, 1], got {weak_negative_weight}")
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise LedgerError(f"export target {out_dir} exists and is not an empty directory")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -997,7 +1053,7 @@ class Ledger:
             ro.execute("BEGIN")  # one read snapshot for the whole export (WAL readers never block writers)
             writer = _ShardWriter(out_dir, shard_rows)
             counts: Counter[str] = Counter()
-            for row in _labeled_rows(ro, since, counts):
+            for row in _labeled_rows(ro, since, counts, weak_negative_weight):
                 writer.add(row)
             writer.flush_all()
             ro.execute("COMMIT")
@@ -1017,6 +1073,8 @@ class Ledger:
             counts={
                 "since": since,
                 "exported_at": self._clock(),
+                "weak_negative_weight": float(weak_negative_weight),
+                "by_label_kind": dict(writer.by_label_kind),
                 "by_source": dict(writer.by_source),
                 "by_gripper": dict(writer.by_gripper),
                 "by_family": dict(writer.by_family),
@@ -1050,13 +1108,74 @@ def _nan(x: float | None) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _labeled_rows(conn: sqlite3.Connection, since: float | None, counts: Counter) -> Iterator[dict]:
-    """Yield one dict per training row, from a snapshot connection; count what is left out."""
+def _descriptor_list(d: np.ndarray | None) -> list[float] | None:
+    """An item descriptor as stored in a plan's clusters JSON (None when the item has none)."""
+    if d is None:
+        return None
+    a = np.asarray(d, dtype=np.float64).reshape(-1)
+    return [float(x) for x in a] if np.isfinite(a).all() else None
+
+
+def _plan_clusters(conn: sqlite3.Connection, plan_id: str) -> list[dict]:
+    row = conn.execute("SELECT clusters FROM plans WHERE plan_id=?", (plan_id,)).fetchone()
+    return json.loads(row[0]) if row and row[0] else []
+
+
+def _item_of_candidate(conn: sqlite3.Connection, plan_id: str, idx: int) -> tuple[int | None, bytes | None]:
+    """(item index, descriptor .npy bytes) of plan candidate `idx`, from the stored plan."""
+    row = conn.execute("SELECT cluster FROM candidates WHERE plan_id=? AND idx=?", (plan_id, idx)).fetchone()
+    if row is None or row[0] is None or int(row[0]) < 0:
+        return None, None
+    k = int(row[0])
+    clusters = _plan_clusters(conn, plan_id)
+    desc = clusters[k].get("descriptor") if k < len(clusters) else None
+    return k, (None if desc is None else _npy(np.asarray(desc, dtype=np.float32)))
+
+
+def _descriptor_row(d: Any) -> np.ndarray:
+    """(ITEM_DESCRIPTOR_DIM,) float32 for the export: the descriptor, or NaN when unknown."""
+    if d is None:
+        return np.full(ITEM_DESCRIPTOR_DIM, np.nan, np.float32)
+    a = _from_npy(d) if isinstance(d, (bytes, memoryview)) else np.asarray(d, dtype=np.float32)
+    a = np.asarray(a, dtype=np.float32).reshape(-1)
+    return a if a.shape == (ITEM_DESCRIPTOR_DIM,) else np.full(ITEM_DESCRIPTOR_DIM, np.nan, np.float32)
+
+
+def _labeled_rows(
+    conn: sqlite3.Connection, since: float | None, counts: Counter, weak_negative_weight: float
+) -> Iterator[dict]:
+    """Yield one dict per training row, from a snapshot connection; count what is left out.
+
+    Every answer kind (docs/ledger.md, "Labels"): executed attempts (the model's, an approved
+    candidate, a clicked pixel) by their outcome; "no safe pick" as negatives for the asked item's
+    shown candidates; candidates on the answered item that the person passed over as weak negatives;
+    skip and expiry as nothing (counted).
+    """
     t0 = -math.inf if since is None else float(since)
+    tote_of: dict[str, str] = {}
+    clusters_of: dict[str, list[dict]] = {}
+
+    def tote(plan_id: str | None) -> str:
+        if not plan_id:
+            return ""
+        if plan_id not in tote_of:
+            r = conn.execute("SELECT tote_id FROM plans WHERE plan_id=?", (plan_id,)).fetchone()
+            tote_of[plan_id] = r[0] if r else ""
+        return tote_of[plan_id]
+
+    def plan_descriptor(plan_id: str, k: int) -> np.ndarray:
+        if plan_id not in clusters_of:
+            clusters_of[plan_id] = _plan_clusters(conn, plan_id)
+        cl = clusters_of[plan_id]
+        return _descriptor_row(cl[k].get("descriptor") if 0 <= k < len(cl) else None)
+
+    def item_key(plan_id: str | None, item: int | None) -> str:
+        return f"{plan_id}:{item}" if plan_id and item is not None and item >= 0 else ""
+
     cur = conn.execute(
         "SELECT a.attempt_id, a.plan_id, a.candidate_index, a.cell_id, a.recorded_at, a.robot_time,"
         " a.gripper, a.success, a.reason, a.decided_by, a.model_version, a.patch, a.features,"
-        " a.family, a.source,"
+        " a.family, a.source, a.request_id, a.item, a.item_descriptor,"
         " c.patch AS c_patch, c.features AS c_features, c.p_success, p.scene_ood_sigma"
         " FROM attempts a"
         " LEFT JOIN candidates c ON c.plan_id = a.plan_id AND c.idx = a.candidate_index"
@@ -1064,9 +1183,10 @@ def _labeled_rows(conn: sqlite3.Connection, since: float | None, counts: Counter
         " WHERE a.recorded_at >= ? ORDER BY a.recorded_at, a.rowid",
         (t0,),
     )
-    for r in cur:
+    answered_attempts: list[tuple] = []  # (request_id, attempt_id, plan_id, cidx, item, who, rec_at)
+    for r in cur.fetchall():
         (aid, plan_id, cidx, cell, rec_at, robot_t, gripper, success, reason, who, ver, patch, feats, family,
-         source, c_patch, c_feats, p_success, sigma) = r  # fmt: skip
+         source, req_id, item, item_desc, c_patch, c_feats, p_success, sigma) = r  # fmt: skip
         counts["attempts_seen"] += 1
         if Reason(reason) in UNLABELED_REASONS:
             counts[f"left_out_reason_{reason}"] += 1
@@ -1078,11 +1198,16 @@ def _labeled_rows(conn: sqlite3.Connection, since: float | None, counts: Counter
         if patch is None or feats is None:
             counts["left_out_no_observation"] += 1
             continue
+        if req_id:
+            answered_attempts.append((req_id, aid, plan_id, cidx, item, who, rec_at))
+        desc = _descriptor_row(item_desc)
         yield {
             "patch": _from_npy(patch),
             "features": _from_npy(feats),
             "gripper": GRIPPER_KINDS.index(gripper),
             "label": 1.0 if success else 0.0,
+            "weight": 1.0,
+            "label_kind": "outcome",
             "timestamp": rec_at,
             "robot_time": robot_t,
             "source": source,
@@ -1091,33 +1216,42 @@ def _labeled_rows(conn: sqlite3.Connection, since: float | None, counts: Counter
             "model_version": ver,
             "cell_id": cell,
             "row_id": aid,
-            "plan_id": plan_id or "",  # the scene: rows of one plan share it (split by scene, not by row)
+            "plan_id": plan_id or "",  # the scene: rows of one plan share it
+            "tote_id": tote(plan_id),  # split by tote: re-plans of one tote are near-duplicates
+            "request_id": req_id or "",
+            "item": -1 if item is None else int(item),
+            "item_key": item_key(plan_id, item),
+            "item_descriptor": desc,
             "scene_ood_sigma": _nan(sigma),
             "p_success": _nan(p_success),
         }
-    cur = conn.execute(
-        "SELECT a.request_id, a.associate_id, a.recorded_at, q.plan_id, q.candidates, q.cell_id"
-        " FROM answers a LEFT JOIN requests q ON q.request_id = a.request_id"
-        " WHERE a.kind = 'no_safe_pick' AND a.recorded_at >= ? ORDER BY a.recorded_at, a.rowid",
-        (t0,),
-    )
-    for req_id, associate, rec_at, plan_id, shown_json, cell in cur.fetchall():
-        counts["no_safe_pick_seen"] += 1
-        plan = None
-        if plan_id is not None:
-            plan = conn.execute(
-                "SELECT model_version, scene_ood_sigma FROM plans WHERE plan_id=?", (plan_id,)
-            ).fetchone()
-        if plan is None:
-            counts["left_out_no_safe_pick_unlinked"] += 1
-            continue
+
+    def shown_rows(
+        req_id: str,
+        plan_id: str,
+        views: list[dict],
+        keep: Callable[[int, int], bool],
+        label_kind: str,
+        weight: float,
+        who: str,
+        rec_at: float,
+        cell: str,
+    ) -> Iterator[dict]:
+        """Label-0 rows for the shown candidates `keep(index, cluster)` accepts."""
+        plan = conn.execute(
+            "SELECT model_version, scene_ood_sigma FROM plans WHERE plan_id=?", (plan_id,)
+        ).fetchone()
         ver, sigma = plan
-        for view in json.loads(shown_json):
+        for view in views:
+            k = int(view["index"])
             c = conn.execute(
-                "SELECT gripper, patch, features, p_success FROM candidates WHERE plan_id=? AND idx=?",
-                (plan_id, int(view["index"])),
+                "SELECT gripper, patch, features, p_success, cluster FROM candidates"
+                " WHERE plan_id=? AND idx=?",
+                (plan_id, k),
             ).fetchone()
-            if c is None or c[1] is None or c[2] is None:
+            if c is None or not keep(k, int(c[4])):
+                continue
+            if c[1] is None or c[2] is None:
                 counts["left_out_no_observation"] += 1
                 continue
             yield {
@@ -1125,21 +1259,99 @@ def _labeled_rows(conn: sqlite3.Connection, since: float | None, counts: Counter
                 "features": _from_npy(c[2]),
                 "gripper": GRIPPER_KINDS.index(c[0]),
                 "label": 0.0,
+                "weight": weight,
+                "label_kind": label_kind,
                 "timestamp": rec_at,
                 "robot_time": float("nan"),
                 "source": "associate",
                 "family": "",
-                "decided_by": f"associate:{associate or 'unknown'}",
+                "decided_by": who,
                 "model_version": ver,
                 "cell_id": cell,
-                "row_id": f"{req_id}:{int(view['index'])}",
+                "row_id": f"{req_id}:{k}",
                 "plan_id": plan_id,
+                "tote_id": tote(plan_id),
+                "request_id": req_id,
+                "item": int(c[4]),
+                "item_key": item_key(plan_id, int(c[4])),
+                "item_descriptor": plan_descriptor(plan_id, int(c[4])),
                 "scene_ood_sigma": _nan(sigma),
                 "p_success": _nan(c[3]),
             }
 
+    # Every final answer: no_safe_pick labels, the rest counted (skip / expired / cancelled: no label).
+    cur = conn.execute(
+        "SELECT a.request_id, a.status, a.kind, a.associate_id, a.recorded_at, q.plan_id, q.candidates,"
+        " q.cell_id, q.context"
+        " FROM answers a LEFT JOIN requests q ON q.request_id = a.request_id"
+        " WHERE a.recorded_at >= ? ORDER BY a.recorded_at, a.rowid",
+        (t0,),
+    )
+    for req_id, status, kind, associate, rec_at, plan_id, shown_json, cell, ctx_json in cur.fetchall():
+        counts[f"answers_{kind if status == 'answered' else status}"] += 1
+        if kind != "no_safe_pick" or status != "answered":
+            continue
+        if (
+            plan_id is None
+            or shown_json is None
+            or conn.execute("SELECT 1 FROM plans WHERE plan_id=?", (plan_id,)).fetchone() is None
+        ):
+            counts["left_out_no_safe_pick_unlinked"] += 1
+            continue
+        ctx = json.loads(ctx_json or "{}")
+        item = ctx.get("item")
+        if not isinstance(item, int) or isinstance(item, bool):
+            # Which item the person judged is unknown: labelling every shown candidate 0 would mark
+            # good grasps on other items as unsafe, so nothing is labelled.
+            counts["left_out_no_safe_pick_no_item"] += 1
+            continue
+        yield from shown_rows(
+            req_id,
+            plan_id,
+            json.loads(shown_json),
+            lambda _k, cl, it=item: cl == it,
+            "no_safe_pick",
+            1.0,
+            f"associate:{associate or 'unknown'}",
+            rec_at,
+            cell,
+        )
+    # Candidates on the answered item that the person passed over: weak negatives.
+    if weak_negative_weight > 0:
+        for req_id, _aid, a_plan, cidx, item, who, rec_at in answered_attempts:
+            q = conn.execute(
+                "SELECT plan_id, candidates, cell_id FROM requests WHERE request_id=?", (req_id,)
+            ).fetchone()
+            if q is None or q[0] is None or item is None or q[0] != a_plan:
+                counts["left_out_passed_over_unlinked"] += 1
+                continue
+            chosen = -1 if cidx is None else int(cidx)
+            yield from shown_rows(
+                req_id,
+                q[0],
+                json.loads(q[1]),
+                lambda k, cl, it=item, ch=chosen: cl == it and k != ch,
+                "passed_over",
+                float(weak_negative_weight),
+                who,
+                rec_at,
+                q[2],
+            )
 
-_STR_COLUMNS = ("source", "family", "decided_by", "model_version", "cell_id", "row_id", "plan_id")
+
+_STR_COLUMNS = (
+    "source",
+    "family",
+    "decided_by",
+    "model_version",
+    "cell_id",
+    "row_id",
+    "plan_id",
+    "tote_id",
+    "request_id",
+    "item_key",
+    "label_kind",
+)
 _F64_COLUMNS = ("timestamp", "robot_time", "scene_ood_sigma", "p_success")
 
 
@@ -1154,6 +1366,7 @@ class _ShardWriter:
         self.by_source: Counter[str] = Counter()
         self.by_gripper: Counter[str] = Counter()
         self.by_family: Counter[str] = Counter()
+        self.by_label_kind: Counter[str] = Counter()
 
     def add(self, row: dict) -> None:
         key = (row["patch"].shape, row["features"].shape)
@@ -1162,6 +1375,7 @@ class _ShardWriter:
         self.by_source[row["source"]] += 1
         self.by_gripper[GRIPPER_KINDS[row["gripper"]]] += 1
         self.by_family[row["family"] or "unknown"] += 1
+        self.by_label_kind[row["label_kind"]] += 1
         if len(buf) >= self.shard_rows:
             self._write(key)
 
@@ -1178,6 +1392,9 @@ class _ShardWriter:
             "features": np.stack([r["features"] for r in rows]).astype(np.float32, copy=False),
             "gripper": np.array([r["gripper"] for r in rows], dtype=np.int64),
             "label": np.array([r["label"] for r in rows], dtype=np.float32),
+            "weight": np.array([r["weight"] for r in rows], dtype=np.float32),
+            "item": np.array([r["item"] for r in rows], dtype=np.int64),
+            "item_descriptor": np.stack([r["item_descriptor"] for r in rows]).astype(np.float32, copy=False),
         }
         for k in _F64_COLUMNS:
             arrays[k] = np.array([r[k] for r in rows], dtype=np.float64)
@@ -1195,6 +1412,7 @@ class _ShardWriter:
                 "file": name,
                 "rows": len(rows),
                 "positives": int(arrays["label"].sum()),
+                "weight": float(arrays["weight"].sum()),
                 "sha256": digest,
                 "bytes": path.stat().st_size,
                 "patch_shape": list(key[0]),

@@ -22,8 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="write the labeled rows as npz shards plus manifest.json (sha256 of every shard)",
         description=(
-            "Write a training dataset: executed attempts labeled by their outcome, and the candidates an "
-            "associate marked 'no safe pick' labeled 0. Rejected candidates that were never executed carry "
+            "Write a training dataset: executed attempts (the model's, approved candidates, clicked pixels) "
+            "labeled by their outcome; the asked item's candidates an associate marked 'no safe pick' "
+            "labeled 0; candidates on an answered item the person passed over labeled 0 with a small "
+            "weight. Skips and expiries carry no label. Rejected candidates that were never executed carry "
             "no label and are not exported. Safe to run while the cell is writing (reads one snapshot)."
         ),
     )
@@ -33,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--since", type=float, default=None, help="only rows recorded at or after this unix time, seconds"
     )
     e.add_argument("--shard-rows", type=int, default=4096, help="rows per npz shard (default 4096)")
+    e.add_argument(
+        "--weak-negative-weight",
+        type=float,
+        default=0.3,
+        help="weight of passed-over candidates (weak negatives), in [0, 1]; 0 leaves them out (default 0.3)",
+    )
     e.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
     e.set_defaults(func=_export)
 
@@ -61,7 +69,12 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         with _open(args.db) as ledger:
-            manifest = ledger.export(args.out, since=args.since, shard_rows=args.shard_rows)
+            manifest = ledger.export(
+                args.out,
+                since=args.since,
+                shard_rows=args.shard_rows,
+                weak_negative_weight=args.weak_negative_weight,
+            )
     except (LedgerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

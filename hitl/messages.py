@@ -33,7 +33,7 @@ class AssistRequest:
     candidates: tuple[CandidateView, ...] = ()
     reasons: tuple[str, ...] = ()  # why the cell is asking (the Plan's reasons)
     priority: int = 0  # higher first among equal deadlines
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # idempotency key
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # idempotency key, per cell
     created: float = 0.0  # unix seconds when the cell created it
     context: dict[str, Any] = field(default_factory=dict)  # e.g. frame_id, tote id, model version
 
@@ -65,9 +65,15 @@ class AssistAnswer:
     kind: AnswerKind | None = None  # only when status == "answered"
     candidate_index: int | None = None  # for kind == "approve"
     pixel: tuple[int, int] | None = None  # (u, v) for kind == "point"
-    associate_id: str | None = None  # authenticated identity (CURVE key name) of who answered
+    # For kind == "point": the gripper the person chose for the clicked spot ("suction" |
+    # "parallel_jaw"); None lets the cell choose (suction).
+    gripper: str | None = None
+    # Who answered: the person. For an associate key, its authenticated name; for a console, the person
+    # the console named (on_behalf_of), with the console's key name in `via`.
+    associate_id: str | None = None
     answered_at: float = 0.0  # unix seconds
     note: str = ""
+    via: str | None = None  # console key name when a console answered for `associate_id`; else None
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,4 +92,6 @@ class AssistAnswer:
             associate_id=d.get("associate_id"),
             answered_at=float(d.get("answered_at", 0.0)),
             note=str(d.get("note", "")),
+            gripper=d.get("gripper"),
+            via=d.get("via"),
         )

@@ -22,6 +22,10 @@ COMMAND_MODULES = (
     "grasping.models_cli",
     "hitl.cli",
     "hitl.ledger_cli",
+    "fleet.cli",
+    "console.cli",
+    "learn.cli",
+    "sim.benchmark.continual",  # adds `pickcell bench continual` to pickcell.commands' `bench`
 )
 
 

@@ -205,8 +205,36 @@ class SimAssociateWorker:
         self.judge = judge
         self.time_scale = time_scale  # multiply answer delays (e.g. 0.5 for a brisk demo)
         self.answered = 0
+        self._judged: dict[str, Judgement] = {}  # request id -> judged when the cell asked
+        self._judged_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sim-associate", daemon=True)
+
+    def judge_at_ask(self, channel):
+        """Wrap the cell's assist channel so that each request is judged when the cell asks, on its thread.
+
+        PyBullet is not thread-safe: the judge reads ground truth (item poses, contacts) and must do so
+        on the thread that steps the simulation, not on this worker's (which crashed the worker with
+        "GetBasePositionAndOrientation failed" while the arm moved). Judging at ask time is also what a
+        person judges: the scene in the picture, not the scene seconds later.
+        """
+        worker = self
+
+        class _JudgingChannel:
+            def __init__(self, inner) -> None:
+                self._inner = inner
+
+            def ask(self, request: AssistRequest):
+                fut = self._inner.ask(request)  # on its way first: judging must not eat the deadline
+                j = worker.judge.judge(request)
+                with worker._judged_lock:
+                    worker._judged[request.request_id] = j
+                return fut
+
+            def __getattr__(self, name: str):
+                return getattr(self._inner, name)
+
+        return _JudgingChannel(channel)
 
     def start(self) -> None:
         self._thread.start()
@@ -221,7 +249,16 @@ class SimAssociateWorker:
                 continue
             if req is None:
                 continue
-            j = self.judge.judge(req)
+            j = self._wait_judged(req)
+            if j is None:  # not asked through judge_at_ask: judging here would race the simulation
+                log.warning("simulated associate: request %s was not judged by its deadline; giving it back",
+                            req.request_id[:8])  # fmt: skip
+                try:
+                    self.client.release(req.request_id)
+                except Exception as exc:  # expired meanwhile, or the broker is gone
+                    log.info("simulated associate could not release %s: %s", req.request_id[:8], exc)
+                self._stop.wait(1.0)
+                continue
             if self._stop.wait(self.judge.answer_delay() * self.time_scale):
                 return
             if self.client.cancelled_reason(req.request_id) is not None:
@@ -231,6 +268,16 @@ class SimAssociateWorker:
                 self.answered += 1
             except Exception as exc:  # expired while "thinking", or answered elsewhere
                 log.info("simulated associate could not answer %s: %s", req.request_id[:8], exc)
+
+    def _wait_judged(self, req: AssistRequest) -> Judgement | None:
+        """The judgement made when the cell asked (it may still be in the making), or None by the deadline."""
+        while not self._stop.is_set() and time.time() < req.deadline:
+            with self._judged_lock:
+                j = self._judged.pop(req.request_id, None)
+            if j is not None:
+                return j
+            self._stop.wait(0.05)
+        return None
 
     def stop(self) -> None:
         self._stop.set()

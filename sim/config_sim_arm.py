@@ -47,7 +47,12 @@ class SimArmConfig:
     place_drop_height: float = 0.02  # m, gap left between the held item and the box floor or stack
     approach_speed: float = 0.25  # m/s, tool speed on the straight approach
     lift_speed: float = 0.4  # m/s, tool speed on lift, lower and retreat
-    tool_accel: float = 2.5  # m/s^2, tool acceleration on straight lines
+    tool_accel: float = 2.5  # m/s^2, tool acceleration on straight contact lines (approach, physical lift)
+    free_speed: float = (
+        1.0  # m/s, tool speed on free-space lines (descent, lift above the pile, lower, retreat)
+    )
+    free_accel: float = 5.0  # m/s^2, tool acceleration on free-space lines (Panda Cartesian limit: 13)
+    tool_jerk: float = 100.0  # m/s^3, tool jerk on every kinematic line (Panda Cartesian limit: 6500)
     joint_speed_scale: float = 1.0  # unitless (0, 1], fraction of the Panda's velocity limits
     ik_pos_tol: float = 0.005  # m, accepted IK position error (checked with forward kinematics)
     ik_rot_tol_deg: float = 3.0  # deg, accepted IK orientation error
@@ -57,6 +62,8 @@ class SimArmConfig:
     physics_hz: float = 240.0  # Hz, simulation step rate
     settle_s: float = 0.3  # s, physics time after a release for the item to come to rest
     transit_check_dt: float = 0.02  # s, sampling interval of the kinematic transit (payload checks)
+    hold_tick_s: float = 0.05  # s, robot time between checks while a protective stop holds the arm
+    max_hold_s: float = 3600.0  # s, a held motion gives up (ESTOP, still holding) after this long
     suction: SuctionConfig = field(default_factory=SuctionConfig)
     jaw: JawConfig = field(default_factory=JawConfig)
 

@@ -1,28 +1,37 @@
-"""Robot time: how long a motion takes on the real arm, from its velocity and acceleration limits.
+"""Robot time: how long a motion takes on the real arm, from its velocity, acceleration and jerk limits.
 
 Every motion the simulated arm makes is charged in *robot seconds* computed here, never from the
 host's wall clock, so picks per hour mean the same thing however fast the simulator runs.
 
-Two kinds of motion:
-- joint-space moves (pre-grasp, transit to the box, back): a synchronised trapezoidal profile. Each
-  joint's minimum time for its distance under its own velocity and acceleration limit is computed,
-  the slowest joint sets the duration, and the other joints are slowed to finish together
-  (time-scaled, same profile shape). That is the minimum-time point-to-point move without jerk
-  limits, the standard model for industrial arms.
-- Cartesian straight lines (approach, lift, lower, retreat): a trapezoidal profile on the path
-  length at a set tool speed and acceleration, and never faster than the joint limits allow for the
-  same start and end configuration.
+Kinds of motion:
+- joint-space moves (to the pre-grasp, transit to the box): time-optimal, jerk-limited trajectories
+  from ruckig (`RuckigMove`) at the Panda's published velocity, acceleration and jerk limits, all
+  joints synchronised. A move through via points (`plan_via_move`) does not stop at them: each via
+  point gets a velocity along the path (blending), and ruckig computes the time-optimal segment
+  between consecutive states.
+- free-space Cartesian straight lines (the descent to the pre-grasp, the lift above the pile, the
+  lowering into the box, the retreat): a 1-D jerk-limited ruckig profile of the path length at the
+  tool limits (`line_profile`), slowed until every joint's sampled velocity and acceleration are
+  within their limits.
+- contact lines (the physical approach and the first centimetres of the lift): a trapezoidal
+  profile on the path length at a set tool speed and acceleration (`trapezoid_time`), never faster
+  than the joint limits allow for the same start and end configuration. These run with full physics.
+- `joint_move_time` is the synchronised trapezoid without jerk limits: a lower bound, used to keep
+  Cartesian lines no faster than the joints allow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from ruckig import InputParameter, Result, Ruckig, Synchronization, Trajectory
 
 # Franka Emika Panda published limits (joints 1-7).
 PANDA_MAX_VELOCITY = np.array([2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61])  # rad/s
 PANDA_MAX_ACCELERATION = np.array([15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0])  # rad/s^2
+PANDA_MAX_JERK = np.full(7, 7500.0)  # rad/s^3
 
 
 def trapezoid_time(distance: float, v_max: float, a_max: float) -> float:
@@ -118,7 +127,8 @@ def joint_move_time(
     return float(max(times))
 
 
-def plan_joint_move(q_start: np.ndarray, q_end: np.ndarray, speed_scale: float = 1.0) -> JointMove:
+def plan_trapezoid_move(q_start: np.ndarray, q_end: np.ndarray, speed_scale: float = 1.0) -> JointMove:
+    """The synchronised trapezoid (no jerk limit): the reference the ruckig moves are compared with."""
     q0 = np.asarray(q_start, dtype=np.float64)[:7].copy()
     q1 = np.asarray(q_end, dtype=np.float64)[:7].copy()
     return JointMove(q0, q1, joint_move_time(q0, q1, speed_scale=speed_scale), speed_scale)
@@ -136,3 +146,137 @@ def cartesian_move_time(
     if q_start is not None and q_end is not None:
         t = max(t, joint_move_time(q_start, q_end))
     return t
+
+
+class RuckigMove:
+    """A time-optimal, jerk-limited joint trajectory through a sequence of states (ruckig).
+
+    `states` are (q (7,), qd (7,)) pairs: the first is where the arm is, the last must be at rest,
+    the ones between are via points passed at their velocity. Accelerations at the states are 0.
+    Limits: the Panda's, with velocity scaled by `speed_scale`, acceleration by its square and jerk
+    by its cube (a uniformly slower move). Same interface as `JointMove` (q_start, q_end, duration,
+    sample).
+    """
+
+    def __init__(
+        self,
+        states: Sequence[tuple[np.ndarray, np.ndarray]],
+        speed_scale: float = 1.0,
+        v_max: np.ndarray = PANDA_MAX_VELOCITY,
+        a_max: np.ndarray = PANDA_MAX_ACCELERATION,
+        j_max: np.ndarray = PANDA_MAX_JERK,
+    ) -> None:
+        if not 0 < speed_scale <= 1:
+            raise ValueError(f"speed_scale must be in (0, 1], got {speed_scale}")
+        if len(states) < 2:
+            raise ValueError("a move needs at least a start and an end state")
+        self.speed_scale = float(speed_scale)
+        self.v_max = np.asarray(v_max, dtype=np.float64) * speed_scale
+        self.a_max = np.asarray(a_max, dtype=np.float64) * speed_scale**2
+        self.j_max = np.asarray(j_max, dtype=np.float64) * speed_scale**3
+        self.q_start = np.asarray(states[0][0], dtype=np.float64)[:7].copy()
+        self.q_end = np.asarray(states[-1][0], dtype=np.float64)[:7].copy()
+        self.segments: list[Trajectory] = []
+        self.starts: list[float] = []
+        t = 0.0
+        otg = Ruckig(7)
+        for (q0, v0), (q1, v1) in zip(states[:-1], states[1:], strict=True):
+            inp = InputParameter(7)
+            inp.current_position = [float(x) for x in np.asarray(q0)[:7]]
+            inp.current_velocity = [float(x) for x in np.asarray(v0)[:7]]
+            inp.current_acceleration = [0.0] * 7
+            inp.target_position = [float(x) for x in np.asarray(q1)[:7]]
+            inp.target_velocity = [float(x) for x in np.asarray(v1)[:7]]
+            inp.target_acceleration = [0.0] * 7
+            inp.max_velocity = self.v_max.tolist()
+            inp.max_acceleration = self.a_max.tolist()
+            inp.max_jerk = self.j_max.tolist()
+            # Rest to rest: phase synchronisation keeps the joint-space straight line (as the
+            # trapezoid did); through a via point, time synchronisation (phase needs parallel states).
+            rest = not np.any(np.asarray(v0)) and not np.any(np.asarray(v1))
+            inp.synchronization = Synchronization.Phase if rest else Synchronization.Time
+            traj = Trajectory(7)
+            res = otg.calculate(inp, traj)
+            if res not in (Result.Working, Result.Finished):
+                raise ValueError(f"ruckig could not plan a segment: {res}")
+            self.segments.append(traj)
+            self.starts.append(t)
+            t += float(traj.duration)
+        self.duration = t
+
+    def state(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(q, qd, qdd) at time t (s from the start), clamped to the move."""
+        t = min(max(float(t), 0.0), self.duration)
+        k = int(np.searchsorted(self.starts, t, side="right")) - 1
+        k = min(max(k, 0), len(self.segments) - 1)
+        q, qd, qdd = self.segments[k].at_time(t - self.starts[k])
+        return np.array(q), np.array(qd), np.array(qdd)
+
+    def sample(self, times: np.ndarray) -> np.ndarray:
+        """(len(times), 7) joint positions at the given times (s from the start)."""
+        return np.array([self.state(t)[0] for t in np.atleast_1d(times)])
+
+
+def plan_joint_move(q_start: np.ndarray, q_end: np.ndarray, speed_scale: float = 1.0) -> RuckigMove:
+    """Time-optimal, jerk-limited rest-to-rest joint move (ruckig, phase-synchronised)."""
+    q0 = np.asarray(q_start, dtype=np.float64)[:7]
+    q1 = np.asarray(q_end, dtype=np.float64)[:7]
+    return RuckigMove([(q0, np.zeros(7)), (q1, np.zeros(7))], speed_scale)
+
+
+def via_velocity(
+    q_prev: np.ndarray, q_via: np.ndarray, q_next: np.ndarray, speed_scale: float = 1.0, share: float = 0.5
+) -> np.ndarray:
+    """Velocity to pass a via point with (blending): zero for a joint that turns back there,
+    otherwise along its motion, `share` of what it could reach from rest over the shorter of its two
+    adjacent distances (sqrt(2 a d)), never above its velocity limit."""
+    d_in = np.asarray(q_via, dtype=np.float64) - np.asarray(q_prev, dtype=np.float64)
+    d_out = np.asarray(q_next, dtype=np.float64) - np.asarray(q_via, dtype=np.float64)
+    same = np.sign(d_in) * np.sign(d_out) > 0
+    reach = np.sqrt(2.0 * PANDA_MAX_ACCELERATION * speed_scale**2 * np.minimum(np.abs(d_in), np.abs(d_out)))
+    speed = np.minimum(share * reach, PANDA_MAX_VELOCITY * speed_scale)
+    return np.where(same, np.sign(d_out) * speed, 0.0)
+
+
+def plan_via_move(points: Sequence[np.ndarray], speed_scale: float = 1.0) -> RuckigMove:
+    """Joint move from points[0] (at rest) through the via points without stopping, to rest at the last."""
+    pts = [np.asarray(q, dtype=np.float64)[:7] for q in points]
+    states = [(pts[0], np.zeros(7))]
+    for k in range(1, len(pts) - 1):
+        states.append((pts[k], via_velocity(pts[k - 1], pts[k], pts[k + 1], speed_scale)))
+    states.append((pts[-1], np.zeros(7)))
+    return RuckigMove(states, speed_scale)
+
+
+@dataclass(frozen=True)
+class LineProfile:
+    """A jerk-limited rest-to-rest profile of a path length (ruckig, one degree of freedom)."""
+
+    length: float  # m
+    duration: float  # s
+    trajectory: Trajectory
+
+    def fraction(self, times: np.ndarray) -> np.ndarray:
+        """Fraction of the path done at the given times (s from the start)."""
+        if self.length <= 0:
+            return np.ones(len(np.atleast_1d(times)))
+        out = [
+            self.trajectory.at_time(min(max(float(t), 0.0), self.duration))[0][0]
+            for t in np.atleast_1d(times)
+        ]
+        return np.clip(np.array(out) / self.length, 0.0, 1.0)
+
+
+def line_profile(length: float, v_max: float, a_max: float, j_max: float) -> LineProfile:
+    """Time-optimal jerk-limited profile for a straight tool line of `length` metres."""
+    if v_max <= 0 or a_max <= 0 or j_max <= 0:
+        raise ValueError(f"limits must be positive, got v={v_max}, a={a_max}, j={j_max}")
+    inp = InputParameter(1)
+    inp.current_position, inp.current_velocity, inp.current_acceleration = [0.0], [0.0], [0.0]
+    inp.target_position, inp.target_velocity, inp.target_acceleration = [float(length)], [0.0], [0.0]
+    inp.max_velocity, inp.max_acceleration, inp.max_jerk = [float(v_max)], [float(a_max)], [float(j_max)]
+    traj = Trajectory(1)
+    res = Ruckig(1).calculate(inp, traj)
+    if res not in (Result.Working, Result.Finished):
+        raise ValueError(f"ruckig could not plan a line of {length} m: {res}")
+    return LineProfile(float(length), float(traj.duration), traj)

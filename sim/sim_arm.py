@@ -8,9 +8,15 @@ fingers (TCP `suction_tcp`, the extended lip, 20 cm below the hand). The URDF is
 those two links appended and mesh paths made absolute (`panda_urdf_path`).
 
 How motions are executed, and why it stays honest:
-- Every motion is charged robot time from sim/motion.py (joint velocity and acceleration limits,
-  tool speeds on straight lines, gripper actuation times); physics-step time is never used as the
-  clock, and in the physical phases the number of steps *is* the robot time (1 step = 1/physics_hz).
+- Every motion is charged robot time from sim/motion.py (time-optimal jerk-limited ruckig profiles
+  at the joint velocity, acceleration and jerk limits, tool limits on straight lines, gripper
+  actuation times); physics-step time is never used as the clock, and in the physical phases the
+  number of steps *is* the robot time (1 step = 1/physics_hz). Free-space legs that need no stop
+  are one move through blended via points (over the tote -> pre-grasp -> start of the physical
+  approach; over the box -> down into it). Each robot second is charged to a phase
+  (`Outcome.details["phases"]`).
+- Protective stops hold (stop category 2, sim/safety.py): the motion brakes along its path within
+  the limits, holds powered with the item gripped until `clear_stop`, then resumes.
 - Contact phases run real physics with the joints driven by position motors that have the Panda's
   velocity limits and torque limits: the straight-line approach (pre-grasp to grasp), the grip, the
   first `PHYSICAL_LIFT` metres of the lift, and the release plus the item's fall and settling.
@@ -35,7 +41,8 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,8 +53,16 @@ import pybullet_data
 from grasping.types import Grasp, Outcome, Placement, Reason, matrix_to_quat, quat_to_matrix
 from sim.config_sim_arm import SimArmConfig
 from sim.grippers import ARM_COLLISION_GROUP, ParallelJawGripper, SuctionGripper
+from sim.motion import PANDA_MAX_ACCELERATION as _AMAX
 from sim.motion import PANDA_MAX_VELOCITY as _VMAX
-from sim.motion import JointMove, cartesian_move_time, plan_joint_move, trapezoid_fraction, trapezoid_time
+from sim.motion import (
+    cartesian_move_time,
+    line_profile,
+    plan_joint_move,
+    plan_via_move,
+    trapezoid_fraction,
+    trapezoid_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +208,21 @@ class SimArm:
         )
         self._time = 0.0
         self._stopped = False
-        self._stop_cause, self._stop_triggered_at, self._stop_halted = "command", 0.0, True
+        self._stop_lock = threading.Lock()
+        self._stop_cleared = threading.Event()  # set by clear_stop: wakes a hold waiting in real time
+        self._abandon = threading.Event()  # set on shutdown: a held motion gives up (still holding)
+        self._pending_stop: dict | None = None  # a triggered stop not yet at standstill
+        self._rest_since: float | None = 0.0  # robot time the arm last came to rest; None while moving
+        self._hold_total = 0.0  # robot seconds spent holding in protective stops
         self.safety_zone = None  # sim.safety.SafetyZone, checked at every motion sample
         self.stop_events: list = []  # sim.safety.StopEvent per protective stop
+        # Callbacks fn(arm, event) for "sample" (every control sample of a motion), "hold" (every
+        # tick of a protective stop) and "resume": what an operator panel or a test observes.
+        self.observers: list[Callable[[SimArm, str], None]] = []
+        self.phase = ""  # motion phase now executing ("move_to_pick", "approach", ..., "" between motions)
+        self.phase_time: dict[str, float] = {}  # robot seconds charged to each phase so far
+        self._clear_hooks: list[Callable[[], None]] = []  # notify_when_clear callbacks, next place only
+        self._phase_t0 = self._phase_hold0 = 0.0
         self.max_impact_n = 0.0  # largest arm-on-item contact force in the current pick, newtons
         self._impact_avg = 0.0  # running average of that force over ~20 ms, newtons
         self._held: int | None = None
@@ -206,47 +233,91 @@ class SimArm:
         self.suction.set_extended(False)
 
     # --- Arm protocol: clock and stops -----------------------------------------------------------
+    # A protective stop is a stop category 2 (see sim/safety.py): the arm brakes along its path
+    # within its limits, holds there powered (a gripped item stays gripped) until `clear_stop`, then
+    # the interrupted motion resumes. A motion *started* while stopped is refused with ESTOP before
+    # anything moves. `stop` and `clear_stop` may come from another thread (the daemon's control
+    # socket); the motion thread notices at its next control sample.
     @property
     def robot_time(self) -> float:
         return self._time
 
     def stop(self) -> None:
-        """Protective stop: the current motion ends with ESTOP at its next sample; motions refuse."""
-        if not self._stopped:
-            self._stop_cause, self._stop_triggered_at, self._stop_halted = "command", self._time, False
-        self._stopped = True
+        """Protective stop: brake at the next control sample, hold until `clear_stop`; motions refuse."""
+        with self._stop_lock:
+            if not self._stopped:
+                self._pending_stop = {"cause": "command", "triggered_at": self._time}
+                self._stop_cleared.clear()
+            self._stopped = True
 
     def clear_stop(self) -> None:
-        self._stopped = False
+        """End the protective stop (the control socket's `clear-stop`); a held motion then resumes."""
+        with self._stop_lock:
+            if not self._stopped:
+                return
+            self._stopped = False
+            self._pending_stop = None
+            if self.stop_events and self.stop_events[-1].cleared_at is None:
+                self.stop_events[-1] = replace(self.stop_events[-1], cleared_at=self._time)
+            self._stop_cleared.set()
 
     @property
     def stopped(self) -> bool:
-        self._check_stop()
+        if self._check_stop() and self._rest_since is not None:
+            self._note_halted(self._rest_since)  # polled between motions: the arm already stands still
         return self._stopped
 
     def set_safety_zone(self, zone) -> None:
         """Guard the cell with a `sim.safety.SafetyZone` (a person entering halts the arm)."""
         self.safety_zone = zone
 
+    def abandon_hold(self) -> None:
+        """Shutdown while stopped (SIGTERM): the held motion ends with ESTOP, still stopped and holding."""
+        self._abandon.set()
+        self._stop_cleared.set()
+
     def _check_stop(self) -> bool:
-        """Poll the safety zone at the current robot time; True when the arm must not move."""
+        """Poll the safety zone (and its simulated operator) at the current robot time; True when stopped."""
         zone = self.safety_zone
         if zone is not None:
             entered = zone.entered_at(self._time)
-            if entered is not None and not self._stopped:
-                self._stopped = True
-                self._stop_cause, self._stop_triggered_at, self._stop_halted = "zone", entered, False
-            elif entered is None and self._stopped and self._stop_cause == "zone" and zone.auto_reset:
-                self._stopped = False
-        if self._stopped and not self._stop_halted:
-            # Motions call this before every sample, so this is when the arm stands still.
-            from sim.safety import StopEvent
-
-            self._stop_halted = True
-            self.stop_events.append(StopEvent(self._stop_cause, self._stop_triggered_at, self._time))
+            with self._stop_lock:
+                if entered is not None and not self._stopped:
+                    self._stopped = True
+                    self._pending_stop = {"cause": "zone", "triggered_at": entered}
+                    self._stop_cleared.clear()
+            last = self.stop_events[-1] if self.stop_events else None
+            if (
+                self._stopped
+                and self._pending_stop is None
+                and last is not None
+                and last.cause == "zone"
+                and last.cleared_at is None
+                and zone.reset_due(last.triggered_at, self._time)
+            ):
+                self.clear_stop()  # the simulated operator presses clear-stop
         return self._stopped
 
+    def _note_halted(self, halted_at: float, braking_from: float | None = None, speed: float = 0.0) -> None:
+        """Record the pending stop as a StopEvent once the arm stands still."""
+        from sim.safety import StopEvent
+
+        with self._stop_lock:
+            pend = self._pending_stop
+            if pend is None:
+                return
+            self._pending_stop = None
+        t_trig = float(pend["triggered_at"])
+        halted = max(float(halted_at), t_trig)
+        start = halted if braking_from is None else max(float(braking_from), t_trig)
+        self.stop_events.append(
+            StopEvent(pend["cause"], t_trig, halted, start, None, float(speed), self.phase)
+        )
+
     def _estop(self) -> _Abort:
+        """The refusal of a motion asked for while stopped (nothing has moved)."""
+        if self._pending_stop is not None:
+            self._note_halted(self._rest_since if self._rest_since is not None else self._time)
         ev = self.stop_events[-1] if self.stop_events else None
         if ev is None:
             return _Abort(Reason.ESTOP)
@@ -256,6 +327,77 @@ class SimArm:
             triggered_at=round(ev.triggered_at, 4),
             halted_at=round(ev.halted_at, 4),
         )
+
+    def _notify(self, event: str) -> None:
+        for fn in list(self.observers):
+            fn(self, event)
+
+    def _hold(self, q_hold: np.ndarray, tcp: int, physical: bool) -> None:
+        """Hold still, powered, until `clear_stop`; the gripper keeps what it holds.
+
+        Kinematic phases hold exactly (joints and the carried item stay put; the grip's static load
+        was already fine). Physical phases keep stepping the physics with the motors commanded to
+        the held pose until the arm and the item are at rest, then only the clock runs (nothing
+        moves). A commanded stop (control socket) is held in real time, waiting on the clear
+        event: a person releases it. The hold ends early only by `abandon_hold` (shutdown) or
+        after `max_hold_s`, with ESTOP: still stopped, still holding, nothing dropped.
+        """
+        t_start = self._time
+        tick = self.cfg.hold_tick_s
+        settling = physical
+        while True:
+            self._notify("hold")
+            if not self._check_stop():
+                break
+            if self._abandon.is_set() or self._time - t_start >= self.cfg.max_hold_s:
+                ev = self.stop_events[-1] if self.stop_events else None
+                raise _Abort(
+                    Reason.ESTOP, holding=self._held is not None, **({} if ev is None else ev.as_dict())
+                )
+            if settling:
+                self._command(q_hold)
+                n = max(1, int(round(tick * self.cfg.physics_hz)))
+                for _ in range(n):
+                    p.stepSimulation(physicsClientId=self.client_id)
+                self._time += n / self.cfg.physics_hz
+                self._hold_total += n / self.cfg.physics_hz
+                settling = not self._at_rest()
+            else:
+                self._carry_item(tcp)
+                self._time += tick
+                self._hold_total += tick
+            if self._pending_stop is None and self.stop_events and self.stop_events[-1].cause == "command":
+                self._stop_cleared.wait(tick)  # a person presses clear-stop in real time
+        self.phase_time["stopped"] = self.phase_time.get("stopped", 0.0) + (self._time - t_start)
+        self._notify("resume")
+
+    def _at_rest(self) -> bool:
+        """Arm joints and the held item are still (motors settled after a brake)."""
+        qd = [s[1] for s in p.getJointStates(self.body, self.arm_joints, physicsClientId=self.client_id)]
+        if float(np.max(np.abs(qd))) > 1e-3:
+            return False
+        if self._held is not None:
+            v, w = p.getBaseVelocity(self._held, physicsClientId=self.client_id)
+            if float(np.linalg.norm(v)) > 1e-3 or float(np.linalg.norm(w)) > 1e-2:
+                return False
+        return True
+
+    def _enter_phase(self, name: str) -> None:
+        """Charge the robot time since the last phase change to that phase (holds go to "stopped")."""
+        if self.phase:
+            spent = (self._time - self._phase_t0) - (self._hold_total - self._phase_hold0)
+            self.phase_time[self.phase] = self.phase_time.get(self.phase, 0.0) + spent
+        self.phase = name
+        self._phase_t0, self._phase_hold0 = self._time, self._hold_total
+        if name == "place":  # over the box, going down: out of the camera's view of the tote
+            hooks, self._clear_hooks = self._clear_hooks, []
+            for fn in hooks:
+                fn()
+
+    def notify_when_clear(self, fn: Callable[[], None]) -> None:
+        """arm.interfaces.ViewClearNotice: call fn once during the next place, when the arm and its
+        item are out of the camera's view of the tote (over the box, starting down into it)."""
+        self._clear_hooks.append(fn)
 
     def idle(self, seconds: float) -> None:
         """Hold still for `seconds` of robot time. Nothing moves, so no physics needs stepping."""
@@ -451,42 +593,207 @@ class SimArm:
         tcp: int,
         ignore: Sequence[int] = (),
         fixtures_only: bool = False,
+        checks: bool = True,
+        physics: bool = False,
+        phases: Sequence[tuple[float, str]] = (),
     ) -> None:
-        """Walk the joints through `qs` (timed by `times`), carrying and checking; raises _Abort."""
-        dt = np.diff(times, prepend=times[0])
-        positions: list[np.ndarray] = []
-        t_prev = 0.0
-        for k, q in enumerate(qs):
+        """Walk the joints through `qs` (timed by `times`), carrying and checking; raises _Abort.
+
+        `phases`: (t, name) enters phase `name` at the first sample after nominal time t.
+        `physics`: step the physics along (the arm's motors hold each sample) so that the rest of
+        the scene keeps moving while the arm does (a released item settling during the retreat).
+
+        `checks=False` (backing out of a failed pick) skips the grip and contact checks. A
+        protective stop at a sample brakes along this path, holds, and after `clear_stop`
+        accelerates back onto it and finishes the motion (see `_stop_and_resume`).
+        """
+        track: list[tuple[float, np.ndarray]] = []  # (robot time, TCP position) of executed samples
+        last = [np.asarray(qs[0], dtype=np.float64)]  # the last executed joint sample
+
+        owed = [0.0]  # physics seconds not yet stepped (physics=True)
+
+        def advance(q: np.ndarray, dt: float) -> None:
+            self._kinematic_sample(q, dt, tcp, track, last, ignore, fixtures_only, checks)
+            if physics:
+                self._command(q)
+                owed[0] += dt
+                n = int(owed[0] * self.cfg.physics_hz + 1e-9)
+                for _ in range(n):
+                    p.stepSimulation(physicsClientId=self.client_id)
+                owed[0] -= n / self.cfg.physics_hz
+
+        qs, times = np.asarray(qs, dtype=np.float64), np.asarray(times, dtype=np.float64)
+        k, t_done, moving = 0, float(times[0]), False
+        while k < len(qs):
             if self._check_stop():
-                raise self._estop()
-            for j, v in zip(self.arm_joints, q, strict=True):
-                p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-            self._carry_item(tcp)
-            pos, _ = self.link_pose(tcp)
-            positions.append(pos)
-            if len(positions) >= 3 and dt[k] > 0:
-                h = dt[k]
-                accel = (positions[-1] - 2 * positions[-2] + positions[-3]) / (h * h)
+                if not moving:  # between motions the arm is at rest: nothing to brake
+                    self._note_halted(self._rest_since if self._rest_since is not None else self._time)
+                    self._hold(last[0], tcp, physical=False)
+                else:
+                    # Brake on a smooth path through the samples (a cubic spline: the piecewise-linear
+                    # path between 20 ms samples has kinks that finite differences at the 4.2 ms braking
+                    # rate would read as huge accelerations), then finish the motion on it at the
+                    # nominal sample spacing.
+                    from scipy.interpolate import CubicSpline  # only on a stop: a slow import
+
+                    spacing = max(float(np.max(np.diff(times))), 1e-3)
+                    spline = CubicSpline(times, qs, axis=0)
+                    t0_, t1_ = float(times[0]), float(times[-1])
+
+                    def q_of(tau: float, spline=spline, t0_=t0_, t1_=t1_) -> np.ndarray:
+                        return np.asarray(spline(min(max(tau, t0_), t1_)), dtype=np.float64)
+
+                    t_done, _ = self._stop_and_resume(q_of, t_done, t1_, spacing, advance, tcp, False)
+                    rest = np.arange(t_done + spacing, t1_ - 1e-9, spacing)
+                    times = np.concatenate([rest, [t1_]]) if t1_ > t_done + 1e-9 else np.zeros(0)
+                    qs = np.array([q_of(t) for t in times]) if len(times) else np.zeros((0, qs.shape[1]))
+                    k = 0
+                    continue
+            self._rest_since = None
+            for t_switch, name in phases:
+                if t_done < t_switch <= float(times[k]) and self.phase != name:
+                    self._enter_phase(name)
+            advance(qs[k], float(times[k]) - t_done)
+            t_done = float(times[k])
+            moving = True
+            k += 1
+        self._command(last[0])
+        self._rest_since = self._time
+
+    def _kinematic_sample(
+        self,
+        q: np.ndarray,
+        dt: float,
+        tcp: int,
+        track: list[tuple[float, np.ndarray]],
+        last: list[np.ndarray],
+        ignore: Sequence[int],
+        fixtures_only: bool,
+        checks: bool,
+    ) -> None:
+        """Put the arm at q, dt robot seconds after the previous sample; check the grip and contacts."""
+        for j, v in zip(self.arm_joints, q, strict=True):
+            p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
+        self._carry_item(tcp)
+        pos, _ = self.link_pose(tcp)
+        t_new = self._time + dt
+        track.append((t_new, pos))
+        if checks and len(track) >= 3:
+            (t1, p1), (t2, p2), (t3, p3) = track[-3:]
+            h1, h2 = t2 - t1, t3 - t2
+            if h1 > 0 and h2 > 0:
+                accel = 2.0 * ((p3 - p2) / h2 - (p2 - p1) / h1) / (h1 + h2)
                 ok, u = self._grip_ok(accel)
                 if not ok:
-                    self._time += times[k] - t_prev
-                    t_prev = times[k]
+                    self._time = t_new
                     self._drop()
-                    raise _Abort(Reason.DROPPED, utilisation=round(u, 3), at_s=round(float(times[k]), 3))
+                    raise _Abort(Reason.DROPPED, utilisation=round(u, 3), at_s=round(float(t_new), 3))
+        if checks:
             contacts = self._kinematic_contacts(ignore, fixtures_only)
             if contacts:
                 link, body, name = contacts[0]
                 # Stop at the last contact-free sample (a speed-and-separation monitor stops short).
-                q_stop = qs[k - 1] if k > 0 else q
+                q_stop = last[0]
                 for j, v in zip(self.arm_joints, q_stop, strict=True):
                     p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
                 self._carry_item(tcp)
                 self._command(q_stop)
-                self._time += times[k] - t_prev
+                self._time = t_new
+                self._rest_since = self._time
                 raise _Abort(Reason.COLLISION, link=int(link), body=int(body), with_=name)
-            self._time += times[k] - t_prev
-            t_prev = times[k]
-        self._command(qs[-1])
+        self._time = t_new
+        last[0] = np.asarray(q, dtype=np.float64)
+        self._notify("sample")
+
+    def _stop_and_resume(
+        self,
+        q_of: Callable[[float], np.ndarray],
+        tau: float,
+        tau_end: float,
+        h: float,
+        advance: Callable[[np.ndarray, float], object],
+        tcp: int,
+        physical: bool,
+    ) -> tuple[float, object]:
+        """Brake along the path q_of(tau) from nominal time `tau`, hold, resume after clear_stop.
+
+        `advance(q, dt)` executes one control sample (kinematic: with the grip and contact checks;
+        physical: a motor command, one physics step and the motion's monitor, whose non-None answer
+        ends the motion and is passed back). Returns (nominal time reached at full speed again, the
+        monitor's answer or None). Braking and re-acceleration run at the physics rate (4.2 ms) with
+        the Panda's acceleration and jerk limits (sim.safety.PathRate).
+        """
+        from sim.motion import PANDA_MAX_ACCELERATION
+        from sim.safety import PathRate
+
+        dt = 1.0 / self.cfg.physics_hz
+        rate = PathRate(q_of, tau, tau_end, PANDA_MAX_ACCELERATION, h=h)
+        speed, braking_from = rate.speed(), self._time
+        q_last = q_of(tau)
+        target = 0.0
+        rate.a_max = PANDA_MAX_ACCELERATION * self._payload_rate_scale(rate, target, tcp, dt)
+        while True:
+            if target == 1.0 and self._check_stop():  # stopped again while speeding up
+                target, speed, braking_from = 0.0, rate.speed(), self._time
+                rate.a_max = PANDA_MAX_ACCELERATION * self._payload_rate_scale(rate, target, tcp, dt)
+            if rate.r == target:
+                if target == 1.0 or rate.tau >= tau_end:
+                    break
+                if physical:  # let the motors come to rest on the held pose
+                    for _ in range(int(0.3 * self.cfg.physics_hz)):
+                        qd = [
+                            s_[1]
+                            for s_ in p.getJointStates(
+                                self.body, self.arm_joints, physicsClientId=self.client_id
+                            )
+                        ]
+                        if float(np.max(np.abs(qd))) < 0.01:
+                            break
+                        answer = advance(q_last, dt)
+                        if answer is not None:
+                            self._note_halted(self._time, braking_from, speed)
+                            return rate.tau, answer
+                self._note_halted(self._time, braking_from, speed)
+                self._command(q_last)
+                self._hold(q_last, tcp, physical)
+                target = 1.0
+                rate.a_max = PANDA_MAX_ACCELERATION * self._payload_rate_scale(rate, target, tcp, dt)
+                continue
+            rate.step(dt, target)
+            q_last = q_of(rate.tau)
+            answer = advance(q_last, dt)
+            if answer is not None:
+                if target == 0.0:
+                    self._note_halted(self._time, braking_from, speed)
+                return rate.tau, answer
+        if self._pending_stop is not None:  # the path ended while braking: it ended at rest
+            self._note_halted(self._time, braking_from, speed)
+            self._command(q_last)
+            self._hold(q_last, tcp, physical)
+        return rate.tau, None
+
+    def _payload_rate_scale(self, rate, target: float, tcp: int, dt: float) -> float:
+        """Fraction of the joint acceleration limits for braking (target 0) or resuming (target 1)
+        while carrying: the largest of 1, 1/2, 1/4 ... whose dry-run keeps the grip load under
+        CARRY_UTILISATION (payload-aware, like the transit). A heavy item on the cup brakes gently
+        rather than being flung off by a stop. 1 when nothing is held."""
+        if self._held is None:
+            return 1.0
+        from sim.motion import PANDA_MAX_ACCELERATION
+        from sim.safety import PathRate
+
+        scales = (1.0, 0.5, 0.25, 0.12, 0.06)
+        for scale in scales:
+            dry = PathRate(rate.q_of_tau, rate.tau, rate.tau_end, PANDA_MAX_ACCELERATION * scale, h=rate.h)
+            dry.r, dry.rdot = rate.r, rate.rdot
+            # The sample before, at the current rate, so the change of acceleration is seen too.
+            qs = [rate.q_of_tau(max(rate.tau - rate.r * dt, 0.0)), rate.q_of_tau(rate.tau)]
+            while dry.r != target and len(qs) < 2000:
+                qs.append(rate.q_of_tau(dry.step(dt, target)))
+            times = np.arange(len(qs)) * dt
+            if self._carry_utilisation(np.array(qs), times, tcp) <= CARRY_UTILISATION:
+                return scale
+        return scales[-1]
 
     def _carry_utilisation(self, qs: np.ndarray, times: np.ndarray, tcp: int) -> float:
         """Worst grip load along a sampled move (dry run, joints restored): suction utilisation,
@@ -518,10 +825,19 @@ class SimArm:
                 worst = max(worst, need / max(2.0 * mu * self.cfg.jaw.grip_force_n, 1e-9))
         return worst
 
-    def _joint_move(self, q_target: np.ndarray, tcp: int, ignore: Sequence[int] = ()) -> None:
-        """Timed joint-space move, executed kinematically. While carrying, the speed is scaled down
+    def _joint_move(
+        self,
+        q_target: np.ndarray,
+        tcp: int,
+        ignore: Sequence[int] = (),
+        via: Sequence[np.ndarray] = (),
+        phases: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        """Time-optimal, jerk-limited joint move (ruckig), executed kinematically; through the `via`
+        joint positions without stopping (blended). While carrying, the speed is scaled down
         (payload-aware, as industrial controllers do) until the sampled accelerations keep the grip
-        load under 90 % of what it can hold; the slower move is what gets charged."""
+        load under 90 % of what it can hold; the slower move is what gets charged. `phases`: (i, name)
+        enters phase `name` once the move passes via point i."""
         if not np.isfinite(self.q()).all():
             # The physics solver blew up (a rare PyBullet instability after hard contact): put the
             # arm back at home kinematically and report the motion as a collision, never crash.
@@ -541,7 +857,10 @@ class SimArm:
         if self._held is not None:
             scales += [s * self.cfg.joint_speed_scale for s in (0.7, 0.5, 0.35, 0.25)]
         for scale in scales:
-            move: JointMove = plan_joint_move(self.q(), q_target, scale)
+            if via:
+                move = plan_via_move([self.q(), *via, np.asarray(q_target, dtype=np.float64)], scale)
+            else:
+                move = plan_joint_move(self.q(), q_target, scale)
             n = max(2, int(np.ceil(move.duration / self.cfg.transit_check_dt)) + 1)
             times = np.linspace(0.0, move.duration, n)
             qs = move.sample(times)
@@ -553,7 +872,8 @@ class SimArm:
                 qs = move.q_start[None, :] + frac * (move.q_end - move.q_start)[None, :]
             if self._held is None or self._carry_utilisation(qs, times, tcp) <= CARRY_UTILISATION:
                 break
-        self._run_samples(qs, times, tcp, ignore)
+        switches = [(move.starts[i + 1], name) for i, name in phases] if via else []
+        self._run_samples(qs, times, tcp, ignore, phases=switches)
 
     def _line_qs(self, p0: np.ndarray, p1: np.ndarray, R_hand: np.ndarray, link: int, n: int) -> np.ndarray:
         """IK along a straight line, each solution seeded by the previous one (continuity)."""
@@ -575,26 +895,35 @@ class SimArm:
         fixtures_only: bool = False,
         accel: float | None = None,
     ) -> None:
+        """Straight tool line on a jerk-limited time-optimal profile (sim.motion.line_profile), slowed
+        uniformly until every joint's sampled velocity and acceleration are within the Panda's limits."""
         p0, _ = self.link_pose(link)
         length = float(np.linalg.norm(p1 - p0))
         if length < 1e-4:
             return
         acc = self.cfg.tool_accel if accel is None else accel
-        t_tool = trapezoid_time(length, speed, acc)
-        n = max(2, int(np.ceil(t_tool / self.cfg.transit_check_dt)) + 1)
-        # Solve IK on the path at n equally spaced fractions of the time profile.
-        times = np.linspace(0.0, t_tool, n)
-        a_unit = acc / length
-        frac = trapezoid_fraction(times, t_tool, speed / length, a_unit)
-        qs = []
-        seed = self.q()
-        for s in frac:
-            q = self._solve(p0 + s * (p1 - p0), R_hand, link, seed)
-            qs.append(q)
-            seed = q
-        qs = np.array(qs)
-        duration = cartesian_move_time(length, speed, acc, qs[0], qs[-1])
-        self._run_samples(qs, times * (duration / t_tool), link, ignore, fixtures_only)
+        jerk = self.cfg.tool_jerk
+        for _ in range(4):
+            prof = line_profile(length, speed, acc, jerk)
+            n = max(3, int(np.ceil(prof.duration / self.cfg.transit_check_dt)) + 1)
+            # Solve IK on the path at n equally spaced times of the profile.
+            times = np.linspace(0.0, prof.duration, n)
+            qs = []
+            seed = self.q()
+            for s in prof.fraction(times):
+                q = self._solve(p0 + s * (p1 - p0), R_hand, link, seed)
+                qs.append(q)
+                seed = q
+            qs = np.array(qs)
+            h = times[1] - times[0]
+            v_ratio = float(np.max(np.abs(np.diff(qs, axis=0)) / h / _VMAX))
+            a_ratio = float(np.max(np.abs(np.diff(qs, 2, axis=0)) / (h * h) / _AMAX))
+            f = max(v_ratio, np.sqrt(a_ratio))
+            if f <= 1.0:
+                break
+            f *= 1.05  # a uniformly slower profile: v / f, a / f^2, j / f^3
+            speed, acc, jerk = speed / f, acc / f**2, jerk / f**3
+        self._run_samples(qs, times, link, ignore, fixtures_only)
 
     # --- physical execution ----------------------------------------------------------------------------
     def _physical_line(
@@ -619,18 +948,45 @@ class SimArm:
         frac = trapezoid_fraction(t, duration, speed / max(length, 1e-6), a_unit)
         way_s = np.linspace(0.0, 1.0, n_way)
         result: dict = {}
-        # A few extra steps let the motors catch up with the end of the path.
-        for k in range(n_steps + 12):
-            if self._check_stop():
-                raise self._estop()
-            s = frac[min(k, n_steps - 1)]
-            q_target = np.array([np.interp(s, way_s, qs[:, i]) for i in range(7)])
+        hz = self.cfg.physics_hz
+
+        def q_at(s: float) -> np.ndarray:
+            return np.array([np.interp(s, way_s, qs[:, i]) for i in range(7)])
+
+        def q_of(tau: float) -> np.ndarray:  # joints at nominal time tau (s) of this line
+            f = trapezoid_fraction(tau, duration, speed / max(length, 1e-6), a_unit)
+            return q_at(float(f))
+
+        def advance(q_target: np.ndarray, _dt: float):
             self._command(q_target)
             self._step(1)
             self._note_impact()
-            answer = monitor()
+            self._notify("sample")
+            return monitor()
+
+        # A few extra steps let the motors catch up with the end of the path.
+        k = 0
+        while k < n_steps + 12:
+            if self._check_stop():
+                if k == 0:  # not moving yet: hold where it stands
+                    self._note_halted(self._rest_since if self._rest_since is not None else self._time)
+                    self._hold(self.q(), link, physical=True)
+                else:
+                    # Command k-1 was the plan at nominal time k / hz: brake along the line from there.
+                    tau, answer = self._stop_and_resume(
+                        q_of, min(k / hz, duration), duration, 0.02, advance, link, True
+                    )
+                    if answer is not None:
+                        return answer
+                    k = max(k, int(np.floor(tau * hz + 1e-9)))
+                    continue
+            self._rest_since = None
+            answer = advance(q_at(frac[min(k, n_steps - 1)]), 1.0 / hz)
             if answer is not None:
+                self._rest_since = self._time
                 return answer
+            k += 1
+        self._rest_since = self._time
         return result
 
     def _note_impact(self) -> None:
@@ -706,18 +1062,41 @@ class SimArm:
 
     # --- Arm protocol: motions -----------------------------------------------------------------------
     def home(self) -> Outcome:
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         try:
             if self._check_stop():
                 raise self._estop()
+            self._enter_phase("home")
             self._joint_move(self.cfg.home, self.tcp_link(self._held_kind or "parallel_jaw"))
         except _Abort as exc:
-            return Outcome(False, exc.reason, robot_seconds=self._time - t0, details=exc.details)
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0)
+            return Outcome(
+                False,
+                exc.reason,
+                robot_seconds=self._time - t0,
+                details=self._motion_details(mark, exc.details),
+            )
+        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, details=self._motion_details(mark, {}))
+
+    def _motion_mark(self) -> tuple[dict[str, float], int]:
+        return dict(self.phase_time), len(self.stop_events)
+
+    def _motion_details(self, mark: tuple[dict[str, float], int], details: dict) -> dict:
+        """Close the motion's phase and add its robot time per phase and its protective stops."""
+        self._enter_phase("")
+        self._clear_hooks = []  # a place that never got over the box does not call them later
+        before, n_stops = mark
+        phases = {k: v - before.get(k, 0.0) for k, v in self.phase_time.items() if v - before.get(k, 0.0) > 0}
+        if phases:
+            details["phases"] = phases
+        stops = [ev.as_dict() for ev in self.stop_events[n_stops:]]
+        if stops:
+            details["stops"] = stops
+            details["stop_to_standstill_s"] = max(ev["stop_to_standstill_s"] for ev in stops)
+        return details
 
     def move(self, position: np.ndarray, orientation: np.ndarray) -> Outcome:
         """Joint-space move of the jaw TCP (or the carrying tool's TCP) to a pose, base frame."""
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         link = self.tcp_link(self._held_kind or "parallel_jaw")
         try:
             if self._check_stop():
@@ -725,14 +1104,20 @@ class SimArm:
             pos = np.asarray(position, dtype=np.float64)
             R_hand = quat_to_matrix(np.asarray(orientation, dtype=np.float64)) @ M_GRASP_HAND
             q = self._solve(pos, R_hand, link, self._seed_over(pos))
+            self._enter_phase("move")
             self._joint_move(q, link)
         except _Abort as exc:
-            return Outcome(False, exc.reason, robot_seconds=self._time - t0, details=exc.details)
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0)
+            return Outcome(
+                False,
+                exc.reason,
+                robot_seconds=self._time - t0,
+                details=self._motion_details(mark, exc.details),
+            )
+        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, details=self._motion_details(mark, {}))
 
     def pick(self, grasp: Grasp) -> Outcome:
         """Pre-grasp, straight-line approach, grip, lift, verify. See the module docstring."""
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         executed = grasp
         details: dict = {}
         self.max_impact_n = self._impact_avg = 0.0
@@ -755,21 +1140,32 @@ class SimArm:
             pre = target - a * self.cfg.pregrasp_offset
             above = self._above(pre)
             q_above = self._solve(above, R_hand, link, q_grasp)
-            self._solve(pre, R_hand, link, q_grasp)  # fail before moving if pre-grasp is infeasible
+            q_pre = self._solve(pre, R_hand, link, q_above)  # fail before moving if pre-grasp is infeasible
+            self._enter_phase("move_to_pick")
             self._prepare_tool(grasp.gripper, opening)
-            self._joint_move(q_above, link)
+            # The approach runs kinematically while it touches nothing and with physics for its last
+            # `physical_approach` metres (or from the first contact): free space needs no contact
+            # solver, contact needs nothing else. The free part is one time-optimal move over the
+            # tote, down past the pre-grasp and along the approach axis to where the physical part
+            # starts, through those points without stopping (blended); it is checked at every sample
+            # like the straight lines it replaces.
+            near = target - a * min(self.cfg.physical_approach, self.cfg.pregrasp_offset)
+            q_near = self._solve(near, R_hand, link, q_pre)
+            via = [
+                q
+                for q, here, there in ((q_above, above, pre), (q_pre, pre, near))
+                if np.linalg.norm(here - there) > 1e-3
+            ]
             try:
-                self._kinematic_line(pre, R_hand, link, self.cfg.lift_speed)
-                # The straight approach runs kinematically while it touches nothing, at approach
-                # speed, and with physics for its last `physical_approach` metres (or from the
-                # first contact): free space needs no contact solver, contact needs nothing else.
-                near = target - a * min(self.cfg.physical_approach, self.cfg.pregrasp_offset)
-                self._kinematic_line(near, R_hand, link, self.cfg.approach_speed)
+                self._joint_move(q_near, link, via=via)
             except _Abort as exc:
                 # Items in the way: the physical approach starts here and pushes through them as
                 # a real arm would. Fixtures in the way: a collision.
                 if exc.reason is not Reason.COLLISION or exc.details.get("with_") != "item":
                     raise
+                if self.link_pose(link)[0][2] > above[2] - 0.01:
+                    raise  # an item met before the descent over the tote began: not an approach
+            self._enter_phase("approach")
             details["approach_from_m"] = round(float(np.linalg.norm(self.link_pose(link)[0] - target)), 4)
             if grasp.gripper == "suction":
                 details.update(self._approach_suction(target, a, R_hand, link))
@@ -783,7 +1179,9 @@ class SimArm:
                 matrix_to_quat(R_now @ M_GRASP_HAND.T),
                 width=opening if grasp.gripper == "parallel_jaw" else 0.0,
             )
+            self._enter_phase("grasp")
             self._grip(grasp.gripper, details)
+            self._enter_phase("lift")
             self._lift(R_hand, link, above, details)
         except _Abort as exc:
             details.update(exc.details)
@@ -794,10 +1192,21 @@ class SimArm:
                 info = None if lk < 0 else p.getJointInfo(self.body, lk, physicsClientId=self.client_id)
                 details["link_name"] = special[lk] if info is None else info[12].decode()
             details["max_impact_n"] = round(self.max_impact_n, 2)
-            if self._time > t0:  # the arm moved: let go, settle, back out (not for a refused request)
-                self._abort_recover()
+            # The arm moved and failed: let go, settle, back out. Not for a refused request (nothing
+            # moved), and never for a protective stop: a held item stays held, the arm stays put.
+            if self._time > t0 and exc.reason is not Reason.ESTOP:
+                self._enter_phase("recover")
+                try:
+                    self._abort_recover()
+                except _Abort as rec:  # stopped and abandoned while backing out
+                    details["recover"] = rec.reason.value
             return Outcome(
-                False, exc.reason, executed=executed, robot_seconds=self._time - t0, details=details
+                False,
+                exc.reason,
+                executed=executed,
+                robot_seconds=self._time - t0,
+                item_id=self._held,
+                details=self._motion_details(mark, details),
             )
         details["max_impact_n"] = round(self.max_impact_n, 2)
         return Outcome(
@@ -806,7 +1215,7 @@ class SimArm:
             executed=executed,
             robot_seconds=self._time - t0,
             item_id=self._held,
-            details=details,
+            details=self._motion_details(mark, details),
         )
 
     def _safe_height(self) -> float:
@@ -898,7 +1307,7 @@ class SimArm:
                 raise _Abort(Reason.SLIPPED, why="fingers did not both hold the same item")
             self._held, self._held_kind = self.jaw.held_body, "parallel_jaw"
 
-    def _lift_accel(self) -> float:
+    def _lift_accel(self, cap: float | None = None) -> float:
         """Tool acceleration (m/s^2) for lifting the item just gripped: payload-aware, like the transit.
 
         A sealed cup's load scales with (g + a) on a vertical lift, so from the static utilisation u0
@@ -908,13 +1317,14 @@ class SimArm:
         `MIN_LIFT_ACCEL` so the lift always ends. The jaw (friction checked per sample) lifts at full
         acceleration.
         """
+        cap = self.cfg.tool_accel if cap is None else cap
         if self._held_kind != "suction":
-            return self.cfg.tool_accel
+            return cap
         _, u0 = self._grip_ok(np.zeros(3))
         if u0 <= 0.0:
-            return self.cfg.tool_accel
+            return cap
         a = 9.81 * (CARRY_UTILISATION / u0 - 1.0)
-        return float(min(self.cfg.tool_accel, max(MIN_LIFT_ACCEL, a)))
+        return float(min(cap, max(MIN_LIFT_ACCEL, a)))
 
     def _lift(self, R_hand: np.ndarray, link: int, above: np.ndarray, details: dict) -> None:
         pos, _ = self.link_pose(link)
@@ -945,7 +1355,14 @@ class SimArm:
         above = np.array([pos[0], pos[1], above[2]])
         above[2] = max(above[2], self._safe_height() - self.cfg.transit_clearance + (pos[2] - lo_z) + 0.03)
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
-        self._kinematic_line(above, R_hand, link, self.cfg.lift_speed, fixtures_only=True, accel=acc)
+        self._kinematic_line(
+            above,
+            R_hand,
+            link,
+            self.cfg.free_speed,
+            fixtures_only=True,
+            accel=self._lift_accel(self.cfg.free_accel),
+        )
 
     def _drop(self) -> None:
         """Let go of the held item (seal lost or friction exceeded) and let it fall with physics."""
@@ -973,31 +1390,39 @@ class SimArm:
         self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
         self.retreat()
 
-    def retreat(self) -> None:
-        """Move the TCP straight up to the transit height, without contact checks (backing out)."""
+    def retreat(self, with_physics: bool = False) -> None:
+        """Move the TCP straight up to the transit height, without contact checks (backing out).
+
+        `with_physics`: keep stepping the physics along the way (a released item falls and settles
+        while the arm leaves). A protective stop during the retreat brakes and holds like any other
+        motion.
+        """
         link = self.tcp_link("suction" if self.suction.extended else "parallel_jaw")
         pos, R = self.link_pose(link)
         top = max(pos[2], self._safe_height())
         if top - pos[2] < 1e-3:
             return
         target = np.array([pos[0], pos[1], top])
-        stopped, self._stopped = self._stopped, False
         try:
             qs = self._line_qs(pos, target, R, link, 6)
         except _Abort:
             qs = None
-        self._stopped = stopped
         if qs is None:
             log.warning("retreat: no straight path up from %s; going home directly", np.round(pos, 3))
             qs = np.array([self.q(), self.cfg.home])
-        duration = cartesian_move_time(
-            float(top - pos[2]), self.cfg.lift_speed, self.cfg.tool_accel, qs[0], qs[-1]
+        length = float(top - pos[2])
+        prof = line_profile(length, self.cfg.free_speed, self.cfg.free_accel, self.cfg.tool_jerk)
+        # Never faster than the joints allow between the two ends (the profile is stretched).
+        duration = max(
+            prof.duration,
+            cartesian_move_time(length, self.cfg.free_speed, self.cfg.free_accel, qs[0], qs[-1]),
         )
-        for q in qs:
-            for j, v in zip(self.arm_joints, q, strict=True):
-                p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-        self._command(qs[-1])
-        self._time += duration
+        n = max(2, int(np.ceil(duration / self.cfg.transit_check_dt)) + 1)
+        times = np.linspace(0.0, duration, n)
+        frac = prof.fraction(times * (prof.duration / duration))
+        way = np.linspace(0.0, 1.0, len(qs))
+        samples = np.array([[np.interp(f, way, qs[:, i]) for i in range(7)] for f in frac])
+        self._run_samples(samples, times, link, checks=False, physics=with_physics)
 
     def _above(self, pre: np.ndarray) -> np.ndarray:
         """Where a pick starts its descent: over the pre-grasp, at least at the safe height."""
@@ -1053,7 +1478,7 @@ class SimArm:
 
     def place(self, placement: Placement) -> Outcome:
         """Move over the box, lower until the item is `place_drop_height` above what is below, release."""
-        t0 = self._time
+        t0, mark = self._time, self._motion_mark()
         details: dict = {}
         if self._held is None:
             return Outcome(False, Reason.NOT_HOLDING, robot_seconds=0.0)
@@ -1081,15 +1506,18 @@ class SimArm:
             else:
                 assert last is not None
                 raise last
-            self._joint_move(q_above, link)
+            q_target = self._solve(target, R_hand, link, q_above)
+            self._enter_phase("transit")
             try:
-                # Lowering into the box decelerates upwards: the same payload-aware limit as the lift.
-                self._kinematic_line(target, R_hand, link, self.cfg.lift_speed, accel=self._lift_accel())
+                # One time-optimal move to the box and down into it, passing the point above the
+                # drop without stopping (blended); "place" from there. Payload-aware like any carry.
+                self._joint_move(q_target, link, via=[q_above], phases=[(0, "place")])
             except _Abort as exc:
-                if exc.reason is not Reason.COLLISION:
+                if exc.reason is not Reason.COLLISION or self.phase != "place":
                     raise
                 # The item or the hand is about to touch the stack or the box: release here.
                 details["released_early"] = exc.details
+            self._enter_phase("release")
             if kind == "suction":
                 self.suction.release()
                 self._time += self.cfg.suction.actuation_s
@@ -1098,12 +1526,41 @@ class SimArm:
             self._held = None
             self._held_kind = None
             self._T_tcp_item = None
-            self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
-            self.retreat()  # back out the way it came in
+            # Back out the way it came in while the item settles in the box (physics runs along).
+            # What settling is left when the arm is clear is stepped without charging the arm: it
+            # is free to go on, and the next motions happen over the tote.
+            self._enter_phase("retreat")
+            t_r = self._time
+            self.retreat(with_physics=True)
+            rest = int(round((self.cfg.settle_s - (self._time - t_r)) * self.cfg.physics_hz))
+            for _ in range(max(rest, 0)):
+                p.stepSimulation(physicsClientId=self.client_id)
         except _Abort as exc:
             details.update(exc.details)
+            if exc.reason is Reason.ESTOP:
+                # Stopped and abandoned (shutdown) or refused: the item stays held where the arm is.
+                return Outcome(
+                    False,
+                    exc.reason,
+                    robot_seconds=self._time - t0,
+                    item_id=item,
+                    details=self._motion_details(mark, details),
+                )
+            self._enter_phase("recover")
             if self._held is not None:
                 self._drop()
             self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
-            return Outcome(False, exc.reason, robot_seconds=self._time - t0, item_id=item, details=details)
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, item_id=item, details=details)
+            return Outcome(
+                False,
+                exc.reason,
+                robot_seconds=self._time - t0,
+                item_id=item,
+                details=self._motion_details(mark, details),
+            )
+        return Outcome(
+            True,
+            Reason.OK,
+            robot_seconds=self._time - t0,
+            item_id=item,
+            details=self._motion_details(mark, details),
+        )

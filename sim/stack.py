@@ -69,6 +69,16 @@ def build_planner(
     raise ValueError(f"unknown planner {kind!r}; expected learned, analytic or MODULE:CLASS")
 
 
+def pixel_candidate_builder(tote: Bounds, seed: int = 0) -> Callable[..., object]:
+    """(frame, u, v, gripper) -> grasping.pixel_candidate.PixelCandidate with the planner's geometry."""
+    from grasping.pixel_candidate import PixelCandidateConfig, candidate_at_pixel
+    from grasping.planner import PlannerConfig
+
+    cfg = PlannerConfig(tote=tote, seed=seed)
+    pcfg = PixelCandidateConfig(seed=seed)
+    return lambda frame, u, v, gripper: candidate_at_pixel(frame, u, v, gripper, cfg, pcfg)
+
+
 def model_planner_factory(tote: Bounds, seed: int = 0, alpha: float | None = None):
     """For hot-swap: model path -> (planner, version); raises on a bad file (never falls back)."""
 
@@ -148,5 +158,6 @@ def build_sim_stack(
         render_png=render_plan_png,
         metrics=metrics,
         config=cfg,
+        pixel_candidate=pixel_candidate_builder(cell.tote_bounds, seed=seed),
     )
     return SimStack(cell, camera, feed, packer, controller, version)

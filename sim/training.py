@@ -69,7 +69,9 @@ class SimRegressionSuite:
     catalog: str = "procedural-train"  # a training catalog: the gate never looks at test data
     seed: int = SIM_SUITE_SEED  # benchmark seed (episode seeds derived from it)
     incumbent: str | None = None  # incumbent model file; None: compare with the analytic planner
-    tolerance: float = 0.05  # candidate first-attempt success may be this much below the baseline
+    tolerance: float = 0.05  # candidate first-attempt and autonomous pick rates may be this much below
+    damage_tolerance: float = 0.01  # candidate damage rate (per attempt) may be this much above the baseline
+    cycle_tolerance: float = 0.10  # candidate seconds per pick may be this share above the baseline
     workers: int = 2  # worker processes
     progress: bool = False
 
@@ -104,12 +106,43 @@ class SimRegressionSuite:
         keep = lambda eps: [e for e in eps if e["episode"] not in crashed]  # noqa: E731
         if not keep(cand):
             return False, {"error": "every episode crashed", "crashed": [e.get("crashed") for e in cand]}
-        fields = ("first_attempt_success", "first_attempt_success_ci95", "clearance_rate", "mpph", "attempts")
+        fields = (
+            "first_attempt_success",
+            "first_attempt_success_ci95",
+            "clearance_rate",
+            "mpph",
+            "attempts",
+            "damage_rate",
+            "cycle_seconds_per_pick",
+        )
         mc, mb = aggregate(keep(cand)), aggregate(keep(base))
         c = {k: mc[k] for k in fields}
         b = {k: mb[k] for k in fields}
-        ok = c["first_attempt_success"] >= b["first_attempt_success"] - self.tolerance
+        c["autonomous_pick_rate"] = autonomous_pick_rate(keep(cand))
+        b["autonomous_pick_rate"] = autonomous_pick_rate(keep(base))
+        failed = []
+        for key in ("first_attempt_success", "autonomous_pick_rate"):
+            need = (b[key] or 0.0) - self.tolerance
+            if (c[key] or 0.0) < need:
+                failed.append(
+                    f"{key} {c[key] or 0.0:.3f} < baseline {b[key] or 0.0:.3f} - {self.tolerance} "
+                    f"(short by {need - (c[key] or 0.0):.3f})"
+                )
+        limit = (b["damage_rate"] or 0.0) + self.damage_tolerance
+        if (c["damage_rate"] or 0.0) > limit:
+            failed.append(
+                f"damage_rate {c['damage_rate']:.3f} > {limit:.3f} (over by {c['damage_rate'] - limit:.3f})"
+            )
+        if c["cycle_seconds_per_pick"] and b["cycle_seconds_per_pick"]:
+            limit = b["cycle_seconds_per_pick"] * (1.0 + self.cycle_tolerance)
+            if c["cycle_seconds_per_pick"] > limit:
+                failed.append(
+                    f"cycle_seconds_per_pick {c['cycle_seconds_per_pick']:.2f} > {limit:.2f} "
+                    f"(over by {c['cycle_seconds_per_pick'] - limit:.2f} s)"
+                )
+        ok = not failed
         return ok, {
+            "failed": failed,
             "catalog": self.catalog,
             "episodes": self.episodes,
             "episodes_crashed": crashed,
@@ -119,6 +152,24 @@ class SimRegressionSuite:
             "baseline": b,
             "baseline_is": "incumbent" if self.incumbent else "analytic",
         }
+
+
+def autonomous_pick_rate(episodes: list[dict[str, Any]]) -> float:
+    """Items picked by the model alone (decided_by "model", success) per item presented."""
+    items = sum(e["items"] for e in episodes)
+    alone = sum(1 for e in episodes for a in e["attempts"] if a["success"] and a["decided_by"] == "model")
+    return alone / items if items else 0.0
+
+
+def sim_suite_factory(episodes: int, workers: int = 1, seed: int = SIM_SUITE_SEED) -> Any:
+    """For `learn.learner`: incumbent path (or None) -> a SimRegressionSuite against it."""
+
+    def make(incumbent: Path | None) -> SimRegressionSuite:
+        return SimRegressionSuite(
+            episodes=episodes, incumbent=str(incumbent) if incumbent else None, workers=workers, seed=seed
+        )
+
+    return make
 
 
 def guarded_episode(spec: Any) -> dict[str, Any]:

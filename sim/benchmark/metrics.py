@@ -1,7 +1,8 @@
 """Operator metrics from benchmark episode records, with 95% confidence intervals.
 
 An episode record is a plain dict (JSON-able, so it can come back from a worker process or a Ray
-task). Its `attempts` list holds one dict per executed pick:
+task), written by `sim.benchmark.record.ToteRecorder`. Its `attempts` list holds one dict per
+executed pick:
 
     item        str   which item was targeted (simulation ground truth), e.g. "b7"
     family      str   its catalog family
@@ -9,40 +10,67 @@ task). Its `attempts` list holds one dict per executed pick:
     success     bool  picked *and* placed in the box
     reason      str   Outcome reason of the pick (or of the place, when the pick succeeded)
     decided_by  str   "model" | "model-unsure" | "associate:<id>"
-    damaged     bool  dropped from over the damage height, or hit harder than the impact limit
+    decider     str   "model" (executed without asking) | "person" (a person approved or pointed)
+    damaged     bool  any of `damage`
+    damage      list  "drop" (fell > 0.3 m once let go), "impact" (pressed > 150 N), "held_collision"
+                      (the held item hit something), "stop_drop" (let go because of a stop)
 
-and the episode carries `items`, `items_cleared`, `robot_seconds` (motion + idle, simulated),
-`sensing_seconds`, `planning_seconds`, `human_seconds`, `assists_requested`, `assists_answered`,
-`assists_expired`, `plan_latency_ms` (list), `wall_seconds`.
+`item_log` holds one dict per item presented: `item`, `family`, `fate` (placed | lost | given_up |
+no_safe_pick | expired | diverted | skipped, see `sim.benchmark.record.FATES`), `attempts`,
+`questions`, `answers` (one per question: the answer kind, or expired / cancelled), `person`
+(a person decided an attempt on it or answered a question about it), `damaged`. `halted` lists
+the picks and places a protective stop ended (no attempt is recorded for them) with their damage.
+The episode also carries `items`, `items_cleared`, `questions`, `questions_answered`,
+`robot_seconds` (motion + idle, simulated), `sensing_seconds`, `planning_seconds`, `human_seconds`,
+`assists_requested`, `assists_answered`, `assists_expired`, `plan_latency_ms` (list),
+`wall_seconds`.
+
+Operator metrics (honest by construction: what the model did alone is never mixed with what a
+person decided, and nothing is left out of a denominator):
+
+- `autonomous_pick_rate`: items that ended in a box with no person involved in that item / items
+  presented (every item, including those never attempted);
+- `auto_precision`: attempts the model executed without asking that succeeded / those attempts;
+  `person_precision` is the same for attempts a person chose, reported apart;
+- `first_attempt_success_by_decider`: first attempts on items, split by who decided them;
+- `items_left_rate`: items not in a box at the end / items presented, by fate;
+- `interventions_per_100_items`: questions asked of a person (answered or not) per 100 items;
+- `max_attempts_on_one_item`;
+- `damage_rate`: damaging motions / (attempts + motions a stop halted).
 
 Picks per hour (Mahler et al.): `mpph` = picks / (robot + sensing seconds) * 3600, where robot seconds
 come from simulated motion under the arm's velocity and acceleration limits plus the time the cell
 idled waiting for a person, and sensing seconds are a fixed time per capture. Failed attempts count
 in the denominator. Both parts are simulated, so `mpph` is the same on any host and with any number
-of workers. `mpph_with_planning` also adds the planner's measured wall time on this host (this
-controller does not overlap planning with motion), so it depends on the machine.
+of workers. `mpph_with_planning` also adds the planner's measured wall time on this host that the
+arm waited for (exposed planning; planning hidden behind motion is not charged), so it depends on
+the machine; `mpph_excluding_waits` leaves out the time idle waiting for a person. Both, and the
+per-pick cycle breakdown, come from `sim.benchmark.cycle`.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
-Z95 = 1.959963984540054
+from sim.benchmark.cycle import cycle_metrics
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval for k successes in n trials ((0, 1) when n == 0)."""
+    """95% Wilson score interval for k successes in n trials ((0, 1) when n == 0), from scipy.
+
+    The bounds are clamped to [0, 1] and to bracket k/n: floating point can put a bound a hair on
+    the wrong side of the rate at 0% and 100%, which made the report's error bars negative.
+    """
     if n == 0:
         return (0.0, 1.0)
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
     p = k / n
-    d = 1 + Z95**2 / n
-    c = (p + Z95**2 / (2 * n)) / d
-    h = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
+    return (float(min(max(0.0, ci.low), p)), float(max(min(1.0, ci.high), p)))
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
@@ -58,7 +86,6 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     picks = sum(1 for a in attempts if a["success"])
     items = sum(e["items"] for e in eps)
     cleared = sum(e["items_cleared"] for e in eps)
-    damaged = sum(1 for a in attempts if a["damaged"])
     robot = sum(e["robot_seconds"] for e in eps)
     sensing = sum(e["sensing_seconds"] for e in eps)
     planning = sum(e["planning_seconds"] for e in eps)
@@ -73,12 +100,16 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         fam_all[a["family"]].append(a["success"])
         if a["first"]:
             fam_first[a["family"]].append(a["success"])
+    fam_items: dict[str, list[bool]] = defaultdict(list)  # per item: placed with nobody involved
+    for i in _items(eps):
+        fam_items[i["family"]].append(i["fate"] == "placed" and not i["person"])
     families = {
         f: {
             "first_attempt_success": _rate(sum(fam_first[f]), len(fam_first[f])),
-            "attempt_success": _rate(sum(v), len(v)),
+            "attempt_success": _rate(sum(fam_all[f]), len(fam_all[f])),
+            "autonomous_pick_rate": _rate(sum(fam_items[f]), len(fam_items[f])),
         }
-        for f, v in sorted(fam_all.items())
+        for f in sorted(set(fam_all) | set(fam_items))
     }
     reasons: dict[str, int] = defaultdict(int)
     for a in attempts:
@@ -87,7 +118,6 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
 
     fas = _rate(sum(a["success"] for a in firsts), len(firsts))
     clr = _rate(cleared, items)
-    dmg = _rate(damaged, len(attempts))
     return {
         "episodes": len(eps),
         "items": items,
@@ -102,8 +132,6 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         "cycle_seconds_per_pick": (cycle / picks) if picks else None,
         "assists_per_100_picks": (100.0 * requested / picks) if picks else None,
         "human_seconds_per_100_picks": (100.0 * human / picks) if picks else None,
-        "damage_rate": dmg["value"],
-        "damage_rate_ci95": dmg["ci95"],
         "plan_latency_ms_p50": float(np.percentile(lat, 50)) if lat.size else None,
         "plan_latency_ms_p99": float(np.percentile(lat, 99)) if lat.size else None,
         "robot_seconds": robot,
@@ -115,4 +143,79 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         "assists_expired": sum(e["assists_expired"] for e in eps),
         "failures_by_reason": dict(sorted(reasons.items())),
         "families": families,
+        **operator_metrics(eps),
+        # Cycle time (issue 17): mpph_with_planning counts only exposed planning; mpph_excluding_waits;
+        # the per-pick breakdown by phase. Defined in sim/benchmark/cycle.py.
+        **cycle_metrics(eps),
     }
+
+
+def _items(eps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(i, episode=e["episode"]) for e in eps for i in e.get("item_log", [])]
+
+
+def operator_metrics(episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an operator asks: how many items move without anyone, and how often the model's own
+    decisions fail. See the module docstring for each key."""
+    eps = sorted(episodes, key=lambda e: e["episode"])
+    attempts = [a for e in eps for a in e["attempts"]]
+    items = _items(eps)
+    n_items = len(items)
+    by = {d: [a for a in attempts if _decider(a) == d] for d in ("model", "person")}
+    alone = sum(1 for i in items if i["fate"] == "placed" and not i["person"])
+    with_person = sum(1 for i in items if i["fate"] == "placed" and i["person"])
+    left = [i for i in items if i["fate"] != "placed"]
+    fates: dict[str, int] = defaultdict(int)
+    for i in left:
+        fates[i["fate"]] += 1
+    halted = [h for e in eps for h in e.get("halted", [])]
+    dmg_kinds: dict[str, int] = defaultdict(int)
+    for a in [*attempts, *halted]:
+        for k in a.get("damage", ["unknown"] if a.get("damaged") else []):
+            dmg_kinds[k] += 1
+    damaging = sum(1 for a in attempts if a.get("damaged")) + sum(1 for h in halted if h.get("damage"))
+    questions = sum(e.get("questions", e.get("assists_requested", 0)) for e in eps)
+    answered = sum(e.get("questions_answered", e.get("assists_answered", 0)) for e in eps)
+    worst = max(items, key=lambda i: i["attempts"], default=None)
+    apr = _rate(alone, n_items)
+    auto = _rate(sum(a["success"] for a in by["model"]), len(by["model"]))
+    person = _rate(sum(a["success"] for a in by["person"]), len(by["person"]))
+    lft = _rate(len(left), n_items)
+    dmg = _rate(damaging, len(attempts) + len(halted))
+    return {
+        "autonomous_pick_rate": apr["value"],
+        "autonomous_pick_rate_ci95": apr["ci95"],
+        "items_placed_alone": alone,
+        "items_placed_with_person": with_person,
+        "auto_precision": auto["value"],
+        "auto_precision_ci95": auto["ci95"],
+        "auto_attempts": auto["n"],
+        "person_precision": person["value"],
+        "person_precision_ci95": person["ci95"],
+        "person_attempts": person["n"],
+        "first_attempt_success_by_decider": {
+            d: _rate(sum(a["success"] for a in v if a["first"]), sum(1 for a in v if a["first"]))
+            for d, v in by.items()
+        },
+        "items_left_rate": lft["value"],
+        "items_left_rate_ci95": lft["ci95"],
+        "items_left_by_fate": dict(sorted(fates.items())),
+        "interventions_per_100_items": (100.0 * questions / n_items) if n_items else None,
+        "answers_per_100_items": (100.0 * answered / n_items) if n_items else None,
+        "questions": questions,
+        "questions_answered": answered,
+        "max_attempts_on_one_item": worst["attempts"] if worst is not None else 0,
+        "max_attempts_item": (
+            {k: worst[k] for k in ("episode", "item", "family", "fate")} if worst is not None else None
+        ),
+        "damage_events": damaging,
+        "damage_by_kind": dict(sorted(dmg_kinds.items())),
+        "halted_motions": len(halted),
+        "damage_rate": dmg["value"],
+        "damage_rate_ci95": dmg["ci95"],
+    }
+
+
+def _decider(a: dict[str, Any]) -> str:
+    d = a.get("decider")
+    return d if d is not None else ("person" if str(a["decided_by"]).startswith("associate") else "model")

@@ -16,7 +16,7 @@ from grasping.types import Candidate, Frame, Grasp, Plan
 from hitl.associate import AssociateClient
 from hitl.broker import Broker, BrokerConfig
 from hitl.client import AssistClient
-from hitl.keys import ClientKeys, load_public, new_keypair
+from hitl.keys import ClientKeys, allow, load_public, new_keypair
 from hitl.messages import AssistRequest
 
 CARTON = (0.05, 0.04, 0.03)  # half extents, m: a 10 x 8 x 6 cm carton
@@ -139,12 +139,9 @@ class AssistRig:
 def assist_rig(tmp_path: Path):
     keys = tmp_path / "keys"
     new_keypair("broker", keys)
-    for name in ("cell-1", "alice"):
-        new_keypair(name, keys)
-    allowed = keys / "allowed"
-    allowed.mkdir(parents=True, exist_ok=True)
-    for name in ("cell-1", "alice"):
-        (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+    for name, role in (("cell-1", "cell"), ("alice", "associate")):
+        new_keypair(name, keys, role=role)
+        allow(keys / f"{name}.key", keys)  # into keys/allowed/ROLE/
     broker = Broker(BrokerConfig(bind="tcp://127.0.0.1:0", data_dir=tmp_path / "broker", keys_dir=keys))
     endpoint = broker.start()
     try:

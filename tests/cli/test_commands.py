@@ -60,6 +60,15 @@ def test_demo_runs_broker_cell_and_associate_and_writes_a_summary(tmp_path):
     assert summary["totes"] == 1 and summary["picks"] >= 1
     assert summary["attempts"] >= summary["picks"]
     assert "pickcell demo summary" in proc.stdout and "CURVE on" in proc.stdout
+    # the operator metrics of issue 12, from the same bookkeeping as `pickcell bench`
+    assert "items placed by the model alone" in proc.stdout and "procedural items" in proc.stdout
+    assert summary["items"] == 6 and summary["max_attempts_on_one_item"] >= 1
+    alone = summary["autonomous_pick_rate"] * summary["items"]
+    assert abs(alone - round(alone)) < 1e-9 and round(alone) <= summary["picks"]
+    assert 0.0 <= summary["auto_precision"] <= 1.0 and summary["auto_attempts"] <= summary["attempts"]
+    assert summary["auto_attempts"] + summary["person_attempts"] == summary["attempts"]
+    left = summary["items_left_rate"] * summary["items"]
+    assert round(left) == sum(summary["items_left_by_fate"].values())
     # everything the cell did is in its ledger, and the broker journaled every question
     from hitl.ledger import Ledger
 

@@ -105,7 +105,22 @@ def test_cli_train_gate_promote_list_show_verify(tmp_path, capsys, holdout) -> N
     assert res["version"] == "cli-1" and Path(res["path"]) == out and out.with_suffix(".md").exists()
     reg = str(tmp_path / "reg")
     good = str(trained_model().path)
-    assert main(["models", "gate", good, "--holdout", str(tmp_path / "holdout"), "--registry", reg]) == 0
+    assert (
+        main(
+            [
+                "models",
+                "gate",
+                good,
+                "--holdout",
+                str(tmp_path / "holdout"),
+                "--registry",
+                reg,
+                "--sim-episodes",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "gate PASSED for synthetic-v1" in capsys.readouterr().out
     assert main(["models", "promote", "synthetic-v1", "--registry", reg]) == 0
     capsys.readouterr()

@@ -44,14 +44,24 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.02):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+ROLES_OF = {"cell-1": "cell", "cell-2": "cell", "cell-3": "cell", "alice": "associate", "bob": "associate",
+            "desk": "console"}  # fmt: skip
+
+
 @dataclass
 class Keyring:
-    keys_dir: Path  # broker.key_secret + allowed/
+    keys_dir: Path  # broker.key_secret + allowed/ROLE/
     server_key: bytes
     stranger_dir: Path
 
     def client(self, name: str) -> ClientKeys:
-        return ClientKeys.from_file(self.keys_dir / "allowed" / f"{name}.key_secret")
+        (path,) = (self.keys_dir / "allowed").glob(f"*/{name}.key_secret")
+        return ClientKeys.from_file(path)
+
+    def path(self, name: str) -> Path:
+        """Where NAME's public key sits in the allowlist (delete it to revoke)."""
+        (path,) = (self.keys_dir / "allowed").glob(f"*/{name}.key")
+        return path
 
     def stranger(self) -> ClientKeys:
         return ClientKeys.from_file(self.stranger_dir / "mallory.key_secret")
@@ -61,10 +71,28 @@ class Keyring:
 def keyring(tmp_path: Path) -> Keyring:
     keys = tmp_path / "keys"
     new_keypair("broker", keys)
-    for name in ("cell-1", "cell-2", "cell-3", "alice", "bob"):
-        new_keypair(name, keys / "allowed")
-    new_keypair("mallory", tmp_path / "strangers")
+    for name, role in ROLES_OF.items():
+        # Secret keys beside the public ones only because this is a test: in a site, the allowlist
+        # holds public keys alone.
+        new_keypair(name, keys / "allowed" / role, role=role)
+    new_keypair("mallory", tmp_path / "strangers", role="associate")
     return Keyring(keys, load_public(keys / "broker.key"), tmp_path / "strangers")
+
+
+def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    """A real PNG (seeded noise) of the given size, as a cell would send."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG_64x48 = png_bytes()
 
 
 def make_request(
@@ -73,7 +101,7 @@ def make_request(
     priority: int = 0,
     request_id: str | None = None,
     n_candidates: int = 3,
-    image: bytes = b"\x89PNG\r\n\x1a\nfake-but-binary\x00\xff",
+    image: bytes = PNG_64x48,
 ) -> AssistRequest:
     kw = {"request_id": request_id} if request_id else {}
     return AssistRequest(
@@ -151,7 +179,9 @@ def broker_process(tmp_path: Path, keyring: Keyring):
 
 
 def journal_rows(data_dir: Path) -> dict[str, tuple]:
-    """request_id -> (state, answer status, associate_id, delivered_at) straight from the SQLite file."""
+    """request_id -> (state, answer status, associate_id, delivered_at) straight from the SQLite file.
+
+    Only for tests whose request ids are unique across cells (the journal's key is (cell_id, request_id))."""
     db = sqlite3.connect(str(data_dir / "journal.sqlite"))
     try:
         rows = db.execute(
@@ -215,6 +245,7 @@ def hx():
         free_port=free_port,
         wait_for=wait_for,
         make_request=make_request,
+        png_bytes=png_bytes,
         journal_rows=journal_rows,
         RawPeer=RawPeer,
     )

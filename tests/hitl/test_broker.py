@@ -83,7 +83,7 @@ def test_killed_associate_request_is_requeued_and_answered_by_another(broker, ke
         import sys, time
         from hitl.associate import AssociateClient
         from hitl.keys import ClientKeys, load_public
-        keys = ClientKeys.from_file({str(keyring.keys_dir / "allowed" / "alice.key_secret")!r})
+        keys = ClientKeys.from_file({str(keyring.keys_dir / "allowed" / "associate" / "alice.key_secret")!r})
         a = AssociateClient({broker.endpoint!r}, keys, load_public({str(keyring.keys_dir / "broker.key")!r}),
                             heartbeat_s={HB})
         job = a.next_request(20)
@@ -333,9 +333,9 @@ def test_unknown_curve_key_is_refused_and_logged(broker, keyring, hx, caplog):
 
 
 def test_newly_allowed_key_is_admitted_without_restart(broker, keyring, hx):
-    import shutil
+    from hitl.keys import allow
 
-    shutil.copy(keyring.stranger_dir / "mallory.key", keyring.keys_dir / "allowed" / "mallory.key")
+    allow(keyring.stranger_dir / "mallory.key", keyring.keys_dir)  # `pickcell keys allow`: into associate/
     mallory = AssociateClient(broker.endpoint, keyring.stranger(), keyring.server_key, heartbeat_s=HB)
     try:
         assert mallory.wait_connected(10)
@@ -355,7 +355,7 @@ def test_bad_messages_get_error_replies_and_the_broker_keeps_serving(broker, key
             ([P.PROTOCOL, P.SUBMIT], P.E_MALFORMED),
             ([P.PROTOCOL, P.SUBMIT, P.pack({"request": {"request_id": "x"}})], P.E_INVALID),
             (
-                [P.PROTOCOL, P.ANSWER, P.pack({"request_id": "nope", "kind": "no_safe_pick"})],
+                [P.PROTOCOL, P.CANCEL, P.pack({"request_id": "nope"})],
                 P.E_UNKNOWN_REQUEST,
             ),
             ([P.PROTOCOL, P.SUBMIT, b"\x00" * (P.MAX_BODY_BYTES + 1)], P.E_TOO_LARGE),
@@ -402,18 +402,21 @@ def test_restart_in_process_keeps_waiting_requests(tmp_path, keyring, hx):
 def test_journal_gives_each_request_one_final_state(tmp_path, hx):
     j = Journal(tmp_path / "j.sqlite")
     req = hx.make_request().to_wire()
+    rid = req["request_id"]
     with j.transaction():
         assert j.add(req, "cell-1", time.time())
         assert not j.add(req, "cell-1", time.time())  # idempotent
+        assert j.add({**req, "cell_id": "cell-2"}, "cell-2", time.time())  # another cell's namespace
     with j.transaction():
-        assert j.finish(req["request_id"], {"status": "expired"})
-        assert not j.finish(req["request_id"], {"status": "answered", "kind": "no_safe_pick"})
-    assert j.answer(req["request_id"])["status"] == "expired"
-    assert j.counts()["expired"] == 1 and j.counts()["queued"] == 0
+        assert j.finish("cell-1", rid, {"status": "expired"})
+        assert not j.finish("cell-1", rid, {"status": "answered", "kind": "no_safe_pick"})
+    assert j.answer("cell-1", rid)["status"] == "expired"
+    assert j.get("cell-2", rid).state == "queued"  # untouched by cell-1's final state
+    assert j.counts()["expired"] == 1 and j.counts()["queued"] == 1
     assert j.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert j.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with pytest.raises(ValueError):
-        j.finish(req["request_id"], {"status": "maybe"})
+        j.finish("cell-2", rid, {"status": "maybe"})
 
 
 def test_secure_by_default_and_insecure_only_on_loopback(tmp_path):

@@ -109,7 +109,7 @@ def test_terminal_shows_request_and_sends_typed_answer(broker, keyring, hx, tmp_
     )
     cell.start()
     alice = AssociateClient(broker.endpoint, keyring.client("alice"), keyring.server_key, heartbeat_s=HB)
-    typed = iter(["", "9", "p 10", "p 101 57"])
+    typed = iter(["", "9", "p 10", "p 41 37"])
     shown: list[str] = []
     try:
         req = hx.make_request()
@@ -118,7 +118,7 @@ def test_terminal_shows_request_and_sends_typed_answer(broker, keyring, hx, tmp_
                          max_requests=1)  # fmt: skip
         assert n == 1
         ans = fut.result(10)
-        assert (ans.kind, ans.pixel, ans.associate_id) == ("point", (101, 57), "alice")
+        assert (ans.kind, ans.pixel, ans.associate_id) == ("point", (41, 37), "alice")
         text = "\n".join(shown)
         png = tmp_path / "img" / f"{req.request_id}.png"
         assert png.read_bytes() == req.image_png and str(png) in text
@@ -142,10 +142,10 @@ def test_parse_command(hx):
 
 
 def test_keys_new_cli_writes_a_pair_and_refuses_to_overwrite(tmp_path: Path, capsys):
-    assert pickcell_main(["keys", "new", "alice", "--dir", str(tmp_path)]) == 0
+    assert pickcell_main(["keys", "new", "alice", "--role", "associate", "--dir", str(tmp_path)]) == 0
     assert (tmp_path / "alice.key").is_file() and (tmp_path / "alice.key_secret").is_file()
     assert (tmp_path / "alice.key_secret").stat().st_mode & 0o077 == 0
-    assert pickcell_main(["keys", "new", "alice", "--dir", str(tmp_path)]) == 2
+    assert pickcell_main(["keys", "new", "alice", "--role", "associate", "--dir", str(tmp_path)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert pickcell_main(["broker", "--bind", "tcp://127.0.0.1:0", "--data", str(tmp_path / "d"),
                           "--keys", str(tmp_path / "nokeys")]) == 2  # fmt: skip

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -328,11 +329,12 @@ def test_v1_file_is_migrated_in_place_keeping_its_rows(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     patch, feats = build_v1(db)
     with Ledger(db, "old-cell") as ledger:
-        assert ledger.schema_version == SCHEMA_VERSION == 2
+        assert ledger.schema_version == SCHEMA_VERSION == 3
         (a,) = ledger.attempts()
         assert a.attempt_id == "old-1" and a.outcome.reason is Reason.SLIPPED and not a.outcome.success
         assert a.decided_by == "associate:bob"
         assert a.source == "production" and a.family is None  # v2 columns, defaults for old rows
+        assert a.request_id is None and a.item is None and a.item_descriptor is None  # v3 columns
         np.testing.assert_array_equal(a.patch, patch)
         np.testing.assert_array_equal(a.features, feats)
         # The new columns and tables work on the migrated file.
@@ -341,6 +343,11 @@ def test_v1_file_is_migrated_in_place_keeping_its_rows(tmp_path: Path) -> None:
         pid = ledger.record_plan(make_plan(rng), tote_id="t", frame=make_frame(rng), store_frame=True)
         assert ledger.frame(pid) is not None
         assert ledger.attempts(attempt_id="att-9")[0].family == "mug"
+        assert ledger.record_attempt(
+            **attempt_kwargs(rng, 10, request_id="r", item=2, item_descriptor=np.ones(18))
+        )
+        (b,) = ledger.attempts(attempt_id="att-10")
+        assert (b.request_id, b.item) == ("r", 2) and b.item_descriptor.shape == (18,)
         assert ledger.integrity_check() == ["ok"]
 
 
@@ -431,7 +438,7 @@ def test_export_labels_match_what_was_recorded(tmp_path: Path) -> None:
                 CandidateView(3, 0, 0, "parallel_jaw", 0.2),
             ),
             request_id="req-n",
-            context={"plan_id": pid},
+            context={"plan_id": pid, "item": 1},  # the question was about item 1 (candidates 2, 3)
         )
         ledger.record_request(req)
         ledger.record_answer(AssistAnswer("req-n", "answered", "no_safe_pick", associate_id="carol"))
@@ -439,33 +446,171 @@ def test_export_labels_match_what_was_recorded(tmp_path: Path) -> None:
         m = ledger.export(tmp_path / "out")
         assert verify_export(tmp_path / "out") == []
         d = load_shards(tmp_path / "out")
-        assert list(d["row_id"]) == ["att-1", "att-2", "req-n:1", "req-n:3"]
-        assert (m.rows, m.positives, m.negatives) == (4, 1, 3)
-        np.testing.assert_array_equal(d["label"], np.array([1, 0, 0, 0], dtype=np.float32))
+        # Candidate 1 was shown but lies on item 0, which nobody judged: no label for it.
+        assert list(d["row_id"]) == ["att-1", "att-2", "req-n:3"]
+        assert (m.rows, m.positives, m.negatives) == (3, 1, 2)
+        np.testing.assert_array_equal(d["label"], np.array([1, 0, 0], dtype=np.float32))
         np.testing.assert_array_equal(d["patches"][0], plan.patches[0])
         np.testing.assert_array_equal(d["features"][0], plan.features[0])
         np.testing.assert_array_equal(d["patches"][1], kw2["patch"])
         np.testing.assert_array_equal(d["features"][1], kw2["features"])
-        np.testing.assert_array_equal(d["patches"][2:], plan.patches[[1, 3]])
-        np.testing.assert_array_equal(d["features"][2:], plan.features[[1, 3]])
-        assert d["patches"].dtype == np.float32 and d["patches"].shape == (4, C, S, S)
+        np.testing.assert_array_equal(d["patches"][2:], plan.patches[[3]])
+        np.testing.assert_array_equal(d["features"][2:], plan.features[[3]])
+        assert d["patches"].dtype == np.float32 and d["patches"].shape == (3, C, S, S)
         assert d["gripper"].dtype == np.int64
-        np.testing.assert_array_equal(d["gripper"], [0, 0, 1, 1])  # candidate 0 suction; 1, 3 jaw
-        assert list(d["source"]) == ["sim", "production", "associate", "associate"]
-        assert list(d["family"]) == ["", "bag", "", ""]
-        assert list(d["decided_by"]) == ["model", "model", "associate:carol", "associate:carol"]
-        np.testing.assert_array_equal(d["timestamp"], [1_001.0, 1_002.0, 1_003.0, 1_003.0])
+        np.testing.assert_array_equal(d["gripper"], [0, 0, 1])  # candidate 0 suction; 3 jaw
+        assert list(d["source"]) == ["sim", "production", "associate"]
+        assert list(d["family"]) == ["", "bag", ""]
+        assert list(d["decided_by"]) == ["model", "model", "associate:carol"]
+        np.testing.assert_array_equal(d["timestamp"], [1_001.0, 1_002.0, 1_003.0])
         assert d["p_success"][0] == plan.candidates[0].p_success
-        assert np.isnan(d["p_success"][2])  # candidate 1 had no calibrated score
         assert np.isnan(d["scene_ood_sigma"][1]) and d["scene_ood_sigma"][0] == 2.1
+        assert list(d["tote_id"]) == ["t", "", "t"]
+        np.testing.assert_array_equal(d["item"], [0, -1, 1])  # attempt 1 took candidate 0's item
         assert m.counts["left_out_reason_ik_failed"] == 1 and m.counts["left_out_no_observation"] == 1
         # Rejected candidate 2 was never executed nor shown as unsafe: it carries no label.
         assert not any(r.endswith(":2") for r in d["row_id"])
 
         # `since` keeps only rows committed at or after it.
         m2 = ledger.export(tmp_path / "out-since", since=1_002.5)
-        assert list(load_shards(tmp_path / "out-since")["row_id"]) == ["req-n:1", "req-n:3"]
-        assert m2.rows == 2
+        assert list(load_shards(tmp_path / "out-since")["row_id"]) == ["req-n:3"]
+        assert m2.rows == 1
+
+
+# --- labels from every answer kind -------------------------------------------------------------------
+
+D = 18  # item descriptor length (grasping.watchdog.ITEM_FEATURES)
+
+
+def two_item_plan(rng: np.random.Generator, frame_id: str = "frame-2") -> Plan:
+    """Six candidates: 0-2 on item 0, 3-5 on item 1; both items with a shape descriptor."""
+    from grasping.types import ItemCluster
+
+    plan = make_plan(rng, m=6, frame_id=frame_id)
+    cands = tuple(replace(c, cluster=0 if k < 3 else 1) for k, c in enumerate(plan.candidates))
+    clusters = tuple(
+        ItemCluster(
+            np.zeros(3), -np.ones(3) * 0.05, np.ones(3) * 0.05, 100, descriptor=np.full(D, float(i + 1))
+        )
+        for i in range(2)
+    )
+    return replace(plan, candidates=cands, clusters=clusters)
+
+
+def views(plan: Plan, idx: tuple[int, ...]) -> tuple[CandidateView, ...]:
+    return tuple(CandidateView(k, 0, 0, plan.candidates[k].grasp.gripper, 0.4) for k in idx)
+
+
+def ask(ledger: Ledger, rid: str, pid: str, plan: Plan, item: int) -> None:
+    ledger.record_request(
+        AssistRequest(
+            cell_id="cell-1",
+            deadline=0.0,
+            image_png=b"png",
+            candidates=views(plan, (0, 1, 3, 4)),  # two candidates of each item shown
+            request_id=rid,
+            context={"plan_id": pid, "item": item},
+        )
+    )
+
+
+def test_each_answer_kind_gives_its_labels(tmp_path: Path) -> None:
+    """approve k, a clicked pixel, no safe pick, skip, expired: the labels of docs/ledger.md."""
+    rng = np.random.default_rng(21)
+    clock = Clock(2_000.0)
+    with Ledger(tmp_path / "cell.db", "cell-1", clock=clock) as ledger:
+        plan = two_item_plan(rng)
+        pid = ledger.record_plan(plan, tote_id="tote-9")
+        # approve 0 (item 0): executed, succeeded; candidate 1 on the same item was passed over.
+        ask(ledger, "r-approve", pid, plan, 0)
+        ledger.record_answer(
+            AssistAnswer("r-approve", "answered", "approve", candidate_index=0, associate_id="ann")
+        )
+        ledger.record_attempt(
+            **attempt_kwargs(
+                rng, 1, plan_id=pid, candidate_index=0, patch=None, features=None, family=None,
+                decided_by="associate:ann", request_id="r-approve",
+            )
+        )  # fmt: skip
+        # A clicked pixel on item 1: its own patch and features, failed; 3 and 4 were passed over.
+        ask(ledger, "r-point", pid, plan, 1)
+        ledger.record_answer(AssistAnswer("r-point", "answered", "point", pixel=(5, 6), associate_id="bob"))
+        kw_px = attempt_kwargs(
+            rng, 2, success=False, plan_id=pid, decided_by="associate:bob", request_id="r-point", item=1,
+            item_descriptor=np.full(D, 7.0), family=None,
+        )  # fmt: skip
+        ledger.record_attempt(**kw_px)
+        # no safe pick on item 1: its shown candidates 3, 4 are negatives; 0, 1 (item 0) are not.
+        ask(ledger, "r-nsp", pid, plan, 1)
+        ledger.record_answer(AssistAnswer("r-nsp", "answered", "no_safe_pick", associate_id="carol"))
+        # skip and expired: recorded, no label.
+        ask(ledger, "r-skip", pid, plan, 0)
+        ledger.record_answer(AssistAnswer("r-skip", "answered", "skip", associate_id="dan"))
+        ask(ledger, "r-exp", pid, plan, 0)
+        ledger.record_answer(AssistAnswer("r-exp", "expired"))
+
+        m = ledger.export(tmp_path / "out")
+        d = load_shards(tmp_path / "out")
+        rows = {r: i for i, r in enumerate(d["row_id"])}
+        assert set(rows) == {"att-1", "att-2", "r-nsp:3", "r-nsp:4", "r-approve:1", "r-point:3", "r-point:4"}
+
+        def row(r: str) -> tuple:
+            i = rows[r]
+            return (
+                float(d["label"][i]),
+                round(float(d["weight"][i]), 3),
+                str(d["label_kind"][i]),
+                int(d["item"][i]),
+            )
+
+        assert row("att-1") == (1.0, 1.0, "outcome", 0)
+        assert row("att-2") == (0.0, 1.0, "outcome", 1)
+        assert row("r-nsp:3") == row("r-nsp:4") == (0.0, 1.0, "no_safe_pick", 1)
+        assert row("r-approve:1") == (0.0, 0.3, "passed_over", 0)
+        assert row("r-point:3") == row("r-point:4") == (0.0, 0.3, "passed_over", 1)
+        # The approved attempt is the associate's, with the plan candidate's observation and item.
+        i = rows["att-1"]
+        assert d["decided_by"][i] == "associate:ann" and d["request_id"][i] == "r-approve"
+        np.testing.assert_array_equal(d["patches"][i], plan.patches[0])
+        np.testing.assert_array_equal(d["item_descriptor"][i], np.full(D, 1.0, np.float32))
+        # The pixel answer's row carries its own patch, features and descriptor.
+        i = rows["att-2"]
+        np.testing.assert_array_equal(d["patches"][i], kw_px["patch"])
+        np.testing.assert_array_equal(d["features"][i], kw_px["features"])
+        np.testing.assert_array_equal(d["item_descriptor"][i], np.full(D, 7.0, np.float32))
+        assert d["decided_by"][i] == "associate:bob"
+        # Candidates on another item than the one answered about never get a label from it.
+        assert "r-nsp:0" not in rows and "r-nsp:1" not in rows and "r-point:0" not in rows
+        np.testing.assert_array_equal(d["item_descriptor"][rows["r-nsp:3"]], np.full(D, 2.0, np.float32))
+        assert set(d["tote_id"]) == {"tote-9"}
+        assert m.counts["answers_skip"] == 1 and m.counts["answers_expired"] == 1
+        assert m.counts["by_label_kind"] == {"outcome": 2, "no_safe_pick": 2, "passed_over": 3}
+        assert ledger.attempts(attempt_id="att-1")[0].item == 0  # filled from the plan candidate
+
+        # The weak-negative weight is configurable; 0 leaves passed-over candidates out.
+        d2 = (
+            load_shards(tmp_path / "out2")
+            if ledger.export(tmp_path / "out2", weak_negative_weight=0.5)
+            else None
+        )
+        assert sorted(set(np.round(d2["weight"], 3))) == [0.5, 1.0]
+        assert ledger.export(tmp_path / "out3", weak_negative_weight=0.0).rows == 4
+        with pytest.raises(ValueError, match="weak_negative_weight"):
+            ledger.export(tmp_path / "out4", weak_negative_weight=2.0)
+
+
+def test_no_safe_pick_without_the_asked_item_labels_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(22)
+    with Ledger(tmp_path / "cell.db", "cell-1") as ledger:
+        plan = two_item_plan(rng)
+        pid = ledger.record_plan(plan, tote_id="t")
+        req = AssistRequest(
+            "cell-1", 0.0, b"png", views(plan, (0, 3)), request_id="r", context={"plan_id": pid}
+        )
+        ledger.record_request(req)
+        ledger.record_answer(AssistAnswer("r", "answered", "no_safe_pick", associate_id="carol"))
+        m = ledger.export(tmp_path / "out")
+        assert m.rows == 0 and m.counts["left_out_no_safe_pick_no_item"] == 1
 
 
 def test_export_shards_split_by_size_and_shape_and_sha256_verifies(tmp_path: Path) -> None:

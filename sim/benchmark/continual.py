@@ -1,0 +1,395 @@
+"""`pickcell bench continual`: one cell, a new kind of item, rounds of collect -> learn -> gate -> swap.
+
+What it is
+    One simulated cell (`sim.stack.build_sim_stack`, the real controller, a real ledger, the
+    simulated associate on the robot clock) works through totes of `procedural-train` items, which
+    mix the new kind (`--new-family`, default `tube`) with the familiar families. The starting model
+    is trained for the experiment with the new family **left out** (`--start-data`, a ledger export
+    of simulated picks; by default the repository's small fixture `tests/sim/data/sim_grasps`), so
+    the new kind is one it never trained on. Round 0 measures it. Each later round: `pickcell learn`'s
+    round (`learn.learner.run_round`, forced) retrains on the cell's ledger with the start data as
+    replay, the gate runs (per item kind, calibration, conditional precision; the simulation suite
+    only without `--quick`), a passing model is hot-swapped into the running controller
+    (`CellController.swap_planner`), a refused one is not (the round says so); then the round's
+    totes are worked and measured.
+
+What is randomised
+    Everything from `--seed`: tote contents, associate timing and mistakes, training. Totes are
+    numbered on from round to round (no tote is seen twice).
+
+What counts as success (per round, JSON keys)
+    `new_family_failure`: share of new-kind items that were not placed by the model alone;
+    `old_family_success`: share of familiar items placed by the model alone (autonomous pick rate);
+    `assists_per_100_items`; `gate_passed` (None in round 0, where nothing is trained). The
+    issue's target: new_family_failure halves from round 0 to round 3, old_family_success drops by
+    at most 0.01, assists fall. What a person decided never counts as the model's success.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_START_DATA = REPO / "tests" / "sim" / "data" / "sim_grasps"
+CATALOG = "procedural-train"  # a training catalog: the experiment never touches test items
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    rounds: int = 3  # learning rounds after round 0
+    seed: int = 0
+    new_family: str = "tube"  # the kind of item the starting model never trained on
+    totes_per_round: int = 8  # totes worked (and measured) per round
+    objects_per_tote: int = 6  # items per tote
+    start_data: str = str(DEFAULT_START_DATA)  # export the starting model is trained on (new family removed)
+    start_epochs: int = 10  # epochs of the starting model
+    learn_epochs: int = 8  # epochs per learning round (fine-tuning)
+    sim_episodes: int = 4  # the gate's simulation suite episodes (0: not run)
+    min_rows: int = 200  # rows the trainer needs
+
+
+def quick_config(rounds: int, seed: int) -> ContinualConfig:
+    """The variant the test suite runs: tiny totes and trainings, no simulation suite."""
+    return ContinualConfig(
+        rounds=rounds,
+        seed=seed,
+        totes_per_round=1,
+        objects_per_tote=3,
+        start_epochs=1,
+        learn_epochs=1,
+        sim_episodes=0,
+    )
+
+
+def without_family(export_dir: str | Path, family: str, out_dir: Path) -> Path:
+    """A copy of a ledger export without one family's rows (shards re-hashed in a new manifest).
+
+    The starting model trains on it, and the learner replays it: the new kind's only examples are
+    then the ones the cell itself records."""
+    import hashlib
+
+    src = Path(export_dir)
+    manifest = json.loads((src / "manifest.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for sh in manifest["shards"]:
+        with np.load(src / sh["file"], allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        keep = arrays["family"].astype(str) != family
+        arrays = {k: v[keep] for k, v in arrays.items()}
+        path = out_dir / sh["file"]
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        shards.append(
+            {**sh, "rows": int(keep.sum()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        )
+    removed = sum(sh["rows"] for sh in manifest["shards"]) - sum(sh["rows"] for sh in shards)
+    if removed == 0:
+        log.warning("the start data %s holds no %r rows: nothing was left out", src, family)
+    manifest = {
+        **manifest,
+        "shards": shards,
+        "without_family": family,
+        "rows": sum(s["rows"] for s in shards),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+def train_start_model(cfg: ContinualConfig, out: Path) -> Path:
+    """The experiment's starting model: trained on the start data (its new-family rows removed)."""
+    from grasping.learning import TrainConfig, load_dataset, train
+
+    ds = load_dataset(cfg.start_data)
+    keep = np.flatnonzero(ds.family != cfg.new_family)
+    tcfg = TrainConfig(
+        epochs=cfg.start_epochs,
+        seed=cfg.seed,
+        progress=False,
+        threads=1,
+        model_version=f"continual-start-s{cfg.seed}-no-{cfg.new_family}",
+        min_rows=min(cfg.min_rows, len(keep)),
+        # The fixture is small: wider splits would leave a split with one class.
+        val_fraction=0.15,
+        calib_fraction=0.2,
+        conformal_fraction=0.2,
+        test_fraction=0.1,
+    )
+    return train(ds.subset(keep), tcfg, out).path
+
+
+def _work_tote(stack: Any, channel: Any, new_family: str) -> dict[str, Any]:
+    """Work one tote; per item whether the model placed it alone, and the assists asked."""
+    ctl = stack.controller
+    tote = stack.feed.next_tote()
+    families = {s.body_id: s.spec.family for s in stack.feed.spawned}
+    alone: set[int] = set()
+
+    def on_attempt(att: Any, plan: Any) -> None:
+        ok = att.outcome.success and att.placed is not None and att.placed.success
+        if ok and att.decided_by == "model" and att.outcome.item_id in families:
+            alone.add(int(att.outcome.item_id))
+
+    ctl.on_attempt = on_attempt
+    rep = ctl.run_tote(tote)
+    new = [b for b, f in families.items() if f == new_family]
+    old = [b for b, f in families.items() if f != new_family]
+    return {
+        "tote": tote,
+        "new_items": len(new),
+        "new_alone": sum(1 for b in new if b in alone),
+        "old_items": len(old),
+        "old_alone": sum(1 for b in old if b in alone),
+        "assists": rep.assists_requested,
+        "status": rep.status,
+    }
+
+
+def _round_metrics(totes: list[dict[str, Any]]) -> dict[str, Any]:
+    new = sum(t["new_items"] for t in totes)
+    old = sum(t["old_items"] for t in totes)
+    items = new + old
+    return {
+        "new_items": new,
+        "old_items": old,
+        "new_family_failure": (1.0 - sum(t["new_alone"] for t in totes) / new) if new else None,
+        "old_family_success": (sum(t["old_alone"] for t in totes) / old) if old else None,
+        "assists_per_100_items": (100.0 * sum(t["assists"] for t in totes) / items) if items else None,
+    }
+
+
+def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run the experiment (module docstring); returns the JSON-able result."""
+    from tqdm import tqdm
+
+    from arm.controller import ControllerConfig
+    from grasping.registry import ModelRegistry
+    from hitl.ledger import Ledger
+    from learn.config import GateSettings, LearnConfig, TrainSettings, TriggerConfig
+    from learn.learner import run_round
+    from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
+    from sim.stack import build_planner, build_sim_stack
+    from sim.training import sim_suite_factory
+
+    t0 = time.time()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data")))
+    start = train_start_model(cfg, work / "start.safetensors")
+    reg = ModelRegistry(work / "registry")
+    reg.add(start)
+    reg.promote(reg.list()[0].version, force=True, reason="continual: the experiment's starting model")
+    ledger_path = work / "cell.db"
+    ledger = Ledger(ledger_path, "continual")
+    ccfg = ControllerConfig(
+        cell_id="continual",
+        wall_poll_s=0.0,
+        ledger_source="sim",
+        max_attempts_per_tote=3 * cfg.objects_per_tote,
+    )
+    stack = build_sim_stack(
+        catalog=CATALOG,
+        objects_per_tote=cfg.objects_per_tote,
+        seed=cfg.seed,
+        planner="learned",
+        model_path=start,
+        controller_config=ccfg,
+        ledger=ledger,
+    )
+    clock = lambda: stack.cell.arm.robot_time  # noqa: E731
+    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=cfg.seed))
+    channel = SimAssistChannel(judge, clock)
+    stack.controller.assist = channel
+    lcfg = LearnConfig(
+        ledgers=(str(ledger_path),),
+        replay=(cfg.start_data,),
+        registry=str(work / "registry"),
+        work_dir=str(work / "learn"),
+        seed=cfg.seed,
+        triggers=TriggerConfig(),
+        train=TrainSettings(mode="finetune", epochs=cfg.learn_epochs, min_rows=cfg.min_rows, risk="joint"),
+        gate=GateSettings(sim_episodes=cfg.sim_episodes, kind_min_rows=10),
+    )
+    factory = sim_suite_factory(cfg.sim_episodes) if cfg.sim_episodes > 0 else None
+    rounds: list[dict[str, Any]] = []
+    model = str(start)
+    bar = tqdm(total=cfg.rounds + 1, desc="rounds", disable=not progress)
+    try:
+        for r in range(cfg.rounds + 1):
+            learn_info: dict[str, Any] = {"gate_passed": None, "version": None, "gate_reasons": []}
+            if r > 0:
+                # Learn from everything the cell has recorded so far, replaying the start data.
+                res = run_round(
+                    replace(lcfg, incumbent=model), force=True, sim_suite_factory=factory, progress=False
+                )
+                learn_info = {
+                    "gate_passed": res.gate_passed,
+                    "version": res.version,
+                    "gate_reasons": list(res.gate_reasons),
+                    "triggering_kinds": list(res.triggering_kinds),
+                }
+                if res.gate_passed:
+                    # The hot swap: the next plan uses the new model; the cell is not restarted.
+                    planner, _ = build_planner(
+                        "learned",
+                        stack.cell.tote_bounds,
+                        model_path=res.model_path,
+                        seed=cfg.seed,
+                        fallback=False,
+                    )
+                    stack.controller.swap_planner(planner)
+                    model = str(res.model_path)
+                else:
+                    log.info(
+                        "round %d: the gate refused %s; the cell keeps %s", r, res.version, Path(model).name
+                    )
+            totes = [_work_tote(stack, channel, cfg.new_family) for _ in range(cfg.totes_per_round)]
+            rounds.append(
+                {"round": r, "model": Path(model).name, **learn_info, **_round_metrics(totes), "totes": totes}
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+        stack.close()
+        ledger.close()
+    keys = ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed")
+    return {
+        "experiment": "continual",
+        "new_family": cfg.new_family,
+        "new_family_is": "left out of a starting model trained for the experiment",
+        "catalog": CATALOG,
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        **{k: [x[k] for x in rounds] for k in keys},
+        "rounds": rounds,
+        "wall_seconds": time.time() - t0,
+    }
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
+    """report.md and continual.png (the four keys per round)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    r = [x["round"] for x in result["rounds"]]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
+    for a, key, title in (
+        (ax[0], "new_family_failure", f"new kind ({result['new_family']}) not placed alone"),
+        (ax[1], "old_family_success", "familiar items placed alone"),
+        (ax[2], "assists_per_100_items", "assists per 100 items"),
+    ):
+        ys = [np.nan if v is None else v for v in result[key]]
+        a.plot(r, ys, "o-")
+        for x, y, g in zip(r, ys, result["gate_passed"], strict=True):
+            if g is False:
+                a.plot([x], [y], "rx", ms=12)
+        a.set_title(title, fontsize=9)
+        a.set_xlabel("round")
+        a.set_xticks(r)
+    fig.tight_layout()
+    fig.savefig(out / "continual.png", dpi=110)
+    plt.close(fig)
+    lines = [
+        "# Continual learning on a new kind of item",
+        "",
+        f"New kind: `{result['new_family']}` ({result['new_family_is']}); catalog `{result['catalog']}`; "
+        f"wall time {result['wall_seconds']:.0f} s.",
+        "",
+        "| round | model | gate passed | new-kind failure | familiar success | assists / 100 items |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def f(v: Any) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    for x in result["rounds"]:
+        lines.append(
+            f"| {x['round']} | {x['model']} | {f(x['gate_passed'])} | {f(x['new_family_failure'])} | "
+            f"{f(x['old_family_success'])} | {f(x['assists_per_100_items'])} |"
+        )
+    lines += ["", "![rounds](continual.png)", "", "Config: `" + json.dumps(result["config"]) + "`", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def register(sub: Any) -> None:
+    """Add `pickcell bench continual` under `pickcell bench` (registered by pickcell.commands)."""
+    import argparse
+
+    b = sub.choices.get("bench")
+    if b is None:
+        return
+    bs = b.add_subparsers(dest="bench_command", metavar="EXPERIMENT")
+    c = bs.add_parser(
+        "continual",
+        help="one cell, a new kind of item: rounds of collect -> learn -> gate -> hot-swap",
+        description=__doc__.split("What is randomised")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--rounds", type=int, default=3, help="learning rounds after round 0 (default 3)")
+    c.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    c.add_argument("--new-family", default="tube", help="procedural family left out of the start model")
+    c.add_argument("--totes-per-round", type=int, default=None, help="totes per round (default 8; quick 1)")
+    c.add_argument("--objects-per-tote", type=int, default=None, help="items per tote (default 6; quick 3)")
+    c.add_argument("--start-data", default=None, help="export the starting model is trained on")
+    c.add_argument(
+        "--sim-episodes", type=int, default=None, help="gate simulation suite episodes (default 4)"
+    )
+    c.add_argument("--quick", action="store_true", help="tiny totes and trainings, no simulation suite")
+    c.add_argument(
+        "--work-dir", type=Path, default=None, help="keep ledger, models, rounds here (default: temp)"
+    )
+    c.add_argument("--json", type=Path, help="write the result JSON here")
+    c.add_argument("--report", type=Path, help="write report.md and continual.png here")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_continual)
+
+
+def cmd_continual(args: Any) -> int:
+    import tempfile
+
+    cfg = (
+        quick_config(args.rounds, args.seed)
+        if args.quick
+        else ContinualConfig(rounds=args.rounds, seed=args.seed)
+    )
+    over = {
+        "new_family": args.new_family,
+        "totes_per_round": args.totes_per_round,
+        "objects_per_tote": args.objects_per_tote,
+        "start_data": args.start_data,
+        "sim_episodes": args.sim_episodes,
+    }
+    cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    if cfg.rounds < 0 or cfg.totes_per_round < 1 or cfg.objects_per_tote < 1:
+        print("error: --rounds >= 0, --totes-per-round >= 1 and --objects-per-tote >= 1", flush=True)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="pickcell-continual-") as tmp:
+        result = run_continual(cfg, args.work_dir or tmp, progress=not args.no_progress)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    if args.report:
+        print(f"report: {write_report(result, args.report)}")
+    for k in ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed"):
+        print(
+            f"{k:<24} "
+            + " ".join(
+                "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in result[k]
+            )
+        )
+    print(f"wall_seconds             {result['wall_seconds']:.0f}")
+    return 0

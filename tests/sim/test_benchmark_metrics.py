@@ -1,0 +1,237 @@
+"""Operator metrics on hand-built episode records whose right answers are known, and a report that
+never crashes a finished run (0%, 100%, one item, a family with no attempts, no episodes at all)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from sim.benchmark.metrics import aggregate, wilson
+from sim.benchmark.record import decider
+from sim.benchmark.report import _bars, _err, write_report
+
+
+def _attempt(item, family, first, success, decided_by="model", damage=(), reason=None):
+    return {
+        "item": item,
+        "family": family,
+        "first": first,
+        "success": success,
+        "reason": reason or ("ok" if success else "seal_failed"),
+        "decided_by": decided_by,
+        "decider": decider(decided_by),
+        "gripper": "suction",
+        "damaged": bool(damage),
+        "damage": list(damage),
+        "drop_m": 0.0,
+        "impact_n": 40.0,
+        "t": 1.0,
+    }
+
+
+def _item(item, family, fate, attempts=0, answers=(), person=False):
+    return {
+        "item": item,
+        "family": family,
+        "fate": fate,
+        "attempts": attempts,
+        "questions": len(answers),
+        "answers": list(answers),
+        "person": person,
+        "damaged": False,
+    }
+
+
+def _episode(index, attempts, items, halted=(), questions=0, answered=0):
+    return {
+        "episode": index,
+        "status": "cleared",
+        "items": len(items),
+        "items_cleared": sum(1 for i in items if i["fate"] == "placed"),
+        "picks": sum(1 for a in attempts if a["success"]),
+        "attempts": attempts,
+        "item_log": items,
+        "halted": list(halted),
+        "questions": questions,
+        "questions_answered": answered,
+        "robot_seconds": 60.0,
+        "sensing_seconds": 1.0,
+        "planning_seconds": 0.5,
+        "human_seconds": 4.0 * answered,
+        "assists_requested": questions,
+        "assists_answered": answered,
+        "assists_expired": questions - answered,
+        "plan_latency_ms": [50.0, 70.0],
+        "wall_seconds": 3.0,
+    }
+
+
+def _two_episodes():
+    """Episode 0 (a person answers): b1 placed by the model at once; b2 failed by the model, then
+    placed on a person's approval; b3 marked "no safe pick" by the person; b4 tried three times by
+    the model, the held item hitting the wall once, then given up. Episode 1 (nobody answers): b1
+    placed by the model; b2's question expired; a protective stop made the arm let go of b1 once."""
+    e0 = _episode(
+        0,
+        [
+            _attempt("b1", "carton", True, True),
+            _attempt("b2", "bottle", True, False),
+            _attempt("b2", "bottle", False, True, decided_by="associate:sim-1"),
+            _attempt("b4", "ball", True, False),
+            _attempt("b4", "ball", False, False, damage=["held_collision"], reason="collision"),
+            _attempt("b4", "ball", False, False, decided_by="model-unsure"),
+        ],
+        [
+            _item("b1", "carton", "placed", 1),
+            _item("b2", "bottle", "placed", 2, answers=["approve"], person=True),
+            _item("b3", "mailer", "no_safe_pick", 0, answers=["no_safe_pick"], person=True),
+            _item("b4", "ball", "given_up", 3),
+        ],
+        questions=2,
+        answered=2,
+    )
+    e1 = _episode(
+        1,
+        [_attempt("b1", "carton", True, True)],
+        [_item("b1", "carton", "placed", 1), _item("b2", "tube", "expired", 0, answers=["expired"])],
+        halted=[{"item": "b1", "during": "place", "reason": "estop", "damage": ["stop_drop"], "drop_m": 0.4}],
+        questions=1,
+        answered=0,
+    )
+    return [e0, e1]
+
+
+def test_each_operator_metric_has_its_known_value_on_a_hand_built_record():
+    m = aggregate(_two_episodes())
+    assert m["items"] == 6
+    # placed with nobody involved: episode 0's b1 and episode 1's b1, of all six items presented
+    assert m["autonomous_pick_rate"] == pytest.approx(2 / 6)
+    assert m["items_placed_alone"] == 2 and m["items_placed_with_person"] == 1
+    lo, hi = m["autonomous_pick_rate_ci95"]
+    assert lo < 2 / 6 < hi and (lo, hi) == pytest.approx(wilson(2, 6))
+    # the model's unasked attempts: b1, b2, b4 x3 ("model-unsure" is the model's too), b1 -> 2 of 6
+    assert m["auto_attempts"] == 6 and m["auto_precision"] == pytest.approx(2 / 6)
+    # the person's one approval, reported apart
+    assert m["person_attempts"] == 1 and m["person_precision"] == 1.0
+    by = m["first_attempt_success_by_decider"]
+    assert (by["model"]["k"], by["model"]["n"]) == (2, 4)
+    assert by["person"]["n"] == 0 and by["person"]["value"] is None
+    assert m["first_attempt_success"] == pytest.approx(2 / 4)
+    assert m["items_left_rate"] == pytest.approx(3 / 6)
+    assert m["items_left_by_fate"] == {"expired": 1, "given_up": 1, "no_safe_pick": 1}
+    assert m["interventions_per_100_items"] == pytest.approx(100 * 3 / 6)
+    assert m["answers_per_100_items"] == pytest.approx(100 * 2 / 6)
+    assert m["max_attempts_on_one_item"] == 3
+    assert m["max_attempts_item"] == {"episode": 0, "item": "b4", "family": "ball", "fate": "given_up"}
+    # 7 attempts + 1 halted motion; the held item's collision and the stop's drop are damage
+    assert m["halted_motions"] == 1 and m["damage_events"] == 2
+    assert m["damage_rate"] == pytest.approx(2 / 8)
+    assert m["damage_by_kind"] == {"held_collision": 1, "stop_drop": 1}
+    assert m["families"]["carton"]["autonomous_pick_rate"]["value"] == 1.0
+    assert m["families"]["mailer"]["autonomous_pick_rate"] == {
+        "value": 0.0,
+        "k": 0,
+        "n": 1,
+        "ci95": [0.0, wilson(0, 1)[1]],
+    }
+    # every key the bench had before is still there
+    for k in (
+        "first_attempt_success_ci95",
+        "clearance_rate",
+        "mpph",
+        "assists_per_100_picks",
+        "damage_rate_ci95",
+    ):
+        assert k in m
+    json.dumps(m)  # JSON-able
+
+
+def test_what_a_person_decides_never_moves_the_models_numbers():
+    eps = _two_episodes()
+    worse = copy.deepcopy(eps)
+    approved = worse[0]["attempts"][2]
+    assert approved["decider"] == "person"
+    approved["success"] = False  # the person's approval now fails
+    worse[0]["item_log"][1]["fate"] = "given_up"
+    a, b = aggregate(eps), aggregate(worse)
+    for k in ("auto_precision", "auto_attempts", "autonomous_pick_rate", "first_attempt_success_by_decider"):
+        if k == "first_attempt_success_by_decider":
+            assert a[k]["model"] == b[k]["model"]
+        else:
+            assert a[k] == b[k], k
+    assert b["person_precision"] == 0.0 and a["person_precision"] == 1.0
+
+
+def test_an_item_placed_after_a_person_answered_is_not_the_models_even_if_the_model_picked_it():
+    """A person said "skip" (or anything): the model's later pick of that item is not autonomous."""
+    e = _episode(
+        0,
+        [_attempt("b1", "carton", True, True)],
+        [_item("b1", "carton", "placed", 1, answers=["skip"], person=True)],
+        questions=1,
+        answered=1,
+    )
+    m = aggregate([e])
+    assert m["autonomous_pick_rate"] == 0.0 and m["auto_precision"] == 1.0
+
+
+def test_who_decided_an_attempt():
+    assert decider("model") == "model" and decider("model-unsure") == "model"
+    assert decider("associate:sim-1") == "person" and decider("associate:unknown") == "person"
+
+
+def test_no_episodes_gives_empty_metrics_not_an_error():
+    m = aggregate([])
+    assert m["items"] == 0 and m["autonomous_pick_rate"] is None and m["max_attempts_on_one_item"] == 0
+    assert m["families"] == {} and m["items_left_by_fate"] == {}
+
+
+def test_wilson_bounds_bracket_the_rate_at_0_and_100_percent():
+    for n in (1, 3, 7, 10, 31, 160):
+        lo, hi = wilson(n, n)
+        assert lo <= 1.0 == hi
+        lo, hi = wilson(0, n)
+        assert lo == 0.0 <= hi
+
+
+def test_error_bars_are_never_negative():
+    # the crash of issue 12: a family at 100% whose upper bound landed a hair below the value
+    assert _err(1.0, [0.8, 0.9999999999999999]) == (pytest.approx(0.2), 0.0)
+    assert _err(0.0, [1e-17, 0.3]) == (0.0, 0.3)
+    assert _err(None, [0.0, 1.0]) == (0.0, 0.0)
+    vals, err = _bars([{"value": None, "ci95": [0.0, 1.0]}, {"value": 1.0, "ci95": [0.5, 0.99999]}])
+    assert vals == [0.0, 1.0] and min(err[0] + err[1]) >= 0.0
+
+
+def _report(tmp_path, episodes, name, tweak=None):
+    m = aggregate(episodes)
+    if tweak is not None:
+        tweak(m)
+    m["wall_seconds"] = 1.0
+    path = write_report(tmp_path / name, m, episodes, {"catalog": "procedural", "seed": 1000})
+    text = path.read_text()
+    for png in ("success_by_family.png", "operator.png", "latency_hist.png", "cycle_breakdown.png"):
+        assert (tmp_path / name / png).read_bytes().startswith(b"\x89PNG"), png
+    return text
+
+
+def test_the_report_is_written_for_every_edge_case(tmp_path):
+    one_ok = [_episode(0, [_attempt("b1", "carton", True, True)], [_item("b1", "carton", "placed", 1)])]
+    one_failed = [
+        _episode(0, [_attempt("b1", "carton", True, False)], [_item("b1", "carton", "given_up", 1)])
+    ]
+    never_tried = [_episode(0, [], [_item("b1", "ball", "skipped", 0)])]
+    text = _report(tmp_path, one_ok, "hundred")
+    assert "| items placed, model alone | 100.0% (n=1)" in text
+    assert "0.0%" in _report(tmp_path, one_failed, "zero")
+    assert "Items left, by fate: skipped 1" in _report(tmp_path, never_tried, "untried")
+    assert "Items left, by fate: none" in _report(tmp_path, [], "nothing")
+    _report(tmp_path, _two_episodes(), "mixed")
+
+    def hair(m):  # an interval bound a hair on the wrong side of the value, as scipy can give
+        m["families"]["carton"]["first_attempt_success"]["ci95"] = [0.2, 0.9999999999999999]
+        m["autonomous_pick_rate_ci95"] = [1.0000000000000002, 1.0]
+
+    assert "100.0%" in _report(tmp_path, one_ok, "hair", tweak=hair)
