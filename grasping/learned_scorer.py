@@ -147,11 +147,18 @@ def thresholds_for_alpha(model: LoadedModel, alpha: float | None) -> tuple[float
             return alpha, np.array([float(t) for t in thr], dtype=np.float64)
     if model.meta.get("threshold_fit") and abs(float(model.meta.get("alpha", -1)) - alpha) < 1e-9:
         return alpha, model.thresholds.copy()
-    have = sorted(float(k) for k in by) or ([float(model.meta["alpha"])] if "alpha" in model.meta else [])
+    if not by:
+        raise ModelFileError(
+            model.path,
+            f"has no auto-execute thresholds certified for alpha {alpha:g}: its thresholds bound the "
+            f"joint rate P(executed and failed) (risk {model.meta.get('risk', 'joint')!r}), not "
+            "P(fail | executed); fit them with `python -m sim.threshold_fit --out FILE`, "
+            "or run without --alpha",
+        )
     raise ModelFileError(
         model.path,
-        f"has no auto-execute thresholds certified for alpha {alpha:g} (it has: {have}); "
-        "fit them with `python -m sim.threshold_fit --out FILE`",
+        f"has no auto-execute thresholds certified for alpha {alpha:g} "
+        f"(it has: {sorted(float(k) for k in by)}); fit them with `python -m sim.threshold_fit --out FILE`",
     )
 
 

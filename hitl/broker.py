@@ -482,7 +482,12 @@ class Broker:
         msg_type = parts[1] if len(parts) > 1 else None
         peer = self.peers.get(routing_id)
         out_len = len(self._out)
-        self.journal.mark()  # one message's writes can be undone without losing the rest of the batch
+        # One message's writes can be undone without losing the rest of the batch. Only messages whose
+        # handler writes need the savepoint: two SQL statements fewer for every heartbeat, ready, status
+        # and delivered (about half the traffic under load).
+        writes = msg_type in _WRITING_TYPES
+        if writes:
+            self.journal.mark()
         try:
             if peer is None:
                 peer = self._new_peer(routing_id, frames, now_m)
@@ -495,9 +500,11 @@ class Broker:
                     "%s from %s %s", msg.msg_type.decode(), peer.role, peer.identity or routing_id.hex()
                 )
             handler(self, peer, msg.body)
-            self.journal.keep()
+            if writes:
+                self.journal.keep()
         except Exception as exc:
-            self.journal.undo()
+            if writes:
+                self.journal.undo()
             del self._out[out_len:]
             if not isinstance(exc, P.ProtocolError):  # a bug of ours: say so, keep serving the others
                 log.exception("internal error on a message from %s", _who_str(peer, routing_id))
@@ -1149,6 +1156,10 @@ class Broker:
         if n:
             self.stats["pruned"] += n
             log.info("journal retention: deleted %d final states (older than the retention settings)", n)
+
+
+# Message types whose handlers may write to the journal (the others only read it, or not at all).
+_WRITING_TYPES = frozenset({P.SUBMIT, P.CANCEL, P.ANSWER, P.RELEASE, P.DISCONNECT})
 
 
 def _request_id_of(body: dict) -> str | None:

@@ -308,7 +308,7 @@ def card_section(fit: dict[str, Any], command: str) -> str:
     lines += ["", "Thresholds certified for the alphas a cell may be configured with (`--alpha`):", ""]
     lines += ["| alpha | suction | jaw |", "| --- | --- | --- |"]
     for a, thr in fit["by_alpha"].items():
-        lines.append(f"| {a} | {thr[0]:.3f} | {thr[1]:.3f} |")
+        lines.append(f"| {a} | {float(thr[0]):.3f} | {float(thr[1]):.3f} |")
     item = fit.get("item_threshold_fit")
     if item:
         lines += [

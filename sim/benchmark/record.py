@@ -114,6 +114,25 @@ class _Instrumented:
             return int(hit)
         return self._nearest_item(p)
 
+    def _item_at(self, centre: np.ndarray) -> int | None:
+        """The item a question is about (ground truth), from the centre of the points the cell saw:
+        the first item a vertical ray meets from 10 cm above that centre to 5 cm below it; failing
+        that, the item whose bounding box is nearest. The ray comes first for the reason given in
+        `_aimed_item`: a large mailer's bounding box holds the centres of the items lying on it."""
+        import pybullet as pb
+
+        from sim.grippers import RAY_MASK
+
+        hit = pb.rayTest(
+            (centre + [0.0, 0.0, 0.10]).tolist(),
+            (centre - [0.0, 0.0, 0.05]).tolist(),
+            collisionFilterMask=RAY_MASK,
+            physicsClientId=self.cell.client_id,
+        )[0][0]
+        if hit >= 0 and hit in self.cell.items_in_tote():
+            return int(hit)
+        return self._nearest_item(centre)
+
     def _nearest_item(self, p: np.ndarray) -> int | None:
         import pybullet as pb
 
@@ -252,8 +271,7 @@ class ToteRecorder:
         self.t_wall = time.perf_counter()
 
     def _on_ask(self, request, centre) -> None:
-        item = self.arm._nearest_item(np.asarray(centre, dtype=np.float64))
-        self.asks[request.request_id] = _name(item)
+        self.asks[request.request_id] = _name(self.arm._item_at(np.asarray(centre, dtype=np.float64)))
 
     def _on_attempt(self, att, plan) -> None:
         arm = self.arm

@@ -82,3 +82,19 @@ def test_a_real_episode_records_who_decided_and_every_items_fate():
     m = aggregate([ep])
     assert m["autonomous_pick_rate"] == ep["items_cleared"] / 3
     assert m["auto_attempts"] == len(ep["attempts"]) and m["person_attempts"] == 0
+
+
+def test_a_question_is_charged_to_the_item_on_top_not_the_big_one_under_it(sim_cell):
+    """A bottle lying on a large flat mailer: the centre of the bottle's visible points lies inside
+    the mailer's bounding box, but the question is about the bottle."""
+    cell = sim_cell
+    b = cell.tote_bounds
+    c = np.array([(b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2]])
+    mailer = cell.add_primitive("box", (0.15, 0.10, 0.01), (c[0], c[1], c[2] + 0.011), mass=0.3)
+    bottle = cell.add_primitive("box", (0.02, 0.02, 0.04), (c[0] + 0.05, c[1], c[2] + 0.063), mass=0.2)
+    cell.settle(0.3)
+    arm = _Instrumented(cell)
+    top_of_bottle = cell.item_pose(bottle)[0] + [0.0, 0.0, 0.02]
+    assert arm._nearest_item(top_of_bottle) in (mailer, bottle)  # the bounding boxes overlap there
+    assert arm._item_at(top_of_bottle) == bottle
+    assert arm._item_at(cell.item_pose(mailer)[0] + [-0.10, 0.0, 0.005]) == mailer
