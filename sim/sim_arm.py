@@ -1069,13 +1069,16 @@ class SimArm:
             self._enter_phase("home")
             self._joint_move(self.cfg.home, self.tcp_link(self._held_kind or "parallel_jaw"))
         except _Abort as exc:
-            return Outcome(
-                False,
-                exc.reason,
-                robot_seconds=self._time - t0,
-                details=self._motion_details(mark, exc.details),
-            )
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, details=self._motion_details(mark, {}))
+            return self._motion_outcome(t0, mark, exc)
+        return self._motion_outcome(t0, mark, None)
+
+    def _motion_outcome(self, t0: float, mark: tuple[dict[str, float], int], exc: _Abort | None) -> Outcome:
+        """The Outcome of a plain motion (home, move): OK, or the abort's reason, with its phases."""
+        seconds = self._time - t0
+        if exc is None:
+            return Outcome(True, Reason.OK, robot_seconds=seconds, details=self._motion_details(mark, {}))
+        details = self._motion_details(mark, exc.details)
+        return Outcome(False, exc.reason, robot_seconds=seconds, details=details)
 
     def _motion_mark(self) -> tuple[dict[str, float], int]:
         return dict(self.phase_time), len(self.stop_events)
@@ -1107,13 +1110,8 @@ class SimArm:
             self._enter_phase("move")
             self._joint_move(q, link)
         except _Abort as exc:
-            return Outcome(
-                False,
-                exc.reason,
-                robot_seconds=self._time - t0,
-                details=self._motion_details(mark, exc.details),
-            )
-        return Outcome(True, Reason.OK, robot_seconds=self._time - t0, details=self._motion_details(mark, {}))
+            return self._motion_outcome(t0, mark, exc)
+        return self._motion_outcome(t0, mark, None)
 
     def pick(self, grasp: Grasp) -> Outcome:
         """Pre-grasp, straight-line approach, grip, lift, verify. See the module docstring."""
