@@ -45,6 +45,7 @@ from arm.interfaces import (
     CameraError,
     Grasp,
     Outcome,
+    PickAndPlace,
     Placement,
     ReachCheck,
     Reason,
@@ -90,6 +91,9 @@ class ControllerConfig:
     wall_poll_s: float = 0.02  # wall-clock sleep per idle step, so answers from other threads arrive, seconds
     answer_depth_tolerance_m: float = 0.01  # an approved candidate is still valid if the surface moved less
     plan_while_placing: bool = True  # capture and plan while the arm places, where it can (arm/lookahead.py)
+    # Pick and place as one motion where the arm offers it (arm.interfaces.PickAndPlace): the
+    # transit takes over from the lift without a stop. False: separate pick and place calls.
+    blend_pick_into_place: bool = True
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
@@ -695,18 +699,28 @@ class CellController:
         features: np.ndarray | None = None,
         tracked: TrackedItem | None = None,
     ) -> Attempt:
-        out = self.arm.pick(grasp)
-        rep.estop_s += _stop_held_s(out)  # a protective stop held inside the motion (stop category 2)
+        placements: list[Placement] = []
+
+        def placement_for(picked: Outcome) -> Placement:
+            placements.append(self._placement_for(plan, index, picked.executed or grasp))
+            self._look_while_placing()
+            return placements[-1]
+
         placed = None
+        if isinstance(self.arm, PickAndPlace) and self.config.blend_pick_into_place:
+            out, placed = self.arm.pick_and_place(grasp, placement_for)
+        else:
+            out = self.arm.pick(grasp)
+        rep.estop_s += _stop_held_s(out)  # a protective stop held inside the motion (stop category 2)
         if out.reason is Reason.ESTOP:
             # Halted by a protective stop, not a failure of this grasp: no failed spot, no record.
             self._count("estop_halts")
             log.warning("pick halted by a protective stop; holding")
             return Attempt(uuid.uuid4().hex, tote_id, grasp, out, decided_by, p_success, self.arm.robot_time)
         if out.success:
-            placement = self._placement_for(plan, index, out.executed or grasp)
-            self._look_while_placing()
-            placed = self.arm.place(placement)
+            if placed is None:
+                placed = self.arm.place(placement_for(out))
+            placement = placements[-1]
             rep.estop_s += _stop_held_s(placed)
             while placed.reason is Reason.ESTOP and not self._stop.is_set():
                 # Stopped while carrying: hold the item until the stop clears, then finish the place.

@@ -30,6 +30,7 @@ __all__ = [
     "Gripper",
     "GripperKind",
     "Outcome",
+    "PickAndPlace",
     "Placement",
     "Reason",
     "ToteFeed",
@@ -85,6 +86,23 @@ class ViewClearNotice(Protocol):
     """
 
     def notify_when_clear(self, fn: Callable[[], None]) -> None: ...
+
+
+@runtime_checkable
+class PickAndPlace(Protocol):
+    """Optional arm capability: a pick and its place as one motion, without a stop between them.
+
+    `pick_and_place(grasp, placement_for)` picks; if the pick succeeds it calls
+    `placement_for(pick outcome)` at once (where to put the item depends on how it was gripped)
+    and places there, the transit taking over from the lift while it is still moving. Returns
+    (pick outcome, place outcome, or None when the pick failed); each reports its own robot time
+    and phases as separate `pick` and `place` calls would. A stop, a failure or an exception from
+    `placement_for` leaves the arm at rest, as after separate calls.
+    """
+
+    def pick_and_place(
+        self, grasp: Grasp, placement_for: Callable[[Outcome], Placement]
+    ) -> tuple[Outcome, Outcome | None]: ...
 
 
 @runtime_checkable

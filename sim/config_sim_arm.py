@@ -48,11 +48,16 @@ class SimArmConfig:
     approach_speed: float = 0.25  # m/s, tool speed on the straight approach
     lift_speed: float = 0.4  # m/s, tool speed on lift, lower and retreat
     tool_accel: float = 2.5  # m/s^2, tool acceleration on straight contact lines (approach, physical lift)
-    free_speed: float = (
-        1.0  # m/s, tool speed on free-space lines (descent, lift above the pile, lower, retreat)
-    )
-    free_accel: float = 5.0  # m/s^2, tool acceleration on free-space lines (Panda Cartesian limit: 13)
-    tool_jerk: float = 100.0  # m/s^3, tool jerk on every kinematic line (Panda Cartesian limit: 6500)
+    # Free-space lines (the lift above the pile, the retreat) run at the Panda's published Cartesian
+    # speed, most of its acceleration and a fraction of its jerk; every line is then slowed until
+    # its sampled joint velocities and accelerations are within the joint limits, and a carried
+    # item lowers the acceleration further (payload-aware, `SimArm._lift_accel`).
+    free_speed: float = 1.7  # m/s, tool speed on free-space lines (Panda Cartesian limit: 1.7)
+    free_accel: float = 10.0  # m/s^2, tool acceleration on free-space lines (Panda Cartesian limit: 13)
+    tool_jerk: float = 500.0  # m/s^3, tool jerk on every kinematic line (Panda Cartesian limit: 6500)
+    # pick_and_place: the lift above the pile ends at this upward tool speed (at most what the line
+    # reaches) and the transit to the box takes over from it without a stop; 0 = stop in between.
+    lift_handover_speed: float = 0.6  # m/s
     joint_speed_scale: float = 1.0  # unitless (0, 1], fraction of the Panda's velocity limits
     ik_pos_tol: float = 0.005  # m, accepted IK position error (checked with forward kinematics)
     ik_rot_tol_deg: float = 3.0  # deg, accepted IK orientation error

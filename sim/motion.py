@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from ruckig import InputParameter, Result, Ruckig, Synchronization, Trajectory
+from ruckig import ControlInterface, InputParameter, Result, Ruckig, Synchronization, Trajectory
 
 # Franka Emika Panda published limits (joints 1-7).
 PANDA_MAX_VELOCITY = np.array([2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61])  # rad/s
@@ -152,7 +152,10 @@ class RuckigMove:
     """A time-optimal, jerk-limited joint trajectory through a sequence of states (ruckig).
 
     `states` are (q (7,), qd (7,)) pairs: the first is where the arm is, the last must be at rest,
-    the ones between are via points passed at their velocity. Accelerations at the states are 0.
+    the ones between are via points passed at their velocity. Accelerations at the states are 0,
+    except at the first where `start_acceleration` (7,) says otherwise (a move that takes over from
+    one still under way, e.g. the transit from a lift that has not stopped). A start velocity above
+    a (scaled) limit is braked into it first (ruckig does that).
     Limits: the Panda's, with velocity scaled by `speed_scale`, acceleration by its square and jerk
     by its cube (a uniformly slower move). Same interface as `JointMove` (q_start, q_end, duration,
     sample).
@@ -165,6 +168,7 @@ class RuckigMove:
         v_max: np.ndarray = PANDA_MAX_VELOCITY,
         a_max: np.ndarray = PANDA_MAX_ACCELERATION,
         j_max: np.ndarray = PANDA_MAX_JERK,
+        start_acceleration: np.ndarray | None = None,
     ) -> None:
         if not 0 < speed_scale <= 1:
             raise ValueError(f"speed_scale must be in (0, 1], got {speed_scale}")
@@ -180,11 +184,14 @@ class RuckigMove:
         self.starts: list[float] = []
         t = 0.0
         otg = Ruckig(7)
-        for (q0, v0), (q1, v1) in zip(states[:-1], states[1:], strict=True):
+        a_start = np.zeros(7)
+        if start_acceleration is not None:
+            a_start = np.asarray(start_acceleration, dtype=np.float64)
+        for k, ((q0, v0), (q1, v1)) in enumerate(zip(states[:-1], states[1:], strict=True)):
             inp = InputParameter(7)
             inp.current_position = [float(x) for x in np.asarray(q0)[:7]]
             inp.current_velocity = [float(x) for x in np.asarray(v0)[:7]]
-            inp.current_acceleration = [0.0] * 7
+            inp.current_acceleration = [float(x) for x in a_start[:7]] if k == 0 else [0.0] * 7
             inp.target_position = [float(x) for x in np.asarray(q1)[:7]]
             inp.target_velocity = [float(x) for x in np.asarray(v1)[:7]]
             inp.target_acceleration = [0.0] * 7
@@ -193,7 +200,7 @@ class RuckigMove:
             inp.max_jerk = self.j_max.tolist()
             # Rest to rest: phase synchronisation keeps the joint-space straight line (as the
             # trapezoid did); through a via point, time synchronisation (phase needs parallel states).
-            rest = not np.any(np.asarray(v0)) and not np.any(np.asarray(v1))
+            rest = not (np.any(np.asarray(v0)) or np.any(np.asarray(v1)) or (k == 0 and np.any(a_start)))
             inp.synchronization = Synchronization.Phase if rest else Synchronization.Time
             traj = Trajectory(7)
             res = otg.calculate(inp, traj)
@@ -217,6 +224,35 @@ class RuckigMove:
         return np.array([self.state(t)[0] for t in np.atleast_1d(times)])
 
 
+def plan_stop(q: np.ndarray, qd: np.ndarray, qdd: np.ndarray | None = None) -> RuckigMove:
+    """Time-optimal, jerk-limited stop of the joints from a motion under way (q, qd, qdd) to rest,
+    wherever that is (ruckig's velocity interface; all joints stop together), at the Panda's limits."""
+    q0 = np.asarray(q, dtype=np.float64)[:7]
+    inp = InputParameter(7)
+    inp.control_interface = ControlInterface.Velocity
+    inp.synchronization = Synchronization.Time
+    inp.current_position = [float(x) for x in q0]
+    inp.current_velocity = [float(x) for x in np.asarray(qd, dtype=np.float64)[:7]]
+    a0 = np.zeros(7) if qdd is None else np.asarray(qdd, dtype=np.float64)[:7]
+    inp.current_acceleration = [float(x) for x in a0]
+    inp.target_velocity, inp.target_acceleration = [0.0] * 7, [0.0] * 7
+    inp.max_velocity = PANDA_MAX_VELOCITY.tolist()
+    inp.max_acceleration = PANDA_MAX_ACCELERATION.tolist()
+    inp.max_jerk = PANDA_MAX_JERK.tolist()
+    traj = Trajectory(7)
+    res = Ruckig(7).calculate(inp, traj)
+    if res not in (Result.Working, Result.Finished):
+        raise ValueError(f"ruckig could not plan a stop: {res}")
+    move = RuckigMove.__new__(RuckigMove)  # same interface, one segment planned here
+    move.speed_scale = 1.0
+    move.v_max, move.a_max, move.j_max = PANDA_MAX_VELOCITY, PANDA_MAX_ACCELERATION, PANDA_MAX_JERK
+    move.segments, move.starts = [traj], [0.0]
+    move.duration = float(traj.duration)
+    move.q_start = q0.copy()
+    move.q_end = np.array(traj.at_time(move.duration)[0])
+    return move
+
+
 def plan_joint_move(q_start: np.ndarray, q_end: np.ndarray, speed_scale: float = 1.0) -> RuckigMove:
     """Time-optimal, jerk-limited rest-to-rest joint move (ruckig, phase-synchronised)."""
     q0 = np.asarray(q_start, dtype=np.float64)[:7]
@@ -238,19 +274,28 @@ def via_velocity(
     return np.where(same, np.sign(d_out) * speed, 0.0)
 
 
-def plan_via_move(points: Sequence[np.ndarray], speed_scale: float = 1.0) -> RuckigMove:
-    """Joint move from points[0] (at rest) through the via points without stopping, to rest at the last."""
+def plan_via_move(
+    points: Sequence[np.ndarray],
+    speed_scale: float = 1.0,
+    start_velocity: np.ndarray | None = None,
+    start_acceleration: np.ndarray | None = None,
+) -> RuckigMove:
+    """Joint move from points[0] through the via points without stopping, to rest at the last.
+
+    points[0] is passed at `start_velocity` / `start_acceleration` (7,) when the arm is already
+    moving there (rad/s, rad/s^2; default at rest)."""
     pts = [np.asarray(q, dtype=np.float64)[:7] for q in points]
-    states = [(pts[0], np.zeros(7))]
+    v0 = np.zeros(7) if start_velocity is None else np.asarray(start_velocity, dtype=np.float64)[:7]
+    states = [(pts[0], v0)]
     for k in range(1, len(pts) - 1):
         states.append((pts[k], via_velocity(pts[k - 1], pts[k], pts[k + 1], speed_scale)))
     states.append((pts[-1], np.zeros(7)))
-    return RuckigMove(states, speed_scale)
+    return RuckigMove(states, speed_scale, start_acceleration=start_acceleration)
 
 
 @dataclass(frozen=True)
 class LineProfile:
-    """A jerk-limited rest-to-rest profile of a path length (ruckig, one degree of freedom)."""
+    """A jerk-limited profile of a path length (ruckig, one degree of freedom), from rest."""
 
     length: float  # m
     duration: float  # s
@@ -267,13 +312,35 @@ class LineProfile:
         return np.clip(np.array(out) / self.length, 0.0, 1.0)
 
 
-def line_profile(length: float, v_max: float, a_max: float, j_max: float) -> LineProfile:
-    """Time-optimal jerk-limited profile for a straight tool line of `length` metres."""
+def line_reachable_speed(length: float, a_max: float, j_max: float) -> float:
+    """Speed (m/s) a jerk-limited profile from rest surely reaches within `length` metres, zero
+    acceleration at the end (accelerate, then let the acceleration fall back to 0): a safe
+    `end_speed` for `line_profile` (one that needs no overshoot)."""
+    if length <= 0:
+        return 0.0
+    # Jerk-only ramp up and down (a peak a_p = sqrt(j v)): d = v * sqrt(v / j); with an acceleration
+    # plateau d = v^2 / (2 a) + v a / (2 j). The larger distance bounds both; solve it for v.
+    lo, hi = 0.0, 100.0
+    for _ in range(60):
+        v = (lo + hi) / 2
+        d = max(v * np.sqrt(v / j_max), v * v / (2 * a_max) + v * a_max / (2 * j_max))
+        lo, hi = (v, hi) if d <= length else (lo, v)
+    return lo
+
+
+def line_profile(
+    length: float, v_max: float, a_max: float, j_max: float, end_speed: float = 0.0
+) -> LineProfile:
+    """Time-optimal jerk-limited profile for a straight tool line of `length` metres, from rest to
+    rest, or to `end_speed` (m/s, zero acceleration) when another motion takes over there."""
     if v_max <= 0 or a_max <= 0 or j_max <= 0:
         raise ValueError(f"limits must be positive, got v={v_max}, a={a_max}, j={j_max}")
+    if not 0.0 <= end_speed <= v_max:
+        raise ValueError(f"end speed must be in [0, v_max={v_max}], got {end_speed}")
     inp = InputParameter(1)
     inp.current_position, inp.current_velocity, inp.current_acceleration = [0.0], [0.0], [0.0]
-    inp.target_position, inp.target_velocity, inp.target_acceleration = [float(length)], [0.0], [0.0]
+    inp.target_position, inp.target_velocity = [float(length)], [float(end_speed)]
+    inp.target_acceleration = [0.0]
     inp.max_velocity, inp.max_acceleration, inp.max_jerk = [float(v_max)], [float(a_max)], [float(j_max)]
     traj = Trajectory(1)
     res = Ruckig(1).calculate(inp, traj)

@@ -141,6 +141,10 @@ class PathRate:
         d2 = np.zeros_like(d1)
         if self.tau - h >= 0 and self.tau + h <= self.tau_end:
             d2 = (q_hi - 2 * q_mid + q_lo) / (h * h)
+        elif self.tau - h < 0 and self.tau + 2 * h <= self.tau_end:
+            # At the start of a path that begins moving (a transit taking over from a lift): its
+            # acceleration there is not zero, so a one-sided difference rather than none.
+            d2 = (self.q_of_tau(self.tau + 2 * h) - 2 * q_hi + q_mid) / (h * h)
         return d1, d2
 
     def speed(self) -> float:
@@ -154,10 +158,18 @@ class PathRate:
         r = self.r
         moving = np.abs(d1) > 1e-9
         lo, hi = -np.inf, np.inf
-        for j in np.flatnonzero(moving):
-            b1 = (-self.a_max[j] - d2[j] * r * r) / d1[j]
-            b2 = (self.a_max[j] - d2[j] * r * r) / d1[j]
-            lo, hi = max(lo, min(b1, b2)), min(hi, max(b1, b2))
+        # The bounds where the path is now and where this step takes it: where the path's own
+        # velocity and acceleration change fast (the jerk-limited start of a move that took over
+        # from a moving state), the bound of the current point alone is exceeded a step later.
+        tau_keep = self.tau
+        self.tau = min(self.tau + r * dt, self.tau_end)
+        d1_next, d2_next = self._derivatives()
+        self.tau = tau_keep
+        for dd1, dd2 in ((d1, d2), (d1_next, d2_next)):
+            for j in np.flatnonzero(np.abs(dd1) > 1e-9):
+                b1 = (-self.a_max[j] - dd2[j] * r * r) / dd1[j]
+                b2 = (self.a_max[j] - dd2[j] * r * r) / dd1[j]
+                lo, hi = max(lo, min(b1, b2)), min(hi, max(b1, b2))
         if not moving.any():  # nothing moves at this point of the path: rate changes cost nothing
             lo, hi = -1.0 / dt, 1.0 / dt
         lo, hi = min(lo, 0.0), max(hi, 0.0)  # rdot = 0 is feasible (see the class docstring)

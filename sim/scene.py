@@ -129,6 +129,15 @@ class SimCell:
             seed=self.seed,
             clock=lambda: self.arm.robot_time,
         )
+        # What "out of the camera's view of the tote" means for the arm (look-ahead, arm/lookahead.py):
+        # rays from the camera through a 12 x 12 grid over the outer edges of the tote's rims, down to
+        # its floor level: together they fill the pyramid in which the camera sees the tote.
+        lo, hi = self.tote_bounds.lo - c.wall, self.tote_bounds.hi + c.wall
+        gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 12), np.linspace(lo[1], hi[1], 12))
+        eye = self.camera.T_base_camera[:3, 3].copy()
+        rim = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, self.tote_bounds.hi[2])], axis=1)
+        floor_z = self.tote_bounds.lo[2]
+        self.arm.tote_view = (eye, eye + (rim - eye) * ((eye[2] - floor_z) / (eye[2] - rim[:, 2:3])))
         self.items: dict[int, object] = {}  # body id -> ItemSpec (or a description for test bodies)
 
     def _inner_bounds(self, center: tuple[float, float], inner: tuple[float, float, float]) -> Bounds:

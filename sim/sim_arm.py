@@ -57,8 +57,11 @@ from sim.motion import PANDA_MAX_ACCELERATION as _AMAX
 from sim.motion import PANDA_MAX_VELOCITY as _VMAX
 from sim.motion import (
     cartesian_move_time,
+    joint_move_time,
     line_profile,
+    line_reachable_speed,
     plan_joint_move,
+    plan_stop,
     plan_via_move,
     trapezoid_fraction,
     trapezoid_time,
@@ -222,12 +225,19 @@ class SimArm:
         self.phase = ""  # motion phase now executing ("move_to_pick", "approach", ..., "" between motions)
         self.phase_time: dict[str, float] = {}  # robot seconds charged to each phase so far
         self._clear_hooks: list[Callable[[], None]] = []  # notify_when_clear callbacks, next place only
+        # The camera's view of the tote as rays: (eye (3,), points on the tote floor (N, 3)), base
+        # frame, m; set by the cell (sim/scene.py). None: clear only once the place goes down.
+        self.tote_view: tuple[np.ndarray, np.ndarray] | None = None
         self._phase_t0 = self._phase_hold0 = 0.0
         self.max_impact_n = 0.0  # largest arm-on-item contact force in the current pick, newtons
         self._impact_avg = 0.0  # running average of that force over ~20 ms, newtons
         self._held: int | None = None
         self._held_kind: str | None = None
         self._T_tcp_item: tuple | None = None  # held item pose in the carrying TCP frame
+        # A motion still under way for the next one to take over (pick_and_place: the lift's end):
+        # ((qd, qdd) of the joints, TCP link), or None at rest. Consumed by the next motion's first
+        # sample, or brought to rest (`_come_to_rest`) by any other motion.
+        self._momentum: tuple[tuple[np.ndarray, np.ndarray], int] | None = None
         self._set_q(self.cfg.home)
         self.jaw.set_opening(self.cfg.jaw.max_opening, instant=True)
         self.suction.set_extended(False)
@@ -390,19 +400,33 @@ class SimArm:
         self.phase = name
         self._phase_t0, self._phase_hold0 = self._time, self._hold_total
         if name == "place":  # over the box, going down: out of the camera's view of the tote
-            hooks, self._clear_hooks = self._clear_hooks, []
-            for fn in hooks:
-                fn()
+            self._fire_clear_hooks()
+
+    def _fire_clear_hooks(self) -> None:
+        hooks, self._clear_hooks = self._clear_hooks, []
+        for fn in hooks:
+            fn()
+
+    def _tote_in_view(self) -> bool:
+        """Does every ray from the camera to the tote miss the arm and the item it carries?"""
+        if self.tote_view is None:
+            return False
+        eye, points = self.tote_view
+        hits = p.rayTestBatch([list(eye)] * len(points), points.tolist(), physicsClientId=self.client_id)
+        return not any(h[0] == self.body or (self._held is not None and h[0] == self._held) for h in hits)
 
     def notify_when_clear(self, fn: Callable[[], None]) -> None:
-        """arm.interfaces.ViewClearNotice: call fn once during the next place, when the arm and its
-        item are out of the camera's view of the tote (over the box, starting down into it)."""
+        """arm.interfaces.ViewClearNotice: call fn once during the next place, as soon as the arm and
+        its item are out of the camera's view of the tote: at the first transit sample where no ray
+        from the camera to the tote meets them (`tote_view`), at the latest when it starts down into
+        the box."""
         self._clear_hooks.append(fn)
 
     def idle(self, seconds: float) -> None:
         """Hold still for `seconds` of robot time. Nothing moves, so no physics needs stepping."""
         if seconds < 0:
             raise ValueError(f"idle time must be >= 0, got {seconds}")
+        self._come_to_rest()
         self._time += float(seconds)
 
     @property
@@ -596,8 +620,16 @@ class SimArm:
         checks: bool = True,
         physics: bool = False,
         phases: Sequence[tuple[float, str]] = (),
+        in_motion: bool = False,
+        ends_moving: bool = False,
+        path: Callable[[float], np.ndarray] | None = None,
     ) -> None:
         """Walk the joints through `qs` (timed by `times`), carrying and checking; raises _Abort.
+
+        `in_motion`: the path starts where a motion still under way hands over (a stop at its first
+        sample brakes along it rather than holding at once); `ends_moving`: another motion takes
+        over at its end, so the arm is not at rest there. `path`: the planned trajectory q(t) the
+        samples come from (a ruckig move), braked along exactly instead of a spline through them.
 
         `phases`: (t, name) enters phase `name` at the first sample after nominal time t.
         `physics`: step the physics along (the arm's motors hold each sample) so that the rest of
@@ -623,7 +655,9 @@ class SimArm:
                 owed[0] -= n / self.cfg.physics_hz
 
         qs, times = np.asarray(qs, dtype=np.float64), np.asarray(times, dtype=np.float64)
-        k, t_done, moving = 0, float(times[0]), False
+        if in_motion:
+            self._momentum = None  # taken over by this path
+        k, t_done, moving = 0, float(times[0]), in_motion
         while k < len(qs):
             if self._check_stop():
                 if not moving:  # between motions the arm is at rest: nothing to brake
@@ -637,13 +671,22 @@ class SimArm:
                     from scipy.interpolate import CubicSpline  # only on a stop: a slow import
 
                     spacing = max(float(np.max(np.diff(times))), 1e-3)
-                    spline = CubicSpline(times, qs, axis=0)
                     t0_, t1_ = float(times[0]), float(times[-1])
+                    h_rate = spacing
+                    if path is not None:
+                        # The plan itself (exact derivatives; a spline through 20 ms samples misreads
+                        # the jerk-limited start of a move that takes over from a moving state).
+                        def q_of(tau: float, path=path, t0_=t0_, t1_=t1_) -> np.ndarray:
+                            return np.asarray(path(min(max(tau, t0_), t1_)), dtype=np.float64)
 
-                    def q_of(tau: float, spline=spline, t0_=t0_, t1_=t1_) -> np.ndarray:
-                        return np.asarray(spline(min(max(tau, t0_), t1_)), dtype=np.float64)
+                        h_rate = 1.0 / self.cfg.physics_hz
+                    else:
+                        spline = CubicSpline(times, qs, axis=0)
 
-                    t_done, _ = self._stop_and_resume(q_of, t_done, t1_, spacing, advance, tcp, False)
+                        def q_of(tau: float, spline=spline, t0_=t0_, t1_=t1_) -> np.ndarray:
+                            return np.asarray(spline(min(max(tau, t0_), t1_)), dtype=np.float64)
+
+                    t_done, _ = self._stop_and_resume(q_of, t_done, t1_, h_rate, advance, tcp, False)
                     rest = np.arange(t_done + spacing, t1_ - 1e-9, spacing)
                     times = np.concatenate([rest, [t1_]]) if t1_ > t_done + 1e-9 else np.zeros(0)
                     qs = np.array([q_of(t) for t in times]) if len(times) else np.zeros((0, qs.shape[1]))
@@ -657,8 +700,10 @@ class SimArm:
             t_done = float(times[k])
             moving = True
             k += 1
+            if self._clear_hooks and self.phase == "transit" and self._tote_in_view():
+                self._fire_clear_hooks()
         self._command(last[0])
-        self._rest_since = self._time
+        self._rest_since = None if ends_moving else self._time
 
     def _kinematic_sample(
         self,
@@ -787,7 +832,12 @@ class SimArm:
             dry = PathRate(rate.q_of_tau, rate.tau, rate.tau_end, PANDA_MAX_ACCELERATION * scale, h=rate.h)
             dry.r, dry.rdot = rate.r, rate.rdot
             # The sample before, at the current rate, so the change of acceleration is seen too.
-            qs = [rate.q_of_tau(max(rate.tau - rate.r * dt, 0.0)), rate.q_of_tau(rate.tau)]
+            q_now = rate.q_of_tau(rate.tau)
+            if rate.tau - rate.r * dt >= 0.0:
+                q_before = rate.q_of_tau(rate.tau - rate.r * dt)
+            else:  # at the start of a path that begins moving: extrapolated back along it
+                q_before = 2.0 * q_now - rate.q_of_tau(rate.tau + rate.r * dt)
+            qs = [q_before, q_now]
             while dry.r != target and len(qs) < 2000:
                 qs.append(rate.q_of_tau(dry.step(dt, target)))
             times = np.arange(len(qs)) * dt
@@ -832,12 +882,14 @@ class SimArm:
         ignore: Sequence[int] = (),
         via: Sequence[np.ndarray] = (),
         phases: Sequence[tuple[int, str]] = (),
+        start: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Time-optimal, jerk-limited joint move (ruckig), executed kinematically; through the `via`
         joint positions without stopping (blended). While carrying, the speed is scaled down
         (payload-aware, as industrial controllers do) until the sampled accelerations keep the grip
         load under 90 % of what it can hold; the slower move is what gets charged. `phases`: (i, name)
-        enters phase `name` once the move passes via point i."""
+        enters phase `name` once the move passes via point i. `start`: (qd, qdd) of the motion this
+        one takes over from at the current joints (a blend across two motions; default at rest)."""
         if not np.isfinite(self.q()).all():
             # The physics solver blew up (a rare PyBullet instability after hard contact): put the
             # arm back at home kinematically and report the motion as a collision, never crash.
@@ -847,7 +899,7 @@ class SimArm:
         if not np.isfinite(np.asarray(q_target, dtype=np.float64)).all():
             raise _Abort(Reason.INVALID, why="non-finite joint target")
         q_now = self.q()
-        if float(np.max(np.abs(np.asarray(q_target, dtype=np.float64) - q_now))) < 1e-9:
+        if start is None and float(np.max(np.abs(np.asarray(q_target, dtype=np.float64) - q_now))) < 1e-9:
             # Already there. sim.motion's profile of a sub-nanoradian move divides 0 by 0 (its
             # acceleration in path units is infinite) and samples NaN joints: the origin of the
             # "cannot convert float NaN" crash seen after a refused pick followed by home().
@@ -857,7 +909,14 @@ class SimArm:
         if self._held is not None:
             scales += [s * self.cfg.joint_speed_scale for s in (0.7, 0.5, 0.35, 0.25)]
         for scale in scales:
-            if via:
+            if start is not None:
+                move = plan_via_move(
+                    [self.q(), *via, np.asarray(q_target, dtype=np.float64)],
+                    scale,
+                    start_velocity=start[0],
+                    start_acceleration=start[1],
+                )
+            elif via:
                 move = plan_via_move([self.q(), *via, np.asarray(q_target, dtype=np.float64)], scale)
             else:
                 move = plan_joint_move(self.q(), q_target, scale)
@@ -873,7 +932,15 @@ class SimArm:
             if self._held is None or self._carry_utilisation(qs, times, tcp) <= CARRY_UTILISATION:
                 break
         switches = [(move.starts[i + 1], name) for i, name in phases] if via else []
-        self._run_samples(qs, times, tcp, ignore, phases=switches)
+        self._run_samples(
+            qs,
+            times,
+            tcp,
+            ignore,
+            phases=switches,
+            in_motion=start is not None,
+            path=lambda t, m=move: m.state(t)[0],
+        )
 
     def _line_qs(self, p0: np.ndarray, p1: np.ndarray, R_hand: np.ndarray, link: int, n: int) -> np.ndarray:
         """IK along a straight line, each solution seeded by the previous one (continuity)."""
@@ -894,17 +961,23 @@ class SimArm:
         ignore: Sequence[int] = (),
         fixtures_only: bool = False,
         accel: float | None = None,
-    ) -> None:
+        end_speed: float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Straight tool line on a jerk-limited time-optimal profile (sim.motion.line_profile), slowed
-        uniformly until every joint's sampled velocity and acceleration are within the Panda's limits."""
+        uniformly until every joint's sampled velocity and acceleration are within the Panda's limits.
+
+        `end_speed` (m/s): arrive moving (at most what the line surely reaches, zero acceleration),
+        for a joint move to take over there; returns that hand-over state (qd, qdd) of the joints,
+        or None when the line ends at rest."""
         p0, _ = self.link_pose(link)
         length = float(np.linalg.norm(p1 - p0))
         if length < 1e-4:
-            return
+            return None
         acc = self.cfg.tool_accel if accel is None else accel
         jerk = self.cfg.tool_jerk
+        end = min(end_speed, speed, line_reachable_speed(length, acc, jerk))
         for _ in range(4):
-            prof = line_profile(length, speed, acc, jerk)
+            prof = line_profile(length, speed, acc, jerk, end)
             n = max(3, int(np.ceil(prof.duration / self.cfg.transit_check_dt)) + 1)
             # Solve IK on the path at n equally spaced times of the profile.
             times = np.linspace(0.0, prof.duration, n)
@@ -922,8 +995,20 @@ class SimArm:
             if f <= 1.0:
                 break
             f *= 1.05  # a uniformly slower profile: v / f, a / f^2, j / f^3
-            speed, acc, jerk = speed / f, acc / f**2, jerk / f**3
-        self._run_samples(qs, times, link, ignore, fixtures_only)
+            speed, acc, jerk, end = speed / f, acc / f**2, jerk / f**3, end / f
+        handover = None
+        if end > 0.0:
+            # The joints' velocity and acceleration at the end: q(s) along the line, differentiated
+            # (IK at 1 and 2 cm before the end) times the tool's end speed (its acceleration is 0).
+            d = (p1 - p0) / length
+            delta = min(0.01, length / 3)
+            q1 = self._solve(p1 - d * delta, R_hand, link, qs[-1])
+            q2 = self._solve(p1 - 2 * d * delta, R_hand, link, q1)
+            dq_ds = (qs[-1] - q1) / delta
+            d2q_ds2 = (qs[-1] - 2 * q1 + q2) / (delta * delta)
+            handover = (dq_ds * end, d2q_ds2 * end * end)
+        self._run_samples(qs, times, link, ignore, fixtures_only, ends_moving=handover is not None)
+        return handover
 
     # --- physical execution ----------------------------------------------------------------------------
     def _physical_line(
@@ -1007,8 +1092,10 @@ class SimArm:
         return [(c[3], c[2]) for c in pts if c[2] != self.body]
 
     # --- tools ---------------------------------------------------------------------------------------
-    def _prepare_tool(self, gripper: str, width: float) -> None:
-        """Extend/retract the cup and open the fingers; charged as one actuation if anything changes."""
+    def _prepare_tool(self, gripper: str, width: float) -> float:
+        """Extend/retract the cup and open the fingers; returns the actuation time (s) if anything
+        changes, 0 otherwise. The caller charges it: the hand's own drives work while the arm moves
+        (see `pick`), so only what outlasts the motion is added."""
         changed = False
         want_ext = gripper == "suction"
         if self.suction.extended != want_ext:
@@ -1018,8 +1105,7 @@ class SimArm:
         if abs(self.jaw.width() - target) > 1e-3:
             self.jaw.set_opening(target, instant=True)
             changed = True
-        if changed:
-            self._time += self.cfg.jaw.actuation_s
+        return self.cfg.jaw.actuation_s if changed else 0.0
 
     def _hand_rotation(self, grasp: Grasp) -> np.ndarray:
         return grasp.R @ M_GRASP_HAND
@@ -1027,9 +1113,12 @@ class SimArm:
     def _best_hand_rotation(self, grasp: Grasp, link: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Grasp symmetries (jaw: 180 deg about the approach; cup: any angle): pick the cheapest wrist."""
         R = self._hand_rotation(grasp)
-        turns = (0.0, np.pi) if grasp.gripper == "parallel_jaw" else (0.0, np.pi / 2, np.pi, -np.pi / 2)
+        # The cup is round: eight wrist turns 45 degrees apart leave the nearest within 22.5 degrees
+        # of where the wrist already is.
+        turns = (0.0, np.pi) if grasp.gripper == "parallel_jaw" else tuple(np.arange(8) * np.pi / 4)
         best: tuple[float, np.ndarray, np.ndarray] | None = None
         seed = self._seed_over(pos)
+        q_from = self.q()
         last_abort: _Abort | None = None
         for turn in turns:
             Rt = R @ _rot_z(turn)
@@ -1039,14 +1128,15 @@ class SimArm:
                 last_abort = exc
                 continue
             # Prefer a wrist turn whose hand clears the tote walls at the grasp (the cup may turn
-            # freely about its axis), then the smallest joint excursion from home.
+            # freely about its axis), then the one the arm reaches soonest from where it is (the
+            # last place's wrist, not home's: a half turn of joint 7 alone takes over a second).
             q_keep = self.q()
             for j, v in zip(self.arm_joints, q, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
             hits = self._kinematic_contacts(ignore=self._items(), fixtures_only=True)
             for j, v in zip(self.arm_joints, q_keep, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-            cost = float(np.max(np.abs(q - self.cfg.home))) + (10.0 if hits else 0.0)
+            cost = joint_move_time(q_from, q) + (10.0 if hits else 0.0)
             if best is None or cost < best[0]:
                 best = (cost, Rt, q)
         if best is None:
@@ -1060,8 +1150,31 @@ class SimArm:
         q[0] = float(np.arctan2(pos[1], pos[0]))
         return q
 
+    def _come_to_rest(self) -> None:
+        """Bring a motion left under way (`_momentum`) to rest: a jerk-limited stop along its own
+        direction, executed and checked like any motion (a protective stop brakes it the same way).
+        Charged to the phase running now, or to "lift" (the only hand-over) between motions."""
+        if self._momentum is None:
+            return
+        (qd, qdd), tcp = self._momentum
+        move = plan_stop(self.q(), qd, qdd)
+        n = max(3, int(np.ceil(move.duration / self.cfg.transit_check_dt)) + 1)
+        times = np.linspace(0.0, move.duration, n)
+        own_phase = not self.phase
+        if own_phase:
+            self._enter_phase("lift")
+        try:
+            self._run_samples(move.sample(times), times, tcp, fixtures_only=True, in_motion=True)
+        except _Abort:
+            log.warning("coming to rest after a hand-over failed; the arm stopped where it was")
+        finally:
+            self._momentum = None
+            if own_phase:
+                self._enter_phase("")
+
     # --- Arm protocol: motions -----------------------------------------------------------------------
     def home(self) -> Outcome:
+        self._come_to_rest()
         t0, mark = self._time, self._motion_mark()
         try:
             if self._check_stop():
@@ -1099,6 +1212,7 @@ class SimArm:
 
     def move(self, position: np.ndarray, orientation: np.ndarray) -> Outcome:
         """Joint-space move of the jaw TCP (or the carrying tool's TCP) to a pose, base frame."""
+        self._come_to_rest()
         t0, mark = self._time, self._motion_mark()
         link = self.tcp_link(self._held_kind or "parallel_jaw")
         try:
@@ -1115,6 +1229,29 @@ class SimArm:
 
     def pick(self, grasp: Grasp) -> Outcome:
         """Pre-grasp, straight-line approach, grip, lift, verify. See the module docstring."""
+        return self._pick(grasp, handover=False)
+
+    def pick_and_place(
+        self, grasp: Grasp, placement_for: Callable[[Outcome], Placement]
+    ) -> tuple[Outcome, Outcome | None]:
+        """arm.interfaces.PickAndPlace: `pick`, then `place(placement_for(pick outcome))` without
+        stopping in between: the lift above the pile ends moving up (`lift_handover_speed`) and the
+        transit to the box takes over from that state (a ruckig move from a non-zero velocity and
+        acceleration, within every joint's limits, payload-aware as any carry). `placement_for` runs
+        at the hand-over (no robot time passes in it). Each motion reports its own phases and robot
+        time, as with separate calls. (pick outcome, place outcome, or None when the pick failed.)"""
+        out = self._pick(grasp, handover=self.cfg.lift_handover_speed > 0.0)
+        if not out.success:
+            return out, None
+        try:
+            placement = placement_for(out)
+        except BaseException:
+            self._come_to_rest()
+            raise
+        return out, self.place(placement)
+
+    def _pick(self, grasp: Grasp, handover: bool) -> Outcome:
+        self._come_to_rest()
         t0, mark = self._time, self._motion_mark()
         executed = grasp
         details: dict = {}
@@ -1140,7 +1277,11 @@ class SimArm:
             q_above = self._solve(above, R_hand, link, q_grasp)
             q_pre = self._solve(pre, R_hand, link, q_above)  # fail before moving if pre-grasp is infeasible
             self._enter_phase("move_to_pick")
-            self._prepare_tool(grasp.gripper, opening)
+            # The tool takes its shape (cup out or in, fingers to the opening) while the arm moves to
+            # the tote, as a real hand's drives do; the move is checked for contacts with the tool
+            # already in that shape, and only actuation the move does not cover is added after it.
+            actuation = self._prepare_tool(grasp.gripper, opening)
+            t_move = self._time
             # The approach runs kinematically while it touches nothing and with physics for its last
             # `physical_approach` metres (or from the first contact): free space needs no contact
             # solver, contact needs nothing else. The free part is one time-optimal move over the
@@ -1163,6 +1304,8 @@ class SimArm:
                     raise
                 if self.link_pose(link)[0][2] > above[2] - 0.01:
                     raise  # an item met before the descent over the tote began: not an approach
+            finally:
+                self._time += max(0.0, actuation - (self._time - t_move))
             self._enter_phase("approach")
             details["approach_from_m"] = round(float(np.linalg.norm(self.link_pose(link)[0] - target)), 4)
             if grasp.gripper == "suction":
@@ -1180,7 +1323,11 @@ class SimArm:
             self._enter_phase("grasp")
             self._grip(grasp.gripper, details)
             self._enter_phase("lift")
-            self._lift(R_hand, link, above, details)
+            end_state = self._lift(
+                R_hand, link, above, details, self.cfg.lift_handover_speed if handover else 0.0
+            )
+            if end_state is not None:
+                self._momentum = (end_state, link)
         except _Abort as exc:
             details.update(exc.details)
             lk = details.get("link")
@@ -1312,22 +1459,36 @@ class SimArm:
         (what a vacuum-level or wrist force-torque reading gives a real cell) the largest acceleration
         that keeps the load under `CARRY_UTILISATION` is g (CARRY_UTILISATION / u0 - 1). A heavily
         loaded cup lifts gently instead of peeling off at full acceleration; floored at
-        `MIN_LIFT_ACCEL` so the lift always ends. The jaw (friction checked per sample) lifts at full
-        acceleration.
+        `MIN_LIFT_ACCEL` so the lift always ends. The jaw likewise: its two friction contacts carry
+        2 mu F, so the load m (g + a) stays under `CARRY_UTILISATION` of that (its friction is also
+        checked at every sample).
         """
         cap = self.cfg.tool_accel if cap is None else cap
-        if self._held_kind != "suction":
+        if self._held is None:
             return cap
-        _, u0 = self._grip_ok(np.zeros(3))
-        if u0 <= 0.0:
-            return cap
-        a = 9.81 * (CARRY_UTILISATION / u0 - 1.0)
+        if self._held_kind == "suction":
+            _, u0 = self._grip_ok(np.zeros(3))
+            if u0 <= 0.0:
+                return cap
+            a = 9.81 * (CARRY_UTILISATION / u0 - 1.0)
+        else:
+            mass, item_mu = p.getDynamicsInfo(self._held, -1, physicsClientId=self.client_id)[:2]
+            if mass <= 0.0:
+                return cap
+            hold = 2.0 * self.cfg.jaw.finger_friction * item_mu * self.cfg.jaw.grip_force_n
+            a = CARRY_UTILISATION * hold / mass - 9.81
         return float(min(cap, max(MIN_LIFT_ACCEL, a)))
 
-    def _lift(self, R_hand: np.ndarray, link: int, above: np.ndarray, details: dict) -> None:
+    def _lift(
+        self, R_hand: np.ndarray, link: int, above: np.ndarray, details: dict, end_speed: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Physical lift out of the pile, then a straight line to the transit height, ending at rest
+        or at `end_speed` (m/s) for the transit to take over (returns the joints' (qd, qdd) then)."""
         pos, _ = self.link_pose(link)
         up = pos + np.array([0.0, 0.0, min(PHYSICAL_LIFT, max(above[2] - pos[2], 0.0))])
-        acc = self._lift_accel()
+        # The physical part: the cup's load limit as before; the jaw's grip is the simulated
+        # friction itself here, at the contact lines' acceleration.
+        acc = self._lift_accel() if self._held_kind == "suction" else self.cfg.tool_accel
         details["lift_accel_m_s2"] = round(acc, 3)
         lift_acc = np.array([0.0, 0.0, acc])
 
@@ -1353,13 +1514,14 @@ class SimArm:
         above = np.array([pos[0], pos[1], above[2]])
         above[2] = max(above[2], self._safe_height() - self.cfg.transit_clearance + (pos[2] - lo_z) + 0.03)
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
-        self._kinematic_line(
+        return self._kinematic_line(
             above,
             R_hand,
             link,
             self.cfg.free_speed,
             fixtures_only=True,
             accel=self._lift_accel(self.cfg.free_accel),
+            end_speed=end_speed,
         )
 
     def _drop(self) -> None:
@@ -1402,24 +1564,35 @@ class SimArm:
             return
         target = np.array([pos[0], pos[1], top])
         try:
-            qs = self._line_qs(pos, target, R, link, 6)
+            # IK every centimetre: interpolating between a few solutions bends the joint path at
+            # each one, which the sampled acceleration check below would read as a limit.
+            qs = self._line_qs(pos, target, R, link, max(6, int(np.ceil((top - pos[2]) / 0.01)) + 1))
         except _Abort:
             qs = None
         if qs is None:
             log.warning("retreat: no straight path up from %s; going home directly", np.round(pos, 3))
             qs = np.array([self.q(), self.cfg.home])
         length = float(top - pos[2])
-        prof = line_profile(length, self.cfg.free_speed, self.cfg.free_accel, self.cfg.tool_jerk)
-        # Never faster than the joints allow between the two ends (the profile is stretched).
-        duration = max(
-            prof.duration,
-            cartesian_move_time(length, self.cfg.free_speed, self.cfg.free_accel, qs[0], qs[-1]),
-        )
-        n = max(2, int(np.ceil(duration / self.cfg.transit_check_dt)) + 1)
-        times = np.linspace(0.0, duration, n)
-        frac = prof.fraction(times * (prof.duration / duration))
+        speed, acc, jerk = self.cfg.free_speed, self.cfg.free_accel, self.cfg.tool_jerk
         way = np.linspace(0.0, 1.0, len(qs))
-        samples = np.array([[np.interp(f, way, qs[:, i]) for i in range(7)] for f in frac])
+        for _ in range(4):
+            prof = line_profile(length, speed, acc, jerk)
+            # Never faster than the joints allow between the two ends (the profile is stretched).
+            duration = max(prof.duration, cartesian_move_time(length, speed, acc, qs[0], qs[-1]))
+            n = max(3, int(np.ceil(duration / self.cfg.transit_check_dt)) + 1)
+            times = np.linspace(0.0, duration, n)
+            frac = prof.fraction(times * (prof.duration / duration))
+            samples = np.array([[np.interp(f, way, qs[:, i]) for i in range(7)] for f in frac])
+            # ... and, sampled, within every joint's velocity and acceleration limit (as
+            # `_kinematic_line`): a uniformly slower profile until it is.
+            h = times[1] - times[0]
+            v_ratio = float(np.max(np.abs(np.diff(samples, axis=0)) / h / _VMAX))
+            a_ratio = float(np.max(np.abs(np.diff(samples, 2, axis=0)) / (h * h) / _AMAX))
+            f = max(v_ratio, np.sqrt(a_ratio))
+            if f <= 1.0:
+                break
+            f *= 1.05
+            speed, acc, jerk = speed / f, acc / f**2, jerk / f**3
         self._run_samples(samples, times, link, checks=False, physics=with_physics)
 
     def _above(self, pre: np.ndarray) -> np.ndarray:
@@ -1479,12 +1652,18 @@ class SimArm:
         t0, mark = self._time, self._motion_mark()
         details: dict = {}
         if self._held is None:
+            self._come_to_rest()
             return Outcome(False, Reason.NOT_HOLDING, robot_seconds=0.0)
         item = self._held
         kind = self._held_kind or "parallel_jaw"
         link = self.tcp_link(kind)
+        # Taking over from the lift of pick_and_place: the transit starts from its velocity. A stop
+        # that came meanwhile is then not a refusal: the first sample brakes along the transit.
+        handover = self._momentum[0] if self._momentum is not None and self._momentum[1] == link else None
+        if handover is None:
+            self._come_to_rest()
         try:
-            if self._check_stop():
+            if handover is None and self._check_stop():
                 raise self._estop()
             target = np.asarray(placement.position, dtype=np.float64)
             pos_now, R_now = self.link_pose(link)
@@ -1509,7 +1688,7 @@ class SimArm:
             try:
                 # One time-optimal move to the box and down into it, passing the point above the
                 # drop without stopping (blended); "place" from there. Payload-aware like any carry.
-                self._joint_move(q_target, link, via=[q_above], phases=[(0, "place")])
+                self._joint_move(q_target, link, via=[q_above], phases=[(0, "place")], start=handover)
             except _Abort as exc:
                 if exc.reason is not Reason.COLLISION or self.phase != "place":
                     raise
@@ -1535,6 +1714,7 @@ class SimArm:
                 p.stepSimulation(physicsClientId=self.client_id)
         except _Abort as exc:
             details.update(exc.details)
+            self._come_to_rest()  # failed before the transit took over from the lift
             if exc.reason is Reason.ESTOP:
                 # Stopped and abandoned (shutdown) or refused: the item stays held where the arm is.
                 return Outcome(

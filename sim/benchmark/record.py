@@ -186,10 +186,43 @@ class _Instrumented:
         }
 
     def pick(self, grasp):
+        self._before_pick(grasp)
+        out = self.arm.pick(grasp)
+        self._after_pick(out)
+        return out
+
+    def place(self, placement):
+        held = self.arm.held_item
+        self._releases = []
+        out = self.arm.place(placement)
+        self._after_place(out, held)
+        return out
+
+    def pick_and_place(self, grasp, placement_for):
+        """The arm's blended pick and place (arm.interfaces.PickAndPlace), watched as `pick` and
+        `place` are: the pick's record is made at the hand-over, before the place starts."""
+        self._before_pick(grasp)
+        held: list[int | None] = []
+
+        def handover(out):
+            self._after_pick(out)
+            held.append(self.arm.held_item)
+            self._releases = []
+            return placement_for(out)
+
+        out, placed = self.arm.pick_and_place(grasp, handover)
+        if not held:  # the pick failed (or raised before the hand-over): recorded as a pick
+            self._after_pick(out)
+        if placed is not None:
+            self._after_place(placed, held[0])
+        return out, placed
+
+    def _before_pick(self, grasp) -> None:
         self._releases = []
         self.last_place = None
         self.target = self._aimed_item(grasp)
-        out = self.arm.pick(grasp)
+
+    def _after_pick(self, out) -> None:
         if out.item_id is not None and out.item_id in self.cell.items:
             self.target = int(out.item_id)  # what the gripper really took
         rec = self._damage(out, "pick", self.target)
@@ -197,18 +230,13 @@ class _Instrumented:
         self.drop_m, self.impact_n = rec["drop_m"], rec["impact_n"]
         if rec["reason"] == "estop":
             self.halted.append(rec)
-        return out
 
-    def place(self, placement):
-        held = self.arm.held_item
-        self._releases = []
-        out = self.arm.place(placement)
+    def _after_place(self, out, held: int | None) -> None:
         rec = self._damage(out, "place", held, extra_fall=held if not out.success else None)
         self.last_place = rec
         self.drop_m = max(self.drop_m, rec["drop_m"])
         if rec["reason"] == "estop":
             self.halted.append(rec)
-        return out
 
 
 def _name(body: int | None) -> str:

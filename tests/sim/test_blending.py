@@ -1,0 +1,226 @@
+"""A pick blended into its place (arm.interfaces.PickAndPlace): the transit takes over from the lift
+while it still moves, within every joint's limits, and each motion's robot time is its phases' sum.
+
+Planned trajectories are sampled at 1 ms (ruckig's exact states and finite differences); executed
+motions are sampled at every control sample of a real PyBullet pick and place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pybullet as p
+import pytest
+
+from grasping.types import Grasp, Reason, grasp_frame, matrix_to_quat
+from sim.motion import (
+    PANDA_MAX_ACCELERATION,
+    PANDA_MAX_JERK,
+    PANDA_MAX_VELOCITY,
+    line_profile,
+    line_reachable_speed,
+    plan_stop,
+    plan_via_move,
+)
+from sim.oracle import OracleGraspSource
+
+DOWN = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0])))
+DT = 1e-3  # s, sampling step of the planned-trajectory checks
+HOLD_TICKS = 6  # hold ticks observed before the test presses clear-stop
+
+
+def _assert_within_limits(move, v_tol: float = 1.001) -> None:
+    times = np.arange(0.0, move.duration + DT, DT)
+    for t in times:
+        _, qd, qdd = move.state(t)
+        assert (np.abs(qd) <= PANDA_MAX_VELOCITY + 1e-6).all()
+        assert (np.abs(qdd) <= PANDA_MAX_ACCELERATION + 1e-6).all()
+    qs = move.sample(times)
+    v = np.diff(qs, axis=0) / DT
+    a = np.diff(v, axis=0) / DT
+    j = np.diff(a, axis=0) / DT
+    assert (np.abs(v) <= PANDA_MAX_VELOCITY * v_tol + 1e-6).all()
+    assert (np.abs(a) <= PANDA_MAX_ACCELERATION * 1.01 + 1e-3).all()
+    assert (np.abs(j) <= PANDA_MAX_JERK * 1.01 + 1e-1).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_move_taking_over_from_a_moving_state_starts_there_and_stays_within_limits(seed):
+    rng = np.random.default_rng(seed)
+    q0, via, q1 = (rng.uniform(-1.2, 1.2, 7) for _ in range(3))
+    qd0 = rng.uniform(-1.0, 1.0, 7)
+    qdd0 = rng.uniform(-2.0, 2.0, 7)
+    move = plan_via_move([q0, via, q1], start_velocity=qd0, start_acceleration=qdd0)
+    q, qd, qdd = move.state(0.0)
+    np.testing.assert_allclose(q, q0, atol=1e-9)
+    np.testing.assert_allclose(qd, qd0, atol=1e-9)  # no jump in velocity at the hand-over
+    np.testing.assert_allclose(qdd, qdd0, atol=1e-9)  # ... nor in acceleration (jerk stays bounded)
+    _assert_within_limits(move)
+    _, qd_end, _ = move.state(move.duration)
+    np.testing.assert_allclose(move.sample(np.array([move.duration]))[0], q1, atol=1e-9)
+    assert np.abs(qd_end).max() < 1e-9
+
+
+def test_payload_scaled_limits_below_the_start_velocity_brake_into_them():
+    q0, q1 = np.zeros(7), np.full(7, 0.8)
+    qd0 = np.full(7, 1.5)
+    move = plan_via_move([q0, q1], speed_scale=0.5, start_velocity=qd0)
+    times = np.arange(0.0, move.duration + DT, DT)
+    later = [move.state(t)[1] for t in times if t > 0.5]
+    assert later and all((np.abs(qd) <= PANDA_MAX_VELOCITY * 0.5 + 1e-6).all() for qd in later)
+
+
+def test_a_stop_from_a_moving_state_is_jerk_limited_and_ends_at_rest():
+    qd0 = np.array([1.2, -0.8, 0.5, 1.0, -1.5, 2.0, 2.4])
+    move = plan_stop(np.zeros(7), qd0, np.full(7, 1.0))
+    _assert_within_limits(move)
+    assert np.abs(move.state(move.duration)[1]).max() < 1e-9
+    assert 0.0 < move.duration < 1.0
+
+
+def test_a_line_ending_at_speed_reaches_it_without_overshoot():
+    length, v, a, j = 0.2, 1.7, 10.0, 500.0
+    end = min(0.6, line_reachable_speed(length, a, j))
+    prof = line_profile(length, v, a, j, end)
+    times = np.arange(0.0, prof.duration + DT, DT)
+    s = prof.fraction(times) * length
+    assert (np.diff(s) >= -1e-12).all() and s[-1] == pytest.approx(length)
+    v_end = prof.trajectory.at_time(prof.duration)[1][0]
+    assert v_end == pytest.approx(end)
+    assert prof.duration < line_profile(length, v, a, j).duration  # not braking to rest saves time
+    with pytest.raises(ValueError, match="end speed"):
+        line_profile(length, v, a, j, end_speed=2.0)
+
+
+def _carton(cell) -> int:
+    b = cell.tote_bounds
+    c = (b.lo + b.hi) / 2
+    body = cell.add_primitive("box", (0.06, 0.04, 0.03), (c[0], c[1], b.lo[2] + 0.031), mass=0.3)
+    cell.settle(0.3)
+    return body
+
+
+def _top(cell, body: int) -> np.ndarray:
+    pos, _ = cell.item_pose(body)
+    return np.array([pos[0], pos[1], p.getAABB(body, physicsClientId=cell.client_id)[1][2]])
+
+
+def test_pick_and_place_hands_the_lift_over_moving_and_charges_every_second_to_a_phase(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell)
+    samples: list[tuple[float, str, np.ndarray]] = []
+    cell.arm.observers.append(
+        lambda arm, ev: samples.append((arm.robot_time, arm.phase, arm.q())) if ev == "sample" else None
+    )
+    source = OracleGraspSource(cell)
+    seen: list[np.ndarray] = []
+
+    def placement_for(out):
+        seen.append(cell.arm.q())
+        return source.placement()
+
+    out, placed = cell.arm.pick_and_place(Grasp("suction", _top(cell, carton), DOWN), placement_for)
+    assert out.success and placed is not None and placed.success
+    assert carton in cell.items_in_box()
+    for o, names in (
+        (out, {"move_to_pick", "approach", "grasp", "lift"}),
+        (placed, {"transit", "place", "release", "retreat"}),
+    ):
+        assert set(o.details["phases"]) == names
+        assert sum(o.details["phases"].values()) == pytest.approx(o.robot_seconds, abs=1e-9)
+    # Sampled across the hand-over (the last lift samples, the first transit samples): moving, not
+    # standing still, and the finite-difference velocity and acceleration within the joint limits.
+    k = next(i for i, (_, ph, _) in enumerate(samples) if ph == "transit")
+    window = samples[k - 4 : k + 8]
+    ts = np.array([t for t, _, _ in window])
+    qs = np.array([q for _, _, q in window])
+    h = np.diff(ts)
+    keep = h > 1e-9  # the transit's first sample is the hand-over state itself (dt 0)
+    ts, qs = np.concatenate([ts[:1], ts[1:][keep]]), np.concatenate([qs[:1], qs[1:][keep]])
+    v = np.diff(qs, axis=0) / np.diff(ts)[:, None]
+    a = np.diff(v, axis=0) / ((ts[2:] - ts[:-2]) / 2)[:, None]
+    assert (np.abs(v).max(axis=1) > 0.05).all(), "the arm stood still at the hand-over"
+    assert (np.abs(v) <= PANDA_MAX_VELOCITY * 1.01).all()
+    assert (np.abs(a) <= PANDA_MAX_ACCELERATION * 1.05).all(), np.abs(a).max(axis=0)
+    np.testing.assert_allclose(seen[0], samples[k - 1][2], atol=1e-12)  # no motion between the two
+
+
+def test_blended_pick_and_place_is_faster_than_the_same_motions_stopping_in_between():
+    from sim.scene import SimCell
+
+    times = []
+    for blended in (False, True):
+        with SimCell(seed=0) as cell:
+            carton = _carton(cell)
+            grasp = Grasp("suction", _top(cell, carton), DOWN)
+            source = OracleGraspSource(cell)
+            t0 = cell.arm.robot_time
+            if blended:
+                out, placed = cell.arm.pick_and_place(grasp, lambda _out, s=source: s.placement())
+            else:
+                out = cell.arm.pick(grasp)
+                placed = cell.arm.place(source.placement())
+            assert out.success and placed is not None and placed.success
+            assert carton in cell.items_in_box()
+            times.append(cell.arm.robot_time - t0)
+    assert times[1] < times[0] - 0.05
+
+
+def test_a_stop_at_the_hand_over_brakes_along_the_transit_holds_the_item_and_finishes(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell)
+    source = OracleGraspSource(cell)
+    hold: list[tuple[np.ndarray, np.ndarray, int | None]] = []
+    trace: list[tuple[float, np.ndarray]] = []
+
+    def observe(arm, ev):
+        if ev == "sample" and arm.stopped and not hold:
+            trace.append((arm.robot_time, arm.q()))
+        elif ev == "hold":
+            pos, _ = p.getBasePositionAndOrientation(carton, physicsClientId=arm.client_id)
+            hold.append((arm.q(), np.array(pos), arm.held_item))
+            if len(hold) == HOLD_TICKS:
+                arm.clear_stop()
+
+    cell.arm.observers.append(observe)
+
+    def placement_for(out):
+        cell.arm.stop()  # between the pick's end and the place's start, the arm still moving
+        return source.placement()
+
+    out, placed = cell.arm.pick_and_place(Grasp("suction", _top(cell, carton), DOWN), placement_for)
+    assert out.success and placed is not None
+    assert placed.success, placed  # braked, held, resumed: not refused
+    assert carton in cell.items_in_box()
+    stop = placed.details["stops"][0]
+    assert stop["phase"] == "transit" and stop["speed_at_trigger_rad_s"] > 0.05
+    assert stop["stop_to_standstill_s"] > 0.0
+    assert len(hold) >= HOLD_TICKS
+    for q, item, held in hold[:HOLD_TICKS]:
+        np.testing.assert_array_equal(q, hold[0][0])  # kinematic hold: exactly still
+        assert held == carton and np.linalg.norm(item - hold[0][1]) <= 0.002
+    # Braking is sampled at the physics rate and stays within the acceleration limits.
+    ts = np.array([t for t, _ in trace])
+    qs = np.array([q for _, q in trace])
+    dt = 1.0 / cell.arm.cfg.physics_hz
+    assert np.allclose(np.diff(ts), dt, atol=1e-9)
+    acc = np.abs(np.diff(qs, 2, axis=0)) / (dt * dt)
+    assert (acc <= PANDA_MAX_ACCELERATION * 1.05 + 1e-6).all(), acc.max(axis=0)
+    assert sum(placed.details["phases"].values()) == pytest.approx(placed.robot_seconds, abs=1e-9)
+
+
+def test_an_error_in_placement_for_leaves_the_arm_at_rest_holding_the_item(sim_cell):
+    cell = sim_cell
+    carton = _carton(cell)
+
+    def placement_for(out):
+        raise RuntimeError("no packer")
+
+    with pytest.raises(RuntimeError, match="no packer"):
+        cell.arm.pick_and_place(Grasp("suction", _top(cell, carton), DOWN), placement_for)
+    assert cell.arm.held_item == carton
+    q0 = cell.arm.q()
+    assert cell.arm.home().success  # from rest: the home move plans from zero velocity
+    assert cell.arm.held_item == carton
+    assert not np.allclose(q0, cell.arm.q())
+    placed = cell.arm.place(OracleGraspSource(cell).placement())
+    assert placed.success and placed.reason is Reason.OK
