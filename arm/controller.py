@@ -94,6 +94,13 @@ class ControllerConfig:
     # Pick and place as one motion where the arm offers it (arm.interfaces.PickAndPlace): the
     # transit takes over from the lift without a stop. False: separate pick and place calls.
     blend_pick_into_place: bool = True
+    # While nothing has moved since the last capture (skipping unreachable or unsure items, asking,
+    # waiting for a person whose answers come on the robot clock), decide again on that frame and
+    # plan instead of capturing and planning anew: the tote cannot have changed. A fresh look is
+    # still taken after any motion, a protective stop, a camera failure, an empty plan, a deliberate
+    # look-again, and at every idle step of a wait for answers that come in wall time (there the
+    # look paces the loop for them, as before). False: capture every time round.
+    reuse_unchanged_view: bool = True
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
@@ -217,6 +224,7 @@ class CellController:
         self.pixel_candidate = pixel_candidate
         self._stop = threading.Event()
         self._planner_lock = threading.Lock()
+        self._motions = 0  # pick/place/home motions commanded so far: the tote may have changed
         # Called after every attempt with (attempt, the plan it came from): benchmarks and UIs listen here.
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
         # Called after every question with (request, centre (3,) of the item it is about, base frame).
@@ -263,6 +271,10 @@ class CellController:
         holding = False  # in a protective stop
         empty_captures = 0
         camera_failures = 0
+        # The last observation (frame, plan, its ledger id, motions then, the planner that made it),
+        # and whether the next one must be a new capture (reuse_unchanged_view).
+        observed: tuple[Frame, Plan, str | None, int, object] | None = None
+        fresh_look = True
 
         while True:
             if self._stop.is_set():
@@ -275,6 +287,7 @@ class CellController:
                     self._count("estop")
                     log.warning("protective stop: holding until it is cleared")
                 rep.estop_s += self._idle()
+                fresh_look = True  # someone may have been in the cell
                 continue
             if holding:
                 holding = False
@@ -284,48 +297,46 @@ class CellController:
                 break
             # 1. answers that came back
             self._apply_answers(rep, tote_id, st)
-            # 2. observe and plan (or take the plan made while the arm placed: arm/lookahead.py)
-            try:
-                ahead = self.lookahead.take() if cfg.plan_while_placing else None
-                frame = ahead.frame if ahead is not None else self.camera.capture()
-            except CameraError as exc:
-                camera_failures += 1
-                log.warning("camera capture failed (%d/%d): %s", camera_failures, cfg.camera_retries, exc)
-                self._count("camera_failures")
-                if camera_failures >= cfg.camera_retries:
-                    rep.status = "camera_failed"
-                    break
-                self.arm.idle(cfg.idle_step_s)
-                continue
-            camera_failures = 0
-            if ahead is not None and ahead.plan is not None:
-                plan = ahead.plan
+            # 2. observe and plan (or take the plan made while the arm placed: arm/lookahead.py), or
+            # decide again on the last observation when nothing has moved since it was made.
+            with self._planner_lock:
+                planner_now = self.planner
+            if (
+                cfg.reuse_unchanged_view
+                and not fresh_look
+                and observed is not None
+                and observed[3] == self._motions
+                and observed[4] is planner_now
+            ):
+                frame, plan, plan_id = observed[:3]
+                self._count("observations_reused")
             else:
-                with self._planner_lock:
-                    planner = self.planner
-                plan = planner(frame)
-            rep.plans += 1
-            rep.plan_latency_ms.append(plan.latency_ms)
-            planned_ahead = ahead is not None and ahead.plan is not None
-            rep.plan_exposed_ms.append(ahead.exposed_ms if planned_ahead else plan.latency_ms)
-            rep.lookahead_used = self.lookahead.used - ahead_counts[0]
-            rep.lookahead_discarded = self.lookahead.discarded - ahead_counts[1]
-            self._observe_plan(plan)
-            plan_id = None
-            if self.ledger is not None:
-                plan_id = self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
+                obs = self._observe(rep, tote_id, ahead_counts)
+                if obs is None:
+                    camera_failures += 1
+                    log.warning("camera capture failed (%d/%d)", camera_failures, cfg.camera_retries)
+                    if camera_failures >= cfg.camera_retries:
+                        rep.status = "camera_failed"
+                        break
+                    self.arm.idle(cfg.idle_step_s)
+                    continue
+                camera_failures = 0
+                frame, plan, plan_id, planner_used = obs
+                observed = (frame, plan, plan_id, self._motions, planner_used)
+                fresh_look = False
 
             if plan.decision == "empty" or not plan.candidates:
                 if pending:
                     rep.human_wait_s += self._idle()
+                    fresh_look = fresh_look or not self._answers_on_robot_clock()
                     continue
+                fresh_look = True  # "empty" is confirmed by a second, new look
                 empty_captures += 1
                 if empty_captures >= cfg.max_empty_captures:
                     rep.status = "cleared"
                     break
                 continue
             empty_captures = 0
-
             pools = self._pools(plan, st)
             confident = pools.confident
             # A novel item: ask about it now and go on picking the items the model is sure of.
@@ -360,6 +371,7 @@ class CellController:
             if not ask_pool:
                 if pending:
                     rep.human_wait_s += self._idle()
+                    fresh_look = fresh_look or not self._answers_on_robot_clock()
                     continue
                 # Everything left is marked "no safe pick", skipped or set aside: the tote goes to
                 # exception handling, where a person takes those items out.
@@ -371,6 +383,7 @@ class CellController:
                 break
             if cfg.look_again and not looked_again:
                 looked_again = True
+                fresh_look = True  # the point of looking again is a new capture
                 self._count("look_again")
                 continue
             looked_again = False
@@ -408,6 +421,34 @@ class CellController:
         rep.items_set_aside = [it.why_set_aside for it in st.items.items if it.set_aside]
         rep.max_attempts_on_one_item = st.items.max_attempts_on_one_item
         return rep
+
+    def _observe(
+        self, rep: ToteReport, tote_id: str, ahead_counts: tuple[int, int]
+    ) -> tuple[Frame, Plan, str | None, object] | None:
+        """Capture and plan (or take the plan made while placing); (frame, plan, its ledger id, the
+        planner), or None when the camera failed. Charges the plan to the report."""
+        cfg = self.config
+        try:
+            ahead = self.lookahead.take() if cfg.plan_while_placing else None
+            frame = ahead.frame if ahead is not None else self.camera.capture()
+        except CameraError as exc:
+            log.warning("camera capture failed: %s", exc)
+            self._count("camera_failures")
+            return None
+        with self._planner_lock:
+            planner = self.planner
+        planned_ahead = ahead is not None and ahead.plan is not None
+        plan = ahead.plan if planned_ahead else planner(frame)
+        rep.plans += 1
+        rep.plan_latency_ms.append(plan.latency_ms)
+        rep.plan_exposed_ms.append(ahead.exposed_ms if planned_ahead else plan.latency_ms)
+        rep.lookahead_used = self.lookahead.used - ahead_counts[0]
+        rep.lookahead_discarded = self.lookahead.discarded - ahead_counts[1]
+        self._observe_plan(plan)
+        plan_id = None
+        if self.ledger is not None:
+            plan_id = self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
+        return frame, plan, plan_id, planner
 
     def _pools(self, plan: Plan, st: _ToteState) -> _Pools:
         """Sort a plan's candidates by what the cell may do with them now (see `_Pools`)."""
@@ -470,6 +511,10 @@ class CellController:
                 "candidate %d at %s skipped before moving: %s", i, np.round(cand.grasp.position, 3), why.value
             )
         return None
+
+    def _answers_on_robot_clock(self) -> bool:
+        """Do this cell's answers come due on the robot clock (a simulated associate), not in wall time?"""
+        return bool(getattr(self.assist, "answers_on_robot_clock", False))
 
     def _idle(self) -> float:
         """Wait one idle step (robot time) and let other threads deliver answers (wall time)."""
@@ -699,6 +744,7 @@ class CellController:
         features: np.ndarray | None = None,
         tracked: TrackedItem | None = None,
     ) -> Attempt:
+        self._motions += 1  # the arm goes into the tote: what the camera saw may change
         placements: list[Placement] = []
 
         def placement_for(picked: Outcome) -> Placement:

@@ -157,6 +157,10 @@ class GroundTruthJudge:
 class SimAssistChannel:
     """In-process assist channel on the robot clock (benchmark). `answer=False`: nobody ever answers."""
 
+    # Answers come due as the robot clock advances, never in wall time: a controller waiting on this
+    # channel needs no new look at an unchanged tote to give a person time (arm/controller.py).
+    answers_on_robot_clock = True
+
     def __init__(
         self, judge: GroundTruthJudge | None, clock: Callable[[], float], answer: bool = True
     ) -> None:

@@ -57,7 +57,6 @@ from sim.motion import PANDA_MAX_ACCELERATION as _AMAX
 from sim.motion import PANDA_MAX_VELOCITY as _VMAX
 from sim.motion import (
     cartesian_move_time,
-    joint_move_time,
     line_profile,
     line_reachable_speed,
     plan_joint_move,
@@ -1113,12 +1112,9 @@ class SimArm:
     def _best_hand_rotation(self, grasp: Grasp, link: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Grasp symmetries (jaw: 180 deg about the approach; cup: any angle): pick the cheapest wrist."""
         R = self._hand_rotation(grasp)
-        # The cup is round: eight wrist turns 45 degrees apart leave the nearest within 22.5 degrees
-        # of where the wrist already is.
-        turns = (0.0, np.pi) if grasp.gripper == "parallel_jaw" else tuple(np.arange(8) * np.pi / 4)
+        turns = (0.0, np.pi) if grasp.gripper == "parallel_jaw" else (0.0, np.pi / 2, np.pi, -np.pi / 2)
         best: tuple[float, np.ndarray, np.ndarray] | None = None
         seed = self._seed_over(pos)
-        q_from = self.q()
         last_abort: _Abort | None = None
         for turn in turns:
             Rt = R @ _rot_z(turn)
@@ -1128,15 +1124,14 @@ class SimArm:
                 last_abort = exc
                 continue
             # Prefer a wrist turn whose hand clears the tote walls at the grasp (the cup may turn
-            # freely about its axis), then the one the arm reaches soonest from where it is (the
-            # last place's wrist, not home's: a half turn of joint 7 alone takes over a second).
+            # freely about its axis), then the smallest joint excursion from home.
             q_keep = self.q()
             for j, v in zip(self.arm_joints, q, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
             hits = self._kinematic_contacts(ignore=self._items(), fixtures_only=True)
             for j, v in zip(self.arm_joints, q_keep, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-            cost = joint_move_time(q_from, q) + (10.0 if hits else 0.0)
+            cost = float(np.max(np.abs(q - self.cfg.home))) + (10.0 if hits else 0.0)
             if best is None or cost < best[0]:
                 best = (cost, Rt, q)
         if best is None:
