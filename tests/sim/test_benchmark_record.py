@@ -43,6 +43,29 @@ def test_an_item_dropped_in_transit_is_measured_from_where_it_was_let_go(sim_cel
     assert rec["damage"] == []  # under the 0.3 m damage height
 
 
+def test_a_blended_pick_and_place_is_watched_as_separate_calls_are(sim_cell):
+    """The same drop in transit through the arm's blended pick_and_place: the wrapper records the
+    pick at the hand-over and the place's drop from where the cup let go."""
+    cell = sim_cell
+    body, top = _carton(cell)
+    z_rest = cell.item_pose(body)[0][2]
+    arm = _Instrumented(cell)
+    source = OracleGraspSource(cell)
+    held_at: list[float] = []
+
+    def placement_for(out):
+        held_at.append(cell.item_pose(body)[0][2])
+        p.changeDynamics(body, -1, mass=4.0, physicsClientId=cell.client_id)  # 39 N on a 25 N cup
+        return source.placement()
+
+    out, placed = arm.pick_and_place(Grasp("suction", top, DOWN), placement_for)
+    assert out.success and arm.last_pick["reason"] == "ok" and arm.last_pick["item"] == f"b{body}"
+    assert placed is not None and placed.reason is Reason.DROPPED
+    rec = arm.last_place
+    assert rec["item"] == f"b{body}" and rec["reason"] == "dropped"
+    assert rec["drop_m"] == pytest.approx(held_at[0] - z_rest, abs=0.03) and rec["drop_m"] > 0.15
+
+
 def test_a_protective_stop_never_hides_damage(sim_cell):
     """A stop while carrying: either the arm still holds the item (nothing was damaged) or the
     release is counted as a stop drop, with its fall, in the halted motions."""
