@@ -226,6 +226,21 @@ def run(args: argparse.Namespace) -> dict:
         think: list[tuple[float, str, int]] = []  # (due, request id, associate index)
         cell_of_request: dict[str, str] = {}  # request ids are per cell: answers name the cell
         assoc_index = {s: j for j, s in enumerate(assocs)}
+
+        def answer_due(until: float) -> None:
+            """Each associate answers what it has held for its think time, then asks for more."""
+            while think and think[0][0] <= until:
+                _, rid, j = heapq.heappop(think)
+                t_answer[rid] = time.perf_counter()
+                body = {
+                    "request_id": rid,
+                    "cell_id": cell_of_request[rid],
+                    "kind": "approve",
+                    "candidate_index": 1,
+                }
+                send(assocs[j], P.ANSWER, body)
+                send(assocs[j], P.READY, {})
+
         k = 0
         t0 = time.perf_counter()
         next_beat = t0 + 1.0
@@ -244,20 +259,7 @@ def run(args: argparse.Namespace) -> dict:
                 t_submit[rid] = time.perf_counter()
                 send(cell, P.SUBMIT, {"request": req})
                 k += 1
-            while think and think[0][0] <= now:
-                _, rid, j = heapq.heappop(think)
-                t_answer[rid] = time.perf_counter()
-                send(
-                    assocs[j],
-                    P.ANSWER,
-                    {
-                        "request_id": rid,
-                        "cell_id": cell_of_request[rid],
-                        "kind": "approve",
-                        "candidate_index": 1,
-                    },
-                )
-                send(assocs[j], P.READY, {})
+            answer_due(now)
             if now >= next_beat:
                 for s in cells:
                     send(s, P.HEARTBEAT, {"role": "cell", "name": cell_of[s]})
@@ -298,20 +300,7 @@ def run(args: argparse.Namespace) -> dict:
                         errors += 1
             # Zero think time: answer in the same pass, right after the receive.
             if args.think_ms == 0:
-                while think:
-                    _, rid, j = heapq.heappop(think)
-                    t_answer[rid] = time.perf_counter()
-                    send(
-                        assocs[j],
-                        P.ANSWER,
-                        {
-                            "request_id": rid,
-                            "cell_id": cell_of_request[rid],
-                            "kind": "approve",
-                            "candidate_index": 1,
-                        },
-                    )
-                    send(assocs[j], P.READY, {})
+                answer_due(float("inf"))
         elapsed = time.perf_counter() - t0
         broker_cpu_s = _cpu_seconds(broker.pid)
         broker_user_s, broker_sys_s = _cpu_split(broker.pid)
