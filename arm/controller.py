@@ -274,7 +274,7 @@ class CellController:
         # The last observation (frame, plan, its ledger id, motions then, the planner that made it),
         # and whether the next one must be a new capture (reuse_unchanged_view).
         observed: tuple[Frame, Plan, str | None, int, object] | None = None
-        fresh_look = True
+        fresh_look, reused = True, False
 
         while True:
             if self._stop.is_set():
@@ -309,6 +309,7 @@ class CellController:
                 and observed[4] is planner_now
             ):
                 frame, plan, plan_id = observed[:3]
+                reused = True
                 self._count("observations_reused")
             else:
                 obs = self._observe(rep, tote_id, ahead_counts)
@@ -323,7 +324,7 @@ class CellController:
                 camera_failures = 0
                 frame, plan, plan_id, planner_used = obs
                 observed = (frame, plan, plan_id, self._motions, planner_used)
-                fresh_look = False
+                fresh_look = reused = False
 
             if plan.decision == "empty" or not plan.candidates:
                 if pending:
@@ -372,6 +373,11 @@ class CellController:
                 if pending:
                     rep.human_wait_s += self._idle()
                     fresh_look = fresh_look or not self._answers_on_robot_clock()
+                    continue
+                if reused:
+                    # Before giving the tote up, one new look (as every decision had before): a
+                    # new capture can show a candidate the reused one did not.
+                    fresh_look = True
                     continue
                 # Everything left is marked "no safe pick", skipped or set aside: the tote goes to
                 # exception handling, where a person takes those items out.
