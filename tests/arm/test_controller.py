@@ -343,3 +343,39 @@ def test_a_candidate_the_arm_cannot_reach_is_skipped_before_moving(stack_factory
     off.controller.planner = ScriptedPlanner(off.controller.planner, prepend=lambda frame: [far2])
     rep2 = off.controller.run_tote("t0")
     assert rep2.attempts[0].outcome.reason in (Reason.UNREACHABLE, Reason.IK_FAILED)
+
+
+def test_waiting_on_a_robot_clock_associate_decides_again_on_the_same_look(stack_factory):
+    """Nothing moves while the cell waits for an answer that comes on the robot clock: it decides
+    again on its last frame and plan instead of capturing and planning every idle step (each would
+    be charged as sensing and planning). It still looks anew once before giving the tote up, and
+    an associate answering in wall time still gets a new look every idle step (the pacing)."""
+    from sim.associate import SimAssistChannel
+
+    plans = {}
+    for clock in ("robot", "wall"):
+        st = stack_factory(assist_deadline_s=3.0)
+        add_carton(st)
+        planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+        st.controller.planner = planner
+        channel = SimAssistChannel(None, lambda st=st: st.cell.arm.robot_time, answer=False)  # nobody answers
+        if clock == "wall":
+            channel.answers_on_robot_clock = False
+        st.controller.assist = channel
+        captures = {"n": 0}
+        capture = st.camera.capture
+
+        def counting(capture=capture, captures=captures):
+            captures["n"] += 1
+            return capture()
+
+        st.camera.capture = counting
+        rep = st.controller.run_tote("t0")
+        assert rep.assists_requested == 1 and rep.assists_expired == 1 and rep.attempts == []
+        assert rep.status == "diverted"
+        assert rep.human_wait_s >= 3.0  # it waited out the deadline (12 idle steps of 0.25 s)
+        assert captures["n"] == planner.plans == rep.plans  # every plan had its own new capture
+        plans[clock] = planner.plans
+    # first look, the look-again, one more before giving up
+    assert plans["robot"] == 3
+    assert plans["wall"] >= 12
