@@ -98,9 +98,12 @@ class ControllerConfig:
     # waiting for a person whose answers come on the robot clock), decide again on that frame and
     # plan instead of capturing and planning anew: the tote cannot have changed. A fresh look is
     # still taken after any motion, a protective stop, a camera failure, an empty plan, a deliberate
-    # look-again, and at every idle step of a wait for answers that come in wall time (there the
-    # look paces the loop for them, as before). False: capture every time round.
-    reuse_unchanged_view: bool = True
+    # look-again, before giving a tote up, and at every idle step of a wait for answers that come in
+    # wall time (there the look paces the loop for them, as before). Off by default: on the
+    # reporting bench it cut sensing and exposed planning per pick by 60-90 % but left 5-9 more of
+    # 153 procedural items in the tote (a new capture's noise sometimes shows a candidate the reused
+    # one does not; docs/benchmarks.md, cycle time). False: capture every time round.
+    reuse_unchanged_view: bool = False
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres

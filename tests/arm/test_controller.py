@@ -346,7 +346,8 @@ def test_a_candidate_the_arm_cannot_reach_is_skipped_before_moving(stack_factory
 
 
 def test_waiting_on_a_robot_clock_associate_decides_again_on_the_same_look(stack_factory):
-    """Nothing moves while the cell waits for an answer that comes on the robot clock: it decides
+    """With `reuse_unchanged_view` (off by default): nothing moves while the cell waits for an
+    answer that comes on the robot clock, so it decides
     again on its last frame and plan instead of capturing and planning every idle step (each would
     be charged as sensing and planning). It still looks anew once before giving the tote up, and
     an associate answering in wall time still gets a new look every idle step (the pacing)."""
@@ -354,7 +355,7 @@ def test_waiting_on_a_robot_clock_associate_decides_again_on_the_same_look(stack
 
     plans = {}
     for clock in ("robot", "wall"):
-        st = stack_factory(assist_deadline_s=3.0)
+        st = stack_factory(assist_deadline_s=3.0, reuse_unchanged_view=True)
         add_carton(st)
         planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
         st.controller.planner = planner
