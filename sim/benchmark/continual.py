@@ -7,8 +7,9 @@ What it is
     sim/catalogs/novel.py: a family no shipped model trained on) and the cell starts from the
     shipped model (`grasping/models/default.safetensors`, `graspnet-sim-v4`; `--start-model`); a
     `procedural-train` family as `--new-family` instead trains a starting model for the experiment
-    on `--start-data` with that family **left out**. Round 0 measures it: the item watchdog flags the
-    new kind out of distribution, so the cell asks a person instead of picking it alone. Each later
+    on `--start-data` with that family **left out**. Round 0 measures it: the cell asks a person
+    where the model's scores are low (or its watchdog flags the scene), or the model's own pick
+    fails. Each later
     round: `pickcell learn`'s round (`learn.learner.run_round`, forced) fine-tunes on the cell's
     ledger (the associate's answers and outcomes are labelled rows) with weighted sampling and
     replay (the familiar items' rows of the same ledger, plus `--start-data` as replay), refits the
@@ -423,8 +424,9 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
         f"New kind: `{result['new_family']}` ({result['new_family_is']}); catalog `{result['catalog']}`; "
         f"wall time {result['wall_seconds']:.0f} s.",
         "",
-        "| round | model | gate passed | new-kind failure | familiar success | assists / 100 items |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| round | model | gate passed | new-kind failure | familiar success | assists / 100 items "
+        "| new kind placed by a person's pick | familiar placed by a person's pick |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def f(v: Any) -> str:
@@ -433,7 +435,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
     for x in result["rounds"]:
         lines.append(
             f"| {x['round']} | {x['model']} | {f(x['gate_passed'])} | {f(x['new_family_failure'])} | "
-            f"{f(x['old_family_success'])} | {f(x['assists_per_100_items'])} |"
+            f"{f(x['old_family_success'])} | {f(x['assists_per_100_items'])} | "
+            f"{f(x.get('new_placed_by_person'))} | {f(x.get('old_placed_by_person'))} |"
         )
     lines += ["", "![rounds](continual.png)", "", "Config: `" + json.dumps(result["config"]) + "`", ""]
     path = out / "report.md"
