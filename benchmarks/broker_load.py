@@ -14,6 +14,9 @@ broker (journal fsync, queueing, CURVE, two hops through its loop) adds to a per
 
     added latency = (t_assign_received - t_submit_sent) + (t_result_received - t_answer_sent)
 
+Before the run, the transport floor is measured: the same two hops (one carrying the image) to a bare
+CURVE echo process with no logic. No broker can add less than that on the machine at hand.
+
 A request is lost if the cell has no final state for it 10 s after the last submission. The journal is
 read afterwards to check that every submitted id is there exactly once with a final state.
 """
@@ -97,9 +100,60 @@ def commit_probe(directory: Path, n: int = 200, row_bytes: int = 20_000) -> tupl
     return round(float(np.percentile(ts, 50)), 3), round(float(np.percentile(ts, 99)), 3)
 
 
+def echo_server(public: str, secret: str) -> int:
+    """A CURVE ROUTER that sends every message straight back (the transport floor's far end)."""
+    ctx = zmq.Context()
+    r = ctx.socket(zmq.ROUTER)
+    r.curve_server, r.curve_publickey, r.curve_secretkey = True, public.encode(), secret.encode()
+    print(r.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+    while True:
+        frames = r.recv_multipart()
+        if frames[1] == b"stop":
+            return 0
+        r.send_multipart(frames)
+
+
+def transport_floor(image_bytes: int, rate: float, n: int = 2000) -> tuple[float, float]:
+    """p50/p99 ms of what two CURVE round trips between two processes cost on this machine with no broker
+    logic at all: one carrying an image (as submit -> assign does) plus one small (as answer -> result),
+    paced at `rate` pairs/s. The added latency the broker can reach is bounded below by this."""
+    spub, ssec = zmq.curve_keypair()
+    cpub, csec = zmq.curve_keypair()
+    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", spub.decode(), ssec.decode()],
+                            stdout=subprocess.PIPE)  # fmt: skip
+    ctx = zmq.Context()
+    try:
+        port = int(proc.stdout.readline())
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.curve_serverkey, d.curve_publickey, d.curve_secretkey = spub, cpub, csec
+        d.connect(f"tcp://127.0.0.1:{port}")
+        big, small = os.urandom(image_bytes), os.urandom(100)
+        d.send(small)
+        d.recv()  # handshake done before timing
+        pairs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            d.send(big)
+            d.recv()
+            d.send(small)
+            d.recv()
+            pairs.append((time.perf_counter() - t0) * 1000.0)
+            time.sleep(max(0.0, 1.0 / rate - (time.perf_counter() - t0)))
+        d.send(b"stop")
+        d.close(0)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ctx.term()
+    return round(float(np.percentile(pairs, 50)), 3), round(float(np.percentile(pairs, 99)), 3)
+
+
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="broker_load_"))
     probe = commit_probe(work)
+    floor = transport_floor(args.image_bytes, args.rate)
     keys = work / "keys"
     new_keypair("broker", keys)
     cell_names = [f"cell-{i}" for i in range(args.cells)]
@@ -172,6 +226,21 @@ def run(args: argparse.Namespace) -> dict:
         think: list[tuple[float, str, int]] = []  # (due, request id, associate index)
         cell_of_request: dict[str, str] = {}  # request ids are per cell: answers name the cell
         assoc_index = {s: j for j, s in enumerate(assocs)}
+
+        def answer_due(until: float) -> None:
+            """Each associate answers what it has held for its think time, then asks for more."""
+            while think and think[0][0] <= until:
+                _, rid, j = heapq.heappop(think)
+                t_answer[rid] = time.perf_counter()
+                body = {
+                    "request_id": rid,
+                    "cell_id": cell_of_request[rid],
+                    "kind": "approve",
+                    "candidate_index": 1,
+                }
+                send(assocs[j], P.ANSWER, body)
+                send(assocs[j], P.READY, {})
+
         k = 0
         t0 = time.perf_counter()
         next_beat = t0 + 1.0
@@ -190,20 +259,7 @@ def run(args: argparse.Namespace) -> dict:
                 t_submit[rid] = time.perf_counter()
                 send(cell, P.SUBMIT, {"request": req})
                 k += 1
-            while think and think[0][0] <= now:
-                _, rid, j = heapq.heappop(think)
-                t_answer[rid] = time.perf_counter()
-                send(
-                    assocs[j],
-                    P.ANSWER,
-                    {
-                        "request_id": rid,
-                        "cell_id": cell_of_request[rid],
-                        "kind": "approve",
-                        "candidate_index": 1,
-                    },
-                )
-                send(assocs[j], P.READY, {})
+            answer_due(now)
             if now >= next_beat:
                 for s in cells:
                     send(s, P.HEARTBEAT, {"role": "cell", "name": cell_of[s]})
@@ -244,22 +300,10 @@ def run(args: argparse.Namespace) -> dict:
                         errors += 1
             # Zero think time: answer in the same pass, right after the receive.
             if args.think_ms == 0:
-                while think:
-                    _, rid, j = heapq.heappop(think)
-                    t_answer[rid] = time.perf_counter()
-                    send(
-                        assocs[j],
-                        P.ANSWER,
-                        {
-                            "request_id": rid,
-                            "cell_id": cell_of_request[rid],
-                            "kind": "approve",
-                            "candidate_index": 1,
-                        },
-                    )
-                    send(assocs[j], P.READY, {})
+                answer_due(float("inf"))
         elapsed = time.perf_counter() - t0
         broker_cpu_s = _cpu_seconds(broker.pid)
+        broker_user_s, broker_sys_s = _cpu_split(broker.pid)
         own_cpu_s = time.process_time()
         for s in cells + assocs:
             send(s, P.DISCONNECT, {})
@@ -284,6 +328,13 @@ def run(args: argparse.Namespace) -> dict:
     e2e = np.array([t_result[r] - t_submit[r] for r in done]) * 1000.0
     hop_in = np.array([t_assign[r] - t_submit[r] for r in done]) * 1000.0
     hop_out = np.array([t_result[r] - t_answer[r] for r in done]) * 1000.0
+    if args.dump:  # per request: submit time from start (s), added latency (ms), for finding stalls
+        np.savetxt(
+            args.dump,
+            np.column_stack([[t_submit[r] - t0 for r in done], added]),
+            fmt="%.6f",
+            header="t_submit_s added_ms",
+        )
     pct = lambda a, q: round(float(np.percentile(a, q)), 3) if len(a) else None  # noqa: E731
     lost = sum(1 for r in t_submit if r not in final)
     return {
@@ -315,11 +366,15 @@ def run(args: argparse.Namespace) -> dict:
         "submit_to_assign_ms_p99": pct(hop_in, 99),
         "answer_to_result_ms_p50": pct(hop_out, 50),
         "answer_to_result_ms_p99": pct(hop_out, 99),
+        "transport_floor_ms_p50": floor[0],
+        "transport_floor_ms_p99": floor[1],
         "disk_commit_ms_p50": probe[0],
         "disk_commit_ms_p99": probe[1],
         "end_to_end_ms_p50": pct(e2e, 50),
         "end_to_end_ms_p99": pct(e2e, 99),
         "broker_cpu_s": round(broker_cpu_s, 2),
+        "broker_cpu_user_s": round(broker_user_s, 2),
+        "broker_cpu_system_s": round(broker_sys_s, 2),
         "load_generator_cpu_s": round(own_cpu_s, 2),
         "machine": f"{os.cpu_count()}-core {platform.machine()}, no GPU",
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -330,6 +385,13 @@ def _cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of a live process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a live process: system time is the kernel's (fsync, sockets)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def update_doc(result: dict, command: str, note: str) -> None:
@@ -355,6 +417,8 @@ Machine: {r['machine']}. {note}
 | submit -> assign p50 / p99 (ms) | {r['submit_to_assign_ms_p50']} / {r['submit_to_assign_ms_p99']} |
 | answer -> result (includes one fsync) p50 / p99 (ms) | {r['answer_to_result_ms_p50']} / \
 {r['answer_to_result_ms_p99']} |
+| transport floor before the run (two bare CURVE round trips, one with the image) p50 / p99 (ms) | \
+{r['transport_floor_ms_p50']} / {r['transport_floor_ms_p99']} |
 | bare SQLite commit on this disk before the run p50 / p99 (ms) | {r['disk_commit_ms_p50']} / \
 {r['disk_commit_ms_p99']} |
 | journal rows / missing | {r['journal_rows']} / {r['journal_missing']} |
@@ -362,6 +426,8 @@ Machine: {r['machine']}. {note}
 | request image size (bytes) | {r['image_bytes']} |
 | broker CPU for the run (s) / per request (ms) | {r['broker_cpu_s']} / \
 {r['broker_cpu_s'] / max(r['submitted'], 1) * 1000:.3f} |
+| broker CPU user / system (s) | {r['broker_cpu_user_s']} / {r['broker_cpu_system_s']} |
+| load generator CPU (s) | {r['load_generator_cpu_s']} |
 | load average at end | {r['load_average_at_end']} |
 """  # fmt: skip
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
@@ -374,6 +440,8 @@ Machine: {r['machine']}. {note}
 
 
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--echo-server":  # internal: the transport floor's far end
+        return echo_server(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=50)
     ap.add_argument("--associates", type=int, default=10)
@@ -384,6 +452,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--profile-broker", type=Path, help="run the broker under cProfile, write stats here")
+    ap.add_argument("--dump", type=Path, help="write each request's submit time and added latency here")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--note", default="", help="conditions to record in docs/benchmarks.md")
     args = ap.parse_args()

@@ -530,13 +530,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_demo(args)
     from tqdm import tqdm
 
+    from arm.daemon import CellDaemon
     from arm.metrics import CellMetrics
+    from fleet.cell import LinkConfig
+    from fleet.celllink import CellFleet
     from hitl.associate import AssociateClient
     from hitl.broker import Broker, BrokerConfig
     from hitl.keys import ClientKeys, allow, load_public, new_keypair
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssociateConfig, SimAssociateWorker
     from sim.benchmark.record import ToteRecorder
+    from sim.stack import model_planner_factory
 
     tmp = None
     if args.data is None:
@@ -560,6 +564,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"broker on {endpoint} (CURVE on, journal {data / 'broker'})")
     from hitl.client import AssistClient
 
+    fleet_svc = _demo_fleet_service(data / "fleet", args.model)
     assist = AssistClient(endpoint, "cell-1", ClientKeys.from_file(keys / "cell-1.key_secret"), server_key)
     assist.start()
     ledger = Ledger(data / "ledger.sqlite", cell_id="cell-1")
@@ -583,32 +588,115 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reports = []
     records: list[dict[str, Any]] = []
     bar = tqdm(total=args.totes, desc="totes", unit="tote")
-    try:
-        for _ in range(args.totes):
-            tote = stack.feed.next_tote()
-            recorder.begin()
-            rep = stack.controller.run_tote(tote)
-            reports.append(rep)
-            records.append({"episode": len(records), **recorder.finish(rep)})
-            bar.update(1)
-            bar.set_postfix(
-                picks=sum(r.picks for r in reports), assists=sum(r.assists_requested for r in reports)
+
+    def on_tote(rep) -> None:
+        reports.append(rep)
+        records.append({"episode": len(records), **recorder.finish(rep)})
+        bar.update(1)
+        bar.set_postfix(
+            picks=sum(r.picks for r in reports), assists=sum(r.assists_requested for r in reports)
+        )
+
+    # The cell runs as `pickcell cell run` does: a daemon (control socket, model hot-swap) that follows
+    # the fleet service (the live model, verified by hash and signature) and reports its status to it.
+    daemon = CellDaemon(
+        stack.controller,
+        _RecordedFeed(stack.feed, recorder),
+        data_dir=data / "cell-1",
+        planner_factory=model_planner_factory(
+            stack.cell.tote_bounds, args.seed, getattr(args, "alpha", None)
+        ),
+        model_version=stack.model_version,
+        totes=args.totes,
+        on_tote=on_tote,
+        fleet=CellFleet(
+            LinkConfig(
+                "cell-1",
+                fleet_svc.router_endpoint,
+                fleet_svc.pub_endpoint,
+                data / "cell-1",
+                data / "fleet" / "cells" / "cell-1",
+                status_interval_s=0.5,
             )
+        ),
+    )
+    fleet_status: dict[str, Any] = {}
+    try:
+        daemon.run(install_signal_handlers=False)
+        fleet_status = _demo_fleet_status(fleet_svc, daemon)
     finally:
         bar.close()
         worker.stop()
         worker_client.close()
         assist.close()
         broker.stop()
-        ledger.close()
+        fleet_svc.stop()
         stack.close()
-    summary = summarise(reports, stack.packer, time.perf_counter() - t_wall, stack.model_version, records)
+    summary = summarise(
+        reports, stack.packer, time.perf_counter() - t_wall, daemon.stats.model_version, records
+    )
+    summary["fleet"] = fleet_status
     print_summary(summary)
     if args.json is not None:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+class _RecordedFeed:
+    """The stack's tote feed, telling the recorder each time a new tote is in (what it spawned)."""
+
+    def __init__(self, feed: Any, recorder: Any) -> None:
+        self.feed, self.recorder = feed, recorder
+
+    def next_tote(self) -> Any:
+        tote = self.feed.next_tote()
+        if tote is not None:
+            self.recorder.begin()
+        return tote
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.feed, name)
+
+
+def _demo_fleet_service(fleet_dir: Path, model: Path | None):
+    """`pickcell demo`'s fleet: keys, fleet.toml and cell-1's folder, the service on loopback ports with
+    CURVE, and the cell's starting model as the fleet's first live version (the cell then receives it over
+    the Clone protocol and verifies its hash and signature before loading it)."""
+    from fleet.keys import init_fleet
+    from fleet.rollout import RolloutConfig
+    from fleet.service import FleetService, ServiceConfig
+    from sim.stack import DEFAULT_MODEL
+
+    init_fleet(fleet_dir, ["cell-1"])
+    rules = RolloutConfig.load(fleet_dir / "fleet.toml")
+    svc = FleetService(ServiceConfig(fleet_dir, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", False, rules))
+    if svc.state["live"] is None:
+        # The shipped model was trained before the gate existed and fails its joint-risk bar (issue 13):
+        # it goes live as the fleet's first version by force, and the verdict log says so.
+        svc.op_publish(str(Path(model or DEFAULT_MODEL).resolve()), force=True, stage=None, cells=[])
+    svc.start()
+    print(f"fleet service on {svc.router_endpoint} (CURVE on, folder {fleet_dir}), live {svc.state['live']}")
+    return svc
+
+
+def _demo_fleet_status(svc: Any, daemon: Any, wait_s: float = 5.0) -> dict[str, Any]:
+    """The fleet's view at the end: live version and cell-1's last report (after the model arrived)."""
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:  # the report that follows the last tote, for an up-to-date view
+        cell = svc.status()["cells"].get("cell-1") or {}
+        if cell.get("model_version") == svc.state["live"] and daemon.stats.model_reloads >= 1:
+            break
+        time.sleep(0.1)
+    st = svc.status()
+    cell = st["cells"].get("cell-1") or {}
+    return {
+        "live": st["rollout"]["live"],
+        "cell_model_version": cell.get("model_version"),
+        "cell_state": cell.get("state"),
+        "model_loads_from_fleet": daemon.stats.model_reloads,
+    }
 
 
 def summarise(
@@ -696,6 +784,15 @@ def print_summary(s: dict[str, Any]) -> None:
         ("picks per hour (robot time)", f(s["picks_per_hour"])),
         ("boxes packed (closed + open)", f"{s['boxes_closed']} + {1 if s['items_in_open_box'] else 0}"),
         ("model", s["model_version"]),
+        (
+            "fleet",
+            (
+                f"live {s['fleet'].get('live')}; cell-1 runs {s['fleet'].get('cell_model_version')}"
+                f" ({s['fleet'].get('model_loads_from_fleet')} verified load(s) from the fleet)"
+            )
+            if s.get("fleet")
+            else "n/a",
+        ),
         ("wall seconds", f(s["wall_seconds"])),
     ]
     w = max(len(k) for k, _ in rows)

@@ -387,6 +387,8 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         **{k: [x[k] for x in rounds] for k in keys},
         "rounds": rounds,
+        "start_model_path": str(start),
+        "final_model_path": str(model),  # the model the cell ran in the last round
         "wall_seconds": time.time() - t0,
     }
 
@@ -492,6 +494,14 @@ def register(sub: Any) -> None:
         default=None,
         help="one-sided level of the gate's per-kind forgetting test (0: bare point comparison)",
     )
+    c.add_argument(
+        "--cells",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: afterwards a fleet service shares cell A's model with cell B, which meets the new kind "
+        "for the first time, beside a cell B without the fleet (sim/benchmark/fleet_continual.py)",
+    )
     c.add_argument("--quick", action="store_true", help="tiny totes and trainings, no simulation suite")
     c.add_argument(
         "--work-dir", type=Path, default=None, help="keep ledger, models, rounds here (default: temp)"
@@ -532,11 +542,21 @@ def cmd_continual(args: Any) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="pickcell-continual-") as tmp:
         result = run_continual(cfg, args.work_dir or tmp, progress=not args.no_progress)
+        if args.cells == 2:
+            from sim.benchmark.fleet_continual import run_cell_b
+
+            t0 = time.time()
+            result["fleet"] = run_cell_b(cfg, args.work_dir or tmp, result)
+            result["wall_seconds"] += time.time() - t0
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))
     if args.report:
         print(f"report: {write_report(result, args.report)}")
+        if "fleet" in result:
+            from sim.benchmark.fleet_continual import append_report
+
+            append_report(result, args.report)
     for k in ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed"):
         print(
             f"{k:<24} "
@@ -544,5 +564,9 @@ def cmd_continual(args: Any) -> int:
                 "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in result[k]
             )
         )
+    if "fleet" in result:
+        for k in ("cell_a_new_family_failure_after", "cell_b_first_contact_failure", "cell_b_without_fleet"):
+            v = result["fleet"][k]
+            print(f"{k:<32} {'-' if v is None else f'{v:.3f}'}")
     print(f"wall_seconds             {result['wall_seconds']:.0f}")
     return 0

@@ -60,6 +60,15 @@ def test_demo_runs_broker_cell_and_associate_and_writes_a_summary(tmp_path):
     assert summary["totes"] == 1 and summary["picks"] >= 1
     assert summary["attempts"] >= summary["picks"]
     assert "pickcell demo summary" in proc.stdout and "CURVE on" in proc.stdout
+    # the fleet service runs too: the starting model is its first live version, and the cell received it
+    # over the fleet protocol (hash and signature checked) and loaded it, and reported it back
+    assert "fleet service on" in proc.stdout
+    fleet = summary["fleet"]
+    assert fleet["live"] == summary["model_version"] == fleet["cell_model_version"]
+    assert fleet["model_loads_from_fleet"] >= 1
+    verdicts = [json.loads(x) for x in (tmp_path / "d" / "fleet" / "verdicts.jsonl").read_text().splitlines()]
+    assert verdicts[0]["action"] == "first-live" and verdicts[0]["forced"] is True
+    assert any((tmp_path / "d" / "cell-1" / "fleet" / "models").glob("*.safetensors"))
     # the operator metrics of issue 12, from the same bookkeeping as `pickcell bench`
     assert "items placed by the model alone" in proc.stdout and "procedural items" in proc.stdout
     assert summary["items"] == 6 and summary["max_attempts_on_one_item"] >= 1

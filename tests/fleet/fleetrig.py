@@ -35,7 +35,7 @@ def make_version(version: str, out_dir: Path) -> Path:
     return out
 
 
-def wait_for(cond: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
+def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
     """Poll until `cond()`; the timeout only bounds a hang, it is not what the test asserts."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:

@@ -178,6 +178,16 @@ def broker_process(tmp_path: Path, keyring: Keyring):
     bp.stop()
 
 
+def journal_holder(data_dir: Path, request_id: str) -> str | None:
+    """Who the journal says holds a request (None: nobody, or no such request)."""
+    db = sqlite3.connect(str(data_dir / "journal.sqlite"))
+    try:
+        row = db.execute("SELECT holder FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+    finally:
+        db.close()
+    return row[0] if row else None
+
+
 def journal_rows(data_dir: Path) -> dict[str, tuple]:
     """request_id -> (state, answer status, associate_id, delivered_at) straight from the SQLite file.
 
@@ -247,5 +257,6 @@ def hx():
         make_request=make_request,
         png_bytes=png_bytes,
         journal_rows=journal_rows,
+        journal_holder=journal_holder,
         RawPeer=RawPeer,
     )

@@ -130,6 +130,13 @@ def test_broker_sigkill_restart_loses_nothing_duplicates_nothing(broker_process,
         # The associate holds a 4th request when the broker dies.
         held = alice.next_request(10)
         assert held is not None
+        # The assignment leaves before the pass's commit (it acknowledges nothing); wait for the commit
+        # that journals the hold, so that the kill hits a request held on disk too. (Killed before that
+        # commit, the restart queues it again and alice's answer is refused as not hers; it is then
+        # assigned again like any queued request. Waiting here makes the test's interleaving the same
+        # on a loaded machine as on an idle one.)
+        hx.wait_for(lambda: hx.journal_holder(broker_process.data_dir, held.request_id) == "alice", 15,
+                    "the hold journaled")  # fmt: skip
         broker_process.kill()
         broker_process.start()
         # The cell client notices the new broker instance and resubmits its 7 pending ids; the associate

@@ -1,0 +1,236 @@
+"""Two cells, one fleet: a new kind of item troubles cell A; cell B gets A's model before it meets it.
+
+What it is
+    `pickcell bench continual --cells 2` (issue 15, item 5). Cell A runs the single-cell experiment
+    (sim.benchmark.continual: rounds of work -> learn -> gate -> hot swap, the new kind in its totes).
+    Then a real fleet service (fleet.service.FleetService: the learner's registry, the fleet's ed25519
+    signing key, CURVE on loopback) rolls A's last gated model out as a canary on cell B, a second
+    simulated cell at another site that has never seen the new kind. Cell B receives it the way every
+    cell does (fleet.cell.FleetLink: Clone snapshot, chunked download, sha256 and signature checked),
+    swaps it in, and works its first totes with the new kind: `cell_b_first_contact_failure`.
+    The control is the same cell B on the very same totes with the starting model, i.e. a cell that is
+    not in the fleet: `cell_b_without_fleet`.
+
+What is randomised
+    Cell B's totes come from the experiment's seed plus `CELL_B_SEED_OFFSET` (a different site's
+    stream of totes and drop poses); both arms of cell B see identical totes, camera noise and
+    simulated associate, so the only difference between them is the model.
+
+What counts as success
+    `cell_b_first_contact_failure` within 5 percentage points of cell A's new-kind failure in its last
+    round (what A reached after learning), and clearly below `cell_b_without_fleet`. If no model of A
+    passed its gate, nothing is shared: both arms run the starting model and the result says so.
+    Failure = share of the new kind's items not placed by the model alone (a person's help counts as a
+    failure of the model), the same measure as cell A's `new_family_failure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CELL_B_SEED_OFFSET = 7919  # cell B's tote stream: another site, disjoint from cell A's seed
+
+
+def _cell_b_stack(cfg: Any, seed: int, model: Path, catalog: Any) -> tuple[Any, Any]:
+    """A simulated cell with the starting model, its own tote stream, and the simulated associate."""
+    from arm.controller import ControllerConfig
+    from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
+    from sim.benchmark.continual import CATALOG
+    from sim.stack import build_sim_stack
+
+    ccfg = ControllerConfig(
+        cell_id="cell-b", wall_poll_s=0.0, ledger_source="sim", max_attempts_per_tote=3 * cfg.objects_per_tote
+    )
+    stack = build_sim_stack(
+        catalog=CATALOG,
+        objects_per_tote=cfg.objects_per_tote,
+        seed=seed,
+        planner="learned",
+        model_path=model,
+        controller_config=ccfg,
+    )
+    stack.feed.catalog = catalog
+    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=seed))
+    channel = SimAssistChannel(judge, lambda: stack.cell.arm.robot_time)
+    stack.controller.assist = channel
+    return stack, channel
+
+
+def _work(cfg: Any, stack: Any, channel: Any, totes: int) -> dict[str, Any]:
+    from sim.benchmark.continual import _round_metrics, _work_tote
+
+    worked = [_work_tote(stack, channel, cfg.new_family) for _ in range(totes)]
+    return {**_round_metrics(worked), "totes": worked}
+
+
+def _share_through_fleet(
+    work: Path, registry: Path, start_version: str, shared_version: str, stack: Any, seed: int
+) -> dict[str, Any]:
+    """Roll `shared_version` out to cell B through a real fleet service; B swaps it in when verified."""
+    from fleet.cell import FleetLink, LinkConfig
+    from fleet.keys import init_fleet
+    from fleet.rollout import RolloutConfig
+    from fleet.service import FleetService, ServiceConfig, send_control
+    from sim.stack import build_planner
+
+    fleet_dir = work / "fleet"
+    init_fleet(fleet_dir, ["cell-a", "cell-b"])
+    rules = RolloutConfig.load(fleet_dir / "fleet.toml")
+    svc = FleetService(
+        ServiceConfig(fleet_dir, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", False, rules, registry)
+    )
+    # The starting model is the fleet's first live version (every cell ran it before A learned).
+    svc.op_publish(start_version, force=True, stage=None, cells=[])
+    loaded: list[str] = []
+
+    def on_model(path: Path, version: str) -> tuple[bool, str]:
+        planner, v = build_planner(
+            "learned", stack.cell.tote_bounds, model_path=path, seed=seed, fallback=False
+        )
+        if v != version:
+            return False, f"the file holds {v}, the fleet announced {version}"
+        stack.controller.swap_planner(planner)
+        loaded.append(version)
+        return True, f"swapped in {version}"
+
+    svc.start()
+    link = None
+    try:
+        # A's gated model: a canary on cell B, the cell that has not met the new kind yet (through the
+        # operator's control socket, as `pickcell fleet publish VERSION --stage canary --cells cell-b`).
+        reply = send_control(
+            fleet_dir, "publish", path=shared_version, force=False, stage="canary", cells=["cell-b"]
+        )
+        if not reply.get("ok"):
+            raise RuntimeError(f"the fleet refused to publish {shared_version}: {reply.get('error')}")
+        link = FleetLink(
+            LinkConfig(
+                "cell-b",
+                svc.router_endpoint,
+                svc.pub_endpoint,
+                work / "cell-b",
+                fleet_dir / "cells" / "cell-b",
+                site="site-b",
+            ),
+            on_model,
+            lambda path, version: (True, "no shadow"),
+            lambda: {"state": "picking", "counts": {}, "picks_per_hour": 0.0, "assists_waiting": 0},
+        ).start()
+        end = time.monotonic() + 120.0
+        while shared_version not in loaded:
+            if time.monotonic() > end:
+                raise RuntimeError(f"cell B did not receive {shared_version} from the fleet in 120 s")
+            time.sleep(0.05)
+        refused = list(link.refused)
+    finally:
+        if link is not None:
+            link.stop()
+        svc.stop()
+    return {
+        "fleet_dir": str(fleet_dir),
+        "delivered": shared_version,
+        "loaded_by_cell_b": loaded,
+        "refused": refused,
+    }
+
+
+def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[str, Any]:
+    """Both arms of cell B after cell A's experiment (`cell_a`: run_continual's result)."""
+    from grasping.modelfile import load_model
+    from grasping.registry import ModelRegistry
+    from sim.benchmark.continual import mixed_catalog
+
+    work = Path(work_dir)
+    seed = cfg.seed + CELL_B_SEED_OFFSET
+    catalog = mixed_catalog(cfg.new_family, cfg.new_share, seed)
+    start = Path(cell_a["start_model_path"])
+    start_version = load_model(start).version
+    final = Path(cell_a["final_model_path"])
+    shared = final != start
+    reg = ModelRegistry(work / "registry")
+    arms: dict[str, Any] = {}
+    for arm in ("without_fleet", "with_fleet"):
+        stack, channel = _cell_b_stack(cfg, seed, start, catalog)
+        try:
+            info: dict[str, Any] = {"model": start_version}
+            if arm == "with_fleet" and shared:
+                info = _share_through_fleet(
+                    work, reg.root, start_version, load_model(final).version, stack, seed
+                )
+                info["model"] = info["delivered"]
+            arms[arm] = {**info, **_work(cfg, stack, channel, cfg.totes_per_round)}
+        finally:
+            stack.close()
+    a_after = cell_a["new_family_failure"][-1]
+    b_with = arms["with_fleet"]["new_family_failure"]
+    return {
+        "cells": 2,
+        "shared_model": load_model(final).version if shared else None,
+        "cell_b_seed": seed,
+        "cell_a_new_family_failure_after": a_after,
+        "cell_b_first_contact_failure": b_with,
+        "cell_b_without_fleet": arms["without_fleet"]["new_family_failure"],
+        "cell_b_gap_to_a_pp": (100.0 * (b_with - a_after))
+        if (b_with is not None and a_after is not None)
+        else None,
+        "cell_b": arms,
+        "note": None
+        if shared
+        else "no model of cell A passed its gate: nothing was shared, both arms ran the start",
+    }
+
+
+def append_report(result: dict[str, Any], out_dir: str | Path) -> None:
+    """Add the two-cell section and fleet.png (new-kind failure: A after learning, B with and without)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fl = result["fleet"]
+    out = Path(out_dir)
+    names = ["A, last round", "B with fleet\n(first contact)", "B without fleet"]
+    keys = ["cell_a_new_family_failure_after", "cell_b_first_contact_failure", "cell_b_without_fleet"]
+    vals = [fl[k] for k in keys]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.bar(names, [float("nan") if v is None else v for v in vals], color=["#4c72b0", "#55a868", "#c44e52"])
+    for i, v in enumerate(vals):
+        if v is not None:
+            ax.text(i, v + 0.01, f"{v:.2f}", ha="center", fontsize=9)
+    ax.set_ylabel(f"new kind ({result['new_family']}) not placed alone")
+    ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(out / "fleet.png", dpi=110)
+    plt.close(fig)
+    b = fl["cell_b"]
+
+    def f(v: Any) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    lines = [
+        "",
+        "## Two cells, one fleet",
+        "",
+        f"Shared model: {fl['shared_model'] or 'none (no model of cell A passed its gate)'}; "
+        f"cell B's totes from seed {fl['cell_b_seed']}, the same in both arms.",
+        "",
+        "| | model | new-kind failure | familiar success | assists / 100 items | new-kind items |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| cell A, last round | - | {f(fl['cell_a_new_family_failure_after'])} | - | - | - |",
+    ]
+    for arm, label in (("with_fleet", "cell B, fleet's model"), ("without_fleet", "cell B, no fleet")):
+        x = b[arm]
+        lines.append(
+            f"| {label} | {x['model']} | {f(x['new_family_failure'])} | {f(x['old_family_success'])} | "
+            f"{f(x['assists_per_100_items'])} | {x['new_items']} |"
+        )
+    lines += ["", "![fleet](fleet.png)", ""]
+    if fl.get("note"):
+        lines += [f"Note: {fl['note']}.", ""]
+    with open(out / "report.md", "a") as fh:
+        fh.write("\n".join(lines))

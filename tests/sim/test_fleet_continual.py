@@ -1,0 +1,84 @@
+"""`pickcell bench continual --cells 2`: cell B gets cell A's gated model through a real fleet service.
+
+Learning itself is the single-cell experiment's business (tests/sim/test_continual.py); here cell A's
+result is given (a gated model in the learner's registry, as `run_continual` leaves it), and what is
+checked is the sharing: the fleet signs and serves it, cell B verifies and swaps it in before its first
+tote with the new kind, the control arm keeps the starting model, and both arms work the same totes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grasping.learning import GateReport
+from grasping.modelfile import load_model, save_model
+from grasping.registry import ModelRegistry
+from sim.benchmark.continual import quick_config
+from sim.benchmark.fleet_continual import run_cell_b
+from sim.stack import DEFAULT_MODEL
+
+
+def _resaved(version: str, out: Path) -> Path:
+    """The shipped model under another version: a distinct, valid file standing in for A's model."""
+    m = load_model(DEFAULT_MODEL)
+    meta = {k: v for k, v in m.meta.items() if k not in ("format", "format_version", "created")}
+    path = out / f"{version}.safetensors"
+    save_model(path, m.net, m.calibrators, m.thresholds, m.watchdog, {**meta, "model_version": version},
+               m.item_watchdog)  # fmt: skip
+    return path
+
+
+def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_does_not(tmp_path):
+    cfg = quick_config(rounds=1, seed=4)
+    work = tmp_path / "work"
+    reg = ModelRegistry(work / "registry")
+    start = reg.add(DEFAULT_MODEL)
+    learned = _resaved("graspnet-sim-v4-cell-a-r1", tmp_path)
+    sha = load_model(learned).sha256
+    reg.add(
+        learned,
+        GateReport(True, ("ok: fixture",), "graspnet-sim-v4-cell-a-r1", sha, {}, None, None, "fixture"),
+    )
+    cell_a = {
+        "start_model_path": str(DEFAULT_MODEL),
+        "final_model_path": str(learned),
+        "new_family_failure": [0.6, 0.3],
+    }
+    res = run_cell_b(cfg, work, cell_a)
+
+    assert res["shared_model"] == "graspnet-sim-v4-cell-a-r1" and res["note"] is None
+    with_fleet, without = res["cell_b"]["with_fleet"], res["cell_b"]["without_fleet"]
+    # B got the model the fleet's way: signed, downloaded, verified, swapped in; nothing refused
+    assert with_fleet["model"] == "graspnet-sim-v4-cell-a-r1" and without["model"] == start.version
+    assert "graspnet-sim-v4-cell-a-r1" in with_fleet["loaded_by_cell_b"] and with_fleet["refused"] == []
+    got = (
+        Path(with_fleet["fleet_dir"]).parent
+        / "cell-b"
+        / "fleet"
+        / "models"
+        / "graspnet-sim-v4-cell-a-r1.safetensors"
+    )
+    assert load_model(got).sha256 == sha
+    verdicts = [
+        json.loads(x) for x in (Path(with_fleet["fleet_dir"]) / "verdicts.jsonl").read_text().splitlines()
+    ]
+    assert [(v["action"], v["stage"]) for v in verdicts] == [("first-live", "everyone"), ("start", "canary")]
+    assert verdicts[1]["cells"] == ["cell-b"]
+    # the same totes in both arms: only the model differs
+    assert [t["tote"] for t in with_fleet["totes"]] == [t["tote"] for t in without["totes"]]
+    assert with_fleet["new_items"] == without["new_items"] and with_fleet["old_items"] == without["old_items"]
+    assert res["cell_a_new_family_failure_after"] == 0.3
+    assert res["cell_b_first_contact_failure"] == with_fleet["new_family_failure"]
+    assert res["cell_b_without_fleet"] == without["new_family_failure"]
+
+
+def test_nothing_is_shared_when_no_model_of_cell_a_passed_its_gate(tmp_path):
+    cfg = quick_config(rounds=1, seed=4)
+    ModelRegistry(tmp_path / "registry").add(DEFAULT_MODEL)
+    cell_a = {"start_model_path": str(DEFAULT_MODEL), "final_model_path": str(DEFAULT_MODEL),
+              "new_family_failure": [0.5, 0.5]}  # fmt: skip
+    res = run_cell_b(cfg, tmp_path, cell_a)
+    assert res["shared_model"] is None and "nothing was shared" in res["note"]
+    assert res["cell_b"]["with_fleet"]["model"] == res["cell_b"]["without_fleet"]["model"]
+    assert not (tmp_path / "fleet").exists()  # no fleet was started for nothing
