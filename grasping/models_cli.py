@@ -140,6 +140,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--kind-drop", type=float, default=0.01, help="old kinds may lose this much (default 0.01)"
     )
+    g.add_argument(
+        "--kind-test-level",
+        type=float,
+        default=0.05,
+        help="one-sided level of the per-kind forgetting test (default 0.05; 0: bare point comparison)",
+    )
     g.add_argument("--json", action="store_true", help="print the gate report as JSON")
     g.set_defaults(func=cmd_gate)
 
@@ -376,7 +382,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
             path,
             incumbent,
             holdout,
-            GateTolerance(kind_success_drop=args.kind_drop),
+            GateTolerance(
+                kind_success_drop=args.kind_drop, kind_test_level=args.kind_test_level or None
+            ),
             sim_suite=suite,
             new_kinds=tuple(args.new_kind) if args.new_kind is not None else None,
         )

@@ -57,6 +57,7 @@ class TrainSettings:
     min_rows: int = 200  # count: refuse to train on fewer rows
     kinds: int = 6  # item kinds (k-means on shape descriptors) where no family is known
     threads: int = 1  # torch threads
+    freeze: str = "none"  # fine-tuning: "none" (all weights) or "backbone" (heads only)
     val_fraction: float = 0.15  # fractions of totes per split (train gets the rest)
     calib_fraction: float = 0.15
     conformal_fraction: float = 0.15
@@ -68,6 +69,9 @@ class GateSettings:
     kind_success_drop: float = 0.01  # old kinds may lose at most this autonomous success (1 pp)
     new_kind_min_gain: float = 0.0  # triggering kinds must gain more than this
     kind_min_rows: int = 30  # count: kinds with fewer held-out rows are not judged
+    # One-sided level of the forgetting test: an old kind is refused when the held-out rows show at
+    # this level that it lost more than kind_success_drop (0: the bare point comparison).
+    kind_test_level: float = 0.05
     ece_max: float = 0.05  # calibration bar
     sim_episodes: int = 6  # fixed-seed simulation suite episodes (0: not run; the verdict says so)
 
@@ -161,6 +165,8 @@ def validate(cfg: LearnConfig, where: str = "config") -> None:
         (w.recency_half_life_s > 0 and w.human_boost > 0, "weights.recency_half_life_s and human_boost > 0"),
         (tr.mode in ("finetune", "scratch"), "train.mode must be 'finetune' or 'scratch'"),
         (tr.risk in ("executed", "joint"), "train.risk must be 'executed' or 'joint'"),
+        (tr.freeze in ("none", "backbone"), "train.freeze must be 'none' or 'backbone'"),
+        (0.0 <= cfg.gate.kind_test_level < 1.0, "gate.kind_test_level must be in [0, 1)"),
         (tr.epochs >= 1 and tr.kinds >= 1, "train.epochs and train.kinds must be >= 1"),
         (0.0 < tr.alpha < 1.0, "train.alpha must be in (0, 1)"),
     ]

@@ -195,6 +195,7 @@ def _train_config(cfg: LearnConfig, version: str, init: str | None, incumbent: s
         threads=t.threads,
         sampling="sample",
         init_model=init,
+        freeze=t.freeze if init else "none",
     )
 
 
@@ -344,6 +345,7 @@ def gate_model(
         kind_success_drop=g.kind_success_drop,
         new_kind_min_gain=g.new_kind_min_gain,
         kind_min_rows=g.kind_min_rows,
+        kind_test_level=g.kind_test_level or None,
         ece_max=g.ece_max,
     )
     suite = sim_suite_factory(Path(incumbent) if incumbent else None) if sim_suite_factory else None

@@ -329,9 +329,19 @@ def extend_train(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="with --from-sim: an earlier export trained on with the new data (replay; repeatable)",
     )
+    t.add_argument(
+        "--recipe",
+        help="rebuild a model from a recipe file (rounds of seeded collection + training, e.g. "
+        "grasping/models/default.recipe.toml; see sim/recipe.py) to --out",
+    )
+    t.add_argument(
+        "--reduced", action="store_true", help="with --recipe: the same steps at the recipe's toy size"
+    )
     from_data = t.get_default("func")
 
     def run(args: argparse.Namespace) -> int:
+        if args.recipe:
+            return _train_from_recipe(args)
         if not args.from_sim:
             if not args.data:
                 print("pickcell train: give --data DIR (a ledger export) or --from-sim", file=sys.stderr)
@@ -364,6 +374,32 @@ def extend_train(sub: argparse._SubParsersAction) -> None:
         return train_from_sim_main(argv)
 
     t.set_defaults(func=run)
+
+
+def _train_from_recipe(args: argparse.Namespace) -> int:
+    from grasping.learning import DatasetError
+    from sim.collect import CollectError
+    from sim.recipe import RecipeError, load_recipe, rebuild, reduce
+
+    if not args.out:
+        print("pickcell train --recipe: give --out FILE (the rebuilt model)", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(args.recipe)
+        if args.reduced:
+            recipe = reduce(recipe)
+        work = args.work_dir or str(Path(args.out).with_suffix("")) + ".work"
+        res = rebuild(recipe, args.out, work, workers=args.workers, registry=args.registry,
+                      progress=not args.no_progress)  # fmt: skip
+    except (RecipeError, CollectError, DatasetError) as exc:
+        print(f"pickcell train --recipe: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {res.model_path} (version {res.version}, sha256 {res.sha256[:16]}...), card {res.card_path}"
+    )
+    if res.gate is not None:
+        print(f"gate {'PASSED' if res.gate.passed else 'FAILED'}: " + "; ".join(res.gate.reasons))
+    return 0
 
 
 # --- pickcell cell run ---------------------------------------------------------------------------

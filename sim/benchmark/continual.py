@@ -7,8 +7,9 @@ What it is
     sim/catalogs/novel.py: a family no shipped model trained on) and the cell starts from the
     shipped model (`grasping/models/default.safetensors`, `graspnet-sim-v4`; `--start-model`); a
     `procedural-train` family as `--new-family` instead trains a starting model for the experiment
-    on `--start-data` with that family **left out**. Round 0 measures it: the item watchdog flags the
-    new kind out of distribution, so the cell asks a person instead of picking it alone. Each later
+    on `--start-data` with that family **left out**. Round 0 measures it: the cell asks a person
+    where the model's scores are low (or its watchdog flags the scene), or the model's own pick
+    fails. Each later
     round: `pickcell learn`'s round (`learn.learner.run_round`, forced) fine-tunes on the cell's
     ledger (the associate's answers and outcomes are labelled rows) with weighted sampling and
     replay (the familiar items' rows of the same ledger, plus `--start-data` as replay), refits the
@@ -62,12 +63,20 @@ class ContinualConfig:
     # Replay export; for a procedural-train new family also the starting model's data (family removed).
     start_data: str = str(DEFAULT_START_DATA)
     start_epochs: int = 10  # epochs of the starting model
-    learn_epochs: int = 8  # epochs per learning round (fine-tuning)
-    # Fine-tuning a model trained on ~11,500 rows with a few hundred new ones: learn's default
-    # (1e-3, 30% replay) moved it far enough that the gate refused it for forgetting and AUROC in
-    # round 1 (seeds 5 and 21); a tenth of the learning rate and half of each epoch replayed instead.
-    learn_lr: float = 1e-4  # AdamW learning rate of the fine-tuning rounds
+    learn_epochs: int = 20  # epochs at most per learning round (early stopping, patience 4)
+    # Fine-tuning a model trained on ~11,500 rows with a few hundred new ones. All weights at 1e-3
+    # (learn's default) moved it far enough that the gate refused it for AUROC (seeds 5 and 21, the
+    # continual branch); all weights at 1e-4 in batches of 256 hardly moved it (~16 steps, validation
+    # loss 0.726 -> 0.710, dev seed 21). The per-gripper heads only, at 1e-3 in batches of 64, train
+    # (validation loss 0.699 -> 0.679) without bending the shared features (development: seed 21).
+    learn_lr: float = 1e-3  # AdamW learning rate of the fine-tuning rounds
+    learn_batch_size: int = 64  # rows per optimiser step of the fine-tuning rounds
+    learn_freeze: str = "backbone"  # "none": fine-tune every weight; "backbone": the heads only
     replay_share: float = 0.5  # share of each epoch drawn from old rows (replay data, earlier rounds)
+    # The gate's per-kind forgetting test: kinds with fewer held-out rows are not judged alone (they
+    # still count in the pooled old-kinds test), and the one-sided level of the paired test.
+    kind_min_rows: int = 10
+    kind_test_level: float = 0.05
     sim_episodes: int = 4  # the gate's simulation suite episodes (0: not run)
     min_rows: int = 200  # rows the trainer needs
     # The gate's absolute calibration bar (ECE). The shipped model itself measures ECE ~0.10 on these
@@ -174,17 +183,43 @@ def mixed_catalog(new_family: str, new_share: float, seed: int) -> Any:
     return Catalog(f"{CATALOG}+{new_family}", tuple(old) + tuple(new))
 
 
+def _record_item_families(stack: Any) -> None:
+    """Put the simulator's family of the item each pick aimed at into the attempt's ledger row.
+
+    `pickcell collect` records it the same way (the item held, else the nearest one to the grasp
+    point). The learner and the gate then group rows by family (`frame` and the familiar families)
+    rather than by k-means shape kinds, so the gate's per-kind check sees the new kind as one kind
+    and each familiar family with its ledger rows as well as its replay rows. Provenance only: the
+    planner never sees it, and what counts as placed alone is measured as before."""
+    from sim.collect import _nearest_item
+
+    arm = stack.controller.arm
+    pick = arm.pick
+
+    def pick_recording_family(grasp: Any) -> Any:
+        out = pick(grasp)
+        fams = {s.body_id: s.spec.family for s in stack.feed.spawned}
+        item = out.item_id if out.item_id in fams else _nearest_item(stack.cell, np.asarray(grasp.position))
+        fam = fams.get(item)
+        if fam is None or not isinstance(out.details, dict):
+            return out
+        return replace(out, details={**out.details, "family": fam})
+
+    arm.pick = pick_recording_family
+
+
 def _work_tote(stack: Any, channel: Any, new_family: str) -> dict[str, Any]:
     """Work one tote; per item whether the model placed it alone, and the assists asked."""
     ctl = stack.controller
     tote = stack.feed.next_tote()
     families = {s.body_id: s.spec.family for s in stack.feed.spawned}
     alone: set[int] = set()
+    helped: set[int] = set()  # placed by a pick a person chose (the associate's decision, not the model's)
 
     def on_attempt(att: Any, plan: Any) -> None:
         ok = att.outcome.success and att.placed is not None and att.placed.success
-        if ok and att.decided_by == "model" and att.outcome.item_id in families:
-            alone.add(int(att.outcome.item_id))
+        if ok and att.outcome.item_id in families:
+            (alone if att.decided_by == "model" else helped).add(int(att.outcome.item_id))
 
     ctl.on_attempt = on_attempt
     rep = ctl.run_tote(tote)
@@ -196,6 +231,8 @@ def _work_tote(stack: Any, channel: Any, new_family: str) -> dict[str, Any]:
         "new_alone": sum(1 for b in new if b in alone),
         "old_items": len(old),
         "old_alone": sum(1 for b in old if b in alone),
+        "new_by_person": sum(1 for b in new if b in helped and b not in alone),
+        "old_by_person": sum(1 for b in old if b in helped and b not in alone),
         "assists": rep.assists_requested,
         "status": rep.status,
     }
@@ -211,6 +248,10 @@ def _round_metrics(totes: list[dict[str, Any]]) -> dict[str, Any]:
         "new_family_failure": (1.0 - sum(t["new_alone"] for t in totes) / new) if new else None,
         "old_family_success": (sum(t["old_alone"] for t in totes) / old) if old else None,
         "assists_per_100_items": (100.0 * sum(t["assists"] for t in totes) / items) if items else None,
+        # What the simulated associate's decisions placed, apart from the model's own (never counted
+        # as the model's success above).
+        "new_placed_by_person": (sum(t["new_by_person"] for t in totes) / new) if new else None,
+        "old_placed_by_person": (sum(t["old_by_person"] for t in totes) / old) if old else None,
     }
 
 
@@ -262,6 +303,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         ledger=ledger,
     )
     stack.feed.catalog = catalog  # totes mix the new kind with familiar items
+    _record_item_families(stack)
     clock = lambda: stack.cell.arm.robot_time  # noqa: E731
     judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=cfg.seed))
     channel = SimAssistChannel(judge, clock)
@@ -274,10 +316,21 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         seed=cfg.seed,
         triggers=TriggerConfig(),
         train=TrainSettings(
-            mode="finetune", epochs=cfg.learn_epochs, lr=cfg.learn_lr, min_rows=cfg.min_rows, risk="joint"
+            mode="finetune",
+            epochs=cfg.learn_epochs,
+            lr=cfg.learn_lr,
+            batch_size=cfg.learn_batch_size,
+            freeze=cfg.learn_freeze,
+            min_rows=cfg.min_rows,
+            risk="joint",
         ),
         weights=WeightsConfig(replay_share=cfg.replay_share),
-        gate=GateSettings(sim_episodes=cfg.sim_episodes, kind_min_rows=10, ece_max=cfg.gate_ece_max),
+        gate=GateSettings(
+            sim_episodes=cfg.sim_episodes,
+            kind_min_rows=cfg.kind_min_rows,
+            kind_test_level=cfg.kind_test_level,
+            ece_max=cfg.gate_ece_max,
+        ),
     )
     factory = sim_suite_factory(cfg.sim_episodes) if cfg.sim_episodes > 0 else None
     rounds: list[dict[str, Any]] = []
@@ -373,8 +426,9 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
         f"New kind: `{result['new_family']}` ({result['new_family_is']}); catalog `{result['catalog']}`; "
         f"wall time {result['wall_seconds']:.0f} s.",
         "",
-        "| round | model | gate passed | new-kind failure | familiar success | assists / 100 items |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| round | model | gate passed | new-kind failure | familiar success | assists / 100 items "
+        "| new kind placed by a person's pick | familiar placed by a person's pick |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def f(v: Any) -> str:
@@ -383,7 +437,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
     for x in result["rounds"]:
         lines.append(
             f"| {x['round']} | {x['model']} | {f(x['gate_passed'])} | {f(x['new_family_failure'])} | "
-            f"{f(x['old_family_success'])} | {f(x['assists_per_100_items'])} |"
+            f"{f(x['old_family_success'])} | {f(x['assists_per_100_items'])} | "
+            f"{f(x.get('new_placed_by_person'))} | {f(x.get('old_placed_by_person'))} |"
         )
     lines += ["", "![rounds](continual.png)", "", "Config: `" + json.dumps(result["config"]) + "`", ""]
     path = out / "report.md"
@@ -426,6 +481,19 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--gate-ece-max", type=float, default=None, help="the gate's absolute ECE bar (default 1.0: off)"
     )
+    c.add_argument("--learn-lr", type=float, default=None, help="fine-tuning learning rate")
+    c.add_argument("--learn-epochs", type=int, default=None, help="fine-tuning epochs at most")
+    c.add_argument("--learn-batch-size", type=int, default=None, help="fine-tuning rows per step")
+    c.add_argument(
+        "--learn-freeze", choices=("none", "backbone"), default=None, help="fine-tune all or heads only"
+    )
+    c.add_argument("--replay-share", type=float, default=None, help="share of each epoch from old rows")
+    c.add_argument(
+        "--kind-test-level",
+        type=float,
+        default=None,
+        help="one-sided level of the gate's per-kind forgetting test (0: bare point comparison)",
+    )
     c.add_argument(
         "--cells",
         type=int,
@@ -461,6 +529,12 @@ def cmd_continual(args: Any) -> int:
         "start_model": args.start_model,
         "gate_ece_max": args.gate_ece_max,
         "sim_episodes": args.sim_episodes,
+        "learn_lr": args.learn_lr,
+        "learn_epochs": args.learn_epochs,
+        "learn_batch_size": args.learn_batch_size,
+        "learn_freeze": args.learn_freeze,
+        "replay_share": args.replay_share,
+        "kind_test_level": args.kind_test_level,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if cfg.rounds < 0 or cfg.totes_per_round < 1 or cfg.objects_per_tote < 1:

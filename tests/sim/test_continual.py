@@ -36,6 +36,24 @@ def test_continual_quick_runs_rounds_of_collect_learn_gate_and_reports_each(tmp_
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "continual.png").exists()
     index = json.loads((tmp_path / "work" / "registry" / "index.json").read_text())
     assert index["models"][r1["version"]]["gate_passed"] == r1["gate_passed"]
+    # What a person's pick placed is reported apart from the model's own placements.
+    for x in res["rounds"]:
+        for t in x["totes"]:
+            assert t["new_alone"] + t["new_by_person"] <= t["new_items"]
+            assert t["old_alone"] + t["old_by_person"] <= t["old_items"]
+    # Every executed attempt's ledger row names the family of the item it aimed at (or was holding),
+    # so the gate judges the new kind as one kind: only catalog families, and at least one row.
+    import sqlite3
+
+    from sim.catalogs import load_catalog
+
+    conn = sqlite3.connect(tmp_path / "work" / "cell.db")
+    try:
+        fams = [f for (f,) in conn.execute("SELECT family FROM attempts")]
+    finally:
+        conn.close()
+    known = set(load_catalog("procedural-train").families) | {"frame"}
+    assert fams and {f for f in fams if f} <= known and any(fams), fams
 
 
 def test_frame_family_is_deterministic_has_a_hole_and_rests_flat(tmp_path, monkeypatch) -> None:
