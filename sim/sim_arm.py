@@ -68,6 +68,15 @@ from sim.motion import (
 
 log = logging.getLogger(__name__)
 
+
+def _over_limits(samples: np.ndarray, h: float) -> float:
+    """How far joint samples taken every h s exceed the joint limits: the factor f by which a uniformly
+    slower profile (v / f, a / f^2) fits them (<= 1: within every joint's velocity and acceleration)."""
+    v_ratio = float(np.max(np.abs(np.diff(samples, axis=0)) / h / _VMAX))
+    a_ratio = float(np.max(np.abs(np.diff(samples, 2, axis=0)) / (h * h) / _AMAX))
+    return max(v_ratio, float(np.sqrt(a_ratio)))
+
+
 SHOULDER = np.array([0.0, 0.0, 0.333])  # m, joint 2 axis in the base frame
 FINGER_ITEM_TOLERANCE = 0.008  # m, overlap of a finger with a neighbour item that check_grasp accepts
 HAND_ITEM_TOLERANCE = 0.003  # m, same for the other links
@@ -987,10 +996,7 @@ class SimArm:
                 qs.append(q)
                 seed = q
             qs = np.array(qs)
-            h = times[1] - times[0]
-            v_ratio = float(np.max(np.abs(np.diff(qs, axis=0)) / h / _VMAX))
-            a_ratio = float(np.max(np.abs(np.diff(qs, 2, axis=0)) / (h * h) / _AMAX))
-            f = max(v_ratio, np.sqrt(a_ratio))
+            f = _over_limits(qs, times[1] - times[0])
             if f <= 1.0:
                 break
             f *= 1.05  # a uniformly slower profile: v / f, a / f^2, j / f^3
@@ -1580,10 +1586,7 @@ class SimArm:
             samples = np.array([[np.interp(f, way, qs[:, i]) for i in range(7)] for f in frac])
             # ... and, sampled, within every joint's velocity and acceleration limit (as
             # `_kinematic_line`): a uniformly slower profile until it is.
-            h = times[1] - times[0]
-            v_ratio = float(np.max(np.abs(np.diff(samples, axis=0)) / h / _VMAX))
-            a_ratio = float(np.max(np.abs(np.diff(samples, 2, axis=0)) / (h * h) / _AMAX))
-            f = max(v_ratio, np.sqrt(a_ratio))
+            f = _over_limits(samples, times[1] - times[0])
             if f <= 1.0:
                 break
             f *= 1.05
