@@ -196,8 +196,7 @@ def _record_item_families(stack: Any) -> None:
     arm = stack.controller.arm
     pick = arm.pick
 
-    def pick_recording_family(grasp: Any) -> Any:
-        out = pick(grasp)
+    def with_family(grasp: Any, out: Any) -> Any:
         fams = {s.body_id: s.spec.family for s in stack.feed.spawned}
         item = out.item_id if out.item_id in fams else _nearest_item(stack.cell, np.asarray(grasp.position))
         fam = fams.get(item)
@@ -205,7 +204,18 @@ def _record_item_families(stack: Any) -> None:
             return out
         return replace(out, details={**out.details, "family": fam})
 
+    def pick_recording_family(grasp: Any) -> Any:
+        return with_family(grasp, pick(grasp))
+
     arm.pick = pick_recording_family
+    blended = getattr(arm, "pick_and_place", None)
+    if blended is not None:  # the controller's default when the arm has it (arm.interfaces.PickAndPlace)
+
+        def pick_and_place_recording_family(grasp: Any, placement_for: Any) -> Any:
+            out, placed = blended(grasp, placement_for)
+            return with_family(grasp, out), placed
+
+        arm.pick_and_place = pick_and_place_recording_family
 
 
 def _work_tote(stack: Any, channel: Any, new_family: str) -> dict[str, Any]:
