@@ -1086,6 +1086,13 @@ class GateTolerance:
     # tolerance. None: the bare point comparison (on 10 rows one row is 10 pp, so that rule refuses
     # on noise). The old kinds pooled are tested the same way (more rows, more power).
     kind_test_level: float | None = 0.05
+    # One-sided level of the AUROC and ECE checks (`paired_metric_change`): the candidate is refused
+    # when a paired bootstrap of the held-out rows (resampled by tote) shows at this level that its
+    # AUROC is lower than the incumbent's by more than auroc_drop, or its ECE higher by more than
+    # ece_rise. None: the bare point comparison (on ~170 held-out rows the AUROC of one model moves
+    # by +-0.03 from resample to resample, so the point rule refuses on noise).
+    metric_test_level: float | None = 0.05
+    metric_resamples: int = 2000  # bootstrap resamples of the paired metric test
     # Conditional precision: P(fail | auto-executed) may exceed max(alpha, incumbent's) by this much.
     executed_fail_rise: float = 0.02
 
@@ -1131,6 +1138,98 @@ def paired_success_change(incumbent_ok: np.ndarray, candidate_ok: np.ndarray, le
 
 
 @dataclass(frozen=True)
+class PairedMetricChange:
+    """Bootstrap confidence bounds of candidate minus incumbent for one metric on the same rows."""
+
+    metric: str  # "auroc" or "ece"
+    n: int  # rows
+    groups: int  # resampling units (totes; rows when there are too few totes)
+    candidate: float
+    incumbent: float
+    change: float  # candidate - incumbent on the rows as they are
+    lower: float  # one-sided lower confidence bound of the change at `level`
+    upper: float  # one-sided upper confidence bound of the change at `level`
+    level: float
+    resamples: int  # resamples that gave a defined value (AUROC needs both classes)
+
+
+MIN_BOOTSTRAP_GROUPS = 10  # fewer totes than this: resample rows instead (and say so)
+
+
+def paired_metric_change(
+    metric: str,
+    y: np.ndarray,
+    incumbent: np.ndarray,
+    candidate: np.ndarray,
+    level: float,
+    groups: np.ndarray | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    bins: int = 15,
+) -> PairedMetricChange:
+    """Paired bootstrap bounds of `metric`(candidate) - `metric`(incumbent) on one held-out set.
+
+    `incumbent`/`candidate` are (N,) scores of the same rows: logits for "auroc", calibrated
+    probabilities for "ece". Both models are evaluated on each resample, so what the two share (the
+    rows' difficulty) cancels and only their difference varies. Rows of one tote are correlated
+    (one scene, the same items), so whole totes are resampled (cluster bootstrap) when `groups`
+    holds at least MIN_BOOTSTRAP_GROUPS of them; otherwise rows. Percentile bounds, seeded.
+    """
+    if metric not in ("auroc", "ece"):
+        raise ValueError(f"metric must be 'auroc' or 'ece', got {metric!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    y = np.asarray(y, dtype=np.float64)
+    a, c = np.asarray(incumbent, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+    if not (a.shape == c.shape == y.shape) or y.ndim != 1 or len(y) == 0:
+        raise ValueError(f"paired rows must be three equal (N,) arrays, got {y.shape}, {a.shape}, {c.shape}")
+
+    def value(s: np.ndarray, yy: np.ndarray) -> float:
+        if metric == "auroc":
+            return auroc(s, yy)
+        return expected_calibration_error(s, yy, bins)
+
+    if groups is not None and len(np.unique(np.asarray(groups))) >= MIN_BOOTSTRAP_GROUPS:
+        _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        members = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
+    else:
+        members = [np.array([i]) for i in range(len(y))]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        pick = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        d = value(c[pick], y[pick]) - value(a[pick], y[pick])
+        if d == d:  # NaN: one class only in this resample (AUROC undefined)
+            diffs.append(d)
+    ci, ii = value(c, y), value(a, y)
+    if not diffs:
+        lo = hi = float("nan")
+    else:
+        lo, hi = (float(v) for v in np.quantile(diffs, [level, 1.0 - level]))
+    return PairedMetricChange(metric, len(y), len(members), ci, ii, ci - ii, lo, hi, level, len(diffs))
+
+
+def _metric_check(pm: PairedMetricChange, tol_value: float, worse_is: str) -> tuple[bool, str]:
+    """(passed, text): refuse when the bound shows the candidate worse than the incumbent by more
+    than `tol_value` (`worse_is` "lower" for AUROC, "higher" for ECE)."""
+    name = pm.metric.upper() if pm.metric == "ece" else "AUROC"
+    conf = f"{100 * (1 - pm.level):.0f}%"
+    head = (
+        f"{name} {pm.candidate:.4f} vs incumbent {pm.incumbent:.4f} (change {pm.change:+.4f}; paired "
+        f"bootstrap over {pm.groups} {'totes' if pm.groups < pm.n else 'rows'}, {pm.resamples} resamples)"
+    )
+    if worse_is == "lower":
+        ok = not (pm.upper < -tol_value)  # NaN bound (no defined resample): no evidence, passes
+        return ok, f"{head}: {conf} upper bound {pm.upper:+.4f} >= -{tol_value}" + (
+            "" if ok else f" (lower: short by {-tol_value - pm.upper:.4f})"
+        )
+    ok = not (pm.lower > tol_value)
+    return ok, f"{head}: {conf} lower bound {pm.lower:+.4f} <= +{tol_value}" + (
+        "" if ok else f" (worse calibrated: over by {pm.lower - tol_value:.4f})"
+    )
+
+
+@dataclass(frozen=True)
 class GateReport:
     passed: bool
     reasons: tuple[str, ...]  # every check, "ok: ..." or "FAIL: ..."
@@ -1147,10 +1246,15 @@ class GateReport:
         return _json_safe(asdict(self))
 
 
+def _scores(scorer: Any, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, calibrated probabilities), (N,) each, as `evaluate` computes them."""
+    logits, _ = scorer.logits_and_embeddings(ds.patches, ds.features, ds.gripper)
+    return logits, scorer.calibrate(logits, ds.gripper)
+
+
 def _auto_success_rows(scorer: Any, ds: Dataset) -> np.ndarray:
     """(N,) bool: the model would execute the row alone and it succeeded (as `evaluate` counts)."""
-    logits, _ = scorer.logits_and_embeddings(ds.patches, ds.features, ds.gripper)
-    p = scorer.calibrate(logits, ds.gripper)
+    _, p = _scores(scorer, ds)
     return (p >= scorer.candidate_thresholds(ds.gripper)) & (ds.label == 1)
 
 
@@ -1186,11 +1290,13 @@ def gate(
 ) -> GateReport:
     """Does the candidate model regress against the incumbent on `holdout`? Pluggable sim suite.
 
-    Pass only if: candidate ECE <= ece_max and <= incumbent ECE + ece_rise; AUROC >= incumbent AUROC
-    - auroc_drop; no well-represented item family's AUROC drops by more than family_auroc_drop (old
-    families must not be forgotten); joint auto-execute failure rate <= max(alpha, incumbent's) +
-    auto_fail_rise; and the simulation regression suite (when given) passes. The holdout must be
-    data neither model trained on (e.g. a later ledger export).
+    Pass only if: candidate ECE <= ece_max; the held-out rows do not show (paired bootstrap at
+    `metric_test_level`; None: point comparison) the candidate's ECE above the incumbent's by more
+    than ece_rise or its AUROC below by more than auroc_drop; no well-represented item family's
+    AUROC drops by more than family_auroc_drop (old families must not be forgotten); joint
+    auto-execute failure rate <= max(alpha, incumbent's) + auto_fail_rise; and the simulation
+    regression suite (when given) passes. The holdout must be data neither model trained on (e.g. a
+    later ledger export).
 
     Per item kind (family in simulation, shape kind from the candidate file's `item_kinds` on a real
     cell): kinds the incumbent knew must not lose more than `kind_success_drop` of autonomous
@@ -1218,14 +1324,26 @@ def gate(
     check(cm["ece"] <= tol.ece_max, f"ECE {cm['ece']:.4f} <= {tol.ece_max}")
     fail_limit = alpha + tol.auto_fail_rise
     if im is not None:
-        check(
-            cm["auroc"] >= im["auroc"] - tol.auroc_drop,
-            f"AUROC {cm['auroc']:.4f} >= incumbent {im['auroc']:.4f} - {tol.auroc_drop}",
-        )
-        check(
-            cm["ece"] <= im["ece"] + tol.ece_rise,
-            f"ECE {cm['ece']:.4f} <= incumbent {im['ece']:.4f} + {tol.ece_rise}",
-        )
+        if tol.metric_test_level is None:
+            check(
+                cm["auroc"] >= im["auroc"] - tol.auroc_drop,
+                f"AUROC {cm['auroc']:.4f} >= incumbent {im['auroc']:.4f} - {tol.auroc_drop}",
+            )
+            check(
+                cm["ece"] <= im["ece"] + tol.ece_rise,
+                f"ECE {cm['ece']:.4f} <= incumbent {im['ece']:.4f} + {tol.ece_rise}",
+            )
+        else:
+            (c_logit, c_p), (i_logit, i_p) = _scores(cand, holdout), _scores(inc, holdout)
+            y = holdout.label.astype(np.float64)
+            for metric, (ci, ii), margin, worse in (
+                ("auroc", (c_logit, i_logit), tol.auroc_drop, "lower"),
+                ("ece", (c_p, i_p), tol.ece_rise, "higher"),
+            ):
+                pm = paired_metric_change(
+                    metric, y, ii, ci, tol.metric_test_level, holdout.tote, tol.metric_resamples
+                )
+                check(*_metric_check(pm, margin, worse))
         fail_limit = max(alpha, im["auto_fail_joint"]) + tol.auto_fail_rise
         for fam, fm in cm["by_family"].items():
             old = im["by_family"].get(fam)

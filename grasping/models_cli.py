@@ -146,6 +146,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.05,
         help="one-sided level of the per-kind forgetting test (default 0.05; 0: bare point comparison)",
     )
+    g.add_argument(
+        "--metric-test-level",
+        type=float,
+        default=0.05,
+        help="one-sided level of the paired bootstrap AUROC/ECE checks (default 0.05; 0: point comparison)",
+    )
     g.add_argument("--json", action="store_true", help="print the gate report as JSON")
     g.set_defaults(func=cmd_gate)
 
@@ -383,7 +389,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
             incumbent,
             holdout,
             GateTolerance(
-                kind_success_drop=args.kind_drop, kind_test_level=args.kind_test_level or None
+                kind_success_drop=args.kind_drop,
+                kind_test_level=args.kind_test_level or None,
+                metric_test_level=args.metric_test_level or None,
             ),
             sim_suite=suite,
             new_kinds=tuple(args.new_kind) if args.new_kind is not None else None,

@@ -72,6 +72,9 @@ class GateSettings:
     # One-sided level of the forgetting test: an old kind is refused when the held-out rows show at
     # this level that it lost more than kind_success_drop (0: the bare point comparison).
     kind_test_level: float = 0.05
+    # One-sided level of the AUROC and ECE checks: refused when a paired bootstrap of the held-out
+    # totes shows at this level a loss beyond the tolerance (0: the bare point comparison).
+    metric_test_level: float = 0.05
     ece_max: float = 0.05  # calibration bar
     sim_episodes: int = 6  # fixed-seed simulation suite episodes (0: not run; the verdict says so)
 
@@ -167,6 +170,7 @@ def validate(cfg: LearnConfig, where: str = "config") -> None:
         (tr.risk in ("executed", "joint"), "train.risk must be 'executed' or 'joint'"),
         (tr.freeze in ("none", "backbone"), "train.freeze must be 'none' or 'backbone'"),
         (0.0 <= cfg.gate.kind_test_level < 1.0, "gate.kind_test_level must be in [0, 1)"),
+        (0.0 <= cfg.gate.metric_test_level < 1.0, "gate.metric_test_level must be in [0, 1)"),
         (tr.epochs >= 1 and tr.kinds >= 1, "train.epochs and train.kinds must be >= 1"),
         (0.0 < tr.alpha < 1.0, "train.alpha must be in (0, 1)"),
     ]

@@ -346,6 +346,7 @@ def gate_model(
         new_kind_min_gain=g.new_kind_min_gain,
         kind_min_rows=g.kind_min_rows,
         kind_test_level=g.kind_test_level or None,
+        metric_test_level=g.metric_test_level or None,
         ece_max=g.ece_max,
     )
     suite = sim_suite_factory(Path(incumbent) if incumbent else None) if sim_suite_factory else None

@@ -77,6 +77,7 @@ class ContinualConfig:
     # still count in the pooled old-kinds test), and the one-sided level of the paired test.
     kind_min_rows: int = 10
     kind_test_level: float = 0.05
+    metric_test_level: float = 0.05  # the gate's paired bootstrap AUROC/ECE checks (0: point rule)
     sim_episodes: int = 4  # the gate's simulation suite episodes (0: not run)
     min_rows: int = 200  # rows the trainer needs
     # The gate's absolute calibration bar (ECE). The shipped model itself measures ECE ~0.10 on these
@@ -339,6 +340,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
             sim_episodes=cfg.sim_episodes,
             kind_min_rows=cfg.kind_min_rows,
             kind_test_level=cfg.kind_test_level,
+            metric_test_level=cfg.metric_test_level,
             ece_max=cfg.gate_ece_max,
         ),
     )
@@ -505,6 +507,12 @@ def register(sub: Any) -> None:
         help="one-sided level of the gate's per-kind forgetting test (0: bare point comparison)",
     )
     c.add_argument(
+        "--metric-test-level",
+        type=float,
+        default=None,
+        help="one-sided level of the gate's paired bootstrap AUROC/ECE checks (0: point comparison)",
+    )
+    c.add_argument(
         "--cells",
         type=int,
         choices=(1, 2),
@@ -545,6 +553,7 @@ def cmd_continual(args: Any) -> int:
         "learn_freeze": args.learn_freeze,
         "replay_share": args.replay_share,
         "kind_test_level": args.kind_test_level,
+        "metric_test_level": args.metric_test_level,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if cfg.rounds < 0 or cfg.totes_per_round < 1 or cfg.objects_per_tote < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grasping.learning import paired_success_change
+from grasping.learning import _metric_check, paired_metric_change, paired_success_change
 
 
 def rows(n: int, lost: int, gained: int, both: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -59,3 +59,62 @@ def test_the_test_keeps_its_level_without_forgetting_and_has_power_with_it() -> 
     assert refusals(0.1, 0.1) <= 0.05
     # A kind that truly lost 25 pp of its rows: refused nearly always.
     assert refusals(0.25, 0.0) >= 0.9
+
+
+# --- the AUROC and ECE checks: paired bootstrap over totes (grasping.learning.paired_metric_change) ---
+
+
+def scored_rows(n: int, seed: int, separation: float) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and logits whose AUROC grows with `separation` (0: chance)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.6).astype(float)
+    return y, separation * (2 * y - 1) + rng.normal(0, 1, n)
+
+
+def test_a_model_that_ranks_far_worse_is_shown_worse_and_a_copy_is_not() -> None:
+    y, good = scored_rows(200, seed=1, separation=1.5)
+    _, noise = scored_rows(200, seed=2, separation=0.0)
+    totes = np.repeat(np.arange(20), 10).astype(str)
+    worse = paired_metric_change("auroc", y, good, noise, level=0.05, groups=totes, resamples=500)
+    assert worse.groups == 20  # whole totes resampled
+    assert worse.change < -0.2 and worse.upper < -0.01
+    same = paired_metric_change("auroc", y, good, good.copy(), level=0.05, groups=totes, resamples=500)
+    assert (same.change, same.lower, same.upper) == (0.0, 0.0, 0.0)
+
+
+def test_a_small_auroc_difference_on_170_rows_is_not_evidence() -> None:
+    # The candidate is the incumbent plus a little noise: AUROC differs by about a point either way,
+    # which the old point rule (candidate >= incumbent - 0.01) refused about half the time.
+    y, inc = scored_rows(170, seed=3, separation=1.0)
+    cand = inc + np.random.default_rng(4).normal(0, 0.4, 170)
+    pm = paired_metric_change("auroc", y, inc, cand, level=0.05, resamples=500)
+    assert pm.groups == 170  # no totes given: rows are resampled
+    assert pm.lower < pm.change < pm.upper
+    assert pm.upper > -0.01
+
+
+def test_ece_worse_by_far_is_refused_and_bad_input_is_refused() -> None:
+    rng = np.random.default_rng(5)
+    p = rng.random(300)
+    y = (rng.random(300) < p).astype(float)  # p is calibrated
+    off = np.clip(p + 0.25, 0, 1)  # every probability 25 points too high
+    pm = paired_metric_change("ece", y, p, off, level=0.05, resamples=500)
+    assert pm.change > 0.1 and pm.lower > 0.03
+    ok, text = _metric_check(pm, 0.01, "higher")
+    assert not ok and "worse calibrated" in text
+    with pytest.raises(ValueError, match="metric"):
+        paired_metric_change("brier", y, p, off, level=0.05)
+    with pytest.raises(ValueError, match="paired rows"):
+        paired_metric_change("ece", y, p, off[:10], level=0.05)
+
+
+def test_the_auroc_check_keeps_its_level_when_nothing_changed() -> None:
+    # Two models of equal skill scoring the same rows independently: refused at most ~5% of draws.
+    refused = 0
+    draws = 60
+    for k in range(draws):
+        y, a = scored_rows(150, seed=100 + k, separation=1.0)
+        b = 1.0 * (2 * y - 1) + np.random.default_rng(1000 + k).normal(0, 1, 150)
+        pm = paired_metric_change("auroc", y, a, b, level=0.05, resamples=300, seed=k)
+        refused += not _metric_check(pm, 0.01, "lower")[0]
+    assert refused / draws <= 0.1
