@@ -8,8 +8,16 @@ Each row's weight is
     [0, novelty_cap]; rows without a descriptor use the plan's recorded scene sigma instead;
   * loss: the incumbent's binary cross-entropy on the row (calibrated p), clipped to loss_cap: what
     the current model gets wrong is worth more;
-  * human: rows a person decided or labelled (`decided_by` "associate:..." or source "associate").
+  * human: rows a person decided or labelled (`decided_by` "associate:..." or source "associate"),
+    but not weak negatives: a passed-over candidate is an inference from the person's choice, not
+    their label.
 The export weight (weak negatives 0.3) multiplies this inside `grasping.learning.train`.
+
+Weak negatives of one item share one row's weight: when a person approves one of five candidates,
+that is one decision, and the four passed over must not count as four labels (the number shown is
+an interface setting). Without this, on the continual experiment's development seed the frames'
+164 weak negatives outweighed their 39 outcome rows (74% successes) about 2.5 to 1, the fine-tuned
+heads learned "frames fail", and the cell asked about more frames after each round.
 
 Replay: rows recorded before the cutoff (the last round) and rows of replay exports are "old"; their
 weights are rescaled to sum to `replay_share` of the total, the new rows' to the rest, so every epoch
@@ -68,9 +76,15 @@ def sampling_weights(
         wd = item_watchdog_of(scorer)
         loss = np.clip(incumbent_loss(scorer, ds), 0.0, cfg.loss_cap)
     novelty = np.clip(item_novelty(wd, ds), 0.0, cfg.novelty_cap)
+    weak = ds.weight < 1.0
     human = np.char.startswith(ds.decided_by.astype(str), "associate:") | (ds.source == "associate")
+    human &= ~weak
     w = recency * (1.0 + cfg.novelty_gain * novelty) * (1.0 + cfg.loss_gain * loss)
     w = w * np.where(human, cfg.human_boost, 1.0)
+    shared = weak & (ds.item.astype(str) != "")  # rows without an item key keep their own weight
+    if shared.any():  # one item's weak negatives share one row's weight (module docstring)
+        _, inverse, counts = np.unique(ds.item[shared].astype(str), return_inverse=True, return_counts=True)
+        w[shared] /= counts[inverse]
     old = np.asarray(old, dtype=bool)
     new = ~old
     if old.any() and new.any():
@@ -85,6 +99,7 @@ def sampling_weights(
         "mean_novelty_old": float(novelty[old].mean()) if old.any() else 0.0,
         "mean_loss_new": float(loss[new].mean()) if new.any() else 0.0,
         "human_rows": int(human.sum()),
+        "weak_negative_rows": int(weak.sum()),
         "item_watchdog": wd is not None,
     }
     return w, info

@@ -233,6 +233,28 @@ def test_sampling_weights_favour_novel_hard_human_rows_and_keep_the_replay_share
     assert w[new & (who != "model")].mean() > w[new & (who == "model")].mean()  # people's labels
 
 
+def test_one_items_weak_negatives_share_one_rows_weight_and_get_no_human_boost() -> None:
+    from learn.config import WeightsConfig
+    from learn.weights import sampling_weights
+
+    ds, _ = make_dataset_synth(20, seed=31)
+    n = len(ds)
+    # Row 0: the candidate a person approved on item A (an outcome row); rows 1-4: the four candidates
+    # they passed over on item A (weak negatives, export weight 0.3); row 5: one passed over on item B.
+    item = np.array(["p1:A"] * 5 + ["p1:B"] + ["p2:%d" % i for i in range(n - 6)])
+    weight = np.where((np.arange(n) >= 1) & (np.arange(n) <= 5), 0.3, 1.0)
+    who = np.where(np.arange(n) <= 5, "associate:ann", "model")
+    ds = replace(
+        ds, item=item, weight=weight, decided_by=who, timestamp=np.full(n, 1e9), ood_sigma=np.zeros(n)
+    )
+    w, info = sampling_weights(ds, WeightsConfig(loss_gain=0.0), old=np.zeros(n, dtype=bool))
+    assert info["weak_negative_rows"] == 5
+    base = w[6:].mean()  # rows of the model's own, no boost
+    assert w[0] == pytest.approx(2.0 * base)  # a person's label: human_boost
+    assert w[5] == pytest.approx(base)  # a lone weak negative: one row, no boost
+    assert w[1:5] == pytest.approx(np.full(4, base / 4))  # four weak negatives of item A: one row together
+
+
 # --- the gate names a forgotten kind -------------------------------------------------------------------
 
 
