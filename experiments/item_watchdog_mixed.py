@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pybullet as p
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -63,14 +64,41 @@ def catalog_of(family: str) -> str:
     return "procedural-train" if family in load_catalog("procedural-train").families else "novel-train"
 
 
-def tote_items(
-    fams_kept: list[str], novel: str | None, objects: int, seed: int
-) -> list[tuple[np.ndarray, bool, float]]:
-    """Fill one tote (objects - 1 familiar + 1 novel, or all familiar), segment it, and return each
-    described item's (descriptor, is_novel, purity)."""
-
+def _described_clusters(cell) -> list[tuple[np.ndarray, int, float, int]]:
+    """Capture, segment, describe: each item cluster's (descriptor, body it mostly shows, purity,
+    grid cells)."""
     from grasping.pointcloud import segment_scene
     from grasping.watchdog import scene_item_descriptors_by_cluster
+
+    frame = cell.camera.capture()
+    cloud = segment_scene(frame, cell.tote_bounds)
+    desc, which = scene_item_descriptors_by_cluster(cloud)
+    seg = np.asarray(cell.camera.last_segmentation)  # (H, W) body ids, ground truth
+    items_here = set(cell.items_in_tote())
+    labels = np.asarray(cloud.labels)
+    out = []
+    for d, k in zip(desc, which, strict=True):
+        i, j = np.nonzero(labels == k)
+        bodies = seg[cloud.v0 + cloud.stride * i, cloud.u0 + cloud.stride * j]
+        bodies = bodies[np.isin(bodies, list(items_here))]
+        if bodies.size == 0:
+            continue  # a cluster of tote wall or floor: no item to charge it to
+        ids, counts = np.unique(bodies, return_counts=True)
+        out.append((d, int(ids[np.argmax(counts)]), float(counts.max() / counts.sum()), len(i)))
+    return out
+
+
+def tote_items(
+    fams_kept: list[str], novel: str | None, objects: int, seed: int, protocol: str = "snapshot"
+) -> list[tuple[np.ndarray, bool, float]]:
+    """Fill one tote (objects - 1 familiar + 1 novel, or all familiar) and return each described
+    item's (descriptor, is_novel, purity).
+
+    protocol "snapshot": one capture of the full tote, every cluster scored (an item under others is
+    seen in occluded fragments). "unpile": as a cell meets the items: capture, score the cluster of the
+    highest item (the one a top-down cell reaches first), take that item out, let the rest settle,
+    repeat; each item is described once, when nothing lies on it.
+    """
     from sim.catalogs import load_catalog
     from sim.scene import SimCell
 
@@ -83,23 +111,22 @@ def tote_items(
             # the new item first: a full tote leaves no room to drop one more into
             cell.fill(load_catalog(catalog_of(novel), [novel]), 1, rng)
             cell.fill(familiar, objects - 1, rng)
-        frame = cell.camera.capture()
-        cloud = segment_scene(frame, cell.tote_bounds)
-        desc, which = scene_item_descriptors_by_cluster(cloud)
-        seg = np.asarray(cell.camera.last_segmentation)  # (H, W) body ids, ground truth
-        items_here = set(cell.items_in_tote())
-        labels = np.asarray(cloud.labels)
+        if protocol == "snapshot":
+            return [(d, cell.items[b].family == novel, pur) for d, b, pur, _ in _described_clusters(cell)]
+        if protocol != "unpile":
+            raise ValueError(f"protocol must be 'snapshot' or 'unpile', got {protocol!r}")
         out = []
-        for d, k in zip(desc, which, strict=True):
-            i, j = np.nonzero(labels == k)
-            bodies = seg[cloud.v0 + cloud.stride * i, cloud.u0 + cloud.stride * j]
-            bodies = bodies[np.isin(bodies, list(items_here))]
-            if bodies.size == 0:
-                continue  # a cluster of tote wall or floor: no item to charge it to
-            ids, counts = np.unique(bodies, return_counts=True)
-            body = int(ids[np.argmax(counts)])
-            purity = float(counts.max() / counts.sum())
-            out.append((d, cell.items[body].family == novel, purity))
+        while cell.items_in_tote():
+            top = max(
+                cell.items_in_tote(),
+                key=lambda b: p.getAABB(b, physicsClientId=cell.client_id)[1][2],
+            )
+            seen = [(d, pur, n) for d, b, pur, n in _described_clusters(cell) if b == top]
+            if seen:  # the largest cluster of the top item (a sliver can split off at an edge)
+                d, pur, _ = max(seen, key=lambda x: x[2])
+                out.append((d, cell.items[top].family == novel, pur))
+            cell.remove_item(top)
+            cell.settle(0.3)
         return out
 
 
@@ -130,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     scores, novel, purity = [], [], []
     totes_with_novel_seen = 0
     for i in range(args.mixed_scenes):
-        items = tote_items(kept, args.leave_out, args.objects, _seed(args.seed, 3, i))
+        items = tote_items(kept, args.leave_out, args.objects, _seed(args.seed, 3, i), args.protocol)
         if not items:
             continue
         s = wd.item_scores(np.array([d for d, _, _ in items]))
@@ -174,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed-scenes", type=int, default=30, help="mixed totes: familiar items + one left out")
     ap.add_argument("--objects", type=int, default=8, help="items per tote")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--protocol",
+        choices=("snapshot", "unpile"),
+        default="snapshot",
+        help="how the mixed totes' items are seen: 'snapshot' (one capture of the full tote, occluded "
+        "items in fragments) or 'unpile' (each item when it is the highest, as a top-down cell meets it)",
+    )
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
