@@ -62,6 +62,10 @@ class ContinualConfig:
     objects_per_tote: int = 6  # items per tote
     # Replay export; for a procedural-train new family also the starting model's data (family removed).
     start_data: str = str(DEFAULT_START_DATA)
+    # More replay exports (e.g. a `pickcell train --from-sim` collection's `data/`): every learning
+    # round trains on them as old data, and the trainer's calibration and threshold splits draw on
+    # them too. The 644-row fixture alone leaves ~100-150 rows to certify the ask threshold on.
+    extra_replay: tuple[str, ...] = ()
     start_epochs: int = 10  # epochs of the starting model
     learn_epochs: int = 20  # epochs at most per learning round (early stopping, patience 4)
     # Fine-tuning a model trained on ~11,500 rows with a few hundred new ones. All weights at 1e-3
@@ -287,7 +291,13 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     left_out = cfg.new_family in proc.FAMILIES
     if left_out:
         cfg = replace(
-            cfg, start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data"))
+            cfg,
+            start_data=str(without_family(cfg.start_data, cfg.new_family, work / "start-data")),
+            # the new kind's only examples must be the ones the cell records: out of every replay too
+            extra_replay=tuple(
+                str(without_family(d, cfg.new_family, work / f"replay-{i}"))
+                for i, d in enumerate(cfg.extra_replay)
+            ),
         )
         start = train_start_model(cfg, work / "start.safetensors")
     else:
@@ -321,7 +331,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     stack.controller.assist = channel
     lcfg = LearnConfig(
         ledgers=(str(ledger_path),),
-        replay=(cfg.start_data,),
+        replay=(cfg.start_data, *cfg.extra_replay),
         registry=str(work / "registry"),
         work_dir=str(work / "learn"),
         seed=cfg.seed,
@@ -488,6 +498,13 @@ def register(sub: Any) -> None:
     c.add_argument("--objects-per-tote", type=int, default=None, help="items per tote (default 6; quick 3)")
     c.add_argument("--start-data", default=None, help="export the starting model is trained on")
     c.add_argument(
+        "--replay",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="another export replayed in every learning round (repeatable; e.g. a collection's data/)",
+    )
+    c.add_argument(
         "--sim-episodes", type=int, default=None, help="gate simulation suite episodes (default 4)"
     )
     c.add_argument(
@@ -543,6 +560,7 @@ def cmd_continual(args: Any) -> int:
         "totes_per_round": args.totes_per_round,
         "objects_per_tote": args.objects_per_tote,
         "start_data": args.start_data,
+        "extra_replay": tuple(args.replay) if args.replay else None,
         "new_share": args.new_share,
         "start_model": args.start_model,
         "gate_ece_max": args.gate_ece_max,

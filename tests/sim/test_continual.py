@@ -14,13 +14,21 @@ from pickcell.cli import main
 
 
 def test_continual_quick_runs_rounds_of_collect_learn_gate_and_reports_each(tmp_path) -> None:
+    from sim.benchmark.continual import DEFAULT_START_DATA, without_family
+
     out = tmp_path / "continual.json"
+    # A second replay export (`--replay`): here the fixture without its tubes.
+    extra = without_family(DEFAULT_START_DATA, "tube", tmp_path / "extra-replay")
     code = main(
         ["bench", "continual", "--rounds", "1", "--seed", "3", "--quick", "--json", str(out),
-         "--report", str(tmp_path / "report"), "--work-dir", str(tmp_path / "work"), "--no-progress"]
+         "--report", str(tmp_path / "report"), "--work-dir", str(tmp_path / "work"), "--no-progress",
+         "--replay", str(extra)]
     )  # fmt: skip
     assert code == 0
     res = json.loads(out.read_text())
+    manifest = json.loads(next((tmp_path / "work" / "learn").glob("round-*/data/manifest.json")).read_text())
+    replayed = [s["path"] for s in manifest["sources"] if s["kind"] == "replay"]
+    assert replayed == [str(DEFAULT_START_DATA.resolve()), str(extra.resolve())]
     for key in ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed"):
         assert len(res[key]) == 2, key  # round 0 and round 1
     assert res["gate_passed"][0] is None and isinstance(res["gate_passed"][1], bool)
