@@ -64,9 +64,19 @@ def catalog_of(family: str) -> str:
     return "procedural-train" if family in load_catalog("procedural-train").families else "novel-train"
 
 
-def _described_clusters(cell) -> list[tuple[np.ndarray, int, float, int]]:
+def hole_share(mask: np.ndarray) -> float:
+    """Share of an item's filled-in image outline that it does not cover: the openings it encloses
+    (a picture frame's window; 0 for a box, a ball, an L-shaped blob). A diagnostic, not (yet) a
+    descriptor feature."""
+    from scipy.ndimage import binary_fill_holes
+
+    filled = binary_fill_holes(mask)
+    return float((filled & ~mask).sum() / max(int(filled.sum()), 1))
+
+
+def _described_clusters(cell) -> list[tuple[np.ndarray, int, float, int, float]]:
     """Capture, segment, describe: each item cluster's (descriptor, body it mostly shows, purity,
-    grid cells)."""
+    grid cells, hole share)."""
     from grasping.pointcloud import segment_scene
     from grasping.watchdog import scene_item_descriptors_by_cluster
 
@@ -84,7 +94,8 @@ def _described_clusters(cell) -> list[tuple[np.ndarray, int, float, int]]:
         if bodies.size == 0:
             continue  # a cluster of tote wall or floor: no item to charge it to
         ids, counts = np.unique(bodies, return_counts=True)
-        out.append((d, int(ids[np.argmax(counts)]), float(counts.max() / counts.sum()), len(i)))
+        body, purity = int(ids[np.argmax(counts)]), float(counts.max() / counts.sum())
+        out.append((d, body, purity, len(i), hole_share(labels == k)))
     return out
 
 
@@ -112,7 +123,8 @@ def tote_items(
             cell.fill(load_catalog(catalog_of(novel), [novel]), 1, rng)
             cell.fill(familiar, objects - 1, rng)
         if protocol == "snapshot":
-            return [(d, cell.items[b].family == novel, pur) for d, b, pur, _ in _described_clusters(cell)]
+            seen = _described_clusters(cell)
+            return [(d, cell.items[b].family == novel, pur, h) for d, b, pur, _, h in seen]
         if protocol != "unpile":
             raise ValueError(f"protocol must be 'snapshot' or 'unpile', got {protocol!r}")
         out = []
@@ -121,10 +133,10 @@ def tote_items(
                 cell.items_in_tote(),
                 key=lambda b: p.getAABB(b, physicsClientId=cell.client_id)[1][2],
             )
-            seen = [(d, pur, n) for d, b, pur, n in _described_clusters(cell) if b == top]
+            seen = [(d, pur, n, h) for d, b, pur, n, h in _described_clusters(cell) if b == top]
             if seen:  # the largest cluster of the top item (a sliver can split off at an edge)
-                d, pur, _ = max(seen, key=lambda x: x[2])
-                out.append((d, cell.items[top].family == novel, pur))
+                d, pur, _, h = max(seen, key=lambda x: x[2])
+                out.append((d, cell.items[top].family == novel, pur, h))
             cell.remove_item(top)
             cell.settle(0.3)
         return out
@@ -143,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     kept = [f for f in fams if f != args.leave_out]
     bank = [tote_items(kept, None, args.objects, _seed(args.seed, 1, i)) for i in range(args.bank_scenes)]
     wd, info = fit_item_watchdog(
-        [np.array([d for d, _, _ in s]) for s in bank if s],
+        [np.array([x[0] for x in s]) for s in bank if s],
         k=5,
         scene_quantile=0.75,
         quantile=0.99,
@@ -152,25 +164,29 @@ def run(args: argparse.Namespace) -> dict:
         tote_items(kept, None, args.objects, _seed(args.seed, 2, i)) for i in range(args.threshold_scenes)
     ]
     wd, thr_info = fit_item_threshold(
-        wd, [np.array([d for d, _, _ in s]) for s in thr_scenes if s], quantile=0.99
+        wd, [np.array([x[0] for x in s]) for s in thr_scenes if s], quantile=0.99
     )
-    scores, novel, purity = [], [], []
+    scores, novel, purity, holes = [], [], [], []
     totes_with_novel_seen = 0
     for i in range(args.mixed_scenes):
         items = tote_items(kept, args.leave_out, args.objects, _seed(args.seed, 3, i), args.protocol)
         if not items:
             continue
-        s = wd.item_scores(np.array([d for d, _, _ in items]))
+        s = wd.item_scores(np.array([x[0] for x in items]))
         scores.extend(s.tolist())
-        novel.extend(n for _, n, _ in items)
-        purity.extend(p for _, _, p in items)
-        totes_with_novel_seen += any(n for _, n, _ in items)
+        novel.extend(x[1] for x in items)
+        purity.extend(x[2] for x in items)
+        holes.extend(x[3] for x in items)
+        totes_with_novel_seen += any(x[1] for x in items)
     scores_a, novel_a = np.array(scores), np.array(novel, dtype=float)
     flagged = scores_a > wd.item_threshold
     res = {
         "leave_out": args.leave_out,
         "kept": kept,
         "auroc_per_item": auroc(scores_a, novel_a),
+        # Diagnostic: how well the share of an item's outline left open (hole_share) alone tells the
+        # left-out items apart (what a descriptor feature for openings could add).
+        "auroc_hole_share_alone": auroc(np.array(holes), novel_a),
         "novel_items": int(novel_a.sum()),
         "familiar_items": int((1 - novel_a).sum()),
         "mixed_totes": args.mixed_scenes,
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{res['leave_out']}: per-item AUROC {res['auroc_per_item']:.3f} "
         f"({res['novel_items']} novel, {res['familiar_items']} familiar items, {res['mixed_totes']} totes); "
-        f"flagged: novel {res['novel_flagged']:.2f}, familiar {res['familiar_flagged']:.3f}"
+        f"flagged: novel {res['novel_flagged']:.2f}, familiar {res['familiar_flagged']:.3f}; "
+        f"hole share alone AUROC {res['auroc_hole_share_alone']:.3f}"
     )
     return 0
 
