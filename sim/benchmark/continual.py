@@ -29,6 +29,8 @@ What counts as success (per round, JSON keys)
     `assists_per_100_items`; `gate_passed` (None in round 0, where nothing is trained). The
     issue's target: new_family_failure halves from round 0 to round 3, old_family_success drops by
     at most 0.01, assists fall. What a person decided never counts as the model's success.
+    `control` (unless `--no-control`): the same three keys for the starting model working the same
+    totes in a second cell (`run_control`), so each round's change can be told from tote noise.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ class ContinualConfig:
     # the incumbent included; the experiment keeps the relative checks (ECE no worse than the
     # incumbent's + 0.01, AUROC, per-kind success, joint risk) and sets this bar off by default.
     gate_ece_max: float = 1.0
+    # Work the same totes with the starting model in a second cell (`run_control`) and report it
+    # beside each round: the round-0 -> round-3 change alone cannot tell learning from tote noise.
+    control: bool = True
 
 
 def quick_config(rounds: int, seed: int) -> ContinualConfig:
@@ -270,17 +275,72 @@ def _round_metrics(totes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _build_cell(cfg: ContinualConfig, model: Path, catalog: Any, ledger_path: Path, cell_id: str) -> tuple:
+    """(stack, assist channel, ledger) of one simulated cell working the experiment's totes."""
+    from arm.controller import ControllerConfig
+    from hitl.ledger import Ledger
+    from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
+    from sim.stack import build_sim_stack
+
+    ledger = Ledger(ledger_path, cell_id)
+    ccfg = ControllerConfig(
+        cell_id=cell_id,
+        wall_poll_s=0.0,
+        ledger_source="sim",
+        max_attempts_per_tote=3 * cfg.objects_per_tote,
+    )
+    stack = build_sim_stack(
+        catalog=CATALOG,
+        objects_per_tote=cfg.objects_per_tote,
+        seed=cfg.seed,
+        planner="learned",
+        model_path=model,
+        controller_config=ccfg,
+        ledger=ledger,
+    )
+    stack.feed.catalog = catalog  # totes mix the new kind with familiar items
+    _record_item_families(stack)
+    clock = lambda: stack.cell.arm.robot_time  # noqa: E731
+    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=cfg.seed))
+    stack.controller.assist = channel = SimAssistChannel(judge, clock)
+    return stack, channel, ledger
+
+
+def run_control(cfg: ContinualConfig, start: Path, work_dir: str | Path, progress: bool = True) -> list[dict]:
+    """The control arm: a second cell that keeps the starting model and works the same totes.
+
+    Tote contents and drop poses come from (seed, tote number) (`sim.feed`), so round r of the
+    control meets the same items as round r of the learning cell. Tote-to-tote variation at this
+    size is as large as the effect looked for (the same model measured 0.08-0.75 new-kind failure
+    from round to round, docs/benchmarks.md); the paired difference per round is what learning did.
+    """
+    from tqdm import tqdm
+
+    work = Path(work_dir)
+    catalog = mixed_catalog(cfg.new_family, cfg.new_share, cfg.seed)
+    stack, channel, ledger = _build_cell(cfg, Path(start), catalog, work / "control.db", "continual-control")
+    rounds = []
+    bar = tqdm(total=cfg.rounds + 1, desc="control rounds", disable=not progress)
+    try:
+        for r in range(cfg.rounds + 1):
+            totes = [_work_tote(stack, channel, cfg.new_family) for _ in range(cfg.totes_per_round)]
+            rounds.append({"round": r, "model": Path(start).name, **_round_metrics(totes), "totes": totes})
+            bar.update(1)
+    finally:
+        bar.close()
+        stack.close()
+        ledger.close()
+    return rounds
+
+
 def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run the experiment (module docstring); returns the JSON-able result."""
     from tqdm import tqdm
 
-    from arm.controller import ControllerConfig
     from grasping.registry import ModelRegistry
-    from hitl.ledger import Ledger
     from learn.config import GateSettings, LearnConfig, TrainSettings, TriggerConfig, WeightsConfig
     from learn.learner import run_round
-    from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
-    from sim.stack import build_planner, build_sim_stack
+    from sim.stack import build_planner
     from sim.training import sim_suite_factory
 
     t0 = time.time()
@@ -307,28 +367,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     reg.add(start)
     reg.promote(reg.list()[0].version, force=True, reason="continual: the experiment's starting model")
     ledger_path = work / "cell.db"
-    ledger = Ledger(ledger_path, "continual")
-    ccfg = ControllerConfig(
-        cell_id="continual",
-        wall_poll_s=0.0,
-        ledger_source="sim",
-        max_attempts_per_tote=3 * cfg.objects_per_tote,
-    )
-    stack = build_sim_stack(
-        catalog=CATALOG,
-        objects_per_tote=cfg.objects_per_tote,
-        seed=cfg.seed,
-        planner="learned",
-        model_path=start,
-        controller_config=ccfg,
-        ledger=ledger,
-    )
-    stack.feed.catalog = catalog  # totes mix the new kind with familiar items
-    _record_item_families(stack)
-    clock = lambda: stack.cell.arm.robot_time  # noqa: E731
-    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=cfg.seed))
-    channel = SimAssistChannel(judge, clock)
-    stack.controller.assist = channel
+    stack, channel, ledger = _build_cell(cfg, start, catalog, ledger_path, "continual")
     lcfg = LearnConfig(
         ledgers=(str(ledger_path),),
         replay=(cfg.start_data, *cfg.extra_replay),
@@ -397,6 +436,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         stack.close()
         ledger.close()
     keys = ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed")
+    control = run_control(cfg, start, work, progress) if cfg.control else None
     return {
         "experiment": "continual",
         "new_family": cfg.new_family,
@@ -409,6 +449,14 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         **{k: [x[k] for x in rounds] for k in keys},
         "rounds": rounds,
+        # The starting model on the same totes, round by round (None: --no-control). Learning is
+        # the difference to it, not the change from round 0, which tote-to-tote variation swamps.
+        "control": None
+        if control is None
+        else {
+            **{k: [x[k] for x in control] for k in keys[:3]},
+            "rounds": control,
+        },
         "start_model_path": str(start),
         "final_model_path": str(model),  # the model the cell ran in the last round
         "wall_seconds": time.time() - t0,
@@ -432,13 +480,18 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
         (ax[2], "assists_per_100_items", "assists per 100 items"),
     ):
         ys = [np.nan if v is None else v for v in result[key]]
-        a.plot(r, ys, "o-")
+        a.plot(r, ys, "o-", label="learning cell")
+        if result.get("control"):
+            cs = [np.nan if v is None else v for v in result["control"][key]]
+            a.plot(r, cs, "s--", color="grey", label="starting model, same totes")
         for x, y, g in zip(r, ys, result["gate_passed"], strict=True):
             if g is False:
                 a.plot([x], [y], "rx", ms=12)
         a.set_title(title, fontsize=9)
         a.set_xlabel("round")
         a.set_xticks(r)
+    if result.get("control"):
+        ax[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "continual.png", dpi=110)
     plt.close(fig)
@@ -462,6 +515,19 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
             f"{f(x['old_family_success'])} | {f(x['assists_per_100_items'])} | "
             f"{f(x.get('new_placed_by_person'))} | {f(x.get('old_placed_by_person'))} |"
         )
+    if result.get("control"):
+        lines += [
+            "",
+            "Control: the starting model in a second cell on the same totes (same tote contents and drops).",
+            "",
+            "| round | new-kind failure | familiar success | assists / 100 items |",
+            "| --- | --- | --- | --- |",
+        ]
+        for x in result["control"]["rounds"]:
+            lines.append(
+                f"| {x['round']} | {f(x['new_family_failure'])} | {f(x['old_family_success'])} | "
+                f"{f(x['assists_per_100_items'])} |"
+            )
     lines += ["", "![rounds](continual.png)", "", "Config: `" + json.dumps(result["config"]) + "`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -497,6 +563,11 @@ def register(sub: Any) -> None:
     c.add_argument("--totes-per-round", type=int, default=None, help="totes per round (default 8; quick 1)")
     c.add_argument("--objects-per-tote", type=int, default=None, help="items per tote (default 6; quick 3)")
     c.add_argument("--start-data", default=None, help="export the starting model is trained on")
+    c.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the control arm (the starting model working the same totes in a second cell)",
+    )
     c.add_argument(
         "--replay",
         action="append",
@@ -561,6 +632,7 @@ def cmd_continual(args: Any) -> int:
         "objects_per_tote": args.objects_per_tote,
         "start_data": args.start_data,
         "extra_replay": tuple(args.replay) if args.replay else None,
+        "control": False if args.no_control else None,
         "new_share": args.new_share,
         "start_model": args.start_model,
         "gate_ece_max": args.gate_ece_max,

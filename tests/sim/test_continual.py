@@ -32,6 +32,16 @@ def test_continual_quick_runs_rounds_of_collect_learn_gate_and_reports_each(tmp_
     for key in ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed"):
         assert len(res[key]) == 2, key  # round 0 and round 1
     assert res["gate_passed"][0] is None and isinstance(res["gate_passed"][1], bool)
+    # The control arm: the starting model on the same totes (same tote ids, same items), per round.
+    ctl = res["control"]
+    assert len(ctl["new_family_failure"]) == len(ctl["rounds"]) == 2
+    for x, c in zip(res["rounds"], ctl["rounds"], strict=True):
+        # tote ids are "<cell>-tote-<n>"; the same n is the same (seed, n) contents and drops
+        assert [t["tote"].split("-tote-")[1] for t in x["totes"]] == [
+            t["tote"].split("-tote-")[1] for t in c["totes"]
+        ]
+        assert x["new_items"] + x["old_items"] == c["new_items"] + c["old_items"]
+        assert c["model"] == "default.safetensors"
     # The default new kind is the `frame` family (novel-train), which the shipped model never saw.
     assert res["new_family"] == "frame" and "never trained on" in res["new_family_is"]
     assert res["catalog"] == "procedural-train+frame"
