@@ -549,6 +549,7 @@ class CellController:
         # five approvals of one failing spot in a row). Indices stay the plan's, so answers map back, and
         # the picture draws exactly this list, so every number the person sees is one they can answer.
         spots = list(failed_spots)
+
         def failed(k: int) -> bool:
             return _near(plan.candidates[k].grasp.position, spots, cfg.failed_spot_radius_m)
 
@@ -870,6 +871,7 @@ class CellController:
             self._count("boxes_closed")
             slot = self.packer.propose(ext)
         R = grasp.R
+        pivot = None
         if slot is None:
             # Larger than an empty box: release over the box centre at rim height, and count it.
             log.warning("item of %s m does not fit an empty box: released over its centre", np.round(ext, 3))
@@ -882,11 +884,21 @@ class CellController:
                 [0.0, 0.0, slot.release_height_m - float(slot.position_box[2])]
             )
             c, s_ = np.cos(slot.yaw), np.sin(slot.yaw)
-            R = (
-                np.array([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]]) @ R
-            )  # turn the item to the slot's yaw
+            Rz = np.array([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]])
+            R = Rz @ R  # turn the item to the slot's yaw
+            if cluster is not None:
+                # The item's centre (not the TCP) over the slot's centre: the grasp's offset from
+                # the centre of the item's footprint, turned with the item. The arm may release
+                # with the hand turned 180 degrees about the item's centre instead (`pivot`).
+                off = np.zeros(3)
+                off[:2] = (
+                    np.asarray(grasp.position, dtype=float)[:2]
+                    - (np.asarray(cluster.lo) + cluster.hi)[:2] / 2
+                )
+                pivot = bottom_at_release + np.array([0.0, 0.0, tcp_above_bottom])
+                bottom_at_release = bottom_at_release + Rz @ off
         pos = bottom_at_release + np.array([0.0, 0.0, tcp_above_bottom])
-        return Placement(pos, matrix_to_quat(R), box_id=slot.box_id if slot is not None else -1)
+        return Placement(pos, matrix_to_quat(R), box_id=slot.box_id if slot is not None else -1, pivot=pivot)
 
     def _observe_plan(self, plan: Plan) -> None:
         if self.metrics is not None:

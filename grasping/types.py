@@ -110,10 +110,16 @@ class Placement:
     position: np.ndarray  # (3,) metres: TCP position at release
     orientation: np.ndarray  # (4,) quaternion xyzw of the gripper at release
     box_id: int = 0  # which outbound box
+    # (3,) metres or None: the point (the item's centre over its slot) the item turns about if the arm
+    # releases with the gripper turned 180 degrees about its axis (the slot's footprint is the same
+    # either way; the TCP then goes to the pivot's other side). None: turn about the TCP itself.
+    pivot: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "position", _frozen_array(self.position))
         object.__setattr__(self, "orientation", _frozen_array(self.orientation))
+        if self.pivot is not None:
+            object.__setattr__(self, "pivot", _frozen_array(self.pivot))
 
 
 class Reason(str, enum.Enum):

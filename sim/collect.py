@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from grasping.types import GRIPPER_KINDS, Grasp, Outcome, Placement, Plan, Reason, matrix_to_quat
+from sim.config_sim_arm import SimArmConfig
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def collect_tote(
     from arm.packing import Packer
     from grasping.planner import PlannerConfig, plan
     from sim.catalogs import load_catalog
-    from sim.scene import SimCell
+    from sim.scene import SceneConfig, SimCell
 
     stats = stats if stats is not None else CollectStats()
     ts = tote_seed(cfg.seed, n)
@@ -366,7 +367,7 @@ def collect_tote(
     catalog = load_catalog(cat_name, cfg.families if cat_name == "procedural-train" else None)
     tote_id = f"{cfg.cell_id}-s{cfg.seed}-tote-{n:06d}"
     rng = np.random.default_rng([ts, 1])  # exploration choices
-    with SimCell(seed=ts) as cell:
+    with SimCell(seed=ts, config=SceneConfig(arm=LABELLING_ARM)) as cell:
         cell.fill(catalog, cfg.objects_per_tote, np.random.default_rng([ts, 0]))
         box = cell.box_bounds
         T_base_box = np.eye(4)
@@ -451,6 +452,12 @@ def collect_tote(
 
 # --- a worker: many totes into one ledger ------------------------------------------------------------
 
+
+# The arm that labels attempts: the cell's, without the cycle-time choices of issue 17's third pass
+# (wrist turn nearest the current joints, low retreat and checked shortcut paths). They change how a
+# borderline grasp or place turns out, and so the labels; the shipped model's data was collected
+# without them (and the reduced rebuild's few scenes then gave a one-class validation split).
+LABELLING_ARM = SimArmConfig(wrist_near_current=False, retreat_clearance=None, pick_shortcut=False)
 
 # The code whose behaviour the labels depend on: the arm and grippers (outcomes) and the planner
 # (candidates, patches). Its digest goes with every attempt so stale data can be told apart later.

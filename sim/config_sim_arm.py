@@ -45,6 +45,20 @@ class SimArmConfig:
     lift_height: float = 0.15  # m, straight-up lift after gripping
     transit_clearance: float = 0.12  # m, TCP height above tote/box rims while carrying, plus item size
     place_drop_height: float = 0.02  # m, gap left between the held item and the box floor or stack
+    # After a release the TCP backs straight up only until it is this far above the box's rim and
+    # contents (not to the transit height): the next move to a pick leaves from there on a path
+    # checked clear of every fixture and item by `path_margin` (else it climbs to the transit
+    # height first, as before). None: always back up to the transit height.
+    retreat_clearance: float | None = 0.04  # m
+    path_margin: float = 0.01  # m, clearance a shortcut path must keep from fixtures and items
+    # The grasp's wrist turn (jaw: 180 deg twins; cup: any turn) the arm reaches soonest from its
+    # joints now (after a place: the slot's wrist); False: the smallest excursion from home.
+    wrist_near_current: bool = True
+    # The move to a pick goes straight to the pre-grasp (no stop over the tote) when that path is
+    # checked clear by `path_margin`; False: always through the point over the tote at the transit
+    # height (from the transit height: a low retreat is finished first).
+    pick_shortcut: bool = True
+    place_approach: float | None = None  # m, a place's shortcut ends this far over the release
     approach_speed: float = 0.25  # m/s, tool speed on the straight approach
     lift_speed: float = 0.4  # m/s, tool speed on lift, lower and retreat
     tool_accel: float = 2.5  # m/s^2, tool acceleration on straight contact lines (approach, physical lift)

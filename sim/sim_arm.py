@@ -57,6 +57,7 @@ from sim.motion import PANDA_MAX_ACCELERATION as _AMAX
 from sim.motion import PANDA_MAX_VELOCITY as _VMAX
 from sim.motion import (
     cartesian_move_time,
+    joint_move_time,
     line_profile,
     line_reachable_speed,
     plan_joint_move,
@@ -1116,34 +1117,149 @@ class SimArm:
         return grasp.R @ M_GRASP_HAND
 
     def _best_hand_rotation(self, grasp: Grasp, link: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Grasp symmetries (jaw: 180 deg about the approach; cup: any angle): pick the cheapest wrist."""
+        """Grasp symmetries (jaw: 180 deg about the approach; cup: any angle): pick the cheapest wrist.
+
+        Cheapest: a wrist turn whose hand clears the tote walls at the grasp, then the one the arm
+        reaches soonest from where it is (after a place, the wrist the slot's yaw left it at: a
+        half turn of joint 7 alone takes over a second), then the smallest excursion from home.
+        The cup also gets the turn that leaves joint 7 where it is (its axis is the approach).
+        """
         R = self._hand_rotation(grasp)
-        turns = (0.0, np.pi) if grasp.gripper == "parallel_jaw" else (0.0, np.pi / 2, np.pi, -np.pi / 2)
-        best: tuple[float, np.ndarray, np.ndarray] | None = None
         seed = self._seed_over(pos)
+        q_from = self.q()
+        q0: np.ndarray | None = None
+        try:
+            q0 = self._solve(pos, R, link, seed)
+        except _Abort:
+            pass
+        near_now = self.cfg.wrist_near_current
+        if grasp.gripper == "parallel_jaw":
+            turns: list[float] = [0.0, np.pi]
+        elif not near_now:
+            turns = [0.0, np.pi / 2, np.pi, -np.pi / 2]
+        else:
+            turns = [float(t) for t in np.arange(8) * np.pi / 4]
+            if q0 is not None:
+                # Joint 7 turns the hand about the approach axis (+1 rad of turn = +1 rad of q7).
+                stay = float(np.angle(np.exp(1j * (q_from[6] - q0[6]))))
+                turns.insert(0, stay)
+        best: tuple[float, np.ndarray, np.ndarray] | None = None
         last_abort: _Abort | None = None
         for turn in turns:
             Rt = R @ _rot_z(turn)
+            seed_t = seed
+            if q0 is not None:
+                seed_t = q0.copy()
+                q7 = q0[6] + np.angle(np.exp(1j * turn))
+                q7 = q7 - 2 * np.pi if q7 > self.q_hi[6] else q7 + 2 * np.pi if q7 < self.q_lo[6] else q7
+                seed_t[6] = float(np.clip(q7, self.q_lo[6], self.q_hi[6]))
             try:
-                q = self._solve(pos, Rt, link, seed)
+                q = q0 if turn == 0.0 and q0 is not None else self._solve(pos, Rt, link, seed_t)
             except _Abort as exc:
                 last_abort = exc
                 continue
-            # Prefer a wrist turn whose hand clears the tote walls at the grasp (the cup may turn
-            # freely about its axis), then the smallest joint excursion from home.
             q_keep = self.q()
             for j, v in zip(self.arm_joints, q, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-            hits = self._kinematic_contacts(ignore=self._items(), fixtures_only=True)
+            # (with check_grasp's margin: the physical arm tracks its path imperfectly)
+            hits = self._kinematic_contacts(ignore=self._items(), fixtures_only=True, item_tolerance=near_now)
             for j, v in zip(self.arm_joints, q_keep, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=self.client_id)
-            cost = float(np.max(np.abs(q - self.cfg.home))) + (10.0 if hits else 0.0)
+            excursion = float(np.max(np.abs(q - self.cfg.home)))
+            cost = (10.0 if hits else 0.0) + (
+                joint_move_time(q_from, q) + self._near_limit_cost(q) + 0.01 * excursion
+                if near_now
+                else excursion
+            )
             if best is None or cost < best[0]:
                 best = (cost, Rt, q)
         if best is None:
             assert last_abort is not None
             raise last_abort
         return best[1], best[2]
+
+    def _path_clear(
+        self,
+        points: Sequence[np.ndarray],
+        upto: int,
+        tcp: int,
+        start: tuple[np.ndarray, np.ndarray] | None = None,
+        scales: Sequence[float] = (1.0,),
+    ) -> bool:
+        """Would the move `plan_via_move(points)` keep the arm (and the held item, carried) at least
+        `path_margin` clear of every fixture and item until it reaches points[upto]? `start`: the
+        (qd, qdd) it takes over from; `scales`: the speed scales it may run at (a payload-aware carry
+        slows down, which bends a path that starts moving). Kinematic only, sampled as the move is
+        executed; the arm (and the held item) are put back where they were."""
+        q_keep = self.q()
+        cid = self.client_id
+        bodies = [b for b in [*self.fixtures, *self._items()] if b != self._held]
+        margin = self.cfg.path_margin
+
+        def clear(q: np.ndarray) -> bool:
+            for j, v in zip(self.arm_joints, q, strict=True):
+                p.resetJointState(self.body, j, float(v), physicsClientId=cid)
+            self._carry_item(tcp)
+            for b in bodies:
+                for c in p.getClosestPoints(self.body, b, margin, physicsClientId=cid):
+                    if c[3] == -1 and self.fixtures.get(b) == "floor":
+                        continue
+                    return False
+                if self._held is not None and p.getClosestPoints(self._held, b, margin, physicsClientId=cid):
+                    return False
+            return True
+
+        try:
+            for scale in scales:
+                try:
+                    move = plan_via_move(
+                        points,
+                        scale,
+                        start_velocity=None if start is None else start[0],
+                        start_acceleration=None if start is None else start[1],
+                    )
+                except ValueError:
+                    return False
+                t_end = move.starts[upto] if upto < len(move.starts) else move.duration
+                n = max(2, int(np.ceil(t_end / self.cfg.transit_check_dt)) + 1)
+                if not all(clear(q) for q in move.sample(np.linspace(0.0, t_end, n))):
+                    return False
+            return True
+        finally:
+            for j, v in zip(self.arm_joints, q_keep, strict=True):
+                p.resetJointState(self.body, j, float(v), physicsClientId=cid)
+            self._carry_item(tcp)
+
+    def _leave_low(self, q_target: np.ndarray) -> None:
+        """Before a plain joint move (home, move): a place leaves the arm backed up only over the
+        box; climb straight to the transit height first unless the move's path is clear from here."""
+        link = self.tcp_link("suction" if self.suction.extended else "parallel_jaw")
+        if self._held is None and self.link_pose(link)[0][2] < self._safe_height() - 1e-3:
+            if not self._path_clear([self.q(), np.asarray(q_target, dtype=np.float64)], 1, link):
+                self.retreat()
+
+    def _clear_height(self, pos: np.ndarray, fixtures: bool) -> float:
+        """Top of what lies under the hand at `pos` (items within 10 cm of the TCP, and with
+        `fixtures` the rims of the fixtures under it) plus `retreat_clearance`, at most the transit
+        height; the transit height when `retreat_clearance` is not set."""
+        if self.cfg.retreat_clearance is None:
+            return self._safe_height()
+        top = 0.0
+        for b in list(self.fixtures) + self._items():
+            name = self.fixtures.get(b)
+            if name == "floor" or b == self._held or (name is not None and not fixtures):
+                continue
+            lo, hi = p.getAABB(b, physicsClientId=self.client_id)
+            r = 0.0 if name is not None else 0.10
+            if np.any(np.asarray(lo[:2]) > pos[:2] + r) or np.any(np.asarray(hi[:2]) < pos[:2] - r):
+                continue
+            top = max(top, hi[2])
+        return min(top + self.cfg.retreat_clearance, self._safe_height())
+
+    def _near_limit_cost(self, *qs: np.ndarray) -> float:
+        """1 s for each posture with a joint within 0.25 rad of its limit (the IK clips there, and
+        the next pose along the motion may need another arm posture): choose such wrists last."""
+        return float(sum(bool(np.any((q < self.q_lo + 0.25) | (q > self.q_hi - 0.25))) for q in qs))
 
     def _seed_over(self, pos: np.ndarray) -> np.ndarray:
         """An IK seed with the hand pointing down above `pos` (keeps solutions elbow-up)."""
@@ -1181,6 +1297,7 @@ class SimArm:
             if self._check_stop():
                 raise self._estop()
             self._enter_phase("home")
+            self._leave_low(self.cfg.home)
             self._joint_move(self.cfg.home, self.tcp_link(self._held_kind or "parallel_jaw"))
         except _Abort as exc:
             return self._motion_outcome(t0, mark, exc)
@@ -1223,6 +1340,7 @@ class SimArm:
             R_hand = quat_to_matrix(np.asarray(orientation, dtype=np.float64)) @ M_GRASP_HAND
             q = self._solve(pos, R_hand, link, self._seed_over(pos))
             self._enter_phase("move")
+            self._leave_low(q)
             self._joint_move(q, link)
         except _Abort as exc:
             return self._motion_outcome(t0, mark, exc)
@@ -1296,6 +1414,33 @@ class SimArm:
                 for q, here, there in ((q_above, above, pre), (q_pre, pre, near))
                 if np.linalg.norm(here - there) > 1e-3
             ]
+            # Shortcuts, fastest first, each taken only if its path (until the pre-grasp) is checked
+            # clear of everything by `path_margin`: straight to the pre-grasp without the stop over
+            # the tote; through the point over the tote from where the arm is (a place that backed up
+            # only over the box); else climb straight to the transit height first (as a full retreat).
+            pos_now, R_now = self.link_pose(link)
+            low = pos_now[2] < self._safe_height() - 1e-3
+            if not self.cfg.pick_shortcut:
+                if low:
+                    self.retreat()
+            elif len(via) == 2 and self._path_clear([self.q(), q_pre, q_near], 1, link):
+                via = [q_pre]
+                log.debug("pick path: straight to the pre-grasp")
+            elif low and not self._path_clear([self.q(), *via, q_near], 1, link):
+                # Up out of the box (over its rim) without stopping, then on; else straight up first.
+                up = np.array([pos_now[0], pos_now[1], self._clear_height(pos_now, fixtures=True)])
+                q_up = None
+                if up[2] > pos_now[2] + 1e-3:
+                    try:
+                        q_up = self._solve(up, R_now, link, self.q())
+                    except _Abort:
+                        q_up = None
+                if q_up is not None and self._path_clear([self.q(), q_up, *via, q_near], 2, link):
+                    via = [q_up, *via]
+                    log.debug("pick path: up over the rim, blended")
+                else:
+                    self.retreat()
+                    log.debug("pick path: straight up first")
             try:
                 self._joint_move(q_near, link, via=via)
             except _Abort as exc:
@@ -1551,8 +1696,9 @@ class SimArm:
         self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
         self.retreat()
 
-    def retreat(self, with_physics: bool = False) -> None:
-        """Move the TCP straight up to the transit height, without contact checks (backing out).
+    def retreat(self, with_physics: bool = False, top: float | None = None) -> None:
+        """Move the TCP straight up to the transit height (or to `top`), without contact checks
+        (backing out).
 
         `with_physics`: keep stepping the physics along the way (a released item falls and settles
         while the arm leaves). A protective stop during the retreat brakes and holds like any other
@@ -1560,7 +1706,7 @@ class SimArm:
         """
         link = self.tcp_link("suction" if self.suction.extended else "parallel_jaw")
         pos, R = self.link_pose(link)
-        top = max(pos[2], self._safe_height())
+        top = max(pos[2], self._safe_height() if top is None else top)
         if top - pos[2] < 1e-3:
             return
         target = np.array([pos[0], pos[1], top])
@@ -1667,26 +1813,74 @@ class SimArm:
             pos_now, R_now = self.link_pose(link)
             R_req = quat_to_matrix(np.asarray(placement.orientation, dtype=np.float64)) @ M_GRASP_HAND
             above = np.array([target[0], target[1], max(pos_now[2], self._safe_height())])
-            # The requested wrist, its 180-degree twin (same for both tools), then the carried one.
-            twins = sorted([R_req, R_req @ _rot_z(np.pi)], key=lambda R: _angle_deg(R, R_now))
-            options = [*twins, R_now]
+            # The requested wrist or its 180-degree twin (same for both tools; the item turns about
+            # the placement's pivot, so the TCP goes to the pivot's other side), whichever the arm
+            # reaches sooner from its joints now (the base turns about 1.3 rad between tote and box,
+            # and joint 7 with it); the carried wrist only if neither is reachable.
+            pivot = target if placement.pivot is None else np.asarray(placement.pivot, dtype=np.float64)
+            target_twin = target.copy()
+            target_twin[:2] = 2.0 * pivot[:2] - target[:2]
+            q_now = self.q()
+            best: tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
             last: _Abort | None = None
-            for R_hand in options:
+            for R_hand, tgt in ((R_req, target), (R_req @ _rot_z(np.pi), target_twin)):
+                abv = np.array([tgt[0], tgt[1], above[2]])
                 try:
-                    q_above = self._solve(above, R_hand, link, self._seed_over(above))
-                    self._solve(target, R_hand, link, q_above)
-                    break
+                    q_above = self._solve(abv, R_hand, link, self._seed_over(abv))
+                    q_target = self._solve(tgt, R_hand, link, q_above)
                 except _Abort as exc:
                     last = exc
+                    continue
+                # The whole carry (over the box, then down into it: a wrist at its limit over the
+                # box can need another arm posture at the release, and a swing between the two), and
+                # a wrist well inside its limits.
+                cost = (
+                    joint_move_time(q_now, q_above)
+                    + joint_move_time(q_above, q_target)
+                    + self._near_limit_cost(q_above, q_target)
+                    + 0.01 * float(np.max(np.abs(q_above - self.cfg.home)))
+                    if self.cfg.wrist_near_current
+                    else _angle_deg(R_hand, R_now)  # the twin nearest the carried wrist
+                )
+                if best is None or cost < best[0]:
+                    best = (cost, R_hand, tgt, q_above, q_target)
+            if best is None:
+                R_hand = R_now
+                abv = np.array([target[0], target[1], above[2]])
+                try:
+                    q_above = self._solve(abv, R_hand, link, self._seed_over(abv))
+                    q_target = self._solve(target, R_hand, link, q_above)
+                except _Abort:
+                    assert last is not None
+                    raise last from None
             else:
-                assert last is not None
-                raise last
-            q_target = self._solve(target, R_hand, link, q_above)
+                _, R_hand, target, q_above, q_target = best
+            # Shortcut: straight to a point `place_approach` over the release (not up to the transit
+            # height over the box first), when that path is checked clear of everything, the item
+            # included, at every speed the carry may run at.
+            via = [q_above]
+            # The item's lowest point over the box's rim and what lies under and around the slot.
+            below = pos_now[2] - p.getAABB(item, physicsClientId=self.client_id)[0][2]
+            pp_z = self._clear_height(target, fixtures=True) + max(below, 0.0)
+            if self.cfg.place_approach is not None:
+                pp_z = max(pp_z, target[2] + self.cfg.place_approach)
+            if self.cfg.place_approach is not None and above[2] > pp_z + 0.01:
+                pp = np.array([target[0], target[1], pp_z])
+                try:
+                    q_pp = self._solve(pp, R_hand, link, q_target)
+                except _Abort:
+                    q_pp = None
+                scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, 0.7, 0.5, 0.35, 0.25)]
+                if q_pp is not None and self._path_clear(
+                    [self.q(), q_pp, q_target], 1, link, handover, scales
+                ):
+                    via = [q_pp]
+                log.debug("place path: %s", "over the release" if via[0] is not q_above else "transit height")
             self._enter_phase("transit")
             try:
                 # One time-optimal move to the box and down into it, passing the point above the
                 # drop without stopping (blended); "place" from there. Payload-aware like any carry.
-                self._joint_move(q_target, link, via=[q_above], phases=[(0, "place")], start=handover)
+                self._joint_move(q_target, link, via=via, phases=[(0, "place")], start=handover)
             except _Abort as exc:
                 if exc.reason is not Reason.COLLISION or self.phase != "place":
                     raise
@@ -1706,7 +1900,7 @@ class SimArm:
             # is free to go on, and the next motions happen over the tote.
             self._enter_phase("retreat")
             t_r = self._time
-            self.retreat(with_physics=True)
+            self.retreat(with_physics=True, top=self._clear_height(self.link_pose(link)[0], fixtures=False))
             rest = int(round((self.cfg.settle_s - (self._time - t_r)) * self.cfg.physics_hz))
             for _ in range(max(rest, 0)):
                 p.stepSimulation(physicsClientId=self.client_id)
