@@ -59,12 +59,13 @@ def _click_cell(cloud: SceneCloud, u: int, v: int, search_px: int) -> tuple[int,
     i0 = (v - cloud.v0) / cloud.stride
     j0 = (u - cloud.u0) / cloud.stride
     r = max(1, int(np.ceil(search_px / cloud.stride)))
-    ii, jj = np.mgrid[
-        max(0, int(np.floor(i0)) - r) : min(h, int(np.ceil(i0)) + r + 1),
-        max(0, int(np.floor(j0)) - r) : min(w, int(np.ceil(j0)) + r + 1),
-    ]
-    if ii.size == 0:
+    i_lo, i_hi = max(0, int(np.floor(i0)) - r), min(h, int(np.ceil(i0)) + r + 1)
+    j_lo, j_hi = max(0, int(np.floor(j0)) - r), min(w, int(np.ceil(j0)) + r + 1)
+    # A click far outside the tote's rectangle gives an empty (or, left of it, reversed) window:
+    # np.mgrid refuses a negative extent with a ValueError, which once stopped a cell mid-tote.
+    if i_lo >= i_hi or j_lo >= j_hi:
         raise PixelGraspError(f"pixel ({u}, {v}) is outside the tote")
+    ii, jj = np.mgrid[i_lo:i_hi, j_lo:j_hi]
     lab = cloud.labels[ii, jj]
     ok = (lab != NO_CLUSTER) & cloud.valid[ii, jj]
     if not ok.any():

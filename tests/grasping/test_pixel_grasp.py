@@ -55,3 +55,23 @@ def test_rough_surface_is_refused():
     depth = (0.8 + rng.uniform(-0.02, 0.02, (H, W))).astype(np.float32)
     with pytest.raises(PixelGraspError, match="not flat enough"):
         grasp_from_pixel(_frame(depth), 80, 60)
+
+
+def test_a_click_far_outside_the_tote_is_a_clear_error_not_a_crash():
+    """A point answer whose pixel lies left of or above the tote's grid once raised numpy's
+    "negative dimensions" ValueError inside the controller (a reversed search window) and stopped the
+    cell mid-tote. It is a PixelGraspError, which the controller logs and re-asks on."""
+    from types import SimpleNamespace
+
+    from grasping.pixel_candidate import _click_cell
+    from grasping.pointcloud import NO_CLUSTER
+
+    labels = np.full((40, 60), NO_CLUSTER, dtype=np.int32)
+    labels[10:20, 10:30] = 0  # one item
+    cloud = SimpleNamespace(labels=labels, valid=np.ones((40, 60), bool), u0=200, v0=100, stride=2)
+    assert _click_cell(cloud, 200 + 2 * 15, 100 + 2 * 12, search_px=6) == (12, 15)
+    for u, v in ((0, 0), (5, 300), (600, 10), (400, 479)):  # left, above, right, below the grid
+        with pytest.raises(PixelGraspError, match="outside the tote"):
+            _click_cell(cloud, u, v, search_px=6)
+    with pytest.raises(PixelGraspError, match="no item"):
+        _click_cell(cloud, 200 + 2 * 50, 100 + 2 * 35, search_px=6)  # inside, on the floor
