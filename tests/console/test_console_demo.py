@@ -47,9 +47,13 @@ def test_demo_console_lets_a_person_answer_in_a_browser(browser, tmp_path):
                 page.wait_for_selector('#stage:not([data-request-id=""])', timeout=1000)
             except Exception:  # no question right now: the cell is picking
                 continue
+            asked = page.get_attribute("#stage", "data-request-id")
             page.tap("#no-safe-pick")
             answered += 1
-            page.wait_for_selector('#stage[data-request-id=""]', timeout=15_000)
+            # The answered question leaves the stage: it empties, or (the cell is quick to ask
+            # again) the next question takes its place. Waiting for an empty stage alone timed out
+            # when the next question came first; a lost answer still times out here.
+            page.wait_for_selector(f'#stage:not([data-request-id="{asked}"])', timeout=15_000)
         assert proc.wait(60) == 0, "".join(lines)
     finally:
         ctx.close()
