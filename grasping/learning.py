@@ -1252,9 +1252,9 @@ def _scores(scorer: Any, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return logits, scorer.calibrate(logits, ds.gripper)
 
 
-def _auto_success_rows(scorer: Any, ds: Dataset) -> np.ndarray:
-    """(N,) bool: the model would execute the row alone and it succeeded (as `evaluate` counts)."""
-    _, p = _scores(scorer, ds)
+def _auto_success_rows(scorer: Any, ds: Dataset, p: np.ndarray) -> np.ndarray:
+    """(N,) bool: the model would execute the row alone and it succeeded (as `evaluate` counts);
+    `p` the scorer's calibrated probabilities of the rows (`_scores`)."""
     return (p >= scorer.candidate_thresholds(ds.gripper)) & (ds.label == 1)
 
 
@@ -1324,6 +1324,8 @@ def gate(
     check(cm["ece"] <= tol.ece_max, f"ECE {cm['ece']:.4f} <= {tol.ece_max}")
     fail_limit = alpha + tol.auto_fail_rise
     if im is not None:
+        # Each model scores the held-out rows once; the metric and per-kind checks share it.
+        (c_logit, c_p), (i_logit, i_p) = _scores(cand, holdout), _scores(inc, holdout)
         if tol.metric_test_level is None:
             check(
                 cm["auroc"] >= im["auroc"] - tol.auroc_drop,
@@ -1334,7 +1336,6 @@ def gate(
                 f"ECE {cm['ece']:.4f} <= incumbent {im['ece']:.4f} + {tol.ece_rise}",
             )
         else:
-            (c_logit, c_p), (i_logit, i_p) = _scores(cand, holdout), _scores(inc, holdout)
             y = holdout.label.astype(np.float64)
             for metric, (ci, ii), margin, worse in (
                 ("auroc", (c_logit, i_logit), tol.auroc_drop, "lower"),
@@ -1372,7 +1373,7 @@ def gate(
         reasons.append(f"note: P(fail | auto-executed) {c_fail:.4f} (the model bounds the joint rate only)")
     if im is not None and inc is not None:
         kinds = np.asarray(kinds).astype(str)
-        c_ok, i_ok = _auto_success_rows(cand, holdout), _auto_success_rows(inc, holdout)
+        c_ok, i_ok = _auto_success_rows(cand, holdout, c_p), _auto_success_rows(inc, holdout, i_p)
         pooled = np.zeros(len(holdout), dtype=bool)
         for kind, km in cm["by_kind"].items():
             old = im["by_kind"].get(kind)
