@@ -15,7 +15,8 @@ What it is
 What is randomised
     Tote contents and drop poses from (seed, group, tote index); camera noise from the tote's seed.
     Only the training catalogs are used (never `test` or `procedural`): `procedural-train`, and
-    `novel-train` for `--leave-out frame` (the continual experiment's new kind).
+    `novel-train` for `--leave-out frame` (the continual experiment's new kind), `novel-test` for
+    `--leave-out ring` (an item with an opening that no design decision looked at).
 
 What counts as success
     Per-item AUROC >= 0.90, and few false alarms (the threshold's quantile bounds them at about 1%
@@ -57,11 +58,13 @@ def _seed(seed: int, group: int, i: int) -> int:
 
 
 def catalog_of(family: str) -> str:
-    """The training catalog a family comes from: procedural-train, or novel-train (the frame family of
-    the continual experiment, which no shipped model or item bank has seen)."""
+    """The catalog a family comes from: procedural-train, novel-train (the frame family of the
+    continual experiment) or novel-test (rings), the last two seen by no shipped model or item bank."""
     from sim.catalogs import load_catalog
 
-    return "procedural-train" if family in load_catalog("procedural-train").families else "novel-train"
+    if family in load_catalog("procedural-train").families:
+        return "procedural-train"
+    return "novel-test" if family in load_catalog("novel-test").families else "novel-train"
 
 
 def hole_share(mask: np.ndarray) -> float:
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t0 = time.time()
     fams = list(load_catalog("procedural-train").families)
-    novel_fams = list(load_catalog("novel-train").families)
+    novel_fams = list(load_catalog("novel-train").families) + list(load_catalog("novel-test").families)
     if args.leave_out not in fams + novel_fams:
         raise SystemExit(f"--leave-out must be one of {fams + novel_fams}, got {args.leave_out!r}")
     kept = [f for f in fams if f != args.leave_out]

@@ -366,17 +366,22 @@ def load_dataset(path: str | Path) -> Dataset:
         raise DatasetError(f"dataset {root}: {exc}") from None
 
 
+def _pad_columns(a: np.ndarray, dim: int) -> np.ndarray:
+    """(N, d <= dim) -> (N, dim) float64, the missing trailing columns NaN."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.concatenate([a, np.full((len(a), dim - a.shape[1]), np.nan)], axis=1)
+
+
 def _descriptors(parts: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """(N, D) item descriptors of the shards (NaN rows where a shard has none)."""
+    """(N, D) item descriptors of the shards (NaN rows where a shard has none; a shard of an older,
+    shorter descriptor version gets NaN for the features it lacks)."""
     dims = {p["item_descriptor"].shape[1] for p in parts if "item_descriptor" in p}
     if not dims:
         return np.zeros((sum(len(p["label"]) for p in parts), 0))
-    if len(dims) > 1:
-        raise ValueError(f"shards disagree on the item descriptor length: {sorted(dims)}")
-    d = dims.pop()
+    d = max(dims)
     return np.concatenate(
         [
-            p["item_descriptor"].astype(np.float64)
+            _pad_columns(p["item_descriptor"], d)
             if "item_descriptor" in p
             else np.full((len(p["label"]), d), np.nan)
             for p in parts
@@ -395,11 +400,10 @@ def join_datasets(parts: list[Dataset], origin: str) -> Dataset:
                 f"{d.origin}: patch/feature shape {d.patches.shape[1:]}/{d.features.shape[1:]} differs "
                 f"from {ref.origin}'s {ref.patches.shape[1:]}/{ref.features.shape[1:]}"
             )
-    dims = {d.descriptor.shape[1] for d in parts if d.descriptor.shape[1] > 0}
-    if len(dims) > 1:
-        raise DatasetError(f"sources disagree on the item descriptor length: {sorted(dims)}")
-    dim = dims.pop() if dims else 0
-    desc = [d.descriptor if d.descriptor.shape[1] == dim else np.full((len(d), dim), np.nan) for d in parts]
+    # Descriptor versions only append features: a shorter (older) descriptor is padded with NaN for
+    # the features it lacks, a source without descriptors is all NaN.
+    dim = max((d.descriptor.shape[1] for d in parts), default=0)
+    desc = [_pad_columns(d.descriptor.reshape(len(d), -1), dim) for d in parts]
     cols = (
         "patches", "features", "gripper", "label", "timestamp", "source", "family", "scene", "ood_sigma",
         "weight", "tote", "item", "decided_by", "row_id",
@@ -444,6 +448,13 @@ def fit_item_kinds(descriptor: np.ndarray, k: int, seed: int) -> dict[str, Any] 
     d = np.asarray(descriptor, dtype=np.float64)
     if d.ndim != 2 or d.shape[1] == 0:
         return None
+    # A ledger that spans a descriptor upgrade holds older, shorter descriptors padded with NaN at
+    # the end: group on the widest leading block of features that at least half the rows have.
+    described = int(np.isfinite(d).any(axis=1).sum())
+    w = d.shape[1]
+    while w > 1 and np.isfinite(d[:, :w]).all(axis=1).sum() < 0.5 * described:
+        w -= 1
+    d = d[:, :w]
     d = d[np.isfinite(d).all(axis=1)]
     if len(d) < 2 * k or k < 1:
         return None
@@ -466,8 +477,8 @@ def item_kinds(ds: Dataset, kinds_model: dict[str, Any] | None = None) -> np.nda
     if known:
         family = np.array([f or known.get(k, "") for k, f in zip(ds.item.astype(str), family, strict=True)])
     out = np.where(family != "", family, "unknown").astype(object)
-    if kinds_model and ds.descriptor.shape[1] == len(kinds_model["center"]):
-        d = ds.descriptor
+    if kinds_model and ds.descriptor.shape[1] >= len(kinds_model["center"]):
+        d = ds.descriptor[:, : len(kinds_model["center"])]
         ok = (family == "") & np.isfinite(d).all(axis=1)
         if ok.any():
             z = (d[ok] - np.asarray(kinds_model["center"])) / np.asarray(kinds_model["scale"])

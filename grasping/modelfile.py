@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from grasping.calibration import ISOTONIC, METHOD_CODES, TEMPERATURE, Calibrator
-from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, ItemWatchdog, Watchdog
+from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, ITEM_FEATURE_COUNT, ItemWatchdog, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -372,10 +372,10 @@ def _load_item_watchdog(path: Path, tensors: dict[str, Any]) -> ItemWatchdog | N
     sc = tensors["item_watchdog.scene"].numpy()
     if sc.shape != (7,):
         raise ValueError(f"item_watchdog.scene must hold 7 values, got shape {sc.shape}")
-    if int(sc[5]) != ITEM_DESCRIPTOR_VERSION:
+    if int(sc[5]) not in ITEM_FEATURE_COUNT:
         log.warning(
-            "model file %s: item watchdog fitted on item descriptor version %d, this pickcell computes "
-            "version %d; ignoring it (scene OOD uses the embedding watchdog alone)",
+            "model file %s: item watchdog fitted on item descriptor version %d, this pickcell reads "
+            "versions up to %d; ignoring it (scene OOD uses the embedding watchdog alone)",
             path,
             int(sc[5]),
             ITEM_DESCRIPTOR_VERSION,

@@ -209,7 +209,11 @@ def fit_watchdog(
 
 # Bump when the descriptor's definition changes: a model fitted on another version's descriptors is
 # not used (the planner falls back to the embedding watchdog, with a log line).
-ITEM_DESCRIPTOR_VERSION = 2  # 2: boundary (occlusion, thin edge) and sphere-fit features; no curvature_along
+# 2: boundary (occlusion, thin edge) and sphere-fit features; no curvature_along. 3: see-through
+# openings (`opening`): a picture frame's window. Measured before it was added: frames seen whole
+# (segmentation purity 1.0) scored at chance (per-item AUROC 0.44-0.52) while this share alone
+# separated them (AUROC 1.000): docs/training.md, "Doubt per item".
+ITEM_DESCRIPTOR_VERSION = 3
 ITEM_FEATURES = (
     "log_length",  # log metres, extent along the footprint's major axis (2nd-98th percentile)
     "log_width",  # log metres, extent along the minor axis
@@ -229,7 +233,38 @@ ITEM_FEATURES = (
     "thin_edge",  # share of its top face's downward edge steps under 3.5 cm (a mailer's edge), [0, 1]
     "log_sphere_residual",  # log metres, RMS distance of the upward surface from its best-fit sphere
     "log_sphere_relative_residual",  # log of that residual / the sphere's radius (~ -5 for a ball)
+    "opening",  # share of the filled-in outline that is a see-through opening (`item_openings`), [0, 1]
 )
+# Features whose training spread is ~0 by nature, with the smallest difference that means anything:
+# every familiar item has no opening, so the generic floor (1e-3) would turn a 1% segmentation
+# crumb into ten standard units. 0.02: an opening of 2% of the outline is one unit, a frame's
+# window (30-60% of its outline) is 15-30, beyond the 4-7 units familiar items sit from their
+# nearest training items.
+_SCALE_FLOOR = {"opening": 0.02}
+# Each version's descriptor is a prefix of the next one's (features are only ever appended), so an
+# item watchdog fitted on an older version keeps working: it reads the first features it knows.
+ITEM_FEATURE_COUNT = {2: 18, 3: 19}
+assert ITEM_FEATURE_COUNT[ITEM_DESCRIPTOR_VERSION] == len(ITEM_FEATURES)
+
+
+def item_feature_count(version: int) -> int:
+    """How many leading ITEM_FEATURES a descriptor of `version` has; ValueError if unknown here."""
+    try:
+        return ITEM_FEATURE_COUNT[int(version)]
+    except KeyError:
+        raise ValueError(
+            f"item descriptor version {version} is not one this pickcell knows ({sorted(ITEM_FEATURE_COUNT)})"
+        ) from None
+
+
+def _descriptor_rows(descriptors: Any, f: int) -> np.ndarray:
+    """(K, >= f) descriptors -> (K, f) float64: the first f features (an older version's prefix)."""
+    d = np.asarray(descriptors, dtype=np.float64)
+    d = d.reshape(0, f) if d.size == 0 else d.reshape(-1, d.shape[-1])
+    if d.shape[1] < f:
+        raise ValueError(f"item descriptors have {d.shape[1]} features, this watchdog reads {f}")
+    return d[:, :f]
+
 
 _FILL_CELL_M = 0.006  # metres: a little coarser than the grid's point spacing at ~0.9 m (about 3 mm)
 _MIN_ITEM_POINTS = 10  # fewer points: no descriptor (a segmentation crumb, not an item)
@@ -238,6 +273,8 @@ OCCLUDER_STEP_M = 0.01  # metres: a neighbour this much higher than the item's e
 _EDGE_STEP_MIN_M = 0.004  # metres: smaller downward steps are noise, not an edge
 _THIN_EDGE_M = 0.035  # metres: mailers are 1-3 cm thick, cartons at least 5 cm
 _TOP_FACE_NZ = 0.45  # cosine: cells whose normal is within ~63 deg of up face up (top faces, floor)
+_OPENING_DEPTH_M = 0.005  # metres: an enclosed cell this much below the item's median height is seen through
+_MIN_OPENING_CELLS = 8  # grid cells (~0.7 cm^2 at 3 mm): smaller enclosed gaps are depth dropouts
 
 
 def item_descriptor(
@@ -245,13 +282,16 @@ def item_descriptor(
     normals_base: np.ndarray,
     floor_z: float,
     boundary: np.ndarray | None = None,
+    opening: float = 0.0,
 ) -> np.ndarray | None:
     """(len(ITEM_FEATURES),) shape descriptor of one item's visible points, or None if too few.
 
     points_base (N, 3) metres, normals_base (N, 3) unit (NaN rows where unknown), floor_z metres.
     boundary (B, 3): for each pair (item edge cell, cell just outside it), the edge's height minus
     the outside's (metres), the edge cell's normal z and the outside cell's (`boundary_steps`
-    computes them for a whole scene); None or empty leaves the boundary features at 0.
+    computes them for a whole scene); None or empty leaves the boundary features at 0. opening:
+    the item's see-through share of its outline (`item_openings` computes it from the grid; 0
+    without one).
     Everything is measured in the footprint's own principal axes and relative to the floor, so
     moving or yawing the item in the tote leaves it unchanged (up to the camera's changing view).
     Written for speed: an item has only 50-3,000 grid points, so numpy's per-call overhead is
@@ -359,8 +399,45 @@ def item_descriptor(
             thin,
             math.log(sphere_res + 1e-4),
             math.log(sphere_res / sphere_r + 1e-4),
+            min(max(float(opening), 0.0), 1.0),
         ]
     )
+
+
+def item_openings(labels: np.ndarray, z: np.ndarray, n_items: int) -> np.ndarray:
+    """(n_items,) each item's see-through openings as a share of its filled-in outline, [0, 1].
+
+    labels (h, w) int, item index or negative; z (h, w) metres, NaN where unknown. An opening is a
+    region the item's grid cells enclose (`scipy.ndimage.binary_fill_holes`) that is not the item
+    and lies lower than it: a frame's window shows the floor or an item beneath. Enclosed cells
+    that are higher are something lying on the item (the `occluded` feature's business), cells of
+    unknown depth are dropouts, and enclosed regions under `_MIN_OPENING_CELLS` are noise; none of
+    them count.
+    """
+    from scipy import ndimage
+
+    L = np.asarray(labels)
+    z = np.asarray(z, dtype=np.float64)
+    out = np.zeros(int(n_items))
+    boxes = ndimage.find_objects(np.where(L >= 0, L + 1, 0), max_label=int(n_items))
+    for k, box in enumerate(boxes):
+        if box is None:
+            continue
+        mask = L[box] == k
+        enclosed = ndimage.binary_fill_holes(mask) & ~mask
+        if np.count_nonzero(enclosed) < _MIN_OPENING_CELLS:
+            continue
+        zk = z[box]
+        top = float(np.nanmedian(np.where(mask, zk, np.nan)))
+        with np.errstate(invalid="ignore"):
+            through = enclosed & (zk < top - _OPENING_DEPTH_M)  # NaN compares False: not counted
+        regions, n = ndimage.label(through)
+        if n == 0:
+            continue
+        sizes = np.bincount(regions.reshape(-1), minlength=n + 1)[1:]
+        cells = int(sizes[sizes >= _MIN_OPENING_CELLS].sum())
+        out[k] = cells / (np.count_nonzero(mask) + np.count_nonzero(enclosed))
+    return out
 
 
 def boundary_steps(
@@ -428,10 +505,11 @@ def cluster_descriptors(cloud: Any) -> list[np.ndarray | None]:
     )
     b_order = np.argsort(b_lab, kind="stable")
     b_bounds = np.searchsorted(b_lab[b_order], np.arange(cloud.n_clusters + 1))
+    holes = item_openings(labels, np.asarray(cloud.points_base)[..., 2], cloud.n_clusters)
     for k in range(cloud.n_clusters):
         rows = order[bounds[k] : bounds[k + 1]]
         steps = b_step[b_order[b_bounds[k] : b_bounds[k + 1]]]
-        out.append(item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps))
+        out.append(item_descriptor(pts[rows], nrm[rows], float(cloud.floor_z), steps, holes[k]))
     return out
 
 
@@ -469,7 +547,7 @@ class ItemWatchdog:
         scale = np.asarray(self.scale, dtype=np.float64)
         bank = np.asarray(self.bank, dtype=np.float64)
         radius = np.asarray(self.radius, dtype=np.float64)
-        f = len(ITEM_FEATURES)
+        f = item_feature_count(self.version)
         if center.shape != (f,) or scale.shape != (f,) or bank.ndim != 2 or bank.shape[1] != f:
             raise ValueError(
                 f"item watchdog needs center/scale ({f},) and bank (N, {f}); got {center.shape}, "
@@ -503,8 +581,7 @@ class ItemWatchdog:
         object.__setattr__(self, "k", int(self.k))
 
     def standardise(self, descriptors: np.ndarray) -> np.ndarray:
-        d = np.asarray(descriptors, dtype=np.float64).reshape(-1, len(ITEM_FEATURES))
-        return (d - self.center) / self.scale
+        return (_descriptor_rows(descriptors, len(self.center)) - self.center) / self.scale
 
     def item_scores(self, descriptors: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
         """(K, F) raw descriptors -> (K,) LOF-like scores (about 1 for a typical training item).
@@ -589,17 +666,24 @@ def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_item_watchdog(
-    scenes: list[np.ndarray], k: int = 5, scene_quantile: float = 0.75, quantile: float = 0.99
+    scenes: list[np.ndarray],
+    k: int = 5,
+    scene_quantile: float = 0.75,
+    quantile: float = 0.99,
+    version: int = ITEM_DESCRIPTOR_VERSION,
 ) -> tuple[ItemWatchdog, dict[str, float]]:
     """Fit the item watchdog on the item descriptors of in-distribution scenes (one (K_i, F) array each).
+
+    `version`: the descriptor version to fit on (an older one reads its prefix of each descriptor:
+    a refit that must stay comparable with an incumbent's bank of that version).
 
     Every item goes into the bank. Bank radii and the scene statistics are leave-one-scene-out: a
     scene's items are compared with the other scenes' items only, as a fresh scene's would be. One
     half of the scenes (`split_halves`) sets mu and sd, the other the conformal threshold, so the
     threshold is not fitted on the scenes that define the sigma scale.
     """
-    f = len(ITEM_FEATURES)
-    arrays = [np.asarray(s, dtype=np.float64).reshape(-1, f) for s in scenes]
+    f = item_feature_count(version)
+    arrays = [_descriptor_rows(s, f) for s in scenes]
     keep = [i for i, s in enumerate(arrays) if len(s)]
     if len(keep) < 4:
         raise ValueError(f"the item watchdog needs at least 4 scenes with items, got {len(keep)}")
@@ -613,13 +697,16 @@ def fit_item_watchdog(
     mad = 1.4826 * np.median(np.abs(raw - center), axis=0)
     # A feature that hardly varies in training (e.g. fill on box-only data) must not turn every tiny
     # difference into a huge distance: floor its scale at a fraction of its ordinary spread.
-    scale = np.maximum(mad, np.maximum(0.25 * raw.std(axis=0), 1e-3))
+    floor = np.array([_SCALE_FLOOR.get(name, 1e-3) for name in ITEM_FEATURES[:f]])
+    scale = np.maximum(mad, np.maximum(0.25 * raw.std(axis=0), floor))
     bank = (raw - center) / scale
     same = owner[:, None] == owner[None, :]
     d_own, _ = _knn(bank, bank, k, same)
     # Floor: duplicates (the same item seen in two scenes) must not make a zero radius.
     radius = np.maximum(d_own.mean(axis=1), 1e-3)
-    partial = ItemWatchdog(center, scale, bank, radius, k, scene_quantile, 0.0, 1.0, math.inf, quantile)
+    partial = ItemWatchdog(
+        center, scale, bank, radius, k, scene_quantile, 0.0, 1.0, math.inf, quantile, version=version
+    )
     scores = np.array(
         [
             partial.scene_raw(partial.item_scores(arrays[i], exclude=(owner[None, :] == j)))
@@ -631,7 +718,9 @@ def fit_item_watchdog(
     mu = float(ref.mean())
     sd = max(float(ref.std(ddof=1)), 1e-3 * max(abs(mu), 1.0))
     threshold = conformal_quantile((thr - mu) / sd, quantile)
-    wd = ItemWatchdog(center, scale, bank, radius, k, scene_quantile, mu, sd, threshold, quantile)
+    wd = ItemWatchdog(
+        center, scale, bank, radius, k, scene_quantile, mu, sd, threshold, quantile, version=version
+    )
     info = {
         "item_watchdog_scenes": float(len(keep)),
         "item_watchdog_items": float(len(raw)),
@@ -654,8 +743,7 @@ def fit_item_threshold(
     a new in-distribution item, and the conformal quantile bounds the chance that such an item is
     flagged by 1 - quantile). Returns the watchdog with `item_threshold` set, and what was measured.
     """
-    f = len(ITEM_FEATURES)
-    arrays = [np.asarray(s, dtype=np.float64).reshape(-1, f) for s in scenes]
+    arrays = [_descriptor_rows(s, len(wd.center)) for s in scenes]
     scores = np.concatenate([wd.item_scores(a) for a in arrays if len(a)] or [np.zeros(0)])
     if scores.size < 20:
         raise ValueError(f"the per-item threshold needs at least 20 items, got {scores.size}")

@@ -57,8 +57,9 @@ EXPORT_FORMAT_VERSION = 2
 # Weight of a "passed over" row: a candidate on the item a person answered about that they did not
 # choose. A weak negative: the person preferred another spot, which says little about this one.
 WEAK_NEGATIVE_WEIGHT = 0.3
-# Length of an item descriptor row in the export (grasping.watchdog.ITEM_FEATURES); rows whose stored
-# descriptor has another length (an older descriptor definition) export NaN.
+# Length of an item descriptor row in the export (grasping.watchdog.ITEM_FEATURES). A stored descriptor
+# of an older version (shorter: versions only append features) exports its features and NaN for the
+# rest; a longer one (a newer pickcell's) exports NaN.
 ITEM_DESCRIPTOR_DIM = len(ITEM_FEATURES)
 
 
@@ -1138,7 +1139,10 @@ def _descriptor_row(d: Any) -> np.ndarray:
         return np.full(ITEM_DESCRIPTOR_DIM, np.nan, np.float32)
     a = _from_npy(d) if isinstance(d, (bytes, memoryview)) else np.asarray(d, dtype=np.float32)
     a = np.asarray(a, dtype=np.float32).reshape(-1)
-    return a if a.shape == (ITEM_DESCRIPTOR_DIM,) else np.full(ITEM_DESCRIPTOR_DIM, np.nan, np.float32)
+    if a.size > ITEM_DESCRIPTOR_DIM:
+        return np.full(ITEM_DESCRIPTOR_DIM, np.nan, np.float32)  # a newer pickcell's: not readable here
+    # An older descriptor version is a prefix of this one: the features it lacks are unknown (NaN).
+    return np.concatenate([a, np.full(ITEM_DESCRIPTOR_DIM - a.size, np.nan, np.float32)])
 
 
 def _labeled_rows(

@@ -129,17 +129,23 @@ def refit_item_watchdog(
     (new sha256). Returns what was fitted, or why not.
     """
     from grasping.modelfile import load_model, save_model
-    from grasping.watchdog import ITEM_FEATURES, fit_item_watchdog
+    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, fit_item_watchdog, item_feature_count
 
-    f = len(ITEM_FEATURES)
-    parts = [s for s in scenes if s.ndim == 2 and s.shape[1] == f and np.isfinite(s).all()]
+    # The refit keeps the incumbent's descriptor version: its bank cannot be re-described, and a
+    # newer descriptor starts with the older one's features (`sim refit-watchdog` moves a model on).
+    version = incumbent_wd.version if incumbent_wd is not None else ITEM_DESCRIPTOR_VERSION
+    f = item_feature_count(version)
+    parts = [s[:, :f] for s in scenes if s.ndim == 2 and s.shape[1] >= f and np.isfinite(s[:, :f]).all()]
     if incumbent_wd is not None:
         raw = incumbent_wd.bank * incumbent_wd.scale + incumbent_wd.center
         parts += [raw[i : i + 8] for i in range(0, len(raw), 8)]
     m = load_model(model_path)
     try:
         wd, info = fit_item_watchdog(
-            parts, k=incumbent_wd.k if incumbent_wd is not None else 5, quantile=m.watchdog.quantile
+            parts,
+            k=incumbent_wd.k if incumbent_wd is not None else 5,
+            quantile=m.watchdog.quantile,
+            version=version,
         )
     except ValueError as exc:
         log.warning("item watchdog not refitted (%s); keeping the incumbent's", exc)

@@ -48,7 +48,8 @@ def item_novelty(item_watchdog: Any, ds: Dataset) -> np.ndarray:
     """(N,) item novelty >= 0 (see the module docstring); 0 where nothing is known."""
     nov = np.clip(np.nan_to_num(ds.ood_sigma, nan=0.0), 0.0, None) / 3.0  # 3 sigma ~ one unit
     d = ds.descriptor
-    if item_watchdog is not None and d.shape[1] == len(item_watchdog.center):
+    if item_watchdog is not None and d.shape[1] >= len(item_watchdog.center):
+        d = d[:, : len(item_watchdog.center)]  # an older watchdog reads its prefix of the descriptor
         ok = np.isfinite(d).all(axis=1)
         if ok.any():
             nov[ok] = np.clip(item_watchdog.item_scores(d[ok]) - 1.0, 0.0, None)

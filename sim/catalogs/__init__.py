@@ -3,6 +3,7 @@
     load_catalog("train" | "test")                       pybullet_data random_urdfs 000-799 / 800-999
     load_catalog("procedural" | "procedural-train")      warehouse items from primitives, disjoint seeds
     load_catalog("novel-train")                          `frame`, a family no shipped model trained on
+    load_catalog("novel-test")                           `ring`, held out from every design decision
     load_catalog("/path/to/folder")                      a user's own URDFs (see docs/catalogs.md)
 
 Each kind lives in its own module (`random_urdfs`, `procedural`, `novel`, `folder`) whose docstring says what
@@ -18,7 +19,7 @@ from sim.catalogs.core import Catalog, ItemSpec, spawn_item
 
 __all__ = ["BUILTIN_CATALOGS", "Catalog", "ItemSpec", "load_catalog", "spawn_item"]
 
-BUILTIN_CATALOGS = ("train", "test", "procedural", "procedural-train", "novel-train")
+BUILTIN_CATALOGS = ("train", "test", "procedural", "procedural-train", "novel-train", "novel-test")
 
 
 def load_catalog(name: str, families: Sequence[str] | None = None) -> Catalog:
@@ -38,10 +39,10 @@ def load_catalog(name: str, families: Sequence[str] | None = None) -> Catalog:
         from sim.catalogs import procedural
 
         catalog = procedural.load(name)
-    elif name == "novel-train":
+    elif name in ("novel-train", "novel-test"):
         from sim.catalogs import novel
 
-        catalog = novel.load()
+        catalog = novel.load() if name == "novel-train" else novel.load_test()
     elif Path(name).expanduser().exists() or "/" in name or name.startswith("."):
         from sim.catalogs import folder
 

@@ -1,4 +1,5 @@
-"""The `novel-train` catalog: one procedural family no shipped model trained on, for learning experiments.
+"""The `novel-train` and `novel-test` catalogs: families with an opening, which no shipped model
+trained on, for learning and doubt-per-item experiments.
 
 What it is
     `frame`: picture frames lying flat, a rectangular ring of four bars (one single-link URDF of
@@ -11,18 +12,28 @@ What it is
     pickable: every bar is at least 3.5 cm wide with a flat top (the ~3 cm suction cup seals on
     it) and the frames are light, so a cup on a bar holds one despite the offset centre of mass.
 
+    `novel-test` holds `ring`: flat rings lying down (embroidery hoops, gaskets, tape rolls on
+    their side), a band of 16 straight segments around a round opening: outside diameter
+    14-26 cm, band 3-4.5 cm, thickness 1-3 cm, 0.03-0.5 kg. It is held out from everything: the
+    item descriptor's `opening` feature (grasping/watchdog.py) was designed looking at frames, and
+    rings measure whether it catches another item with an opening it was not designed on
+    (`experiments/item_watchdog_mixed.py --leave-out ring`).
+
 What is randomised
+    Per ring, from (3,000,000 + index): outside diameter, band width, thickness, density, colour.
     Per item, from one generator seeded by (2,000,000 + index): outside length and width, bar width,
     thickness, density (so mass) and RGB colour. Seeds are disjoint from `procedural` (1,000,000 up)
     and `procedural-train` (0 up).
 
 What counts as success
     Same index -> byte-identical URDF and identical spec on every machine; each frame rests flat and
-    stably at its stated extents and mass; the opening is at least 3 cm across (a real hole).
+    stably at its stated extents and mass; the opening is at least 3 cm across (a real hole); a
+    ring's is at least 5 cm across.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +88,75 @@ def generate(index: int) -> tuple[ItemSpec, str]:
     return spec, _urdf(name.replace("-", "_"), mass, ext, shapes)
 
 
+RING_FAMILY = "ring"
+RING_NAME = "novel-test"
+RING_SEED0 = 3_000_000
+_RING_SEGMENTS = 16
+
+
+def _ring_design(rng: np.random.Generator) -> tuple[float, tuple[float, float, float], str]:
+    """(mass kg, extents m, URDF shape elements) of one ring: 16 boxes around its centre."""
+    rgba = " ".join(f"{c:.3f}" for c in rng.uniform(0.1, 0.95, size=3)) + " 1"
+    d_out = rng.uniform(0.14, 0.26)
+    band = rng.uniform(0.03, 0.045)
+    thick = rng.uniform(0.01, 0.03)
+    r_mid = d_out / 2 - band / 2
+    # Each segment spans its sector's outer chord, so neighbours overlap a little on the inside and
+    # the outline has no gaps.
+    chord = d_out * math.tan(math.pi / _RING_SEGMENTS)
+    shapes = ""
+    for i in range(_RING_SEGMENTS):
+        a = 2 * math.pi * i / _RING_SEGMENTS
+        origin = (
+            f'<origin xyz="{r_mid * math.cos(a):.6f} {r_mid * math.sin(a):.6f} 0" '
+            f'rpy="0 0 {a + math.pi / 2:.6f}"/>'
+        )
+        geom = _box((chord, band, thick))
+        shapes += (
+            f'    <visual>{origin}<geometry>{geom}</geometry><material name="c"><color rgba="{rgba}"/>'
+            f"</material></visual>\n    <collision>{origin}<geometry>{geom}</geometry></collision>\n"
+        )
+    volume = math.pi * thick * ((d_out / 2) ** 2 - (d_out / 2 - band) ** 2)
+    mass = np.clip(rng.uniform(300, 900) * volume, 0.03, 0.5)  # wood to rubber, kg/m^3
+    return float(mass), (float(d_out), float(d_out), float(thick)), shapes
+
+
+def generate_ring(index: int) -> tuple[ItemSpec, str]:
+    """The spec and URDF text of ring `index` of `novel-test` (pure: writes nothing)."""
+    if not 0 <= index < N_ITEMS:
+        raise ValueError(f"{RING_NAME} has items 0..{N_ITEMS - 1}, not {index}")
+    rng = np.random.default_rng(RING_SEED0 + index)
+    mass, ext, shapes = _ring_design(rng)
+    name = f"{RING_FAMILY}-{index:04d}"
+    path = cache_dir() / f"novel-v{_GENERATOR_VERSION}" / RING_NAME / f"{name}.urdf"
+    spec = ItemSpec(
+        name=f"{RING_NAME}/{name}",
+        family=RING_FAMILY,
+        urdf_path=str(path),
+        scale=1.0,
+        mass_kg=mass,
+        extents=ext,
+        friction=FRICTION,
+    )
+    return spec, _urdf(name.replace("-", "_"), mass, ext, shapes)
+
+
+def load_test() -> Catalog:
+    """The 240 rings of `novel-test`; URDFs written on first use."""
+    return _load(RING_NAME, generate_ring)
+
+
 def load() -> Catalog:
     """The 240 frames of `novel-train`; URDFs written on first use."""
+    return _load(NAME, generate)
+
+
+def _load(name: str, make) -> Catalog:
     items = []
     for i in range(N_ITEMS):
-        spec, text = generate(i)
+        spec, text = make(i)
         path = Path(spec.urdf_path)
         if not path.exists() or path.stat().st_size != len(text.encode()):
             write_atomic(path, text)
         items.append(spec)
-    return Catalog(NAME, tuple(items))
+    return Catalog(name, tuple(items))

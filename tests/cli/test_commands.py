@@ -116,25 +116,20 @@ def test_train_from_sim_collects_in_simulation_and_refuses_too_little_data(tmp_p
 
 
 def test_refit_watchdog_fits_the_current_item_descriptor_into_a_copy_and_leaves_the_source(tmp_path):
-    """An upgraded descriptor makes an old item watchdog unusable; `sim refit-watchdog` fits a new one."""
-    from dataclasses import replace
+    """An upgraded descriptor leaves an old item watchdog reading the features it knows (the
+    shipped one is version 2: no `opening`); `sim refit-watchdog` fits one on the current version."""
+    import shutil
 
-    from grasping.modelfile import file_sha256, load_model, read_sidecar, save_model
-    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION
+    from grasping.modelfile import file_sha256, load_model, read_sidecar, sidecar_path
+    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, ITEM_FEATURE_COUNT
 
-    shipped = load_model(REPO / "grasping" / "models" / "default.safetensors")
+    src = REPO / "grasping" / "models" / "default.safetensors"
+    shipped = load_model(src)
     old = tmp_path / "old.safetensors"
-    # The shipped model with its item watchdog marked as fitted on another descriptor version.
-    save_model(
-        old,
-        shipped.net,
-        shipped.calibrators,
-        shipped.thresholds,
-        shipped.watchdog,
-        shipped.meta,
-        item_watchdog=replace(shipped.item_watchdog, version=ITEM_DESCRIPTOR_VERSION - 1),
-    )
-    assert load_model(old).item_watchdog is None  # ignored, with a log line
+    shutil.copy(src, old)
+    shutil.copy(sidecar_path(src), sidecar_path(old))
+    assert shipped.item_watchdog.version == 2 < ITEM_DESCRIPTOR_VERSION
+    assert shipped.item_watchdog.center.shape == (ITEM_FEATURE_COUNT[2],)
     before = file_sha256(old)
     out = tmp_path / "new.safetensors"
     argv = [sys.executable, "-m", "pickcell", "sim", "refit-watchdog", str(old), "--out", str(out)]

@@ -479,7 +479,7 @@ def test_export_labels_match_what_was_recorded(tmp_path: Path) -> None:
 
 # --- labels from every answer kind -------------------------------------------------------------------
 
-D = 18  # item descriptor length (grasping.watchdog.ITEM_FEATURES)
+D = 19  # item descriptor length (grasping.watchdog.ITEM_FEATURES, version 3)
 
 
 def two_item_plan(rng: np.random.Generator, frame_id: str = "frame-2") -> Plan:

@@ -241,7 +241,7 @@ def test_one_items_weak_negatives_share_one_rows_weight_and_get_no_human_boost()
     n = len(ds)
     # Row 0: the candidate a person approved on item A (an outcome row); rows 1-4: the four candidates
     # they passed over on item A (weak negatives, export weight 0.3); row 5: one passed over on item B.
-    item = np.array(["p1:A"] * 5 + ["p1:B"] + ["p2:%d" % i for i in range(n - 6)])
+    item = np.array(["p1:A"] * 5 + ["p1:B"] + [f"p2:{i}" for i in range(n - 6)])
     weight = np.where((np.arange(n) >= 1) & (np.arange(n) <= 5), 0.3, 1.0)
     who = np.where(np.arange(n) <= 5, "associate:ann", "model")
     ds = replace(
@@ -335,3 +335,35 @@ def test_item_kinds_are_families_or_shapes_and_a_persons_label_takes_its_items_f
     assert len(set(kinds[3:6])) == 1 and len(set(kinds[6:])) == 1 and kinds[3] != kinds[6]
     assert shapes <= {"shape-0", "shape-1"}
     assert item_kinds(replace(ds, descriptor=np.zeros((n, 0))), None)[5] == "unknown"
+
+
+def test_data_across_a_descriptor_upgrade_joins_reads_and_groups() -> None:
+    """A ledger or export written before the `opening` feature (descriptor version 2, 18 numbers)
+    joins data of version 3 (19): the missing feature is NaN, never a guess; a version-2 item
+    watchdog still scores both; shape kinds group on the features most rows have; the export pads
+    an older stored descriptor the same way and refuses a longer (newer) one."""
+    from grasping.learning import fit_item_kinds, item_kinds, join_datasets
+    from grasping.watchdog import ITEM_FEATURE_COUNT, ITEM_FEATURES, fit_item_watchdog
+    from hitl.ledger import _descriptor_row
+    from learn.weights import item_novelty
+
+    f2, f3 = ITEM_FEATURE_COUNT[2], len(ITEM_FEATURES)
+    rng = np.random.default_rng(5)
+    a, _ = make_dataset_synth(4, seed=1)
+    b, _ = make_dataset_synth(3, seed=2)
+    a = replace(a, descriptor=rng.normal(size=(len(a), f2)), family=np.full(len(a), ""))
+    b = replace(b, descriptor=rng.normal(size=(len(b), f3)), family=np.full(len(b), ""))
+    both = join_datasets([a, b], "both")
+    n = len(a)
+    assert both.descriptor.shape == (n + len(b), f3)
+    assert np.isnan(both.descriptor[:n, f2]).all() and np.isfinite(both.descriptor[:n, :f2]).all()
+    np.testing.assert_array_equal(both.descriptor[n:], b.descriptor)
+    old_wd, _ = fit_item_watchdog([a.descriptor[i : i + 8] for i in range(0, 80, 8)], version=2)
+    nov = item_novelty(old_wd, both)
+    assert np.isfinite(nov).all() and (nov >= 0).all()
+    kinds = fit_item_kinds(both.descriptor, 3, seed=0)
+    assert len(kinds["center"]) == f2  # most rows lack `opening`: group on the 18 features they share
+    assert set(item_kinds(both, kinds)) <= {"shape-0", "shape-1", "shape-2"}
+    row = _descriptor_row(np.arange(f2, dtype=np.float32))
+    assert row.shape == (f3,) and np.isnan(row[f2]) and (row[:f2] == np.arange(f2)).all()
+    assert np.isnan(_descriptor_row(np.zeros(f3 + 1, np.float32))).all()

@@ -356,3 +356,42 @@ def test_an_overfull_tote_gets_fewer_items_none_above_the_top():
         assert p.getNumBodies(physicsClientId=cid) == 5 + len(items)
     finally:
         p.disconnect(physicsClientId=cid)
+
+
+def test_ring_family_is_deterministic_held_out_and_has_an_opening(tmp_path, monkeypatch) -> None:
+    """`novel-test` (sim/catalogs/novel.py): same index -> same URDF; no item is in a training
+    catalog; a ring lies flat at its thickness, a ray down its centre reaches the floor, one down its
+    band hits it."""
+    from sim.catalogs import novel
+
+    monkeypatch.setenv("PICKCELL_CACHE_DIR", str(tmp_path / "cache"))
+    assert novel.generate_ring(5) == novel.generate_ring(5) != novel.generate_ring(6)
+    cat = load_catalog("novel-test")
+    assert len(cat) == novel.N_ITEMS and cat.families == ("ring",)
+    names = {it.name for it in cat.items}
+    for other in ("novel-train", "procedural-train"):
+        assert not names & {it.name for it in load_catalog(other).items}
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setGravity(0, 0, -9.81, physicsClientId=cid)
+        floor = p.createCollisionShape(p.GEOM_BOX, halfExtents=(5, 5, 0.01), physicsClientId=cid)
+        p.createMultiBody(0, floor, basePosition=(0, 0, -0.01), physicsClientId=cid)
+        specs = cat.items[::40]
+        bodies = [
+            spawn_item(cid, s, (0.5 * i - 1.5, 0, s.extents[2] / 2 + 0.005), (0, 0, 0, 1))
+            for i, s in enumerate(specs)
+        ]
+        for _ in range(240):
+            p.stepSimulation(physicsClientId=cid)
+        for i, (spec, body) in enumerate(zip(specs, bodies, strict=True)):
+            assert p.getDynamicsInfo(body, -1, physicsClientId=cid)[0] == pytest.approx(spec.mass_kg)
+            lo, hi = (np.array(v) for v in p.getAABB(body, physicsClientId=cid))
+            assert abs(lo[2]) < 0.004 and hi[2] - lo[2] == pytest.approx(spec.extents[2], abs=0.007)
+            x = 0.5 * i - 1.5
+            r_out = spec.extents[0] / 2
+            for dx, dy, on_ring in ((0.0, 0.0, False), (0.02, 0.01, False), (r_out - 0.012, 0.0, True),
+                                    (0.0, -(r_out - 0.012), True)):  # fmt: skip
+                hit = p.rayTest((x + dx, dy, 0.5), (x + dx, dy, -0.005), physicsClientId=cid)[0]
+                assert (hit[0] == body) == on_ring, (spec.name, dx, dy)
+    finally:
+        p.disconnect(physicsClientId=cid)
