@@ -144,6 +144,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     from grasping.modelfile import load_model
     from grasping.registry import ModelRegistry
     from sim.benchmark.continual import mixed_catalog
+    from sim.benchmark.metrics import newcombe
 
     work = Path(work_dir)
     seed = cfg.seed + CELL_B_SEED_OFFSET
@@ -168,6 +169,20 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
             stack.close()
     a_after = cell_a["new_family_failure"][-1]
     b_with = arms["with_fleet"]["new_family_failure"]
+    # Failures and items behind each rate, for the 95% intervals of the two comparisons the issue
+    # names (B with the fleet vs A after learning; B with vs without the fleet). At 25-35 new items
+    # a side the intervals are +-15-20 pp wide: a point gap says little on its own.
+    a_n = int(cell_a["rounds"][-1]["new_items"])
+    counts = {
+        "a": (round((a_after or 0.0) * a_n), a_n),
+        **{
+            arm: (round((x["new_family_failure"] or 0.0) * x["new_items"]), int(x["new_items"]))
+            for arm, x in arms.items()
+        },
+    }
+    gap_ci = [100.0 * v for v in newcombe(*counts["with_fleet"], *counts["a"])]
+    benefit_ci = [100.0 * v for v in newcombe(*counts["without_fleet"], *counts["with_fleet"])]
+    b_without = arms["without_fleet"]["new_family_failure"]
     return {
         "cells": 2,
         "shared_model": load_model(final).version if shared else None,
@@ -178,6 +193,14 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         "cell_b_gap_to_a_pp": (100.0 * (b_with - a_after))
         if (b_with is not None and a_after is not None)
         else None,
+        "cell_b_gap_to_a_ci95_pp": gap_ci,
+        # How much more often cell B fails the new kind without the fleet than with it (> 0: the
+        # fleet's model helped), with its 95% interval.
+        "cell_b_fleet_benefit_pp": (100.0 * (b_without - b_with))
+        if (b_with is not None and b_without is not None)
+        else None,
+        "cell_b_fleet_benefit_ci95_pp": benefit_ci,
+        "new_kind_failures_and_items": {k: list(v) for k, v in counts.items()},
         "cell_b": arms,
         "note": None
         if shared
@@ -229,6 +252,19 @@ def append_report(result: dict[str, Any], out_dir: str | Path) -> None:
             f"| {label} | {x['model']} | {f(x['new_family_failure'])} | {f(x['old_family_success'])} | "
             f"{f(x['assists_per_100_items'])} | {x['new_items']} |"
         )
+    gap, benefit = fl.get("cell_b_gap_to_a_pp"), fl.get("cell_b_fleet_benefit_pp")
+    if gap is not None and "cell_b_gap_to_a_ci95_pp" in fl:
+        lo, hi = fl["cell_b_gap_to_a_ci95_pp"]
+        lines += [
+            "",
+            f"Cell B with the fleet minus cell A after learning: {gap:+.1f} pp "
+            f"(95% CI {lo:+.1f} to {hi:+.1f}).",
+        ]
+    if benefit is not None and "cell_b_fleet_benefit_ci95_pp" in fl:
+        lo, hi = fl["cell_b_fleet_benefit_ci95_pp"]
+        lines += [
+            f"Cell B without the fleet minus with it: {benefit:+.1f} pp (95% CI {lo:+.1f} to {hi:+.1f})."
+        ]
     lines += ["", "![fleet](fleet.png)", ""]
     if fl.get("note"):
         lines += [f"Note: {fl['note']}.", ""]

@@ -50,6 +50,7 @@ per-pick cycle breakdown, come from `sim.benchmark.cycle`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -71,6 +72,22 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
     p = k / n
     return (float(min(max(0.0, ci.low), p)), float(max(min(1.0, ci.high), p)))
+
+
+def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """95% interval for the difference of two independent proportions k1/n1 - k2/n2: Newcombe's
+    hybrid score interval (method 10 of Newcombe 1998, from the two Wilson intervals). It keeps
+    its coverage at the 10-40 items a round of the continual experiment has, where the Wald
+    interval does not. (-1, 1) when either n is 0."""
+    if n1 == 0 or n2 == 0:
+        return (-1.0, 1.0)
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson(k1, n1), wilson(k2, n2)
+    d = p1 - p2
+    return (
+        float(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
+        float(d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)),
+    )
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:

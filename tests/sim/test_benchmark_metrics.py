@@ -235,3 +235,15 @@ def test_the_report_is_written_for_every_edge_case(tmp_path):
         m["autonomous_pick_rate_ci95"] = [1.0000000000000002, 1.0]
 
     assert "100.0%" in _report(tmp_path, one_ok, "hair", tweak=hair)
+
+
+def test_newcombe_interval_matches_the_published_example_and_brackets_the_difference() -> None:
+    """Newcombe (1998), Table II, example (a): 56/70 - 48/80 = 0.175, hybrid score interval
+    0.0524 to 0.3339."""
+    from sim.benchmark.metrics import newcombe
+
+    lo, hi = newcombe(56, 70, 48, 80)
+    assert abs(lo - 0.0524) < 5e-4 and abs(hi - 0.3339) < 5e-4
+    lo, hi = newcombe(0, 10, 0, 10)  # both at 0%: an interval around 0, not a point
+    assert lo < 0.0 < hi
+    assert newcombe(3, 0, 1, 5) == (-1.0, 1.0)

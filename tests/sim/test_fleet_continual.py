@@ -44,6 +44,7 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
         "start_model_path": str(DEFAULT_MODEL),
         "final_model_path": str(learned),
         "new_family_failure": [0.6, 0.3],
+        "rounds": [{"new_items": 10}, {"new_items": 10}],
     }
     res = run_cell_b(cfg, work, cell_a)
 
@@ -71,13 +72,20 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
     assert res["cell_a_new_family_failure_after"] == 0.3
     assert res["cell_b_first_contact_failure"] == with_fleet["new_family_failure"]
     assert res["cell_b_without_fleet"] == without["new_family_failure"]
+    # The comparisons carry their 95% intervals (Newcombe), from the failures and items behind them.
+    counts = res["new_kind_failures_and_items"]
+    assert counts["a"] == [3, 10] and counts["with_fleet"][1] == with_fleet["new_items"]
+    lo, hi = res["cell_b_gap_to_a_ci95_pp"]
+    assert lo <= res["cell_b_gap_to_a_pp"] <= hi and hi - lo > 20  # 10 items in A: a wide interval
+    lo, hi = res["cell_b_fleet_benefit_ci95_pp"]
+    assert lo <= res["cell_b_fleet_benefit_pp"] <= hi
 
 
 def test_nothing_is_shared_when_no_model_of_cell_a_passed_its_gate(tmp_path):
     cfg = quick_config(rounds=1, seed=4)
     ModelRegistry(tmp_path / "registry").add(DEFAULT_MODEL)
     cell_a = {"start_model_path": str(DEFAULT_MODEL), "final_model_path": str(DEFAULT_MODEL),
-              "new_family_failure": [0.5, 0.5]}  # fmt: skip
+              "new_family_failure": [0.5, 0.5], "rounds": [{"new_items": 4}, {"new_items": 4}]}  # fmt: skip
     res = run_cell_b(cfg, tmp_path, cell_a)
     assert res["shared_model"] is None and "nothing was shared" in res["note"]
     assert res["cell_b"]["with_fleet"]["model"] == res["cell_b"]["without_fleet"]["model"]
