@@ -59,8 +59,8 @@ import numpy as np
 from sim.benchmark.cycle import cycle_metrics
 
 
-def wilson(k: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval for k successes in n trials ((0, 1) when n == 0), from scipy.
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval (95% by default) for k successes in n trials ((0, 1) when n == 0), from scipy.
 
     The bounds are clamped to [0, 1] and to bracket k/n: floating point can put a bound a hair on
     the wrong side of the rate at 0% and 100%, which made the report's error bars negative.
@@ -69,20 +69,20 @@ def wilson(k: int, n: int) -> tuple[float, float]:
         return (0.0, 1.0)
     from scipy.stats import binomtest
 
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     p = k / n
     return (float(min(max(0.0, ci.low), p)), float(max(min(1.0, ci.high), p)))
 
 
-def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
-    """95% interval for the difference of two independent proportions k1/n1 - k2/n2: Newcombe's
+def newcombe(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval (95% by default) for the difference of two independent proportions k1/n1 - k2/n2: Newcombe's
     hybrid score interval (method 10 of Newcombe 1998, from the two Wilson intervals). It keeps
     its coverage at the 10-40 items a round of the continual experiment has, where the Wald
     interval does not. (-1, 1) when either n is 0."""
     if n1 == 0 or n2 == 0:
         return (-1.0, 1.0)
     p1, p2 = k1 / n1, k2 / n2
-    (l1, u1), (l2, u2) = wilson(k1, n1), wilson(k2, n2)
+    (l1, u1), (l2, u2) = wilson(k1, n1, confidence), wilson(k2, n2, confidence)
     d = p1 - p2
     return (
         float(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),

@@ -247,3 +247,26 @@ def test_newcombe_interval_matches_the_published_example_and_brackets_the_differ
     lo, hi = newcombe(0, 10, 0, 10)  # both at 0%: an interval around 0, not a point
     assert lo < 0.0 < hi
     assert newcombe(3, 0, 1, 5) == (-1.0, 1.0)
+
+
+def test_the_gate_suite_refuses_a_rate_only_on_evidence_of_a_change_beyond_its_tolerance() -> None:
+    """sim.training.rate_change_check: one damaged item in 25 attempts (the suite's size) is not
+    evidence of a damage regression; five are. Two fewer successful first attempts in 25 are not
+    evidence of a 5-point loss; twelve are. Level 0 keeps the bare point comparison."""
+    from sim.training import rate_change_check
+
+    # Damage (lower is better), tolerance 0.01.
+    assert rate_change_check("damage_rate", 1, 25, 0, 24, 0.01, 0.05, False) is None
+    msg = rate_change_check("damage_rate", 6, 25, 0, 24, 0.01, 0.05, False)
+    assert msg and msg.startswith("damage_rate 0.240 vs baseline 0.000 (6/25 vs 0/24)") and "over by" in msg
+    assert "damage_rate 0.040" in rate_change_check("damage_rate", 1, 25, 0, 24, 0.01, 0.0, False)
+    # Success (higher is better), tolerance 0.05.
+    assert rate_change_check("first_attempt_success", 18, 25, 20, 25, 0.05, 0.05, True) is None
+    msg = rate_change_check("first_attempt_success", 8, 25, 20, 25, 0.05, 0.05, True)
+    assert msg and "95% upper bound" in msg and "short by" in msg
+    assert rate_change_check("first_attempt_success", 18, 25, 20, 25, 0.05, 0.0, True) is not None
+    # With a large suite the same 1-point rise in damage is evidence enough.
+    assert rate_change_check("damage_rate", 60, 1000, 10, 1000, 0.01, 0.05, False) is not None
+    # Better than the baseline never fails, with or without evidence.
+    assert rate_change_check("first_attempt_success", 25, 25, 10, 25, 0.05, 0.05, True) is None
+    assert rate_change_check("damage_rate", 0, 25, 3, 25, 0.01, 0.0, False) is None
