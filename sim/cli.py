@@ -74,7 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Plan N fresh totes of the training catalogs (train, procedural-train; never test or "
             "procedural) with the model, then refit the embedding watchdog's scene statistics and fit the "
-            "item watchdog from scratch on those totes' items, and write the model file again (new "
+            "item watchdog from scratch on those totes' items and its per-item threshold on further fresh "
+            "totes, and write the model file again (new "
             "sha256 and sidecar; the network, calibrators and threshold are unchanged). Use it after an "
             "upgrade that changes the item descriptor: a file fitted on another descriptor version loads "
             "with its item watchdog ignored (a log line says so) until it is refit."
@@ -85,6 +86,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rw.add_argument("--scenes", type=int, default=60, metavar="N", help="live totes (default 60, at least 4)")
     rw.add_argument(
         "--seed", type=int, default=None, metavar="S", help="tote seed (default: the training one)"
+    )
+    rw.add_argument(
+        "--item-threshold-scenes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="further fresh totes whose items set the per-item threshold (doubt per item; default half "
+        "of --scenes; 0: scene verdicts only)",
     )
     rw.add_argument("--workers", type=int, default=2, metavar="W", help="processes (default 2)")
     rw.add_argument("--json", action="store_true", help="print the measurements as JSON")
@@ -98,6 +107,11 @@ def cmd_refit_watchdog(args: argparse.Namespace) -> int:
     from grasping.modelfile import ModelFileError, load_model, sidecar_path
     from sim.training import WATCHDOG_SCENE_SEED, LiveSceneConfig, recalibrate_watchdog
 
+    if args.item_threshold_scenes is not None and args.item_threshold_scenes < 0:
+        print(
+            f"error: --item-threshold-scenes must be >= 0, got {args.item_threshold_scenes}", file=sys.stderr
+        )
+        return 2
     if args.scenes < 4 or args.workers < 1:
         print(
             f"error: --scenes must be >= 4 and --workers >= 1, got {args.scenes}, {args.workers}",
@@ -122,6 +136,7 @@ def cmd_refit_watchdog(args: argparse.Namespace) -> int:
         scenes=args.scenes,
         seed=WATCHDOG_SCENE_SEED if args.seed is None else args.seed,
         workers=args.workers,
+        item_threshold_scenes=args.item_threshold_scenes,
     )
     info = recalibrate_watchdog(dst, cfg, progress=not args.json)
     if args.json:
@@ -131,6 +146,11 @@ def cmd_refit_watchdog(args: argparse.Namespace) -> int:
     item = (
         f"item watchdog: {int(iw['item_watchdog_items'])} items, "
         f"threshold {iw['item_watchdog_threshold_sigma']:.2f} sigma"
+        + (
+            f", per item {iw['item_threshold']['item_threshold']:.2f}"
+            if "item_threshold" in iw.get("item_threshold", {})
+            else ", no per-item threshold"
+        )
         if "item_watchdog_items" in iw
         else f"item watchdog not fitted ({iw.get('skipped')})"
     )

@@ -267,6 +267,11 @@ class LiveSceneConfig:
     workers: int = 2  # processes
     item_k: int = 5  # item watchdog: neighbours of an item's local-density score
     item_scene_quantile: float = 0.75  # item watchdog: quantile of item scores that scores the scene
+    # Further fresh totes (seeds apart from the bank's) whose items set the per-item threshold, so
+    # the cell doubts one item, not the whole tote (`grasping.watchdog.fit_item_threshold`). None:
+    # half of `scenes`; 0: no per-item threshold (scene verdicts only).
+    item_threshold_scenes: int | None = None
+    item_quantile: float = 0.99  # conformal quantile of in-distribution item scores the threshold sits at
 
     def __post_init__(self) -> None:
         from sim.collect import check_training_catalogs
@@ -357,6 +362,32 @@ def live_scene_scores(
         return list(tqdm(it, total=len(jobs), desc="scenes", disable=not progress, leave=False))
 
 
+def _fit_item_threshold(
+    model_path: str | Path, item_wd: Any, cfg: LiveSceneConfig, scenes: int, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """The item watchdog with its per-item threshold, fitted on `scenes` further fresh totes.
+
+    Their items are exchangeable with a new in-distribution item, unlike the bank's own, so the
+    conformal quantile bounds how often a familiar item is doubted. Too few items: no threshold,
+    and the info says why (the watchdog then judges scenes, as before)."""
+    from grasping.watchdog import fit_item_threshold
+
+    seeds = [int(np.random.SeedSequence([cfg.seed, 1, i]).generate_state(1)[0]) for i in range(scenes)]
+    jobs = [
+        (cfg.catalogs[i % len(cfg.catalogs)], cfg.families, cfg.objects_per_tote, s)
+        for i, s in enumerate(seeds)
+    ]
+    res = live_scene_scores(model_path, jobs, cfg.workers, progress)
+    try:
+        wd, info = fit_item_threshold(
+            item_wd, [np.asarray(r["item_descriptors"]) for r in res if r is not None], cfg.item_quantile
+        )
+    except ValueError as exc:
+        log.warning("no per-item threshold (%s): the item watchdog will judge scenes only", exc)
+        return item_wd, {"skipped": str(exc), "scenes": scenes}
+    return wd, {**info, "seed": cfg.seed}
+
+
 def recalibrate_watchdog(
     model_path: str | Path, cfg: LiveSceneConfig, progress: bool = False
 ) -> dict[str, Any]:
@@ -364,7 +395,8 @@ def recalibrate_watchdog(
 
     Embedding watchdog: the candidate-level statistics (embedding mean and precision) are kept; only
     the scene aggregation is re-measured. Item watchdog: fitted from scratch on the item descriptors
-    of the same live scenes (`grasping.watchdog.fit_item_watchdog`). The training export holds
+    of the same live scenes (`grasping.watchdog.fit_item_watchdog`), and its per-item threshold on
+    further fresh scenes (`LiveSceneConfig.item_threshold_scenes`). The training export holds
     candidate rows, not whole scenes, so live scenes of the training catalogs are where whole items
     come from here; a real cell would fit them from the point clouds of its recorded plans.
     Returns what was measured, including the new sha256.
@@ -403,6 +435,9 @@ def recalibrate_watchdog(
         # the embedding watchdog alone; say so in the metadata and the card rather than fail training.
         log.warning("item watchdog not fitted (%s); the embedding watchdog alone will judge scenes", exc)
         item_wd, item_info = None, {"skipped": str(exc)}
+    n_thr = cfg.scenes // 2 if cfg.item_threshold_scenes is None else cfg.item_threshold_scenes
+    if item_wd is not None and n_thr > 0:
+        item_wd, item_info["item_threshold"] = _fit_item_threshold(model_path, item_wd, cfg, n_thr, progress)
     info = {
         "calibrated_on": "live scenes of the training catalogs (sim.training.recalibrate_watchdog)",
         "catalogs": list(cfg.catalogs),

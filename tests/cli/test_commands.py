@@ -121,7 +121,7 @@ def test_refit_watchdog_fits_the_current_item_descriptor_into_a_copy_and_leaves_
     import shutil
 
     from grasping.modelfile import file_sha256, load_model, read_sidecar, sidecar_path
-    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, ITEM_FEATURE_COUNT
+    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, ITEM_FEATURE_COUNT, ITEM_FEATURES
 
     src = REPO / "grasping" / "models" / "default.safetensors"
     shipped = load_model(src)
@@ -134,7 +134,7 @@ def test_refit_watchdog_fits_the_current_item_descriptor_into_a_copy_and_leaves_
     out = tmp_path / "new.safetensors"
     argv = [sys.executable, "-m", "pickcell", "sim", "refit-watchdog", str(old), "--out", str(out)]
     proc = subprocess.run(
-        [*argv, "--scenes", "4", "--workers", "1", "--seed", "11", "--json"],
+        [*argv, "--scenes", "4", "--item-threshold-scenes", "4", "--workers", "1", "--seed", "11", "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -147,6 +147,10 @@ def test_refit_watchdog_fits_the_current_item_descriptor_into_a_copy_and_leaves_
     new = load_model(out)
     assert new.item_watchdog is not None and new.item_watchdog.version == ITEM_DESCRIPTOR_VERSION
     assert new.item_watchdog.bank.shape[0] == info["item_watchdog"]["item_watchdog_items"] > 10
+    assert new.item_watchdog.center.shape == (len(ITEM_FEATURES),)  # now with `opening`
+    # Doubt per item: a per-item threshold from 4 further totes (not the bank's), in the file.
+    thr = info["item_watchdog"]["item_threshold"]
+    assert thr["items"] >= 20 and new.item_watchdog.item_threshold == pytest.approx(thr["item_threshold"])
     assert info["scenes_ref"] + info["scenes_threshold"] == 4
     # The network is the same one: refitting the watchdog does not retrain.
     for a, b in zip(new.net.state_dict().values(), shipped.net.state_dict().values(), strict=True):
