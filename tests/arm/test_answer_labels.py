@@ -14,6 +14,7 @@ import numpy as np
 import pybullet as pb
 from cellrig import add_carton, project
 
+from grasping.watchdog import ITEM_FEATURES
 from hitl.ledger import Ledger
 from hitl.messages import AssistAnswer
 
@@ -85,7 +86,7 @@ def test_a_clicked_pixel_is_a_training_row_with_its_patch_item_and_gripper(stack
     assert first.decided_by == "associate:eve" and first.grasp.gripper == "parallel_jaw"
     (a,) = [x for x in ledger.attempts() if x.request_id == ctl.assist.seen[0].request_id]
     assert a.patch is not None and a.patch.shape == (2, 32, 32) and a.features is not None
-    assert a.item == 0 and a.item_descriptor is not None and a.item_descriptor.shape == (18,)
+    assert a.item == 0 and a.item_descriptor is not None and a.item_descriptor.shape == (len(ITEM_FEATURES),)
     assert ctl.assist.seen[0].context["item"] == 0
     m = ledger.export(tmp_path / "out")
     with np.load(tmp_path / "out" / m.shards[0]["file"], allow_pickle=False) as z:
