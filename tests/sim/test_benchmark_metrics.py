@@ -270,3 +270,15 @@ def test_the_gate_suite_refuses_a_rate_only_on_evidence_of_a_change_beyond_its_t
     # Better than the baseline never fails, with or without evidence.
     assert rate_change_check("first_attempt_success", 25, 25, 10, 25, 0.05, 0.05, True) is None
     assert rate_change_check("damage_rate", 0, 25, 3, 25, 0.01, 0.0, False) is None
+
+
+def test_the_gate_suite_times_picks_in_robot_seconds_not_host_wall_time() -> None:
+    """The suite's cycle check reads simulated robot + sensing seconds per pick (3600 / mpph), which
+    no host load changes; 10% slower fails, 5% does not."""
+    from sim.training import cycle_check, robot_seconds_per_pick
+
+    assert robot_seconds_per_pick(450.0) == 8.0 and robot_seconds_per_pick(0.0) is None
+    assert cycle_check(8.4, 8.0, 0.10) is None
+    msg = cycle_check(9.0, 8.0, 0.10)
+    assert msg and msg.startswith("robot_seconds_per_pick 9.00 > 8.80")
+    assert cycle_check(None, 8.0, 0.10) is None
