@@ -69,23 +69,7 @@ def _design(rng: np.random.Generator) -> tuple[float, tuple[float, float, float]
 
 def generate(index: int) -> tuple[ItemSpec, str]:
     """The spec and URDF text of frame `index` (pure: writes nothing)."""
-    if not 0 <= index < N_ITEMS:
-        raise ValueError(f"{NAME} has items 0..{N_ITEMS - 1}, not {index}")
-    family = FAMILY
-    rng = np.random.default_rng(SEED0 + index)
-    mass, ext, shapes = _design(rng)
-    name = f"{family}-{index:04d}"
-    path = cache_dir() / f"novel-v{_GENERATOR_VERSION}" / NAME / f"{name}.urdf"
-    spec = ItemSpec(
-        name=f"{NAME}/{name}",
-        family=family,
-        urdf_path=str(path),
-        scale=1.0,
-        mass_kg=mass,
-        extents=ext,
-        friction=FRICTION,
-    )
-    return spec, _urdf(name.replace("-", "_"), mass, ext, shapes)
+    return _generate(NAME, FAMILY, SEED0, _design, index)
 
 
 RING_FAMILY = "ring"
@@ -123,15 +107,18 @@ def _ring_design(rng: np.random.Generator) -> tuple[float, tuple[float, float, f
 
 def generate_ring(index: int) -> tuple[ItemSpec, str]:
     """The spec and URDF text of ring `index` of `novel-test` (pure: writes nothing)."""
+    return _generate(RING_NAME, RING_FAMILY, RING_SEED0, _ring_design, index)
+
+
+def _generate(catalog: str, family: str, seed0: int, design, index: int) -> tuple[ItemSpec, str]:
     if not 0 <= index < N_ITEMS:
-        raise ValueError(f"{RING_NAME} has items 0..{N_ITEMS - 1}, not {index}")
-    rng = np.random.default_rng(RING_SEED0 + index)
-    mass, ext, shapes = _ring_design(rng)
-    name = f"{RING_FAMILY}-{index:04d}"
-    path = cache_dir() / f"novel-v{_GENERATOR_VERSION}" / RING_NAME / f"{name}.urdf"
+        raise ValueError(f"{catalog} has items 0..{N_ITEMS - 1}, not {index}")
+    mass, ext, shapes = design(np.random.default_rng(seed0 + index))
+    name = f"{family}-{index:04d}"
+    path = cache_dir() / f"novel-v{_GENERATOR_VERSION}" / catalog / f"{name}.urdf"
     spec = ItemSpec(
-        name=f"{RING_NAME}/{name}",
-        family=RING_FAMILY,
+        name=f"{catalog}/{name}",
+        family=family,
         urdf_path=str(path),
         scale=1.0,
         mass_kg=mass,
