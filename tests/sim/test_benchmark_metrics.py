@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 
 from sim.benchmark.metrics import aggregate, wilson
@@ -282,3 +283,35 @@ def test_the_gate_suite_times_picks_in_robot_seconds_not_host_wall_time() -> Non
     msg = cycle_check(9.0, 8.0, 0.10)
     assert msg and msg.startswith("robot_seconds_per_pick 9.00 > 8.80")
     assert cycle_check(None, 8.0, 0.10) is None
+
+
+def _paired(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([1] * both + [1] * only_a + [0] * only_b + [0] * neither, dtype=bool)
+    b = np.array([1] * both + [0] * only_a + [1] * only_b + [0] * neither, dtype=bool)
+    return a, b
+
+
+def test_paired_newcombe_interval_matches_the_published_examples() -> None:
+    from sim.benchmark.metrics import newcombe_paired
+
+    # Newcombe (1998), Stat. Med. 17:2635, example (a): 36 / 12 / 2 / 0 -> 0.0569 to 0.3404 (method 10).
+    lo, hi = newcombe_paired(*_paired(36, 12, 2, 0))
+    assert round(lo, 4) == 0.0569 and round(hi, 4) == 0.3404
+    # Altman et al. (2000), Statistics with Confidence, Table 6.2: 14 / 5 / 0 / 22 -> 0.011 to 0.226.
+    lo, hi = newcombe_paired(*_paired(14, 5, 0, 22))
+    assert round(lo, 3) == 0.011 and round(hi, 3) == 0.226
+    # Arms that agree on every unit: the interval brackets 0; swapping the arms mirrors it.
+    lo, hi = newcombe_paired(*_paired(5, 0, 0, 5))
+    assert lo < 0.0 < hi
+    a, b = _paired(20, 3, 9, 8)
+    lo, hi = newcombe_paired(a, b)
+    lo2, hi2 = newcombe_paired(b, a)
+    assert lo < (a.mean() - b.mean()) < hi and abs(lo + hi2) < 1e-12 and abs(hi + lo2) < 1e-12
+    # Pairing narrows the interval against the independent one when the arms agree on most units.
+    from sim.benchmark.metrics import newcombe
+
+    ind = newcombe(int(a.sum()), len(a), int(b.sum()), len(b))
+    assert hi - lo < ind[1] - ind[0]
+    assert newcombe_paired(np.zeros(0, bool), np.zeros(0, bool)) == (-1.0, 1.0)
+    with pytest.raises(ValueError, match="paired"):
+        newcombe_paired(np.ones(3, bool), np.ones(4, bool))

@@ -52,6 +52,14 @@ def test_continual_quick_runs_rounds_of_collect_learn_gate_and_reports_each(tmp_
     for v in res["old_family_success"] + res["new_family_failure"]:
         assert v is None or 0.0 <= v <= 1.0
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "continual.png").exists()
+    # Round 0 runs the same model on the same items in both cells: item for item the same outcomes.
+    vs = res["vs_control"]
+    assert vs["unpaired"] == 0 and len(vs["rounds"]) == 2
+    r0 = vs["rounds"][0]
+    paired = r0["new_family_failure"]["items"] + r0["old_family_success"]["items"]
+    assert paired == res["rounds"][0]["new_items"] + res["rounds"][0]["old_items"]
+    assert r0["new_family_failure"]["only_learning"] == r0["new_family_failure"]["only_control"] == 0
+    assert "same items" in (tmp_path / "report" / "report.md").read_text()
     index = json.loads((tmp_path / "work" / "registry" / "index.json").read_text())
     assert index["models"][r1["version"]]["gate_passed"] == r1["gate_passed"]
     # What a person's pick placed is reported apart from the model's own placements.
@@ -129,3 +137,40 @@ def test_mixed_catalog_holds_the_new_kind_at_its_share(tmp_path, monkeypatch) ->
     assert [it.family for it in left_out.items].count("tube") / len(left_out) == pytest.approx(0.25, abs=0.01)
     with pytest.raises(ValueError, match="new_share"):
         mixed_catalog("frame", 1.0, seed=1)
+
+
+def _tote(tote: str, items: list[tuple[str, str, bool]]) -> dict:
+    rows = [{"name": n, "family": f, "alone": a, "by_person": False} for n, f, a in items]
+    return {"tote": tote, "items": rows}
+
+
+def test_vs_control_compares_the_same_items_and_pools_the_learning_rounds() -> None:
+    """A hand-built record whose answer is known: per round and pooled over rounds 1..R, the
+    learning cell minus the control on the same items, matched by tote and name (a duplicate name
+    by its occurrence); an item present in one cell only is left out and counted."""
+    from sim.benchmark.continual import vs_control
+
+    r0 = [("f/1", "frame", False), ("c/1", "carton", True)]
+    r1 = [("f/2", "frame", True), ("f/3", "frame", True), ("f/2", "frame", False), ("c/2", "carton", True),
+          ("c/9", "carton", True)]  # fmt: skip
+    c1 = [("f/2", "frame", False), ("f/3", "frame", True), ("f/2", "frame", False), ("c/2", "carton", False)]
+    learning = [
+        {"round": 0, "totes": [_tote("continual-tote-00000", r0)]},
+        {"round": 1, "totes": [_tote("continual-tote-00001", r1)]},
+    ]
+    control = [
+        {"round": 0, "totes": [_tote("continual-control-tote-00000", [])]},
+        {"round": 1, "totes": [_tote("continual-control-tote-00001", c1)]},
+    ]
+    # Tote ids differ by the cell's name only; pairing uses the tote number.
+    res = vs_control(learning, control, "frame")
+    r1 = res["rounds"][1]
+    nk, ok = r1["new_family_failure"], r1["old_family_success"]
+    assert nk["items"] == 3 and ok["items"] == 1 and r1["unpaired"] == 1  # c/9 has no pair
+    # new kind failure: learning fails 1 of 3 (the second f/2), the control 2 of 3 -> change -1/3
+    assert abs(nk["change"] - (-1 / 3)) < 1e-12 and nk["only_control"] == 1 and nk["only_learning"] == 0
+    assert nk["ci95"][0] < nk["change"] < nk["ci95"][1]
+    assert ok["change"] == 1.0 and ok["only_learning"] == 1
+    assert res["rounds"][0]["unpaired"] == 2  # round 0's control tote was empty
+    assert res["learning_rounds_pooled"]["new_family_failure"] == nk  # round 0 is not pooled
+    assert res["unpaired"] == 3
