@@ -143,7 +143,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     """Both arms of cell B after cell A's experiment (`cell_a`: run_continual's result)."""
     from grasping.modelfile import load_model
     from grasping.registry import ModelRegistry
-    from sim.benchmark.continual import mixed_catalog
+    from sim.benchmark.continual import mixed_catalog, vs_control
     from sim.benchmark.metrics import newcombe
 
     work = Path(work_dir)
@@ -183,6 +183,13 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     gap_ci = [100.0 * v for v in newcombe(*counts["with_fleet"], *counts["a"])]
     benefit_ci = [100.0 * v for v in newcombe(*counts["without_fleet"], *counts["with_fleet"])]
     b_without = arms["without_fleet"]["new_family_failure"]
+    # Both arms of cell B work the very same items: the benefit is also measured item by item
+    # (Newcombe's paired interval), which removes what the items share (which frames were hard).
+    paired = vs_control(
+        [{"round": 0, "totes": arms["without_fleet"]["totes"]}],
+        [{"round": 0, "totes": arms["with_fleet"]["totes"]}],
+        cfg.new_family,
+    )["rounds"][0]["new_family_failure"]
     return {
         "cells": 2,
         "shared_model": load_model(final).version if shared else None,
@@ -200,6 +207,9 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         if (b_with is not None and b_without is not None)
         else None,
         "cell_b_fleet_benefit_ci95_pp": benefit_ci,
+        "cell_b_fleet_benefit_paired_ci95_pp": [100.0 * v for v in paired["ci95"]],
+        # new-kind items where only the arm without the fleet failed / only the arm with it failed
+        "cell_b_fleet_benefit_discordant": [paired["only_learning"], paired["only_control"]],
         "new_kind_failures_and_items": {k: list(v) for k, v in counts.items()},
         "cell_b": arms,
         "note": None
@@ -262,9 +272,15 @@ def append_report(result: dict[str, Any], out_dir: str | Path) -> None:
         ]
     if benefit is not None and "cell_b_fleet_benefit_ci95_pp" in fl:
         lo, hi = fl["cell_b_fleet_benefit_ci95_pp"]
-        lines += [
-            f"Cell B without the fleet minus with it: {benefit:+.1f} pp (95% CI {lo:+.1f} to {hi:+.1f})."
-        ]
+        text = f"Cell B without the fleet minus with it: {benefit:+.1f} pp (95% CI {lo:+.1f} to {hi:+.1f}"
+        if "cell_b_fleet_benefit_paired_ci95_pp" in fl:
+            plo, phi = fl["cell_b_fleet_benefit_paired_ci95_pp"]
+            only_without, only_with = fl["cell_b_fleet_benefit_discordant"]
+            text += (
+                f"; on the same items, paired: {plo:+.1f} to {phi:+.1f}, {only_without} items failed "
+                f"only without the fleet, {only_with} only with it"
+            )
+        lines += [text + ")."]
     lines += ["", "![fleet](fleet.png)", ""]
     if fl.get("note"):
         lines += [f"Note: {fl['note']}.", ""]

@@ -79,6 +79,12 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
     assert lo <= res["cell_b_gap_to_a_pp"] <= hi and hi - lo > 20  # 10 items in A: a wide interval
     lo, hi = res["cell_b_fleet_benefit_ci95_pp"]
     assert lo <= res["cell_b_fleet_benefit_pp"] <= hi
+    # The same items in both arms: the paired interval, and the items only one arm failed.
+    plo, phi = res["cell_b_fleet_benefit_paired_ci95_pp"]
+    assert plo <= res["cell_b_fleet_benefit_pp"] <= phi
+    only_without, only_with = res["cell_b_fleet_benefit_discordant"]
+    n = with_fleet["new_items"]
+    assert abs(100.0 * (only_without - only_with) / n - res["cell_b_fleet_benefit_pp"]) < 1e-9
 
 
 def test_nothing_is_shared_when_no_model_of_cell_a_passed_its_gate(tmp_path):
