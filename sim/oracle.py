@@ -6,8 +6,11 @@ seal test as the suction cup. For the topmost items first (the ones a person wou
 
 - suction at the surface point that seals (rim rays: flat enough, normal within the cup's tolerance;
   the approach is along the surface normal, up to `max_tilt_deg` from vertical) and that loads the
-  cup least (smallest moment about the centre of mass, at the tool acceleration up and sideways);
-- otherwise a parallel-jaw grasp whose line passes through the centre of mass and where both
+  cup least (smallest moment about the centre of mass, at the tool acceleration up and sideways),
+  among points whose whole cup footprint lies on the item's visible top (an item whose centre of
+  mass lies over an opening, a picture frame, is held on the middle of a bar, not its inner edge);
+- otherwise a parallel-jaw grasp whose line passes through the centre of mass (around it, or, when
+  nothing is there to hold, across one part of the item that line crosses) and where both
   finger pads meet the item squarely: horizontal rays over each pad's face find where it first
   touches the item and the surface normal there; the normals must lie in the friction cone with
   margin and must not face upwards (a squeeze on a face tilted up pushes the item out of the
@@ -193,7 +196,17 @@ class OracleGraspSource:
         com, _ = p.getBasePositionAndOrientation(body, physicsClientId=cid)
         com = np.asarray(com)
         mass = p.getDynamicsInfo(body, -1, physicsClientId=cid)[0]
-        cand, cn = pts[ok], nrm[ok]
+        # Only points whose whole cup footprint (lip radius + the seal's robustness margin) lies on
+        # this item's visible top: a cup that overhangs an edge, an opening or a neighbour cannot
+        # seal. Without this the search below tested only the points nearest the centre of mass,
+        # and on an item whose centre of mass lies over an opening (a picture frame) those are all
+        # on the inner edges: the oracle found no suction on 16 of 24 frames that a cup on the
+        # middle of a bar holds.
+        reach = cfg_cup.cup_radius + self.cfg.seal_robustness
+        full = _footprint_on_item(pts, ok, reach, self.cfg.ray_spacing)
+        cand, cn = pts[full], nrm[full]
+        if len(cand) == 0:
+            return []
         # Closest to the centre of mass (in the horizontal plane) first: least moment on the cup.
         order = np.argsort(np.linalg.norm(cand[:, :2] - com[:2], axis=1))
         step = max(1, len(order) // (4 * self.cfg.max_suction_candidates))
@@ -273,11 +286,14 @@ class OracleGraspSource:
         max_angle = min(cfg.max_contact_angle_deg, float(np.degrees(np.arctan(mu))) - 10.0)
         found: list[tuple[float, float, Grasp, float]] = []  # (score, direction, grasp, tip clearance)
         n_on_support = 0  # candidates dropped because the fingertips would land on the support
-        for th in np.radians(np.arange(0.0, 180.0, cfg.jaw_angle_step_deg)):
-            d = np.array([np.cos(th), np.sin(th), 0.0])
+
+        def best_at(xy: np.ndarray, d: np.ndarray) -> tuple[float, np.ndarray, float, float] | None:
+            """The best jaw height for fingers closing along `d` through `xy` (score, centre, width,
+            tip clearance), or None."""
+            nonlocal n_on_support
             best = None
             for z in heights:
-                centre = np.array([com[0], com[1], z])
+                centre = np.array([xy[0], xy[1], z])
                 c = self._pad_contacts(body, centre, d)
                 if c is None:
                     continue
@@ -307,8 +323,28 @@ class OracleGraspSource:
                     score = angle + 5000.0 * clearance
                 if best is None or score < best[0]:
                     best = (score, centre + shift * d, width, clearance)
+            return best
+
+        directions = [
+            (th, np.array([np.cos(th), np.sin(th), 0.0]))
+            for th in np.radians(np.arange(0.0, 180.0, cfg.jaw_angle_step_deg))
+        ]
+        for th, d in directions:
+            best = best_at(com[:2], d)
             if best is not None:
                 found.append((best[0], th, self._jaw_grasp(best[1], d, best[2]), best[3]))
+        if not found and not supports:
+            # Nothing to hold at the centre of mass (a frame's lies over its opening): close across
+            # one part of the item on a line through the centre of mass, so its weight puts no
+            # torque about the closing axis; the pads' patch holds the moment about the other axis
+            # as they hold a long item off-centre. Nearest part first (least moment).
+            for th, d in directions:
+                for t in self._parts_on_line(pts, com, d):
+                    best = best_at(com[:2] + t * d[:2], d)
+                    if best is not None:
+                        score = best[0] + 100.0 * abs(t)  # 1 cm off the centre of mass counts as 1 degree
+                        found.append((score, th, self._jaw_grasp(best[1], d, best[2]), best[3]))
+                        break
         if supports and not found and n_on_support:
             why = (
                 f"no jaw height keeps the fingertips above the item it rests on (bodies {supports}) with "
@@ -329,6 +365,27 @@ class OracleGraspSource:
             used.append(th)
             out.extend(self._tilted(g, clearance))
         return out
+
+    def _parts_on_line(self, pts: np.ndarray, com: np.ndarray, d: np.ndarray) -> list[float]:
+        """Offsets t (m, along `d` from the centre of mass) of the middles of the item's parts that
+        the horizontal line through the centre of mass along `d` crosses, seen from above, nearest
+        first; only parts the open jaw can span."""
+        s = self.cfg.ray_spacing
+        rel = pts[:, :2] - com[:2]
+        along = rel @ d[:2]
+        across = rel @ np.array([-d[1], d[0]])
+        on = np.sort(along[np.abs(across) <= s])
+        if len(on) == 0:
+            return []
+        breaks = np.flatnonzero(np.diff(on) > 2.5 * s)
+        starts = np.concatenate([[on[0]], on[breaks + 1]])
+        ends = np.concatenate([on[breaks], [on[-1]]])
+        mids = [
+            0.5 * (a + b)
+            for a, b in zip(starts, ends, strict=True)
+            if 0.01 <= b - a <= self.cfg.max_jaw_width - 0.005
+        ]
+        return sorted(mids, key=abs)
 
     def _jaw_grasp(self, centre: np.ndarray, d: np.ndarray, width: float) -> Grasp:
         R = grasp_frame(np.array([0.0, 0.0, -1.0]), d)
@@ -519,6 +576,23 @@ class OracleGraspSource:
         ends = [[*(centre_xy + o), box.lo[2] - 0.02] for o in offs]
         hits = p.rayTestBatch(starts, ends, collisionFilterMask=RAY_MASK, physicsClientId=cid)
         return max(float(h[3][2]) if h[0] >= 0 else float(box.lo[2]) for h in hits)
+
+
+def _footprint_on_item(pts: np.ndarray, ok: np.ndarray, radius: float, spacing: float) -> np.ndarray:
+    """(N,) bool: points (of `ok`) whose disc of `radius` (horizontal) is covered by the item's own
+    ray hits `pts`, seen from above: the rays lie on a square grid of `spacing`, so a disc on the
+    item holds a known number of hits around its centre; all but one of them must hit this item,
+    so no edge, opening or covering neighbour lies under the cup."""
+    from scipy.spatial import cKDTree
+
+    if len(pts) == 0:
+        return np.zeros(0, dtype=bool)
+    k = int(np.floor(radius / spacing))
+    i, j = np.mgrid[-k : k + 1, -k : k + 1]
+    lattice = int(((i * spacing) ** 2 + (j * spacing) ** 2 <= radius**2 + 1e-12).sum())
+    tree = cKDTree(pts[:, :2])
+    counts = tree.query_ball_point(pts[:, :2], radius + 1e-9, return_length=True)
+    return ok & (np.asarray(counts) >= lattice - 1)
 
 
 def _rotate(v: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:

@@ -152,3 +152,47 @@ def test_a_part_too_flat_for_the_fingers_on_a_mailer_is_declined_with_its_reason
     assert "keeps the fingertips above the item it rests on" in oracle.declined[part]
     picked, grasp = oracle.propose()
     assert picked == mailer and grasp.gripper == "suction"
+
+
+def _frame_flat(cell, name: str) -> int:
+    """A picture frame of the `novel-train` catalog lying flat in the middle of the tote floor."""
+    from sim.catalogs import load_catalog
+    from sim.tote import spawn_item
+
+    spec = next(s for s in load_catalog("novel-train").items if s.name == name)
+    b = cell.tote_bounds
+    centre = ((b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + spec.extents[2] / 2 + 0.003)
+    body = spawn_item(cell.client_id, spec, centre, (0.0, 0.0, 0.0, 1.0))
+    cell.items[body] = spec
+    cell.settle(0.5)
+    return body
+
+
+@pytest.mark.parametrize(
+    "name, gripper",
+    [
+        ("novel-train/frame-0014", "suction"),  # a cup on the middle of a bar holds it
+        ("novel-train/frame-0184", "parallel_jaw"),  # 303 g: too heavy for a cup that far off centre
+    ],
+)
+def test_a_frame_whose_centre_of_mass_lies_over_its_opening_is_picked(sim_cell, name, gripper):
+    """The oracle found no grasp on two thirds of picture frames (its cup search tried only the
+    points nearest the centre of mass, all on the opening's edges; its jaw closed only around the
+    centre of mass, over the opening), so the simulated associate answered "no safe pick" on items
+    a cup or a jaw on one bar holds. A cup is now placed only where its whole footprint lies on the
+    item; a jaw closes across one bar on a line through the centre of mass. Real physics checks it."""
+    cell = sim_cell
+    body = _frame_flat(cell, name)
+    oracle = OracleGraspSource(cell)
+    g = oracle.grasp_for(body)
+    assert g is not None and g.gripper == gripper
+    com = np.asarray(p.getBasePositionAndOrientation(body, physicsClientId=cell.client_id)[0])
+    off = g.position[:2] - com[:2]
+    assert np.linalg.norm(off) > 0.03  # on a bar, not over the opening
+    if gripper == "parallel_jaw":
+        d = g.R[:, 0] / np.linalg.norm(g.R[:, 0])  # the closing direction
+        assert abs(d[2]) < 1e-6
+        # the closing line passes through the centre of mass: no torque about the closing axis
+        assert abs(off[0] * d[1] - off[1] * d[0]) < 0.005
+        assert g.width <= oracle.cfg.max_jaw_width
+    _pick_and_place_into_the_box(cell, oracle, g, body)
