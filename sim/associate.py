@@ -14,8 +14,8 @@ What is randomised (seeded)
 What it answers
     - approve k: candidate k lies on an item and is within `approve_radius_px` of the oracle's grasp
       for that item, with the same gripper;
-    - point (u, v): no candidate is right, but the oracle has a suction grasp on the asked item: click
-      its pixel;
+    - point (u, v) with a gripper: no candidate is right, but the oracle has a grasp on the asked
+      item: click its pixel (a jaw's at the middle between the fingers) and name its gripper;
     - no_safe_pick: the oracle has no grasp for the asked item (too big, too heavy, unreachable).
 
 Two ways to use it
@@ -59,6 +59,7 @@ class Judgement:
     kind: str  # approve | point | no_safe_pick
     candidate_index: int | None = None
     pixel: tuple[int, int] | None = None
+    gripper: str | None = None  # for "point": the gripper the person names for the clicked spot
 
 
 class RecordingCamera:
@@ -140,11 +141,13 @@ class GroundTruthJudge:
             u, v = self._project(g.position)
             if np.hypot(u - c.u, v - c.v) <= self.cfg.approve_radius_px:
                 return Judgement("approve", candidate_index=k)
+        # None offered is right: click where a good grasp is, naming the gripper (the console's
+        # click carries one; a jaw is clicked at the middle between its fingers).
         g = self.oracle.grasp_for(asked)
-        if g is not None and g.gripper == "suction":
+        if g is not None:
             u, v = self._project(g.position)
             if 0 <= u < w and 0 <= v < h:
-                return Judgement("point", pixel=(u, v))
+                return Judgement("point", pixel=(u, v), gripper=g.gripper)
         return Judgement("no_safe_pick")
 
     def answer_delay(self) -> float:
@@ -183,6 +186,7 @@ class SimAssistChannel:
                 kind=j.kind,
                 candidate_index=j.candidate_index,
                 pixel=j.pixel,
+                gripper=j.gripper,
                 associate_id=self.judge.cfg.identity,
                 answered_at=time.time(),
             )
@@ -268,7 +272,13 @@ class SimAssociateWorker:
             if self.client.cancelled_reason(req.request_id) is not None:
                 continue
             try:
-                self.client.answer(req.request_id, j.kind, candidate_index=j.candidate_index, pixel=j.pixel)
+                self.client.answer(
+                    req.request_id,
+                    j.kind,
+                    candidate_index=j.candidate_index,
+                    pixel=j.pixel,
+                    gripper=j.gripper,
+                )
                 self.answered += 1
             except Exception as exc:  # expired while "thinking", or answered elsewhere
                 log.info("simulated associate could not answer %s: %s", req.request_id[:8], exc)

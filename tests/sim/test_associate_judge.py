@@ -1,0 +1,57 @@
+"""The simulated associate's judgement on a real simulated scene (PyBullet, the planner's own pixel
+candidate): when no offered candidate is right it clicks the oracle's grasp and names its gripper,
+and the click it sends is one the cell can execute."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hitl.messages import AssistRequest, CandidateView
+from sim.associate import GroundTruthJudge, RecordingCamera, SimAssociateConfig
+from sim.stack import pixel_candidate_builder
+
+
+def _frame_flat(cell, name: str) -> int:
+    from sim.catalogs import load_catalog
+    from sim.tote import spawn_item
+
+    spec = next(s for s in load_catalog("novel-train").items if s.name == name)
+    b = cell.tote_bounds
+    centre = ((b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + spec.extents[2] / 2 + 0.003)
+    body = spawn_item(cell.client_id, spec, centre, (0.0, 0.0, 0.0, 1.0))
+    cell.items[body] = spec
+    cell.settle(0.5)
+    return body
+
+
+def test_a_jaw_grasp_nobody_offered_is_clicked_with_the_jaw_named_and_the_click_picks_it(sim_cell):
+    """A 303 g picture frame: too heavy for a cup that far from its centre of mass, held by a jaw
+    across one bar. The cell offered only a suction candidate on it (a wrong one): a person clicks
+    the bar and names the jaw. The associate used to answer "no safe pick" here, which left a
+    pickable item in the tote and labelled its candidates as failures."""
+    cell = sim_cell
+    body = _frame_flat(cell, "novel-train/frame-0184")
+    camera = RecordingCamera(cell.camera)
+    frame = camera.capture()
+    seg = camera.segmentation(frame.frame_id)
+    judge = GroundTruthJudge(cell, camera, SimAssociateConfig(seed=0, error_rate=0.0))
+    g = judge.oracle.grasp_for(body)
+    assert g is not None and g.gripper == "parallel_jaw"
+    gu, gv = judge._project(g.position)
+    # the offered candidate: a pixel on the frame far from the right spot
+    vs, us = np.nonzero(seg == body)
+    k = int(np.argmax((us - gu) ** 2 + (vs - gv) ** 2))
+    offered = CandidateView(index=0, u=int(us[k]), v=int(vs[k]), gripper="suction", p_success=0.3)
+    req = AssistRequest(
+        cell_id="cell-1", deadline=1e12, image_png=b"", candidates=(offered,),
+        context={"frame_id": frame.frame_id},
+    )  # fmt: skip
+    j = judge.judge(req)
+    assert j.kind == "point" and j.gripper == "parallel_jaw" and j.pixel == (gu, gv)
+    # The click goes through the planner's own candidate generator, as the controller applies it.
+    pc = pixel_candidate_builder(cell.tote_bounds)(frame, j.pixel[0], j.pixel[1], j.gripper)
+    assert pc.grasp.gripper == "parallel_jaw"
+    assert np.linalg.norm(pc.grasp.position[:2] - g.position[:2]) < 0.02
+    out = cell.arm.pick(pc.grasp)
+    assert out.success, out
+    assert out.item_id == body
