@@ -105,8 +105,10 @@ def _calibrator_tensors(g: int, cal: Calibrator) -> dict[str, np.ndarray]:
         f"calib.{g}.method": np.array([METHOD_CODES[cal.method]], dtype=np.int64),
         f"calib.{g}.temperature": np.array([cal.temperature], dtype=np.float64),
         f"calib.{g}.bias": np.array([cal.bias], dtype=np.float64),
-        f"calib.{g}.iso_x": np.asarray(x, dtype=np.float64),
-        f"calib.{g}.iso_y": np.asarray(y, dtype=np.float64),
+        # Copies: one calibrator may serve both grippers (pooled), and tensors that share memory
+        # cannot be written (safetensors refuses them).
+        f"calib.{g}.iso_x": np.array(x, dtype=np.float64),
+        f"calib.{g}.iso_y": np.array(y, dtype=np.float64),
     }
 
 

@@ -249,3 +249,21 @@ def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path) -> None
     else:
         raise AssertionError("no padding gave a header length with low byte 0x80")
     assert load_model(path).version == "p"
+
+
+def test_one_isotonic_calibrator_pooled_for_both_grippers_is_saved_and_loaded(tmp_path) -> None:
+    """With too few rows of its own, each gripper gets the pooled calibrator: the same object twice.
+    Its knots became two tensors sharing one buffer, which safetensors refuses to write, and a
+    learning round of the continual experiment died with "Some tensors share memory"."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=200)
+    iso = fit_isotonic(z, (rng.random(200) < 1 / (1 + np.exp(-z))).astype(float))
+    assert iso.method == ISOTONIC
+    wd = Watchdog(rng.normal(size=64), np.eye(64) * 0.5, 7.0, 1.5, 2.5, 0.99, 0.3)
+    path = tmp_path / "pooled.safetensors"
+    save_model(path, GraspNet(2, 32, 4), (iso, iso), np.array([0.8, 0.8]), wd, {"model_version": "pooled"})
+    loaded = load_model(path)
+    for cal in loaded.calibrators:
+        assert cal.method == ISOTONIC
+        np.testing.assert_array_equal(cal.iso_x, iso.iso_x)
+        np.testing.assert_array_equal(cal.iso_y, iso.iso_y)
