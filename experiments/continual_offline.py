@@ -64,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from grasping.learned_scorer import LearnedScorer
     from grasping.learning import _scores
-    from learn.config import GateSettings, LearnConfig, TrainSettings, WeightsConfig
     from learn.dataset import BuiltDataset, build_dataset, load_manifest
     from learn.learner import gate_model, train_round
-    from sim.benchmark.continual import ContinualConfig
+    from sim.benchmark.continual import ContinualConfig, learn_config
 
     work = Path(args.work_dir)
     out = Path(args.out or work / "offline")
@@ -101,15 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(f"starting model: {scored(start)}")
-    base = LearnConfig(
-        replay=replay, registry=str(out / "registry"), work_dir=str(out),
-        train=TrainSettings(mode="finetune", epochs=cc.learn_epochs, lr=cc.learn_lr,
-                            batch_size=cc.learn_batch_size, freeze=cc.learn_freeze, min_rows=cc.min_rows,
-                            risk="joint"),
-        weights=WeightsConfig(replay_share=cc.replay_share),
-        gate=GateSettings(sim_episodes=0, kind_min_rows=cc.kind_min_rows, kind_test_level=cc.kind_test_level,
-                          metric_test_level=cc.metric_test_level, ece_max=cc.gate_ece_max),
-    )  # fmt: skip
+    # The experiment's own settings (no simulation suite offline), with variants applied below.
+    base = learn_config(replace(cc, sim_episodes=0), work / "cell.db", out)
     for text in args.variant or ["default"]:
         name, settings = _variant(text)
         t = {k: v for k, v in settings.items() if k in _TRAIN_KEYS}

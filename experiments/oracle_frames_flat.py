@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 
-import pybullet as p
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     from sim.catalogs import load_catalog
     from sim.oracle import OracleGraspSource
     from sim.scene import SimCell
-    from sim.tote import spawn_item
 
     specs = load_catalog("novel-train").items[args.first : args.first + args.count]
     counts: collections.Counter[str] = collections.Counter()
@@ -47,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         cell = SimCell(seed=0)
         try:
-            b = cell.tote_bounds
-            centre = ((b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + spec.extents[2] / 2 + 0.003)
-            body = spawn_item(cell.client_id, spec, centre, (0.0, 0.0, 0.0, 1.0))
-            cell.items[body] = spec
-            cell.settle(0.5)
+            body = cell.add_item(spec)
             oracle = OracleGraspSource(cell)
             g = oracle.grasp_for(body)
             tok = "-" if g is None else g.gripper[0]
@@ -63,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 tok += "" if ok else "!"
             tokens.append(f"{spec.name.rsplit('-', 1)[-1]}:{tok}")
         finally:
-            p.disconnect(cell.client_id) if not hasattr(cell, "close") else cell.close()
+            cell.close()
     print(" ".join(tokens))
     print(dict(counts))
     return 0

@@ -201,6 +201,20 @@ class SimCell:
         self.items[body] = name or f"{shape}-{body}"
         return body
 
+    def add_item(self, spec, position: tuple[float, float, float] | None = None) -> int:
+        """Add one catalog item (ItemSpec) upright at `position` (m, base frame of its URDF; None: in the
+        middle of the tote, resting on its floor), let it settle 0.5 s; returns the body id."""
+        from sim.tote import spawn_item
+
+        if position is None:
+            b = self.tote_bounds
+            lift = spec.extents[2] / 2 + 0.003  # m: just above the floor, so it drops onto it
+            position = ((b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + lift)
+        body = spawn_item(self.client_id, spec, position, (0.0, 0.0, 0.0, 1.0))
+        self.items[body] = spec
+        self.settle(0.5)
+        return body
+
     def remove_item(self, body: int) -> None:
         p.removeBody(body, physicsClientId=self.client_id)
         self.items.pop(body, None)

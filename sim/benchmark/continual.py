@@ -429,12 +429,43 @@ def run_control(cfg: ContinualConfig, start: Path, work_dir: str | Path, progres
     return rounds
 
 
+def learn_config(cfg: ContinualConfig, ledger_path: Path, work: Path) -> Any:
+    """The learner's settings (learn.config.LearnConfig) of the experiment's rounds: the cell's
+    ledger, the replay exports, fine-tuning and gate settings from `cfg`."""
+    from learn.config import GateSettings, LearnConfig, TrainSettings, TriggerConfig, WeightsConfig
+
+    return LearnConfig(
+        ledgers=(str(ledger_path),),
+        replay=(cfg.start_data, *cfg.extra_replay),
+        registry=str(work / "registry"),
+        work_dir=str(work / "learn"),
+        seed=cfg.seed,
+        triggers=TriggerConfig(),
+        train=TrainSettings(
+            mode="finetune",
+            epochs=cfg.learn_epochs,
+            lr=cfg.learn_lr,
+            batch_size=cfg.learn_batch_size,
+            freeze=cfg.learn_freeze,
+            min_rows=cfg.min_rows,
+            risk="joint",
+        ),
+        weights=WeightsConfig(replay_share=cfg.replay_share),
+        gate=GateSettings(
+            sim_episodes=cfg.sim_episodes,
+            kind_min_rows=cfg.kind_min_rows,
+            kind_test_level=cfg.kind_test_level,
+            metric_test_level=cfg.metric_test_level,
+            ece_max=cfg.gate_ece_max,
+        ),
+    )
+
+
 def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run the experiment (module docstring); returns the JSON-able result."""
     from tqdm import tqdm
 
     from grasping.registry import ModelRegistry
-    from learn.config import GateSettings, LearnConfig, TrainSettings, TriggerConfig, WeightsConfig
     from learn.learner import run_round
     from sim.stack import build_planner
     from sim.training import sim_suite_factory
@@ -464,31 +495,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     reg.promote(reg.list()[0].version, force=True, reason="continual: the experiment's starting model")
     ledger_path = work / "cell.db"
     stack, channel, ledger = _build_cell(cfg, start, catalog, ledger_path, "continual")
-    lcfg = LearnConfig(
-        ledgers=(str(ledger_path),),
-        replay=(cfg.start_data, *cfg.extra_replay),
-        registry=str(work / "registry"),
-        work_dir=str(work / "learn"),
-        seed=cfg.seed,
-        triggers=TriggerConfig(),
-        train=TrainSettings(
-            mode="finetune",
-            epochs=cfg.learn_epochs,
-            lr=cfg.learn_lr,
-            batch_size=cfg.learn_batch_size,
-            freeze=cfg.learn_freeze,
-            min_rows=cfg.min_rows,
-            risk="joint",
-        ),
-        weights=WeightsConfig(replay_share=cfg.replay_share),
-        gate=GateSettings(
-            sim_episodes=cfg.sim_episodes,
-            kind_min_rows=cfg.kind_min_rows,
-            kind_test_level=cfg.kind_test_level,
-            metric_test_level=cfg.metric_test_level,
-            ece_max=cfg.gate_ece_max,
-        ),
-    )
+    lcfg = learn_config(cfg, ledger_path, work)
     factory = sim_suite_factory(cfg.sim_episodes) if cfg.sim_episodes > 0 else None
     rounds: list[dict[str, Any]] = []
     model = str(start)

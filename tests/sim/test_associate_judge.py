@@ -13,15 +13,8 @@ from sim.stack import pixel_candidate_builder
 
 def _frame_flat(cell, name: str) -> int:
     from sim.catalogs import load_catalog
-    from sim.tote import spawn_item
 
-    spec = next(s for s in load_catalog("novel-train").items if s.name == name)
-    b = cell.tote_bounds
-    centre = ((b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + spec.extents[2] / 2 + 0.003)
-    body = spawn_item(cell.client_id, spec, centre, (0.0, 0.0, 0.0, 1.0))
-    cell.items[body] = spec
-    cell.settle(0.5)
-    return body
+    return cell.add_item(next(s for s in load_catalog("novel-train").items if s.name == name))
 
 
 def test_a_jaw_grasp_nobody_offered_is_clicked_with_the_jaw_named_and_the_click_picks_it(sim_cell):

@@ -157,15 +157,8 @@ def test_a_part_too_flat_for_the_fingers_on_a_mailer_is_declined_with_its_reason
 def _frame_flat(cell, name: str) -> int:
     """A picture frame of the `novel-train` catalog lying flat in the middle of the tote floor."""
     from sim.catalogs import load_catalog
-    from sim.tote import spawn_item
 
-    spec = next(s for s in load_catalog("novel-train").items if s.name == name)
-    b = cell.tote_bounds
-    centre = ((b.lo[0] + b.hi[0]) / 2, (b.lo[1] + b.hi[1]) / 2, b.lo[2] + spec.extents[2] / 2 + 0.003)
-    body = spawn_item(cell.client_id, spec, centre, (0.0, 0.0, 0.0, 1.0))
-    cell.items[body] = spec
-    cell.settle(0.5)
-    return body
+    return cell.add_item(next(s for s in load_catalog("novel-train").items if s.name == name))
 
 
 @pytest.mark.parametrize(
