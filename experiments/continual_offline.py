@@ -15,6 +15,11 @@ What it is
         --variant all-1e-4:freeze=none,lr=1e-4 \
         --variant replay-0.7:replay_share=0.7 --seeds 21,22,23
 
+    `--start-model` fine-tunes (and gates against) another model than the run's, and `--replay`
+    replaces the replay exports: e.g. a rebuilt model and the collections its recipe trained on.
+    Careful: the gate's held-out totes then include rows that model trained on (its recipe holds
+    out other totes), which favours it (docs/benchmarks.md, continual, stop 23).
+
 What is randomised
     The learner's seed (`--seeds`: splits, sampling, initialisation of the heads). Settings that
     pass the gate at one seed and not at the next are noise, not a lever: the study runs each
@@ -35,7 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-_TRAIN_KEYS = {"freeze": str, "lr": float, "batch_size": int, "epochs": int, "patience": int}
+_TRAIN_KEYS = {
+    "freeze": str,
+    "lr": float,
+    "batch_size": int,
+    "epochs": int,
+    "patience": int,
+    "risk": str,
+    "alpha": float,
+}
 _WEIGHT_KEYS = {"replay_share": float, "human_boost": float, "loss_gain": float, "novelty_gain": float}
 
 
@@ -60,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--weak-negative-weight", type=float, default=0.3, help="export weight of passed-over rows"
     )
+    ap.add_argument(
+        "--start-model",
+        default=None,
+        help="the model each variant fine-tunes and is gated against (default: the run's start model)",
+    )
+    ap.add_argument(
+        "--replay",
+        action="append",
+        default=None,
+        help="replay exports instead of the experiment's default ones (repeatable), e.g. the "
+        "collections the start model was trained on",
+    )
     args = ap.parse_args(argv)
 
     from grasping.learned_scorer import LearnedScorer
@@ -72,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or work / "offline")
     out.mkdir(parents=True, exist_ok=True)
     cc = ContinualConfig()
+    if args.replay:
+        cc = replace(cc, start_data=args.replay[0], extra_replay=tuple(args.replay[1:]))
+    if args.start_model:
+        cc = replace(cc, start_model=args.start_model)
     replay = (cc.start_data, *cc.extra_replay)
     start = cc.start_model
     r1 = load_manifest(next((work / "learn").glob("round-001-*/data/manifest.json")))
