@@ -433,6 +433,36 @@ def held_out(tote: np.ndarray, percent: int = HOLDOUT_PERCENT) -> np.ndarray:
     return out
 
 
+def tote_digest(tote: str) -> str:
+    """A short, stable name of a tote id for a model's `fitted_totes` (12 hex digits of its sha256:
+    collisions among a few thousand totes are about 1 in 10^10)."""
+    return hashlib.sha256(str(tote).encode()).hexdigest()[:12]
+
+
+def fitted_totes(dataset: Dataset, rows: np.ndarray) -> list[str]:
+    """Sorted digests of the totes of `rows`: what a model records as the data that shaped it."""
+    return sorted({tote_digest(t) for t in np.unique(np.asarray(dataset.tote)[rows].astype(str))})
+
+
+def incumbent_fitted_on(meta: dict[str, Any], tote: np.ndarray) -> np.ndarray | None:
+    """(N,) bool: rows of totes the model (its metadata `meta`) was fitted on, or None when the file
+    does not say (models written before `fitted_totes` existed). A gate must not judge a model on
+    rows it fitted: on those it looks better than on new totes. The learner's own held-out totes
+    (`held_out`) never reach a learner-trained model, but a model from another split rule (the
+    recipe holds out every tenth tote by number) whose data is replayed would."""
+    known = meta.get("fitted_totes")
+    if not isinstance(known, dict) or not isinstance(known.get("totes"), list):
+        return None
+    have = set(known["totes"])
+    memo: dict[str, bool] = {}
+    out = np.zeros(len(tote), dtype=bool)
+    for i, t in enumerate(np.asarray(tote).astype(str)):
+        if t not in memo:
+            memo[t] = tote_digest(t) in have
+        out[i] = memo[t]
+    return out
+
+
 # --- item kinds -------------------------------------------------------------------------------------
 
 
@@ -1039,6 +1069,14 @@ def train(
         "conformal": thr_info,
         "watchdog": wd_info,
         "history": history,
+        # The totes whose rows shaped the net, its calibration or its threshold (every split but
+        # test): a later gate leaves them out of its held-out rows (`incumbent_fitted_on`).
+        "fitted_totes": {
+            "digest": "sha256(tote id)[:12]",
+            "totes": fitted_totes(
+                dataset, np.concatenate([idx[k] for k in ("train", "val", "calib", "conformal")])
+            ),
+        },
         **(extra_meta or {}),
     }
     # Write a draft without test metrics, load it back through the real loading path, evaluate the

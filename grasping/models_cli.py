@@ -362,6 +362,31 @@ def _holdout_rows(args: argparse.Namespace, tmp: Path) -> Any:
     return join_datasets(parts, origin=" + ".join(p.origin for p in parts))
 
 
+def _unseen_by(holdout: Any, models: list[Any]) -> Any:
+    """`holdout` without the rows of totes any of `models` was fitted on (their files' `fitted_totes`;
+    a model that does not record them is taken at its word). Says on stderr how many were left out."""
+    import numpy as np
+
+    from grasping.learning import incumbent_fitted_on
+    from grasping.modelfile import load_model
+
+    keep = np.ones(len(holdout), dtype=bool)
+    for m in models:
+        seen = incumbent_fitted_on(load_model(m).meta, holdout.tote)
+        if seen is not None and (keep & seen).any():
+            print(
+                f"gate: {int((keep & seen).sum())} held-out rows left out: "
+                f"{Path(m).name} was fitted on their totes",
+                file=sys.stderr,
+            )
+            keep &= ~seen
+    if not keep.any():
+        from grasping.learning import DatasetError
+
+        raise DatasetError("no held-out rows left: the models were fitted on every held-out tote")
+    return holdout if keep.all() else holdout.subset(np.flatnonzero(keep))
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -384,6 +409,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
             suite = sim_suite_factory(args.sim_episodes)(Path(incumbent) if incumbent else None)
         with tempfile.TemporaryDirectory(prefix="pickcell-gate-") as tmp:
             holdout = _holdout_rows(args, Path(tmp))
+        holdout = _unseen_by(holdout, [p for p in (path, incumbent) if p])
         report = gate(
             path,
             incumbent,

@@ -42,6 +42,7 @@ from grasping.learning import (
     fit_item_kinds,
     gate,
     held_out,
+    incumbent_fitted_on,
     item_kinds,
     train,
 )
@@ -225,9 +226,22 @@ def train_round(
     ds = built.dataset
     hold = held_out(ds.tote)
     train_ds = ds.subset(np.flatnonzero(~hold))
-    holdout = ds.subset(np.flatnonzero(hold & (ds.weight >= 1.0)))  # weak negatives never judge
-    old = built.is_replay[~hold] | (np.nan_to_num(train_ds.timestamp, nan=0.0) <= cutoff)
     scorer = LearnedScorer.from_file(incumbent, num_threads=cfg.train.threads) if incumbent else None
+    judge = hold & (ds.weight >= 1.0)  # weak negatives never judge
+    # Nor do rows the incumbent was fitted on (replayed data of a model from another split rule): on
+    # them the incumbent looks better than it is. They still train the challenger where not held out.
+    seen = incumbent_fitted_on(scorer.model.meta, ds.tote) if scorer is not None else None
+    holdout_info: dict[str, Any] = {"incumbent_fitted_totes_known": seen is not None}
+    if seen is not None:
+        holdout_info["rows_left_out_incumbent_fitted_on"] = int((judge & seen).sum())
+        if (judge & seen).any():
+            log.info(
+                "gate: %d held-out rows left out (the incumbent was fitted on their totes)",
+                int((judge & seen).sum()),
+            )
+        judge &= ~seen
+    holdout = ds.subset(np.flatnonzero(judge))
+    old = built.is_replay[~hold] | (np.nan_to_num(train_ds.timestamp, nan=0.0) <= cutoff)
     weights, winfo = sampling_weights(train_ds, cfg.weights, old=old, scorer=scorer)
     kinds_model = fit_item_kinds(train_ds.descriptor[train_ds.family == ""], cfg.train.kinds, cfg.seed)
     kinds = item_kinds(train_ds, kinds_model)
@@ -248,6 +262,7 @@ def train_round(
             "mode": "finetune" if init else "scratch",
             "weights": {**asdict(cfg.weights), **winfo},
             "holdout_totes_percent": HOLDOUT_PERCENT,
+            "holdout": holdout_info,
         },
         "item_kinds": kinds_model,
         "triggering_kinds": list(triggering),

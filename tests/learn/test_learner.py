@@ -367,3 +367,52 @@ def test_data_across_a_descriptor_upgrade_joins_reads_and_groups() -> None:
     row = _descriptor_row(np.arange(f2, dtype=np.float32))
     assert row.shape == (f3,) and np.isnan(row[f2]) and (row[:f2] == np.arange(f2)).all()
     assert np.isnan(_descriptor_row(np.zeros(f3 + 1, np.float32))).all()
+
+
+def test_a_model_records_the_totes_it_was_fitted_on_and_no_gate_judges_it_on_them(tmp_path) -> None:
+    """A model from another split rule (the recipe holds out every tenth tote by number) whose data
+    is replayed was fitted on some of the learner's held-out totes; on those it looks better than on
+    new totes, so the learner's gate and `pickcell models gate` leave them out."""
+    from grasping.learning import held_out, incumbent_fitted_on, load_dataset
+    from grasping.models_cli import _unseen_by
+    from learn.dataset import build_dataset
+    from learn.learner import train_round
+
+    rng = np.random.default_rng(5)
+    db = tmp_path / "cell.db"
+    with Ledger(db, "cell-1", clock=Clock(1.7e9)) as ledger:
+        record_totes(ledger, rng, 60, ("boxes", "cylinders", "bags"), prefix="r")
+        ledger.export(tmp_path / "export")
+    ds = load_dataset(tmp_path / "export")
+    small = TrainConfig(epochs=1, seed=0, progress=False, threads=1, model_version="recipe", min_rows=100)
+    inc = train(ds, small, tmp_path / "inc.safetensors")
+    meta = load_model(inc.path).meta
+    fitted = incumbent_fitted_on(meta, ds.tote)
+    # Every split but test shaped the model (one plan per tote here: the split is by tote).
+    assert fitted is not None and int((~fitted).sum()) == meta["splits"]["test"] > 0
+    assert incumbent_fitted_on({}, ds.tote) is None  # a file that does not say is taken at its word
+
+    cfg = LearnConfig(
+        ledgers=(str(db),),
+        registry=str(tmp_path / "registry"),
+        work_dir=str(tmp_path / "work"),
+        seed=4,
+        train=TrainSettings(mode="finetune", epochs=1, patience=1, kinds=3, min_rows=100),
+    )
+    built = build_dataset([db], (), tmp_path / "data", weak_negative_weight=0.3)
+    res, holdout, _ = train_round(
+        cfg, built, tmp_path / "cand.safetensors", incumbent=str(inc.path), cutoff=0.0, version="cand"
+    )
+    leaked = held_out(built.dataset.tote) & incumbent_fitted_on(meta, built.dataset.tote)
+    assert leaked.any()  # the learner's held-out totes overlap the recipe-style model's training
+    assert len(holdout) == int((held_out(built.dataset.tote) & ~leaked).sum())
+    assert not incumbent_fitted_on(meta, holdout.tote).any()
+    info = load_model(res.path).meta["learner"]["holdout"]
+    assert info["incumbent_fitted_totes_known"]
+    assert info["rows_left_out_incumbent_fitted_on"] == int(leaked.sum())
+
+    # `pickcell models gate`: rows either model was fitted on are left out; none left is an error.
+    kept = _unseen_by(ds, [inc.path])
+    assert len(kept) == meta["splits"]["test"] and not incumbent_fitted_on(meta, kept.tote).any()
+    with pytest.raises(DatasetError, match="fitted on every held-out tote"):
+        _unseen_by(ds.subset(np.flatnonzero(fitted)), [inc.path])
