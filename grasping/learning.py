@@ -1036,6 +1036,23 @@ def train(
     thresholds, thr_info = _thresholds(
         p_conf, parts["conformal"].label.astype(np.float64), parts["conformal"].gripper, cfg
     )
+    # The incumbent's thresholds certified by the same rule on the same rows. The gate compares old
+    # kinds' autonomy at matched risk control: a threshold fitted on other rows (the incumbent's own
+    # split) can be looser than these rows support, and a candidate that honestly asks more where
+    # the bound demands it has not forgotten anything (docs/learning.md, "The gate").
+    recertified = None
+    if cfg.incumbent:
+        inc_scorer = LearnedScorer.from_file(cfg.incumbent, num_threads=None)
+        _, p_inc = _scores(inc_scorer, parts["conformal"])
+        inc_thr, _ = _thresholds(
+            p_inc, parts["conformal"].label.astype(np.float64), parts["conformal"].gripper, cfg
+        )
+        recertified = {
+            "incumbent_sha256": inc_scorer.sha256,
+            "thresholds": inc_thr.tolist(),
+            "as_shipped": [float(t) for t in inc_scorer.model.thresholds],
+            "conformal_rows": len(parts["conformal"]),
+        }
 
     _, train_emb = _batched(net, parts["train"])
     sub = np.random.default_rng(cfg.seed).permutation(len(train_emb))[:20000]
@@ -1071,6 +1088,7 @@ def train(
         "history": history,
         # The totes whose rows shaped the net, its calibration or its threshold (every split but
         # test): a later gate leaves them out of its held-out rows (`incumbent_fitted_on`).
+        "incumbent_recertified": recertified,
         "fitted_totes": {
             "digest": "sha256(tote id)[:12]",
             "totes": fitted_totes(
@@ -1423,6 +1441,22 @@ def gate(
     if im is not None and inc is not None:
         kinds = np.asarray(kinds).astype(str)
         c_ok, i_ok = _auto_success_rows(cand, holdout, c_p), _auto_success_rows(inc, holdout, i_p)
+        # Per-kind autonomy at matched risk control: the incumbent at its thresholds re-certified on
+        # the candidate's conformal rows (train() stores them), when they are for this incumbent.
+        rec = cand.model.meta.get("incumbent_recertified") or {}
+        if rec.get("incumbent_sha256") == inc.sha256 and rec.get("thresholds"):
+            inc_thr = np.asarray(rec["thresholds"], dtype=np.float64)
+            i_ok = (i_p >= inc_thr[holdout.gripper]) & (holdout.label == 1)
+            olds = ~np.isin(kinds, list(new_kinds))
+            shipped = _auto_success_rows(inc, holdout, i_p)[olds]
+            reasons.append(
+                "note: per-kind autonomy compared with the incumbent at its thresholds re-certified on "
+                f"the candidate's {rec.get('conformal_rows')} conformal rows, "
+                f"{np.round(inc_thr, 4).tolist()} (as shipped "
+                f"{np.round(rec.get('as_shipped', []), 4).tolist()}); the incumbent's autonomous "
+                f"success on old kinds: {float(i_ok[olds].mean()) if olds.any() else float('nan'):.4f} "
+                f"re-certified, {float(shipped.mean()) if olds.any() else float('nan'):.4f} as shipped"
+            )
         pooled = np.zeros(len(holdout), dtype=bool)
         for kind, km in cm["by_kind"].items():
             old = im["by_kind"].get(kind)
@@ -1432,7 +1466,7 @@ def gate(
                 pooled |= kinds == kind
             if km["n"] < tol.kind_min_rows:
                 continue
-            c, i = km["auto_success"], old["auto_success"]
+            c, i = km["auto_success"], float(i_ok[kinds == kind].mean())
             if kind in new_kinds and not (holdout.label[np.asarray(kinds).astype(str) == kind] == 1).any():
                 # Only failures held out (e.g. a person's "no safe pick" rows): no model can place
                 # any of them alone, so there is nothing to improve and the check cannot pass.

@@ -416,3 +416,50 @@ def test_a_model_records_the_totes_it_was_fitted_on_and_no_gate_judges_it_on_the
     assert len(kept) == meta["splits"]["test"] and not incumbent_fitted_on(meta, kept.tote).any()
     with pytest.raises(DatasetError, match="fitted on every held-out tote"):
         _unseen_by(ds.subset(np.flatnonzero(fitted)), [inc.path])
+
+
+def test_old_kinds_are_compared_at_matched_risk_control_not_at_a_looser_incumbent_threshold(tmp_path) -> None:
+    """An incumbent whose ask threshold is looser than its risk bound supports on new rows executes
+    more old items alone (and fails more of them). A candidate certified on those rows asks more
+    there; that is risk control, not forgetting. The candidate's file carries the incumbent's
+    thresholds re-certified on the candidate's conformal rows, and the gate compares old kinds with
+    those; without them it would call the same candidate forgetful."""
+    from grasping.modelfile import save_model
+
+    base, _ = make_dataset_synth(160, seed=21)
+    small = TrainConfig(epochs=3, seed=0, progress=False, threads=1, model_version="inc", min_rows=100)
+    inc = load_model(train(base, small, tmp_path / "inc.safetensors").path)
+    loose = tmp_path / "loose.safetensors"  # the same net, acting alone on anything above p = 0.3
+    save_model(
+        loose, inc.net, inc.calibrators, np.full(2, 0.3), inc.watchdog, {**inc.meta, "model_version": "loose"}
+    )
+    more, _ = make_dataset_synth(160, seed=22)
+    ft = replace(
+        small, init_model=str(loose), incumbent=str(loose), sampling="sample", model_version="cand", epochs=1
+    )
+    cand_path = train(more, ft, tmp_path / "cand.safetensors").path
+    cand = load_model(cand_path)
+    rec = cand.meta["incumbent_recertified"]
+    assert rec["incumbent_sha256"] == load_model(loose).sha256 and rec["as_shipped"] == [0.3, 0.3]
+    assert min(rec["thresholds"]) > 0.3  # the bound, on the candidate's rows, is stricter than 0.3
+
+    holdout, _ = make_dataset_synth(120, seed=23, scene_prefix="holdout")
+    # Matched, old kinds lose 0-1.5 points (35 lost, 6 gained pooled); unmatched 6-13 points. A 3-point
+    # allowance keeps the test off floating-point margins.
+    tol = GateTolerance(kind_min_rows=30, ece_max=1.0, auroc_drop=1.0, ece_rise=1.0, kind_success_drop=0.03)
+    matched = gate(cand_path, loose, holdout, tol)
+    assert any("re-certified" in r for r in matched.reasons), matched.reasons
+    assert not any(r.startswith("FAIL") and "forgotten" in r for r in matched.reasons), matched.reasons
+
+    # The same candidate without the re-certified thresholds: judged against p >= 0.3, it "forgets".
+    bare = tmp_path / "bare.safetensors"
+    save_model(
+        bare,
+        cand.net,
+        cand.calibrators,
+        cand.thresholds,
+        cand.watchdog,
+        {**cand.meta, "incumbent_recertified": None},
+    )
+    unmatched = gate(bare, loose, holdout, tol)
+    assert any(r.startswith("FAIL") and "forgotten" in r for r in unmatched.reasons), unmatched.reasons
