@@ -1446,9 +1446,9 @@ def gate(
         rec = cand.model.meta.get("incumbent_recertified") or {}
         if rec.get("incumbent_sha256") == inc.sha256 and rec.get("thresholds"):
             inc_thr = np.asarray(rec["thresholds"], dtype=np.float64)
-            i_ok = (i_p >= inc_thr[holdout.gripper]) & (holdout.label == 1)
             olds = ~np.isin(kinds, list(new_kinds))
-            shipped = _auto_success_rows(inc, holdout, i_p)[olds]
+            shipped = i_ok[olds]  # the incumbent at its own thresholds, for the note
+            i_ok = (i_p >= inc_thr[holdout.gripper]) & (holdout.label == 1)
             reasons.append(
                 "note: per-kind autonomy compared with the incumbent at its thresholds re-certified on "
                 f"the candidate's {rec.get('conformal_rows')} conformal rows, "
