@@ -142,7 +142,10 @@ class SimRegressionSuite:
         ]
         c["robot_seconds_per_pick"] = robot_seconds_per_pick(c["mpph"])
         b["robot_seconds_per_pick"] = robot_seconds_per_pick(b["mpph"])
-        msg = cycle_check(c["robot_seconds_per_pick"], b["robot_seconds_per_pick"], self.cycle_tolerance)
+        msg, cyc = cycle_change_check(
+            keep(cand), keep(base), self.cycle_tolerance, self.test_level, seed=self.seed
+        )
+        c["own_seconds_per_pick"], b["own_seconds_per_pick"] = cyc["candidate_s"], cyc["baseline_s"]
         if msg:
             failed.append(msg)
         ok = not failed
@@ -154,6 +157,7 @@ class SimRegressionSuite:
             "seed": self.seed,
             "tolerance": self.tolerance,
             "test_level": self.test_level,
+            "cycle": cyc,
             "candidate": c,
             "baseline": b,
             "baseline_is": "incumbent" if self.incumbent else "analytic",
@@ -170,13 +174,101 @@ def robot_seconds_per_pick(mpph: float | None) -> float | None:
 
 
 def cycle_check(candidate_s: float | None, baseline_s: float | None, tolerance: float) -> str | None:
-    """None if the candidate's seconds per pick are within `tolerance` (a share) of the baseline's."""
+    """The bare point rule: None if the candidate's seconds per pick are within `tolerance` (a share)
+    of the baseline's. `cycle_change_check` applies it when the suite is too small to test."""
     if not candidate_s or not baseline_s:
         return None
     limit = baseline_s * (1.0 + tolerance)
     if candidate_s <= limit:
         return None
-    return f"robot_seconds_per_pick {candidate_s:.2f} > {limit:.2f} (over by {candidate_s - limit:.2f} s)"
+    return f"own_seconds_per_pick {candidate_s:.2f} > {limit:.2f} (over by {candidate_s - limit:.2f} s)"
+
+
+def own_seconds(episode: dict[str, Any]) -> tuple[float, int]:
+    """(the cell's own seconds, successful picks) of one episode record.
+
+    Own seconds = simulated robot + sensing seconds - seconds idle waiting for a person: simulated,
+    so no host load moves them, and without the waits, because a model that asks more waits more,
+    and asking more is the autonomy check's to judge (counting it again here, by a point rule,
+    refused two continual rounds whose autonomy change the tested check had found no evidence of).
+    """
+    wait = float(episode.get("wait_seconds", 0.0))
+    t = float(episode["robot_seconds"]) + float(episode["sensing_seconds"]) - wait
+    return t, sum(1 for a in episode["attempts"] if a["success"])
+
+
+def cycle_change_check(
+    cand: list[dict[str, Any]],
+    base: list[dict[str, Any]],
+    tolerance: float,
+    level: float,
+    seed: int = 0,
+    resamples: int = 4000,
+) -> tuple[str | None, dict[str, Any]]:
+    """Is the candidate's own seconds per pick more than `tolerance` (a share) above the baseline's?
+
+    The ratio R = (candidate seconds / picks) / (baseline seconds / picks) over the suite's totes.
+    level > 0: refused only on evidence, when the one-sided (1 - level) lower bound of R from a
+    paired bootstrap over totes lies above 1 + tolerance (both planners ran the same totes; the tote
+    is the independent unit: items in one tote share its clutter). The bootstrap is scipy's
+    percentile method, seeded. With fewer than 3 paired totes, or level 0, the point ratio decides.
+    Returns (why refused or None, details for the verdict).
+    """
+    from scipy.stats import bootstrap
+
+    by_ep = {e["episode"]: own_seconds(e) for e in base}
+    pairs = [(own_seconds(e), by_ep[e["episode"]]) for e in cand if e["episode"] in by_ep]
+    tc = np.array([p[0][0] for p in pairs], dtype=np.float64)
+    pc = np.array([p[0][1] for p in pairs], dtype=np.float64)
+    tb = np.array([p[1][0] for p in pairs], dtype=np.float64)
+    pb = np.array([p[1][1] for p in pairs], dtype=np.float64)
+    cand_s = float(tc.sum() / pc.sum()) if pc.sum() else None
+    base_s = float(tb.sum() / pb.sum()) if pb.sum() else None
+    out: dict[str, Any] = {
+        "candidate_s": cand_s,
+        "baseline_s": base_s,
+        "tolerance": tolerance,
+        "totes": len(pairs),
+        "ratio": (cand_s / base_s) if cand_s and base_s else None,
+    }
+    if cand_s is None or base_s is None:
+        # No successful pick on a side: the rate checks speak for it; seconds per pick are undefined.
+        out["test"] = "undefined (a side placed nothing)"
+        return None, out
+    if level <= 0 or len(pairs) < 3:
+        out["test"] = "point"
+        return cycle_check(cand_s, base_s, tolerance), out
+
+    def ratio(tc: np.ndarray, pc: np.ndarray, tb: np.ndarray, pb: np.ndarray, axis: int = -1) -> np.ndarray:
+        sc, sb = pc.sum(axis=axis), pb.sum(axis=axis)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = (tc.sum(axis=axis) / sc) / (tb.sum(axis=axis) / sb)
+        # A resample where the candidate placed nothing is infinitely slow; where the baseline placed
+        # nothing, the candidate is not slower; where neither did, no change.
+        r = np.where(sc == 0, np.inf, r)
+        r = np.where(sb == 0, 0.0, r)
+        return np.where((sc == 0) & (sb == 0), 1.0, r)
+
+    res = bootstrap(
+        (tc, pc, tb, pb),
+        ratio,
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        confidence_level=1.0 - level,
+        alternative="greater",
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    lower = float(res.confidence_interval.low)
+    out |= {"test": f"paired bootstrap over totes, one-sided {1 - level:.0%}", "ratio_lower": lower}
+    if lower <= 1.0 + tolerance:
+        return None, out
+    return (
+        f"own_seconds_per_pick {cand_s:.2f} vs baseline {base_s:.2f} ({len(pairs)} totes): ratio "
+        f"{cand_s / base_s:.3f}, {1 - level:.0%} lower bound {lower:.3f} > {1 + tolerance:.3f} "
+        f"(over by {lower - 1 - tolerance:.3f})"
+    ), out
 
 
 def suite_counts(episodes: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
