@@ -232,6 +232,11 @@ class CellController:
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
         # Called after every question with (request, centre (3,) of the item it is about, base frame).
         self.on_ask: Callable[[AssistRequest, np.ndarray], None] | None = None
+        # Provenance of the item at a base-frame point: its family or SKU class from the warehouse
+        # system (the simulator's ground truth in sim), or None. Stored with each question so rows
+        # that answers label ("no safe pick", passed-over candidates) keep their item's kind like
+        # attempts do, and the learner and gate group them with it. Never used to plan or decide.
+        self.item_family: Callable[[np.ndarray], str | None] | None = None
         # Sensing and planning while the arm places (arm/lookahead.py); used where the arm can say
         # when it has left the camera's view (arm.interfaces.ViewClearNotice).
         self.lookahead = Lookahead(
@@ -589,6 +594,9 @@ class CellController:
                 "item": None if item is None or item < 0 else int(item),
             },
         )
+        family = self.item_family(np.asarray(centre)) if self.item_family is not None else None
+        if family:
+            req.context["family"] = str(family)
         if self.ledger is not None:
             self.ledger.record_request(req)
         fut = self.assist.ask(req)

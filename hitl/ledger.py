@@ -1145,6 +1145,12 @@ def _descriptor_row(d: Any) -> np.ndarray:
     return np.concatenate([a, np.full(ITEM_DESCRIPTOR_DIM - a.size, np.nan, np.float32)])
 
 
+def _context_family(ctx: Any) -> str:
+    """The asked item's family a request's context carries (`Controller.item_family`), else ""."""
+    fam = ctx.get("family") if isinstance(ctx, dict) else None
+    return fam if isinstance(fam, str) else ""
+
+
 def _labeled_rows(
     conn: sqlite3.Connection, since: float | None, counts: Counter, weak_negative_weight: float
 ) -> Iterator[dict]:
@@ -1240,6 +1246,7 @@ def _labeled_rows(
         who: str,
         rec_at: float,
         cell: str,
+        family: str = "",
     ) -> Iterator[dict]:
         """Label-0 rows for the shown candidates `keep(index, cluster)` accepts."""
         plan = conn.execute(
@@ -1268,7 +1275,7 @@ def _labeled_rows(
                 "timestamp": rec_at,
                 "robot_time": float("nan"),
                 "source": "associate",
-                "family": "",
+                "family": family,
                 "decided_by": who,
                 "model_version": ver,
                 "cell_id": cell,
@@ -1319,12 +1326,13 @@ def _labeled_rows(
             f"associate:{associate or 'unknown'}",
             rec_at,
             cell,
+            _context_family(ctx),
         )
     # Candidates on the answered item that the person passed over: weak negatives.
     if weak_negative_weight > 0:
         for req_id, _aid, a_plan, cidx, item, who, rec_at in answered_attempts:
             q = conn.execute(
-                "SELECT plan_id, candidates, cell_id FROM requests WHERE request_id=?", (req_id,)
+                "SELECT plan_id, candidates, cell_id, context FROM requests WHERE request_id=?", (req_id,)
             ).fetchone()
             if q is None or q[0] is None or item is None or q[0] != a_plan:
                 counts["left_out_passed_over_unlinked"] += 1
@@ -1340,6 +1348,7 @@ def _labeled_rows(
                 who,
                 rec_at,
                 q[2],
+                _context_family(json.loads(q[3] or "{}")),
             )
 
 

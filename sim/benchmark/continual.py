@@ -202,7 +202,9 @@ def mixed_catalog(new_family: str, new_share: float, seed: int) -> Any:
 
 
 def _record_item_families(stack: Any) -> None:
-    """Put the simulator's family of the item each pick aimed at into the attempt's ledger row.
+    """Put the simulator's family of the item each pick aimed at into the attempt's ledger row, and
+    that of the item each question asks about into the question (`CellController.item_family`), so
+    rows an answer labels ("no safe pick", passed-over candidates) carry it too.
 
     `pickcell collect` records it the same way (the item held, else the nearest one to the grasp
     point). The learner and the gate then group rows by family (`frame` and the familiar families)
@@ -226,6 +228,10 @@ def _record_item_families(stack: Any) -> None:
         return with_family(grasp, pick(grasp))
 
     arm.pick = pick_recording_family
+    # Questions carry the asked item's family too, so "no safe pick" and passed-over rows keep it.
+    stack.controller.item_family = lambda centre: {s.body_id: s.spec.family for s in stack.feed.spawned}.get(
+        _nearest_item(stack.cell, np.asarray(centre))
+    )
     blended = getattr(arm, "pick_and_place", None)
     if blended is not None:  # the controller's default when the arm has it (arm.interfaces.PickAndPlace)
 

@@ -63,11 +63,23 @@ def test_unsure_looks_again_then_asks_and_executes_the_approved_candidate(stack_
 
 
 def test_no_safe_pick_sends_the_tote_to_exception_handling(stack_factory, assist_rig):
+    """...and the question carried the asked item's provenance (`item_family`, looked up at the item's
+    centre), so the rows the answer labels keep the item's kind."""
+
     st = stack_factory()
-    add_carton(st)
+    body = add_carton(st)
+    pos = np.array(pb.getBasePositionAndOrientation(body, physicsClientId=st.cell.client_id)[0])
     st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
     st.controller.assist = assist_rig.cell_client()
-    person = ScriptedAssociate(assist_rig.associate("alice"), lambda req: ("no_safe_pick", None, None))
+    looked_up: list[np.ndarray] = []
+    st.controller.item_family = lambda centre: looked_up.append(centre) or "carton"
+    seen: list[dict] = []
+
+    def answer(req):
+        seen.append(dict(req.context))
+        return ("no_safe_pick", None, None)
+
+    person = ScriptedAssociate(assist_rig.associate("alice"), answer)
     try:
         rep = st.controller.run_tote("t0")
     finally:
@@ -76,6 +88,8 @@ def test_no_safe_pick_sends_the_tote_to_exception_handling(stack_factory, assist
     assert rep.status == "diverted"
     assert rep.attempts == []
     assert st.feed.diverted and "no safe pick" in st.feed.diverted[0][1]
+    assert seen and all(c["family"] == "carton" for c in seen)
+    assert np.linalg.norm(looked_up[0][:2] - pos[:2]) < 0.03  # looked up where the carton lies
 
 
 def test_a_clicked_pixel_becomes_a_grasp_from_depth_and_normal(stack_factory, assist_rig):

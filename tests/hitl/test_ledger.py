@@ -501,7 +501,8 @@ def views(plan: Plan, idx: tuple[int, ...]) -> tuple[CandidateView, ...]:
     return tuple(CandidateView(k, 0, 0, plan.candidates[k].grasp.gripper, 0.4) for k in idx)
 
 
-def ask(ledger: Ledger, rid: str, pid: str, plan: Plan, item: int) -> None:
+def ask(ledger: Ledger, rid: str, pid: str, plan: Plan, item: int, family: str | None = None) -> None:
+    """A question about `item` of the plan; `family`: the item's provenance (Controller.item_family)."""
     ledger.record_request(
         AssistRequest(
             cell_id="cell-1",
@@ -509,7 +510,7 @@ def ask(ledger: Ledger, rid: str, pid: str, plan: Plan, item: int) -> None:
             image_png=b"png",
             candidates=views(plan, (0, 1, 3, 4)),  # two candidates of each item shown
             request_id=rid,
-            context={"plan_id": pid, "item": item},
+            context={"plan_id": pid, "item": item} | ({"family": family} if family else {}),
         )
     )
 
@@ -522,7 +523,7 @@ def test_each_answer_kind_gives_its_labels(tmp_path: Path) -> None:
         plan = two_item_plan(rng)
         pid = ledger.record_plan(plan, tote_id="tote-9")
         # approve 0 (item 0): executed, succeeded; candidate 1 on the same item was passed over.
-        ask(ledger, "r-approve", pid, plan, 0)
+        ask(ledger, "r-approve", pid, plan, 0, family="mailer")
         ledger.record_answer(
             AssistAnswer("r-approve", "answered", "approve", candidate_index=0, associate_id="ann")
         )
@@ -541,7 +542,7 @@ def test_each_answer_kind_gives_its_labels(tmp_path: Path) -> None:
         )  # fmt: skip
         ledger.record_attempt(**kw_px)
         # no safe pick on item 1: its shown candidates 3, 4 are negatives; 0, 1 (item 0) are not.
-        ask(ledger, "r-nsp", pid, plan, 1)
+        ask(ledger, "r-nsp", pid, plan, 1, family="frame")
         ledger.record_answer(AssistAnswer("r-nsp", "answered", "no_safe_pick", associate_id="carol"))
         # skip and expired: recorded, no label.
         ask(ledger, "r-skip", pid, plan, 0)
@@ -586,6 +587,11 @@ def test_each_answer_kind_gives_its_labels(tmp_path: Path) -> None:
         assert m.counts["answers_skip"] == 1 and m.counts["answers_expired"] == 1
         assert m.counts["by_label_kind"] == {"outcome": 2, "no_safe_pick": 2, "passed_over": 3}
         assert ledger.attempts(attempt_id="att-1")[0].item == 0  # filled from the plan candidate
+        # Rows an answer labels keep the asked item's family when the question carried one (the
+        # warehouse system's, or the simulator's): the learner groups them with the item's kind.
+        fam = {r: str(d["family"][i]) for r, i in rows.items()}
+        assert fam["r-nsp:3"] == fam["r-nsp:4"] == "frame" and fam["r-approve:1"] == "mailer"
+        assert fam["r-point:3"] == fam["r-point:4"] == ""  # asked without provenance: unknown
 
         # The weak-negative weight is configurable; 0 leaves passed-over candidates out.
         d2 = (
