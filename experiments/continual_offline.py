@@ -13,7 +13,11 @@ What it is
     python experiments/continual_offline.py --work-dir DIR \
         --variant default \
         --variant all-1e-4:freeze=none,lr=1e-4 \
-        --variant replay-0.7:replay_share=0.7 --seeds 21,22,23
+        --variant replay-0.7:replay_share=0.7 \
+        --variant joint:mode=scratch,epochs=30 --seeds 21,22,23
+
+    `mode=scratch` trains a new model on every row (replay plus the cell's), the joint-retraining
+    upper bound the continual-learning literature compares fine-tuning against.
 
     `--start-model` fine-tunes (and gates against) another model than the run's, and `--replay`
     replaces the replay exports: e.g. a rebuilt model and the collections its recipe trained on.
@@ -48,6 +52,7 @@ _TRAIN_KEYS = {
     "patience": int,
     "risk": str,
     "alpha": float,
+    "mode": str,  # "finetune" the start model, or "scratch": joint retraining on all rows (the upper bound)
 }
 _WEIGHT_KEYS = {"replay_share": float, "human_boost": float, "loss_gain": float, "novelty_gain": float}
 
