@@ -145,6 +145,13 @@ class ToteReport:
     plan_exposed_ms: list[float] = field(default_factory=list)  # the part of each plan the arm waited for
     lookahead_used: int = 0  # plans made while placing and used, count
     lookahead_discarded: int = 0  # ... and discarded (the place failed or the tote changed), count
+    # Camera captures by whether they cost the cell time of its own (issue 17): the arm waited for it;
+    # taken while the arm placed (arm/lookahead.py); taken while the cell idled waiting for a person
+    # with nothing else to do (inside that wait, like the plan made on it).
+    captures_exposed: int = 0  # count
+    captures_behind_motion: int = 0  # count
+    captures_while_waiting: int = 0  # count
+    planning_while_waiting_ms: float = 0.0  # planner wall time on frames captured while waiting, ms
     robot_seconds: float = 0.0
     items_set_aside: list[str] = field(default_factory=list)  # why each item set aside was set aside
     max_attempts_on_one_item: int = 0  # most tries on one item (as the cell told items apart), count
@@ -274,7 +281,7 @@ class CellController:
         )
         pending = st.pending
         self.lookahead.reset()  # a look taken during the last tote's final place is not this tote
-        ahead_counts = (self.lookahead.used, self.lookahead.discarded)
+        ahead_counts = (self.lookahead.used, self.lookahead.discarded, self.lookahead.looks)
         looked_again = False
         holding = False  # in a protective stop
         empty_captures = 0
@@ -283,6 +290,9 @@ class CellController:
         # and whether the next one must be a new capture (reuse_unchanged_view).
         observed: tuple[Frame, Plan, str | None, int, object] | None = None
         fresh_look, reused = True, False
+        # Motions commanded when the cell last idled waiting for a person (None: it has not since
+        # its last observation): an observation with no motion since is taken inside that wait.
+        waited_at: int | None = None
 
         while True:
             if self._stop.is_set():
@@ -303,12 +313,16 @@ class CellController:
             if len(rep.attempts) >= cfg.max_attempts_per_tote:
                 rep.status = "attempt_limit"
                 break
-            # 1. answers that came back
+            # 1. answers that came back (one that came back ends the wait: the next look is the cell's)
+            answers_before = rep.assists_answered + rep.assists_expired
             self._apply_answers(rep, tote_id, st)
+            if rep.assists_answered + rep.assists_expired != answers_before:
+                waited_at = None
             # 2. observe and plan (or take the plan made while the arm placed: arm/lookahead.py), or
             # decide again on the last observation when nothing has moved since it was made.
             with self._planner_lock:
                 planner_now = self.planner
+            waiting, waited_at = waited_at is not None and waited_at == self._motions, None
             if (
                 cfg.reuse_unchanged_view
                 and not fresh_look
@@ -320,7 +334,7 @@ class CellController:
                 reused = True
                 self._count("observations_reused")
             else:
-                obs = self._observe(rep, tote_id, ahead_counts)
+                obs = self._observe(rep, tote_id, ahead_counts, waiting)
                 if obs is None:
                     camera_failures += 1
                     log.warning("camera capture failed (%d/%d)", camera_failures, cfg.camera_retries)
@@ -337,6 +351,7 @@ class CellController:
             if plan.decision == "empty" or not plan.candidates:
                 if pending:
                     rep.human_wait_s += self._idle()
+                    waited_at = self._motions
                     fresh_look = fresh_look or not self._answers_on_robot_clock()
                     continue
                 fresh_look = True  # "empty" is confirmed by a second, new look
@@ -380,6 +395,7 @@ class CellController:
             if not ask_pool:
                 if pending:
                     rep.human_wait_s += self._idle()
+                    waited_at = self._motions
                     fresh_look = fresh_look or not self._answers_on_robot_clock()
                     continue
                 if reused:
@@ -432,37 +448,61 @@ class CellController:
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
         rep.robot_seconds = self.arm.robot_time - t0
+        self._sync_lookahead(rep, ahead_counts)  # a look taken during the tote's last place
         rep.items_set_aside = [it.why_set_aside for it in st.items.items if it.set_aside]
         rep.max_attempts_on_one_item = st.items.max_attempts_on_one_item
         return rep
 
     def _observe(
-        self, rep: ToteReport, tote_id: str, ahead_counts: tuple[int, int]
+        self, rep: ToteReport, tote_id: str, ahead_counts: tuple[int, int, int], waiting: bool = False
     ) -> tuple[Frame, Plan, str | None, object] | None:
         """Capture and plan (or take the plan made while placing); (frame, plan, its ledger id, the
-        planner), or None when the camera failed. Charges the plan to the report."""
+        planner), or None when the camera failed. Charges the capture and the plan to the report:
+        `waiting` (the cell idled for a person since its last motion) puts both inside that wait."""
         cfg = self.config
         try:
-            ahead = self.lookahead.take() if cfg.plan_while_placing else None
-            frame = ahead.frame if ahead is not None else self.camera.capture()
+            ahead = None
+            if cfg.plan_while_placing and self.lookahead.has_plan:
+                rep.captures_exposed += 1  # the check frame: the arm waits for it
+                ahead = self.lookahead.take()
+            if ahead is None:
+                if waiting:
+                    rep.captures_while_waiting += 1
+                else:
+                    rep.captures_exposed += 1
+                frame = self.camera.capture()
+            else:
+                frame = ahead.frame
         except CameraError as exc:
             log.warning("camera capture failed: %s", exc)
             self._count("camera_failures")
             return None
+        finally:
+            self._sync_lookahead(rep, ahead_counts)
         with self._planner_lock:
             planner = self.planner
         planned_ahead = ahead is not None and ahead.plan is not None
         plan = ahead.plan if planned_ahead else planner(frame)
         rep.plans += 1
         rep.plan_latency_ms.append(plan.latency_ms)
-        rep.plan_exposed_ms.append(ahead.exposed_ms if planned_ahead else plan.latency_ms)
-        rep.lookahead_used = self.lookahead.used - ahead_counts[0]
-        rep.lookahead_discarded = self.lookahead.discarded - ahead_counts[1]
+        if planned_ahead:
+            rep.plan_exposed_ms.append(ahead.exposed_ms)
+        elif waiting:
+            rep.plan_exposed_ms.append(0.0)
+            rep.planning_while_waiting_ms += plan.latency_ms
+        else:
+            rep.plan_exposed_ms.append(plan.latency_ms)
         self._observe_plan(plan)
         plan_id = None
         if self.ledger is not None:
             plan_id = self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
         return frame, plan, plan_id, planner
+
+    def _sync_lookahead(self, rep: ToteReport, base: tuple[int, int, int]) -> None:
+        """The look-ahead's counts since the tote began, into its report."""
+        rep.lookahead_used = self.lookahead.used - base[0]
+        rep.lookahead_discarded = self.lookahead.discarded - base[1]
+        rep.captures_behind_motion = self.lookahead.looks - base[2]
 
     def _pools(self, plan: Plan, st: _ToteState) -> _Pools:
         """Sort a plan's candidates by what the cell may do with them now (see `_Pools`)."""
@@ -659,6 +699,7 @@ class CellController:
                         cand.grasp.gripper,
                     )
                     continue
+                rep.captures_exposed += 1  # the check below captures a frame the arm waits for
                 if not self._still_valid(cand, p.frame):
                     log.info("approved candidate %d: the surface moved since the question; skipped", k)
                     continue
@@ -692,6 +733,7 @@ class CellController:
         outcome; the item it is on in the plan the person saw is recorded with it.
         """
         u, v = answer.pixel
+        rep.captures_exposed += 1
         try:
             frame = self.camera.capture()
         except CameraError as exc:

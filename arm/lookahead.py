@@ -16,7 +16,9 @@ How it works
 What it charges
     Planning time that the place motion covered is hidden: the exposed part is what is left of the
     planner's wall time after the robot time from the look to the end of the place. A discarded
-    plan charges the new plan in full. Every capture (the look and the check) is counted as sensing.
+    plan charges the new plan in full. The look's capture is taken while the arm moves, so it is
+    counted apart (`looks`: sensing behind motion); the check's capture is one the arm waits for
+    (`checks`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ class Lookahead:
         self._ready: tuple[Frame, Plan, float, object] | None = None  # frame, plan, exposed ms, planner
         self.used = 0  # plans made while placing and used, count
         self.discarded = 0  # plans made while placing and thrown away, count
+        self.looks = 0  # captures taken while the arm placed (behind motion), count
+        self.checks = 0  # captures taken to check a plan before it is used (the arm waits), count
+
+    @property
+    def has_plan(self) -> bool:
+        """Is a plan made while placing waiting to be taken (so `take` will capture a check frame)?"""
+        return self._ready is not None
 
     def reset(self) -> None:
         """Forget any look-ahead (a new tote)."""
@@ -66,6 +75,7 @@ class Lookahead:
 
     def look(self) -> None:
         """Called by the arm once it is out of the camera's view of the tote: capture and plan now."""
+        self.looks += 1
         try:
             frame = self.camera.capture()
         except CameraError as exc:
@@ -95,6 +105,7 @@ class Lookahead:
         if ready is None:
             return None
         frame, plan, exposed, planner = ready
+        self.checks += 1
         now = self.camera.capture()
         if planner is not self.planner():
             self.discarded += 1

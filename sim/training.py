@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.benchmark.cycle import exposed_sensing
 from sim.collect import (
     TEST_CATALOGS,
     TRAINING_CATALOGS,
@@ -187,13 +188,14 @@ def cycle_check(candidate_s: float | None, baseline_s: float | None, tolerance: 
 def own_seconds(episode: dict[str, Any]) -> tuple[float, int]:
     """(the cell's own seconds, successful picks) of one episode record.
 
-    Own seconds = simulated robot + sensing seconds - seconds idle waiting for a person: simulated,
+    Own seconds = simulated robot + exposed sensing seconds (captures the cell spent time on,
+    sim/benchmark/cycle.py) - seconds idle waiting for a person: simulated,
     so no host load moves them, and without the waits, because a model that asks more waits more,
     and asking more is the autonomy check's to judge (counting it again here, by a point rule,
     refused two continual rounds whose autonomy change the tested check had found no evidence of).
     """
     wait = float(episode.get("wait_seconds", 0.0))
-    t = float(episode["robot_seconds"]) + float(episode["sensing_seconds"]) - wait
+    t = float(episode["robot_seconds"]) + exposed_sensing(episode) - wait
     return t, sum(1 for a in episode["attempts"] if a["success"])
 
 

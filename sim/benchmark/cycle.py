@@ -6,12 +6,21 @@ Episode side (`cycle_record`): the simulated arm charges every robot second of a
 idled waiting for a person (`human_wait_s`) and how much of the planner's wall time the arm waited
 for (`plan_exposed_ms`; planning done while the arm moves is hidden and not charged).
 
-Aggregate side (`cycle_metrics`), merged into the bench's metrics:
+The controller also sorts its camera captures (`ToteReport.captures_*`): ones the arm waits for
+(exposed), ones taken while the arm places (behind motion, arm/lookahead.py) and ones taken while the
+cell idles waiting for a person with nothing else to do (inside that wait, as is the plan made on
+them). Sensing that costs the cell time is the exposed captures only, `sensing_exposed_seconds`;
+`sensing_seconds` keeps counting every capture.
+
+Aggregate side (`cycle_metrics`), merged into the bench's metrics ("sensing" below is exposed
+sensing; `mpph` in sim/benchmark/metrics.py uses it too):
 
 - `mpph_with_planning` = picks / (robot + sensing + exposed planning seconds) * 3600 (replaces the
   older definition that charged all planning time);
 - `mpph_excluding_waits` = picks / (robot - idle waiting for a person + sensing + exposed planning)
   * 3600: the cell's own speed, which issue 17 moves (waiting for people is cut elsewhere);
+  `mpph_excluding_waits_all_sensing` charges every capture instead (the definition before captures
+  were sorted), for comparison with older runs;
 - `cycle_breakdown_s_per_pick`: seconds per successful pick of sensing, exposed planning, the arm's
   phases grouped as the issue names them (move to pick = move_to_pick + approach; place = place +
   release + retreat; recover = failed-pick back-outs and moves home), protective stops, waiting for
@@ -23,6 +32,10 @@ Aggregate side (`cycle_metrics`), merged into the bench's metrics:
 from __future__ import annotations
 
 from typing import Any
+
+CAPTURE_KINDS = ("exposed", "behind_motion", "while_waiting")
+# Exposure + transfer of one RGB-D capture on a real cell, seconds (the bench charges this per capture).
+SENSING_S_PER_CAPTURE = 0.1
 
 GROUPS = {  # breakdown key -> the arm's phases it sums
     "move_to_pick": ("move_to_pick", "approach"),
@@ -40,7 +53,12 @@ def cycle_record(arm: Any, rep: Any, cell: Any = None) -> dict[str, Any]:
     with the cell, also the minimum cycle of its layout (`minimum_cycle_s`)."""
     planning = sum(rep.plan_latency_ms) / 1000.0
     exposed = getattr(rep, "plan_exposed_ms", None)
-    limit = {}
+    limit: dict[str, Any] = {}
+    captures = {
+        "exposed": int(getattr(rep, "captures_exposed", 0)),
+        "behind_motion": int(getattr(rep, "captures_behind_motion", 0)),
+        "while_waiting": int(getattr(rep, "captures_while_waiting", 0)),
+    }
     if cell is not None:
         limit["cycle_limit_s"] = round(minimum_cycle_s(arm, cell.tote_bounds, cell.box_bounds)["cycle_s"], 4)
     return {
@@ -48,14 +66,24 @@ def cycle_record(arm: Any, rep: Any, cell: Any = None) -> dict[str, Any]:
         "phase_seconds": {k: round(v, 4) for k, v in sorted(getattr(arm, "phase_time", {}).items())},
         "wait_seconds": round(float(rep.human_wait_s), 4),
         "planning_exposed_seconds": planning if exposed is None else sum(exposed) / 1000.0,
+        "planning_while_waiting_seconds": float(getattr(rep, "planning_while_waiting_ms", 0.0)) / 1000.0,
+        "captures": captures,
+        "sensing_exposed_seconds": captures["exposed"] * SENSING_S_PER_CAPTURE,
     }
+
+
+def exposed_sensing(episode: dict[str, Any]) -> float:
+    """Seconds of sensing that cost the cell time in one episode record (every capture, in records
+    made before captures were sorted)."""
+    return float(episode.get("sensing_exposed_seconds", episode["sensing_seconds"]))
 
 
 def cycle_metrics(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     """Picks per hour with exposed planning only, without waits for people, and the per-pick breakdown."""
     picks = sum(1 for e in episodes for a in e["attempts"] if a["success"])
     robot = sum(e["robot_seconds"] for e in episodes)
-    sensing = sum(e["sensing_seconds"] for e in episodes)
+    sensing = sum(exposed_sensing(e) for e in episodes)
+    sensing_all = sum(e["sensing_seconds"] for e in episodes)
     planning = sum(e["planning_seconds"] for e in episodes)
     exposed = sum(e.get("planning_exposed_seconds", e["planning_seconds"]) for e in episodes)
     wait = sum(e.get("wait_seconds", 0.0) for e in episodes)
@@ -65,6 +93,8 @@ def cycle_metrics(episodes: list[dict[str, Any]]) -> dict[str, Any]:
             phases[k] = phases.get(k, 0.0) + v
     busy = robot + sensing + exposed
     alone = robot - wait + sensing + exposed
+    alone_all = alone - sensing + sensing_all
+    captures = {k: sum(e.get("captures", {}).get(k, 0) for e in episodes) for k in CAPTURE_KINDS}
     breakdown: dict[str, float | None] = {"sense": sensing, "plan_exposed": exposed}
     for key, names in GROUPS.items():
         breakdown[key] = sum(phases.get(n, 0.0) for n in names)
@@ -80,6 +110,9 @@ def cycle_metrics(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         "mpph_share_of_limit": (mpph_alone / mpph_limit) if mpph_limit else None,
         "mpph_with_planning": (picks / busy * 3600.0) if busy > 0 else 0.0,
         "mpph_excluding_waits": mpph_alone,
+        "mpph_excluding_waits_all_sensing": (picks / alone_all * 3600.0) if alone_all > 0 else 0.0,
+        "sensing_exposed_seconds": sensing,
+        "captures_per_pick": {k: (v / picks if picks else None) for k, v in captures.items()},
         "planning_exposed_seconds": exposed,
         "planning_hidden_seconds": planning - exposed,
         "wait_seconds": wait,

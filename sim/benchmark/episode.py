@@ -26,13 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sim.benchmark.cycle import cycle_record
+from sim.benchmark.cycle import SENSING_S_PER_CAPTURE, cycle_record
 from sim.benchmark.record import DAMAGE_DROP_M, DAMAGE_IMPACT_N, ToteRecorder, _Instrumented
 from sim.benchmark.runner import EpisodeSpec
 
 __all__ = ["DAMAGE_DROP_M", "DAMAGE_IMPACT_N", "SENSING_S_PER_CAPTURE", "_Instrumented", "run_bench_episode"]
-
-SENSING_S_PER_CAPTURE = 0.1  # exposure + transfer of one RGB-D capture on a real cell, seconds
 
 
 def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:

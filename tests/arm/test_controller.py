@@ -394,3 +394,36 @@ def test_waiting_on_a_robot_clock_associate_decides_again_on_the_same_look(stack
     # first look, the look-again, one more before giving up
     assert plans["robot"] == 3
     assert plans["wall"] >= 12
+
+
+def test_captures_and_plans_made_while_waiting_for_a_person_are_inside_the_wait(stack_factory):
+    """Each capture is sorted by whether it costs the cell time (issue 17's cycle accounting): the
+    first look and the look-again are ones the arm waits for; while the cell idles for an answer
+    with nothing else to do, every capture (and the plan on it) happens inside that wait."""
+    from sim.associate import SimAssistChannel
+
+    st = stack_factory(assist_deadline_s=2.0)  # reuse_unchanged_view off: a new look every idle step
+    add_carton(st)
+    planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    st.controller.planner = planner
+    st.controller.assist = SimAssistChannel(None, lambda: st.cell.arm.robot_time, answer=False)
+    captures = {"n": 0}
+    capture = st.camera.capture
+
+    def counting():
+        captures["n"] += 1
+        return capture()
+
+    st.camera.capture = counting
+    rep = st.controller.run_tote("t0")
+    assert rep.assists_requested == 1 and rep.assists_expired == 1 and rep.status == "diverted"
+    # Every capture is sorted exactly once; nothing moved, so none was behind motion.
+    assert rep.captures_exposed + rep.captures_while_waiting + rep.captures_behind_motion == captures["n"]
+    assert rep.captures_behind_motion == 0
+    # The first look, the look-again, the look right after asking (before any wait) and the one
+    # after the question expired (the wait is over).
+    assert rep.captures_exposed == 4
+    assert rep.captures_while_waiting >= 6  # 2 s of 0.25 s idle steps, one look after each
+    waiting = [i for i, e in enumerate(rep.plan_exposed_ms) if e == 0.0]
+    assert len(waiting) == rep.captures_while_waiting
+    assert rep.planning_while_waiting_ms == sum(rep.plan_latency_ms[i] for i in waiting)

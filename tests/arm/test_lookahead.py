@@ -71,3 +71,23 @@ def test_the_plan_made_while_placing_is_discarded_when_the_model_was_swapped_mea
     # Same scene as the first test, where nothing was discarded: here the swap voided the plan.
     assert swapped and rep.lookahead_discarded >= 1
     assert rep.status == "cleared" and {a, b} <= set(st.cell.items_in_box())
+
+
+def test_the_look_while_placing_is_sensing_behind_motion_and_its_check_is_not(stack_factory):
+    st = stack_factory()
+    _two_cartons(st)
+    captures = {"n": 0}
+    capture = st.camera.capture
+
+    def counting():
+        captures["n"] += 1
+        return capture()
+
+    st.camera.capture = counting
+    rep = st.controller.run_tote("t0")
+    assert rep.status == "cleared" and rep.lookahead_used >= 1
+    # One look per place (two places), each taken while the arm moved; every plan made on one is
+    # checked against a capture the arm waits for before it is used.
+    assert rep.captures_behind_motion == 2
+    assert rep.captures_exposed + rep.captures_behind_motion + rep.captures_while_waiting == captures["n"]
+    assert rep.captures_exposed >= 1 + rep.lookahead_used

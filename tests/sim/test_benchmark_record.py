@@ -85,6 +85,7 @@ def test_a_protective_stop_never_hides_damage(sim_cell):
 
 
 def test_a_real_episode_records_who_decided_and_every_items_fate():
+    from sim.benchmark.cycle import SENSING_S_PER_CAPTURE
     from sim.benchmark.episode import run_bench_episode
     from sim.benchmark.runner import make_specs
 
@@ -102,6 +103,10 @@ def test_a_real_episode_records_who_decided_and_every_items_fate():
     assert all(set(i["answers"]) <= {"expired", "cancelled"} for i in log)
     for i in log:
         assert i["attempts"] == sum(a["item"] == i["item"] for a in ep["attempts"])
+    # Every capture the camera took is sorted once (cycle accounting: sim/benchmark/cycle.py).
+    caps = ep["captures"]
+    assert sum(caps.values()) * SENSING_S_PER_CAPTURE == pytest.approx(ep["sensing_seconds"])
+    assert ep["sensing_exposed_seconds"] == pytest.approx(caps["exposed"] * SENSING_S_PER_CAPTURE)
     m = aggregate([ep])
     assert m["autonomous_pick_rate"] == ep["items_cleared"] / 3
     assert m["auto_attempts"] == len(ep["attempts"]) and m["person_attempts"] == 0

@@ -91,6 +91,25 @@ def test_records_without_the_new_fields_charge_all_planning_and_no_waits():
     assert m["cycle_breakdown_s_per_pick"]["other"] == pytest.approx(10.0)
 
 
+def test_only_captures_the_cell_spent_time_on_are_charged():
+    # 4 captures: 1 the arm waited for, 1 behind the place's motion, 2 inside the wait for a person.
+    ep = _episode(
+        sensing_exposed_seconds=0.1,
+        captures={"exposed": 1, "behind_motion": 1, "while_waiting": 2},
+    )
+    m = aggregate([ep])
+    assert m["sensing_seconds"] == pytest.approx(0.4)  # the kept key counts every capture
+    assert m["sensing_exposed_seconds"] == pytest.approx(0.1)
+    assert m["mpph"] == pytest.approx(2 / 20.1 * 3600)
+    assert m["mpph_with_planning"] == pytest.approx(2 / 20.3 * 3600)
+    assert m["mpph_excluding_waits"] == pytest.approx(2 / 14.3 * 3600)
+    # The definition before captures were sorted, for comparison with older runs.
+    assert m["mpph_excluding_waits_all_sensing"] == pytest.approx(2 / 14.6 * 3600)
+    assert m["captures_per_pick"] == {"exposed": 0.5, "behind_motion": 0.5, "while_waiting": 1.0}
+    assert m["cycle_breakdown_s_per_pick"]["sense"] == pytest.approx(0.05)
+    assert sum(m["cycle_breakdown_s_per_pick"].values()) == pytest.approx(3600 / m["mpph_with_planning"])
+
+
 def test_aggregate_reports_the_cycle_keys_and_no_picks_gives_no_division_by_zero():
     ep = _episode()
     m = aggregate([ep])
