@@ -457,7 +457,9 @@ def collect_tote(
 # (wrist turn nearest the current joints, low retreat and checked shortcut paths). They change how a
 # borderline grasp or place turns out, and so the labels; the shipped model's data was collected
 # without them (and the reduced rebuild's few scenes then gave a one-class validation split).
-LABELLING_ARM = SimArmConfig(wrist_near_current=False, retreat_clearance=None, pick_shortcut=False)
+LABELLING_ARM = SimArmConfig(
+    wrist_near_current=False, retreat_clearance=None, pick_shortcut=False, lift_clearance=None
+)
 
 # The code whose behaviour the labels depend on: the arm and grippers (outcomes) and the planner
 # (candidates, patches). Its digest goes with every attempt so stale data can be told apart later.

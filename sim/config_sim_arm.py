@@ -72,6 +72,13 @@ class SimArmConfig:
     # pick_and_place: the lift above the pile ends at this upward tool speed (at most what the line
     # reaches) and the transit to the box takes over from it without a stop; 0 = stop in between.
     lift_handover_speed: float = 0.6  # m/s
+    # pick_and_place: the lift above the pile ends once the held item's lowest point is this far
+    # over what lies under it in the tote (rims and items near it, as `retreat_clearance`), not at
+    # the transit height, and the transit climbs the rest while the base turns, if that carry is
+    # checked clear by `path_margin` (the item included, at every payload speed scale); else the
+    # transit first rises straight to the transit height as part of the same blended move, or the
+    # arm stops and lifts there (the old way). None: the lift always ends at the transit height.
+    lift_clearance: float | None = 0.03  # m
     joint_speed_scale: float = 1.0  # unitless (0, 1], fraction of the Panda's velocity limits
     ik_pos_tol: float = 0.005  # m, accepted IK position error (checked with forward kinematics)
     ik_rot_tol_deg: float = 3.0  # deg, accepted IK orientation error

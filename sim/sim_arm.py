@@ -1659,6 +1659,14 @@ class SimArm:
         pos, _ = self.link_pose(link)
         above = np.array([pos[0], pos[1], above[2]])
         above[2] = max(above[2], self._safe_height() - self.cfg.transit_clearance + (pos[2] - lo_z) + 0.03)
+        if end_speed > 0.0 and self.cfg.lift_clearance is not None:
+            # Low lift: only until the item clears what lies under it; the transit climbs the rest
+            # while it turns (place() checks that carry and otherwise rises straight up first).
+            under = self._clear_height(pos, fixtures=True) - (self.cfg.retreat_clearance or 0.0)
+            low = under + self.cfg.lift_clearance + (pos[2] - lo_z)
+            if pos[2] + 0.01 < low < above[2]:
+                above[2] = low
+                details["lift_low"] = True
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
         return self._kinematic_line(
             above,
@@ -1669,6 +1677,46 @@ class SimArm:
             accel=self._lift_accel(self.cfg.free_accel),
             end_speed=end_speed,
         )
+
+    def _carry_from_low_lift(
+        self,
+        via: list[np.ndarray],
+        q_target: np.ndarray,
+        link: int,
+        handover: tuple[np.ndarray, np.ndarray],
+        R_now: np.ndarray,
+        pos_now: np.ndarray,
+    ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+        """The carry after a low lift (`lift_clearance`): (via points, hand-over state) of a path
+        checked clear with the item, at every speed the carry may run at. The transit as planned if
+        that is clear; else through the point straight above at the transit height, blended; else
+        the arm stops and lifts straight there first (charged to the lift), and the transit starts
+        from rest."""
+        scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, 0.7, 0.5, 0.35, 0.25)]
+        if self._path_clear([self.q(), *via, q_target], len(via), link, handover, scales):
+            return via, handover
+        up = np.array([pos_now[0], pos_now[1], self._safe_height()])
+        try:
+            q_up = self._solve(up, R_now, link, self.q())
+        except _Abort:
+            q_up = None
+        if q_up is not None and self._path_clear(
+            [self.q(), q_up, *via, q_target], 1 + len(via), link, handover, scales
+        ):
+            log.debug("carry: up to the transit height first, blended")
+            return [q_up, *via], handover
+        log.debug("carry: stop, lift to the transit height, then the transit")
+        self._come_to_rest()
+        self._enter_phase("lift")
+        self._kinematic_line(
+            up,
+            R_now,
+            link,
+            self.cfg.free_speed,
+            fixtures_only=True,
+            accel=self._lift_accel(self.cfg.free_accel),
+        )
+        return via, None
 
     def _drop(self) -> None:
         """Let go of the held item (seal lost or friction exceeded) and let it fall with physics."""
@@ -1876,6 +1924,8 @@ class SimArm:
                 ):
                     via = [q_pp]
                 log.debug("place path: %s", "over the release" if via[0] is not q_above else "transit height")
+            if handover is not None and pos_now[2] < self._safe_height() - 1e-3:  # after a low lift
+                via, handover = self._carry_from_low_lift(via, q_target, link, handover, R_now, pos_now)
             self._enter_phase("transit")
             try:
                 # One time-optimal move to the box and down into it, passing the point above the

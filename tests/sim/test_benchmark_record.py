@@ -63,7 +63,9 @@ def test_a_blended_pick_and_place_is_watched_as_separate_calls_are(sim_cell):
     assert placed is not None and placed.reason is Reason.DROPPED
     rec = arm.last_place
     assert rec["item"] == f"b{body}" and rec["reason"] == "dropped"
-    assert rec["drop_m"] == pytest.approx(held_at[0] - z_rest, abs=0.03) and rec["drop_m"] > 0.15
+    # From where the cup let go (the low lift hands over about 13 cm above the carton's rest), not
+    # the few cm the old measure gave.
+    assert rec["drop_m"] == pytest.approx(held_at[0] - z_rest, abs=0.03) and rec["drop_m"] > 0.10
 
 
 def test_a_protective_stop_never_hides_damage(sim_cell):

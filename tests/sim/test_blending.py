@@ -224,3 +224,53 @@ def test_an_error_in_placement_for_leaves_the_arm_at_rest_holding_the_item(sim_c
     assert not np.allclose(q0, cell.arm.q())
     placed = cell.arm.place(OracleGraspSource(cell).placement())
     assert placed.success and placed.reason is Reason.OK
+
+
+def _low_lift_run(lift_clearance, obstacle: bool = False):
+    """One blended suction pick and place of a carton; (pick, place, lowest TCP z over the tote
+    between the grasp and the hand-over, held-item contacts with anything during the carry)."""
+    from dataclasses import replace
+
+    from sim.scene import SimCell
+
+    with SimCell(seed=0) as cell:
+        cell.arm.cfg = replace(cell.arm.cfg, lift_clearance=lift_clearance)
+        carton = _carton(cell)
+        if obstacle:
+            # A tall post beside the tote, on the way to the box, higher than a low lift ends.
+            tb, bb = cell.tote_bounds, cell.box_bounds
+            x = (tb.hi[0] + bb.lo[0]) / 2 if bb.lo[0] > tb.hi[0] else (tb.lo[0] + bb.hi[0]) / 2
+            y = (tb.lo[1] + tb.hi[1] + bb.lo[1] + bb.hi[1]) / 4
+            cell.add_fixture_box("post", (0.03, 0.03, 0.28), (x, y, 0.14))
+        source = OracleGraspSource(cell)
+        touched: list[int] = []
+        lift_end: list[float] = []
+
+        def watch(arm, ev):
+            if ev != "sample":
+                return
+            if arm.phase == "transit" and not lift_end:
+                lift_end.append(arm.link_pose(arm.tcp_link("suction"))[0][2])
+            held = arm._held
+            if held is not None and arm.phase in ("transit",):
+                p.performCollisionDetection(physicsClientId=cell.client_id)
+                contacts = p.getContactPoints(held, physicsClientId=cell.client_id)
+                touched.extend(c[2] for c in contacts if c[2] != arm.body)
+
+        cell.arm.observers.append(watch)
+        grasp = Grasp("suction", _top(cell, carton), DOWN)
+        out, placed = cell.arm.pick_and_place(grasp, lambda _out, s=source: s.placement())
+        assert out.success and placed is not None and placed.success, (out, placed)
+        assert carton in cell.items_in_box()
+        return out, placed, lift_end[0], touched, cell.arm._safe_height()
+
+
+def test_a_low_lift_hands_over_below_the_transit_height_and_the_carry_touches_nothing():
+    high = _low_lift_run(None)
+    low = _low_lift_run(0.03)
+    assert low[0].details.get("lift_low") and not high[0].details.get("lift_low")
+    assert high[2] >= high[4] - 1e-3  # the old lift ends at the transit height
+    assert low[2] < high[2] - 0.03  # the low one well below it
+    assert low[3] == [] and high[3] == []  # the held carton touched nothing while carried
+    assert low[0].details["phases"]["lift"] < high[0].details["phases"]["lift"] - 0.03
+    assert low[0].robot_seconds + low[1].robot_seconds < high[0].robot_seconds + high[1].robot_seconds
