@@ -274,3 +274,48 @@ def test_a_low_lift_hands_over_below_the_transit_height_and_the_carry_touches_no
     assert low[3] == [] and high[3] == []  # the held carton touched nothing while carried
     assert low[0].details["phases"]["lift"] < high[0].details["phases"]["lift"] - 0.03
     assert low[0].robot_seconds + low[1].robot_seconds < high[0].robot_seconds + high[1].robot_seconds
+
+
+@pytest.mark.parametrize("clear_from", [1, 99])
+def test_a_carry_from_a_low_lift_that_is_not_clear_rises_first_and_still_places(clear_from):
+    """When the carry from the low lift's end is not clear (forced here: the path checks answer
+    "not clear" before their `clear_from`-th call), the transit first rises straight to the transit
+    height, blended (second check clear), or the arm stops and lifts there (no check clear); the
+    carton is placed either way and the held carton touches nothing."""
+    from dataclasses import replace
+
+    from sim.scene import SimCell
+
+    with SimCell(seed=0) as cell:
+        cell.arm.cfg = replace(cell.arm.cfg, lift_clearance=0.03)
+        carton = _carton(cell)
+        calls = {"n": 0}
+        real = cell.arm._path_clear
+
+        def forced(*a, **k):
+            calls["n"] += 1
+            return calls["n"] > clear_from and real(*a, **k)
+
+        source = OracleGraspSource(cell)
+
+        def placement_for(_out):
+            cell.arm._path_clear = forced  # the carry's checks only (the move to the pick had its own)
+            return source.placement()
+
+        z_transit: list[float] = []
+        cell.arm.observers.append(
+            lambda arm, ev: (
+                z_transit.append(arm.link_pose(arm.tcp_link("suction"))[0][2])
+                if ev == "sample" and arm.phase == "transit" and arm._held is not None
+                else None
+            )
+        )
+        out, placed = cell.arm.pick_and_place(Grasp("suction", _top(cell, carton), DOWN), placement_for)
+        assert out.success and out.details.get("lift_low")
+        assert placed is not None and placed.success and carton in cell.items_in_box()
+        assert calls["n"] == 2  # the planned carry, then the carry that rises first
+        # Blended: the place is transit, place, release, retreat; stopped: it lifted first.
+        assert ("lift" in placed.details["phases"]) == (clear_from == 99)
+        safe = cell.arm._safe_height()
+        # Rising first: the transit reaches the transit height before it goes anywhere else.
+        assert max(z_transit) >= safe - 0.01
