@@ -80,7 +80,8 @@ class SimArmConfig:
     # arm stops and lifts there (the old way). None: the lift always ends at the transit height.
     # Off by default: on the reporting bench (seed 1000, procedural) 0.03 m gave 3 held-item
     # collisions in 127 attempts where the lift to the transit height gave none, though its tuning
-    # runs had none (docs/benchmarks.md, cycle time, stop 25). 0.03 cut the lift by 0.12-0.17 s.
+    # runs had none (docs/benchmarks.md, cycle time, stop 25); the fault found there (a tall item's
+    # carry height) is fixed, not yet re-measured. 0.03 cut the lift by 0.12-0.17 s a pick.
     lift_clearance: float | None = None  # m
     joint_speed_scale: float = 1.0  # unitless (0, 1], fraction of the Panda's velocity limits
     ik_pos_tol: float = 0.005  # m, accepted IK position error (checked with forward kinematics)

@@ -1683,19 +1683,19 @@ class SimArm:
         via: list[np.ndarray],
         q_target: np.ndarray,
         link: int,
-        handover: tuple[np.ndarray, np.ndarray],
+        handover: tuple[np.ndarray, np.ndarray] | None,
         R_now: np.ndarray,
-        pos_now: np.ndarray,
+        up: np.ndarray,
     ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
         """The carry after a low lift (`lift_clearance`): (via points, hand-over state) of a path
         checked clear with the item, at every speed the carry may run at. The transit as planned if
-        that is clear; else through the point straight above at the transit height, blended; else
+        that is clear; else through `up` (straight above, at the carry's height), blended; else
         the arm stops and lifts straight there first (charged to the lift), and the transit starts
-        from rest."""
+        from rest. `handover` None: the lift ended at rest (a line too short to reach its hand-over
+        speed), checked the same way from rest."""
         scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, 0.7, 0.5, 0.35, 0.25)]
         if self._path_clear([self.q(), *via, q_target], len(via), link, handover, scales):
             return via, handover
-        up = np.array([pos_now[0], pos_now[1], self._safe_height()])
         try:
             q_up = self._solve(up, R_now, link, self.q())
         except _Abort:
@@ -1860,7 +1860,14 @@ class SimArm:
             target = np.asarray(placement.position, dtype=np.float64)
             pos_now, R_now = self.link_pose(link)
             R_req = quat_to_matrix(np.asarray(placement.orientation, dtype=np.float64)) @ M_GRASP_HAND
-            above = np.array([target[0], target[1], max(pos_now[2], self._safe_height())])
+            # The carry's height: the transit height, and the held item's lowest point 3 cm over the
+            # highest thing in the cell (as the full lift ends). After a full lift the TCP is there
+            # already; after a low lift (`lift_clearance`) the carry climbs to it.
+            below = pos_now[2] - p.getAABB(item, physicsClientId=self.client_id)[0][2]
+            carry_z = self._safe_height()
+            if self.cfg.lift_clearance is not None:
+                carry_z = max(carry_z, carry_z - self.cfg.transit_clearance + below + 0.03)
+            above = np.array([target[0], target[1], max(pos_now[2], carry_z)])
             # The requested wrist or its 180-degree twin (same for both tools; the item turns about
             # the placement's pivot, so the TCP goes to the pivot's other side), whichever the arm
             # reaches sooner from its joints now (the base turns about 1.3 rad between tote and box,
@@ -1908,7 +1915,6 @@ class SimArm:
             # included, at every speed the carry may run at.
             via = [q_above]
             # The item's lowest point over the box's rim and what lies under and around the slot.
-            below = pos_now[2] - p.getAABB(item, physicsClientId=self.client_id)[0][2]
             pp_z = self._clear_height(target, fixtures=True) + max(below, 0.0)
             if self.cfg.place_approach is not None:
                 pp_z = max(pp_z, target[2] + self.cfg.place_approach)
@@ -1924,13 +1930,15 @@ class SimArm:
                 ):
                     via = [q_pp]
                 log.debug("place path: %s", "over the release" if via[0] is not q_above else "transit height")
-            if handover is not None and pos_now[2] < self._safe_height() - 1e-3:  # after a low lift
-                via, handover = self._carry_from_low_lift(via, q_target, link, handover, R_now, pos_now)
+            if pos_now[2] < carry_z - 1e-3:  # after a low lift (moving, or at rest)
+                up = np.array([pos_now[0], pos_now[1], carry_z])
+                via, handover = self._carry_from_low_lift(via, q_target, link, handover, R_now, up)
             self._enter_phase("transit")
             try:
                 # One time-optimal move to the box and down into it, passing the point above the
                 # drop without stopping (blended); "place" from there. Payload-aware like any carry.
-                self._joint_move(q_target, link, via=via, phases=[(0, "place")], start=handover)
+                # "place" from the last via point (over the box), not from a rise before it.
+                self._joint_move(q_target, link, via=via, phases=[(len(via) - 1, "place")], start=handover)
             except _Abort as exc:
                 if exc.reason is not Reason.COLLISION or self.phase != "place":
                     raise

@@ -316,6 +316,66 @@ def test_a_carry_from_a_low_lift_that_is_not_clear_rises_first_and_still_places(
         assert calls["n"] == 2  # the planned carry, then the carry that rises first
         # Blended: the place is transit, place, release, retreat; stopped: it lifted first.
         assert ("lift" in placed.details["phases"]) == (clear_from == 99)
+        # "place" (where a touch releases the item early) begins over the box, not at the rise.
+        assert not placed.details.get("released_early")
         safe = cell.arm._safe_height()
         # Rising first: the transit reaches the transit height before it goes anywhere else.
         assert max(z_transit) >= safe - 0.01
+
+
+def test_a_low_lift_that_ended_at_rest_still_has_its_carry_checked():
+    """A lift line too short to reach its hand-over speed ends at rest: place() starts from rest
+    below the transit height and must check the carry all the same (reporting bench, stop 25: an
+    unchecked carry from there put a held carton into the box's wall)."""
+    from dataclasses import replace
+
+    from sim.scene import SimCell
+
+    with SimCell(seed=0) as cell:
+        cell.arm.cfg = replace(cell.arm.cfg, lift_clearance=0.03)
+        carton = _carton(cell)
+        arm = cell.arm
+        out = arm._pick(Grasp("suction", _top(cell, carton), DOWN), handover=True)
+        assert out.success and out.details.get("lift_low")
+        arm._come_to_rest()  # as if the lift had ended at rest
+        assert arm._momentum is None
+        assert arm.link_pose(arm.tcp_link("suction"))[0][2] < arm._safe_height() - 0.01
+        calls = {"n": 0}
+        real = arm._path_clear
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            return real(*a, **k)
+
+        arm._path_clear = counting
+        placed = arm.place(OracleGraspSource(cell).placement())
+        assert calls["n"] >= 1  # the carry from the low lift was checked
+        assert placed.success and carton in cell.items_in_box()
+
+
+def test_a_tall_item_from_a_low_lift_is_carried_high_enough_to_clear_the_box():
+    """The carry's height is the held item's lowest point 3 cm over the highest thing in the cell,
+    as the full lift ends: for a tall item that is above the transit height (reporting bench, stop
+    25: a 15 cm item carried at the transit height after a low lift hit the box's wall)."""
+    from dataclasses import replace
+
+    from sim.scene import SimCell
+
+    with SimCell(seed=0) as cell:
+        cell.arm.cfg = replace(cell.arm.cfg, lift_clearance=0.03)
+        b = cell.tote_bounds
+        c = (b.lo + b.hi) / 2
+        tall = cell.add_primitive("box", (0.06, 0.05, 0.15), (c[0], c[1], b.lo[2] + 0.076), mass=0.3)
+        cell.settle(0.3)
+        source = OracleGraspSource(cell)
+
+        def placement_for(_out):
+            # No carry path checks clear (as in the reporting run): the arm stops and lifts first.
+            cell.arm._path_clear = lambda *a, **k: False
+            return source.placement()
+
+        out, placed = cell.arm.pick_and_place(Grasp("suction", _top(cell, tall), DOWN), placement_for)
+        assert out.success and out.details.get("lift_low")
+        assert "lift" in placed.details["phases"]  # it stopped and lifted before the transit
+        assert placed is not None and placed.reason is Reason.OK, placed
+        assert tall in cell.items_in_box()
