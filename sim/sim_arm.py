@@ -1930,7 +1930,7 @@ class SimArm:
                 ):
                     via = [q_pp]
                 log.debug("place path: %s", "over the release" if via[0] is not q_above else "transit height")
-            if pos_now[2] < carry_z - 1e-3:  # after a low lift (moving, or at rest)
+            if self.cfg.lift_clearance is not None and pos_now[2] < carry_z - 1e-3:  # after a low lift
                 up = np.array([pos_now[0], pos_now[1], carry_z])
                 via, handover = self._carry_from_low_lift(via, q_target, link, handover, R_now, up)
             self._enter_phase("transit")
