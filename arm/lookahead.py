@@ -18,7 +18,7 @@ What it charges
     planner's wall time after the robot time from the look to the end of the place. A discarded
     plan charges the new plan in full. The look's capture is taken while the arm moves, so it is
     counted apart (`looks`: sensing behind motion); the check's capture is one the arm waits for
-    (`checks`).
+    (the controller counts it as exposed).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class Lookahead:
         self.used = 0  # plans made while placing and used, count
         self.discarded = 0  # plans made while placing and thrown away, count
         self.looks = 0  # captures taken while the arm placed (behind motion), count
-        self.checks = 0  # captures taken to check a plan before it is used (the arm waits), count
 
     @property
     def has_plan(self) -> bool:
@@ -105,7 +104,6 @@ class Lookahead:
         if ready is None:
             return None
         frame, plan, exposed, planner = ready
-        self.checks += 1
         now = self.camera.capture()
         if planner is not self.planner():
             self.discarded += 1

@@ -1667,9 +1667,15 @@ class SimArm:
             if pos[2] + 0.01 < low < above[2]:
                 above[2] = low
                 details["lift_low"] = True
+        return self._lift_line(above, R_hand, link, end_speed)
+
+    def _lift_line(
+        self, top: np.ndarray, R_hand: np.ndarray, link: int, end_speed: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Straight up to `top` with the item, payload-aware, ending at rest or at `end_speed`."""
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
         return self._kinematic_line(
-            above,
+            top,
             R_hand,
             link,
             self.cfg.free_speed,
@@ -1703,19 +1709,12 @@ class SimArm:
         if q_up is not None and self._path_clear(
             [self.q(), q_up, *via, q_target], 1 + len(via), link, handover, scales
         ):
-            log.debug("carry: up to the transit height first, blended")
+            log.debug("carry: up to the carry height first, blended")
             return [q_up, *via], handover
-        log.debug("carry: stop, lift to the transit height, then the transit")
+        log.debug("carry: stop, lift to the carry height, then the transit")
         self._come_to_rest()
         self._enter_phase("lift")
-        self._kinematic_line(
-            up,
-            R_now,
-            link,
-            self.cfg.free_speed,
-            fixtures_only=True,
-            accel=self._lift_accel(self.cfg.free_accel),
-        )
+        self._lift_line(up, R_now, link)
         return via, None
 
     def _drop(self) -> None:

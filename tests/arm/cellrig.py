@@ -57,6 +57,19 @@ def stack_factory():
         st.close()
 
 
+def count_captures(stack) -> dict[str, int]:
+    """Count the stack camera's captures from now on: the returned dict's "n"."""
+    captures = {"n": 0}
+    capture = stack.camera.capture
+
+    def counting():
+        captures["n"] += 1
+        return capture()
+
+    stack.camera.capture = counting
+    return captures
+
+
 def add_carton(stack, dx: float = 0.0, dy: float = 0.0) -> int:
     """A carton lying flat in the tote, offset (dx, dy) m from the tote centre; returns its body id."""
     b = stack.cell.tote_bounds

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pybullet as pb
-from cellrig import ScriptedAssociate, ScriptedPlanner, add_carton, grasp_above, project
+from cellrig import ScriptedAssociate, ScriptedPlanner, add_carton, count_captures, grasp_above, project
 
 from arm.controller import CellController
 from arm.interfaces import CameraError, Grasp, Reason
@@ -407,14 +407,7 @@ def test_captures_and_plans_made_while_waiting_for_a_person_are_inside_the_wait(
     planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
     st.controller.planner = planner
     st.controller.assist = SimAssistChannel(None, lambda: st.cell.arm.robot_time, answer=False)
-    captures = {"n": 0}
-    capture = st.camera.capture
-
-    def counting():
-        captures["n"] += 1
-        return capture()
-
-    st.camera.capture = counting
+    captures = count_captures(st)
     rep = st.controller.run_tote("t0")
     assert rep.assists_requested == 1 and rep.assists_expired == 1 and rep.status == "diverted"
     # Every capture is sorted exactly once; nothing moved, so none was behind motion.

@@ -7,7 +7,7 @@ time then mostly hidden), and discarded when the place moved an item under it.
 from __future__ import annotations
 
 import pybullet as p
-from cellrig import ScriptedPlanner, add_carton
+from cellrig import ScriptedPlanner, add_carton, count_captures
 
 
 def _two_cartons(st) -> tuple[int, int]:
@@ -76,14 +76,7 @@ def test_the_plan_made_while_placing_is_discarded_when_the_model_was_swapped_mea
 def test_the_look_while_placing_is_sensing_behind_motion_and_its_check_is_not(stack_factory):
     st = stack_factory()
     _two_cartons(st)
-    captures = {"n": 0}
-    capture = st.camera.capture
-
-    def counting():
-        captures["n"] += 1
-        return capture()
-
-    st.camera.capture = counting
+    captures = count_captures(st)
     rep = st.controller.run_tote("t0")
     assert rep.status == "cleared" and rep.lookahead_used >= 1
     # One look per place (two places), each taken while the arm moved; every plan made on one is
