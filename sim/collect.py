@@ -458,7 +458,11 @@ def collect_tote(
 # borderline grasp or place turns out, and so the labels; the shipped model's data was collected
 # without them (and the reduced rebuild's few scenes then gave a one-class validation split).
 LABELLING_ARM = SimArmConfig(
-    wrist_near_current=False, retreat_clearance=None, pick_shortcut=False, lift_clearance=None
+    wrist_near_current=False,
+    retreat_clearance=None,
+    pick_shortcut=False,
+    lift_clearance=None,
+    blended_exit=False,
 )
 
 # The code whose behaviour the labels depend on: the arm and grippers (outcomes) and the planner

@@ -50,6 +50,13 @@ class SimArmConfig:
     # checked clear of every fixture and item by `path_margin` (else it climbs to the transit
     # height first, as before). None: always back up to the transit height.
     retreat_clearance: float | None = 0.04  # m
+    # After a release the arm stays where it let go while the item settles, and the next motion
+    # backs out of the box as its first leg: a pick (same tool) climbs straight up to where the
+    # retreat above would end and goes on to the tote without stopping there (blended), if that
+    # leg is checked to stay within `EXIT_TOLERANCE` of the vertical without touching anything and
+    # the rest of the path clear by `path_margin`; else, and before any other motion, the retreat
+    # runs on its own first, as with False (the place then backs out itself).
+    blended_exit: bool = True
     path_margin: float = 0.01  # m, clearance a shortcut path must keep from fixtures and items
     # The grasp's wrist turn (jaw: 180 deg twins; cup: any turn) the arm reaches soonest from its
     # joints now (after a place: the slot's wrist); False: the smallest excursion from home.

@@ -13,7 +13,9 @@ How motions are executed, and why it stays honest:
   actuation times); physics-step time is never used as the clock, and in the physical phases the
   number of steps *is* the robot time (1 step = 1/physics_hz). Free-space legs that need no stop
   are one move through blended via points (over the tote -> pre-grasp -> start of the physical
-  approach; over the box -> down into it). Each robot second is charged to a phase
+  approach; over the box -> down into it). A place ends where the item was let go: the next
+  pick backs out of the box as the first leg of its move to the tote (`blended_exit`), any other
+  motion backs out first. Each robot second is charged to a phase
   (`Outcome.details["phases"]`).
 - Protective stops hold (stop category 2, sim/safety.py): the motion brakes along its path within
   the limits, holds powered with the item gripped until `clear_stop`, then resumes.
@@ -83,6 +85,9 @@ FINGER_ITEM_TOLERANCE = 0.008  # m, overlap of a finger with a neighbour item th
 HAND_ITEM_TOLERANCE = 0.003  # m, same for the other links
 FIXTURE_MARGIN = 0.005  # m, clearance from tote/box that check_grasp demands (physical tracking error)
 HELD_ITEM_TOLERANCE = 0.006  # m, overlap of a carried item with anything that is not yet a collision
+# m, how far from the vertical a blended exit from the box (`SimConfig.blended_exit`) may take the TCP
+# on its first leg: that leg is the retreat, which goes straight up beside what was just let go of
+EXIT_TOLERANCE = 0.003
 PHYSICAL_LIFT = 0.05  # m, lift simulated with full physics before the kinematic part
 CARRY_UTILISATION = 0.9  # unitless, grip load a payload-aware move keeps under (lift and transit)
 MIN_LIFT_ACCEL = 0.2  # m/s^2, slowest lift acceleration (a 5 cm lift then takes about 1 s)
@@ -247,6 +252,9 @@ class SimArm:
         # ((qd, qdd) of the joints, TCP link), or None at rest. Consumed by the next motion's first
         # sample, or brought to rest (`_come_to_rest`) by any other motion.
         self._momentum: tuple[tuple[np.ndarray, np.ndarray], int] | None = None
+        # The TCP link that let go of an item, while the arm still stands where it did
+        # (`blended_exit`): the next motion backs out of the box first. None: nothing to back out of.
+        self._released_by: int | None = None
         self._set_q(self.cfg.home)
         self.jaw.set_opening(self.cfg.jaw.max_opening, instant=True)
         self.suction.set_extended(False)
@@ -1185,21 +1193,35 @@ class SimArm:
         tcp: int,
         start: tuple[np.ndarray, np.ndarray] | None = None,
         scales: Sequence[float] = (1.0,),
+        exit_leg: bool = False,
     ) -> bool:
         """Would the move `plan_via_move(points)` keep the arm (and the held item, carried) at least
         `path_margin` clear of every fixture and item until it reaches points[upto]? `start`: the
         (qd, qdd) it takes over from; `scales`: the speed scales it may run at (a payload-aware carry
         slows down, which bends a path that starts moving). Kinematic only, sampled as the move is
-        executed; the arm (and the held item) are put back where they were."""
+        executed; the arm (and the held item) are put back where they were.
+
+        `exit_leg`: the first leg (to points[1]) backs out of the box from a release: there the arm
+        may pass as close to what it let go of as the retreat it replaces does, so while the TCP is
+        lower than `retreat_clearance` over what lies under it, that leg only must touch nothing,
+        keep the TCP within `EXIT_TOLERANCE` of the vertical line through where it starts and
+        never lower it; above that height it is checked as the rest."""
         q_keep = self.q()
         cid = self.client_id
         bodies = [b for b in [*self.fixtures, *self._items()] if b != self._held]
-        margin = self.cfg.path_margin
+        p0 = self.link_pose(tcp)[0]
+        z_clear = self._clear_height(p0, fixtures=False) if exit_leg else -np.inf
 
-        def clear(q: np.ndarray) -> bool:
+        def clear(q: np.ndarray, margin: float = self.cfg.path_margin, vertical: bool = False) -> bool:
             for j, v in zip(self.arm_joints, q, strict=True):
                 p.resetJointState(self.body, j, float(v), physicsClientId=cid)
             self._carry_item(tcp)
+            if vertical:
+                pos = self.link_pose(tcp)[0]
+                if pos[2] >= z_clear - 1e-4:  # out of what it let go of: as the rest of the path
+                    margin = self.cfg.path_margin
+                elif np.linalg.norm(pos[:2] - p0[:2]) > EXIT_TOLERANCE or pos[2] < p0[2] - 1e-3:
+                    return False
             for b in bodies:
                 for c in p.getClosestPoints(self.body, b, margin, physicsClientId=cid):
                     if c[3] == -1 and self.fixtures.get(b) == "floor":
@@ -1222,8 +1244,14 @@ class SimArm:
                     return False
                 t_end = move.starts[upto] if upto < len(move.starts) else move.duration
                 n = max(2, int(np.ceil(t_end / self.cfg.transit_check_dt)) + 1)
-                if not all(clear(q) for q in move.sample(np.linspace(0.0, t_end, n))):
-                    return False
+                times = np.linspace(0.0, t_end, n)
+                t_leg = move.starts[1] if exit_leg and len(move.starts) > 1 else -1.0
+                if exit_leg:  # the leg's own samples, at the executed spacing, and its end
+                    times = np.union1d(times, np.linspace(0.0, t_leg, max(2, int(np.ceil(t_leg / 0.005)) + 1)))
+                for t, q in zip(times, move.sample(times), strict=True):
+                    ok = clear(q, 0.0, vertical=True) if t <= t_leg + 1e-9 else clear(q)
+                    if not ok:
+                        return False
             return True
         finally:
             for j, v in zip(self.arm_joints, q_keep, strict=True):
@@ -1233,10 +1261,23 @@ class SimArm:
     def _leave_low(self, q_target: np.ndarray) -> None:
         """Before a plain joint move (home, move): a place leaves the arm backed up only over the
         box; climb straight to the transit height first unless the move's path is clear from here."""
+        self._back_out()
         link = self.tcp_link("suction" if self.suction.extended else "parallel_jaw")
         if self._held is None and self.link_pose(link)[0][2] < self._safe_height() - 1e-3:
             if not self._path_clear([self.q(), np.asarray(q_target, dtype=np.float64)], 1, link):
                 self.retreat()
+
+    def _back_out(self) -> None:
+        """The retreat a place left to the next motion (`blended_exit`), on its own: straight up
+        until clear of the box's contents (unchecked, backing out), at rest there. Charged to
+        "retreat"; the phase running before goes on after it."""
+        if self._released_by is None:
+            return
+        link, self._released_by = self._released_by, None
+        before = self.phase
+        self._enter_phase("retreat")
+        self.retreat(top=self._clear_height(self.link_pose(link)[0], fixtures=False))
+        self._enter_phase(before)
 
     def _clear_height(self, pos: np.ndarray, fixtures: bool) -> float:
         """Top of what lies under the hand at `pos` (items within 10 cm of the TCP, and with
@@ -1395,6 +1436,8 @@ class SimArm:
             above = self._above(pre)
             q_above = self._solve(above, R_hand, link, q_grasp)
             q_pre = self._solve(pre, R_hand, link, q_above)  # fail before moving if pre-grasp is infeasible
+            if not self.cfg.pick_shortcut:
+                self._back_out()
             self._enter_phase("move_to_pick")
             # The tool takes its shape (cup out or in, fingers to the opening) while the arm moves to
             # the tote, as a real hand's drives do; the move is checked for contacts with the tool
@@ -1419,8 +1462,14 @@ class SimArm:
             # the tote; through the point over the tote from where the arm is (a place that backed up
             # only over the box); else climb straight to the transit height first (as a full retreat).
             pos_now, R_now = self.link_pose(link)
+            exit_via = self._exit_via(link, [[q_pre]] if len(via) == 2 else [], via, q_near)
+            if exit_via is None:
+                self._back_out()  # (no-op unless a blended exit was possible in principle)
+                pos_now, R_now = self.link_pose(link)
             low = pos_now[2] < self._safe_height() - 1e-3
-            if not self.cfg.pick_shortcut:
+            if exit_via is not None:
+                via = exit_via
+            elif not self.cfg.pick_shortcut:
                 if low:
                     self.retreat()
             elif len(via) == 2 and self._path_clear([self.q(), q_pre, q_near], 1, link):
@@ -1439,10 +1488,26 @@ class SimArm:
                     via = [q_up, *via]
                     log.debug("pick path: up over the rim, blended")
                 else:
-                    self.retreat()
-                    log.debug("pick path: straight up first")
+                    # Straight up to the transit height (where the retreat goes), without stopping
+                    # there when that leg touches nothing and stays vertical and the rest is clear.
+                    top = np.array([pos_now[0], pos_now[1], self._safe_height()])
+                    try:
+                        q_top = self._solve(top, R_now, link, self.q())
+                    except _Abort:
+                        q_top = None
+                    if q_top is not None and self._path_clear(
+                        [self.q(), q_top, *via, q_near], 2, link, exit_leg=True
+                    ):
+                        via = [q_top, *via]
+                        log.debug("pick path: straight up, blended")
+                    else:
+                        self.retreat()
+                        log.debug("pick path: straight up first")
             try:
-                self._joint_move(q_near, link, via=via)
+                if exit_via is not None:
+                    # Its first leg is the retreat from the last release, charged as such.
+                    self._enter_phase("retreat")
+                self._joint_move(q_near, link, via=via, phases=[(0, "move_to_pick")] if exit_via else ())
             except _Abort as exc:
                 # Items in the way: the physical approach starts here and pushes through them as
                 # a real arm would. Fixtures in the way: a collision.
@@ -1508,6 +1573,33 @@ class SimArm:
             item_id=self._held,
             details=self._motion_details(mark, details),
         )
+
+    def _exit_via(
+        self, link: int, shortcuts: list[list[np.ndarray]], via: list[np.ndarray], q_near: np.ndarray
+    ) -> list[np.ndarray] | None:
+        """Via points for a move to a pick that backs out of the box from the last release without
+        stopping (`blended_exit`): straight up to where the place's retreat would end, then each of
+        `shortcuts` (straight to the pre-grasp), then `via` (over the tote), the first whose path is
+        checked clear (`_path_clear`'s `exit_leg`) with the tool in the shape the pick needs (it
+        changes while the arm moves). None: nothing to back out of, or no such path (the caller
+        backs out on its own first)."""
+        if self._released_by is None:
+            return None
+        pos, R = self.link_pose(link)
+        top = np.array([pos[0], pos[1], self._clear_height(pos, fixtures=False)])
+        if top[2] - pos[2] < 1e-3:
+            self._released_by = None  # already clear: nothing to back out of
+            return None
+        try:
+            q_top = self._solve(top, R, link, self.q())
+        except _Abort:
+            return None
+        for rest in [*shortcuts, via]:
+            if self._path_clear([self.q(), q_top, *rest, q_near], 2, link, exit_leg=True):
+                self._released_by = None
+                log.debug("pick path: out of the box and on, blended (%d via points after it)", len(rest))
+                return [q_top, *rest]
+        return None
 
     def _safe_height(self) -> float:
         """TCP height that clears every fixture rim and every item (but the held one) by the clearance."""
@@ -1955,12 +2047,22 @@ class SimArm:
             # Back out the way it came in while the item settles in the box (physics runs along).
             # What settling is left when the arm is clear is stepped without charging the arm: it
             # is free to go on, and the next motions happen over the tote.
-            self._enter_phase("retreat")
-            t_r = self._time
-            self.retreat(with_physics=True, top=self._clear_height(self.link_pose(link)[0], fixtures=False))
-            rest = int(round((self.cfg.settle_s - (self._time - t_r)) * self.cfg.physics_hz))
-            for _ in range(max(rest, 0)):
-                p.stepSimulation(physicsClientId=self.client_id)
+            if self.cfg.blended_exit:
+                # The arm holds where it let go while the item settles (not charged: the arm could
+                # go on meanwhile, as after the retreat below), and leaves the box as the first leg
+                # of its next motion (`_exit_via`, `_back_out`).
+                self._command(self.q())
+                for _ in range(int(round(self.cfg.settle_s * self.cfg.physics_hz))):
+                    p.stepSimulation(physicsClientId=self.client_id)
+                self._released_by = link
+            else:
+                self._enter_phase("retreat")
+                t_r = self._time
+                top = self._clear_height(self.link_pose(link)[0], fixtures=False)
+                self.retreat(with_physics=True, top=top)
+                rest = int(round((self.cfg.settle_s - (self._time - t_r)) * self.cfg.physics_hz))
+                for _ in range(max(rest, 0)):
+                    p.stepSimulation(physicsClientId=self.client_id)
         except _Abort as exc:
             details.update(exc.details)
             self._come_to_rest()  # failed before the transit took over from the lift

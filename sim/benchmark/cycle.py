@@ -127,10 +127,10 @@ def minimum_cycle_s(
 
     A top-down suction pick at the tote centre of an item `item_height_m` tall and a release over
     the box centre, with the simulated arm's own poses (`pregrasp_offset`, the transit height over
-    the rims, the box drop height) solved by its IK: from where the last place's retreat ended
-    (over the box), over the tote, down past the pre-grasp to the grasp (rest: the cup grips), up
-    past the lift top and over the box, down to the release (rest: the cup lets go), back up. Each
-    leg is one time-optimal jerk-limited joint move through its via points (sim.motion, the Panda's
+    the rims, the box drop height) solved by its IK: from the last release (rest: the cup let go)
+    back up over the box, over the tote, down past the pre-grasp to the grasp (rest: the cup grips),
+    up past the lift top and over the box, down to the release. Each leg is one time-optimal
+    jerk-limited joint move through its via points (sim.motion, the Panda's
     velocity, acceleration and jerk limits), straight in no Cartesian sense: joint moves bound the
     straight lines from below. Plus the cup's grip and release actuation. Nothing is slowed for a
     payload, nothing touches, no sensing or planning: a bound no real cycle beats.
@@ -165,9 +165,10 @@ def minimum_cycle_s(
         q[name] = arm._solve(pos, R_hand, link, arm._seed_over(pos) if name != "grasp" else seed)
         seed = q[name]
     legs = {
-        "to_grasp": plan_via_move([q["over_box"], q["over_tote"], q["pre"], q["grasp"]]).duration,
+        # The arm backs out of the box as the first leg of its move to the next pick, as it does
+        # (SimArmConfig.blended_exit).
+        "to_grasp": plan_via_move([q["release"], q["over_box"], q["over_tote"], q["pre"], q["grasp"]]).duration,
         "to_release": plan_via_move([q["grasp"], q["over_tote"], q["over_box"], q["release"]]).duration,
-        "back_up": plan_via_move([q["release"], q["over_box"]]).duration,
     }
     actuation = 2 * cfg.suction.actuation_s
     cycle = sum(legs.values()) + actuation

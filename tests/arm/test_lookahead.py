@@ -35,9 +35,10 @@ def test_the_plan_made_while_placing_is_discarded_when_the_place_moved_an_item_u
     moved = []
 
     def disturb(_arm, event):
-        # After the look (the arm is over the box), the place disturbs the tote: the carton still
-        # there is shoved 4 cm sideways (as a falling item or a dragged cable would).
-        if event == "sample" and _arm.phase == "retreat" and not moved:
+        # After the look (the arm is over the box, lowering the item into it), the place disturbs
+        # the tote: the carton still there is shoved 4 cm sideways (as a falling item or a dragged
+        # cable would).
+        if event == "sample" and _arm.phase == "place" and not moved:
             other = b if b in st.cell.items_in_tote() else a
             pos, orn = p.getBasePositionAndOrientation(other, physicsClientId=st.cell.client_id)
             p.resetBasePositionAndOrientation(
@@ -47,7 +48,7 @@ def test_the_plan_made_while_placing_is_discarded_when_the_place_moved_an_item_u
 
     arm.observers.append(disturb)
     rep = st.controller.run_tote("t0")
-    assert moved, "the place never reached its retreat"
+    assert moved, "the place never lowered its item"
     # Same scene as the test above, where the plan was used: here the check saw the change.
     assert rep.lookahead_discarded >= 1
     # The cell planned again on a fresh frame and still cleared the tote.

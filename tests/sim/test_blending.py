@@ -123,7 +123,7 @@ def test_pick_and_place_hands_the_lift_over_moving_and_charges_every_second_to_a
     assert carton in cell.items_in_box()
     for o, names in (
         (out, {"move_to_pick", "approach", "grasp", "lift"}),
-        (placed, {"transit", "place", "release", "retreat"}),
+        (placed, {"transit", "place", "release"}),  # it backs out in the next motion
     ):
         assert set(o.details["phases"]) == names
         assert sum(o.details["phases"].values()) == pytest.approx(o.robot_seconds, abs=1e-9)
@@ -314,7 +314,7 @@ def test_a_carry_from_a_low_lift_that_is_not_clear_rises_first_and_still_places(
         assert out.success and out.details.get("lift_low")
         assert placed is not None and placed.success and carton in cell.items_in_box()
         assert calls["n"] == 2  # the planned carry, then the carry that rises first
-        # Blended: the place is transit, place, release, retreat; stopped: it lifted first.
+        # Blended: the place is transit, place, release; stopped: it lifted first.
         assert ("lift" in placed.details["phases"]) == (clear_from == 99)
         # "place" (where a touch releases the item early) begins over the box, not at the rise.
         assert not placed.details.get("released_early")
@@ -379,3 +379,77 @@ def test_a_tall_item_from_a_low_lift_is_carried_high_enough_to_clear_the_box():
         assert "lift" in placed.details["phases"]  # it stopped and lifted before the transit
         assert placed is not None and placed.reason is Reason.OK, placed
         assert tall in cell.items_in_box()
+
+
+def _two_picks(blended_exit: bool, then_home: bool = False):
+    """Two suction pick-and-places of cartons side by side (and a move home after them); returns
+    (the second pick's outcome, the first place's outcome, samples (time, phase, q, TCP position)
+    from the first release on, the home outcome or None, the cell's held-item-free contacts)."""
+    from dataclasses import replace
+
+    from sim.scene import SimCell
+
+    with SimCell(seed=0) as cell:
+        cell.arm.cfg = replace(cell.arm.cfg, blended_exit=blended_exit)
+        b = cell.tote_bounds
+        c = (b.lo + b.hi) / 2
+        cartons = [
+            cell.add_primitive("box", (0.06, 0.04, 0.03), (c[0], c[1] + dy, b.lo[2] + 0.031), mass=0.3)
+            for dy in (-0.07, 0.07)
+        ]
+        cell.settle(0.3)
+        source = OracleGraspSource(cell)
+        samples: list[tuple[float, str, np.ndarray, np.ndarray]] = []
+        link = cell.arm.tcp_link("suction")
+        out1, placed1 = cell.arm.pick_and_place(
+            Grasp("suction", _top(cell, cartons[0]), DOWN), lambda _o, s=source: s.placement()
+        )
+        assert out1.success and placed1 is not None and placed1.success
+        cell.arm.observers.append(
+            lambda arm, ev: samples.append((arm.robot_time, arm.phase, arm.q(), arm.link_pose(link)[0]))
+            if ev == "sample"
+            else None
+        )
+        samples.append((cell.arm.robot_time, "", cell.arm.q(), cell.arm.link_pose(link)[0]))
+        out2, placed2 = cell.arm.pick_and_place(
+            Grasp("suction", _top(cell, cartons[1]), DOWN), lambda _o, s=source: s.placement()
+        )
+        assert out2.success and placed2 is not None and placed2.success
+        assert set(cartons) <= set(cell.items_in_box())
+        home = cell.arm.home() if then_home else None
+        return out2, placed1, samples, home
+
+
+def test_the_next_pick_backs_out_of_the_box_without_stopping_and_straight_up():
+    out, placed, samples, _ = _two_picks(blended_exit=True)
+    # The place ends where the cup let go; the next pick's first leg is its retreat.
+    assert set(placed.details["phases"]) == {"transit", "place", "release"}
+    assert set(out.details["phases"]) == {"retreat", "move_to_pick", "approach", "grasp", "lift"}
+    assert sum(out.details["phases"].values()) == pytest.approx(out.robot_seconds, abs=1e-9)
+    release = samples[0][3]
+    leg = [s for s in samples if s[1] == "retreat"]
+    assert leg and leg[-1][3][2] > release[2] + 0.01  # it climbed out
+    for _, _, _, pos in leg:  # straight up beside what it let go of
+        assert np.linalg.norm(pos[:2] - release[:2]) <= 0.003 + 1e-4
+        assert pos[2] >= release[2] - 1e-3
+    # Blended: from the release to the physical approach no sample stands still (no stop at the
+    # top of the retreat, none over the tote).
+    free = np.array([q for _, ph, q, _ in samples if ph in ("retreat", "move_to_pick")])
+    step = np.abs(np.diff(free, axis=0)).max(axis=1)
+    assert (step[1:-1] > 1e-6).all()
+
+
+def test_backing_out_blended_takes_less_robot_time_than_retreating_first():
+    out_b, placed_b, _, _ = _two_picks(blended_exit=True)
+    out_s, placed_s, _, _ = _two_picks(blended_exit=False)
+    assert "retreat" in placed_s.details["phases"] and "retreat" not in out_s.details["phases"]
+    blended = out_b.details["phases"]["retreat"] + out_b.details["phases"]["move_to_pick"]
+    separate = placed_s.details["phases"]["retreat"] + out_s.details["phases"]["move_to_pick"]
+    assert blended < separate - 0.05
+
+
+def test_any_other_motion_after_a_place_backs_out_of_the_box_first():
+    _, _, samples, home = _two_picks(blended_exit=True, then_home=True)
+    assert home is not None and home.success
+    assert "retreat" in home.details["phases"]
+    assert sum(home.details["phases"].values()) == pytest.approx(home.robot_seconds, abs=1e-9)
