@@ -251,6 +251,7 @@ class CellController:
             lambda: self.planner,
             lambda: self.arm.robot_time,
             self.config.answer_depth_tolerance_m,
+            capture_s=getattr(camera, "capture_s", None),
         )
 
     # --- control from other threads -------------------------------------------------------------
@@ -463,7 +464,10 @@ class CellController:
         try:
             ahead = None
             if cfg.plan_while_placing and self.lookahead.has_plan:
-                rep.captures_exposed += 1  # the check frame: the arm waits for it
+                # The check frame: taken while the gripper lets go when its release is long enough
+                # (the look-ahead counts it behind motion), else one the arm waits for.
+                if not self.lookahead.check_in_release:
+                    rep.captures_exposed += 1
                 ahead = self.lookahead.take()
             if ahead is None:
                 if waiting:

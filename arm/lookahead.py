@@ -17,8 +17,14 @@ What it charges
     Planning time that the place motion covered is hidden: the exposed part is what is left of the
     planner's wall time after the robot time from the look to the end of the place. A discarded
     plan charges the new plan in full. The look's capture is taken while the arm moves, so it is
-    counted apart (`looks`: sensing behind motion); the check's capture is one the arm waits for
-    (the controller counts it as exposed).
+    counted apart (`looks`: sensing behind motion). The check's capture belongs inside the place's
+    release when the gripper takes at least a capture's time (`capture_s`) to let go: the arm stands
+    over the box then, out of the camera's view, so it is counted behind motion too
+    (`check_in_release`); else it is one the arm waits for (the controller counts it as exposed).
+    In simulation the check frame is rendered after the released item has settled, not during the
+    release: the simulator steps no physics while the arm carries kinematically, so the pile in
+    the tote settles from the lift only in the release's physics steps, where on a real cell it
+    settles during the carry. That frame is what a real cell's capture during its release sees.
 """
 
 from __future__ import annotations
@@ -51,22 +57,30 @@ class Lookahead:
         planner: Callable[[], Callable[[Frame], Plan]],
         clock: Callable[[], float],
         tolerance_m: float = 0.01,
+        capture_s: float | None = None,
     ) -> None:
         self.camera = camera
         self.planner = planner  # returns the planner in use now (it may be swapped between picks)
         self.clock = clock  # robot seconds
         self.tolerance_m = tolerance_m  # m, depth change at a candidate that voids the plan
+        self.capture_s = capture_s  # s, one capture (None: unknown, a check is never in a release)
+        self._check_in_release = False  # the ready plan's check capture fits in the place's release
         # frame, plan, robot time of the look, the planner that made the plan
         self._looked: tuple[Frame, Plan, float, object] | None = None
         self._ready: tuple[Frame, Plan, float, object] | None = None  # frame, plan, exposed ms, planner
         self.used = 0  # plans made while placing and used, count
         self.discarded = 0  # plans made while placing and thrown away, count
-        self.looks = 0  # captures taken while the arm placed (behind motion), count
+        self.looks = 0  # captures behind motion (looks while placing, checks in a release), count
 
     @property
     def has_plan(self) -> bool:
         """Is a plan made while placing waiting to be taken (so `take` will capture a check frame)?"""
         return self._ready is not None
+
+    @property
+    def check_in_release(self) -> bool:
+        """Will `take`'s check capture be one taken during the place's release (behind motion)?"""
+        return self._ready is not None and self._check_in_release
 
     def reset(self) -> None:
         """Forget any look-ahead (a new tote)."""
@@ -95,6 +109,8 @@ class Lookahead:
             return
         covered_ms = (self.clock() - t_look) * 1000.0
         self._ready = (frame, plan, max(0.0, plan.latency_ms - covered_ms), planner)
+        release_s = float((outcome.details or {}).get("phases", {}).get("release", 0.0))
+        self._check_in_release = self.capture_s is not None and release_s >= self.capture_s
 
     def take(self) -> Ahead | None:
         """The next observation: the look-ahead plan if the tote did not change under it, else a fresh
@@ -105,6 +121,8 @@ class Lookahead:
             return None
         frame, plan, exposed, planner = ready
         now = self.camera.capture()
+        if self._check_in_release:
+            self.looks += 1
         if planner is not self.planner():
             self.discarded += 1
             log.info("the model was swapped since the plan made while placing: planning again")

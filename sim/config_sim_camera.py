@@ -22,3 +22,6 @@ class SimCameraConfig:
     edge_dropout: float = 0.6  # probability that an edge pixel is missing (NaN)
     random_dropout: float = 0.002  # probability that any pixel is missing
     noise: bool = True  # False: exact rendered depth (tests of geometry)
+    # s, exposure and readout of one frame (what the bench charges for each capture the arm waits
+    # for; a capture that fits inside a gripper's release is taken while the arm stands anyway)
+    capture_s: float = 0.1

@@ -48,6 +48,7 @@ class SimCamera:
     ) -> None:
         self.client_id = client_id
         self.cfg = config or SimCameraConfig()
+        self.capture_s = self.cfg.capture_s  # s, one frame's exposure and readout
         self.rng = np.random.default_rng(seed)
         self.clock = clock or (lambda: 0.0)
         self._count = 0

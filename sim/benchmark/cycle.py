@@ -33,9 +33,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from sim.config_sim_camera import SimCameraConfig
+
 CAPTURE_KINDS = ("exposed", "behind_motion", "while_waiting")
 # Exposure + transfer of one RGB-D capture on a real cell, seconds (the bench charges this per capture).
-SENSING_S_PER_CAPTURE = 0.1
+SENSING_S_PER_CAPTURE = SimCameraConfig().capture_s  # s per capture, the simulated camera's
 
 GROUPS = {  # breakdown key -> the arm's phases it sums
     "move_to_pick": ("move_to_pick", "approach"),

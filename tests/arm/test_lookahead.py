@@ -7,6 +7,7 @@ time then mostly hidden), and discarded when the place moved an item under it.
 from __future__ import annotations
 
 import pybullet as p
+import pytest
 from cellrig import ScriptedPlanner, add_carton, count_captures
 
 
@@ -74,14 +75,32 @@ def test_the_plan_made_while_placing_is_discarded_when_the_model_was_swapped_mea
     assert rep.status == "cleared" and {a, b} <= set(st.cell.items_in_box())
 
 
-def test_the_look_while_placing_is_sensing_behind_motion_and_its_check_is_not(stack_factory):
+@pytest.mark.parametrize("capture_s, in_release", [(0.1, True), (1.0, False), (None, False)])
+def test_the_look_while_placing_is_behind_motion_and_its_check_only_inside_a_release_it_fits_in(
+    stack_factory, capture_s, in_release
+):
+    """The look is taken while the arm carries; the check of its plan while the gripper lets go,
+    when one capture (`capture_s`; the simulated camera's is 0.1 s) fits in the release (the cup
+    takes 0.15 s, the fingers 0.25 s), else the arm waits for it (and when the time is unknown)."""
     st = stack_factory()
     _two_cartons(st)
+    ahead = st.controller.lookahead
+    assert ahead.capture_s == st.cell.camera.capture_s == 0.1  # the camera says what a capture takes
+    ahead.capture_s = capture_s
+    checks = []
+    take = ahead.take
+
+    def counting_take():
+        checks.append(ahead.check_in_release)
+        return take()
+
+    ahead.take = counting_take
     captures = count_captures(st)
     rep = st.controller.run_tote("t0")
     assert rep.status == "cleared" and rep.lookahead_used >= 1
-    # One look per place (two places), each taken while the arm moved; every plan made on one is
-    # checked against a capture the arm waits for before it is used.
-    assert rep.captures_behind_motion == 2
+    assert checks and all(c is in_release for c in checks)
+    # One look per place (two places), each taken while the arm moved, and each check of a plan made
+    # on one: in the release, or a capture the arm waits for.
+    assert rep.captures_behind_motion == 2 + (len(checks) if in_release else 0)
     assert rep.captures_exposed + rep.captures_behind_motion + rep.captures_while_waiting == captures["n"]
-    assert rep.captures_exposed >= 1 + rep.lookahead_used
+    assert rep.captures_exposed >= 1 + (0 if in_release else len(checks))
