@@ -463,6 +463,7 @@ LABELLING_ARM = SimArmConfig(
     pick_shortcut=False,
     lift_clearance=None,
     blended_exit=False,
+    lift_blend=False,
 )
 
 # The code whose behaviour the labels depend on: the arm and grippers (outcomes) and the planner

@@ -79,17 +79,22 @@ class SimArmConfig:
     # pick_and_place: the lift above the pile ends at this upward tool speed (at most what the line
     # reaches) and the transit to the box takes over from it without a stop; 0 = stop in between.
     lift_handover_speed: float = 0.6  # m/s
+    # The physical part of the lift (the first PHYSICAL_LIFT metres, with physics) ends cruising at
+    # up to `lift_speed` instead of braking to rest, and the kinematic rest of the lift takes over
+    # at that speed: no stop between the two. False: it brakes, the motors settle, the rest starts
+    # from rest.
+    lift_blend: bool = True
     # pick_and_place: the lift above the pile ends once the held item's lowest point is this far
     # over what lies under it in the tote (rims and items near it, as `retreat_clearance`), not at
     # the transit height, and the transit climbs the rest while the base turns, if that carry is
     # checked clear by `path_margin` (the item included, at every payload speed scale); else the
     # transit first rises straight to the transit height as part of the same blended move, or the
     # arm stops and lifts there (the old way). None: the lift always ends at the transit height.
-    # Off by default: on the reporting bench (seed 1000, procedural) 0.03 m gave 3 held-item
-    # collisions in 127 attempts where the lift to the transit height gave none, though its tuning
-    # runs had none (docs/benchmarks.md, cycle time, stop 25); the fault found there (a tall item's
-    # carry height) is fixed, not yet re-measured. 0.03 cut the lift by 0.12-0.17 s a pick.
-    lift_clearance: float | None = None  # m
+    # On since stop 26: on the reporting bench (seed 1000, procedural) 0.03 m first gave 3 held-item
+    # collisions in 127 attempts where the lift to the transit height gave none; the fault (a tall
+    # item's carry height) was fixed, and on tuning seeds 0-3 and 7 (about 400 attempts) it damaged
+    # no more than the full lift (docs/benchmarks.md, cycle time). It cuts the lift by 0.12-0.17 s.
+    lift_clearance: float | None = 0.03  # m
     joint_speed_scale: float = 1.0  # unitless (0, 1], fraction of the Panda's velocity limits
     ik_pos_tol: float = 0.005  # m, accepted IK position error (checked with forward kinematics)
     ik_rot_tol_deg: float = 3.0  # deg, accepted IK orientation error

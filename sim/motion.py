@@ -73,6 +73,27 @@ def trapezoid_fraction(t: np.ndarray | float, duration: float, v_max: float, a_m
     return np.clip(out, 0.0, 1.0)
 
 
+def ramp_profile(distance: float, v_max: float, a_max: float) -> tuple[float, float]:
+    """A line that starts at rest and ends moving, for another motion to take over: it accelerates
+    at `a_max` to the cruise speed min(v_max, sqrt(a_max * distance)) (reached by half way, so it
+    ends cruising, at zero acceleration) and cruises to the end. (duration s, end speed m/s)."""
+    d = abs(float(distance))
+    if v_max <= 0 or a_max <= 0:
+        raise ValueError(f"limits must be positive, got v_max={v_max}, a_max={a_max}")
+    if d == 0.0:
+        return 0.0, 0.0
+    v = min(float(v_max), float(np.sqrt(a_max * d)))
+    return v / a_max + (d - v * v / (2.0 * a_max)) / v, v
+
+
+def ramp_fraction(t: np.ndarray | float, distance: float, v: float, a_max: float) -> np.ndarray:
+    """Fraction of the path of `ramp_profile` done at times `t` (cruise speed `v`, m/s)."""
+    t = np.maximum(np.asarray(t, dtype=np.float64), 0.0)
+    t_acc = v / a_max
+    s = np.where(t < t_acc, 0.5 * a_max * t * t, 0.5 * a_max * t_acc * t_acc + v * (t - t_acc))
+    return np.clip(s / max(abs(float(distance)), 1e-12), 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class JointMove:
     """A timed rest-to-rest joint-space move."""
@@ -329,16 +350,17 @@ def line_reachable_speed(length: float, a_max: float, j_max: float) -> float:
 
 
 def line_profile(
-    length: float, v_max: float, a_max: float, j_max: float, end_speed: float = 0.0
+    length: float, v_max: float, a_max: float, j_max: float, end_speed: float = 0.0, start_speed: float = 0.0
 ) -> LineProfile:
     """Time-optimal jerk-limited profile for a straight tool line of `length` metres, from rest to
-    rest, or to `end_speed` (m/s, zero acceleration) when another motion takes over there."""
+    rest, or to `end_speed` (m/s, zero acceleration) when another motion takes over there; from
+    `start_speed` (m/s along the line, zero acceleration) when it takes over from one."""
     if v_max <= 0 or a_max <= 0 or j_max <= 0:
         raise ValueError(f"limits must be positive, got v={v_max}, a={a_max}, j={j_max}")
     if not 0.0 <= end_speed <= v_max:
         raise ValueError(f"end speed must be in [0, v_max={v_max}], got {end_speed}")
     inp = InputParameter(1)
-    inp.current_position, inp.current_velocity, inp.current_acceleration = [0.0], [0.0], [0.0]
+    inp.current_position, inp.current_velocity, inp.current_acceleration = [0.0], [float(start_speed)], [0.0]
     inp.target_position, inp.target_velocity = [float(length)], [float(end_speed)]
     inp.target_acceleration = [0.0]
     inp.max_velocity, inp.max_acceleration, inp.max_jerk = [float(v_max)], [float(a_max)], [float(j_max)]

@@ -65,6 +65,8 @@ from sim.motion import (
     plan_joint_move,
     plan_stop,
     plan_via_move,
+    ramp_fraction,
+    ramp_profile,
     trapezoid_fraction,
     trapezoid_time,
 )
@@ -91,6 +93,9 @@ EXIT_TOLERANCE = 0.003
 PHYSICAL_LIFT = 0.05  # m, lift simulated with full physics before the kinematic part
 CARRY_UTILISATION = 0.9  # unitless, grip load a payload-aware move keeps under (lift and transit)
 MIN_LIFT_ACCEL = 0.2  # m/s^2, slowest lift acceleration (a 5 cm lift then takes about 1 s)
+# m, the kinematic rest of a lift must be at least this long for the physical part to hand over to
+# it moving (`SimArmConfig.lift_blend`): shorter, the two would not blend into anything
+LIFT_BLEND_MIN = 0.03
 # Hand axes expressed in the grasp frame: the Panda fingers close along the hand's y axis while a
 # Grasp closes along its x axis, approach (z) is shared.
 M_GRASP_HAND = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
@@ -255,6 +260,7 @@ class SimArm:
         # The TCP link that let go of an item, while the arm still stands where it did
         # (`blended_exit`): the next motion backs out of the box first. None: nothing to back out of.
         self._released_by: int | None = None
+        self._line_end_speed = 0.0  # m/s, the speed the last physical line ended at (0: at rest)
         self._set_q(self.cfg.home)
         self.jaw.set_opening(self.cfg.jaw.max_opening, instant=True)
         self.suction.set_extended(False)
@@ -979,9 +985,11 @@ class SimArm:
         fixtures_only: bool = False,
         accel: float | None = None,
         end_speed: float = 0.0,
+        start_speed: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Straight tool line on a jerk-limited time-optimal profile (sim.motion.line_profile), slowed
         uniformly until every joint's sampled velocity and acceleration are within the Panda's limits.
+        `start_speed` (m/s): it takes over from a line along it that ends moving (the physical lift).
 
         `end_speed` (m/s): arrive moving (at most what the line surely reaches, zero acceleration),
         for a joint move to take over there; returns that hand-over state (qd, qdd) of the joints,
@@ -994,7 +1002,7 @@ class SimArm:
         jerk = self.cfg.tool_jerk
         end = min(end_speed, speed, line_reachable_speed(length, acc, jerk))
         for _ in range(4):
-            prof = line_profile(length, speed, acc, jerk, end)
+            prof = line_profile(length, speed, acc, jerk, end, start_speed)
             n = max(3, int(np.ceil(prof.duration / self.cfg.transit_check_dt)) + 1)
             # Solve IK on the path at n equally spaced times of the profile.
             times = np.linspace(0.0, prof.duration, n)
@@ -1021,17 +1029,30 @@ class SimArm:
             dq_ds = (qs[-1] - q1) / delta
             d2q_ds2 = (qs[-1] - 2 * q1 + q2) / (delta * delta)
             handover = (dq_ds * end, d2q_ds2 * end * end)
-        self._run_samples(qs, times, link, ignore, fixtures_only, ends_moving=handover is not None)
+        self._run_samples(
+            qs, times, link, ignore, fixtures_only, in_motion=start_speed > 0.0, ends_moving=handover is not None
+        )
         return handover
 
     # --- physical execution ----------------------------------------------------------------------------
     def _physical_line(
-        self, p1: np.ndarray, R_hand: np.ndarray, link: int, speed: float, monitor, accel: float | None = None
+        self,
+        p1: np.ndarray,
+        R_hand: np.ndarray,
+        link: int,
+        speed: float,
+        monitor,
+        accel: float | None = None,
+        moving_on: bool = False,
     ) -> dict:
         """Drive the TCP along a straight line with physics; `monitor()` after each step may stop it.
 
         Returns the monitor's last answer. `monitor` returns None to continue or a dict to stop.
         `accel` (m/s^2): the tool's acceleration on this line (default `tool_accel`).
+        `moving_on`: the line ends moving (`ramp_profile`: cruising, no braking and no steps for the
+        motors to catch up) for a kinematic line to take over at that speed; `_line_end_speed` (m/s)
+        says at what speed it ended (0: at rest, the usual rest-to-rest trapezoid, also when the
+        joints' limits would make the line slower than that).
         """
         acc = self.cfg.tool_accel if accel is None else accel
         p0, _ = self.link_pose(link)
@@ -1040,11 +1061,23 @@ class SimArm:
         n_steps = max(1, int(np.ceil(duration * self.cfg.physics_hz)))
         n_way = max(2, n_steps // 6 + 1)
         qs = self._line_qs(p0, p1, R_hand, link, n_way)
-        duration = max(duration, cartesian_move_time(length, speed, acc, qs[0], qs[-1]))
+        joint_s = joint_move_time(qs[0], qs[-1])  # the joints' own rest-to-rest bound
+        cruise = 0.0
+        if moving_on and joint_s <= duration + 1e-9:
+            duration, cruise = ramp_profile(length, speed, acc)
+        else:
+            duration = max(duration, joint_s)
+        self._line_end_speed = cruise
         n_steps = max(1, int(np.ceil(duration * self.cfg.physics_hz)))
         a_unit = acc / max(length, 1e-6)
         t = np.arange(1, n_steps + 1) / self.cfg.physics_hz
-        frac = trapezoid_fraction(t, duration, speed / max(length, 1e-6), a_unit)
+
+        def fraction(tau):
+            if cruise > 0.0:
+                return ramp_fraction(np.minimum(tau, duration), length, cruise, acc)
+            return trapezoid_fraction(tau, duration, speed / max(length, 1e-6), a_unit)
+
+        frac = fraction(t)
         way_s = np.linspace(0.0, 1.0, n_way)
         result: dict = {}
         hz = self.cfg.physics_hz
@@ -1053,8 +1086,7 @@ class SimArm:
             return np.array([np.interp(s, way_s, qs[:, i]) for i in range(7)])
 
         def q_of(tau: float) -> np.ndarray:  # joints at nominal time tau (s) of this line
-            f = trapezoid_fraction(tau, duration, speed / max(length, 1e-6), a_unit)
-            return q_at(float(f))
+            return q_at(float(fraction(tau)))
 
         def advance(q_target: np.ndarray, _dt: float):
             self._command(q_target)
@@ -1063,9 +1095,9 @@ class SimArm:
             self._notify("sample")
             return monitor()
 
-        # A few extra steps let the motors catch up with the end of the path.
+        # A few extra steps let the motors catch up with the end of the path (not when it ends moving).
         k = 0
-        while k < n_steps + 12:
+        while k < n_steps + (0 if cruise > 0.0 else 12):
             if self._check_stop():
                 if k == 0:  # not moving yet: hold where it stands
                     self._note_halted(self._rest_since if self._rest_since is not None else self._time)
@@ -1085,7 +1117,7 @@ class SimArm:
                 self._rest_since = self._time
                 return answer
             k += 1
-        self._rest_since = self._time
+        self._rest_since = None if cruise > 0.0 else self._time
         return result
 
     def _note_impact(self) -> None:
@@ -1737,7 +1769,11 @@ class SimArm:
                 raise _Abort(Reason.DROPPED, why="load beyond the grip during lift", utilisation=round(u, 3))
             return None
 
-        self._physical_line(up, R_hand, link, self.cfg.lift_speed, monitor, accel=acc)
+        # The physical part ends moving and the kinematic line takes over at its speed (no stop
+        # between the two) when what is left above it is long enough for any line from there.
+        moving_on = self.cfg.lift_blend and above[2] - up[2] > LIFT_BLEND_MIN
+        self._physical_line(up, R_hand, link, self.cfg.lift_speed, monitor, accel=acc, moving_on=moving_on)
+        v0 = self._line_end_speed
         if self._held_kind == "parallel_jaw" and not self.jaw.is_holding():
             self._held = None
             self._held_kind = None
@@ -1759,12 +1795,18 @@ class SimArm:
             if pos[2] + 0.01 < low < above[2]:
                 above[2] = low
                 details["lift_low"] = True
-        return self._lift_line(above, R_hand, link, end_speed)
+        if v0 > 0.0:
+            # Room to come to rest from the physical part's speed at the line's (payload-aware)
+            # acceleration, were the line to end at rest.
+            a_line = self._lift_accel(self.cfg.free_accel)
+            above[2] = max(above[2], pos[2] + v0 * v0 / a_line + 0.01)
+        return self._lift_line(above, R_hand, link, end_speed, start_speed=v0)
 
     def _lift_line(
-        self, top: np.ndarray, R_hand: np.ndarray, link: int, end_speed: float = 0.0
+        self, top: np.ndarray, R_hand: np.ndarray, link: int, end_speed: float = 0.0, start_speed: float = 0.0
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Straight up to `top` with the item, payload-aware, ending at rest or at `end_speed`."""
+        """Straight up to `top` with the item, payload-aware, ending at rest or at `end_speed`, from
+        rest or from `start_speed` (taking over from the physical lift)."""
         # Brushing neighbours on the way out of the pile is normal; only the rims count here.
         return self._kinematic_line(
             top,
@@ -1774,6 +1816,7 @@ class SimArm:
             fixtures_only=True,
             accel=self._lift_accel(self.cfg.free_accel),
             end_speed=end_speed,
+            start_speed=start_speed,
         )
 
     def _carry_from_low_lift(

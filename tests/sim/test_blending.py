@@ -453,3 +453,64 @@ def test_any_other_motion_after_a_place_backs_out_of_the_box_first():
     assert home is not None and home.success
     assert "retreat" in home.details["phases"]
     assert sum(home.details["phases"].values()) == pytest.approx(home.robot_seconds, abs=1e-9)
+
+
+def test_a_ramp_ends_cruising_at_its_speed_by_half_way():
+    from sim.motion import ramp_fraction, ramp_profile
+
+    for d, v, a in ((0.05, 0.4, 2.5), (0.05, 0.4, 0.5), (0.2, 0.4, 2.5)):
+        duration, cruise = ramp_profile(d, v, a)
+        assert cruise == pytest.approx(min(v, np.sqrt(a * d)))
+        assert cruise * cruise / (2 * a) <= d / 2 + 1e-12  # cruising from half way at the latest
+        times = np.linspace(0.0, duration, int(np.ceil(duration / DT)) + 1)
+        s = ramp_fraction(times, d, cruise, a) * d
+        assert (np.diff(s) >= -1e-12).all() and s[-1] == pytest.approx(d)
+        h = times[1] - times[0]
+        speed = np.diff(s) / h
+        assert speed.max() <= cruise + 1e-9 and speed[-1] == pytest.approx(cruise, rel=1e-3)
+        assert (np.abs(np.diff(speed)) / h <= a * 1.001 + 1e-9).all()
+        # Faster than braking to rest over the same line.
+        from sim.motion import trapezoid_time
+
+        assert duration < trapezoid_time(d, v, a)
+
+
+def _lift_run(lift_blend: bool):
+    """One blended suction pick and place of a carton: (pick outcome, samples (time, phase, TCP z)
+    from the grip to the transit)."""
+    from dataclasses import replace
+
+    from sim.scene import SimCell
+
+    with SimCell(seed=0) as cell:
+        cell.arm.cfg = replace(cell.arm.cfg, lift_blend=lift_blend)
+        carton = _carton(cell)
+        source = OracleGraspSource(cell)
+        link = cell.arm.tcp_link("suction")
+        samples: list[tuple[float, str, float]] = []
+        cell.arm.observers.append(
+            lambda arm, ev: samples.append((arm.robot_time, arm.phase, arm.link_pose(link)[0][2]))
+            if ev == "sample" and arm.phase in ("lift", "transit")
+            else None
+        )
+        out, placed = cell.arm.pick_and_place(
+            Grasp("suction", _top(cell, carton), DOWN), lambda _o, s=source: s.placement()
+        )
+        assert out.success and placed is not None and placed.success and carton in cell.items_in_box()
+        return out, samples
+
+
+def test_the_physical_lift_hands_over_to_the_rest_of_the_lift_moving():
+    out, samples = _lift_run(lift_blend=True)
+    out_stop, _ = _lift_run(lift_blend=False)
+    # The lift never stands still between the physical part and the kinematic rest: sampled every
+    # physics step (4.2 ms) and every 20 ms, the TCP rises at every sample until the transit.
+    lift = [(t, z) for t, ph, z in samples if ph == "lift"]
+    ts, zs = np.array([t for t, _ in lift]), np.array([z for _, z in lift])
+    assert len(lift) > 20
+    dt = np.diff(ts)
+    speed = (np.diff(zs) / np.maximum(dt, 1e-9))[dt > 1e-6]  # (the next line's first sample is its start)
+    moving = int(np.argmax(speed > 0.05))  # once the motors have the lift under way
+    assert moving < len(speed) // 3 and (speed[moving:] > 0.05).all(), np.round(speed, 3)
+    # ... and takes less robot time than braking to rest in between.
+    assert out.details["phases"]["lift"] < out_stop.details["phases"]["lift"] - 0.05
