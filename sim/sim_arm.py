@@ -1030,7 +1030,13 @@ class SimArm:
             d2q_ds2 = (qs[-1] - 2 * q1 + q2) / (delta * delta)
             handover = (dq_ds * end, d2q_ds2 * end * end)
         self._run_samples(
-            qs, times, link, ignore, fixtures_only, in_motion=start_speed > 0.0, ends_moving=handover is not None
+            qs,
+            times,
+            link,
+            ignore,
+            fixtures_only,
+            in_motion=start_speed > 0.0,
+            ends_moving=handover is not None,
         )
         return handover
 
@@ -1278,8 +1284,9 @@ class SimArm:
                 n = max(2, int(np.ceil(t_end / self.cfg.transit_check_dt)) + 1)
                 times = np.linspace(0.0, t_end, n)
                 t_leg = move.starts[1] if exit_leg and len(move.starts) > 1 else -1.0
-                if exit_leg:  # the leg's own samples, at the executed spacing, and its end
-                    times = np.union1d(times, np.linspace(0.0, t_leg, max(2, int(np.ceil(t_leg / 0.005)) + 1)))
+                if exit_leg:  # the leg's own samples, every 5 ms, and its end
+                    n_leg = max(2, int(np.ceil(t_leg / 0.005)) + 1)
+                    times = np.union1d(times, np.linspace(0.0, t_leg, n_leg))
                 for t, q in zip(times, move.sample(times), strict=True):
                     ok = clear(q, 0.0, vertical=True) if t <= t_leg + 1e-9 else clear(q)
                     if not ok:

@@ -169,7 +169,9 @@ def minimum_cycle_s(
     legs = {
         # The arm backs out of the box as the first leg of its move to the next pick, as it does
         # (SimArmConfig.blended_exit).
-        "to_grasp": plan_via_move([q["release"], q["over_box"], q["over_tote"], q["pre"], q["grasp"]]).duration,
+        "to_grasp": plan_via_move(
+            [q["release"], q["over_box"], q["over_tote"], q["pre"], q["grasp"]]
+        ).duration,
         "to_release": plan_via_move([q["grasp"], q["over_tote"], q["over_box"], q["release"]]).duration,
     }
     actuation = 2 * cfg.suction.actuation_s

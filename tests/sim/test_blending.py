@@ -406,9 +406,11 @@ def _two_picks(blended_exit: bool, then_home: bool = False):
         )
         assert out1.success and placed1 is not None and placed1.success
         cell.arm.observers.append(
-            lambda arm, ev: samples.append((arm.robot_time, arm.phase, arm.q(), arm.link_pose(link)[0]))
-            if ev == "sample"
-            else None
+            lambda arm, ev: (
+                samples.append((arm.robot_time, arm.phase, arm.q(), arm.link_pose(link)[0]))
+                if ev == "sample"
+                else None
+            )
         )
         samples.append((cell.arm.robot_time, "", cell.arm.q(), cell.arm.link_pose(link)[0]))
         out2, placed2 = cell.arm.pick_and_place(
@@ -489,9 +491,11 @@ def _lift_run(lift_blend: bool):
         link = cell.arm.tcp_link("suction")
         samples: list[tuple[float, str, float]] = []
         cell.arm.observers.append(
-            lambda arm, ev: samples.append((arm.robot_time, arm.phase, arm.link_pose(link)[0][2]))
-            if ev == "sample" and arm.phase in ("lift", "transit")
-            else None
+            lambda arm, ev: (
+                samples.append((arm.robot_time, arm.phase, arm.link_pose(link)[0][2]))
+                if ev == "sample" and arm.phase in ("lift", "transit")
+                else None
+            )
         )
         out, placed = cell.arm.pick_and_place(
             Grasp("suction", _top(cell, carton), DOWN), lambda _o, s=source: s.placement()
