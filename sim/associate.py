@@ -116,7 +116,7 @@ class GroundTruthJudge:
         with self._lock:
             if request.candidates and self.rng.random() < self.cfg.error_rate:
                 k = int(self.rng.integers(len(request.candidates)))
-                return Judgement("approve", candidate_index=k)
+                return Judgement("approve", candidate_index=request.candidates[k].index)
             return self._judge(request)
 
     def _judge(self, request: AssistRequest) -> Judgement:
@@ -132,7 +132,7 @@ class GroundTruthJudge:
         if asked is None:
             return Judgement("no_safe_pick")
         # Approve the best-ranked candidate that a person would agree with, on any item.
-        for k, (c, b) in enumerate(zip(request.candidates, bodies, strict=True)):
+        for c, b in zip(request.candidates, bodies, strict=True):
             if b is None:
                 continue
             g = self.oracle.grasp_for(b)
@@ -140,7 +140,9 @@ class GroundTruthJudge:
                 continue
             u, v = self._project(g.position)
             if np.hypot(u - c.u, v - c.v) <= self.cfg.approve_radius_px:
-                return Judgement("approve", candidate_index=k)
+                # The candidate's own number (its place in the plan, drawn on the image), not its
+                # place in the offered list: the cell executes plan.candidates[candidate_index].
+                return Judgement("approve", candidate_index=c.index)
         # None offered is right: click where a good grasp is, naming the gripper (the console's
         # click carries one; a jaw is clicked at the middle between its fingers).
         g = self.oracle.grasp_for(asked)

@@ -48,3 +48,37 @@ def test_a_jaw_grasp_nobody_offered_is_clicked_with_the_jaw_named_and_the_click_
     out = cell.arm.pick(pc.grasp)
     assert out.success, out
     assert out.item_id == body
+
+
+def test_an_approval_names_the_candidates_own_number_not_its_place_in_the_offered_list(sim_cell):
+    """The cell offers a subset of its plan (numbers 7 and 12 drawn on the image) and executes
+    plan.candidates[candidate_index]. The judge approved by position in the offered list (1 here),
+    so the cell executed another candidate than the one the person checked (and the broker refused
+    the answer when that position was not an offered number)."""
+    cell = sim_cell
+    b = cell.tote_bounds
+    c = (b.lo + b.hi) / 2
+    body = cell.add_primitive("box", (0.06, 0.04, 0.03), (c[0], c[1], b.lo[2] + 0.031), mass=0.3)
+    cell.settle(0.3)
+    camera = RecordingCamera(cell.camera)
+    frame = camera.capture()
+    seg = camera.segmentation(frame.frame_id)
+    judge = GroundTruthJudge(cell, camera, SimAssociateConfig(seed=0, error_rate=0.0))
+    g = judge.oracle.grasp_for(body)
+    assert g is not None
+    gu, gv = judge._project(g.position)
+    vs, us = np.nonzero(seg == body)
+    k = int(np.argmax((us - gu) ** 2 + (vs - gv) ** 2))
+    wrong = CandidateView(index=7, u=int(us[k]), v=int(vs[k]), gripper="suction", p_success=0.4)
+    right = CandidateView(index=12, u=gu, v=gv, gripper=g.gripper, p_success=0.5)
+    req = AssistRequest(
+        cell_id="cell-1", deadline=1e12, image_png=b"", candidates=(wrong, right),
+        context={"frame_id": frame.frame_id},
+    )  # fmt: skip
+    j = judge.judge(req)
+    assert j.kind == "approve" and j.candidate_index == 12
+    # A careless approval (error_rate) also names an offered candidate's own number.
+    careless = GroundTruthJudge(cell, camera, SimAssociateConfig(seed=0, error_rate=1.0))
+    for _ in range(5):
+        jc = careless.judge(req)
+        assert jc.kind == "approve" and jc.candidate_index in (7, 12)
