@@ -161,6 +161,11 @@ def panda_urdf_path(cup_radius: float = 0.015) -> str:
     return str(out)
 
 
+def _path_key(points: Sequence[np.ndarray]) -> bytes:
+    """The joint positions of a planned path, as one key (the same arrays give the same key)."""
+    return np.concatenate([np.asarray(q, dtype=np.float64)[:7] for q in points]).tobytes()
+
+
 def _angle_deg(Ra: np.ndarray, Rb: np.ndarray) -> float:
     c = (np.trace(Ra.T @ Rb) - 1.0) / 2.0
     return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
@@ -260,6 +265,8 @@ class SimArm:
         # The TCP link that let go of an item, while the arm still stands where it did
         # (`blended_exit`): the next motion backs out of the box first. None: nothing to back out of.
         self._released_by: int | None = None
+        # Paths (`_path_key`) found clear only with the `via_velocity` rule's via velocities: executed so.
+        self._rule_paths: set[bytes] = set()
         self._line_end_speed = 0.0  # m/s, the speed the last physical line ended at (0: at rest)
         self._set_q(self.cfg.home)
         self.jaw.set_opening(self.cfg.jaw.max_opening, instant=True)
@@ -931,16 +938,15 @@ class SimArm:
         scales = [self.cfg.joint_speed_scale]
         if self._held is not None:
             scales += [s * self.cfg.joint_speed_scale for s in (0.7, 0.5, 0.35, 0.25)]
+        points = [self.q(), *via, np.asarray(q_target, dtype=np.float64)]
+        optimise = _path_key(points) not in self._rule_paths
         for scale in scales:
             if start is not None:
                 move = plan_via_move(
-                    [self.q(), *via, np.asarray(q_target, dtype=np.float64)],
-                    scale,
-                    start_velocity=start[0],
-                    start_acceleration=start[1],
+                    points, scale, start_velocity=start[0], start_acceleration=start[1], optimise=optimise
                 )
             elif via:
-                move = plan_via_move([self.q(), *via, np.asarray(q_target, dtype=np.float64)], scale)
+                move = plan_via_move(points, scale, optimise=optimise)
             else:
                 move = plan_joint_move(self.q(), q_target, scale)
             n = max(2, int(np.ceil(move.duration / self.cfg.transit_check_dt)) + 1)
@@ -1233,11 +1239,32 @@ class SimArm:
         scales: Sequence[float] = (1.0,),
         exit_leg: bool = False,
     ) -> bool:
-        """Would the move `plan_via_move(points)` keep the arm (and the held item, carried) at least
-        `path_margin` clear of every fixture and item until it reaches points[upto]? `start`: the
-        (qd, qdd) it takes over from; `scales`: the speed scales it may run at (a payload-aware carry
-        slows down, which bends a path that starts moving). Kinematic only, sampled as the move is
-        executed; the arm (and the held item) are put back where they were.
+        """`_path_clear_as` the move with searched via velocities, else (a path through via points)
+        with the `via_velocity` rule's, which `_joint_move` then executes: how fast a via point is
+        passed bends the path between via points, and the rule's slower pass may clear what the
+        faster one does not."""
+        if self._path_clear_as(points, upto, tcp, start, scales, exit_leg, optimise=True):
+            return True
+        if len(points) < 3 or not self._path_clear_as(points, upto, tcp, start, scales, exit_leg, False):
+            return False
+        self._rule_paths.add(_path_key(points))
+        return True
+
+    def _path_clear_as(
+        self,
+        points: Sequence[np.ndarray],
+        upto: int,
+        tcp: int,
+        start: tuple[np.ndarray, np.ndarray] | None,
+        scales: Sequence[float],
+        exit_leg: bool,
+        optimise: bool,
+    ) -> bool:
+        """Would the move `plan_via_move(points, optimise=optimise)` keep the arm (and the held item,
+        carried) at least `path_margin` clear of every fixture and item until it reaches points[upto]?
+        `start`: the (qd, qdd) it takes over from; `scales`: the speed scales it may run at (a
+        payload-aware carry slows down, which bends a path that starts moving). Kinematic only,
+        sampled as the move is executed; the arm (and the held item) are put back where they were.
 
         `exit_leg`: the first leg (to points[1]) backs out of the box from a release: there the arm
         may pass as close to what it let go of as the retreat it replaces does, so while the TCP is
@@ -1277,6 +1304,7 @@ class SimArm:
                         scale,
                         start_velocity=None if start is None else start[0],
                         start_acceleration=None if start is None else start[1],
+                        optimise=optimise,
                     )
                 except ValueError:
                     return False
@@ -1451,6 +1479,7 @@ class SimArm:
 
     def _pick(self, grasp: Grasp, handover: bool) -> Outcome:
         self._come_to_rest()
+        self._rule_paths.clear()
         t0, mark = self._time, self._motion_mark()
         executed = grasp
         details: dict = {}
