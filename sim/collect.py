@@ -464,6 +464,8 @@ LABELLING_ARM = SimArmConfig(
     lift_clearance=None,
     blended_exit=False,
     lift_blend=False,
+    via_search=False,
+    approach_blend=False,
 )
 
 # The code whose behaviour the labels depend on: the arm and grippers (outcomes) and the planner

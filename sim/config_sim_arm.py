@@ -84,6 +84,14 @@ class SimArmConfig:
     # at that speed: no stop between the two. False: it brakes, the motors settle, the rest starts
     # from rest.
     lift_blend: bool = True
+    # Blended moves pass their via points at velocities searched to make the move short
+    # (sim.motion.via_velocities), with the plain rule's where only those clear the path; False:
+    # always the rule (stop the joints that turn back, half speed for the others).
+    via_search: bool = True
+    # The free descent to where the physical approach starts arrives moving at `approach_speed`
+    # along the approach axis and the physical approach takes over cruising (then brakes at its
+    # end): no stop between the two. False: the descent ends at rest and the approach starts from it.
+    approach_blend: bool = True
     # pick_and_place: the lift above the pile ends once the held item's lowest point is this far
     # over what lies under it in the tote (rims and items near it, as `retreat_clearance`), not at
     # the transit height, and the transit climbs the rest while the base turns, if that carry is

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from ruckig import ControlInterface, InputParameter, Result, Ruckig, Synchronization, Trajectory
+from ruckig import ControlInterface, InputParameter, Result, Ruckig, RuckigError, Synchronization, Trajectory
 
 # Franka Emika Panda published limits (joints 1-7).
 PANDA_MAX_VELOCITY = np.array([2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61])  # rad/s
@@ -93,6 +93,26 @@ def ramp_fraction(t: np.ndarray | float, distance: float, v: float, a_max: float
     t_acc = v / a_max
     s = np.where(t < t_acc, 0.5 * a_max * t * t, 0.5 * a_max * t_acc * t_acc + v * (t - t_acc))
     return np.clip(s / max(abs(float(distance)), 1e-12), 0.0, 1.0)
+
+
+def brake_profile(distance: float, v0: float, a_max: float) -> float:
+    """Duration (s) of a line taken over moving at `v0` (m/s): it cruises at v0, then brakes at
+    `a_max` to rest at the end. Raises ValueError when the line is too short to brake in."""
+    d = abs(float(distance))
+    if v0 <= 0 or a_max <= 0:
+        raise ValueError(f"speed and acceleration must be positive, got v0={v0}, a_max={a_max}")
+    if d < v0 * v0 / (2.0 * a_max):
+        raise ValueError(f"a line of {d} m is too short to brake from {v0} m/s at {a_max} m/s^2")
+    return d / v0 + v0 / (2.0 * a_max)
+
+
+def brake_fraction(t: np.ndarray | float, distance: float, v0: float, a_max: float) -> np.ndarray:
+    """Fraction of the path of `brake_profile` done at times `t`."""
+    d = abs(float(distance))
+    duration = brake_profile(d, v0, a_max)
+    t = np.clip(np.asarray(t, dtype=np.float64), 0.0, duration)
+    s = np.where(t <= duration - v0 / a_max, v0 * t, d - 0.5 * a_max * (duration - t) ** 2)
+    return np.clip(s / max(d, 1e-12), 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -225,7 +245,10 @@ class RuckigMove:
             rest = not (np.any(np.asarray(v0)) or np.any(np.asarray(v1)) or (k == 0 and np.any(a_start)))
             inp.synchronization = Synchronization.Phase if rest else Synchronization.Time
             traj = Trajectory(7)
-            res = otg.calculate(inp, traj)
+            try:
+                res = otg.calculate(inp, traj)
+            except RuckigError as exc:  # input outside the limits (e.g. a via velocity at its limit)
+                raise ValueError(f"ruckig refused a segment: {exc}") from exc
             if res not in (Result.Working, Result.Finished):
                 raise ValueError(f"ruckig could not plan a segment: {res}")
             self.segments.append(traj)
@@ -302,20 +325,24 @@ def plan_via_move(
     start_velocity: np.ndarray | None = None,
     start_acceleration: np.ndarray | None = None,
     optimise: bool = True,
+    end_velocity: np.ndarray | None = None,
 ) -> RuckigMove:
     """Joint move from points[0] through the via points without stopping, to rest at the last.
 
     points[0] is passed at `start_velocity` / `start_acceleration` (7,) when the arm is already
-    moving there (rad/s, rad/s^2; default at rest). `optimise`: choose the velocities the via points
-    are passed at to make the whole move short (`via_velocities`); else the `via_velocity` rule."""
+    moving there (rad/s, rad/s^2; default at rest); the last is reached at `end_velocity` (7,)
+    (rad/s, zero acceleration) when another motion takes over there. `optimise`: choose the
+    velocities the via points are passed at to make the whole move short (`via_velocities`); else
+    the `via_velocity` rule."""
     pts = [np.asarray(q, dtype=np.float64)[:7] for q in points]
     v0 = np.zeros(7) if start_velocity is None else np.asarray(start_velocity, dtype=np.float64)[:7]
     a0 = None if start_acceleration is None else np.asarray(start_acceleration, dtype=np.float64)[:7]
+    v1 = np.zeros(7) if end_velocity is None else np.asarray(end_velocity, dtype=np.float64)[:7]
     if optimise and len(pts) > 2:
-        vias = via_velocities(pts, speed_scale, v0, a0)
+        vias = via_velocities(pts, speed_scale, v0, a0, v1)
     else:
         vias = [via_velocity(pts[k - 1], pts[k], pts[k + 1], speed_scale) for k in range(1, len(pts) - 1)]
-    states = [(pts[0], v0), *zip(pts[1:-1], vias, strict=True), (pts[-1], np.zeros(7))]
+    states = [(pts[0], v0), *zip(pts[1:-1], vias, strict=True), (pts[-1], v1)]
     return RuckigMove(states, speed_scale, start_acceleration=a0)
 
 
@@ -332,6 +359,7 @@ def via_velocities(
     speed_scale: float = 1.0,
     start_velocity: np.ndarray | None = None,
     start_acceleration: np.ndarray | None = None,
+    end_velocity: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Velocities (rad/s, one (7,) per via point) that make a blended move through `points` short.
 
@@ -349,15 +377,16 @@ def via_velocities(
     pts = [np.asarray(q, dtype=np.float64)[:7] for q in points]
     v0 = np.zeros(7) if start_velocity is None else np.asarray(start_velocity, dtype=np.float64)[:7]
     a0 = None if start_acceleration is None else np.asarray(start_acceleration, dtype=np.float64)[:7]
-    key = np.concatenate([*pts, v0, np.zeros(7) if a0 is None else a0, [speed_scale]]).tobytes()
+    v1 = np.zeros(7) if end_velocity is None else np.asarray(end_velocity, dtype=np.float64)[:7]
+    key = np.concatenate([*pts, v0, np.zeros(7) if a0 is None else a0, v1, [speed_scale]]).tobytes()
     if key in _VIA_CACHE:
         _VIA_CACHE.move_to_end(key)
         return [v.copy() for v in _VIA_CACHE[key]]
     n_via = len(pts) - 2
-    v_lim = PANDA_MAX_VELOCITY * speed_scale
+    v_lim = 0.999 * PANDA_MAX_VELOCITY * speed_scale  # (ruckig refuses a target velocity at its limit)
 
     def timed(vias: list[np.ndarray]) -> tuple[float, list[float]]:
-        states = [(pts[0], v0), *zip(pts[1:-1], vias, strict=True), (pts[-1], np.zeros(7))]
+        states = [(pts[0], v0), *zip(pts[1:-1], vias, strict=True), (pts[-1], v1)]
         try:
             move = RuckigMove(states, speed_scale, start_acceleration=a0)
         except ValueError:
@@ -386,7 +415,7 @@ def via_velocities(
     if np.isfinite(best_t):
         res = minimize(
             cost,
-            np.concatenate(best),
+            np.clip(np.concatenate(best), -np.tile(v_lim, n_via), np.tile(v_lim, n_via)),
             method="Powell",
             bounds=[(-v, v) for v in np.tile(v_lim, n_via)],
             options={"maxfev": VIA_SEARCH_EVALUATIONS, "xtol": 1e-3, "ftol": 1e-4},

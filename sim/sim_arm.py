@@ -58,6 +58,8 @@ from sim.grippers import ARM_COLLISION_GROUP, ParallelJawGripper, SuctionGripper
 from sim.motion import PANDA_MAX_ACCELERATION as _AMAX
 from sim.motion import PANDA_MAX_VELOCITY as _VMAX
 from sim.motion import (
+    brake_fraction,
+    brake_profile,
     cartesian_move_time,
     joint_move_time,
     line_profile,
@@ -913,13 +915,16 @@ class SimArm:
         via: Sequence[np.ndarray] = (),
         phases: Sequence[tuple[int, str]] = (),
         start: tuple[np.ndarray, np.ndarray] | None = None,
+        end: np.ndarray | None = None,
     ) -> None:
         """Time-optimal, jerk-limited joint move (ruckig), executed kinematically; through the `via`
         joint positions without stopping (blended). While carrying, the speed is scaled down
         (payload-aware, as industrial controllers do) until the sampled accelerations keep the grip
         load under 90 % of what it can hold; the slower move is what gets charged. `phases`: (i, name)
         enters phase `name` once the move passes via point i. `start`: (qd, qdd) of the motion this
-        one takes over from at the current joints (a blend across two motions; default at rest)."""
+        one takes over from at the current joints (a blend across two motions; default at rest).
+        `end`: the joint velocity (rad/s) to arrive at, for a motion that takes over there moving;
+        the joints are left moving at it."""
         if not np.isfinite(self.q()).all():
             # The physics solver blew up (a rare PyBullet instability after hard contact): put the
             # arm back at home kinematically and report the motion as a collision, never crash.
@@ -939,14 +944,17 @@ class SimArm:
         if self._held is not None:
             scales += [s * self.cfg.joint_speed_scale for s in (0.7, 0.5, 0.35, 0.25)]
         points = [self.q(), *via, np.asarray(q_target, dtype=np.float64)]
-        optimise = _path_key(points) not in self._rule_paths
+        optimise = self.cfg.via_search and _path_key(points) not in self._rule_paths
         for scale in scales:
-            if start is not None:
+            if start is not None or via or end is not None:
                 move = plan_via_move(
-                    points, scale, start_velocity=start[0], start_acceleration=start[1], optimise=optimise
+                    points,
+                    scale,
+                    start_velocity=None if start is None else start[0],
+                    start_acceleration=None if start is None else start[1],
+                    optimise=optimise,
+                    end_velocity=end,
                 )
-            elif via:
-                move = plan_via_move(points, scale, optimise=optimise)
             else:
                 move = plan_joint_move(self.q(), q_target, scale)
             n = max(2, int(np.ceil(move.duration / self.cfg.transit_check_dt)) + 1)
@@ -968,8 +976,12 @@ class SimArm:
             ignore,
             phases=switches,
             in_motion=start is not None,
+            ends_moving=end is not None,
             path=lambda t, m=move: m.state(t)[0],
         )
+        if end is not None:  # the joints go on moving: the next motion takes over from them
+            for j, q, v in zip(self.arm_joints, self.q(), end, strict=True):
+                p.resetJointState(self.body, j, float(q), float(v), physicsClientId=self.client_id)
 
     def _line_qs(self, p0: np.ndarray, p1: np.ndarray, R_hand: np.ndarray, link: int, n: int) -> np.ndarray:
         """IK along a straight line, each solution seeded by the previous one (continuity)."""
@@ -1056,6 +1068,7 @@ class SimArm:
         monitor,
         accel: float | None = None,
         moving_on: bool = False,
+        start_speed: float = 0.0,
     ) -> dict:
         """Drive the TCP along a straight line with physics; `monitor()` after each step may stop it.
 
@@ -1064,7 +1077,8 @@ class SimArm:
         `moving_on`: the line ends moving (`ramp_profile`: cruising, no braking and no steps for the
         motors to catch up) for a kinematic line to take over at that speed; `_line_end_speed` (m/s)
         says at what speed it ended (0: at rest, the usual rest-to-rest trapezoid, also when the
-        joints' limits would make the line slower than that).
+        joints' limits would make the line slower than that). `start_speed` (m/s): it takes over
+        from a motion arriving at that speed along it (`brake_profile`: cruise, then brake to rest).
         """
         acc = self.cfg.tool_accel if accel is None else accel
         p0, _ = self.link_pose(link)
@@ -1075,7 +1089,10 @@ class SimArm:
         qs = self._line_qs(p0, p1, R_hand, link, n_way)
         joint_s = joint_move_time(qs[0], qs[-1])  # the joints' own rest-to-rest bound
         cruise = 0.0
-        if moving_on and joint_s <= duration + 1e-9:
+        if start_speed > 0.0:
+            # Already moving at start_speed (the caller checked the line is long enough to brake).
+            duration = brake_profile(length, start_speed, acc)
+        elif moving_on and joint_s <= duration + 1e-9:
             duration, cruise = ramp_profile(length, speed, acc)
         else:
             duration = max(duration, joint_s)
@@ -1085,6 +1102,8 @@ class SimArm:
         t = np.arange(1, n_steps + 1) / self.cfg.physics_hz
 
         def fraction(tau):
+            if start_speed > 0.0:
+                return brake_fraction(np.minimum(tau, duration), length, start_speed, acc)
             if cruise > 0.0:
                 return ramp_fraction(np.minimum(tau, duration), length, cruise, acc)
             return trapezoid_fraction(tau, duration, speed / max(length, 1e-6), a_unit)
@@ -1100,8 +1119,14 @@ class SimArm:
         def q_of(tau: float) -> np.ndarray:  # joints at nominal time tau (s) of this line
             return q_at(float(fraction(tau)))
 
+        sent = [self.q()]  # the last joint target commanded
+
         def advance(q_target: np.ndarray, _dt: float):
-            self._command(q_target)
+            # Taken over moving: the motors also get the path's velocity (feed-forward), or their
+            # damping towards zero velocity would brake the arm at the hand-over.
+            qd = (q_target - sent[0]) * hz if start_speed > 0.0 else None
+            sent[0] = q_target
+            self._command(q_target, qd)
             self._step(1)
             self._note_impact()
             self._notify("sample")
@@ -1111,7 +1136,7 @@ class SimArm:
         k = 0
         while k < n_steps + (0 if cruise > 0.0 else 12):
             if self._check_stop():
-                if k == 0:  # not moving yet: hold where it stands
+                if k == 0 and start_speed == 0.0:  # not moving yet: hold where it stands
                     self._note_halted(self._rest_since if self._rest_since is not None else self._time)
                     self._hold(self.q(), link, physical=True)
                 else:
@@ -1238,14 +1263,16 @@ class SimArm:
         start: tuple[np.ndarray, np.ndarray] | None = None,
         scales: Sequence[float] = (1.0,),
         exit_leg: bool = False,
+        end: np.ndarray | None = None,
     ) -> bool:
-        """`_path_clear_as` the move with searched via velocities, else (a path through via points)
-        with the `via_velocity` rule's, which `_joint_move` then executes: how fast a via point is
-        passed bends the path between via points, and the rule's slower pass may clear what the
-        faster one does not."""
-        if self._path_clear_as(points, upto, tcp, start, scales, exit_leg, optimise=True):
+        """`_path_clear_as` the move with searched via velocities (`via_search`), else (a path
+        through via points) with the `via_velocity` rule's, which `_joint_move` then executes: how
+        fast a via point is passed bends the path between via points, and the rule's slower pass may
+        clear what the faster one does not. `end`: the joint velocity it arrives at."""
+        search = self.cfg.via_search and len(points) > 2
+        if self._path_clear_as(points, upto, tcp, start, scales, exit_leg, search, end):
             return True
-        if len(points) < 3 or not self._path_clear_as(points, upto, tcp, start, scales, exit_leg, False):
+        if not search or not self._path_clear_as(points, upto, tcp, start, scales, exit_leg, False, end):
             return False
         self._rule_paths.add(_path_key(points))
         return True
@@ -1259,6 +1286,7 @@ class SimArm:
         scales: Sequence[float],
         exit_leg: bool,
         optimise: bool,
+        end: np.ndarray | None = None,
     ) -> bool:
         """Would the move `plan_via_move(points, optimise=optimise)` keep the arm (and the held item,
         carried) at least `path_margin` clear of every fixture and item until it reaches points[upto]?
@@ -1305,6 +1333,7 @@ class SimArm:
                         start_velocity=None if start is None else start[0],
                         start_acceleration=None if start is None else start[1],
                         optimise=optimise,
+                        end_velocity=end,
                     )
                 except ValueError:
                     return False
@@ -1520,6 +1549,7 @@ class SimArm:
             # like the straight lines it replaces.
             near = target - a * min(self.cfg.physical_approach, self.cfg.pregrasp_offset)
             q_near = self._solve(near, R_hand, link, q_pre)
+            qd_near = self._approach_handover(near, a, R_hand, link, q_near, target)
             via = [
                 q
                 for q, here, there in ((q_above, above, pre), (q_pre, pre, near))
@@ -1530,7 +1560,7 @@ class SimArm:
             # the tote; through the point over the tote from where the arm is (a place that backed up
             # only over the box); else climb straight to the transit height first (as a full retreat).
             pos_now, R_now = self.link_pose(link)
-            exit_via = self._exit_via(link, [[q_pre]] if len(via) == 2 else [], via, q_near)
+            exit_via = self._exit_via(link, [[q_pre]] if len(via) == 2 else [], via, q_near, qd_near)
             if exit_via is None:
                 self._back_out()  # (no-op unless a blended exit was possible in principle)
                 pos_now, R_now = self.link_pose(link)
@@ -1540,10 +1570,10 @@ class SimArm:
             elif not self.cfg.pick_shortcut:
                 if low:
                     self.retreat()
-            elif len(via) == 2 and self._path_clear([self.q(), q_pre, q_near], 1, link):
+            elif len(via) == 2 and self._path_clear([self.q(), q_pre, q_near], 1, link, end=qd_near):
                 via = [q_pre]
                 log.debug("pick path: straight to the pre-grasp")
-            elif low and not self._path_clear([self.q(), *via, q_near], 1, link):
+            elif low and not self._path_clear([self.q(), *via, q_near], 1, link, end=qd_near):
                 # Up out of the box (over its rim) without stopping, then on; else straight up first.
                 up = np.array([pos_now[0], pos_now[1], self._clear_height(pos_now, fixtures=True)])
                 q_up = None
@@ -1552,7 +1582,9 @@ class SimArm:
                         q_up = self._solve(up, R_now, link, self.q())
                     except _Abort:
                         q_up = None
-                if q_up is not None and self._path_clear([self.q(), q_up, *via, q_near], 2, link):
+                if q_up is not None and self._path_clear(
+                    [self.q(), q_up, *via, q_near], 2, link, end=qd_near
+                ):
                     via = [q_up, *via]
                     log.debug("pick path: up over the rim, blended")
                 else:
@@ -1564,18 +1596,22 @@ class SimArm:
                     except _Abort:
                         q_top = None
                     if q_top is not None and self._path_clear(
-                        [self.q(), q_top, *via, q_near], 2, link, exit_leg=True
+                        [self.q(), q_top, *via, q_near], 2, link, exit_leg=True, end=qd_near
                     ):
                         via = [q_top, *via]
                         log.debug("pick path: straight up, blended")
                     else:
                         self.retreat()
                         log.debug("pick path: straight up first")
+            approach_from = 0.0  # m/s: the physical approach starts at rest unless the descent ends moving
             try:
                 if exit_via is not None:
                     # Its first leg is the retreat from the last release, charged as such.
                     self._enter_phase("retreat")
-                self._joint_move(q_near, link, via=via, phases=[(0, "move_to_pick")] if exit_via else ())
+                self._joint_move(
+                    q_near, link, via=via, phases=[(0, "move_to_pick")] if exit_via else (), end=qd_near
+                )
+                approach_from = self.cfg.approach_speed if qd_near is not None else 0.0
             except _Abort as exc:
                 # Items in the way: the physical approach starts here and pushes through them as
                 # a real arm would. Fixtures in the way: a collision.
@@ -1588,9 +1624,9 @@ class SimArm:
             self._enter_phase("approach")
             details["approach_from_m"] = round(float(np.linalg.norm(self.link_pose(link)[0] - target)), 4)
             if grasp.gripper == "suction":
-                details.update(self._approach_suction(target, a, R_hand, link))
+                details.update(self._approach_suction(target, a, R_hand, link, approach_from))
             else:
-                details.update(self._approach_jaw(target, R_hand, link))
+                details.update(self._approach_jaw(target, R_hand, link, approach_from))
             # Executed pose: where the TCP really is when the tool actuates.
             pos_now, R_now = self.link_pose(link)
             executed = Grasp(
@@ -1643,7 +1679,12 @@ class SimArm:
         )
 
     def _exit_via(
-        self, link: int, shortcuts: list[list[np.ndarray]], via: list[np.ndarray], q_near: np.ndarray
+        self,
+        link: int,
+        shortcuts: list[list[np.ndarray]],
+        via: list[np.ndarray],
+        q_near: np.ndarray,
+        qd_near: np.ndarray | None = None,
     ) -> list[np.ndarray] | None:
         """Via points for a move to a pick that backs out of the box from the last release without
         stopping (`blended_exit`): straight up to where the place's retreat would end, then each of
@@ -1663,7 +1704,7 @@ class SimArm:
         except _Abort:
             return None
         for rest in [*shortcuts, via]:
-            if self._path_clear([self.q(), q_top, *rest, q_near], 2, link, exit_leg=True):
+            if self._path_clear([self.q(), q_top, *rest, q_near], 2, link, exit_leg=True, end=qd_near):
                 self._released_by = None
                 log.debug("pick path: out of the box and on, blended (%d via points after it)", len(rest))
                 return [q_top, *rest]
@@ -1678,7 +1719,38 @@ class SimArm:
             top = max(top, p.getAABB(b, physicsClientId=self.client_id)[1][2])
         return top + self.cfg.transit_clearance
 
-    def _approach_suction(self, target: np.ndarray, a: np.ndarray, R_hand: np.ndarray, link: int) -> dict:
+    def _approach_handover(
+        self,
+        near: np.ndarray,
+        a: np.ndarray,
+        R_hand: np.ndarray,
+        link: int,
+        q_near: np.ndarray,
+        target: np.ndarray,
+    ) -> np.ndarray | None:
+        """The joint velocity (rad/s) the free descent arrives at `near` with (`approach_blend`): the
+        TCP moving at `approach_speed` along the approach axis `a`, with the joints on the path the
+        physical approach's IK takes from there (a 5 mm finite difference of it). None (arrive at
+        rest): blending off, an approach too short to brake in, or no IK there."""
+        if not self.cfg.approach_blend:
+            return None
+        v, acc = self.cfg.approach_speed, self.cfg.tool_accel
+        length = float(np.linalg.norm(target - near))
+        if length < v * v / (2.0 * acc) + 1e-3:
+            return None
+        h = min(0.005, length / 2.0)
+        try:
+            q_h = self._solve(near + a * h, R_hand, link, q_near)
+        except _Abort:
+            return None
+        qd = (q_h - q_near) / h * v
+        if not np.isfinite(qd).all() or np.any(np.abs(qd) > 0.5 * _VMAX):
+            return None  # a wrist flip between the two IK solutions, not a motion
+        return qd
+
+    def _approach_suction(
+        self, target: np.ndarray, a: np.ndarray, R_hand: np.ndarray, link: int, start_speed: float = 0.0
+    ) -> dict:
         """Physical approach until the cup has been pressed `contact_stop_depth` into what it met.
 
         Arm links other than the cup touching a fixture: COLLISION. Nothing met by the end of the
@@ -1702,12 +1774,16 @@ class SimArm:
             return None
 
         end = target + a * self.cfg.suction.overtravel
-        res = self._physical_line(end, R_hand, link, self.cfg.approach_speed, monitor)
+        res = self._physical_line(
+            end, R_hand, link, self.cfg.approach_speed, monitor, start_speed=start_speed
+        )
         if not first_contact:
             raise _Abort(Reason.NO_CONTACT, why="suction cup reached the grasp point and touched nothing")
         return res
 
-    def _approach_jaw(self, target: np.ndarray, R_hand: np.ndarray, link: int) -> dict:
+    def _approach_jaw(
+        self, target: np.ndarray, R_hand: np.ndarray, link: int, start_speed: float = 0.0
+    ) -> dict:
         fingers = set(self.finger_joints)
 
         def monitor():
@@ -1721,7 +1797,9 @@ class SimArm:
                     )
             return None
 
-        return self._physical_line(target, R_hand, link, self.cfg.approach_speed, monitor)
+        return self._physical_line(
+            target, R_hand, link, self.cfg.approach_speed, monitor, start_speed=start_speed
+        )
 
     def _grip(self, gripper: str, details: dict) -> None:
         if gripper == "suction":

@@ -518,3 +518,60 @@ def test_the_physical_lift_hands_over_to_the_rest_of_the_lift_moving():
     assert moving < len(speed) // 3 and (speed[moving:] > 0.05).all(), np.round(speed, 3)
     # ... and takes less robot time than braking to rest in between.
     assert out.details["phases"]["lift"] < out_stop.details["phases"]["lift"] - 0.05
+
+
+def _approach_run(approach_blend: bool, gripper: str = "suction"):
+    """One pick from the arm's home, a carton by suction or a bottle by the jaw: (outcome, samples
+    (time, phase, TCP position) of the move to the pick and the approach)."""
+    from dataclasses import replace
+
+    from sim.scene import SimCell
+
+    with SimCell(seed=0) as cell:
+        cell.arm.cfg = replace(cell.arm.cfg, approach_blend=approach_blend)
+        if gripper == "suction":
+            item = _carton(cell)
+        else:  # a bottle across its diameter: real finger contacts hold it
+            b = cell.tote_bounds
+            c = (b.lo + b.hi) / 2
+            item = cell.add_primitive(
+                "cylinder", (0.03, 0.2), (c[0], c[1], b.lo[2] + 0.101), mass=0.5, friction=0.5, name="bottle"
+            )
+            cell.settle(0.3)
+        link = cell.arm.tcp_link(gripper)
+        samples: list[tuple[float, str, np.ndarray]] = []
+        cell.arm.observers.append(
+            lambda arm, ev: (
+                samples.append((arm.robot_time, arm.phase, arm.link_pose(link)[0]))
+                if ev == "sample" and arm.phase in ("move_to_pick", "approach")
+                else None
+            )
+        )
+        top = _top(cell, item)
+        if gripper == "suction":
+            grasp = Grasp("suction", top, DOWN)
+        else:
+            grasp = Grasp("parallel_jaw", top - np.array([0.0, 0.0, 0.04]), DOWN, width=0.06)
+        out = cell.arm.pick(grasp)
+        # (The bottle's grip is borderline and may slip in the lift, after what is checked here.)
+        assert "approach" in out.details["phases"] and (out.success or gripper != "suction"), out
+        return out, samples
+
+
+@pytest.mark.parametrize("gripper", ["suction", "parallel_jaw"])
+def test_the_descent_hands_over_to_the_physical_approach_moving(gripper):
+    out, samples = _approach_run(True, gripper)
+    out_stop, _ = _approach_run(False, gripper)
+    # Around the hand-over (the last 50 ms of the free descent, the first 50 ms of the physical
+    # approach) the TCP keeps moving down at no less than half the approach speed: no stop.
+    t_hand = next(t for t, ph, _ in samples if ph == "approach")
+    near = [(t, x) for t, _, x in samples if t_hand - 0.05 <= t <= t_hand + 0.05]
+    ts, zs = np.array([t for t, _ in near]), np.array([x[2] for _, x in near])
+    dt = np.diff(ts)
+    down = (-np.diff(zs) / np.maximum(dt, 1e-9))[dt > 1e-6]
+    assert len(down) >= 10 and (down > 0.5 * 0.25).all(), np.round(down, 3)
+    # ... and the two together take less robot time than stopping in between.
+    both, both_stop = (
+        o.details["phases"]["move_to_pick"] + o.details["phases"]["approach"] for o in (out, out_stop)
+    )
+    assert both < both_stop - 0.03, (both, both_stop)

@@ -33,8 +33,9 @@ def _derivatives(qs: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray, np.
     return v, a, j
 
 
-def _assert_within_limits(move, scale: float = 1.0) -> None:
-    times = np.arange(0.0, move.duration + DT, DT)
+def _assert_within_limits(move, scale: float = 1.0, ends_moving: bool = False) -> None:
+    # (A move that ends moving is sampled only up to its end: past it the position is held.)
+    times = np.arange(0.0, move.duration if ends_moving else move.duration + DT, DT)
     # The states ruckig reports (exact derivatives) and finite differences of sampled positions.
     for t in times:
         _, qd, qdd = move.state(t)
@@ -71,6 +72,55 @@ def test_a_blended_via_point_is_passed_without_stopping_and_saves_time():
     assert np.abs(qd_at).max() > 0.5  # moving through it
     stopped = plan_joint_move(q0, via).duration + plan_joint_move(via, q1).duration
     assert move.duration < stopped
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_searched_via_velocities_are_never_slower_than_the_rule_and_stay_within_limits(seed):
+    """The via-velocity search (sim.motion.via_velocities) keeps every joint within its limits,
+    passes each via point, arrives at the end velocity asked for, is never slower than the rule it
+    starts from, and gives the same move for the same input (a path check samples what runs)."""
+    rng = np.random.default_rng(seed)
+    points = [rng.uniform(-1.2, 1.2, 7) for _ in range(4)]
+    end = rng.uniform(-0.3, 0.3, 7) if seed == 2 else None
+    for scale in (1.0, 0.5):
+        move = plan_via_move(points, scale, end_velocity=end)
+        rule = plan_via_move(points, scale, end_velocity=end, optimise=False)
+        _assert_within_limits(move, scale, ends_moving=end is not None)
+        assert move.duration <= rule.duration + 1e-9
+        for k, q in enumerate(points[1:-1], start=1):
+            np.testing.assert_allclose(move.state(move.starts[k])[0], q, atol=1e-9)
+        _, qd_end, _ = move.state(move.duration)
+        np.testing.assert_allclose(qd_end, np.zeros(7) if end is None else end, atol=1e-6)
+        again = plan_via_move([q.copy() for q in points], scale, end_velocity=end)
+        assert again.duration == move.duration
+    # On a path through three via points the search finds a clearly shorter move than the rule.
+    if seed == 0:
+        assert plan_via_move(points).duration < 0.97 * plan_via_move(points, optimise=False).duration
+
+
+def test_a_via_velocity_beyond_the_limit_is_a_clear_error_not_a_crash():
+    from sim.motion import RuckigMove
+
+    q0, q1, q2 = np.zeros(7), np.full(7, 0.5), np.ones(7)
+    with pytest.raises(ValueError, match="ruckig refused"):
+        RuckigMove([(q0, np.zeros(7)), (q1, PANDA_MAX_VELOCITY * 1.0001), (q2, np.zeros(7))])
+
+
+def test_a_brake_profile_starts_at_its_speed_and_ends_at_rest():
+    from sim.motion import brake_fraction, brake_profile
+
+    d, v, a = 0.04, 0.25, 2.5
+    duration = brake_profile(d, v, a)
+    assert duration == pytest.approx(d / v + v / (2 * a))
+    times = np.linspace(0.0, duration, 2001)
+    s = brake_fraction(times, d, v, a) * d
+    h = times[1] - times[0]
+    speed = np.diff(s) / h
+    assert speed[0] == pytest.approx(v, rel=1e-3) and speed[-1] < 0.01 * v
+    assert s[-1] == pytest.approx(d) and (np.diff(s) >= -1e-12).all()
+    assert (np.abs(np.diff(speed)) / h <= a * 1.001 + 1e-9).all()
+    with pytest.raises(ValueError, match="too short"):
+        brake_profile(0.01, v, a)
 
 
 def test_line_profile_is_jerk_limited_and_covers_the_path():
