@@ -916,6 +916,7 @@ class SimArm:
         phases: Sequence[tuple[int, str]] = (),
         start: tuple[np.ndarray, np.ndarray] | None = None,
         end: np.ndarray | None = None,
+        straight_first: bool = False,
     ) -> None:
         """Time-optimal, jerk-limited joint move (ruckig), executed kinematically; through the `via`
         joint positions without stopping (blended). While carrying, the speed is scaled down
@@ -924,7 +925,8 @@ class SimArm:
         enters phase `name` once the move passes via point i. `start`: (qd, qdd) of the motion this
         one takes over from at the current joints (a blend across two motions; default at rest).
         `end`: the joint velocity (rad/s) to arrive at, for a motion that takes over there moving;
-        the joints are left moving at it."""
+        the joints are left moving at it. `straight_first`: the first leg backs out of the box (as
+        `_path_clear`'s `exit_leg` checked it)."""
         if not np.isfinite(self.q()).all():
             # The physics solver blew up (a rare PyBullet instability after hard contact): put the
             # arm back at home kinematically and report the motion as a collision, never crash.
@@ -954,6 +956,7 @@ class SimArm:
                     start_acceleration=None if start is None else start[1],
                     optimise=optimise,
                     end_velocity=end,
+                    straight_first=straight_first,
                 )
             else:
                 move = plan_joint_move(self.q(), q_target, scale)
@@ -1334,6 +1337,7 @@ class SimArm:
                         start_acceleration=None if start is None else start[1],
                         optimise=optimise,
                         end_velocity=end,
+                        straight_first=exit_leg,
                     )
                 except ValueError:
                     return False
@@ -1565,6 +1569,7 @@ class SimArm:
                 self._back_out()  # (no-op unless a blended exit was possible in principle)
                 pos_now, R_now = self.link_pose(link)
             low = pos_now[2] < self._safe_height() - 1e-3
+            exit_leg = exit_via is not None  # the first leg backs straight out of the box
             if exit_via is not None:
                 via = exit_via
             elif not self.cfg.pick_shortcut:
@@ -1598,7 +1603,7 @@ class SimArm:
                     if q_top is not None and self._path_clear(
                         [self.q(), q_top, *via, q_near], 2, link, exit_leg=True, end=qd_near
                     ):
-                        via = [q_top, *via]
+                        via, exit_leg = [q_top, *via], True
                         log.debug("pick path: straight up, blended")
                     else:
                         self.retreat()
@@ -1609,7 +1614,12 @@ class SimArm:
                     # Its first leg is the retreat from the last release, charged as such.
                     self._enter_phase("retreat")
                 self._joint_move(
-                    q_near, link, via=via, phases=[(0, "move_to_pick")] if exit_via else (), end=qd_near
+                    q_near,
+                    link,
+                    via=via,
+                    phases=[(0, "move_to_pick")] if exit_via else (),
+                    end=qd_near,
+                    straight_first=exit_leg,
                 )
                 approach_from = self.cfg.approach_speed if qd_near is not None else 0.0
             except _Abort as exc:
