@@ -271,6 +271,42 @@ class RuckigMove:
         return np.array([self.state(t)[0] for t in np.atleast_1d(times)])
 
 
+def _segment_durations(
+    states: Sequence[tuple[np.ndarray, np.ndarray]], speed_scale: float, start_acceleration: np.ndarray | None
+) -> list[float]:
+    """The segment times `RuckigMove(states, ...)` would have, without building it (one reused
+    ruckig instance, ~7x faster: the via-velocity search calls this hundreds of times); [] when a
+    segment cannot be planned."""
+    otg, inp, traj = _LEAN
+    inp.max_velocity = (PANDA_MAX_VELOCITY * speed_scale).tolist()
+    inp.max_acceleration = (PANDA_MAX_ACCELERATION * speed_scale**2).tolist()
+    inp.max_jerk = (PANDA_MAX_JERK * speed_scale**3).tolist()
+    zero = [0.0] * 7
+    a0 = np.zeros(7) if start_acceleration is None else np.asarray(start_acceleration, dtype=np.float64)
+    out = []
+    for k, ((q0, v0), (q1, v1)) in enumerate(zip(states[:-1], states[1:], strict=True)):
+        inp.current_position, inp.current_velocity = q0.tolist(), np.asarray(v0).tolist()
+        inp.current_acceleration = a0.tolist() if k == 0 else zero
+        inp.target_position, inp.target_velocity, inp.target_acceleration = (
+            q1.tolist(),
+            np.asarray(v1).tolist(),
+            zero,
+        )
+        straight = _along(v0, q1 - q0) and _along(v1, q1 - q0) and not (k == 0 and np.any(a0))
+        inp.synchronization = Synchronization.Phase if straight else Synchronization.Time
+        try:
+            res = otg.calculate(inp, traj)
+        except RuckigError:
+            return []
+        if res not in (Result.Working, Result.Finished):
+            return []
+        out.append(float(traj.duration))
+    return out
+
+
+_LEAN = (Ruckig(7), InputParameter(7), Trajectory(7))
+
+
 def _along(v: np.ndarray, d: np.ndarray) -> bool:
     """Is velocity `v` zero or along +d (the segment's own joint-space direction)?"""
     v = np.asarray(v, dtype=np.float64)[:7]
@@ -404,12 +440,10 @@ def via_velocities(
     v_lim = 0.999 * PANDA_MAX_VELOCITY * speed_scale  # (ruckig refuses a target velocity at its limit)
 
     def timed(vias: list[np.ndarray]) -> tuple[float, list[float]]:
-        states = [(pts[0], v0), *zip(pts[1:-1], vias, strict=True), (pts[-1], v1)]
-        try:
-            move = RuckigMove(states, speed_scale, start_acceleration=a0)
-        except ValueError:
-            return np.inf, []
-        return move.duration, [*np.diff(move.starts), move.duration - move.starts[-1]]
+        segs = _segment_durations(
+            [(pts[0], v0), *zip(pts[1:-1], vias, strict=True), (pts[-1], v1)], speed_scale, a0
+        )
+        return (sum(segs), segs) if segs else (np.inf, [])
 
     # The last via point is passed along the last segment's own joint-space line (a speed `s` up to
     # where the first joint reaches its limit), so that segment stays on that straight line (ruckig
