@@ -80,7 +80,7 @@ class ControllerConfig:
     ask_novel_at_once: bool = True  # ask about an out-of-distribution item as soon as it is seen
     max_asks_per_item: int = 2  # questions about one item per tote before it is skipped, count
     max_attempts_per_tote: int = 80  # hard stop for one tote (then it is diverted), count
-    look_again: bool = True  # re-capture once before asking a person (once while nothing moves)
+    look_again: bool = True  # re-capture once before asking a person
     assist_deadline_s: float = 30.0  # how long a person has to answer, seconds of robot time
     assist_priority: int = 0  # priority of this cell's requests at the broker
     failed_spot_radius_m: float = 0.015  # candidates this close to a failed grasp are not retried, metres
@@ -104,12 +104,6 @@ class ControllerConfig:
     # 153 procedural items in the tote (a new capture's noise sometimes shows a candidate the reused
     # one does not; docs/benchmarks.md, cycle time). False: capture every time round.
     reuse_unchanged_view: bool = False
-    # Right after a question (nothing moved; only which items wait for a person changed), decide
-    # again on the frame and plan the question was asked on, rather than capturing and planning
-    # anew: on tuning seeds a third of procedural's exposed captures were these. Not once an answer
-    # came back (it may say the tote changed without the arm). Independent of
-    # `reuse_unchanged_view`: waits, look-agains and the look before giving a tote up still capture.
-    reuse_view_after_ask: bool = True
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
@@ -289,9 +283,7 @@ class CellController:
         pending = st.pending
         self.lookahead.reset()  # a look taken during the last tote's final place is not this tote
         ahead_counts = (self.lookahead.used, self.lookahead.discarded, self.lookahead.looks)
-        # Motions commanded when the cell last looked again before asking: once per view of the tote
-        # (a second look after nothing moved shows only new noise).
-        looked_again_at: int | None = None
+        looked_again = False
         holding = False  # in a protective stop
         empty_captures = 0
         camera_failures = 0
@@ -299,7 +291,6 @@ class CellController:
         # and whether the next one must be a new capture (reuse_unchanged_view).
         observed: tuple[Frame, Plan, str | None, int, object] | None = None
         fresh_look, reused = True, False
-        asked = False  # the last decision asked a person (and nothing moved since, if `observed` says so)
         # Motions commanded when the cell last idled waiting for a person (None: it has not since
         # its last observation): an observation with no motion since is taken inside that wait.
         waited_at: int | None = None
@@ -327,17 +318,14 @@ class CellController:
             answers_before = rep.assists_answered + rep.assists_expired
             self._apply_answers(rep, tote_id, st)
             if rep.assists_answered + rep.assists_expired != answers_before:
-                # (An answer may say the tote changed without the arm, e.g. a stale click: look anew.)
-                waited_at, asked = None, False
+                waited_at = None
             # 2. observe and plan (or take the plan made while the arm placed: arm/lookahead.py), or
             # decide again on the last observation when nothing has moved since it was made.
             with self._planner_lock:
                 planner_now = self.planner
             waiting, waited_at = waited_at is not None and waited_at == self._motions, None
-            reuse = cfg.reuse_unchanged_view or (cfg.reuse_view_after_ask and asked)
-            asked = False
             if (
-                reuse
+                cfg.reuse_unchanged_view
                 and not fresh_look
                 and observed is not None
                 and observed[3] == self._motions
@@ -384,7 +372,6 @@ class CellController:
                     st.skipped.append(centre)
                 else:
                     self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots)
-                    asked = True
                     rep.novel_items_asked += 1
                     self._count("novel_items_asked")
                     log.info("item at %s is out of distribution: asked at once", np.round(centre, 3))
@@ -401,6 +388,7 @@ class CellController:
                 if chosen is None:
                     continue  # the best ones are out of reach: marked, plan again without them
                 i, cand = chosen
+                looked_again = False
                 self._pick_and_place(rep, st, tote_id, plan, plan_id, i, cand.grasp, "model", cand.p_success)
                 continue
             # 4. unsure: look again once, then ask about the best remaining item
@@ -424,11 +412,12 @@ class CellController:
                     why = "set aside after failed tries" if set_aside else "no safe pick"
                     self.feed.divert_tote(f"{why} on the remaining items")
                 break
-            if cfg.look_again and looked_again_at != self._motions:
-                looked_again_at = self._motions
+            if cfg.look_again and not looked_again:
+                looked_again = True
                 fresh_look = True  # the point of looking again is a new capture
                 self._count("look_again")
                 continue
+            looked_again = False
             if self.assist is None:
                 i, cand = ask_pool[0]
                 if cfg.guess_when_alone:
@@ -456,7 +445,6 @@ class CellController:
                 st.skipped.append(centre)
                 continue
             self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots, item=cand.cluster)
-            asked = True
 
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)

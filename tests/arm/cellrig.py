@@ -201,16 +201,3 @@ def grasp_above(stack, body: int, height: float) -> Grasp:
     lo, hi = (np.array(x) for x in pb.getAABB(body, physicsClientId=stack.cell.client_id))
     top = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, hi[2] + height])
     return Grasp("suction", top, matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0]))))
-
-
-class Counts:
-    """The controller's metrics sink, counting events (`n`: event name -> count)."""
-
-    def __init__(self) -> None:
-        self.n: dict[str, int] = {}
-
-    def count(self, name: str) -> None:
-        self.n[name] = self.n.get(name, 0) + 1
-
-    def observe_plan(self, plan) -> None:
-        pass
