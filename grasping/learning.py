@@ -810,10 +810,15 @@ def evaluate(scorer: Any, ds: Dataset, bins: int = 15, kinds: np.ndarray | None 
     y = ds.label.astype(np.float64)
     thr_rows = scorer.candidate_thresholds(ds.gripper)
     act = p >= thr_rows
+    # Ranking metrics across grippers use the calibrated probabilities: the two heads' raw logits
+    # are on scales of their own (a fine-tune may shift one head's against the other's), and the
+    # cell ranks and thresholds candidates of both grippers by calibrated p. Per gripper the two
+    # rank alike. (Pooled raw logits refused retrained models whose heads each ranked as well as
+    # the incumbent's: docs/learning.md, stop 27.)
     out: dict[str, Any] = {
         "n": len(ds),
         "positives": int(y.sum()),
-        "auroc": auroc(logits, y),
+        "auroc": auroc(p, y),
         "ece_raw": expected_calibration_error(p_raw, y, bins),
         "ece": expected_calibration_error(p, y, bins),
         "brier": brier(p, y),
@@ -841,7 +846,7 @@ def evaluate(scorer: Any, ds: Dataset, bins: int = 15, kinds: np.ndarray | None 
             "n": int(rows.sum()),
             "success_rate": float(y[rows].mean()),
             "mean_p": float(p[rows].mean()),
-            "auroc": auroc(logits[rows], y[rows]),
+            "auroc": auroc(p[rows], y[rows]),
         }
     out["by_family"] = fams
     if kinds is not None:
@@ -854,7 +859,7 @@ def evaluate(scorer: Any, ds: Dataset, bins: int = 15, kinds: np.ndarray | None 
                 "auto_fail_given_executed": float(
                     (act[rows] & (y[rows] == 0)).sum() / max(act[rows].sum(), 1)
                 ),
-                "auroc": auroc(logits[rows], y[rows]),
+                "auroc": auroc(p[rows], y[rows]),
             }
             for k in np.unique(kinds)
             for rows in [kinds == k]
@@ -1236,9 +1241,10 @@ def paired_metric_change(
 ) -> PairedMetricChange:
     """Paired bootstrap bounds of `metric`(candidate) - `metric`(incumbent) on one held-out set.
 
-    `incumbent`/`candidate` are (N,) scores of the same rows: logits for "auroc", calibrated
-    probabilities for "ece". Both models are evaluated on each resample, so what the two share (the
-    rows' difficulty) cancels and only their difference varies. Rows of one tote are correlated
+    `incumbent`/`candidate` are (N,) scores of the same rows: calibrated probabilities (for "auroc"
+    any score the cell ranks by; the gate passes calibrated probabilities for both metrics). Both
+    models are evaluated on each resample, so what the two share (the rows' difficulty) cancels
+    and only their difference varies. Rows of one tote are correlated
     (one scene, the same items), so whole totes are resampled (cluster bootstrap) when `groups`
     holds at least MIN_BOOTSTRAP_GROUPS of them; otherwise rows. Percentile bounds, seeded.
     """
@@ -1392,7 +1398,7 @@ def gate(
     fail_limit = alpha + tol.auto_fail_rise
     if im is not None:
         # Each model scores the held-out rows once; the metric and per-kind checks share it.
-        (c_logit, c_p), (i_logit, i_p) = _scores(cand, holdout), _scores(inc, holdout)
+        (_, c_p), (_, i_p) = _scores(cand, holdout), _scores(inc, holdout)
         if tol.metric_test_level is None:
             check(
                 cm["auroc"] >= im["auroc"] - tol.auroc_drop,
@@ -1405,7 +1411,7 @@ def gate(
         else:
             y = holdout.label.astype(np.float64)
             for metric, (ci, ii), margin, worse in (
-                ("auroc", (c_logit, i_logit), tol.auroc_drop, "lower"),
+                ("auroc", (c_p, i_p), tol.auroc_drop, "lower"),
                 ("ece", (c_p, i_p), tol.ece_rise, "higher"),
             ):
                 pm = paired_metric_change(

@@ -241,6 +241,38 @@ def test_gate_passes_a_sound_model_and_rejects_a_degraded_one(tmp_path) -> None:
     json.dumps(rejected.to_json())  # the report is plain JSON for the registry
 
 
+def test_the_gate_ranks_by_calibrated_p_not_by_raw_logits_pooled_across_the_heads(tmp_path) -> None:
+    """One head's logits shifted and its calibrator shifted back: every calibrated p, so every
+    decision of the cell, is the same. The gate must see the same model (it compared raw logits
+    pooled across both heads until stop 27, and refused such models: docs/learning.md)."""
+    from dataclasses import replace
+
+    from grasping.calibration import TEMPERATURE, auroc
+    from grasping.scoring import SUCTION
+
+    good = trained_model().path
+    holdout, _ = make_dataset_synth(100, seed=13, scene_prefix="holdout")
+    assert set(np.unique(holdout.gripper)) == {0, 1}
+    m = load_model(good)
+    cal = m.calibrators[SUCTION]
+    assert cal.method == TEMPERATURE
+    with torch.no_grad():
+        m.net.head_bias[SUCTION] += 4.0
+    cals = list(m.calibrators)
+    cals[SUCTION] = replace(cal, bias=cal.bias - 4.0 / cal.temperature)
+    shifted = tmp_path / "shifted.safetensors"
+    save_model(shifted, m.net, cals, m.thresholds, m.watchdog, {**m.meta, "model_version": "shifted"})
+    a, b = LearnedScorer.from_file(good), LearnedScorer.from_file(shifted)
+    la, _ = a.logits_and_embeddings(holdout.patches, holdout.features, holdout.gripper)
+    lb, _ = b.logits_and_embeddings(holdout.patches, holdout.features, holdout.gripper)
+    np.testing.assert_allclose(a.calibrate(la, holdout.gripper), b.calibrate(lb, holdout.gripper), atol=1e-6)
+    y = holdout.label.astype(float)
+    assert abs(auroc(lb, y) - auroc(la, y)) > 0.005  # the raw logits pooled do rank differently
+    report = gate(shifted, good, holdout)
+    assert report.passed, report.reasons
+    assert report.candidate["auroc"] == pytest.approx(report.incumbent["auroc"], abs=1e-9)
+
+
 def test_gate_runs_the_pluggable_simulation_suite(tmp_path) -> None:
     good = trained_model().path
     holdout, _ = make_dataset_synth(60, seed=14, scene_prefix="holdout")
