@@ -240,12 +240,8 @@ class RuckigMove:
             inp.max_velocity = self.v_max.tolist()
             inp.max_acceleration = self.a_max.tolist()
             inp.max_jerk = self.j_max.tolist()
-            # Rest to rest, or passing both ends along the segment's own line: phase synchronisation
-            # keeps the joint-space straight line (as the trapezoid did); else time synchronisation
-            # (phase needs collinear states).
             d = np.asarray(q1, dtype=np.float64)[:7] - np.asarray(q0, dtype=np.float64)[:7]
-            straight = _along(v0, d) and _along(v1, d) and not (k == 0 and np.any(a_start))
-            inp.synchronization = Synchronization.Phase if straight else Synchronization.Time
+            inp.synchronization = _synchronization(v0, v1, d, k == 0 and bool(np.any(a_start)))
             traj = Trajectory(7)
             try:
                 res = otg.calculate(inp, traj)
@@ -292,8 +288,7 @@ def _segment_durations(
             np.asarray(v1).tolist(),
             zero,
         )
-        straight = _along(v0, q1 - q0) and _along(v1, q1 - q0) and not (k == 0 and np.any(a0))
-        inp.synchronization = Synchronization.Phase if straight else Synchronization.Time
+        inp.synchronization = _synchronization(v0, v1, q1 - q0, k == 0 and bool(np.any(a0)))
         try:
             res = otg.calculate(inp, traj)
         except RuckigError:
@@ -305,6 +300,14 @@ def _segment_durations(
 
 
 _LEAN = (Ruckig(7), InputParameter(7), Trajectory(7))
+
+
+def _synchronization(v0: np.ndarray, v1: np.ndarray, d: np.ndarray, accelerating: bool) -> Synchronization:
+    """Rest to rest, or passing both ends along the segment's own line `d`: phase synchronisation
+    keeps the joint-space straight line (as the trapezoid did); else time synchronisation (phase
+    needs collinear states; `accelerating`: the segment starts with an acceleration)."""
+    straight = _along(v0, d) and _along(v1, d) and not accelerating
+    return Synchronization.Phase if straight else Synchronization.Time
 
 
 def _along(v: np.ndarray, d: np.ndarray) -> bool:
