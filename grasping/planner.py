@@ -239,17 +239,13 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     features = features[order]
     pix = _pixels(cloud, cands.positions, frame.shape)
     quats = matrices_to_quats(cands.rotations)
+    grasps = Grasp.many(cands.gripper, cands.positions, quats, cands.widths)
     out: list[Candidate] = []
     for k in range(len(cands)):
         i = order[k]
         out.append(
             Candidate(
-                grasp=Grasp(
-                    gripper=GRIPPER_KINDS[int(cands.gripper[k])],
-                    position=cands.positions[k],
-                    orientation=quats[k],
-                    width=float(cands.widths[k]),
-                ),
+                grasp=grasps[k],
                 analytic_score=float(cands.analytic[k]),
                 learned_score=None if learned is None else float(learned[i]),
                 p_success=None if calibrated is None else float(calibrated[i]),

@@ -92,6 +92,43 @@ class Grasp:
         object.__setattr__(self, "orientation", _frozen_array(q / np.linalg.norm(q)))
         object.__setattr__(self, "width", float(self.width))
 
+    @classmethod
+    def many(
+        cls, gripper: np.ndarray, positions: np.ndarray, orientations: np.ndarray, widths: np.ndarray
+    ) -> list[Grasp]:
+        """Grasps from arrays (N,) gripper index into GRIPPER_KINDS, (N, 3) m, (N, 4) xyzw, (N,) m,
+        checked as a whole: equal to `[Grasp(...) for each row]`, the same floats, without paying
+        the per-grasp checks and copies (a plan builds several hundred; that was ~10 ms a plan)."""
+        g = np.asarray(gripper)
+        p = np.array(positions, dtype=np.float64)  # copies: the grasps own their numbers
+        q = np.array(orientations, dtype=np.float64)
+        w = np.asarray(widths, dtype=np.float64)
+        n = len(g)
+        if p.shape != (n, 3) or q.shape != (n, 4) or w.shape != (n,):
+            raise ValueError(f"Grasp.many: shapes {p.shape}, {q.shape}, {w.shape} for {n} grippers")
+        if n and (g.min() < 0 or g.max() >= len(GRIPPER_KINDS)):
+            raise ValueError(f"Grasp.many: gripper index outside 0..{len(GRIPPER_KINDS) - 1}")
+        if not (np.isfinite(p).all() and np.isfinite(q).all()):
+            raise ValueError("Grasp.many: positions and orientations must be finite")
+        # sqrt of each row's dot product, as np.linalg.norm takes it for one quaternion (a batched
+        # matmul, so the same floats as `Grasp(...)` row by row; a plain sum of squares can differ
+        # in the last bit, and a plan must not depend on how its grasps were built).
+        norm = np.sqrt((q[:, None, :] @ q[:, :, None])[:, 0, 0])
+        if n and norm.min() < 1e-9:
+            raise ValueError("Grasp.many: zero quaternion")
+        q /= norm[:, None]
+        p.setflags(write=False)
+        q.setflags(write=False)
+        out = []
+        for i in range(n):
+            gr = object.__new__(cls)
+            object.__setattr__(gr, "gripper", GRIPPER_KINDS[int(g[i])])
+            object.__setattr__(gr, "position", p[i])
+            object.__setattr__(gr, "orientation", q[i])
+            object.__setattr__(gr, "width", float(w[i]))
+            out.append(gr)
+        return out
+
     @property
     def R(self) -> np.ndarray:
         """(3, 3) rotation of the gripper frame in the base frame."""

@@ -347,3 +347,37 @@ def test_batched_quaternions_match_the_shared_helper():
 
 def test_gripper_indices_match_the_scorer_contract():
     assert (SUCTION, PARALLEL_JAW) == (0, 1)
+
+
+def test_grasps_built_in_bulk_are_the_grasps_built_one_by_one():
+    # The planner builds its several hundred grasps with Grasp.many (one check for the whole array
+    # instead of one per grasp); the cell must see exactly what Grasp(...) would have made, down to
+    # the last bit of each quaternion, or a plan would depend on how it was assembled.
+    from grasping.types import Grasp
+
+    rng = np.random.default_rng(7)
+    n = 500
+    g = rng.integers(0, 2, n)
+    pos = rng.normal(size=(n, 3))
+    q = rng.normal(size=(n, 4))
+    q[:250] /= np.linalg.norm(q[:250], axis=1, keepdims=True)  # unit already, as the planner's are
+    w = rng.uniform(0, 0.08, n)
+    bulk = Grasp.many(g, pos, q, w)
+    one = [Grasp(("suction", "parallel_jaw")[g[i]], pos[i], q[i], w[i]) for i in range(n)]
+    for a, b in zip(bulk, one, strict=True):
+        assert a.gripper == b.gripper and a.width == b.width
+        assert a.position.tobytes() == b.position.tobytes()
+        assert a.orientation.tobytes() == b.orientation.tobytes()
+        assert not a.position.flags.writeable and not a.orientation.flags.writeable
+    pos[0, 0] = 9.0  # the grasps own their numbers: changing the input changes nothing
+    assert bulk[0].position[0] != 9.0
+    bad = q.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        Grasp.many(g, pos, bad, w)
+    with pytest.raises(ValueError, match="gripper index"):
+        Grasp.many(g + 2, pos, q, w)
+    with pytest.raises(ValueError, match="zero quaternion"):
+        Grasp.many(g, pos, np.where(np.arange(n)[:, None] == 5, 0.0, q), w)
+    with pytest.raises(ValueError, match="shapes"):
+        Grasp.many(g, pos[:, :2], q, w)
