@@ -34,6 +34,12 @@ What counts as success (per round, JSON keys)
     `vs_control`: the learning cell minus the control item by item on the same items, per round
     and pooled over rounds 1..R, with Newcombe's paired 95% interval (what learning did, apart
     from which totes a round happened to draw).
+    `held_out` (unless `--eval-totes 0`): every model the cell ran, measured on one fixed set of
+    evaluation totes (`run_held_out`: their own tote stream, never recorded to a ledger, so never
+    trained on), each in a fresh cell. Round 0 and round R are then measured on the same items,
+    and `held_out.vs_round_0` gives the change item by item with its paired interval. The per-round
+    keys above mix the change with the draw of each round's totes (the same model measured
+    0.42-0.73 new-kind failure from one round's totes to the next); these do not.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ DEFAULT_START_MODEL = REPO / "grasping" / "models" / "default.safetensors"
 DEFAULT_REPLAY = REPO / "tests" / "sim" / "data" / "continual_replay"
 CATALOG = "procedural-train"  # a training catalog: the experiment never touches test items
 NOVEL_CATALOG = "novel-train"  # the families no shipped model trained on (sim/catalogs/novel.py)
+# The held-out evaluation totes' stream: seed + this (a prime, apart from cell B's offset in
+# fleet_continual.py), so no evaluation tote is one the learning cell worked and recorded.
+EVAL_SEED_OFFSET = 104729
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,9 @@ class ContinualConfig:
     # Work the same totes with the starting model in a second cell (`run_control`) and report it
     # beside each round: the round-0 -> round-3 change alone cannot tell learning from tote noise.
     control: bool = True
+    # Fixed evaluation totes (`run_held_out`): every model the cell ran works the same ones, from a
+    # tote stream of their own that no ledger records. 0: not run.
+    eval_totes: int = 8
 
 
 def quick_config(rounds: int, seed: int) -> ContinualConfig:
@@ -118,6 +130,7 @@ def quick_config(rounds: int, seed: int) -> ContinualConfig:
         learn_epochs=1,
         sim_episodes=0,
         extra_replay=(),  # the fixture alone: a smoke test of the loop, not of learning
+        eval_totes=1,
     )
 
 
@@ -381,14 +394,23 @@ def vs_control(
     }
 
 
-def _build_cell(cfg: ContinualConfig, model: Path, catalog: Any, ledger_path: Path, cell_id: str) -> tuple:
-    """(stack, assist channel, ledger) of one simulated cell working the experiment's totes."""
+def _build_cell(
+    cfg: ContinualConfig,
+    model: Path,
+    catalog: Any,
+    ledger_path: Path | None,
+    cell_id: str,
+    seed: int | None = None,
+) -> tuple:
+    """(stack, assist channel, ledger) of one simulated cell working the experiment's totes.
+    `ledger_path` None: nothing is recorded (ledger None). `seed`: its tote stream (default cfg.seed)."""
     from arm.controller import ControllerConfig
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
     from sim.stack import build_sim_stack
 
-    ledger = Ledger(ledger_path, cell_id)
+    seed = cfg.seed if seed is None else int(seed)
+    ledger = Ledger(ledger_path, cell_id) if ledger_path is not None else None
     ccfg = ControllerConfig(
         cell_id=cell_id,
         wall_poll_s=0.0,
@@ -398,16 +420,17 @@ def _build_cell(cfg: ContinualConfig, model: Path, catalog: Any, ledger_path: Pa
     stack = build_sim_stack(
         catalog=CATALOG,
         objects_per_tote=cfg.objects_per_tote,
-        seed=cfg.seed,
+        seed=seed,
         planner="learned",
         model_path=model,
         controller_config=ccfg,
         ledger=ledger,
     )
     stack.feed.catalog = catalog  # totes mix the new kind with familiar items
-    _record_item_families(stack)
+    if ledger is not None:
+        _record_item_families(stack)
     clock = lambda: stack.cell.arm.robot_time  # noqa: E731
-    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=cfg.seed))
+    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=seed))
     stack.controller.assist = channel = SimAssistChannel(judge, clock)
     return stack, channel, ledger
 
@@ -437,6 +460,52 @@ def run_control(cfg: ContinualConfig, start: Path, work_dir: str | Path, progres
         stack.close()
         ledger.close()
     return rounds
+
+
+def run_held_out(cfg: ContinualConfig, round_models: list[str], progress: bool = True) -> dict[str, Any]:
+    """Every round's model on one fixed set of `cfg.eval_totes` evaluation totes.
+
+    The totes come from their own stream (seed + EVAL_SEED_OFFSET, numbered from 0), mixed like the
+    rounds' totes, and are worked with no ledger: nothing measured here is ever trained on. Each
+    model works them in a fresh cell, so two models meet the same items in the same first state
+    and the simulated associate behaves the same way; a round whose model is the one already
+    measured (the gate refused the round's candidate) reuses that measurement, which a fresh run
+    would repeat exactly (the simulation is deterministic). `vs_round_0`: round r minus round 0
+    item by item (`vs_control`, the paired interval), for r = 1..R and pooled.
+    """
+    from tqdm import tqdm
+
+    catalog = mixed_catalog(cfg.new_family, cfg.new_share, cfg.seed)
+    seed = cfg.seed + EVAL_SEED_OFFSET
+    measured: dict[str, dict[str, Any]] = {}
+    rounds = []
+    bar = tqdm(total=len(set(round_models)), desc="held-out totes", disable=not progress)
+    try:
+        for r, model in enumerate(round_models):
+            if model not in measured:
+                stack, channel, _ = _build_cell(cfg, Path(model), catalog, None, "continual-eval", seed)
+                try:
+                    totes = [_work_tote(stack, channel, cfg.new_family) for _ in range(cfg.eval_totes)]
+                finally:
+                    stack.close()
+                measured[model] = {**_round_metrics(totes), "totes": totes, "measured_in_round": r}
+                bar.update(1)
+            m = measured[model]
+            rounds.append({"round": r, "model": Path(model).name, **m, "reused": m["measured_in_round"] != r})
+    finally:
+        bar.close()
+    keys = ("new_family_failure", "old_family_success", "assists_per_100_items")
+    # Round r against round 0 on the same items ("learning" = round r, "control" = round 0). Not
+    # pooled over rounds: every round meets the same items, so a pool would count them R times.
+    vs_round_0 = vs_control(rounds, [rounds[0]] * len(rounds), cfg.new_family)
+    vs_round_0.pop("learning_rounds_pooled")
+    return {
+        "seed": seed,
+        "totes": cfg.eval_totes,
+        **{k: [x[k] for x in rounds] for k in keys},
+        "rounds": rounds,
+        "vs_round_0": vs_round_0,
+    }
 
 
 def learn_config(cfg: ContinualConfig, ledger_path: Path, work: Path) -> Any:
@@ -509,6 +578,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
     factory = sim_suite_factory(cfg.sim_episodes) if cfg.sim_episodes > 0 else None
     rounds: list[dict[str, Any]] = []
     model = str(start)
+    round_models: list[str] = []  # the model file each round ran, for the held-out evaluation
     bar = tqdm(total=cfg.rounds + 1, desc="rounds", disable=not progress)
     try:
         for r in range(cfg.rounds + 1):
@@ -543,6 +613,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
             rounds.append(
                 {"round": r, "model": Path(model).name, **learn_info, **_round_metrics(totes), "totes": totes}
             )
+            round_models.append(model)
             bar.update(1)
     finally:
         bar.close()
@@ -550,6 +621,7 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         ledger.close()
     keys = ("new_family_failure", "old_family_success", "assists_per_100_items", "gate_passed")
     control = run_control(cfg, start, work, progress) if cfg.control else None
+    held_out = run_held_out(cfg, round_models, progress) if cfg.eval_totes > 0 else None
     return {
         "experiment": "continual",
         "new_family": cfg.new_family,
@@ -572,6 +644,8 @@ def run_continual(cfg: ContinualConfig, work_dir: str | Path, progress: bool = T
         },
         # Learning cell minus control on the same items, with paired 95% intervals (None: no control).
         "vs_control": None if control is None else vs_control(rounds, control, cfg.new_family),
+        # Each round's model on the same fixed evaluation totes, never trained on (None: --eval-totes 0).
+        "held_out": held_out,
         "start_model_path": str(start),
         "final_model_path": str(model),  # the model the cell ran in the last round
         "wall_seconds": time.time() - t0,
@@ -600,13 +674,16 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
         if result.get("control"):
             cs = [np.nan if v is None else v for v in result["control"][key]]
             a.plot(r, cs, "s--", color="grey", label="starting model, same totes")
+        if result.get("held_out"):
+            hs = [np.nan if v is None else v for v in result["held_out"][key]]
+            a.plot(r, hs, "D-", color="tab:green", label="the round's model, fixed held-out totes")
         for x, y, g in zip(r, ys, result["gate_passed"], strict=True):
             if g is False:
                 a.plot([x], [y], "rx", ms=12)
         a.set_title(title, fontsize=9)
         a.set_xlabel("round")
         a.set_xticks(r)
-    if result.get("control"):
+    if result.get("control") or result.get("held_out"):
         ax[0].legend(fontsize=7)
     if vs:
         # The paired difference on the same items, with its 95% interval: below 0 is learning.
@@ -690,6 +767,27 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> Path:
             )
         if vs["unpaired"]:
             lines.append(f"\n{vs['unpaired']} items had no pair in the other cell and are left out.")
+    ho = result.get("held_out")
+    if ho:
+        lines += [
+            "",
+            f"Held out: each round's model on the same {ho['totes']} evaluation totes (seed {ho['seed']}, "
+            "never recorded, never trained on), each in a fresh cell; change against round 0 item by item "
+            "(paired; Newcombe's 95% interval).",
+            "",
+            "| round | model | new-kind failure | change | 95% interval | familiar success | change "
+            "| 95% interval | assists / 100 items |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for x, c in zip(ho["rounds"], ho["vs_round_0"]["rounds"], strict=True):
+            nk, ok = c["new_family_failure"], c["old_family_success"]
+            model = x["model"] + (f" (as round {x['measured_in_round']})" if x["reused"] else "")
+            lines.append(
+                f"| {x['round']} | {model} | {f(x['new_family_failure'])} | {f(nk['change'])} | "
+                f"{nk['ci95'][0]:+.3f} to {nk['ci95'][1]:+.3f} | {f(x['old_family_success'])} | "
+                f"{f(ok['change'])} | {ok['ci95'][0]:+.3f} to {ok['ci95'][1]:+.3f} | "
+                f"{f(x['assists_per_100_items'])} |"
+            )
     lines += ["", "![rounds](continual.png)", "", "Config: `" + json.dumps(result["config"]) + "`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -771,6 +869,13 @@ def register(sub: Any) -> None:
         help="2: afterwards a fleet service shares cell A's model with cell B, which meets the new kind "
         "for the first time, beside a cell B without the fleet (sim/benchmark/fleet_continual.py)",
     )
+    c.add_argument(
+        "--eval-totes",
+        type=int,
+        default=None,
+        help="fixed held-out evaluation totes every round's model works, never recorded (default 8; "
+        "quick 1; 0: none)",
+    )
     c.add_argument("--quick", action="store_true", help="tiny totes and trainings, no simulation suite")
     c.add_argument(
         "--work-dir", type=Path, default=None, help="keep ledger, models, rounds here (default: temp)"
@@ -807,10 +912,14 @@ def cmd_continual(args: Any) -> int:
         "replay_share": args.replay_share,
         "kind_test_level": args.kind_test_level,
         "metric_test_level": args.metric_test_level,
+        "eval_totes": args.eval_totes,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
-    if cfg.rounds < 0 or cfg.totes_per_round < 1 or cfg.objects_per_tote < 1:
-        print("error: --rounds >= 0, --totes-per-round >= 1 and --objects-per-tote >= 1", flush=True)
+    if cfg.rounds < 0 or cfg.totes_per_round < 1 or cfg.objects_per_tote < 1 or cfg.eval_totes < 0:
+        print(
+            "error: --rounds >= 0, --totes-per-round >= 1, --objects-per-tote >= 1 and --eval-totes >= 0",
+            flush=True,
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="pickcell-continual-") as tmp:
         result = run_continual(cfg, args.work_dir or tmp, progress=not args.no_progress)
@@ -836,6 +945,12 @@ def cmd_continual(args: Any) -> int:
                 "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in result[k]
             )
         )
+    if result.get("held_out"):
+        for k in ("new_family_failure", "old_family_success", "assists_per_100_items"):
+            print(
+                f"{'held_out.' + k:<32} "
+                + " ".join("-" if v is None else f"{v:.3f}" for v in result["held_out"][k])
+            )
     if "fleet" in result:
         for k in ("cell_a_new_family_failure_after", "cell_b_first_contact_failure", "cell_b_without_fleet"):
             v = result["fleet"][k]

@@ -76,10 +76,45 @@ def test_continual_quick_runs_rounds_of_collect_learn_gate_and_reports_each(tmp_
     conn = sqlite3.connect(tmp_path / "work" / "cell.db")
     try:
         fams = [f for (f,) in conn.execute("SELECT family FROM attempts")]
+        totes = {t for (t,) in conn.execute("SELECT DISTINCT tote_id FROM plans")}
     finally:
         conn.close()
     known = set(load_catalog("procedural-train").families) | {"frame"}
     assert fams and {f for f in fams if f} <= known and any(fams), fams
+    # The held-out evaluation: every round's model on the same fixed totes, which no ledger records
+    # (the learner never trains on them) and which the learning cell never works.
+    ho = res["held_out"]
+    assert len(ho["rounds"]) == len(ho["new_family_failure"]) == 2 and ho["totes"] == 1
+    assert [x["model"] for x in ho["rounds"]] == [x["model"] for x in res["rounds"]]
+    assert all(t["tote"].startswith("continual-eval-tote-") for x in ho["rounds"] for t in x["totes"])
+    assert not any(t.startswith("continual-eval") for t in totes)
+    h0, h1 = ho["rounds"]
+    assert [it["name"] for t in h0["totes"] for it in t["items"]] == [
+        it["name"] for t in h1["totes"] for it in t["items"]
+    ]  # the same items in every round
+    # A refused candidate leaves the cell on the same model: its measurement is reused, not re-run.
+    assert h1["reused"] == (not r1["gate_passed"]) and not h0["reused"]
+    v0, v1 = ho["vs_round_0"]["rounds"]
+    assert ho["vs_round_0"]["unpaired"] == 0 and v0["new_family_failure"]["change"] in (0.0, None)
+    if h1["reused"]:
+        assert v1["new_family_failure"]["change"] in (0.0, None) and h1["totes"] == h0["totes"]
+    assert "Held out" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_held_out_measurement_is_the_same_in_a_fresh_cell(tmp_path) -> None:
+    # Reusing a round's held-out measurement for a later round on the same model (a refused gate)
+    # is only honest if measuring again would give the same numbers: a fresh cell, the same model,
+    # the same totes and associate, item for item the same outcomes.
+    from dataclasses import replace
+
+    from sim.benchmark.continual import DEFAULT_START_MODEL, quick_config, run_held_out
+
+    cfg = replace(quick_config(0, 4), eval_totes=1)
+    a = run_held_out(cfg, [str(DEFAULT_START_MODEL)], progress=False)
+    b = run_held_out(cfg, [str(DEFAULT_START_MODEL)], progress=False)
+    assert a["rounds"][0]["totes"] == b["rounds"][0]["totes"]
+    assert a["new_family_failure"] == b["new_family_failure"]
+    assert a["seed"] == 4 + 104729 and not a["rounds"][0]["reused"]
 
 
 def test_frame_family_is_deterministic_has_a_hole_and_rests_flat(tmp_path, monkeypatch) -> None:
