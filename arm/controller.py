@@ -81,6 +81,12 @@ class ControllerConfig:
     max_asks_per_item: int = 2  # questions about one item per tote before it is skipped, count
     max_attempts_per_tote: int = 80  # hard stop for one tote (then it is diverted), count
     look_again: bool = True  # re-capture once before asking a person
+    # ... unless the item to ask about was already seen unsure on this many captures since the arm
+    # last moved (a question about one item is followed by a new capture, which is a second look at
+    # every other unsure item: a further look-again before asking about the next one is a third or
+    # fourth). Tuning seeds 3 and 11: see docs/benchmarks.md (cycle time, seventh pass). 0: always
+    # look again once before asking, as before.
+    looks_before_asking: int = 2  # captures showing the item unsure, since the last motion, count
     assist_deadline_s: float = 30.0  # how long a person has to answer, seconds of robot time
     assist_priority: int = 0  # priority of this cell's requests at the broker
     failed_spot_radius_m: float = 0.015  # candidates this close to a failed grasp are not retried, metres
@@ -174,6 +180,9 @@ class _ToteState:
         default_factory=list
     )  # items whose question expired, or asked too often
     asks: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (item centre, questions asked)
+    # (item centre, captures that showed it unsure) since the arm last moved, and that motion count
+    unsure_looks: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    unsure_looks_at: int = -1
     items: ItemMemory = field(default_factory=ItemMemory)  # tries per item and what they taught
     pending: dict[str, _Pending] = field(default_factory=dict)  # request id -> question in flight
 
@@ -412,7 +421,12 @@ class CellController:
                     why = "set aside after failed tries" if set_aside else "no safe pick"
                     self.feed.divert_tote(f"{why} on the remaining items")
                 break
-            if cfg.look_again and not looked_again:
+            seen_unsure = self._count_unsure_looks(st, plan, ask_pool, counted=reused)
+            if (
+                cfg.look_again
+                and not looked_again
+                and (cfg.looks_before_asking <= 0 or seen_unsure < cfg.looks_before_asking)
+            ):
                 looked_again = True
                 fresh_look = True  # the point of looking again is a new capture
                 self._count("look_again")
@@ -501,6 +515,27 @@ class CellController:
         if self.ledger is not None:
             plan_id = self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
         return frame, plan, plan_id, planner
+
+    def _count_unsure_looks(
+        self, st: _ToteState, plan: Plan, ask_pool: list[tuple[int, Candidate]], counted: bool
+    ) -> int:
+        """Count this capture for every item it shows unsure (once per item; `counted`: a reused
+        view, already counted); returns how many captures since the arm last moved have shown the
+        first item of `ask_pool` (the one the cell would ask about) unsure."""
+        if st.unsure_looks_at != self._motions:  # the arm moved: what was seen before may differ now
+            st.unsure_looks, st.unsure_looks_at = [], self._motions
+        radius = self.config.item_radius_m
+        centres = [_centre_of(plan, c) for _, c in ask_pool]
+        if not counted:
+            seen_now: list[np.ndarray] = []
+            for c in centres:
+                if not _near(c, seen_now, radius):
+                    seen_now.append(c)
+                    _bump(st.unsure_looks, c, radius)
+        for c, n in st.unsure_looks:
+            if np.linalg.norm(c[:2] - centres[0][:2]) < radius:
+                return n
+        return 0
 
     def _sync_lookahead(self, rep: ToteReport, base: tuple[int, int, int]) -> None:
         """The look-ahead's counts since the tote began, into its report."""

@@ -62,6 +62,39 @@ def test_unsure_looks_again_then_asks_and_executes_the_approved_candidate(stack_
     assert _in_box(st, body)
 
 
+def _events_until_second_question(looks_before_asking: int, stack_factory, assist_rig) -> list[str]:
+    """Two cartons the model is unsure about and nobody answering: the cell's captures and questions
+    in order, up to its second question."""
+    st = stack_factory(looks_before_asking=looks_before_asking, assist_deadline_s=1.0)
+    add_carton(st, dx=-0.09)
+    add_carton(st, dx=0.09)
+    st.controller.planner = ScriptedPlanner(st.controller.planner, unsure=lambda c: True)
+    st.controller.assist = assist_rig.cell_client()
+    events: list[str] = []
+    capture, ask = st.camera.capture, st.controller._ask
+    st.camera.capture = lambda: events.append("capture") or capture()
+    st.controller._ask = lambda *a, **k: events.append("ask") or ask(*a, **k)
+    try:
+        st.controller.run_tote("t0")
+    finally:
+        st.controller.assist.close()
+    second = [i for i, e in enumerate(events) if e == "ask"][1]
+    return events[: second + 1]
+
+
+def test_an_item_already_seen_unsure_twice_is_asked_about_without_another_look(stack_factory, assist_rig):
+    # Both items are unsure on the first look; the cell looks again (a second capture) and asks about
+    # one. The capture after that question is the third look at the other item: it asks about it at
+    # once instead of capturing a fourth time (a look costs ~0.1 s of sensing and a plan).
+    assert _events_until_second_question(2, stack_factory, assist_rig) == [
+        "capture", "capture", "ask", "capture", "ask"
+    ]  # fmt: skip
+    # looks_before_asking=0: a look-again before every question, as before.
+    assert _events_until_second_question(0, stack_factory, assist_rig) == [
+        "capture", "capture", "ask", "capture", "capture", "ask"
+    ]  # fmt: skip
+
+
 def test_no_safe_pick_sends_the_tote_to_exception_handling(stack_factory, assist_rig):
     """...and the question carried the asked item's provenance (`item_family`, looked up at the item's
     centre), so the rows the answer labels keep the item's kind."""
