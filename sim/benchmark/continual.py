@@ -401,9 +401,11 @@ def _build_cell(
     ledger_path: Path | None,
     cell_id: str,
     seed: int | None = None,
+    first_tote: int = 0,
 ) -> tuple:
     """(stack, assist channel, ledger) of one simulated cell working the experiment's totes.
-    `ledger_path` None: nothing is recorded (ledger None). `seed`: its tote stream (default cfg.seed)."""
+    `ledger_path` None: nothing is recorded (ledger None). `seed`: its tote stream (default cfg.seed);
+    `first_tote`: the number of its first tote in that stream."""
     from arm.controller import ControllerConfig
     from hitl.ledger import Ledger
     from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
@@ -425,6 +427,7 @@ def _build_cell(
         model_path=model,
         controller_config=ccfg,
         ledger=ledger,
+        first_tote=first_tote,
     )
     stack.feed.catalog = catalog  # totes mix the new kind with familiar items
     if ledger is not None:
@@ -466,12 +469,14 @@ def run_held_out(cfg: ContinualConfig, round_models: list[str], progress: bool =
     """Every round's model on one fixed set of `cfg.eval_totes` evaluation totes.
 
     The totes come from their own stream (seed + EVAL_SEED_OFFSET, numbered from 0), mixed like the
-    rounds' totes, and are worked with no ledger: nothing measured here is ever trained on. Each
-    model works them in a fresh cell, so two models meet the same items in the same first state
-    and the simulated associate behaves the same way; a round whose model is the one already
-    measured (the gate refused the round's candidate) reuses that measurement, which a fresh run
-    would repeat exactly (the simulation is deterministic). `vs_round_0`: round r minus round 0
-    item by item (`vs_control`, the paired interval), for r = 1..R and pooled.
+    rounds' totes, and are worked with no ledger: nothing measured here is ever trained on. Every
+    tote is worked in a fresh cell (empty box, the simulated associate from its seed), so every
+    model meets the same items dropped the same way whatever it did with the totes before: in one
+    long-lived cell an item that bounces out on the drop is drawn again, and how the drop goes
+    depends on the simulation's history (two models then met different items in 2 of 8 totes). A
+    round whose model is the one already measured (the gate refused the round's candidate) reuses
+    that measurement, which a fresh run would repeat exactly (the simulation is deterministic).
+    `vs_round_0`: round r minus round 0 item by item (`vs_control`, the paired interval).
     """
     from tqdm import tqdm
 
@@ -483,11 +488,15 @@ def run_held_out(cfg: ContinualConfig, round_models: list[str], progress: bool =
     try:
         for r, model in enumerate(round_models):
             if model not in measured:
-                stack, channel, _ = _build_cell(cfg, Path(model), catalog, None, "continual-eval", seed)
-                try:
-                    totes = [_work_tote(stack, channel, cfg.new_family) for _ in range(cfg.eval_totes)]
-                finally:
-                    stack.close()
+                totes = []
+                for n in range(cfg.eval_totes):
+                    stack, channel, _ = _build_cell(
+                        cfg, Path(model), catalog, None, "continual-eval", seed, first_tote=n
+                    )
+                    try:
+                        totes.append(_work_tote(stack, channel, cfg.new_family))
+                    finally:
+                        stack.close()
                 measured[model] = {**_round_metrics(totes), "totes": totes, "measured_in_round": r}
                 bar.update(1)
             m = measured[model]

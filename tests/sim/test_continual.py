@@ -109,12 +109,18 @@ def test_the_held_out_measurement_is_the_same_in_a_fresh_cell(tmp_path) -> None:
 
     from sim.benchmark.continual import DEFAULT_START_MODEL, quick_config, run_held_out
 
-    cfg = replace(quick_config(0, 4), eval_totes=1)
+    cfg = replace(quick_config(0, 4), eval_totes=2)
     a = run_held_out(cfg, [str(DEFAULT_START_MODEL)], progress=False)
     b = run_held_out(cfg, [str(DEFAULT_START_MODEL)], progress=False)
     assert a["rounds"][0]["totes"] == b["rounds"][0]["totes"]
     assert a["new_family_failure"] == b["new_family_failure"]
     assert a["seed"] == 4 + 104729 and not a["rounds"][0]["reused"]
+    # Each tote in a cell of its own, numbered in the held-out stream: what one model did with tote
+    # 0 cannot change which items tote 1 holds for the next model.
+    assert [t["tote"] for t in a["rounds"][0]["totes"]] == [
+        "continual-eval-tote-00000",
+        "continual-eval-tote-00001",
+    ]
 
 
 def test_frame_family_is_deterministic_has_a_hole_and_rests_flat(tmp_path, monkeypatch) -> None:
