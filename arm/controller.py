@@ -525,15 +525,23 @@ class CellController:
         if st.unsure_looks_at != self._motions:  # the arm moved: what was seen before may differ now
             st.unsure_looks, st.unsure_looks_at = [], self._motions
         radius = self.config.item_radius_m
-        centres = [_centre_of(plan, c) for _, c in ask_pool]
+        first = _centre_of(plan, ask_pool[0][1])
         if not counted:
+            # One centre per item: a cluster's candidates share its centroid (hundreds of candidates,
+            # a handful of items).
             seen_now: list[np.ndarray] = []
-            for c in centres:
+            clusters: set[int] = set()
+            for _, cand in ask_pool:
+                if _cluster(plan, cand) is not None:
+                    if cand.cluster in clusters:
+                        continue
+                    clusters.add(cand.cluster)
+                c = _centre_of(plan, cand)
                 if not _near(c, seen_now, radius):
                     seen_now.append(c)
                     _bump(st.unsure_looks, c, radius)
         for c, n in st.unsure_looks:
-            if np.linalg.norm(c[:2] - centres[0][:2]) < radius:
+            if np.linalg.norm(c[:2] - first[:2]) < radius:
                 return n
         return 0
 
