@@ -808,6 +808,20 @@ class CellController:
             log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
             return
         item = _item_at(p.plan, grasp.position, self.config.item_radius_m)
+        # The try counts on the item the click landed on, which need not be the one asked about: the
+        # person may pick another, or see one item where segmentation saw two (an irregular item
+        # pushed by failed tries). Counting it on the asked item let a set-aside item be tried a
+        # fourth time.
+        if item is not None:
+            landed = p.plan.clusters[item]
+            tracked = st.items.get(np.asarray(landed.centroid), landed)
+        else:
+            tracked = st.items.find(grasp.position) or tracked
+        if tracked is not None and not tracked.allows(grasp.gripper):
+            log.info("clicked pixel %s lands on an item that does not allow %s any more: skipped",
+                     answer.pixel, grasp.gripper)  # fmt: skip
+            self._count("answers_on_set_aside")
+            return
         if descriptor is None and item is not None:
             descriptor = p.plan.clusters[item].descriptor
         self._pick_and_place(

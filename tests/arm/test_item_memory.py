@@ -172,3 +172,56 @@ def test_item_memory_follows_a_dropped_item_by_its_size_and_bans_the_gripper_tha
     it3 = mem.get(np.array([0.2, -0.15, 0.05]))
     mem.record(it3, "parallel_jaw", Reason.OK)
     assert mem.find(np.array([0.2, -0.15, 0.02])) is None
+
+
+def test_a_click_on_an_item_already_set_aside_is_not_a_fourth_try(stack_factory):
+    # test 1003 episode 1: an irregular item, set aside after three failed tries, showed up as a
+    # second segment; the cell asked about that segment and the person clicked the item itself.
+    # The try was counted on the segment asked about, and the set-aside item was tried a fourth time.
+    from concurrent.futures import Future
+
+    from cellrig import project
+
+    from hitl.messages import AssistAnswer
+
+    st = stack_factory(max_attempts_per_tote=12)
+    stubborn = add_carton(st, dx=-0.1)
+    add_carton(st, dx=0.1)
+    offsets = [(0.0, 0.0), (0.02, 0.0), (0.0, 0.02), (-0.02, 0.0), (0.0, -0.02)]
+
+    def bad(frame, n):
+        # Sure (0.99) grasps over the stubborn carton that touch nothing: three tries, then set aside.
+        g = grasp_above(st, stubborn, 0.10)
+        dx, dy = offsets[n % len(offsets)]
+        return [replace(g, position=g.position + np.array([dx, dy, 0.0]))]
+
+    where = _xy(st, stubborn)
+    # The model is unsure about the other carton, so the cell asks about it...
+    st.controller.planner, _ = _scripted(
+        st.controller.planner,
+        p_of=lambda c, cl: 0.3 if np.linalg.norm(c.grasp.position[:2] - where) > 0.06 else 0.95,
+        prepend=bad,
+    )
+    top = grasp_above(st, stubborn, 0.0).position
+    asked = []
+
+    class Person:
+        # ... and the person clicks the set-aside carton's top every time.
+        def ask(self, request) -> Future:
+            asked.append(request)
+            fut: Future = Future()
+            px = project(st, top)
+            answer = AssistAnswer(request.request_id, "answered", "point", pixel=px, associate_id="eve")
+            fut.set_result(answer)
+            return fut
+
+        def cancel(self, request_id: str) -> None:
+            pass
+
+    st.controller.assist = Person()
+    rep = st.controller.run_tote("t0")
+    near = [a for a in rep.attempts if np.linalg.norm(a.grasp.position[:2] - where) < 0.05]
+    assert asked, "the cell never asked about the other carton"
+    assert len(near) == 3 and all(a.decided_by == "model" for a in near)  # no fourth try by a click
+    assert not _in_box(st, stubborn) and rep.max_attempts_on_one_item == 3
+    assert "3 tries failed" in rep.items_set_aside[0]
