@@ -244,6 +244,8 @@ class CellController:
         self._stop = threading.Event()
         self._planner_lock = threading.Lock()
         self._motions = 0  # pick/place/home motions commanded so far: the tote may have changed
+        # The last observation's exposed capture and plan: (index in plan_exposed_ms, plan ms, motions).
+        self._exposed_look: tuple[int, float, int] | None = None
         # Called after every attempt with (attempt, the plan it came from): benchmarks and UIs listen here.
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
         # Called after every question with (request, centre (3,) of the item it is about, base frame).
@@ -303,6 +305,7 @@ class CellController:
         # Motions commanded when the cell last idled waiting for a person (None: it has not since
         # its last observation): an observation with no motion since is taken inside that wait.
         waited_at: int | None = None
+        look_in_wait: tuple[int, float, int] | None = None  # see _charge_look_to_wait
 
         while True:
             if self._stop.is_set():
@@ -357,9 +360,14 @@ class CellController:
                 frame, plan, plan_id, planner_used = obs
                 observed = (frame, plan, plan_id, self._motions, planner_used)
                 fresh_look = reused = False
+                # A look charged to the arm, taken while a person was already thinking about a
+                # question: if all it finds is to wait for them, it was inside that wait (below).
+                look_in_wait = self._exposed_look if pending else None
 
             if plan.decision == "empty" or not plan.candidates:
                 if pending:
+                    self._charge_look_to_wait(rep, look_in_wait)
+                    look_in_wait = None  # charged once
                     rep.human_wait_s += self._idle()
                     waited_at = self._motions
                     fresh_look = fresh_look or not self._answers_on_robot_clock()
@@ -404,6 +412,8 @@ class CellController:
             ask_pool = pools.unsure or pools.hard
             if not ask_pool:
                 if pending:
+                    self._charge_look_to_wait(rep, look_in_wait)
+                    look_in_wait = None  # charged once
                     rep.human_wait_s += self._idle()
                     waited_at = self._motions
                     fresh_look = fresh_look or not self._answers_on_robot_clock()
@@ -483,6 +493,7 @@ class CellController:
                 if not self.lookahead.check_in_release:
                     rep.captures_exposed += 1
                 ahead = self.lookahead.take()
+            self._exposed_look = None
             if ahead is None:
                 if waiting:
                     rep.captures_while_waiting += 1
@@ -510,11 +521,30 @@ class CellController:
             rep.planning_while_waiting_ms += plan.latency_ms
         else:
             rep.plan_exposed_ms.append(plan.latency_ms)
+            self._exposed_look = (len(rep.plan_exposed_ms) - 1, plan.latency_ms, self._motions)
         self._observe_plan(plan)
         plan_id = None
         if self.ledger is not None:
             plan_id = self.ledger.record_plan(plan, tote_id=tote_id, frame=frame)
         return frame, plan, plan_id, planner
+
+    def _charge_look_to_wait(self, rep: ToteReport, look: tuple[int, float, int] | None) -> None:
+        """Move a look from the arm's account to a person's wait.
+
+        `look` (its index in `plan_exposed_ms`, the plan's ms, the motions then) is a capture and plan
+        charged as exposed that were taken while a question was pending. When all the cell does
+        after it is wait for that person, with nothing moved since, the look took place during
+        their answer time: the arm would have waited for the person without it, as it does for the
+        looks it takes between idle steps (`waiting` in `_observe`). Only a fresh capture is moved,
+        never a plan made ahead; robot time and every decision are unchanged.
+        """
+        if look is None or look[2] != self._motions:
+            return
+        k, latency_ms, _ = look
+        rep.captures_exposed -= 1
+        rep.captures_while_waiting += 1
+        rep.plan_exposed_ms[k] = 0.0
+        rep.planning_while_waiting_ms += latency_ms
 
     def _count_unsure_looks(
         self, st: _ToteState, plan: Plan, ask_pool: list[tuple[int, Candidate]], counted: bool

@@ -9,7 +9,9 @@ for (`plan_exposed_ms`; planning done while the arm moves is hidden and not char
 The controller also sorts its camera captures (`ToteReport.captures_*`): ones the arm waits for
 (exposed), ones taken while the arm places (behind motion, arm/lookahead.py) and ones taken while the
 cell idles waiting for a person with nothing else to do (inside that wait, as is the plan made on
-them). Sensing that costs the cell time is the exposed captures only, `sensing_exposed_seconds`;
+them). A look taken while a question is pending that finds nothing to do but wait for the answer is
+inside the wait too (the person was already thinking; `CellController._charge_look_to_wait`); one
+that finds something to pick stays exposed. Sensing that costs the cell time is the exposed captures only, `sensing_exposed_seconds`;
 `sensing_seconds` keeps counting every capture.
 
 Aggregate side (`cycle_metrics`), merged into the bench's metrics ("sensing" below is exposed

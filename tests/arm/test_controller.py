@@ -432,7 +432,8 @@ def test_waiting_on_a_robot_clock_associate_decides_again_on_the_same_look(stack
 def test_captures_and_plans_made_while_waiting_for_a_person_are_inside_the_wait(stack_factory):
     """Each capture is sorted by whether it costs the cell time (issue 17's cycle accounting): the
     first look and the look-again are ones the arm waits for; while the cell idles for an answer
-    with nothing else to do, every capture (and the plan on it) happens inside that wait."""
+    with nothing else to do, every capture (and the plan on it) happens inside that wait, and so
+    does the look right after asking when all it finds is that wait."""
     from sim.associate import SimAssistChannel
 
     st = stack_factory(assist_deadline_s=2.0)  # reuse_unchanged_view off: a new look every idle step
@@ -446,10 +447,36 @@ def test_captures_and_plans_made_while_waiting_for_a_person_are_inside_the_wait(
     # Every capture is sorted exactly once; nothing moved, so none was behind motion.
     assert rep.captures_exposed + rep.captures_while_waiting + rep.captures_behind_motion == captures["n"]
     assert rep.captures_behind_motion == 0
-    # The first look, the look-again, the look right after asking (before any wait) and the one
-    # after the question expired (the wait is over).
-    assert rep.captures_exposed == 4
+    # The first look, the look-again and the one after the question expired (the wait is over).
+    # The look right after asking found nothing to do but wait: the person was already thinking.
+    assert rep.captures_exposed == 3
+    assert rep.plan_exposed_ms[0] > 0 and rep.plan_exposed_ms[1] > 0 and rep.plan_exposed_ms[2] == 0.0
     assert rep.captures_while_waiting >= 6  # 2 s of 0.25 s idle steps, one look after each
     waiting = [i for i, e in enumerate(rep.plan_exposed_ms) if e == 0.0]
     assert len(waiting) == rep.captures_while_waiting
     assert rep.planning_while_waiting_ms == sum(rep.plan_latency_ms[i] for i in waiting)
+
+
+def test_the_look_after_asking_that_finds_a_pick_is_charged_to_the_arm(stack_factory):
+    """The other side of the rule above: when the look taken while a person thinks finds an item
+    to pick, the arm waited for that look and its plan, so they stay charged."""
+    from sim.associate import SimAssistChannel
+
+    st = stack_factory(assist_deadline_s=2.0)
+    add_carton(st, dx=-0.1)
+    other = add_carton(st, dx=0.1)
+    asked: list[np.ndarray] = []
+    st.controller.on_ask = lambda req, centre: asked.append(np.asarray(centre))
+
+    def unsure(centre) -> bool:
+        # Unsure about both for the first look and the look-again; then only about the one asked.
+        return planner.plans <= 2 or bool(asked and np.linalg.norm(centre[:2] - asked[0][:2]) < 0.05)
+
+    planner = ScriptedPlanner(st.controller.planner, unsure=unsure)
+    st.controller.planner = planner
+    st.controller.assist = SimAssistChannel(None, lambda: st.cell.arm.robot_time, answer=False)
+    rep = st.controller.run_tote("t0")
+    assert rep.assists_requested >= 1 and rep.attempts[0].decided_by == "model"
+    assert _in_box(st, other)
+    # Plans 1-2 (look, look again) and 3 (right after asking, which found the other carton).
+    assert all(e > 0 for e in rep.plan_exposed_ms[:3])
