@@ -11,8 +11,8 @@ The controller also sorts its camera captures (`ToteReport.captures_*`): ones th
 cell idles waiting for a person with nothing else to do (inside that wait, as is the plan made on
 them). A look taken while a question is pending that finds nothing to do but wait for the answer is
 inside the wait too (the person was already thinking; `CellController._charge_look_to_wait`); one
-that finds something to pick stays exposed. Sensing that costs the cell time is the exposed captures only, `sensing_exposed_seconds`;
-`sensing_seconds` keeps counting every capture.
+that finds something to pick stays exposed. Sensing that costs the cell time is the exposed
+captures only, `sensing_exposed_seconds`; `sensing_seconds` keeps counting every capture.
 
 Aggregate side (`cycle_metrics`), merged into the bench's metrics ("sensing" below is exposed
 sensing; `mpph` in sim/benchmark/metrics.py uses it too):
