@@ -112,6 +112,9 @@ class SimArmConfig:
     physics_hz: float = 240.0  # Hz, simulation step rate
     settle_s: float = 0.3  # s, physics time after a release for the item to come to rest
     transit_check_dt: float = 0.02  # s, sampling interval of the kinematic transit (payload checks)
+    # A straight retreat solved by IK every centimetre: a bigger joint step between two solutions is
+    # a switch of IK branch, not a path (rad; normal steps are a few hundredths).
+    line_max_joint_step: float = 0.3
     hold_tick_s: float = 0.05  # s, robot time between checks while a protective stop holds the arm
     max_hold_s: float = 3600.0  # s, a held motion gives up (ESTOP, still holding) after this long
     suction: SuctionConfig = field(default_factory=SuctionConfig)

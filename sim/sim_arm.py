@@ -2022,6 +2022,12 @@ class SimArm:
             qs = self._line_qs(pos, target, R, link, max(6, int(np.ceil((top - pos[2]) / 0.01)) + 1))
         except _Abort:
             qs = None
+        if qs is not None and float(np.abs(np.diff(qs, axis=0)).max()) > self.cfg.line_max_joint_step:
+            # IK switched branches on the way up (a 1 cm step of the tool needing a large joint
+            # step): no continuous straight path. Slowing down uniformly never makes a jump
+            # feasible; a retreat once ran 203 s of robot time that way (bench procedural 1004).
+            log.warning("retreat: the straight path up from %s jumps between IK branches", np.round(pos, 3))
+            qs = None
         if qs is None:
             log.warning("retreat: no straight path up from %s; going home directly", np.round(pos, 3))
             qs = np.array([self.q(), self.cfg.home])

@@ -330,3 +330,17 @@ def test_a_board_leaning_on_the_tote_wall_is_lifted_straight_up_not_into_the_wal
     out = cell.arm.pick(Grasp("suction", np.asarray(pos) + 0.008 * n, matrix_to_quat(grasp_frame(-n))))
     assert out.success, out
     assert cell.item_pose(board)[0][2] > b.hi[2]  # out of the tote, under the cup
+
+
+def test_a_retreat_whose_straight_path_jumps_between_ik_branches_goes_home_in_seconds(sim_cell):
+    # The arm as it was after a failed suction pick in bench procedural 1004, episode 19: solved
+    # every centimetre, the straight line up switches IK branch (a joint step of several radians).
+    # Slowing that "path" down until it looked within the limits once charged 203 s of robot time.
+    q = [1.67257503, -0.16945280, -1.99025412, -2.75017747, -0.44660974, 3.37289155, -2.23772696]
+    arm = sim_cell.arm
+    arm.suction.set_extended(True)
+    arm._set_q(np.array(q))
+    t0 = arm.robot_time
+    arm.retreat()
+    assert arm.robot_time - t0 < 5.0
+    assert np.allclose(arm.q(), arm.cfg.home, atol=1e-3)  # the fallback: straight home in joint space
