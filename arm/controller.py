@@ -521,7 +521,8 @@ class CellController:
             rep.planning_while_waiting_ms += plan.latency_ms
         else:
             rep.plan_exposed_ms.append(plan.latency_ms)
-            self._exposed_look = (len(rep.plan_exposed_ms) - 1, plan.latency_ms, self._motions)
+            if ahead is None:  # a fresh capture charged as exposed (not a look-ahead's check frame)
+                self._exposed_look = (len(rep.plan_exposed_ms) - 1, plan.latency_ms, self._motions)
         self._observe_plan(plan)
         plan_id = None
         if self.ledger is not None:
