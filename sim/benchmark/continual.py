@@ -1,15 +1,14 @@
 """`pickcell bench continual`: one cell, a new kind of item, rounds of collect -> learn -> gate -> swap.
 
 What it is
-    One simulated cell (`sim.stack.build_sim_stack`, the real controller, a real ledger, the
-    simulated associate on the robot clock) works through totes that mix a new kind of item with
-    familiar `procedural-train` items. By default the new kind is `frame` (catalog `novel-train`,
-    sim/catalogs/novel.py: a family no shipped model trained on) and the cell starts from the
+    One simulated cell (`sim.stack.build_sim_stack`, the real controller, a real ledger stamped on the robot
+    clock so a run repeats exactly, the simulated associate on the robot clock) works through totes that mix a
+    new kind of item with familiar `procedural-train` items. By default the new kind is `frame` (catalog
+    `novel-train`, sim/catalogs/novel.py: a family no shipped model trained on) and the cell starts from the
     shipped model (`grasping/models/default.safetensors`, `graspnet-sim-v4`; `--start-model`); a
-    `procedural-train` family as `--new-family` instead trains a starting model for the experiment
-    on `--start-data` with that family **left out**. Round 0 measures it: the cell asks a person
-    where the model's scores are low (or its watchdog flags the scene), or the model's own pick
-    fails. Each later
+    `procedural-train` family as `--new-family` instead trains a starting model for the experiment on
+    `--start-data` with that family **left out**. Round 0 measures it: the cell asks a person where the
+    model's scores are low (or its watchdog flags the scene), or the model's own pick fails. Each later
     round: `pickcell learn`'s round (`learn.learner.run_round`, forced) fine-tunes on the cell's
     ledger (the associate's answers and outcomes are labelled rows) with weighted sampling and
     replay (the familiar items' rows of the same ledger, plus `--start-data` as replay), refits the
@@ -67,6 +66,10 @@ NOVEL_CATALOG = "novel-train"  # the families no shipped model trained on (sim/c
 # The held-out evaluation totes' stream: seed + this (a prime, apart from cell B's offset in
 # fleet_continual.py), so no evaluation tote is one the learning cell worked and recorded.
 EVAL_SEED_OFFSET = 104729
+# The experiment's ledgers are stamped on the simulated cell's robot clock from this unix time
+# (2026-01-01 UTC), not the wall clock: the learner's recency weights and its cutoff read those
+# stamps, so wall-clock stamps made two runs of one command train on different weights.
+SIM_LEDGER_EPOCH = 1_767_225_600.0
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,22 @@ def vs_control(
     }
 
 
+def robot_clock(robot_time: Any, epoch: float = SIM_LEDGER_EPOCH) -> Any:
+    """A ledger clock on simulated robot time: `epoch + robot_time()`, strictly increasing.
+
+    Several rows are written at one robot instant (a plan and the question it raises); each gets
+    a stamp a microsecond after the last, so "rows after the cutoff" never depends on row order
+    within an instant, and the same run gives the same stamps.
+    """
+    last = [-np.inf]
+
+    def clock() -> float:
+        last[0] = max(epoch + float(robot_time()), last[0] + 1e-6)
+        return last[0]
+
+    return clock
+
+
 def _build_cell(
     cfg: ContinualConfig,
     model: Path,
@@ -412,7 +431,12 @@ def _build_cell(
     from sim.stack import build_sim_stack
 
     seed = cfg.seed if seed is None else int(seed)
-    ledger = Ledger(ledger_path, cell_id) if ledger_path is not None else None
+    arm: list[Any] = []  # the cell's arm, once built: the ledger's clock reads its robot time
+    ledger = (
+        Ledger(ledger_path, cell_id, clock=robot_clock(lambda: arm[0].robot_time if arm else 0.0))
+        if ledger_path is not None
+        else None
+    )
     ccfg = ControllerConfig(
         cell_id=cell_id,
         wall_poll_s=0.0,
@@ -429,6 +453,7 @@ def _build_cell(
         ledger=ledger,
         first_tote=first_tote,
     )
+    arm.append(stack.cell.arm)
     stack.feed.catalog = catalog  # totes mix the new kind with familiar items
     if ledger is not None:
         _record_item_families(stack)

@@ -215,3 +215,50 @@ def test_vs_control_compares_the_same_items_and_pools_the_learning_rounds() -> N
     assert res["rounds"][0]["unpaired"] == 2  # round 0's control tote was empty
     assert res["learning_rounds_pooled"]["new_family_failure"] == nk  # round 0 is not pooled
     assert res["unpaired"] == 3
+
+
+def test_the_cells_ledger_is_stamped_on_robot_time_so_a_run_repeats_exactly(tmp_path) -> None:
+    # The learner weights rows by recency and splits old from new at a cutoff, both read from the
+    # ledger's `recorded_at`. Stamped by the wall clock, two runs of one command trained on
+    # different weights (docs/benchmarks.md, stop 28: models not bit-identical). On the robot clock
+    # the same tote gives the same stamps, strictly increasing, in a fresh cell and a fresh ledger.
+    import sqlite3
+
+    from sim.benchmark.continual import (
+        DEFAULT_START_MODEL,
+        SIM_LEDGER_EPOCH,
+        _build_cell,
+        _work_tote,
+        mixed_catalog,
+        quick_config,
+    )
+
+    cfg = quick_config(0, 4)
+    catalog = mixed_catalog(cfg.new_family, cfg.new_share, cfg.seed)
+
+    def stamps(name: str) -> tuple[list[float], float]:
+        stack, channel, ledger = _build_cell(cfg, DEFAULT_START_MODEL, catalog, tmp_path / name, "c")
+        try:
+            _work_tote(stack, channel, cfg.new_family)
+            robot_s = stack.cell.arm.robot_time
+        finally:
+            stack.close()
+            ledger.close()
+        conn = sqlite3.connect(tmp_path / name)
+        try:
+            rows = conn.execute(
+                "SELECT recorded_at FROM plans UNION ALL SELECT recorded_at FROM attempts "
+                "UNION ALL SELECT recorded_at FROM answers"
+            ).fetchall()
+            n_attempts = conn.execute("SELECT count(*) FROM attempts").fetchone()[0]
+        finally:
+            conn.close()
+        assert n_attempts > 0
+        return sorted(r for (r,) in rows), robot_s
+
+    a, robot_s = stamps("a.db")
+    b, _ = stamps("b.db")
+    assert a == b  # the same run, the same stamps
+    assert len(set(a)) == len(a)  # strictly increasing: no two rows share a stamp
+    # robot time counted from the epoch, not the wall clock (months past 2026-01-01)
+    assert SIM_LEDGER_EPOCH <= a[0] and a[-1] <= SIM_LEDGER_EPOCH + robot_s + 1.0
