@@ -604,6 +604,8 @@ class CellController:
             it = item(c)
             if it is not None and not it.allows(c.grasp.gripper):
                 continue  # set aside, or this gripper already lost it
+            if st.items.lost_here(c.grasp.position, c.grasp.gripper) is not None:
+                continue  # this gripper lost an item right here (whatever cluster it is in now)
             if it is not None and it.model_failures >= cfg.max_failures_per_item:
                 pools.hard.append((i, c))  # the model has tried enough: a person may
                 continue
@@ -941,7 +943,9 @@ class CellController:
         why_failed = out if not out.success else placed
         reason = why_failed.reason if why_failed is not None else Reason.OK
         why = str(why_failed.details.get("why", "")) if why_failed is not None else ""
-        st.items.record(tracked, grasp.gripper, reason, why, by_model=decided_by.startswith("model"))
+        st.items.record(
+            tracked, grasp.gripper, reason, why, by_model=decided_by.startswith("model"), at=grasp.position
+        )
         if tracked.set_aside and reason is not Reason.OK:
             self._count("items_set_aside")
             log.info("item at %s set aside: %s", np.round(tracked.centre, 3), tracked.why_set_aside)

@@ -16,6 +16,13 @@ how often it was tried and why it failed, and turns that into the next try (Sand
   set aside for a person to take out by hand. An item no gripper may take any more is set aside at
   once. Setting an item aside never ends the tote: the other items are still picked.
 
+Where a grip lost an item under load is remembered too (`lost_here`): no grip of that gripper within
+`lost_spot_radius_m` of the spot, whatever item the planner now segments there. In a pile the
+cluster an item belongs to changes from look to look (a dropped mailer merged with the items it
+fell among, its cluster centre 6 cm away and twice its size), so following the item alone let the
+cup drop it a second time 2 cm from the first spot. A successful pick near a spot takes what was
+lost there: the spot is forgotten.
+
 Following an item: the nearest remembered centre within `radius_m`. An item a try failed on may
 have moved (dropped, slipped, pushed by the cup or a finger), so it is also recognised by its size
 (sorted footprint and height, within `size_tol_m` plus `size_tol_rel`) anywhere in the tote. Two
@@ -42,6 +49,9 @@ class ItemMemoryConfig:
     radius_m: float = 0.04  # a cluster this close to a remembered centre is that item, metres
     size_tol_m: float = 0.015  # size match for an item that may have moved: absolute part, metres
     size_tol_rel: float = 0.15  # ... plus this share of the size, [0, 1]
+    # No grip of a gripper this close (in the tote's plane) to where it lost an item under load:
+    # about the cup's diameter, so the new contact patch does not overlap the lost one, metres
+    lost_spot_radius_m: float = 0.03
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -64,6 +74,7 @@ class TrackedItem:
     picked: bool = False  # taken out of the tote: what is seen there later is another item
     set_aside: bool = False  # no more tries this tote: a person takes it out by hand
     why_set_aside: str = ""
+    lost_at: list[tuple[np.ndarray, str]] = field(default_factory=list)  # grip points that lost it
 
     def allows(self, gripper: str) -> bool:
         return not self.set_aside and gripper not in self.banned
@@ -115,25 +126,47 @@ class ItemMemory:
         return it
 
     def record(
-        self, item: TrackedItem, gripper: str, reason: Reason, why: str = "", by_model: bool = True
+        self,
+        item: TrackedItem,
+        gripper: str,
+        reason: Reason,
+        why: str = "",
+        by_model: bool = True,
+        at: np.ndarray | None = None,
     ) -> None:
-        """Count one try on `item` and decide what the next one may be."""
+        """Count one try on `item` and decide what the next one may be (`at`: the grip point, base frame)."""
         item.attempts += 1
         if reason is Reason.OK:
             item.picked = True  # an item seen here later (one it lay on) is another item
+            if at is not None:
+                for other in self.items:  # what was lost near here is most likely what was just taken
+                    other.lost_at = [(p, g) for p, g in other.lost_at if not self._within(p, at)]
             return
         item.failures += 1
         item.model_failures += int(by_model)
         item.reasons.append(reason.value)
         item.moved = True
-        if reason in LOST_UNDER_LOAD:
-            item.banned.add(gripper)
+        lost = {gripper} if reason in LOST_UNDER_LOAD else set()
         if TOO_HEAVY_FOR_CUP in why:
-            item.banned.add("suction")
+            lost.add("suction")
+        item.banned |= lost
+        if at is not None:
+            item.lost_at += [(np.asarray(at, dtype=np.float64), g) for g in sorted(lost)]
         if all(g in item.banned for g in GRIPPER_KINDS):
             self.set_aside(item, "no gripper holds it: " + ", ".join(item.reasons))
         elif item.attempts >= self.config.max_attempts:
             self.set_aside(item, f"{item.attempts} tries failed: " + ", ".join(item.reasons))
+
+    def lost_here(self, position: np.ndarray, gripper: str) -> TrackedItem | None:
+        """The item `gripper` lost under load within `lost_spot_radius_m` of `position`, if any."""
+        for it in self.items:
+            if not it.picked and any(g == gripper and self._within(p, position) for p, g in it.lost_at):
+                return it
+        return None
+
+    def _within(self, a: np.ndarray, b: np.ndarray) -> bool:
+        d = np.asarray(a, dtype=np.float64)[:2] - np.asarray(b, dtype=np.float64)[:2]
+        return float(np.linalg.norm(d)) < self.config.lost_spot_radius_m
 
     def set_aside(self, item: TrackedItem, why: str) -> None:
         item.set_aside = True
