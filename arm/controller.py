@@ -60,6 +60,10 @@ from hitl.messages import AssistAnswer, AssistRequest, CandidateView
 
 log = logging.getLogger(__name__)
 
+# Why the cell asks about an item (AssistRequest.context["cause"]): the item watchdog calls it novel;
+# its best score is under the ask threshold; the model failed on it `max_failures_per_item` times.
+ASK_CAUSES = ("novel", "low_score", "model_failed")
+
 
 class AssistChannel(Protocol):
     """Where the cell sends questions: `hitl.client.AssistClient`, or an in-process simulated associate."""
@@ -388,7 +392,9 @@ class CellController:
                 if _bump(st.asks, centre, cfg.item_radius_m) > cfg.max_asks_per_item:
                     st.skipped.append(centre)
                 else:
-                    self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots)
+                    self._ask(
+                        rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots, cause="novel"
+                    )
                     rep.novel_items_asked += 1
                     self._count("novel_items_asked")
                     log.info("item at %s is out of distribution: asked at once", np.round(centre, 3))
@@ -468,7 +474,14 @@ class CellController:
                 )
                 st.skipped.append(centre)
                 continue
-            self._ask(rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots, item=cand.cluster)
+            if not pools.unsure:
+                cause = "model_failed"  # the model tried this item enough: a person may
+            else:
+                cause = "low_score" if _item_in_distribution(plan, cand) else "novel"
+            self._ask(
+                rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots,
+                item=cand.cluster, cause=cause,
+            )  # fmt: skip
 
         for p in pending.values():  # leaving the tote: questions about it are moot
             self.assist.cancel(p.request.request_id)
@@ -667,7 +680,10 @@ class CellController:
         pending: dict[str, _Pending],
         failed_spots: Sequence[np.ndarray] = (),
         item: int | None = None,
+        cause: str = "low_score",
     ) -> None:
+        """Ask a person about the item at `centre`. `cause` (ASK_CAUSES) says why this item, for the
+        ledger, the console and the benchmark's account of what kept items from being placed alone."""
         cfg = self.config
         # Offer the best 20 distinct candidates that have not already failed in this tote: an associate
         # who approves a spot the cell just failed at would see it fail again (measured in the benchmark:
@@ -712,6 +728,7 @@ class CellController:
                 # The item asked about (plan cluster): a "no safe pick" answer labels its
                 # candidates only, never those on other items shown in the same picture.
                 "item": None if item is None or item < 0 else int(item),
+                "cause": cause,
             },
         )
         family = self.item_family(np.asarray(centre)) if self.item_family is not None else None

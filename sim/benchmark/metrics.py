@@ -17,7 +17,8 @@ executed pick:
 
 `item_log` holds one dict per item presented: `item`, `family`, `fate` (placed | lost | given_up |
 no_safe_pick | expired | diverted | skipped, see `sim.benchmark.record.FATES`), `attempts`,
-`questions`, `answers` (one per question: the answer kind, or expired / cancelled), `person`
+`questions`, `answers` (one per question: the answer kind, or expired / cancelled), `asked_because`
+(the controller's cause of each question), `not_alone_because`, `person`
 (a person decided an attempt on it or answered a question about it), `damaged`. `halted` lists
 the picks and places a protective stop ended (no attempt is recorded for them) with their damage.
 The episode also carries `items`, `items_cleared`, `questions`, `questions_answered`,
@@ -37,6 +38,9 @@ person decided, and nothing is left out of a denominator):
 - `first_attempt_success_by_decider`: first attempts on items, split by who decided them;
 - `items_left_rate`: items not in a box at the end / items presented, by fate;
 - `interventions_per_100_items`: questions asked of a person (answered or not) per 100 items;
+  `questions_by_cause` splits them by why the cell asked (novel item, low score, the model failed
+  on it), and `items_not_alone_by_cause` counts the items not placed by the model alone by what
+  happened to them first (`sim.benchmark.record`): where autonomy is lost;
 - `max_attempts_on_one_item`;
 - `damage_rate`: damaging motions / (attempts + motions a stop halted).
 
@@ -217,6 +221,15 @@ def operator_metrics(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     fates: dict[str, int] = defaultdict(int)
     for i in left:
         fates[i["fate"]] += 1
+    # What kept items from the model alone, and why questions were asked (records before these
+    # keys existed have neither: empty counts)
+    not_alone: dict[str, int] = defaultdict(int)
+    asked_because: dict[str, int] = defaultdict(int)
+    for i in items:
+        if i.get("not_alone_because"):
+            not_alone[i["not_alone_because"]] += 1
+        for c in i.get("asked_because", []):
+            asked_because[c] += 1
     halted = [h for e in eps for h in e.get("halted", [])]
     dmg_kinds: dict[str, int] = defaultdict(int)
     for a in [*attempts, *halted]:
@@ -249,6 +262,8 @@ def operator_metrics(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         "items_left_rate": lft["value"],
         "items_left_rate_ci95": lft["ci95"],
         "items_left_by_fate": dict(sorted(fates.items())),
+        "items_not_alone_by_cause": dict(sorted(not_alone.items())),
+        "questions_by_cause": dict(sorted(asked_because.items())),
         "interventions_per_100_items": (100.0 * questions / n_items) if n_items else None,
         "answers_per_100_items": (100.0 * answered / n_items) if n_items else None,
         "questions": questions,

@@ -14,6 +14,11 @@ other attempt ("model", "model-unsure") was executed by the model without asking
 *placed by the model alone* only if it ended in a box, no attempt on it was decided by a person and
 no question about it was answered. Questions nobody answered (expired or cancelled) do not make a
 person "involved", but they still count as interventions asked for.
+
+Why an item was not placed by the model alone (`not_alone_because`, one per such item), from what
+happened to it first: `model_failed` (the model's own first try on it failed), `novel`, `low_score`
+(the first question about it, by the controller's ask cause: arm.controller.ASK_CAUSES), or, for an
+item never tried nor asked about, `not_reached` (the tote was diverted or ran out of tries first).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+NOT_ALONE_CAUSES = ("model_failed", "novel", "low_score", "not_reached", "other")
 DAMAGE_DROP_M = 0.3  # a fall from higher than this counts as damage, metres
 # Arm-on-item contact force that counts as a damaging hit, newtons (sustained over ~20 ms, see
 # SimArm._note_impact). Ordinary picks of procedural items measured 35-70 N (median 43 N over 19
@@ -239,6 +245,23 @@ class _Instrumented:
             self.halted.append(rec)
 
 
+def _not_alone_because(rows: list[dict[str, Any]], asks: list[tuple[float, str]]) -> str:
+    """What happened first to an item the model did not place alone (module docstring).
+
+    `rows`: the item's attempts (each with its robot time `t`), `asks`: (robot time, cause) of the
+    questions about it. An attempt and a question at one instant: the attempt came first (a
+    question is asked after the look that follows a try)."""
+    first_try = min(rows, key=lambda r: r["t"]) if rows else None
+    if first_try is not None and (not asks or first_try["t"] <= asks[0][0]):
+        if first_try["decider"] == "model" and not first_try["success"]:
+            return "model_failed"
+        return "other"  # a person's pick first (a question asked before the episode's records began)
+    if asks:
+        cause = asks[0][1]
+        return cause if cause in NOT_ALONE_CAUSES else "other"
+    return "not_reached"
+
+
 def _name(body: int | None) -> str:
     return f"b{body}" if body is not None else "none"
 
@@ -291,6 +314,7 @@ class ToteRecorder:
         self.families = {int(s.body_id): s.spec.family for s in self.feed.spawned}
         self.rows: list[dict[str, Any]] = []
         self.asks: dict[str, str] = {}  # request id -> item name
+        self.ask_events: dict[str, tuple[str, float]] = {}  # request id -> (cause, robot s into the tote)
         self.answers.clear()
         self.arm.halted = []
         self.tried: set[str] = set()
@@ -300,6 +324,8 @@ class ToteRecorder:
 
     def _on_ask(self, request, centre) -> None:
         self.asks[request.request_id] = _name(self.arm._item_at(np.asarray(centre, dtype=np.float64)))
+        cause = str(request.context.get("cause", "other"))
+        self.ask_events[request.request_id] = (cause, self.arm.robot_time - self.t_start)
 
     def _on_attempt(self, att, plan) -> None:
         arm = self.arm
@@ -339,8 +365,11 @@ class ToteRecorder:
         in_box = set(self.cell.items_in_box())
         in_tote = set(self.cell.items_in_tote())
         asked: dict[str, list[str]] = {}
+        causes: dict[str, list[tuple[float, str]]] = {}
         for rid, item in self.asks.items():
             asked.setdefault(item, []).append(self.answers.get(rid, "expired"))
+            cause, t = self.ask_events.get(rid, ("other", 0.0))
+            causes.setdefault(item, []).append((t, cause))
         item_log = []
         for body, family in sorted(self.families.items()):
             name = _name(body)
@@ -362,6 +391,7 @@ class ToteRecorder:
                 fate = "diverted"
             else:
                 fate = "skipped"
+            asked_because = [c for _, c in sorted(causes.get(name, []))]
             item_log.append(
                 {
                     "item": name,
@@ -370,6 +400,12 @@ class ToteRecorder:
                     "attempts": len(rows),
                     "questions": len(answers),
                     "answers": answers,
+                    "asked_because": asked_because,
+                    "not_alone_because": (
+                        None
+                        if fate == "placed" and not person
+                        else _not_alone_because(rows, sorted(causes.get(name, [])))
+                    ),
                     "person": person,
                     "damaged": any(r["damaged"] for r in rows)
                     or any(h["damage"] and h["item"] == name for h in self.arm.halted),

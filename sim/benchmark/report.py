@@ -13,6 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _counts(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items()) or "none"
+
+
 def _fmt(x: Any, pct: bool = False) -> str:
     if x is None:
         return "n/a"
@@ -183,6 +187,11 @@ def write_report(out_dir: Path, metrics: dict[str, Any], episodes: list[dict[str
         "",
         "Items left, by fate: "
         + (", ".join(f"{k} {v}" for k, v in (metrics.get("items_left_by_fate") or {}).items()) or "none"),
+        "",
+        "Items not placed by the model alone, by what happened to them first: "
+        + _counts(metrics.get("items_not_alone_by_cause"))
+        + "; questions by why the cell asked: "
+        + _counts(metrics.get("questions_by_cause")),
         "",
         "Damage by kind: "
         + (", ".join(f"{k} {v}" for k, v in (metrics.get("damage_by_kind") or {}).items()) or "none"),

@@ -55,6 +55,7 @@ def test_unsure_looks_again_then_asks_and_executes_the_approved_candidate(stack_
     assert len(person.seen) == 1
     req = person.seen[0]
     assert req.image_png.startswith(b"\x89PNG") and req.candidates and req.reasons
+    assert req.context["cause"] == "low_score"  # a familiar item whose best score is under the threshold
     # it looked again before asking: two plans for the first decision
     assert planner.plans >= 3
     assert rep.attempts[0].decided_by == "associate:alice"

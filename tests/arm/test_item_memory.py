@@ -87,6 +87,7 @@ def test_a_novel_item_is_asked_about_at_once_while_the_familiar_ones_are_picked(
         person.close()
         st.controller.assist.close()
     assert rep.novel_items_asked == 1 and rep.assists_requested == 1 and len(person.seen) == 1
+    assert person.seen[0].context["cause"] == "novel"  # why the cell asked reaches the person (and ledger)
     by = [a.decided_by for a in rep.attempts]
     assert by[:2] == ["model", "model"] and by[-1] == "associate:alice"
     # The question offered the novel item's own candidates first: the approved one was on it.

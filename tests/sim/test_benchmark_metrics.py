@@ -352,3 +352,36 @@ def test_paired_newcombe_interval_matches_the_published_examples() -> None:
     assert newcombe_paired(np.zeros(0, bool), np.zeros(0, bool)) == (-1.0, 1.0)
     with pytest.raises(ValueError, match="paired"):
         newcombe_paired(np.ones(3, bool), np.ones(4, bool))
+
+
+def test_what_kept_each_item_from_the_model_alone_is_what_happened_to_it_first():
+    from sim.benchmark.record import _not_alone_because
+
+    def at(t, **kw):
+        return dict(_attempt("b1", "bottle", t == 1.0, kw.pop("success", False), **kw), t=t)
+
+    # The model's own first try failed, whatever came after (a person's pick, a question).
+    assert _not_alone_because(
+        [at(1.0), at(3.0, success=True, decided_by="associate:a")], [(2.0, "model_failed")]
+    ) == ("model_failed")
+    # Asked before any try: the question's cause (the watchdog's doubt, or a score under threshold).
+    assert _not_alone_because([at(5.0, success=True, decided_by="associate:a")], [(2.0, "novel")]) == "novel"
+    assert _not_alone_because([], [(2.0, "low_score"), (4.0, "novel")]) == "low_score"
+    # Never tried, never asked about: the tote ended first.
+    assert _not_alone_because([], []) == "not_reached"
+    # The counts: b2 asked about (low score) and approved; b3 novel, no safe pick; b4 failed by the
+    # model; b5 never reached; b1 placed alone has no cause. Questions are counted by cause.
+    items = [
+        dict(_item("b1", "carton", "placed", 1), asked_because=[], not_alone_because=None),
+        dict(_item("b2", "bottle", "placed", 1, ["approve"], True), asked_because=["low_score"],
+             not_alone_because="low_score"),
+        dict(_item("b3", "mailer", "no_safe_pick", 0, ["no_safe_pick"], True),
+             asked_because=["novel", "novel"], not_alone_because="novel"),
+        dict(_item("b4", "ball", "given_up", 2), asked_because=["model_failed"],
+             not_alone_because="model_failed"),
+        dict(_item("b5", "tube", "diverted"), asked_because=[], not_alone_because="not_reached"),
+    ]  # fmt: skip
+    m = aggregate([_episode(0, [_attempt("b1", "carton", True, True)], items, questions=4, answered=3)])
+    assert m["items_not_alone_by_cause"] == {"low_score": 1, "model_failed": 1, "not_reached": 1, "novel": 1}
+    assert m["questions_by_cause"] == {"low_score": 1, "model_failed": 1, "novel": 2}
+    assert sum(m["items_not_alone_by_cause"].values()) == 5 - m["items_placed_alone"]
