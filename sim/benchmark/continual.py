@@ -8,7 +8,7 @@ What it is
     shipped model (`grasping/models/default.safetensors`, `graspnet-sim-v4`; `--start-model`); a
     `procedural-train` family as `--new-family` instead trains a starting model for the experiment on
     `--start-data` with that family **left out**. Round 0 measures it: the cell asks a person where the
-    model's scores are low (or its watchdog flags the scene), or the model's own pick fails. Each later
+    model's scores are low (or its watchdog flags the item), or the model's own pick fails. Each later
     round: `pickcell learn`'s round (`learn.learner.run_round`, forced) fine-tunes on the cell's
     ledger (the associate's answers and outcomes are labelled rows) with weighted sampling and
     replay (the familiar items' rows of the same ledger, plus `--start-data` as replay), refits the
@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -397,7 +398,7 @@ def vs_control(
     }
 
 
-def robot_clock(robot_time: Any, epoch: float = SIM_LEDGER_EPOCH) -> Any:
+def robot_clock(robot_time: Callable[[], float], epoch: float = SIM_LEDGER_EPOCH) -> Callable[[], float]:
     """A ledger clock on simulated robot time: `epoch + robot_time()`, strictly increasing.
 
     Several rows are written at one robot instant (a plan and the question it raises); each gets

@@ -116,14 +116,16 @@ def test_train_from_sim_collects_in_simulation_and_refuses_too_little_data(tmp_p
 
 
 def test_refit_watchdog_fits_the_current_item_descriptor_into_a_copy_and_leaves_the_source(tmp_path):
-    """An upgraded descriptor leaves an old item watchdog reading the features it knows (the
-    shipped one is version 2: no `opening`); `sim refit-watchdog` fits one on the current version."""
+    """An upgraded descriptor leaves an old item watchdog reading the features it knows
+    (`guaranteed.safetensors`, the shipped network with thresholds refit before descriptor version 3,
+    is version 2: no `opening`); `sim refit-watchdog` fits one on the current version. (The shipped
+    default was refit this way in stop 30.)"""
     import shutil
 
     from grasping.modelfile import file_sha256, load_model, read_sidecar, sidecar_path
     from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, ITEM_FEATURE_COUNT, ITEM_FEATURES
 
-    src = REPO / "grasping" / "models" / "default.safetensors"
+    src = REPO / "grasping" / "models" / "guaranteed.safetensors"
     shipped = load_model(src)
     old = tmp_path / "old.safetensors"
     shutil.copy(src, old)
