@@ -96,19 +96,27 @@ def test_a_novel_item_is_asked_about_at_once_while_the_familiar_ones_are_picked(
     assert rep.status == "cleared"
 
 
-def test_a_heavy_item_dropped_by_the_cup_is_taken_by_the_jaw_next(stack_factory):
+def _brick_cell(stack_factory):
+    """A cell with one 7 x 5 x 5 cm, 2.8 kg brick in the middle of the tote: its weight alone is over
+    the cup's 25 N; the jaw (30 N, mu 1) holds it. Returns (stack, brick body)."""
     st = stack_factory()
     b = st.cell.tote_bounds
     c = (b.lo + b.hi) / 2
-    # 7 x 5 x 5 cm, 2.8 kg: its weight alone is over the cup's 25 N; the jaw (30 N, mu 1) holds it.
     brick = st.cell.add_primitive(
         "box", (0.035, 0.025, 0.025), (c[0], c[1], b.lo[2] + 0.027), mass=2.8, friction=1.0, name="brick"
     )
     st.cell.settle(0.3)
-    # The model prefers the cup (0.99) to the jaw (0.9): it will try the cup first.
-    st.controller.planner, _ = _scripted(
-        st.controller.planner, p_of=lambda cand, cl: 0.99 if cand.grasp.gripper == "suction" else 0.9
-    )
+    return st, brick
+
+
+def _cup_first(cand, cl) -> float:
+    """The model prefers the cup (0.99) to the jaw (0.9): it tries the cup first."""
+    return 0.99 if cand.grasp.gripper == "suction" else 0.9
+
+
+def test_a_heavy_item_dropped_by_the_cup_is_taken_by_the_jaw_next(stack_factory):
+    st, brick = _brick_cell(stack_factory)
+    st.controller.planner, _ = _scripted(st.controller.planner, p_of=_cup_first)
     rep = st.controller.run_tote("t0")
     grippers = [a.grasp.gripper for a in rep.attempts]
     reasons = [a.outcome.reason for a in rep.attempts]
@@ -125,16 +133,8 @@ def test_the_cup_does_not_grip_again_where_it_lost_an_item_when_the_item_is_segm
     # pile: a cluster 6 cm off and twice the size, which the item memory cannot take for the brick
     # (reporting seed 1004, procedural tote 19, where the cup dropped a mailer twice). The spot
     # where the cup lost it still rules the cup out there.
-    st = stack_factory()
-    b = st.cell.tote_bounds
-    c = (b.lo + b.hi) / 2
-    brick = st.cell.add_primitive(
-        "box", (0.035, 0.025, 0.025), (c[0], c[1], b.lo[2] + 0.027), mass=2.8, friction=1.0, name="brick"
-    )
-    st.cell.settle(0.3)
-    scripted, state = _scripted(
-        st.controller.planner, p_of=lambda cand, cl: 0.99 if cand.grasp.gripper == "suction" else 0.9
-    )
+    st, brick = _brick_cell(stack_factory)
+    scripted, state = _scripted(st.controller.planner, p_of=_cup_first)
     tries: list[int] = []
 
     def piled(frame):
