@@ -763,8 +763,15 @@ class SimArm:
                 ok, u = self._grip_ok(accel)
                 if not ok:
                     self._time = t_new
+                    held_kind = self._held_kind
                     self._drop()
-                    raise _Abort(Reason.DROPPED, utilisation=round(u, 3), at_s=round(float(t_new), 3))
+                    raise _Abort(
+                        Reason.DROPPED,
+                        utilisation=round(u, 3),
+                        at_s=round(float(t_new), 3),
+                        phase=self.phase,  # which motion lost it, for the ledger and the bench
+                        gripper=held_kind,
+                    )
         if checks:
             contacts = self._kinematic_contacts(ignore, fixtures_only)
             if contacts:
