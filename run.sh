@@ -47,6 +47,16 @@ stamp="$venv/.pickcell-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing pickcell and its pinned dependencies into .venv (first run takes a minute)" >&2
+  # The environment takes about 2.6 GB (torch, open3d, pybullet, ray). pip unpacks into TMPDIR,
+  # which on some machines is a small RAM disk: keep its scratch beside the venv, and say plainly
+  # when the disk is too full rather than fail half-way through an install.
+  free_kb="$(df -Pk "$root" | awk 'NR==2 {print $4}')"
+  if [ ! -f "$stamp" ] && [ -n "$free_kb" ] && [ "$free_kb" -lt 2900000 ]; then
+    echo "[setup] ERROR: $((free_kb / 1024)) MB free on the disk holding $root; a new environment needs about 2.8 GB. Free some space and re-run." >&2
+    exit 1
+  fi
+  mkdir -p "$venv/.tmp"
+  export TMPDIR="$venv/.tmp"
   "$venv/bin/python" -m pip install -q --upgrade pip
   # torch is pinned (pyproject.toml) to the CPU build. Machines that carry its wheel on local disk
   # (pip's find-links) install it from there; elsewhere, when PyTorch's CPU index is reachable, it
@@ -57,6 +67,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   "$venv/bin/python" -m pip install -q "${extra[@]}" -e ".[dev]"
   echo "$want" > "$stamp"
+  rm -rf "$venv/.tmp"
+  unset TMPDIR
 fi
 export PATH="$venv/bin:$PATH"
 export MPLBACKEND=Agg
