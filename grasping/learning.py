@@ -1226,6 +1226,35 @@ class PairedMetricChange:
 
 
 MIN_BOOTSTRAP_GROUPS = 10  # fewer totes than this: resample rows instead (and say so)
+_BOOTSTRAP_CHUNK = 256  # resamples scored together (bounds the (resamples, rows) count matrix)
+
+
+def _weighted_auroc(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(R,) AUROC of scores `s` (N,) with labels `y` (N,) under each row of weights `w` (R, N).
+
+    With integer weights (bootstrap draw counts) this is exactly the AUROC of the resampled rows, ties
+    counting half as in `grasping.calibration.auroc`: the weighted share of (success, failure) pairs
+    ranked the right way. NaN where a resample holds one class only."""
+    order = np.argsort(s, kind="stable")
+    s_sorted, pos = s[order], y[order] > 0.5
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # first row of each tied level
+    ws = w[:, order]
+    p_lvl = np.add.reduceat(ws * pos, starts, axis=1)  # (R, levels) weight of successes per level
+    n_lvl = np.add.reduceat(ws * ~pos, starts, axis=1)
+    below = np.cumsum(n_lvl, axis=1) - n_lvl  # failures scored strictly lower
+    u = np.sum(p_lvl * (below + 0.5 * n_lvl), axis=1)
+    denom = p_lvl.sum(axis=1) * n_lvl.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, u / denom, np.nan)
+
+
+def _weighted_ece(p: np.ndarray, y: np.ndarray, w: np.ndarray, bins: int) -> np.ndarray:
+    """(R,) `expected_calibration_error` of (p, y) under each row of weights `w` (R, N)."""
+    idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    onehot = np.zeros((len(p), bins))
+    onehot[np.arange(len(p)), idx] = 1.0
+    sum_p, sum_y = w @ (onehot * p[:, None]), w @ (onehot * y[:, None])
+    return np.abs(sum_y - sum_p).sum(axis=1) / w.sum(axis=1)
 
 
 def paired_metric_change(
@@ -1257,29 +1286,39 @@ def paired_metric_change(
     if not (a.shape == c.shape == y.shape) or y.ndim != 1 or len(y) == 0:
         raise ValueError(f"paired rows must be three equal (N,) arrays, got {y.shape}, {a.shape}, {c.shape}")
 
-    def value(s: np.ndarray, yy: np.ndarray) -> float:
+    def value(s: np.ndarray) -> float:
         if metric == "auroc":
-            return auroc(s, yy)
-        return expected_calibration_error(s, yy, bins)
+            return auroc(s, y)
+        return expected_calibration_error(s, y, bins)
 
     if groups is not None and len(np.unique(np.asarray(groups))) >= MIN_BOOTSTRAP_GROUPS:
-        _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-        members = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
+        _, row_group = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     else:
-        members = [np.array([i]) for i in range(len(y))]
+        row_group = np.arange(len(y))
+    n_groups = int(row_group.max()) + 1
+    # A resample is a multiset of the rows, so each metric of it is the metric of the original rows
+    # weighted by how often each was drawn: every resample of a chunk is scored at once from one
+    # (resamples, rows) matrix of draw counts, not by scoring a copied array per resample (which
+    # took 12 s for 2,000 resamples of 600 rows with scikit-learn's roc_auc_score).
     rng = np.random.default_rng(seed)
     diffs = []
-    for _ in range(resamples):
-        pick = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
-        d = value(c[pick], y[pick]) - value(a[pick], y[pick])
-        if d == d:  # NaN: one class only in this resample (AUROC undefined)
-            diffs.append(d)
-    ci, ii = value(c, y), value(a, y)
+    for start in range(0, resamples, _BOOTSTRAP_CHUNK):
+        r = min(_BOOTSTRAP_CHUNK, resamples - start)
+        draws = rng.integers(0, n_groups, size=(r, n_groups))
+        offsets = (np.arange(r) * n_groups)[:, None]
+        per_group = np.bincount((draws + offsets).ravel(), minlength=r * n_groups).reshape(r, n_groups)
+        w = per_group[:, row_group].astype(np.float64)  # (r, rows): times each row was drawn
+        if metric == "auroc":
+            d = _weighted_auroc(c, y, w) - _weighted_auroc(a, y, w)
+        else:
+            d = _weighted_ece(c, y, w, bins) - _weighted_ece(a, y, w, bins)
+        diffs.extend(float(x) for x in d if x == x)  # NaN: one class only in this resample (AUROC undefined)
+    ci, ii = value(c), value(a)
     if not diffs:
         lo = hi = float("nan")
     else:
         lo, hi = (float(v) for v in np.quantile(diffs, [level, 1.0 - level]))
-    return PairedMetricChange(metric, len(y), len(members), ci, ii, ci - ii, lo, hi, level, len(diffs))
+    return PairedMetricChange(metric, len(y), n_groups, ci, ii, ci - ii, lo, hi, level, len(diffs))
 
 
 def _metric_check(pm: PairedMetricChange, tol_value: float, worse_is: str) -> tuple[bool, str]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grasping.learning import _metric_check, paired_metric_change, paired_success_change
+from grasping.calibration import auroc, expected_calibration_error
+from grasping.learning import (
+    _metric_check,
+    _weighted_auroc,
+    _weighted_ece,
+    paired_metric_change,
+    paired_success_change,
+)
 
 
 def rows(n: int, lost: int, gained: int, both: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +118,28 @@ def test_ece_worse_by_far_is_refused_and_bad_input_is_refused() -> None:
 def test_the_auroc_check_keeps_its_level_when_nothing_changed() -> None:
     # Two models of equal skill scoring the same rows independently: refused at most ~5% of draws.
     refused = 0
-    draws = 60
+    draws = 200
     for k in range(draws):
         y, a = scored_rows(150, seed=100 + k, separation=1.0)
         b = 1.0 * (2 * y - 1) + np.random.default_rng(1000 + k).normal(0, 1, 150)
         pm = paired_metric_change("auroc", y, a, b, level=0.05, resamples=300, seed=k)
         refused += not _metric_check(pm, 0.01, "lower")[0]
     assert refused / draws <= 0.1
+
+
+def test_a_resample_scored_by_its_draw_counts_is_the_resampled_rows_scored() -> None:
+    # The bootstrap scores each resample from how often each row was drawn instead of copying the
+    # rows: the same number, ties (AUROC counts them half) and one-class resamples included.
+    rng = np.random.default_rng(4)
+    n = 120
+    y = (rng.random(n) < 0.6).astype(np.float64)
+    s = np.round(np.clip(0.3 * y + 0.7 * rng.random(n), 0.0, 1.0), 1)  # few levels: many ties
+    draws = rng.integers(0, n, size=(40, n))
+    draws[0] = np.flatnonzero(y > 0.5)[0]  # a resample of one success only: AUROC undefined
+    counts = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
+    got_auroc, got_ece = _weighted_auroc(s, y, counts), _weighted_ece(s, y, counts, 15)
+    assert np.isnan(got_auroc[0]) and np.isnan(auroc(s[draws[0]], y[draws[0]]))
+    for k in range(1, len(draws)):
+        assert got_auroc[k] == pytest.approx(auroc(s[draws[k]], y[draws[k]]), abs=1e-12)
+    for k in range(len(draws)):
+        assert got_ece[k] == pytest.approx(expected_calibration_error(s[draws[k]], y[draws[k]]), abs=1e-12)
