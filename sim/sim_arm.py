@@ -604,8 +604,11 @@ class SimArm:
             is_item = b not in self.fixtures
             margin = FIXTURE_MARGIN if (item_tolerance and not is_item) else 0.0
             for c in p.getClosestPoints(self.body, b, margin, physicsClientId=cid):
-                if c[3] == -1 and self.fixtures.get(b) == "floor":
-                    continue  # bolted base (getClosestPoints ignores the collision filter pair)
+                if c[3] == -1:
+                    # The bolted base never moves: the floor under it (getClosestPoints ignores the
+                    # collision filter pair), or an item that fell against it, is not a collision of
+                    # the motion (such an item made every later motion of a tote abort, stop 31).
+                    continue
                 if is_item and item_tolerance:
                     tol = FINGER_ITEM_TOLERANCE if c[3] in self.finger_joints else HAND_ITEM_TOLERANCE
                     if c[8] > -tol:
