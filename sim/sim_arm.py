@@ -2037,7 +2037,9 @@ class SimArm:
         the arm stops and lifts straight there first (charged to the lift), and the transit starts
         from rest. `handover` None: the lift ended at rest (a line too short to reach its hand-over
         speed), checked the same way from rest."""
-        scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, 0.7, 0.5, 0.35, 0.25)]
+        # The carry's fixed speed steps; a heavier load's slower carry (`_joint_move`) is not checked
+        # here, only sample by sample as it runs (a slower blend stays nearer the via polyline).
+        scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, *CARRY_SCALES)]
         if self._path_clear([self.q(), *via, q_target], len(via), link, handover, scales):
             return via, handover
         try:
@@ -2267,7 +2269,7 @@ class SimArm:
                     q_pp = self._solve(pp, R_hand, link, q_target)
                 except _Abort:
                     q_pp = None
-                scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, 0.7, 0.5, 0.35, 0.25)]
+                scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, *CARRY_SCALES)]
                 if q_pp is not None and self._path_clear(
                     [self.q(), q_pp, q_target], 1, link, handover, scales
                 ):
