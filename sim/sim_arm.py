@@ -898,9 +898,13 @@ class SimArm:
             return 0.0
         if self._held_kind == "suction":
             return float(self.suction.utilisation(np.zeros(3)))
-        mass, item_mu = p.getDynamicsInfo(self._held, -1, physicsClientId=self.client_id)[:2]
-        hold = 2.0 * self.cfg.jaw.finger_friction * item_mu * self.cfg.jaw.grip_force_n
+        mass, hold = self._jaw_hold()
         return float(mass * 9.81 / max(hold, 1e-9))
+
+    def _jaw_hold(self) -> tuple[float, float]:
+        """(mass kg, friction force N) of the item in the jaw: its two contacts carry 2 mu F."""
+        mass, item_mu = p.getDynamicsInfo(self._held, -1, physicsClientId=self.client_id)[:2]
+        return mass, 2.0 * self.cfg.jaw.finger_friction * item_mu * self.cfg.jaw.grip_force_n
 
     def _carry_utilisation(self, qs: np.ndarray, times: np.ndarray, tcp: int) -> float:
         """Worst grip load along a sampled move (dry run, joints restored): suction utilisation,
@@ -929,6 +933,9 @@ class SimArm:
         self._carry_item(tcp)
         P = np.array(positions)
         h = np.diff(times)
+        if not suction:
+            info = p.getDynamicsInfo(self._held, -1, physicsClientId=self.client_id)
+            mu = self.cfg.jaw.finger_friction * info[1]
         worst = 0.0
         for k in range(2, len(P)):
             if h[k - 1] <= 0:
@@ -937,8 +944,6 @@ class SimArm:
             if suction:
                 worst = max(worst, suction_utilisation(self.suction.cfg, mass, com_in_cup, rotations[k], acc))
             else:
-                info = p.getDynamicsInfo(self._held, -1, physicsClientId=self.client_id)
-                mu = self.cfg.jaw.finger_friction * info[1]
                 need = info[0] * float(np.linalg.norm(acc - np.array([0.0, 0.0, -9.81])))
                 worst = max(worst, need / max(2.0 * mu * self.cfg.jaw.grip_force_n, 1e-9))
         return worst
@@ -1945,10 +1950,9 @@ class SimArm:
                 return cap
             a = 9.81 * (CARRY_UTILISATION / u0 - 1.0)
         else:
-            mass, item_mu = p.getDynamicsInfo(self._held, -1, physicsClientId=self.client_id)[:2]
+            mass, hold = self._jaw_hold()
             if mass <= 0.0:
                 return cap
-            hold = 2.0 * self.cfg.jaw.finger_friction * item_mu * self.cfg.jaw.grip_force_n
             a = CARRY_UTILISATION * hold / mass - 9.81
         return float(min(cap, max(MIN_LIFT_ACCEL, a)))
 
