@@ -60,6 +60,7 @@ from sim.motion import PANDA_MAX_VELOCITY as _VMAX
 from sim.motion import (
     brake_fraction,
     brake_profile,
+    carry_velocity_scale,
     cartesian_move_time,
     joint_move_time,
     line_profile,
@@ -996,9 +997,10 @@ class SimArm:
                     optimise=optimise,
                     end_velocity=end,
                     straight_first=straight_first,
+                    velocity_scale=self._velocity_scale(scale),
                 )
             else:
-                move = plan_joint_move(self.q(), q_target, scale)
+                move = plan_joint_move(self.q(), q_target, scale, self._velocity_scale(scale))
             n = max(2, int(np.ceil(move.duration / self.cfg.transit_check_dt)) + 1)
             times = np.linspace(0.0, move.duration, n)
             qs = move.sample(times)
@@ -1065,6 +1067,12 @@ class SimArm:
         if end is not None:  # the joints go on moving: the next motion takes over from them
             for j, q, v in zip(self.arm_joints, self.q(), end, strict=True):
                 p.resetJointState(self.body, j, float(q), float(v), physicsClientId=self.client_id)
+
+    def _velocity_scale(self, scale: float) -> float:
+        """Velocity scale of a joint move at `scale`: a carry slowed below `joint_speed_scale` for its
+        load slows its accelerations more than its velocities (`carry_velocity_scale`)."""
+        base = self.cfg.joint_speed_scale
+        return base * carry_velocity_scale(min(scale / base, 1.0))
 
     def _line_qs(self, p0: np.ndarray, p1: np.ndarray, R_hand: np.ndarray, link: int, n: int) -> np.ndarray:
         """IK along a straight line, each solution seeded by the previous one (continuity)."""
@@ -1418,6 +1426,7 @@ class SimArm:
                         optimise=optimise,
                         end_velocity=end,
                         straight_first=exit_leg,
+                        velocity_scale=self._velocity_scale(scale),
                     )
                 except ValueError:
                     return False

@@ -15,6 +15,7 @@ from sim.motion import (
     PANDA_MAX_ACCELERATION,
     PANDA_MAX_JERK,
     PANDA_MAX_VELOCITY,
+    carry_velocity_scale,
     joint_move_time,
     line_profile,
     plan_joint_move,
@@ -33,16 +34,19 @@ def _derivatives(qs: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray, np.
     return v, a, j
 
 
-def _assert_within_limits(move, scale: float = 1.0, ends_moving: bool = False) -> None:
+def _assert_within_limits(
+    move, scale: float = 1.0, ends_moving: bool = False, velocity_scale: float | None = None
+) -> None:
     # (A move that ends moving is sampled only up to its end: past it the position is held.)
     times = np.arange(0.0, move.duration if ends_moving else move.duration + DT, DT)
+    vs = scale if velocity_scale is None else velocity_scale
     # The states ruckig reports (exact derivatives) and finite differences of sampled positions.
     for t in times:
         _, qd, qdd = move.state(t)
-        assert (np.abs(qd) <= PANDA_MAX_VELOCITY * scale + 1e-6).all()
+        assert (np.abs(qd) <= PANDA_MAX_VELOCITY * vs + 1e-6).all()
         assert (np.abs(qdd) <= PANDA_MAX_ACCELERATION * scale**2 + 1e-6).all()
     v, a, j = _derivatives(move.sample(times), DT)
-    assert (np.abs(v) <= PANDA_MAX_VELOCITY * scale * 1.001 + 1e-6).all()
+    assert (np.abs(v) <= PANDA_MAX_VELOCITY * vs * 1.001 + 1e-6).all()
     assert (np.abs(a) <= PANDA_MAX_ACCELERATION * scale**2 * 1.01 + 1e-3).all()
     assert (np.abs(j) <= PANDA_MAX_JERK * scale**3 * 1.01 + 1e-1).all()
 
@@ -58,6 +62,30 @@ def test_rest_to_rest_moves_respect_every_joint_limit_and_end_where_asked(seed):
         np.testing.assert_allclose(move.sample(np.array([move.duration]))[0], q1, atol=1e-9)
         # Jerk limits cost a little time over the jerk-free trapezoid, never less.
         assert move.duration >= joint_move_time(q0, q1, speed_scale=scale) - 1e-9
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.1])
+def test_a_payload_aware_carry_slows_its_accelerations_more_than_its_velocities(scale):
+    # A carry slowed for its load: accelerations by scale^2 and jerk by scale^3 as a uniformly
+    # slower move, velocities only by carry_velocity_scale (sqrt): every limit holds, the joints do
+    # go faster than the uniform move allows, and the move is no longer than the uniform one.
+    q0 = np.zeros(7)
+    via = np.array([0.8, 0.4, 0.0, -0.3, 0.0, 0.2, 0.0])
+    q1 = np.array([1.6, 0.6, 0.0, -0.5, 0.0, 0.3, 0.0])
+    vs = carry_velocity_scale(scale)
+    assert scale < vs <= 1.0
+    carry = plan_via_move([q0, via, q1], scale, velocity_scale=vs)
+    uniform = plan_via_move([q0, via, q1], scale)
+    _assert_within_limits(carry, scale, velocity_scale=vs)
+    assert carry.duration < uniform.duration
+    fastest = max(
+        float(np.max(np.abs(carry.state(t)[1]) / PANDA_MAX_VELOCITY))
+        for t in np.arange(0, carry.duration, DT)
+    )
+    assert fastest > scale * 1.01
+    rest_to_rest = plan_joint_move(q0, q1, scale, vs)
+    _assert_within_limits(rest_to_rest, scale, velocity_scale=vs)
+    assert rest_to_rest.duration <= plan_joint_move(q0, q1, scale).duration + 1e-9
 
 
 def test_a_blended_via_point_is_passed_without_stopping_and_saves_time():
