@@ -1087,7 +1087,7 @@ class SimArm:
         """Velocity scale of a joint move at `scale`: a carry slowed below `joint_speed_scale` for its
         load slows its accelerations more than its velocities (`carry_velocity_scale`)."""
         base = self.cfg.joint_speed_scale
-        return base * carry_velocity_scale(min(scale / base, 1.0))
+        return scale if scale >= base else base * carry_velocity_scale(scale / base)
 
     def _line_qs(self, p0: np.ndarray, p1: np.ndarray, R_hand: np.ndarray, link: int, n: int) -> np.ndarray:
         """IK along a straight line, each solution seeded by the previous one (continuity)."""
