@@ -68,7 +68,7 @@ def test_rest_to_rest_moves_respect_every_joint_limit_and_end_where_asked(seed):
 def test_a_payload_aware_carry_slows_its_accelerations_more_than_its_velocities(scale):
     # A carry slowed for its load: accelerations by scale^2 and jerk by scale^3 as a uniformly
     # slower move, velocities only by carry_velocity_scale (sqrt): every limit holds, the joints do
-    # go faster than the uniform move allows, and the move is no longer than the uniform one.
+    # go faster than the uniform move allows, and the move is shorter than the uniform one.
     q0 = np.zeros(7)
     via = np.array([0.8, 0.4, 0.0, -0.3, 0.0, 0.2, 0.0])
     q1 = np.array([1.6, 0.6, 0.0, -0.5, 0.0, 0.3, 0.0])
