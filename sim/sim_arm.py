@@ -935,8 +935,7 @@ class SimArm:
         P = np.array(positions)
         h = np.diff(times)
         if not suction:
-            info = p.getDynamicsInfo(self._held, -1, physicsClientId=self.client_id)
-            mu = self.cfg.jaw.finger_friction * info[1]
+            mass, hold = self._jaw_hold()
         worst = 0.0
         for k in range(2, len(P)):
             if h[k - 1] <= 0:
@@ -945,8 +944,8 @@ class SimArm:
             if suction:
                 worst = max(worst, suction_utilisation(self.suction.cfg, mass, com_in_cup, rotations[k], acc))
             else:
-                need = info[0] * float(np.linalg.norm(acc - np.array([0.0, 0.0, -9.81])))
-                worst = max(worst, need / max(2.0 * mu * self.cfg.jaw.grip_force_n, 1e-9))
+                need = mass * float(np.linalg.norm(acc - np.array([0.0, 0.0, -9.81])))
+                worst = max(worst, need / max(hold, 1e-9))
         return worst
 
     def _joint_move(
@@ -1082,6 +1081,10 @@ class SimArm:
         if end is not None:  # the joints go on moving: the next motion takes over from them
             for j, q, v in zip(self.arm_joints, self.q(), end, strict=True):
                 p.resetJointState(self.body, j, float(q), float(v), physicsClientId=self.client_id)
+
+    def _carry_scales(self) -> list[float]:
+        """The speed scales a carry's path is checked at: full speed and each of `CARRY_SCALES`."""
+        return [s_ * self.cfg.joint_speed_scale for s_ in (1.0, *CARRY_SCALES)]
 
     def _velocity_scale(self, scale: float) -> float:
         """Velocity scale of a joint move at `scale`: a carry slowed below `joint_speed_scale` for its
@@ -2067,7 +2070,7 @@ class SimArm:
         speed), checked the same way from rest."""
         # The carry's fixed speed steps; a heavier load's slower carry (`_joint_move`) is not checked
         # here, only sample by sample as it runs (a slower blend stays nearer the via polyline).
-        scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, *CARRY_SCALES)]
+        scales = self._carry_scales()
         if self._path_clear([self.q(), *via, q_target], len(via), link, handover, scales):
             return via, handover
         try:
@@ -2297,7 +2300,7 @@ class SimArm:
                     q_pp = self._solve(pp, R_hand, link, q_target)
                 except _Abort:
                     q_pp = None
-                scales = [s_ * self.cfg.joint_speed_scale for s_ in (1.0, *CARRY_SCALES)]
+                scales = self._carry_scales()
                 if q_pp is not None and self._path_clear(
                     [self.q(), q_pp, q_target], 1, link, handover, scales
                 ):
