@@ -33,6 +33,10 @@ class JawConfig:
     actuation_s: float = 0.25  # s, time for the fingers to close or open
     min_held_width: float = 0.002  # m, fingers closer than this hold nothing
     release_gap: float = 0.02  # m, extra opening on release (not fully open: fingers near box walls)
+    # The approach is a guarded move: the palm pressing on an item with more than this ends it (the
+    # fingers are as deep as they go; pushing on would crush the item under the palm), newtons
+    palm_stop_force_n: float = 5.0
+    palm_clearance: float = 0.005  # m, the hand backs off this far after the palm touched, then grips
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,35 @@ def test_parallel_jaw_across_a_bottle_succeeds(sim_cell):
     assert bottle in cell.items_in_box()
 
 
+def test_a_jaw_grasp_deeper_than_the_fingers_reach_stops_where_the_palm_meets_the_item(sim_cell):
+    """A guarded approach: the palm touching the item's top ends the descent and the hand backs off.
+
+    The grasp point lies 8 cm under the top of a 20 cm bottle: the fingers are 5 cm long, so the palm
+    lands on the top first. Driven on to the grasp point it pressed the bottle with 262 N (and kept
+    pressing through the lift); 10 cm down, the bottle slipped out. Now it is picked and placed, and
+    nothing is pressed past the bench's damage limit."""
+    from sim.benchmark.record import DAMAGE_IMPACT_N
+
+    cell = sim_cell
+    c = _centre(cell)
+    radius, height = 0.03, 0.2
+    bottle = cell.add_primitive(
+        "cylinder", (radius, height), (c[0], c[1], c[2] + height / 2 + 0.001), mass=0.5, friction=0.5
+    )
+    cell.settle(0.3)
+    top = _top_centre(cell, bottle)
+    down_x = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0]), np.array([1.0, 0.0, 0.0])))
+    out = cell.arm.pick(Grasp("parallel_jaw", top - np.array([0.0, 0.0, 0.08]), down_x, width=2 * radius))
+    assert out.success, out
+    assert out.details["palm_stop_n"] > cell.arm.cfg.jaw.palm_stop_force_n
+    assert out.details["max_impact_n"] < DAMAGE_IMPACT_N
+    # Gripped where the palm stopped it, the clearance above: the fingers' pads 3-4 cm under the top.
+    assert 0.025 < top[2] - out.executed.position[2] < 0.04
+    placed = cell.arm.place(OracleGraspSource(cell).placement())
+    assert placed.success, placed
+    assert bottle in cell.items_in_box()
+
+
 @pytest.mark.parametrize("gripper", ["suction", "parallel_jaw"])
 def test_grasp_in_the_air_above_the_empty_tote_fails_with_no_contact(sim_cell, gripper):
     cell = sim_cell
