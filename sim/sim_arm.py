@@ -99,6 +99,9 @@ CARRY_SCALES = (0.7, 0.5, 0.35, 0.25)  # unitless, speed scales a carrying joint
 MIN_CARRY_SCALE = 0.04  # unitless, slowest carrying joint move (about 20 s for a 0.8 s transit)
 HANDOVER_MAX_UTILISATION = 0.5  # unitless, grip load at rest above which the lift ends at rest
 CARRY_MARGIN = 0.97  # unitless, grip load a carry may reach when CARRY_UTILISATION cannot be kept
+# Outcome detail ("why") of a carry refused because no speed keeps the item held: set back down
+CARRY_BEYOND_GRIP = "no carry keeps the item within the grip's hold: set back down"
+SET_DOWN_CLEARANCE = 0.005  # m, the TCP stops this far above where it gripped when setting an item down
 MIN_LIFT_ACCEL = 0.2  # m/s^2, slowest lift acceleration (a 5 cm lift then takes about 1 s)
 # m, the kinematic rest of a lift must be at least this long for the physical part to hand over to
 # it moving (`SimArmConfig.lift_blend`): shorter, the two would not blend into anything
@@ -261,6 +264,7 @@ class SimArm:
         self.tote_view: tuple[np.ndarray, np.ndarray] | None = None
         self._phase_t0 = self._phase_hold0 = 0.0
         self.max_impact_n = 0.0  # largest arm-on-item contact force in the current pick, newtons
+        self._gripped_at: np.ndarray | None = None  # TCP position (base frame, m) of the last grip
         self._impact_avg = 0.0  # running average of that force over ~20 ms, newtons
         self._held: int | None = None
         self._held_kind: str | None = None
@@ -1067,6 +1071,18 @@ class SimArm:
                 ]
                 best = min(within, key=lambda t: t[2].duration) if within else min(tried, key=lambda t: t[0])
                 u, scale, move, times, qs = best
+            if u > 1.0:
+                # Even the least loaded carry would lose the item (the weight and the wrist's tilt
+                # alone exceed the grip): do not start it. The caller sets the item back down where
+                # it was gripped instead of dropping it from the carry (`place`).
+                raise _Abort(
+                    Reason.DROPPED,
+                    why=CARRY_BEYOND_GRIP,
+                    predicted_utilisation=round(u, 3),
+                    set_down=True,
+                    phase=self.phase,
+                    gripper=self._held_kind,
+                )
         switches = [(move.starts[i + 1], name) for i, name in phases] if via else []
         self._run_samples(
             qs,
@@ -1754,6 +1770,7 @@ class SimArm:
             )
             self._enter_phase("grasp")
             self._grip(grasp.gripper, details)
+            self._gripped_at = self.link_pose(link)[0].copy()  # where to set it down if it cannot be carried
             self._enter_phase("lift")
             # A heavy load is carried slowly (`_joint_move`), and a slow carry taking over from a
             # moving lift brakes hard at the hand-over, where a cup near its limit lets go: such a
@@ -2110,6 +2127,38 @@ class SimArm:
         self._lift_line(up, R_now, link)
         return via, None
 
+    def _set_down(self, link: int) -> float:
+        """Lower the held item straight down to where it was gripped and let go of it there: what a
+        cell does with an item it lifted but cannot carry, instead of dropping it from the carry's
+        height. Stops early where the item meets something. Returns how far it lowered, metres."""
+        pos, R = self.link_pose(link)
+        item = self._held
+        stop_z = pos[2] if self._gripped_at is None else self._gripped_at[2] + SET_DOWN_CLEARANCE
+        lowered = 0.0
+        if item is not None and pos[2] - stop_z > 1e-3:
+
+            def monitor():
+                for c in p.getContactPoints(bodyA=item, physicsClientId=self.client_id):
+                    if c[2] != self.body:
+                        return {"touched": int(c[2])}
+                return None
+
+            # At the lift's payload-aware acceleration: braking at the bottom loads the grip as
+            # the start of a lift does.
+            down = np.array([pos[0], pos[1], stop_z])
+            self._physical_line(down, R, link, self.cfg.lift_speed, monitor, accel=self._lift_accel())
+            lowered = float(pos[2] - self.link_pose(link)[0][2])
+        self._enter_phase("release")
+        if self._held_kind == "suction":
+            self.suction.release()
+            self._time += self.cfg.suction.actuation_s
+        elif self._held_kind == "parallel_jaw":
+            self.jaw.release()
+        self._held = None
+        self._held_kind = None
+        self._T_tcp_item = None
+        return round(lowered, 4)
+
     def _drop(self) -> None:
         """Let go of the held item (seal lost or friction exceeded) and let it fall with physics."""
         if self._held_kind == "suction":
@@ -2383,6 +2432,11 @@ class SimArm:
                     details=self._motion_details(mark, details),
                 )
             self._enter_phase("recover")
+            if self._held is not None and exc.details.get("set_down"):
+                try:
+                    details["set_down_m"] = self._set_down(link)
+                except _Abort as rec:  # stopped and abandoned on the way down: still holding it there
+                    details["recover"] = rec.reason.value
             if self._held is not None:
                 self._drop()
             self._step(int(self.cfg.settle_s * self.cfg.physics_hz))

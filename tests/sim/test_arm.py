@@ -263,6 +263,40 @@ def test_a_load_near_the_cups_limit_is_carried_to_the_box_slowly_not_dropped_on_
     assert placed.details["phases"]["transit"] > 3.0  # far slower than the 0.8 s of a light item
 
 
+def test_an_item_no_carry_can_hold_is_set_back_down_where_it_was_not_dropped_on_the_way(sim_cell):
+    """2.3 kg on the 25 N cup: 90% loaded at rest, and the wrist's tilt on the way to the box takes
+    even the slowest carry past the cup's hold (103% predicted). Carried anyway, it peeled off in
+    transit and fell from the carry's height. Now the carry is not started: the item is lowered to
+    where it was gripped and let go there, and the failure says why (the cell then tries the jaw)."""
+    from sim.benchmark.record import DAMAGE_DROP_M
+    from sim.sim_arm import CARRY_BEYOND_GRIP
+
+    cell = sim_cell
+    carton = _carton(cell, half=(0.08, 0.06, 0.05), mass=2.3)
+    start, _ = cell.item_pose(carton)
+    lowest: list[float] = []  # the held carton's lowest point over the tote floor, at every sample
+    floor = cell.tote_bounds.lo[2]
+
+    def watch(arm, event):
+        if arm.held_item == carton:
+            lowest.append(p.getAABB(carton, physicsClientId=cell.client_id)[0][2] - floor)
+
+    cell.arm.observers.append(watch)
+    src = OracleGraspSource(cell)
+    grasp = Grasp("suction", _top_centre(cell, carton), DOWN)
+    out, placed = cell.arm.pick_and_place(grasp, lambda o: src.placement())
+    assert out.success, out
+    assert placed.reason is Reason.DROPPED and placed.details["why"] == CARRY_BEYOND_GRIP, placed
+    assert placed.details["predicted_utilisation"] > 1.0
+    assert cell.arm.held_item is None
+    assert max(lowest) > 0.1  # it was lifted out of the tote ...
+    assert placed.details["set_down_m"] > max(lowest) - DAMAGE_DROP_M  # ... and lowered, not let fall
+    cell.settle(0.5)
+    end, _ = cell.item_pose(carton)
+    assert carton in cell.items_in_tote()
+    assert np.linalg.norm(end - start) < 0.01  # back where it was
+
+
 def test_a_light_item_lifts_at_full_acceleration(sim_cell):
     cell = sim_cell
     carton = _carton(cell, mass=0.2)
