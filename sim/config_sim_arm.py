@@ -36,7 +36,11 @@ class JawConfig:
     # The approach is a guarded move: the palm pressing on an item with more than this ends it (the
     # fingers are as deep as they go; pushing on would crush the item under the palm), newtons
     palm_stop_force_n: float = 5.0
-    palm_clearance: float = 0.005  # m, the hand backs off this far after the palm touched, then grips
+    # ... and a fingertip pressing down on an item (the vertical part of its contact force) with more
+    # than this: it landed on top of the item. Higher than the palm's: a finger sliding down a
+    # sloped side while it pushes items aside in a pile is normal, newtons
+    tip_stop_force_n: float = 20.0
+    palm_clearance: float = 0.005  # m, the hand backs off this far after the palm or a tip pressed
 
 
 @dataclass(frozen=True)

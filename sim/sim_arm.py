@@ -1922,20 +1922,22 @@ class SimArm:
     def _approach_jaw(
         self, target: np.ndarray, R_hand: np.ndarray, link: int, start_speed: float = 0.0
     ) -> dict:
-        """Physical approach to the grasp point, guarded: it ends early where the palm meets an item.
+        """Physical approach to the grasp point, guarded: it ends early where the hand presses on an item.
 
-        Fingers may push through a pile (as a real hand's do); a fixture touched: COLLISION. The palm
-        pressing on an item (`JawConfig.palm_stop_force_n`) means the fingers are as deep as they go
-        there: the hand stops, backs off `palm_clearance` and grips at that depth. Driving on to the
-        planned depth pressed the item with 110-290 N (the bench's damage limit is 150 N) and kept
-        pressing through the lift, on items taller than the fingers' reach.
+        Fingers may push items aside in a pile (as a real hand's do); a fixture touched: COLLISION.
+        The palm pressing on an item (`JawConfig.palm_stop_force_n`) means the fingers are as deep as
+        they go there; a fingertip pressing down on one (`tip_stop_force_n`, the force's vertical
+        part) means it landed on top of it. Either way the hand stops, backs off `palm_clearance` and
+        grips at that depth. Driving on to the planned depth pressed items with 110-290 N (the
+        bench's damage limit is 150 N), and the palm kept pressing through the lift, on items taller
+        than the fingers' reach.
         """
         fingers = set(self.finger_joints)
         cid = self.client_id
         jaw = self.cfg.jaw
 
         def monitor():
-            palm = 0.0
+            palm = tip = 0.0
             for c in p.getContactPoints(bodyA=self.body, physicsClientId=cid):
                 b, lk = c[2], c[3]
                 if b == self.body:
@@ -1944,15 +1946,19 @@ class SimArm:
                     raise _Abort(Reason.COLLISION, link=int(lk), with_=self.fixtures[b], finger=lk in fingers)
                 if lk == self.hand_link:
                     palm += c[9]
+                elif lk in fingers:
+                    tip += c[9] * max(float(c[7][2]), 0.0)  # the normal on the item points up at the finger
             if palm > jaw.palm_stop_force_n:
                 return {"palm_stop_n": round(float(palm), 1)}
+            if tip > jaw.tip_stop_force_n:
+                return {"tip_stop_n": round(float(tip), 1)}
             return None
 
         start, _ = self.link_pose(link)
         res = self._physical_line(
             target, R_hand, link, self.cfg.approach_speed, monitor, start_speed=start_speed
         )
-        if "palm_stop_n" in res:
+        if "palm_stop_n" in res or "tip_stop_n" in res:
             # Off the item along the way it came, as a guarded move backs off its contact; the
             # contact then ends and the fingers close around what lies between them.
             pos, _ = self.link_pose(link)
