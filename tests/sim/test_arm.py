@@ -154,6 +154,31 @@ def test_a_jaw_grasp_deeper_than_the_fingers_reach_stops_where_the_palm_meets_th
     assert bottle in cell.items_in_box()
 
 
+def test_a_fingertip_landing_on_a_neighbour_stops_the_jaw_instead_of_crushing_it(sim_cell):
+    """A tall carton stands beside a bottle, under one finger of a jaw grasp on the bottle. Driven on
+    to the grasp point, the finger pressed the carton with 265 N and shoved it 7 cm aside. Guarded,
+    the approach stops where the fingertip lands, backs off, and grips the bottle there."""
+    from sim.benchmark.record import DAMAGE_IMPACT_N
+
+    cell = sim_cell
+    c = _centre(cell)
+    radius, height = 0.02, 0.2
+    bottle = cell.add_primitive(
+        "cylinder", (radius, height), (c[0], c[1], c[2] + height / 2 + 0.001), mass=0.4, friction=0.5
+    )
+    beside = np.array([c[0] + 0.066, c[1], c[2] + 0.085 + 0.001])
+    carton = cell.add_primitive("box", (0.04, 0.04, 0.085), tuple(beside), mass=0.5)
+    cell.settle(0.3)
+    start, _ = cell.item_pose(carton)
+    top = _top_centre(cell, bottle)
+    down_x = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0]), np.array([1.0, 0.0, 0.0])))
+    out = cell.arm.pick(Grasp("parallel_jaw", top - np.array([0.0, 0.0, 0.04]), down_x, width=2 * radius))
+    assert out.success and out.item_id == bottle, out
+    assert out.details["tip_stop_n"] > cell.arm.cfg.jaw.tip_stop_force_n
+    assert out.details["max_impact_n"] < DAMAGE_IMPACT_N
+    assert np.linalg.norm(cell.item_pose(carton)[0] - start) < 0.01
+
+
 @pytest.mark.parametrize("gripper", ["suction", "parallel_jaw"])
 def test_grasp_in_the_air_above_the_empty_tote_fails_with_no_contact(sim_cell, gripper):
     cell = sim_cell
