@@ -2154,16 +2154,21 @@ class SimArm:
             down = np.array([pos[0], pos[1], stop_z])
             self._physical_line(down, R, link, self.cfg.lift_speed, monitor, accel=self._lift_accel())
             lowered = float(pos[2] - self.link_pose(link)[0][2])
+        self._release(self._held_kind or "parallel_jaw")
+        return round(lowered, 4)
+
+    def _release(self, kind: str) -> None:
+        """Let go of the held item on purpose (placed, or set down): the cup's blow-off, or the
+        fingers opening with physics."""
         self._enter_phase("release")
-        if self._held_kind == "suction":
+        if kind == "suction":
             self.suction.release()
             self._time += self.cfg.suction.actuation_s
-        elif self._held_kind == "parallel_jaw":
-            self.jaw.release()
+        else:
+            self.jaw.release()  # physical opening
         self._held = None
         self._held_kind = None
         self._T_tcp_item = None
-        return round(lowered, 4)
 
     def _drop(self) -> None:
         """Let go of the held item (seal lost or friction exceeded) and let it fall with physics."""
@@ -2397,15 +2402,7 @@ class SimArm:
                     raise
                 # The item or the hand is about to touch the stack or the box: release here.
                 details["released_early"] = exc.details
-            self._enter_phase("release")
-            if kind == "suction":
-                self.suction.release()
-                self._time += self.cfg.suction.actuation_s
-            else:
-                self.jaw.release()  # physical opening
-            self._held = None
-            self._held_kind = None
-            self._T_tcp_item = None
+            self._release(kind)
             # Back out the way it came in while the item settles in the box (physics runs along).
             # What settling is left when the arm is clear is stepped without charging the arm: it
             # is free to go on, and the next motions happen over the tote.
@@ -2441,8 +2438,17 @@ class SimArm:
             if self._held is not None and exc.details.get("set_down"):
                 try:
                     details["set_down_m"] = self._set_down(link)
-                except _Abort as rec:  # stopped and abandoned on the way down: still holding it there
+                except _Abort as rec:
+                    # Stopped and abandoned (shutdown) on the way down: the item stays held there,
+                    # as after any stop while carrying.
                     details["recover"] = rec.reason.value
+                    return Outcome(
+                        False,
+                        exc.reason,
+                        robot_seconds=self._time - t0,
+                        item_id=item,
+                        details=self._motion_details(mark, details),
+                    )
             if self._held is not None:
                 self._drop()
             self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
