@@ -315,7 +315,8 @@ def test_an_item_no_carry_can_hold_is_set_back_down_where_it_was_not_dropped_on_
     assert placed.details["predicted_utilisation"] > 1.0
     assert cell.arm.held_item is None
     assert max(lowest) > 0.1  # it was lifted out of the tote ...
-    assert placed.details["set_down_m"] > max(lowest) - DAMAGE_DROP_M  # ... and lowered, not let fall
+    assert placed.details["set_down_m"] > 0.1  # ... lowered again ...
+    assert lowest[-1] < 0.02 < DAMAGE_DROP_M  # ... and let go just over the floor, not from the carry
     cell.settle(0.5)
     end, _ = cell.item_pose(carton)
     assert carton in cell.items_in_tote()
