@@ -2427,13 +2427,7 @@ class SimArm:
             self._come_to_rest()  # failed before the transit took over from the lift
             if exc.reason is Reason.ESTOP:
                 # Stopped and abandoned (shutdown) or refused: the item stays held where the arm is.
-                return Outcome(
-                    False,
-                    exc.reason,
-                    robot_seconds=self._time - t0,
-                    item_id=item,
-                    details=self._motion_details(mark, details),
-                )
+                return self._place_outcome(exc.reason, t0, item, mark, details)
             self._enter_phase("recover")
             if self._held is not None and exc.details.get("set_down"):
                 try:
@@ -2442,26 +2436,20 @@ class SimArm:
                     # Stopped and abandoned (shutdown) on the way down: the item stays held there,
                     # as after any stop while carrying.
                     details["recover"] = rec.reason.value
-                    return Outcome(
-                        False,
-                        exc.reason,
-                        robot_seconds=self._time - t0,
-                        item_id=item,
-                        details=self._motion_details(mark, details),
-                    )
+                    return self._place_outcome(exc.reason, t0, item, mark, details)
             if self._held is not None:
                 self._drop()
             self._step(int(self.cfg.settle_s * self.cfg.physics_hz))
-            return Outcome(
-                False,
-                exc.reason,
-                robot_seconds=self._time - t0,
-                item_id=item,
-                details=self._motion_details(mark, details),
-            )
+            return self._place_outcome(exc.reason, t0, item, mark, details)
+        return self._place_outcome(Reason.OK, t0, item, mark, details)
+
+    def _place_outcome(
+        self, reason: Reason, t0: float, item: int, mark: tuple[dict[str, float], int], details: dict
+    ) -> Outcome:
+        """The Outcome of a place that started at robot time `t0` carrying `item`."""
         return Outcome(
-            True,
-            Reason.OK,
+            reason is Reason.OK,
+            reason,
             robot_seconds=self._time - t0,
             item_id=item,
             details=self._motion_details(mark, details),
