@@ -41,6 +41,9 @@ class JawConfig:
     # sloped side while it pushes items aside in a pile is normal, newtons
     tip_stop_force_n: float = 20.0
     palm_clearance: float = 0.005  # m, the hand backs off this far after the palm or a tip pressed
+    # A fingertip meeting the tote's floor ends the approach too (a flat item: the planned depth
+    # reached the floor); the hand backs off this far, metres, and grips just above it
+    floor_clearance: float = 0.002
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,29 @@ def test_a_fingertip_landing_on_a_neighbour_stops_the_jaw_instead_of_crushing_it
     assert np.linalg.norm(cell.item_pose(carton)[0] - start) < 0.01
 
 
+def test_a_fingertip_meeting_the_tote_floor_stops_the_jaw_and_grips_the_flat_item_there(sim_cell):
+    """A flat item (16 mm tall) with a jaw grasp planned a little too deep: the fingertips reach the
+    tote's floor before the grasp point. That contact ended the pick as a collision with the tote
+    (15 of the 95 failed unasked attempts on reporting seeds 1010-1014). Guarded, the approach stops
+    on the floor, backs off `floor_clearance` and grips the item; a side wall is still a collision
+    (test_hand_driven_into_the_tote_wall_is_a_collision)."""
+    cell = sim_cell
+    c = _centre(cell)
+    half = (0.05, 0.015, 0.008)
+    flat = cell.add_primitive("box", half, (c[0], c[1], c[2] + half[2] + 0.001), mass=0.15, friction=0.8)
+    cell.settle(0.3)
+    across_y = matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0]), np.array([0.0, 1.0, 0.0])))
+    floor_z = cell.tote_bounds.lo[2]
+    out = cell.arm.pick(Grasp("parallel_jaw", np.array([c[0], c[1], floor_z]), across_y, width=2 * half[1]))
+    assert out.success and out.item_id == flat, out
+    assert out.details["floor_stop"] == "tote"
+    # Gripped just above where the fingertips met the floor, not at the planned depth.
+    assert out.executed.position[2] > floor_z + 0.001
+    placed = cell.arm.place(OracleGraspSource(cell).placement())
+    assert placed.success, placed
+    assert flat in cell.items_in_box()
+
+
 @pytest.mark.parametrize("gripper", ["suction", "parallel_jaw"])
 def test_grasp_in_the_air_above_the_empty_tote_fails_with_no_contact(sim_cell, gripper):
     cell = sim_cell
@@ -460,6 +483,47 @@ def test_a_board_leaning_on_the_tote_wall_is_lifted_straight_up_not_into_the_wal
     out = cell.arm.pick(Grasp("suction", np.asarray(pos) + 0.008 * n, matrix_to_quat(grasp_frame(-n))))
     assert out.success, out
     assert cell.item_pose(board)[0][2] > b.hi[2]  # out of the tote, under the cup
+
+
+def test_a_held_item_may_keep_the_overlap_with_a_wall_it_had_when_gripped_but_no_more(sim_cell):
+    """A mailer leaning on the tote wall, pressed by the cup, sat 10-11 mm into the wall in the
+    physics when it was gripped (procedural tuning seed 17); lifted straight up it never went deeper,
+    yet the carry's check (6 mm) called the first sample a collision of the held item, and the bench
+    counted it as damage. The check now allows the overlap the item had at the grip, plus the usual
+    tolerance, with that fixture only and for that hold only."""
+    from sim.sim_arm import HELD_ITEM_TOLERANCE
+
+    cell = sim_cell
+    arm = cell.arm
+    b = cell.tote_bounds
+    cx = (b.lo[0] + b.hi[0]) / 2
+    half = (0.05, 0.02, 0.03)
+    box = cell.add_primitive("box", half, (cx, b.hi[1] - half[1] + 0.010, b.lo[2] + half[2] + 0.01), mass=0.2)
+    orn = cell.item_pose(box)[1]
+    at_wall_y = b.hi[1] - half[1]
+
+    def put(overlap: float) -> None:  # the box's +y face `overlap` into the wall, without physics
+        pos = (cx, at_wall_y + overlap, b.lo[2] + half[2] + 0.01)
+        p.resetBasePositionAndOrientation(box, pos, orn, physicsClientId=cell.client_id)
+
+    def held_hits() -> list:
+        return [c for c in arm._kinematic_contacts(fixtures_only=True) if c[0] == -2]
+
+    put(0.010)
+    arm._held, arm._held_kind = box, "suction"
+    try:
+        arm._remember_grasp_transform(arm.tcp_link("suction"))
+        assert arm._held_overlap[1][cell.tote_id] == pytest.approx(0.010, abs=0.001)
+        assert not held_hits()  # where it was gripped
+        put(0.010 + HELD_ITEM_TOLERANCE - 0.002)
+        assert not held_hits()  # a little deeper: within the tolerance
+        put(0.010 + HELD_ITEM_TOLERANCE + 0.003)
+        assert held_hits() and held_hits()[0][2] == "tote"  # pushed further in: a collision
+        arm._held_overlap = (box + 1000, arm._held_overlap[1])  # the allowance of another hold
+        put(0.010)
+        assert held_hits()  # does not carry over
+    finally:
+        arm._held, arm._held_kind = None, None
 
 
 def test_a_retreat_whose_straight_path_jumps_between_ik_branches_goes_home_in_seconds(sim_cell):
