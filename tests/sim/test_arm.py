@@ -182,7 +182,8 @@ def test_a_fingertip_landing_on_a_neighbour_stops_the_jaw_instead_of_crushing_it
 def test_a_fingertip_meeting_the_tote_floor_stops_the_jaw_and_grips_the_flat_item_there(sim_cell):
     """A flat item (16 mm tall) with a jaw grasp planned a little too deep: the fingertips reach the
     tote's floor before the grasp point. That contact ended the pick as a collision with the tote
-    (15 of the 95 failed unasked attempts on reporting seeds 1010-1014). Guarded, the approach stops
+    (fingers on the tote failed 15 of the 95 failed unasked attempts on reporting seeds 1010-1014;
+    the ones looked at were fingertips on the floor). Guarded, the approach stops
     on the floor, backs off `floor_clearance` and grips the item; a side wall is still a collision
     (test_hand_driven_into_the_tote_wall_is_a_collision)."""
     cell = sim_cell
