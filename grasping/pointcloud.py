@@ -48,6 +48,12 @@ class CloudConfig:
     cluster_eps_m: float = 0.009  # metres, DBSCAN neighbourhood radius
     cluster_min_points: int = 3  # DBSCAN core-point neighbours
     min_cluster_voxels: int = 12  # clusters with fewer voxels are noise (about 2 cm^2 at 4 mm)
+    # ... unless they have at least this many and lie apart: no voxel within `isolation_m` of a
+    # cluster kept above. A thin or small item lying alone (a 1-2 cm part, a flat item seen edge-on)
+    # shows only a few voxels; a small piece next to a big cluster is usually a piece of that item
+    # (benchmarks/segmentation_recall.py). Equal to min_cluster_voxels: off.
+    min_isolated_cluster_voxels: int = 12
+    isolation_m: float = 0.02  # metres, see min_isolated_cluster_voxels
     cluster_step_m: float = 0.005  # metres, depth second difference that marks an occluding edge
     cluster_min_normal_z: float = 0.3  # cosine: only surfaces tilted < ~72 deg from up are clustered
 
@@ -268,6 +274,16 @@ def _cluster(vpts: np.ndarray, cfg: CloudConfig) -> np.ndarray:
         return np.full(len(vpts), NO_CLUSTER, dtype=np.int32)
     sizes = np.bincount(raw_lab[raw_lab >= 0])
     keep = np.flatnonzero(sizes >= cfg.min_cluster_voxels)
+    small = np.flatnonzero((sizes >= cfg.min_isolated_cluster_voxels) & (sizes < cfg.min_cluster_voxels))
+    if len(small) > 0:
+        from scipy.spatial import cKDTree
+
+        big = np.isin(raw_lab, keep)
+        tree = cKDTree(vpts[big]) if big.any() else None
+        apart = [
+            k for k in small if tree is None or tree.query(vpts[raw_lab == k])[0].min() > cfg.isolation_m
+        ]
+        keep = np.sort(np.concatenate([keep, np.asarray(apart, dtype=keep.dtype)]))
     cents = np.array([vpts[raw_lab == k].mean(axis=0) for k in keep]).reshape(-1, 3)
     order = np.lexsort((cents[:, 1], cents[:, 0]))
     remap = np.full(raw_lab.max() + 1, NO_CLUSTER, dtype=np.int32)
