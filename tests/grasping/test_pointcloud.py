@@ -149,7 +149,7 @@ def test_a_small_part_lying_alone_is_kept_by_the_isolated_cluster_rule_and_not_b
     part = box_on_floor(0.05, 0.02, 0.016, 0.012, 0.012)
     alone = render([part], noise_sigma_m=0.0015, seed=3)
     isolated = CloudConfig(min_isolated_cluster_voxels=4, isolation_m=0.02)
-    assert segment_scene(alone, TOTE).n_clusters == 0
+    assert segment_scene(alone, TOTE, CloudConfig(min_isolated_cluster_voxels=12)).n_clusters == 0
     cloud = segment_scene(alone, TOTE, isolated)
     assert cloud.n_clusters == 1
     np.testing.assert_allclose(cloud.clusters[0].centroid[:2], [0.05, 0.02], atol=0.006)
