@@ -51,8 +51,9 @@ class CloudConfig:
     # ... unless they have at least this many and lie apart: no voxel within `isolation_m` of a
     # cluster kept above. A thin or small item lying alone (a 1-2 cm part, a flat item seen edge-on)
     # shows only a few voxels; a small piece next to a big cluster is usually a piece of that item
-    # (benchmarks/segmentation_recall.py). Equal to min_cluster_voxels: off.
-    min_isolated_cluster_voxels: int = 12
+    # (benchmarks/segmentation_recall.py: 12 alone found 76% of visible `test` items and 48% of
+    # procedural small parts). Equal to min_cluster_voxels: off.
+    min_isolated_cluster_voxels: int = 4
     isolation_m: float = 0.02  # metres, see min_isolated_cluster_voxels
     cluster_step_m: float = 0.005  # metres, depth second difference that marks an occluding edge
     cluster_min_normal_z: float = 0.3  # cosine: only surfaces tilted < ~72 deg from up are clustered
