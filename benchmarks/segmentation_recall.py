@@ -82,6 +82,7 @@ def score_frame(cloud, truth: np.ndarray, families: dict[int, str], min_cells: i
 
 
 def run(args: argparse.Namespace) -> dict:
+    import pybullet as p
     from tqdm import tqdm
 
     from grasping.planner import PlannerConfig
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
         catalog=args.catalog, objects_per_tote=args.objects_per_tote, seed=args.seed, planner="analytic"
     )
     rng = np.random.default_rng([args.seed, 777])
-    per: dict[int, dict[str, Counter]] = {v: defaultdict(Counter) for v in variants}
+    per: dict[str, dict[str, Counter]] = {v: defaultdict(Counter) for v in variants}
     merged = dict.fromkeys(variants, 0)
     clusters = dict.fromkeys(variants, 0)
     frames = 0
@@ -118,8 +119,6 @@ def run(args: argparse.Namespace) -> dict:
                 left = cell.items_in_tote()
                 if len(left) <= args.keep:
                     break
-                import pybullet as p
-
                 tops = sorted(left, key=lambda b: -p.getAABB(b, physicsClientId=cell.client_id)[1][2])
                 pick = tops[0] if rng.random() < 0.5 else tops[int(rng.integers(len(tops)))]
                 cell.remove_item(pick)
