@@ -103,6 +103,7 @@ CARRY_MARGIN = 0.97  # unitless, grip load a carry may reach when CARRY_UTILISAT
 # Outcome detail ("why") of a carry refused because no speed keeps the item held: set back down
 CARRY_BEYOND_GRIP = "no carry keeps the item within the grip's hold: set back down"
 SET_DOWN_CLEARANCE = 0.005  # m, the TCP stops this far above where it gripped when setting an item down
+LONG_LINE_S = 10.0  # s, a slowed straight line taking over a moving start that would last longer brakes first
 MIN_LIFT_ACCEL = 0.2  # m/s^2, slowest lift acceleration (a 5 cm lift then takes about 1 s)
 # m, the kinematic rest of a lift must be at least this long for the physical part to hand over to
 # it moving (`SimArmConfig.lift_blend`): shorter, the two would not blend into anything
@@ -1145,10 +1146,13 @@ class SimArm:
         accel: float | None = None,
         end_speed: float = 0.0,
         start_speed: float = 0.0,
+        limit_joints: bool = True,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Straight tool line on a jerk-limited time-optimal profile (sim.motion.line_profile), slowed
         uniformly until every joint's sampled velocity and acceleration are within the Panda's limits.
-        `start_speed` (m/s): it takes over from a line along it that ends moving (the physical lift).
+        `start_speed` (m/s): it takes over from a line along it that ends moving (the physical lift);
+        when no slower profile from that speed fits the limits, it brakes along the line first and
+        goes on from rest. `limit_joints=False`: that brake, which the joints already move into.
 
         `end_speed` (m/s): arrive moving (at most what the line surely reaches, zero acceleration),
         for a joint move to take over there; returns that hand-over state (qd, qdd) of the joints,
@@ -1159,9 +1163,30 @@ class SimArm:
             return None
         acc = self.cfg.tool_accel if accel is None else accel
         jerk = self.cfg.tool_jerk
+        speed0, acc0 = speed, acc
         end = min(end_speed, speed, line_reachable_speed(length, acc, jerk))
-        for _ in range(4):
+        for attempt in range(4):
             prof = line_profile(length, speed, acc, jerk, end, start_speed)
+            if attempt > 0 and start_speed > 0.0 and prof.duration > LONG_LINE_S:
+                # Slowing this line cannot slow the motion it takes over from: a profile that first
+                # sheds `start_speed` at a slowed deceleration grows without bound (116 million
+                # samples of one lift, reporting seed 1015, stop 34). Brake along the line at its
+                # own acceleration instead, then go on from rest within the limits.
+                d = min(0.5 * length, start_speed * start_speed / acc0 + 0.002)
+                mid = p0 + (p1 - p0) * (d / length)
+                self._kinematic_line(
+                    mid,
+                    R_hand,
+                    link,
+                    start_speed,
+                    ignore,
+                    fixtures_only,
+                    acc0,
+                    0.0,
+                    start_speed,
+                    limit_joints=False,
+                )
+                return self._kinematic_line(p1, R_hand, link, speed0, ignore, fixtures_only, acc0, end_speed)
             n = max(3, int(np.ceil(prof.duration / self.cfg.transit_check_dt)) + 1)
             # Solve IK on the path at n equally spaced times of the profile.
             times = np.linspace(0.0, prof.duration, n)
@@ -1173,7 +1198,7 @@ class SimArm:
                 seed = q
             qs = np.array(qs)
             f = _over_limits(qs, times[1] - times[0])
-            if f <= 1.0:
+            if f <= 1.0 or not limit_joints:
                 break
             f *= 1.05  # a uniformly slower profile: v / f, a / f^2, j / f^3
             speed, acc, jerk, end = speed / f, acc / f**2, jerk / f**3, end / f

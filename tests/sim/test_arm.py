@@ -539,3 +539,29 @@ def test_a_retreat_whose_straight_path_jumps_between_ik_branches_goes_home_in_se
     arm.retreat()
     assert arm.robot_time - t0 < 5.0
     assert np.allclose(arm.q(), arm.cfg.home, atol=1e-3)  # the fallback: straight home in joint space
+
+
+def test_a_line_that_no_slowdown_fits_from_its_moving_start_brakes_first_and_ends(sim_cell, monkeypatch):
+    """A straight line taking over a moving start (the lift after its physical part) was slowed
+    until its joints fit their limits; when the start itself broke them, each slowdown shrank the
+    deceleration that sheds the start speed, and one lift grew to 116 million samples (reporting seed
+    1015, stop 34: the bench never finished). Now it brakes along the line and goes on from rest."""
+    import inspect
+
+    import sim.sim_arm as sim_arm
+
+    real = sim_arm._over_limits
+
+    def over(samples, h):  # no slower profile fits while the line starts moving
+        moving = inspect.currentframe().f_back.f_locals.get("start_speed", 0.0) > 0.0
+        return 4.0 if moving else real(samples, h)
+
+    monkeypatch.setattr(sim_arm, "_over_limits", over)
+    arm = sim_cell.arm
+    link = arm.tcp_link("suction")
+    p0, R = arm.link_pose(link)
+    t0 = arm.robot_time
+    top = p0 + np.array([0.0, 0.0, 0.15])
+    arm._kinematic_line(top, R, link, arm.cfg.free_speed, fixtures_only=True, accel=3.6, start_speed=0.35)
+    assert np.linalg.norm(arm.link_pose(link)[0] - top) < 0.002
+    assert arm.robot_time - t0 < 3.0  # seconds of robot time, not hours
