@@ -28,6 +28,13 @@ have moved (dropped, slipped, pushed by the cup or a finger), so it is also reco
 (sorted footprint and height, within `size_tol_m` plus `size_tol_rel`) anywhere in the tote. Two
 items of the same size can then be taken for one: the cell is more careful with the second, never
 less, and the limit on tries holds for the item that moved.
+
+An item a try touched without lifting it (the cup did not seal, nothing was touched) has not moved,
+but what the camera sees of it can: a large mailer that something leaned on, or that the cup pressed
+flat, came back as a cluster whose centre lay more than `radius_m` from the last one and whose size
+differed, so it was a "new" item and got a fourth try (tuning seed 19 and reporting seed 1000). Such
+a try's grip point is remembered (`touched_at`), and a cluster whose footprint holds one of them is
+that item.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from grasping.types import GRIPPER_KINDS, ItemCluster, Reason
 
 # Failures that say the grip could not carry the item: try the other gripper next.
 LOST_UNDER_LOAD = (Reason.DROPPED, Reason.SLIPPED)
+# Failures that leave the item where it was (nothing lifted it): the grip point is still on it.
+LEFT_IN_PLACE = (Reason.SEAL_FAILED, Reason.NO_CONTACT)
 TOO_HEAVY_FOR_CUP = "item heavier than the cup holds"  # SimArm's reason; a real cup reads its vacuum
 
 
@@ -52,6 +61,9 @@ class ItemMemoryConfig:
     # No grip of a gripper this close (in the tote's plane) to where it lost an item under load:
     # about the cup's diameter, so the new contact patch does not overlap the lost one, metres
     lost_spot_radius_m: float = 0.03
+    # A cluster's footprint (axis-aligned, grown by this much) holding the grip point of a try that
+    # left an item in place is that item, metres
+    touched_margin_m: float = 0.005
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -75,6 +87,7 @@ class TrackedItem:
     set_aside: bool = False  # no more tries this tote: a person takes it out by hand
     why_set_aside: str = ""
     lost_at: list[tuple[np.ndarray, str]] = field(default_factory=list)  # grip points that lost it
+    touched_at: list[np.ndarray] = field(default_factory=list)  # grip points of tries that left it in place
 
     def allows(self, gripper: str) -> bool:
         return not self.set_aside and gripper not in self.banned
@@ -102,6 +115,16 @@ class ItemMemory:
         near = [(d, it) for d, it in near if d < self.config.radius_m]
         if near:
             return min(near, key=lambda x: x[0])[1]
+        if cluster is not None:
+            lo = np.asarray(cluster.lo, dtype=np.float64)[:2] - self.config.touched_margin_m
+            hi = np.asarray(cluster.hi, dtype=np.float64)[:2] + self.config.touched_margin_m
+            held = [
+                (float(np.linalg.norm(it.centre[:2] - c[:2])), it)
+                for it in live
+                if any(bool(np.all((p[:2] >= lo) & (p[:2] <= hi))) for p in it.touched_at)
+            ]
+            if held:
+                return min(held, key=lambda x: x[0])[1]
         size = _size_of(cluster)
         if size is None:
             return None
@@ -152,6 +175,8 @@ class ItemMemory:
         item.banned |= lost
         if at is not None:
             item.lost_at += [(np.asarray(at, dtype=np.float64), g) for g in sorted(lost)]
+            if reason in LEFT_IN_PLACE:
+                item.touched_at.append(np.asarray(at, dtype=np.float64))
         if all(g in item.banned for g in GRIPPER_KINDS):
             self.set_aside(item, "no gripper holds it: " + ", ".join(item.reasons))
         elif item.attempts >= self.config.max_attempts:
@@ -177,4 +202,11 @@ class ItemMemory:
         return max((it.attempts for it in self.items), default=0)
 
 
-__all__ = ["ItemMemory", "ItemMemoryConfig", "TrackedItem", "LOST_UNDER_LOAD", "TOO_HEAVY_FOR_CUP"]
+__all__ = [
+    "ItemMemory",
+    "ItemMemoryConfig",
+    "TrackedItem",
+    "LEFT_IN_PLACE",
+    "LOST_UNDER_LOAD",
+    "TOO_HEAVY_FOR_CUP",
+]
