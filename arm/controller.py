@@ -10,7 +10,9 @@ One tote at a time:
 4. Otherwise look again once (a fresh capture: noise, holes and the segmentation change), and if the
    planner is still unsure, ask a person about that item — and go on picking *other* items the planner
    is confident about while the person thinks. The cell never blocks on a person: when nothing else can
-   be done it idles in short steps, and a request whose deadline passes is skipped.
+   be done it idles in short steps, and a request whose deadline passes is skipped. A skipped item
+   is not asked about again, but once the tote has changed since it was judged (the arm has been
+   in it since) the model may still pick it when it is now sure of it.
 5. A failed pick is remembered (don't retry the same spot, Sanders et al. 2020, and don't offer it to a
    person either) and the item is retried according to why it failed (`arm.items`: a drop -> the
    other gripper; a seal failure -> another spot), at most `max_attempts_per_item` times in all;
@@ -83,6 +85,11 @@ class ControllerConfig:
     max_attempts_per_item: int = 3  # tries on one item (model and people together), then set aside, count
     ask_novel_at_once: bool = True  # ask about an out-of-distribution item as soon as it is seen
     max_asks_per_item: int = 2  # questions about one item per tote before it is skipped, count
+    # A skipped item (its question expired, it was asked about too often, or nobody could be asked)
+    # is never asked about again, but after the arm has been in the tote since it was judged, what
+    # lay on or against it may be gone: the model picks it if it is now sure of it (a plan's
+    # confident, in-distribution candidate). False: a skipped item stays out for the rest of the tote.
+    revisit_skipped: bool = True
     max_attempts_per_tote: int = 80  # hard stop for one tote (then it is diverted), count
     look_again: bool = True  # re-capture once before asking a person
     # ... unless the item to ask about was already seen unsure on this many captures since the arm
@@ -180,9 +187,9 @@ class _ToteState:
 
     failed_spots: list[np.ndarray] = field(default_factory=list)  # grasp points that failed
     no_pick: list[np.ndarray] = field(default_factory=list)  # items a person said can't be picked safely
-    skipped: list[np.ndarray] = field(
-        default_factory=list
-    )  # items whose question expired, or asked too often
+    # (item centre, motions commanded when it was judged): items whose question expired, asked too
+    # often, or unsure with nobody to ask
+    skipped: list[tuple[np.ndarray, int]] = field(default_factory=list)
     asks: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (item centre, questions asked)
     # (item centre, captures that showed it unsure) since the arm last moved, and that motion count
     unsure_looks: list[tuple[np.ndarray, int]] = field(default_factory=list)
@@ -211,6 +218,7 @@ class _Pending:
     frame: Frame
     centre: np.ndarray  # (3,) base frame: the item the question is about
     asked_at: float  # robot time
+    motions: int = 0  # motions the controller had commanded when it asked
 
 
 class CellController:
@@ -390,7 +398,7 @@ class CellController:
                 i, cand = pools.novel[0]
                 centre = _centre_of(plan, cand)
                 if _bump(st.asks, centre, cfg.item_radius_m) > cfg.max_asks_per_item:
-                    st.skipped.append(centre)
+                    st.skipped.append((centre, self._motions))
                 else:
                     self._ask(
                         rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots, cause="novel"
@@ -461,7 +469,7 @@ class CellController:
                         "unsure about the item at %s and nobody to ask: skipped",
                         np.round(_centre_of(plan, cand), 3),
                     )
-                    st.skipped.append(_centre_of(plan, cand))
+                    st.skipped.append((_centre_of(plan, cand), self._motions))
                     self._count("unsure_skipped")
                 continue
             i, cand = ask_pool[0]
@@ -472,7 +480,7 @@ class CellController:
                     np.round(centre, 3),
                     cfg.max_asks_per_item,
                 )
-                st.skipped.append(centre)
+                st.skipped.append((centre, self._motions))
                 continue
             if not pools.unsure:
                 cause = "model_failed"  # the model tried this item enough: a person may
@@ -598,7 +606,12 @@ class CellController:
     def _pools(self, plan: Plan, st: _ToteState) -> _Pools:
         """Sort a plan's candidates by what the cell may do with them now (see `_Pools`)."""
         cfg = self.config
-        blocked = [p.centre for p in st.pending.values()] + st.no_pick + st.skipped
+        # A skipped item stays out until the arm has been in the tote since it was judged; then only a
+        # confident candidate on it is taken (it is never asked about again).
+        now = self._motions
+        revisit = [c for c, m in st.skipped if cfg.revisit_skipped and m != now]
+        blocked = [p.centre for p in st.pending.values()] + st.no_pick
+        blocked += [c for c, m in st.skipped if not (cfg.revisit_skipped and m != now)]
         memo: dict[int, TrackedItem | None] = {}  # cluster index -> remembered item
 
         def item(c: Candidate) -> TrackedItem | None:
@@ -619,13 +632,19 @@ class CellController:
                 continue  # set aside, or this gripper already lost it
             if st.items.lost_here(c.grasp.position, c.grasp.gripper) is not None:
                 continue  # this gripper lost an item right here (whatever cluster it is in now)
-            if it is not None and it.model_failures >= cfg.max_failures_per_item:
-                pools.hard.append((i, c))  # the model has tried enough: a person may
-                continue
-            pools.usable.append((i, c))
             thr = _threshold(plan, c)
             sure = thr is not None and c.score >= thr
             in_dist = _item_in_distribution(plan, c)
+            tried_enough = it is not None and it.model_failures >= cfg.max_failures_per_item
+            if revisit and _near(_centre_of(plan, c), revisit, cfg.item_radius_m):
+                if sure and in_dist and not tried_enough:
+                    pools.usable.append((i, c))
+                    pools.confident.append((i, c))
+                continue
+            if tried_enough:
+                pools.hard.append((i, c))  # the model has tried enough: a person may
+                continue
+            pools.usable.append((i, c))
             if sure and in_dist:
                 pools.confident.append((i, c))
             else:
@@ -738,7 +757,7 @@ class CellController:
             self.ledger.record_request(req)
         fut = self.assist.ask(req)
         pending[req.request_id] = _Pending(
-            req, fut, plan, plan_id, frame, np.asarray(centre), self.arm.robot_time
+            req, fut, plan, plan_id, frame, np.asarray(centre), self.arm.robot_time, self._motions
         )
         rep.assists_requested += 1
         self._count("assists_requested")
@@ -772,7 +791,7 @@ class CellController:
                 self.ledger.record_answer(answer)
             if answer.status != "answered":
                 # Deadline passed (or the question was dropped): skip this item and move on.
-                st.skipped.append(p.centre)
+                st.skipped.append((p.centre, p.motions))
                 rep.assists_expired += 1
                 self._count("assists_expired")
                 continue

@@ -330,3 +330,48 @@ def test_an_item_a_try_left_in_place_is_known_by_the_grip_points_whatever_its_cl
     mem.record(mover, "suction", Reason.DROPPED, at=np.array([0.2, -0.15, 0.03]))
     there = _box(np.array([0.26, -0.15, 0.05]), np.array([0.15, -0.2, 0.0]), np.array([0.37, -0.1, 0.2]))
     assert mover.touched_at == [] and mem.find(there.centroid, there) is None
+
+
+def test_an_item_whose_question_expired_is_picked_by_the_model_once_the_tote_changed_and_it_is_sure(
+    stack_factory,
+):
+    # Nobody answers (the bench's `--associate none`). Carton A is unsure while carton C lies beside
+    # it; C is not seen at first (as if the segmentation had missed it), then seen and sure. The cell
+    # asks about A, picks C while the question is pending, and when the question expires the tote has
+    # changed since A was judged: the model, now sure of A, picks it. It is never asked about again.
+    from sim.associate import SimAssistChannel
+
+    st = stack_factory(max_attempts_per_tote=10, assist_deadline_s=2.0)
+    a = add_carton(st, dx=-0.1)
+    c = add_carton(st, dx=0.1)
+    a_xy, c_xy = _xy(st, a), _xy(st, c)
+    asked: list[object] = []
+
+    def p_of(cand, cl) -> float:
+        on_c = cl is not None and float(np.linalg.norm(cl.centroid[:2] - c_xy)) < 0.05
+        if on_c:
+            return 0.95
+        return 0.3 if c in st.cell.items_in_tote() else 0.95
+
+    scripted, _ = _scripted(st.controller.planner, p_of=p_of)
+
+    def plan_fn(frame):
+        plan = scripted(frame)
+        if asked:
+            return plan
+        keep = tuple(  # C unseen until the first question
+            k
+            for k in plan.candidates
+            if k.cluster < 0 or float(np.linalg.norm(plan.clusters[k.cluster].centroid[:2] - c_xy)) > 0.05
+        )
+        return replace(plan, candidates=keep)
+
+    st.controller.planner = plan_fn
+    st.controller.on_ask = lambda req, centre: asked.append(req)
+    st.controller.assist = SimAssistChannel(None, lambda: st.cell.arm.robot_time, answer=False)
+    rep = st.controller.run_tote("t0")
+    assert len(asked) == 1 and rep.assists_expired == 1  # one question, about A, expired
+    assert _in_box(st, c) and _in_box(st, a)
+    assert [x.decided_by for x in rep.attempts] == ["model", "model"]
+    assert np.linalg.norm(rep.attempts[-1].grasp.position[:2] - a_xy) < 0.05  # the last one was A
+    assert rep.status == "cleared"
