@@ -1498,7 +1498,8 @@ def gate(
                 "note: per-kind autonomy compared with the incumbent at its thresholds re-certified on "
                 f"the candidate's {rec.get('conformal_rows')} conformal rows, "
                 f"{np.round(inc_thr, 4).tolist()} (as shipped "
-                f"{np.round(rec.get('as_shipped', []), 4).tolist()}); the incumbent's autonomous "
+                f"{np.round(np.asarray(rec.get('as_shipped', []), dtype=np.float64), 4).tolist()}); "
+                "the incumbent's autonomous "
                 f"success on old kinds: {float(i_ok[olds].mean()) if olds.any() else float('nan'):.4f} "
                 f"re-certified, {float(shipped.mean()) if olds.any() else float('nan'):.4f} as shipped"
             )

@@ -6,6 +6,9 @@ A round (`run_round`):
     (`learn.dataset`); rows of held-out totes (a fixed share chosen by hashing the tote id, so the
     same totes are held out in every round and no model ever trains on them) go to the gate;
  3. weights (`learn.weights`): novelty, the incumbent's loss, recency, human labels, replay share;
+    "new" rows are those the incumbent never trained on: after a refused round they stay new (the
+    incumbent still has not seen them), so a kind the incumbent never knew keeps triggering and
+    keeps its weight until a model that learned it is promoted;
  4. training (`grasping.learning.train`): fine-tune the incumbent (or from scratch) with weighted
     sampling and early stopping, split by tote; it recalibrates per gripper and refits the ask
     threshold (risk "executed": P(fail | executed alone) <= alpha, Learn-then-Test);
@@ -86,6 +89,17 @@ def _state_path(cfg: LearnConfig) -> Path:
 def load_state(cfg: LearnConfig) -> dict[str, Any]:
     p = _state_path(cfg)
     return json.loads(p.read_text()) if p.exists() else {"cutoff": 0.0, "rounds": []}
+
+
+def incumbent_cutoff(state: dict[str, Any], incumbent_sha256: str | None) -> float:
+    """The newest row time the incumbent could have trained on: the data cutoff of the round that
+    promoted it. `state["cutoff"]` (the last round's data, for the triggers) moves on after a refused
+    round too, but the incumbent did not learn those rows. A model the learner did not promote itself
+    (promoted by hand, another learner) falls back to `state["cutoff"]`, as before."""
+    seen = state.get("incumbent_cutoff")
+    if seen is not None and incumbent_sha256 is not None and seen.get("sha256") == incumbent_sha256:
+        return float(seen["cutoff"])
+    return float(state["cutoff"])
 
 
 def _save_state(cfg: LearnConfig, state: dict[str, Any]) -> None:
@@ -295,14 +309,17 @@ def run_round(
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     version = f"learn-r{n}-{stamp}-s{cfg.seed}"
     round_dir = Path(cfg.work_dir) / f"round-{n:03d}-{stamp}"
-    cutoff = float(state["cutoff"])
     from grasping.modelfile import file_sha256
 
+    inc_sha = file_sha256(incumbent) if incumbent else None
+    # Rows after `cutoff` are new to the incumbent (weights, triggering kinds); the triggers read
+    # their own cutoff, the last round's, above.
+    cutoff = incumbent_cutoff(state, inc_sha)
     extra = {
         "learn_config": asdict(cfg),
         "cutoff": cutoff,
         "incumbent": incumbent,
-        "incumbent_sha256": file_sha256(incumbent) if incumbent else None,
+        "incumbent_sha256": inc_sha,
         "round": n,
         "version": version,
     }
@@ -332,7 +349,11 @@ def run_round(
         )
         promoted = True
     latest = float(np.nanmax(built.dataset.timestamp)) if len(built.dataset) else cutoff
-    state["cutoff"] = max(cutoff, latest)
+    state["cutoff"] = max(float(state["cutoff"]), latest)
+    if promoted:
+        state["incumbent_cutoff"] = {"sha256": report.candidate_sha256, "cutoff": state["cutoff"]}
+    elif "incumbent_cutoff" not in state and inc_sha is not None:
+        state["incumbent_cutoff"] = {"sha256": inc_sha, "cutoff": cutoff}
     state["rounds"].append(
         {"round": n, "version": version, "gate_passed": report.passed, "promoted": promoted,
          "triggers": list(status.reasons), "manifest": str(built.manifest_path)}

@@ -463,3 +463,35 @@ def test_old_kinds_are_compared_at_matched_risk_control_not_at_a_looser_incumben
     )
     unmatched = gate(bare, loose, holdout, tol)
     assert any(r.startswith("FAIL") and "forgotten" in r for r in unmatched.reasons), unmatched.reasons
+
+
+def test_a_kind_the_incumbent_never_learned_keeps_triggering_after_a_refused_round(tmp_path) -> None:
+    # Continual seed 5 (stop 35): round 1 was refused, and round 2 counted only the rows recorded
+    # since round 1 as new. Too few of the new kind were among them, so it was no longer a
+    # triggering kind: not weighted up, and judged by the gate as an old kind that must merely not
+    # get worse. The incumbent had still never trained on any of its rows.
+    rng = np.random.default_rng(2)
+    db = tmp_path / "cell.db"
+    with Ledger(db, "cell-1", clock=Clock(1.7e9)) as ledger:
+        record_totes(ledger, rng, 60, ("boxes", "cylinders"), prefix="a")
+    base = LearnConfig(
+        ledgers=(str(db),),
+        registry=str(tmp_path / "registry"),
+        work_dir=str(tmp_path / "work"),
+        seed=4,
+        train=TrainSettings(mode="scratch", epochs=1, patience=1, kinds=3, min_rows=100),
+        promote=False,
+    )
+    first = run_round(base, force=True, progress=False)  # the incumbent: boxes and cylinders only
+    cfg = replace(base, incumbent=first.model_path)
+    with Ledger(db, "cell-1", clock=Clock(1.8e9)) as ledger:
+        record_totes(ledger, rng, 30, ("holey",), prefix="b")
+    second = run_round(cfg, force=True, progress=False)
+    assert second.triggering_kinds == ("holey",) and not second.promoted  # refused or not promoted
+    with Ledger(db, "cell-1", clock=Clock(1.9e9)) as ledger:
+        record_totes(ledger, rng, 2, ("holey",), prefix="c")  # 24 rows: fewer than kind_min_rows
+    third = run_round(cfg, force=True, progress=False)
+    assert third.triggering_kinds == ("holey",)  # still new to the incumbent
+    meta = load_model(third.model_path).meta
+    assert meta["triggering_kinds"] == ["holey"]
+    assert meta["learner"]["cutoff"] < 1.8e9  # rows after the incumbent's own data are the new ones
