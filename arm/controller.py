@@ -630,6 +630,8 @@ class CellController:
             it = item(c)
             if it is not None and not it.allows(c.grasp.gripper):
                 continue  # set aside, or this gripper already lost it
+            if it is not None and c.grasp.gripper == "suction" and not it.cup_allows(c.grasp.position):
+                continue  # too far from where the cup's reading put the centre of mass
             if st.items.lost_here(c.grasp.position, c.grasp.gripper) is not None:
                 continue  # this gripper lost an item right here (whatever cluster it is in now)
             thr = _threshold(plan, c)
@@ -980,7 +982,13 @@ class CellController:
         reason = why_failed.reason if why_failed is not None else Reason.OK
         why = str(why_failed.details.get("why", "")) if why_failed is not None else ""
         st.items.record(
-            tracked, grasp.gripper, reason, why, by_model=decided_by.startswith("model"), at=grasp.position
+            tracked,
+            grasp.gripper,
+            reason,
+            why,
+            by_model=decided_by.startswith("model"),
+            at=grasp.position,
+            details=why_failed.details if why_failed is not None else None,
         )
         if tracked.set_aside and reason is not Reason.OK:
             self._count("items_set_aside")

@@ -7,7 +7,12 @@ how often it was tried and why it failed, and turns that into the next try (Sand
 
 * a drop, or a slip (lost under load) -> not that gripper again on that item: the other one.
   "Heavier than the cup holds" (the seal held but the static load alone is over the cup's limit)
-  rules the cup out for good, whichever gripper would come next. Slower motion is already the
+  rules the cup out for good, whichever gripper would come next, unless the cup's reading says why
+  (a wrist force-torque sensor: the weight, and where its centre of mass lies from the cup): when
+  the weight is within the cup's rating and only the lever was too long, the cup may try once more,
+  with its seal within `cup_lever_share` of the lever it could carry from that centre of mass (a
+  large mailer sealed near its edge; procedural reporting seed 1017 had 7 such drops on mailers,
+  which the jaw cannot take). Slower motion is already the
   arm's own answer to load (payload-aware lift and transit): a second drop under it means the
   gripper is wrong for the item, not the speed.
 * a seal failure, no contact, a collision -> another spot (the controller keeps the failed spots);
@@ -39,6 +44,7 @@ that item.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +70,12 @@ class ItemMemoryConfig:
     # A cluster's footprint (axis-aligned, grown by this much) holding the grip point of a try that
     # left an item in place is that item, metres
     touched_margin_m: float = 0.005
+    # After "heavier than the cup holds" with a reading: the next seal goes within this share of the
+    # longest lever the cup could carry that weight at, around the measured centre of mass ([0, 1]:
+    # the estimate and the cup's placement both err)...
+    cup_lever_share: float = 0.6
+    # ... and only if that leaves at least this much room; else the cup is ruled out, metres
+    min_cup_radius_m: float = 0.006
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -88,9 +100,18 @@ class TrackedItem:
     why_set_aside: str = ""
     lost_at: list[tuple[np.ndarray, str]] = field(default_factory=list)  # grip points that lost it
     touched_at: list[np.ndarray] = field(default_factory=list)  # grip points of tries that left it in place
+    # (x, y of its centre of mass, radius), metres, base frame: the cup only within this (see above)
+    cup_within: tuple[np.ndarray, float] | None = None
 
     def allows(self, gripper: str) -> bool:
         return not self.set_aside and gripper not in self.banned
+
+    def cup_allows(self, point: np.ndarray) -> bool:
+        """May the cup seal at `point` (base frame)? Anywhere, unless a reading narrowed it."""
+        if self.cup_within is None:
+            return True
+        centre, radius = self.cup_within
+        return float(np.linalg.norm(np.asarray(point, dtype=np.float64)[:2] - centre)) <= radius
 
 
 def _size_of(cluster: ItemCluster | None) -> np.ndarray | None:
@@ -156,8 +177,10 @@ class ItemMemory:
         why: str = "",
         by_model: bool = True,
         at: np.ndarray | None = None,
+        details: Mapping[str, object] | None = None,
     ) -> None:
-        """Count one try on `item` and decide what the next one may be (`at`: the grip point, base frame)."""
+        """Count one try on `item` and decide what the next one may be (`at`: the grip point, base
+        frame; `details`: the outcome's details, where a cup's load reading may be)."""
         item.attempts += 1
         if reason is Reason.OK:
             item.picked = True  # an item seen here later (one it lay on) is another item
@@ -171,7 +194,12 @@ class ItemMemory:
         item.moved = True
         lost = {gripper} if reason in LOST_UNDER_LOAD else set()
         if TOO_HEAVY_FOR_CUP in why:
-            lost.add("suction")
+            spot = self._cup_spot(at, details) if item.cup_within is None else None
+            if spot is not None:
+                item.cup_within = spot  # once more, near the centre of mass
+                lost.discard("suction")
+            else:
+                lost.add("suction")
         item.banned |= lost
         if at is not None:
             item.lost_at += [(np.asarray(at, dtype=np.float64), g) for g in sorted(lost)]
@@ -181,6 +209,22 @@ class ItemMemory:
             self.set_aside(item, "no gripper holds it: " + ", ".join(item.reasons))
         elif item.attempts >= self.config.max_attempts:
             self.set_aside(item, f"{item.attempts} tries failed: " + ", ".join(item.reasons))
+
+    def _cup_spot(
+        self, at: np.ndarray | None, details: Mapping[str, object] | None
+    ) -> tuple[np.ndarray, float] | None:
+        """(centre of mass x, y; radius) from a cup's load reading, or None (no reading, or no room)."""
+        if at is None or not details:
+            return None
+        try:
+            off = np.asarray(details["com_offset_m"], dtype=np.float64).reshape(2)
+            lever = float(details["max_lever_m"])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            return None
+        radius = self.config.cup_lever_share * lever
+        if not (np.all(np.isfinite(off)) and np.isfinite(radius)) or radius < self.config.min_cup_radius_m:
+            return None
+        return np.asarray(at, dtype=np.float64)[:2] + off, radius
 
     def lost_here(self, position: np.ndarray, gripper: str) -> TrackedItem | None:
         """The item `gripper` lost under load within `lost_spot_radius_m` of `position`, if any."""

@@ -15,6 +15,9 @@ Suction (`SuctionGripper`)
     the tilting moment of the weight and inertial forces acting at the centre of mass, offset from the
     cup; `payload` returns the utilisation axial/F_rating + moment/M_rating, and the arm drops the item
     when it exceeds 1 (checked at grip, during the physical lift and at every sample of transport).
+    When the seal holds but the load is too much at grip, the cup reports what a wrist force-torque
+    sensor reads at that moment (`load_reading`): the weight, where the centre of mass lies from the
+    cup (torque / force), and how far from it this cup could grip that weight (`cup_max_lever`).
 
 Parallel jaw (`ParallelJawGripper`)
     The Panda's two fingers, coupled by a JOINT_GEAR constraint (PyBullet ignores URDF <mimic>),
@@ -120,6 +123,16 @@ def suction_utilisation(
     return axial / cfg.vacuum_rating_n + moment / cfg.moment_rating_nm
 
 
+def cup_max_lever(cfg: SuctionConfig, load_n: float) -> float:
+    """Largest horizontal offset (metres) of a static load `load_n` (newtons) from a vertical cup
+    that keeps the utilisation axial/F_rating + moment/M_rating <= 1; 0 when the weight alone is
+    over the rating."""
+    if load_n <= 0.0:
+        return float("inf")
+    spare = 1.0 - load_n / cfg.vacuum_rating_n
+    return max(spare, 0.0) * cfg.moment_rating_nm / load_n
+
+
 class SuctionGripper:
     """Suction cup on a slide. Implements arm.interfaces.Gripper."""
 
@@ -219,6 +232,24 @@ class SuctionGripper:
         mass = p.getDynamicsInfo(self.held_body, -1, physicsClientId=self.client_id)[0]
         com_in_cup = R.T @ (np.asarray(com) - lip)
         return suction_utilisation(self.cfg, mass, com_in_cup, R, accel)
+
+    def load_reading(self) -> dict[str, object]:
+        """What a wrist force-torque sensor says of the held item at rest: `load_n` (its weight,
+        newtons), `com_offset_m` (the centre of mass's horizontal offset from the cup's lip centre,
+        base frame x and y, metres: torque / force) and `max_lever_m` (`cup_max_lever` for that
+        weight: a seal within this of the centre of mass holds it). Empty when nothing is held."""
+        if self.held_body is None:
+            return {}
+        lip, _ = self.cup_pose()
+        com, _ = p.getBasePositionAndOrientation(self.held_body, physicsClientId=self.client_id)
+        mass = p.getDynamicsInfo(self.held_body, -1, physicsClientId=self.client_id)[0]
+        load = float(mass * -GRAVITY[2])
+        off = np.asarray(com, dtype=np.float64)[:2] - lip[:2]
+        return {
+            "load_n": round(load, 3),
+            "com_offset_m": [round(float(v), 4) for v in off],
+            "max_lever_m": round(cup_max_lever(self.cfg, load), 4),
+        }
 
 
 class ParallelJawGripper:

@@ -2044,8 +2044,13 @@ class SimArm:
             ok, u = self._grip_ok(np.zeros(3))
             details["static_utilisation"] = round(u, 3)
             if not ok:
+                # What the wrist's force-torque sensor reads before the vacuum lets go: the weight
+                # and where its centre lies from the cup (arm.items uses it for the next try).
+                reading = self.suction.load_reading()
                 self._drop()
-                raise _Abort(Reason.DROPPED, why="item heavier than the cup holds", utilisation=round(u, 3))
+                raise _Abort(
+                    Reason.DROPPED, why="item heavier than the cup holds", utilisation=round(u, 3), **reading
+                )
         else:
             ok = self.jaw.grip()
             details["closed_width_m"] = round(self.jaw.width(), 4)
