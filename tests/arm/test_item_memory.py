@@ -380,9 +380,19 @@ def test_an_item_a_try_left_in_place_is_known_by_the_grip_points_whatever_its_cl
     assert mem.find(now.centroid, now) is it
     mem.record(mem.get(now.centroid, now), "suction", Reason.SEAL_FAILED, by_model=False, at=spots[1])
     assert it.set_aside and it.attempts == 3  # the third try is its last: no fourth
+    # Seen once more from another side (reporting seed 1018): a small, tall cluster 5 cm off that holds
+    # none of its grip points. Set aside, the item claims it: no fourth try.
+    side = _box(
+        np.array([0.50, -0.01, 0.08]), np.array([0.495, -0.015, 0.03]), np.array([0.505, -0.005, 0.12])
+    )
+    assert mem.find(side.centroid, side) is it
     # A cluster beside it that holds none of its grip points is another item.
     beside = _box(np.array([0.60, 0.10, 0.02]), np.array([0.56, 0.07, 0.0]), np.array([0.64, 0.13, 0.03]))
     assert mem.find(beside.centroid, beside) is None
+    # Nor is a flat item below the grip points' height whose footprint holds them (reporting seed
+    # 1018: grip points on the top of a tall item, over a flat one beside it).
+    under = _box(np.array([0.52, 0.02, 0.004]), np.array([0.46, -0.03, 0.0]), np.array([0.58, 0.05, 0.008]))
+    assert mem.find(under.centroid, under) is None
     # A try that lifted the item (a drop, a slip) may have moved it: its grip point says nothing.
     mover = mem.get(np.array([0.2, -0.15, 0.03]))
     mem.record(mover, "suction", Reason.DROPPED, at=np.array([0.2, -0.15, 0.03]))
