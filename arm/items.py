@@ -12,9 +12,8 @@ how often it was tried and why it failed, and turns that into the next try (Sand
   the weight is within the cup's rating and only the lever was too long, the cup may try once more,
   with its seal within `cup_lever_share` of the lever it could carry from that centre of mass (a
   large mailer sealed near its edge; procedural reporting seed 1017 had 7 such drops on mailers,
-  which the jaw cannot take). Slower motion is already the
-  arm's own answer to load (payload-aware lift and transit): a second drop under it means the
-  gripper is wrong for the item, not the speed.
+  which the jaw cannot take). Slower motion is already the arm's own answer to load (payload-aware
+  lift and transit): a second drop under it means the gripper is wrong for the item, not the speed.
 * a seal failure, no contact, a collision -> another spot (the controller keeps the failed spots);
   the gripper stays allowed.
 * at most `max_attempts` tries on one item, by the model and by people together; then the item is
