@@ -96,17 +96,23 @@ def test_a_novel_item_is_asked_about_at_once_while_the_familiar_ones_are_picked(
     assert rep.status == "cleared"
 
 
-def _brick_cell(stack_factory):
-    """A cell with one 7 x 5 x 5 cm, 2.8 kg brick in the middle of the tote: its weight alone is over
-    the cup's 25 N; the jaw (30 N, mu 1) holds it. Returns (stack, brick body)."""
+def _one_box_cell(stack_factory, half: tuple[float, float, float], mass: float, friction: float, name: str):
+    """A cell with one box (half extents in metres, mass in kg) settled in the middle of the tote.
+    Returns (stack, body)."""
     st = stack_factory()
     b = st.cell.tote_bounds
     c = (b.lo + b.hi) / 2
-    brick = st.cell.add_primitive(
-        "box", (0.035, 0.025, 0.025), (c[0], c[1], b.lo[2] + 0.027), mass=2.8, friction=1.0, name="brick"
+    body = st.cell.add_primitive(
+        "box", half, (c[0], c[1], b.lo[2] + half[2] + 0.002), mass=mass, friction=friction, name=name
     )
     st.cell.settle(0.3)
-    return st, brick
+    return st, body
+
+
+def _brick_cell(stack_factory):
+    """A cell with one 7 x 5 x 5 cm, 2.8 kg brick in the middle of the tote: its weight alone is over
+    the cup's 25 N; the jaw (30 N, mu 1) holds it. Returns (stack, brick body)."""
+    return _one_box_cell(stack_factory, (0.035, 0.025, 0.025), 2.8, 1.0, "brick")
 
 
 def _cup_first(cand, cl) -> float:
@@ -134,13 +140,7 @@ def test_a_mailer_too_heavy_for_the_cup_at_its_edge_is_sealed_again_near_its_cen
     # its 25 N. The cup's reading (weight, centre of mass from the cup) says so, and the next try is
     # the cup again, sealed near the centre of mass; it carries the mailer. Before, "heavier than the
     # cup holds" ruled the cup out, and the jaw cannot hold a 2 cm mailer: it was left in the tote.
-    st = stack_factory()
-    b = st.cell.tote_bounds
-    c = (b.lo + b.hi) / 2
-    mailer = st.cell.add_primitive(
-        "box", (0.15, 0.10, 0.01), (c[0], c[1], b.lo[2] + 0.012), mass=0.7, friction=0.8, name="mailer"
-    )
-    st.cell.settle(0.3)
+    st, mailer = _one_box_cell(stack_factory, (0.15, 0.10, 0.01), 0.7, 0.8, "mailer")
     centre = _xy(st, mailer)
 
     def p_of(cand, cl) -> float:
