@@ -85,6 +85,14 @@ class ControllerConfig:
     max_attempts_per_item: int = 3  # tries on one item (model and people together), then set aside, count
     ask_novel_at_once: bool = True  # ask about an out-of-distribution item as soon as it is seen
     max_asks_per_item: int = 2  # questions about one item per tote before it is skipped, count
+    # An item the model knows (in distribution) whose best candidate's calibrated p(success) is below
+    # this is not asked about: the model is sure that nothing it can do there works, and a person can
+    # only confirm it (tuning seed 24, procedural, stop 36: 35 of 68 questions were about such items;
+    # 26 got "no safe pick", 2 led to a person's pick that placed an item). It is skipped like an
+    # expired question: a later confident plan may still pick it, and the tote goes to exception
+    # handling with it. Novel items and items the model failed on are asked about whatever their p.
+    # 0: ask about every unsure item, as before.
+    ask_min_p: float = 0.1
     # A skipped item (its question expired, it was asked about too often, or nobody could be asked)
     # is never asked about again, but after the arm has been in the tote since it was judged, what
     # lay on or against it may be gone: the model picks it if it is now sure of it (a plan's
@@ -219,6 +227,7 @@ class _Pending:
     centre: np.ndarray  # (3,) base frame: the item the question is about
     asked_at: float  # robot time
     motions: int = 0  # motions the controller had commanded when it asked
+    cluster: ItemCluster | None = None  # the item asked about, as the plan saw it
 
 
 class CellController:
@@ -397,7 +406,7 @@ class CellController:
             if pools.novel and self.assist is not None and cfg.ask_novel_at_once:
                 i, cand = pools.novel[0]
                 centre = _centre_of(plan, cand)
-                if _bump(st.asks, centre, cfg.item_radius_m) > cfg.max_asks_per_item:
+                if self._count_question(st, plan, cand) > cfg.max_asks_per_item:
                     st.skipped.append((centre, self._motions))
                 else:
                     self._ask(
@@ -474,7 +483,28 @@ class CellController:
                 continue
             i, cand = ask_pool[0]
             centre = _centre_of(plan, cand)
-            if _bump(st.asks, centre, cfg.item_radius_m) > cfg.max_asks_per_item:
+            if (
+                pools.unsure
+                and cand.p_success is not None
+                and cand.p_success < cfg.ask_min_p
+                and _item_in_distribution(plan, cand)
+            ):
+                # Best first: every other unsure item the model knows is below the bar too.
+                for _, c in pools.unsure:
+                    at = _centre_of(plan, c)
+                    skipped_now = [s for s, m in st.skipped if m == self._motions]
+                    if not _item_in_distribution(plan, c) or _near(at, skipped_now, cfg.item_radius_m):
+                        continue  # novel (asked about next round), or this item is skipped already
+                    log.info(
+                        "item at %s: best p(success) %.3f < %.3f, nothing to ask a person about: skipped",
+                        np.round(at, 3),
+                        c.score,
+                        cfg.ask_min_p,
+                    )
+                    st.skipped.append((at, self._motions))
+                    self._count("hopeless_skipped")
+                continue
+            if self._count_question(st, plan, cand) > cfg.max_asks_per_item:
                 log.info(
                     "item at %s asked about %d times already: skipped",
                     np.round(centre, 3),
@@ -618,16 +648,20 @@ class CellController:
             if c.cluster < 0:
                 return st.items.find(_centre_of(plan, c))
             if c.cluster not in memo:
-                memo[c.cluster] = st.items.find(_centre_of(plan, c), _cluster(plan, c))
+                found = st.items.find(_centre_of(plan, c), _cluster(plan, c))
+                if found is not None and (found.no_safe_pick or found.questions):
+                    # Follow it as the tote settles: it is found by its last-seen centre.
+                    found.centre = np.asarray(_centre_of(plan, c), dtype=np.float64)
+                memo[c.cluster] = found
             return memo[c.cluster]
 
         pools = _Pools()
         for i, c in enumerate(plan.candidates):
             if _near(c.grasp.position, st.failed_spots, cfg.failed_spot_radius_m):
                 continue
+            it = item(c)  # first: it follows a remembered item even where a spot rule below holds it
             if _near(_centre_of(plan, c), blocked, cfg.item_radius_m):
                 continue
-            it = item(c)
             if it is not None and not it.allows(c.grasp.gripper):
                 continue  # set aside, or this gripper already lost it
             if it is not None and c.grasp.gripper == "suction" and not it.cup_allows(c.grasp.position):
@@ -679,6 +713,16 @@ class CellController:
                 "candidate %d at %s skipped before moving: %s", i, np.round(cand.grasp.position, 3), why.value
             )
         return None
+
+    def _count_question(self, st: _ToteState, plan: Plan, cand: Candidate) -> int:
+        """Count one more question about `cand`'s item; returns the questions about it so far. The item
+        is the remembered one (arm/items.py: it follows its cluster as the tote settles) or, failing
+        that, whatever was asked about within item_radius_m of the same spot."""
+        centre = _centre_of(plan, cand)
+        at_spot = _bump(st.asks, centre, self.config.item_radius_m)
+        tracked = st.items.get(centre, _cluster(plan, cand))
+        tracked.questions += 1
+        return max(at_spot, tracked.questions)
 
     def _answers_on_robot_clock(self) -> bool:
         """Do this cell's answers come due on the robot clock (a simulated associate), not in wall time?"""
@@ -758,8 +802,9 @@ class CellController:
         if self.ledger is not None:
             self.ledger.record_request(req)
         fut = self.assist.ask(req)
+        cluster = plan.clusters[item] if item is not None and 0 <= item < len(plan.clusters) else None
         pending[req.request_id] = _Pending(
-            req, fut, plan, plan_id, frame, np.asarray(centre), self.arm.robot_time, self._motions
+            req, fut, plan, plan_id, frame, np.asarray(centre), self.arm.robot_time, self._motions, cluster
         )
         rep.assists_requested += 1
         self._count("assists_requested")
@@ -802,6 +847,9 @@ class CellController:
             who = f"associate:{answer.associate_id or 'unknown'}"
             if answer.kind == "no_safe_pick":
                 st.no_pick.append(p.centre)
+                # The item, not only the spot: a cluster that drifts past item_radius_m as the tote
+                # empties is still this item, and it is not asked about again (tuning seed 24, stop 36).
+                st.items.get(p.centre, p.cluster).no_safe_pick = True
             elif answer.kind == "approve" and answer.candidate_index is not None:
                 k = answer.candidate_index
                 if not 0 <= k < len(p.plan.candidates):
@@ -876,7 +924,11 @@ class CellController:
                     raise PixelGraspError(f"no {gripper} grasp at a pixel without a pixel_candidate builder")
                 grasp, patch, features, descriptor = grasp_from_pixel(frame, u, v), None, None, None
         except (PixelGraspError, CameraError) as exc:
-            log.info("clicked pixel %s gives no grasp: %s", answer.pixel, exc)
+            # Asked again, the person sees the same picture and clicks the same spot (test seed 24,
+            # stop 36: four clicks at one pixel): the item is skipped as if its question had expired.
+            log.info("clicked pixel %s gives no grasp: %s; the item is skipped", answer.pixel, exc)
+            st.skipped.append((p.centre, self._motions))
+            self._count("answers_without_grasp")
             return
         item = _item_at(p.plan, grasp.position, self.config.item_radius_m)
         # The try counts on the item the click landed on, which need not be the one asked about: the

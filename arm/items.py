@@ -106,9 +106,13 @@ class TrackedItem:
     touched_at: list[np.ndarray] = field(default_factory=list)  # grip points of tries that left it in place
     # (x, y of its centre of mass, radius), metres, base frame: the cup only within this (see above)
     cup_within: tuple[np.ndarray, float] | None = None
+    questions: int = 0  # questions asked about it this tote, count
+    # A person answered "no safe pick" about it: nobody (model or person) tries it or is asked about it
+    # again this tote; it goes to exception handling with the tote.
+    no_safe_pick: bool = False
 
     def allows(self, gripper: str) -> bool:
-        return not self.set_aside and gripper not in self.banned
+        return not self.set_aside and not self.no_safe_pick and gripper not in self.banned
 
     def cup_allows(self, point: np.ndarray) -> bool:
         """May the cup seal at `point` (base frame)? Anywhere, unless a reading narrowed it."""

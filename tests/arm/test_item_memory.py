@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from cellrig import CARTON, ScriptedAssociate, add_carton, grasp_above, wait_for
 
 from arm.interfaces import Reason
@@ -443,3 +444,130 @@ def test_an_item_whose_question_expired_is_picked_by_the_model_once_the_tote_cha
     assert [x.decided_by for x in rep.attempts] == ["model", "model"]
     assert np.linalg.norm(rep.attempts[-1].grasp.position[:2] - a_xy) < 0.05  # the last one was A
     assert rep.status == "cleared"
+
+
+class _Counts:
+    """The controller's metrics sink, reduced to the counters (arm.metrics has the real one)."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+
+    def count(self, name: str) -> None:
+        self.n[name] = self.n.get(name, 0) + 1
+
+    def observe_plan(self, plan) -> None:
+        pass
+
+
+def _no_safe_pick_person(assist_rig, answer=("no_safe_pick", None, None)):
+    return ScriptedAssociate(assist_rig.associate("alice"), lambda req: answer)
+
+
+@pytest.mark.parametrize(("ask_min_p", "causes"), [(0.1, ["novel"]), (0.0, ["low_score", "novel"])])
+def test_a_familiar_item_the_model_is_sure_it_cannot_pick_is_skipped_not_asked_about(
+    stack_factory, assist_rig, ask_min_p, causes
+):
+    # Every candidate on both cartons has p 0.02. The familiar one: the model is sure nothing works
+    # there and a person could only confirm it, so it is skipped (with ask_min_p 0, asked about). The
+    # novel one is asked about whatever its p: the model's p on an item unlike its training is not
+    # trusted either way.
+    st = stack_factory(ask_min_p=ask_min_p)
+    familiar = add_carton(st, dx=-0.1)
+    novel = add_carton(st, dx=0.1)
+    st.controller.planner, _ = _scripted(
+        st.controller.planner, p_of=lambda c, cl: 0.02, novel_at=lambda: _xy(st, novel)
+    )
+    st.controller.assist = assist_rig.cell_client()
+    counts = _Counts()
+    st.controller.metrics = counts
+    person = _no_safe_pick_person(assist_rig)
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    assert sorted(r.context["cause"] for r in person.seen) == causes
+    assert rep.attempts == [] and rep.status == "diverted"
+    assert not _in_box(st, familiar) and not _in_box(st, novel)
+    assert counts.n.get("hopeless_skipped", 0) == (1 if ask_min_p > 0 else 0)
+
+
+def test_a_click_that_gives_no_grasp_skips_the_item_instead_of_asking_again(stack_factory, assist_rig):
+    # Asked again, a person sees the same picture and clicks the same spot (test seed 24, stop 36:
+    # one pixel four times). Here the click is outside the tote: no grasp there, one question only
+    # (before: asked again up to max_asks_per_item).
+    st = stack_factory()
+    add_carton(st)
+    st.controller.planner, _ = _scripted(st.controller.planner, p_of=lambda c, cl: 0.3)
+    st.controller.assist = assist_rig.cell_client()
+    counts = _Counts()
+    st.controller.metrics = counts
+    person = _no_safe_pick_person(assist_rig, answer=("point", None, (2, 2)))
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    assert len(person.seen) == 1
+    assert counts.n.get("answers_without_grasp") == 1
+    assert rep.attempts == [] and rep.status == "diverted"
+
+
+def test_no_safe_pick_holds_for_the_item_as_it_drifts_away_from_where_it_was_asked_about(
+    stack_factory, assist_rig
+):
+    # A person says "no safe pick" about carton A. While the cell picks B1, B2 and B3 (sure, seen only
+    # after the answer), A slides 3 cm after each of the first two places, 6 cm in all: past
+    # item_radius_m (4 cm) from the spot it was asked about. The cell follows it as the item the person ruled out and does not ask
+    # again (a spot-only rule asked a second time).
+    import pybullet as pb
+
+    st = stack_factory(max_attempts_per_tote=10)
+    a = add_carton(st, dx=-0.08, dy=-0.15)
+    b1 = add_carton(st, dx=0.08, dy=-0.15)
+    b2 = add_carton(st, dx=0.08, dy=0.1)
+    b3 = add_carton(st, dx=-0.08, dy=0.12)
+    a_xy = _xy(st, a)
+    counts = _Counts()
+    st.controller.metrics = counts
+    drift = {"steps": 0}
+
+    def p_of(cand, cl) -> float:
+        on_a = cl is not None and float(np.linalg.norm(cl.centroid[:2] - _xy(st, a))) < 0.05
+        return 0.3 if on_a else 0.95
+
+    scripted, _ = _scripted(st.controller.planner, p_of=p_of)
+
+    def plan_fn(frame):
+        plan = scripted(frame)
+        if not counts.n.get("assists_answered"):
+            keep = tuple(  # only A is seen until the answer is in
+                k
+                for k in plan.candidates
+                if k.cluster >= 0
+                and float(np.linalg.norm(plan.clusters[k.cluster].centroid[:2] - a_xy)) < 0.05
+            )
+            return replace(plan, candidates=keep)
+        boxed = len(st.cell.items_in_box())
+        if drift["steps"] < min(boxed, 2):  # after a place the next look sees A 3 cm further on
+            drift["steps"] += 1
+            pos, orn = pb.getBasePositionAndOrientation(a, physicsClientId=st.cell.client_id)
+            pb.resetBasePositionAndOrientation(
+                a, (pos[0], pos[1] + 0.03, pos[2]), orn, physicsClientId=st.cell.client_id
+            )
+            drift["xy"] = _xy(st, a)
+        return plan
+
+    st.controller.planner = plan_fn
+    st.controller.assist = assist_rig.cell_client()
+    person = _no_safe_pick_person(assist_rig)
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    assert drift["steps"] == 2 and float(np.linalg.norm(drift["xy"] - a_xy)) > 0.05
+    assert len(person.seen) == 1  # asked about A once
+    assert all(_in_box(st, b) for b in (b1, b2, b3)) and not _in_box(st, a)
+    assert [x.decided_by for x in rep.attempts] == ["model"] * 3
+    assert rep.status == "diverted"
