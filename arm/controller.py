@@ -271,6 +271,9 @@ class CellController:
         self.on_attempt: Callable[[Attempt, Plan], None] | None = None
         # Called after every question with (request, centre (3,) of the item it is about, base frame).
         self.on_ask: Callable[[AssistRequest, np.ndarray], None] | None = None
+        # Called with (item centre, cause) when the cell gives an item up without asking anyone
+        # (ask_min_p): the benchmark's account of why an item was not placed alone.
+        self.on_skip: Callable[[np.ndarray, str], None] | None = None
         # Provenance of the item at a base-frame point: its family or SKU class from the warehouse
         # system (the simulator's ground truth in sim), or None. Stored with each question so rows
         # that answers label ("no safe pick", passed-over candidates) keep their item's kind like
@@ -503,6 +506,8 @@ class CellController:
                     )
                     st.skipped.append((at, self._motions))
                     self._count("hopeless_skipped")
+                    if self.on_skip is not None:
+                        self.on_skip(np.asarray(at), "low_score")
                 continue
             if self._count_question(st, plan, cand) > cfg.max_asks_per_item:
                 log.info(

@@ -17,8 +17,10 @@ person "involved", but they still count as interventions asked for.
 
 Why an item was not placed by the model alone (`not_alone_because`, one per such item), from what
 happened to it first: `model_failed` (the model's own first try on it failed), `novel`, `low_score`
-(the first question about it, by the controller's ask cause: arm.controller.ASK_CAUSES), or, for an
-item never tried nor asked about, `not_reached` (the tote was diverted or ran out of tries first).
+(the first question about it, by the controller's ask cause: arm.controller.ASK_CAUSES, or the cause
+the controller gave when it gave the item up without asking: `low_score` for an item the model was
+sure it could not pick, `ControllerConfig.ask_min_p`), or, for an item never tried, asked about nor
+given up, `not_reached` (the tote was diverted or ran out of tries first).
 """
 
 from __future__ import annotations
@@ -303,6 +305,7 @@ class ToteRecorder:
         self.ctl.arm = self.arm
         self.ctl.on_attempt = self._on_attempt
         self.ctl.on_ask = self._on_ask
+        self.ctl.on_skip = self._on_skip
         self.answers: dict[str, str] = {}
         if self.ctl.assist is not None:
             self.ctl.assist = _RecordingChannel(self.ctl.assist, self.answers)
@@ -315,6 +318,8 @@ class ToteRecorder:
         self.rows: list[dict[str, Any]] = []
         self.asks: dict[str, str] = {}  # request id -> item name
         self.ask_events: dict[str, tuple[str, float]] = {}  # request id -> (cause, robot s into the tote)
+        # (item name, robot s into the tote, cause) of items the cell gave up on without asking
+        self.skip_events: list[tuple[str, float, str]] = []
         self.answers.clear()
         self.arm.halted = []
         self.tried: set[str] = set()
@@ -326,6 +331,10 @@ class ToteRecorder:
         self.asks[request.request_id] = _name(self.arm._item_at(np.asarray(centre, dtype=np.float64)))
         cause = str(request.context.get("cause", "other"))
         self.ask_events[request.request_id] = (cause, self.arm.robot_time - self.t_start)
+
+    def _on_skip(self, centre, cause: str) -> None:
+        name = _name(self.arm._item_at(np.asarray(centre, dtype=np.float64)))
+        self.skip_events.append((name, self.arm.robot_time - self.t_start, cause))
 
     def _on_attempt(self, att, plan) -> None:
         arm = self.arm
@@ -370,6 +379,9 @@ class ToteRecorder:
             asked.setdefault(item, []).append(self.answers.get(rid, "expired"))
             cause, t = self.ask_events.get(rid, ("other", 0.0))
             causes.setdefault(item, []).append((t, cause))
+        skipped: dict[str, list[tuple[float, str]]] = {}  # given up without a question: a cause, no ask
+        for name, t, cause in self.skip_events:
+            skipped.setdefault(name, []).append((t, cause))
         item_log = []
         for body, family in sorted(self.families.items()):
             name = _name(body)
@@ -404,7 +416,7 @@ class ToteRecorder:
                     "not_alone_because": (
                         None
                         if fate == "placed" and not person
-                        else _not_alone_because(rows, sorted(causes.get(name, [])))
+                        else _not_alone_because(rows, sorted(causes.get(name, []) + skipped.get(name, [])))
                     ),
                     "person": person,
                     "damaged": any(r["damaged"] for r in rows)

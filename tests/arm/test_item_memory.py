@@ -16,6 +16,7 @@ from cellrig import CARTON, ScriptedAssociate, add_carton, grasp_above, wait_for
 from arm.interfaces import Reason
 from arm.items import ItemMemory, ItemMemoryConfig
 from grasping.types import Candidate, ItemCluster
+from sim.benchmark.record import ToteRecorder
 
 
 def _in_box(st, body: int) -> bool:
@@ -480,6 +481,10 @@ def test_a_familiar_item_the_model_is_sure_it_cannot_pick_is_skipped_not_asked_a
     st.controller.assist = assist_rig.cell_client()
     counts = _Counts()
     st.controller.metrics = counts
+    # The benchmark's bookkeeping: the familiar carton was not placed alone because of its low score,
+    # whether it was asked about or given up without a question.
+    recorder = ToteRecorder(st)
+    recorder.families = {familiar: "carton", novel: "carton"}
     person = _no_safe_pick_person(assist_rig)
     try:
         rep = st.controller.run_tote("t0")
@@ -490,6 +495,10 @@ def test_a_familiar_item_the_model_is_sure_it_cannot_pick_is_skipped_not_asked_a
     assert rep.attempts == [] and rep.status == "diverted"
     assert not _in_box(st, familiar) and not _in_box(st, novel)
     assert counts.n.get("hopeless_skipped", 0) == (1 if ask_min_p > 0 else 0)
+    items = {it["item"]: it for it in recorder.finish(rep)["item_log"]}
+    assert items[f"b{familiar}"]["not_alone_because"] == "low_score"
+    assert items[f"b{familiar}"]["questions"] == (0 if ask_min_p > 0 else 1)
+    assert items[f"b{novel}"]["not_alone_because"] == "novel" and items[f"b{novel}"]["questions"] == 1
 
 
 def test_a_click_that_gives_no_grasp_skips_the_item_instead_of_asking_again(stack_factory, assist_rig):
@@ -518,8 +527,8 @@ def test_no_safe_pick_holds_for_the_item_as_it_drifts_away_from_where_it_was_ask
 ):
     # A person says "no safe pick" about carton A. While the cell picks B1, B2 and B3 (sure, seen only
     # after the answer), A slides 3 cm after each of the first two places, 6 cm in all: past
-    # item_radius_m (4 cm) from the spot it was asked about. The cell follows it as the item the person ruled out and does not ask
-    # again (a spot-only rule asked a second time).
+    # item_radius_m (4 cm) from the spot it was asked about. The cell follows it as the item the
+    # person ruled out and does not ask again (a spot-only rule asked a second time).
     import pybullet as pb
 
     st = stack_factory(max_attempts_per_tote=10)
