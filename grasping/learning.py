@@ -600,6 +600,13 @@ class TrainConfig:
     # CRC bound can admit low thresholds when few held-out rows score high (raising a threshold only
     # lowers the controlled risk, so the guarantee still holds).
     min_threshold: float = 0.5
+    # Never certify an auto-execute threshold below the incumbent's (per gripper, where the incumbent
+    # has one): a fine-tune sharpens the probabilities, the bar on them stays where the fleet runs.
+    # The joint bound on a ledger's conformal rows, which hold many passed-over candidates scored low,
+    # fell to min_threshold and the candidate executed alone far more often than the incumbent
+    # (docs/learning.md, stop 36). The incumbent's re-certified thresholds get the same floor, so
+    # the gate still compares the two at matched bars.
+    keep_incumbent_bar: bool = False
     val_fraction: float = 0.10  # fractions of scenes per split; train gets the rest
     calib_fraction: float = 0.15
     conformal_fraction: float = 0.15
@@ -1052,6 +1059,13 @@ def train(
         inc_thr, _ = _thresholds(
             p_inc, parts["conformal"].label.astype(np.float64), parts["conformal"].gripper, cfg
         )
+        if cfg.keep_incumbent_bar:
+            bar = np.asarray(inc_scorer.model.thresholds, dtype=np.float64)
+            for k in (SUCTION, PARALLEL_JAW):
+                if np.isfinite(bar[k]) and bar[k] > thresholds[k]:
+                    thr_info[GRIPPER_NAMES[k]]["floored_to_incumbent"] = float(bar[k])
+                    thresholds[k] = bar[k]
+            inc_thr = np.where(np.isfinite(bar), np.maximum(inc_thr, bar), inc_thr)
         recertified = {
             "incumbent_sha256": inc_scorer.sha256,
             "thresholds": inc_thr.tolist(),

@@ -54,6 +54,9 @@ class TrainSettings:
     lr: float = 1e-3  # AdamW learning rate (fine-tuning: lower than from scratch)
     alpha: float = 0.05  # ask threshold: P(fail | executed alone) <= alpha (risk "executed")
     risk: str = "executed"  # "executed" (conditional precision, Learn-then-Test) or "joint"
+    # Fine-tuning: the retrained model's auto-execute thresholds are never below the incumbent's
+    # (grasping.learning.TrainConfig.keep_incumbent_bar)
+    keep_incumbent_bar: bool = True
     min_rows: int = 200  # count: refuse to train on fewer rows
     kinds: int = 6  # item kinds (k-means on shape descriptors) where no family is known
     threads: int = 1  # torch threads

@@ -205,6 +205,7 @@ def _train_config(cfg: LearnConfig, version: str, init: str | None, incumbent: s
         seed=cfg.seed,
         alpha=t.alpha,
         risk=t.risk,
+        keep_incumbent_bar=t.keep_incumbent_bar and init is not None,
         val_fraction=t.val_fraction,
         calib_fraction=t.calib_fraction,
         conformal_fraction=t.conformal_fraction,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,28 @@ def test_thresholds_never_go_below_the_configured_floor() -> None:
     assert np.all(thr == 0.5) and info["suction"]["threshold"] < 0.5 and info["suction"]["floored_to"] == 0.5
     thr, _ = _thresholds(p, y, g, TrainConfig(min_threshold=0.0))
     assert np.all(thr < 0.15)
+
+
+def test_a_fine_tune_keeps_the_incumbents_bar_and_the_gate_compares_at_it(tmp_path) -> None:
+    """keep_incumbent_bar: the joint bound on new rows may admit a lower threshold than the incumbent
+    runs at (continual seed 5, stop 35: 0.5 against 0.56 / 0.74, and the candidate executed alone far
+    more often); a fine-tune keeps the incumbent's bar per gripper, and the incumbent's re-certified
+    thresholds get the same floor so the gate compares the two at one bar."""
+    inc = load_model(trained_model().path)
+    strict = tmp_path / "strict.safetensors"  # the same net, acting alone only above p = 0.9
+    save_model(
+        strict, inc.net, inc.calibrators, np.full(2, 0.9), inc.watchdog, {**inc.meta, "model_version": "s"}
+    )
+    more, _ = make_dataset_synth(120, seed=31)
+    base = TrainConfig(epochs=1, seed=0, progress=False, threads=1, min_rows=100)
+    base = replace(base, init_model=str(strict), incumbent=str(strict))
+    free = load_model(train(more, replace(base, model_version="free"), tmp_path / "free.safetensors").path)
+    assert np.any(free.thresholds < 0.9)  # the bound alone goes lower on these rows
+    kept_cfg = replace(base, model_version="kept", keep_incumbent_bar=True)
+    kept = load_model(train(more, kept_cfg, tmp_path / "kept.safetensors").path)
+    assert np.all(kept.thresholds >= 0.9)
+    assert np.allclose(kept.thresholds, np.maximum(free.thresholds, 0.9))
+    assert min(kept.meta["incumbent_recertified"]["thresholds"]) >= 0.9
 
 
 def degraded_copy(src: Path, dst: Path) -> None:
