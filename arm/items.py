@@ -74,6 +74,11 @@ class ItemMemoryConfig:
     # seed 1018, stop 35: a tall item, three seal failures, then seen 4.0 cm off as a "new" item and
     # tried again). A neighbour this close waits for the person who takes the item out.
     set_aside_radius_m: float = 0.06
+    # ... and every cluster whose footprint comes this close to its last-seen footprint (both axes),
+    # unless that cluster is an item with tries of its own: a big item seen as two clusters got a
+    # fourth try on its other piece, 6.6 cm from where it was last seen (reporting seed 1022, `test`,
+    # stop 36), metres
+    set_aside_touch_m: float = 0.01
     # After "heavier than the cup holds" with a reading: the next seal goes within this share of the
     # longest lever the cup could carry that weight at, around the measured centre of mass ([0, 1]:
     # the estimate and the cup's placement both err)...
@@ -107,6 +112,7 @@ class TrackedItem:
     # (x, y of its centre of mass, radius), metres, base frame: the cup only within this (see above)
     cup_within: tuple[np.ndarray, float] | None = None
     questions: int = 0  # questions asked about it this tote, count
+    box: tuple[np.ndarray, np.ndarray] | None = None  # (lo, hi) metres, base frame: its last-seen cluster
     # A person answered "no safe pick" about it: nobody (model or person) tries it or is asked about it
     # again this tote; it goes to exception handling with the tote.
     no_safe_pick: bool = False
@@ -142,8 +148,14 @@ class ItemMemory:
         live = [it for it in self.items if not it.picked]
         near = [(float(np.linalg.norm(it.centre[:2] - c[:2])), it) for it in live]
         near = [(d, it) for d, it in near if d < self.config.radius_m]
+        claim = self._set_aside_claim(c, cluster, live)
         if near:
-            return min(near, key=lambda x: x[0])[1]
+            best = min(near, key=lambda x: x[0])[1]
+            # An item the cell only asked about (no tries) next to one set aside is that item's
+            # other piece as likely as a neighbour: either way it waits for the person.
+            if claim is not None and best.attempts == 0 and not best.set_aside:
+                return claim
+            return best
         if cluster is not None:
             # In 3-D: a grip point on the top of a tall item lies over the footprint of a flat one
             # beside it (reporting seed 1018, stop 35), not inside its box.
@@ -167,9 +179,28 @@ class ItemMemory:
             ]
         if moved:
             return min(moved, key=lambda x: x[0])[1]
-        aside = [(float(np.linalg.norm(it.centre[:2] - c[:2])), it) for it in live if it.set_aside]
-        aside = [(d, it) for d, it in aside if d < self.config.set_aside_radius_m]
-        return min(aside, key=lambda x: x[0])[1] if aside else None
+        return claim
+
+    def _set_aside_claim(
+        self, c: np.ndarray, cluster: ItemCluster | None, live: list[TrackedItem]
+    ) -> TrackedItem | None:
+        """The nearest item set aside whose last-seen centre lies within set_aside_radius_m of `c`
+        or whose last-seen footprint comes within set_aside_touch_m of the cluster's."""
+        cfg = self.config
+        out = []
+        for it in live:
+            if not it.set_aside:
+                continue
+            d = float(np.linalg.norm(it.centre[:2] - c[:2]))
+            touches = False
+            if cluster is not None and it.box is not None:
+                gap = np.maximum(
+                    np.asarray(cluster.lo)[:2] - it.box[1][:2], it.box[0][:2] - np.asarray(cluster.hi)[:2]
+                )
+                touches = bool(np.all(gap <= cfg.set_aside_touch_m))
+            if d < cfg.set_aside_radius_m or touches:
+                out.append((d, it))
+        return min(out, key=lambda x: x[0])[1] if out else None
 
     def get(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem:
         """`find`, or a new remembered item; the item's last-seen centre is updated either way."""
@@ -181,6 +212,8 @@ class ItemMemory:
             it.centre = np.asarray(centre, dtype=np.float64)
             if it.size is None:
                 it.size = _size_of(cluster)
+        if cluster is not None and not it.set_aside:
+            it.box = (np.array(cluster.lo, dtype=np.float64), np.array(cluster.hi, dtype=np.float64))
         return it
 
     def record(
