@@ -89,6 +89,19 @@ def project(stack, point: np.ndarray) -> tuple[int, int]:
     return int(round(uvw[0] / uvw[2])), int(round(uvw[1] / uvw[2]))
 
 
+class Counts:
+    """The controller's metrics sink, reduced to the counters (arm.metrics has the real one)."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+
+    def count(self, name: str) -> None:
+        self.n[name] = self.n.get(name, 0) + 1
+
+    def observe_plan(self, plan) -> None:
+        pass
+
+
 class ScriptedPlanner:
     """Wraps the real planner and scripts only its confidence, so each decision branch can be driven.
 

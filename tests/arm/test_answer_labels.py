@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import pybullet as pb
-from cellrig import add_carton, project
+from cellrig import Counts, add_carton, project
 
 from grasping.watchdog import ITEM_FEATURES
 from hitl.ledger import Ledger
@@ -98,19 +98,6 @@ def test_a_clicked_pixel_is_a_training_row_with_its_patch_item_and_gripper(stack
         passed = z["label_kind"] == "passed_over"
         assert passed.any() and np.allclose(z["weight"][passed], 0.3) and (z["item"][passed] == 0).all()
     ledger.close()
-
-
-class Counts:
-    """The controller's metrics sink, counting events."""
-
-    def __init__(self) -> None:
-        self.n: dict[str, int] = {}
-
-    def count(self, name: str) -> None:
-        self.n[name] = self.n.get(name, 0) + 1
-
-    def observe_plan(self, plan) -> None:
-        pass
 
 
 def test_a_click_on_a_surface_that_moved_is_not_executed_and_the_cell_asks_again(stack_factory, tmp_path):

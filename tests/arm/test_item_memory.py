@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from cellrig import CARTON, ScriptedAssociate, add_carton, grasp_above, wait_for
+from cellrig import CARTON, Counts, ScriptedAssociate, add_carton, grasp_above, wait_for
 
 from arm.interfaces import Reason
 from arm.items import ItemMemory, ItemMemoryConfig
@@ -482,21 +482,15 @@ def test_an_item_whose_question_expired_is_picked_by_the_model_once_the_tote_cha
     assert rep.status == "cleared"
 
 
-class _Counts:
-    """The controller's metrics sink, reduced to the counters (arm.metrics has the real one)."""
-
-    def __init__(self) -> None:
-        self.n: dict[str, int] = {}
-
-    def count(self, name: str) -> None:
-        self.n[name] = self.n.get(name, 0) + 1
-
-    def observe_plan(self, plan) -> None:
-        pass
-
-
-def _no_safe_pick_person(assist_rig, answer=("no_safe_pick", None, None)):
-    return ScriptedAssociate(assist_rig.associate("alice"), lambda req: answer)
+def _run_answered(st, assist_rig, answer=("no_safe_pick", None, None)):
+    """Run one tote with a person who gives every question `answer`; (report, questions seen)."""
+    person = ScriptedAssociate(assist_rig.associate("alice"), lambda req: answer)
+    try:
+        rep = st.controller.run_tote("t0")
+    finally:
+        person.close()
+        st.controller.assist.close()
+    return rep, person.seen
 
 
 @pytest.mark.parametrize(("ask_min_p", "causes"), [(0.1, ["novel"]), (0.0, ["low_score", "novel"])])
@@ -514,19 +508,14 @@ def test_a_familiar_item_the_model_is_sure_it_cannot_pick_is_skipped_not_asked_a
         st.controller.planner, p_of=lambda c, cl: 0.02, novel_at=lambda: _xy(st, novel)
     )
     st.controller.assist = assist_rig.cell_client()
-    counts = _Counts()
+    counts = Counts()
     st.controller.metrics = counts
     # The benchmark's bookkeeping: the familiar carton was not placed alone because of its low score,
     # whether it was asked about or given up without a question.
     recorder = ToteRecorder(st)
     recorder.families = {familiar: "carton", novel: "carton"}
-    person = _no_safe_pick_person(assist_rig)
-    try:
-        rep = st.controller.run_tote("t0")
-    finally:
-        person.close()
-        st.controller.assist.close()
-    assert sorted(r.context["cause"] for r in person.seen) == causes
+    rep, seen = _run_answered(st, assist_rig)
+    assert sorted(r.context["cause"] for r in seen) == causes
     assert rep.attempts == [] and rep.status == "diverted"
     assert not _in_box(st, familiar) and not _in_box(st, novel)
     assert counts.n.get("hopeless_skipped", 0) == (1 if ask_min_p > 0 else 0)
@@ -544,15 +533,10 @@ def test_a_click_that_gives_no_grasp_skips_the_item_instead_of_asking_again(stac
     add_carton(st)
     st.controller.planner, _ = _scripted(st.controller.planner, p_of=lambda c, cl: 0.3)
     st.controller.assist = assist_rig.cell_client()
-    counts = _Counts()
+    counts = Counts()
     st.controller.metrics = counts
-    person = _no_safe_pick_person(assist_rig, answer=("point", None, (2, 2)))
-    try:
-        rep = st.controller.run_tote("t0")
-    finally:
-        person.close()
-        st.controller.assist.close()
-    assert len(person.seen) == 1
+    rep, seen = _run_answered(st, assist_rig, answer=("point", None, (2, 2)))
+    assert len(seen) == 1
     assert counts.n.get("answers_without_grasp") == 1
     assert rep.attempts == [] and rep.status == "diverted"
 
@@ -572,7 +556,7 @@ def test_no_safe_pick_holds_for_the_item_as_it_drifts_away_from_where_it_was_ask
     b2 = add_carton(st, dx=0.08, dy=0.1)
     b3 = add_carton(st, dx=-0.08, dy=0.12)
     a_xy = _xy(st, a)
-    counts = _Counts()
+    counts = Counts()
     st.controller.metrics = counts
     drift = {"steps": 0}
 
@@ -604,14 +588,9 @@ def test_no_safe_pick_holds_for_the_item_as_it_drifts_away_from_where_it_was_ask
 
     st.controller.planner = plan_fn
     st.controller.assist = assist_rig.cell_client()
-    person = _no_safe_pick_person(assist_rig)
-    try:
-        rep = st.controller.run_tote("t0")
-    finally:
-        person.close()
-        st.controller.assist.close()
+    rep, seen = _run_answered(st, assist_rig)
     assert drift["steps"] == 2 and float(np.linalg.norm(drift["xy"] - a_xy)) > 0.05
-    assert len(person.seen) == 1  # asked about A once
+    assert len(seen) == 1  # asked about A once
     assert all(_in_box(st, b) for b in (b1, b2, b3)) and not _in_box(st, a)
     assert [x.decided_by for x in rep.attempts] == ["model"] * 3
     assert rep.status == "diverted"
