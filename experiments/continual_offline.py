@@ -52,6 +52,7 @@ _TRAIN_KEYS = {
     "patience": int,
     "risk": str,
     "alpha": float,
+    "distill": float,  # weight of matching the start model's logits on old rows (0: replay alone)
     "mode": str,  # "finetune" the start model, or "scratch": joint retraining on all rows (the upper bound)
 }
 _WEIGHT_KEYS = {"replay_share": float, "human_boost": float, "loss_gain": float, "novelty_gain": float}

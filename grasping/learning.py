@@ -630,6 +630,13 @@ class TrainConfig:
     # and the fusion layer stay as they are: only the per-gripper heads learn, so the embedding the
     # watchdog reads keeps its meaning and a few hundred rows cannot bend the shared features).
     freeze: str = "none"
+    # Fine-tuning: weight of a logit-matching loss on the anchor rows (old data: replay and rows the
+    # incumbent already learned from), the squared difference between the network's logit and the
+    # starting network's on the same (augmented) input. Replay alone keeps old rows in the batches
+    # but lets their logits drift; matching the old model's logits on them (dark experience replay,
+    # Buzzega et al., NeurIPS 2020; learning without forgetting, Li & Hoiem, 2016) keeps what the
+    # incumbent knew about them. 0: off.
+    distill: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -663,7 +670,12 @@ def _batched(net: Any, ds: Dataset, batch: int = 4096) -> tuple[np.ndarray, np.n
 
 
 def _fit_net(
-    train_ds: Dataset, val_ds: Dataset, w_train: np.ndarray, w_val: np.ndarray, cfg: TrainConfig
+    train_ds: Dataset,
+    val_ds: Dataset,
+    w_train: np.ndarray,
+    w_val: np.ndarray,
+    cfg: TrainConfig,
+    anchor: np.ndarray | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
     import torch
     from tqdm import tqdm
@@ -674,6 +686,9 @@ def _fit_net(
         raise ValueError(f"sampling must be 'loss' or 'sample', got {cfg.sampling!r}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.distill > 0 and not cfg.init_model:
+        raise ValueError("distill needs init_model: it matches the starting network's logits")
+    teacher = None
     if cfg.init_model:
         from grasping.modelfile import load_model
 
@@ -683,6 +698,11 @@ def _fit_net(
         want = (train_ds.n_channels, train_ds.patch_size, train_ds.n_features)
         if have != want:
             raise DatasetError(f"{cfg.init_model}: network input {have} does not match the data {want}")
+        if cfg.distill > 0:
+            teacher = load_model(cfg.init_model).net  # a frozen copy of the starting network
+            teacher.eval()
+            for prm in teacher.parameters():
+                prm.requires_grad_(False)
     else:
         net = GraspNet(train_ds.n_channels, train_ds.patch_size, train_ds.n_features, cfg.embed_dim)
         f = torch.from_numpy(train_ds.features)
@@ -700,6 +720,9 @@ def _fit_net(
     P, F = torch.from_numpy(train_ds.patches), torch.from_numpy(train_ds.features)
     G, Y = torch.from_numpy(train_ds.gripper), torch.from_numpy(train_ds.label)
     W = torch.from_numpy(w_train.astype(np.float32))
+    A = torch.from_numpy(
+        np.ones(len(train_ds), dtype=bool) if anchor is None else np.asarray(anchor, dtype=bool)
+    )
     best = (math.inf, None, -1)
     history: list[dict[str, float]] = []
     bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress, leave=False)
@@ -726,6 +749,14 @@ def _fit_net(
                 loss = loss_rows.mean()  # the weights already chose the rows
             else:
                 loss = (loss_rows * W[idx]).sum() / W[idx].sum()
+            if teacher is not None:
+                a = A[idx]
+                if bool(a.any()):
+                    with torch.no_grad():
+                        target, _ = teacher(x[a], F[idx][a], G[idx][a])
+                    # Averaged over the batch, not the anchored rows: the term's pull scales with
+                    # the share of old rows drawn, which the replay share sets.
+                    loss = loss + cfg.distill * ((logits[a] - target) ** 2).sum() / len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -934,13 +965,16 @@ def train(
     out_path: str | Path,
     row_weights: np.ndarray | None = None,
     extra_meta: dict[str, Any] | None = None,
+    anchor_rows: np.ndarray | None = None,
 ) -> TrainResult:
     """Train, calibrate, threshold, fit the watchdog, evaluate on the test split, write file + card.
 
     `row_weights` (N,): what to learn most from, computed by the caller (e.g. `learn.weights`);
     None: `importance_weights` (recency, new families, flagged scenes). Either way each row's export
     weight (`Dataset.weight`: weak negatives count less) multiplies it. `extra_meta` is stored in the
-    model file's metadata (e.g. the learner's dataset manifest).
+    model file's metadata (e.g. the learner's dataset manifest). `anchor_rows` (N,) bool: the rows whose
+    logits a fine-tune keeps near the starting network's when `cfg.distill` > 0 (the learner passes
+    its old rows); None: every row.
     """
     import torch
 
@@ -1006,7 +1040,10 @@ def train(
     if cfg.weights.balance_classes:
         w_tr = class_balance(w_tr, parts["train"].label, parts["train"].gripper)
         w_val = class_balance(w_val, parts["val"].label, parts["val"].gripper)
-    net, history = _fit_net(parts["train"], parts["val"], w_tr, w_val, cfg)
+    if anchor_rows is not None and np.shape(anchor_rows) != (len(dataset),):
+        raise ValueError(f"anchor_rows must be ({len(dataset)},) booleans")
+    anchor = None if anchor_rows is None else np.asarray(anchor_rows, dtype=bool)[idx["train"]]
+    net, history = _fit_net(parts["train"], parts["val"], w_tr, w_val, cfg, anchor=anchor)
 
     # Calibrators per gripper on the calib split (pooled rows for a gripper with too little data).
     # Calibrators are weighted by recency only (half-life + replay floor): probabilities should

@@ -61,6 +61,9 @@ class TrainSettings:
     kinds: int = 6  # item kinds (k-means on shape descriptors) where no family is known
     threads: int = 1  # torch threads
     freeze: str = "none"  # fine-tuning: "none" (all weights) or "backbone" (heads only)
+    # Fine-tuning: weight of matching the incumbent's logits on old rows
+    # (grasping.learning.TrainConfig.distill); 0: replay alone
+    distill: float = 0.0
     val_fraction: float = 0.15  # fractions of totes per split (train gets the rest)
     calib_fraction: float = 0.15
     conformal_fraction: float = 0.15
@@ -172,6 +175,7 @@ def validate(cfg: LearnConfig, where: str = "config") -> None:
         (tr.mode in ("finetune", "scratch"), "train.mode must be 'finetune' or 'scratch'"),
         (tr.risk in ("executed", "joint"), "train.risk must be 'executed' or 'joint'"),
         (tr.freeze in ("none", "backbone"), "train.freeze must be 'none' or 'backbone'"),
+        (tr.distill >= 0.0, "train.distill must be >= 0"),
         (0.0 <= cfg.gate.kind_test_level < 1.0, "gate.kind_test_level must be in [0, 1)"),
         (0.0 <= cfg.gate.metric_test_level < 1.0, "gate.metric_test_level must be in [0, 1)"),
         (tr.epochs >= 1 and tr.kinds >= 1, "train.epochs and train.kinds must be >= 1"),

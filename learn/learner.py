@@ -218,6 +218,7 @@ def _train_config(cfg: LearnConfig, version: str, init: str | None, incumbent: s
         sampling="sample",
         init_model=init,
         freeze=t.freeze if init else "none",
+        distill=t.distill if init else 0.0,
     )
 
 
@@ -282,7 +283,8 @@ def train_round(
         "item_kinds": kinds_model,
         "triggering_kinds": list(triggering),
     }
-    res = train(train_ds, tcfg, out_path, row_weights=weights, extra_meta=extra)
+    # Old rows anchor the fine-tune to the incumbent's logits (train.distill); new rows are free.
+    res = train(train_ds, tcfg, out_path, row_weights=weights, extra_meta=extra, anchor_rows=old)
     return res, holdout, triggering
 
 

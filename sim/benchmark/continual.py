@@ -102,6 +102,7 @@ class ContinualConfig:
     learn_lr: float = 1e-4  # AdamW learning rate of the fine-tuning rounds
     learn_batch_size: int = 64  # rows per optimiser step of the fine-tuning rounds
     learn_freeze: str = "none"  # "none": fine-tune every weight; "backbone": the heads only
+    learn_distill: float = 0.0  # weight of matching the incumbent's logits on old rows (0: replay alone)
     replay_share: float = 0.5  # share of each epoch drawn from old rows (replay data, earlier rounds)
     # The gate's per-kind forgetting test: kinds with fewer held-out rows are not judged alone (they
     # still count in the pooled old-kinds test), and the one-sided level of the paired test.
@@ -561,6 +562,7 @@ def learn_config(cfg: ContinualConfig, ledger_path: Path, work: Path) -> Any:
             lr=cfg.learn_lr,
             batch_size=cfg.learn_batch_size,
             freeze=cfg.learn_freeze,
+            distill=cfg.learn_distill,
             min_rows=cfg.min_rows,
             risk="joint",
         ),
@@ -883,6 +885,12 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--learn-freeze", choices=("none", "backbone"), default=None, help="fine-tune all or heads only"
     )
+    c.add_argument(
+        "--learn-distill",
+        type=float,
+        default=None,
+        help="weight of matching the incumbent's logits on old rows while fine-tuning (0: replay alone)",
+    )
     c.add_argument("--replay-share", type=float, default=None, help="share of each epoch from old rows")
     c.add_argument(
         "--kind-test-level",
@@ -944,6 +952,7 @@ def cmd_continual(args: Any) -> int:
         "learn_epochs": args.learn_epochs,
         "learn_batch_size": args.learn_batch_size,
         "learn_freeze": args.learn_freeze,
+        "learn_distill": args.learn_distill,
         "replay_share": args.replay_share,
         "kind_test_level": args.kind_test_level,
         "metric_test_level": args.metric_test_level,
