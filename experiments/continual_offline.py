@@ -155,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             verdict = gate_model(cfg, path, start, holdout, trig, None)
             fails = [r[6:90] for r in verdict.reasons if r.startswith("FAIL")]
+            # How far from the bars, passed or not: the AUROC change and the pooled old kinds' change.
+            margins = [
+                r.split(": ", 1)[1].split(" (")[0] + " " + r[r.find("change") :].split(",")[0].split(";")[0]
+                for r in verdict.reasons
+                if ("AUROC" in r and "vs incumbent" in r) or "old kinds pooled" in r
+            ]
             print(
                 f"{name} seed {seed}: gate {'passed' if verdict.passed else 'refused'}; {scored(str(path))}"
+                + (f"; {'; '.join(margins)}" if margins else "")
                 + (f"; {'; '.join(fails)}" if fails else ""),
                 flush=True,
             )

@@ -351,7 +351,14 @@ def run_round(
             report.candidate_version, reason=f"learn round {n}: " + "; ".join(status.reasons or ("forced",))
         )
         promoted = True
-    latest = float(np.nanmax(built.dataset.timestamp)) if len(built.dataset) else cutoff
+    # The cutoff is the newest *ledger* row: replay exports are old data by definition, and their
+    # stamps say when they were exported, not when the cell worked. A replay export stamped after the
+    # ledger's rows (continual experiment, stop 37: a collection stamped 2026-12-02, the simulated
+    # cell's ledger from 2026-01-01) moved the cutoff past every ledger row, so after the first
+    # promotion no row was new to the incumbent again: nothing weighted up, no triggering kind.
+    stamps = built.dataset.timestamp[~built.is_replay]
+    stamps = stamps[np.isfinite(stamps)]
+    latest = float(stamps.max()) if stamps.size else cutoff
     state["cutoff"] = max(float(state["cutoff"]), latest)
     if promoted:
         state["incumbent_cutoff"] = {"sha256": report.candidate_sha256, "cutoff": state["cutoff"]}

@@ -69,7 +69,8 @@ NOVEL_CATALOG = "novel-train"  # the families no shipped model trained on (sim/c
 EVAL_SEED_OFFSET = 104729
 # The experiment's ledgers are stamped on the simulated cell's robot clock from this unix time
 # (2026-01-01 UTC), not the wall clock: the learner's recency weights and its cutoff read those
-# stamps, so wall-clock stamps made two runs of one command train on different weights.
+# stamps, so wall-clock stamps made two runs of one command train on different weights. The cell
+# starts after its replay data (`ledger_epoch`): the stored replay collection is stamped 2026-12-02.
 SIM_LEDGER_EPOCH = 1_767_225_600.0
 
 
@@ -102,7 +103,7 @@ class ContinualConfig:
     learn_lr: float = 1e-4  # AdamW learning rate of the fine-tuning rounds
     learn_batch_size: int = 64  # rows per optimiser step of the fine-tuning rounds
     learn_freeze: str = "none"  # "none": fine-tune every weight; "backbone": the heads only
-    learn_distill: float = 0.0  # weight of matching the incumbent's logits on old rows (0: replay alone)
+    learn_distill: float = 1.0  # weight of matching the incumbent's logits on old rows (0: replay alone)
     replay_share: float = 0.5  # share of each epoch drawn from old rows (replay data, earlier rounds)
     # The gate's per-kind forgetting test: kinds with fewer held-out rows are not judged alone (they
     # still count in the pooled old-kinds test), and the one-sided level of the paired test.
@@ -399,6 +400,29 @@ def vs_control(
     }
 
 
+def ledger_epoch(replay: tuple[str, ...]) -> float:
+    """When the simulated cell starts working: `SIM_LEDGER_EPOCH`, or an hour after the newest row
+    of its replay exports if that is later. A cell's rows must be newer than the data its starting
+    model was trained on, as in a real deployment: the learner weights by recency from the newest
+    row. With the cell stamped from 2026-01-01 and the replay collection from 2026-11-25 to
+    2026-12-02, the cell's rows had recency ~1e-15 against the replay's (stop 37). Deterministic:
+    read from the stored exports."""
+    newest = -np.inf
+    for export in replay:
+        d = Path(export)
+        shards = (
+            [d / s["file"] for s in json.loads((d / "manifest.json").read_text())["shards"]]
+            if (d / "manifest.json").is_file()
+            else sorted(d.glob("*.npz"))
+        )
+        for shard in shards:
+            with np.load(shard, allow_pickle=False) as z:
+                if "timestamp" in z.files and z["timestamp"].size:
+                    t = z["timestamp"][np.isfinite(z["timestamp"])]
+                    newest = max(newest, float(t.max()) if t.size else -np.inf)
+    return max(SIM_LEDGER_EPOCH, float(np.ceil(newest)) + 3600.0)
+
+
 def robot_clock(robot_time: Callable[[], float], epoch: float = SIM_LEDGER_EPOCH) -> Callable[[], float]:
     """A ledger clock on simulated robot time: `epoch + robot_time()`, strictly increasing.
 
@@ -435,7 +459,13 @@ def _build_cell(
     seed = cfg.seed if seed is None else int(seed)
     arm: list[Any] = []  # the cell's arm, once built: the ledger's clock reads its robot time
     ledger = (
-        Ledger(ledger_path, cell_id, clock=robot_clock(lambda: arm[0].robot_time if arm else 0.0))
+        Ledger(
+            ledger_path,
+            cell_id,
+            clock=robot_clock(
+                lambda: arm[0].robot_time if arm else 0.0, ledger_epoch((cfg.start_data, *cfg.extra_replay))
+            ),
+        )
         if ledger_path is not None
         else None
     )

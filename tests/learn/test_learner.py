@@ -495,3 +495,35 @@ def test_a_kind_the_incumbent_never_learned_keeps_triggering_after_a_refused_rou
     meta = load_model(third.model_path).meta
     assert meta["triggering_kinds"] == ["holey"]
     assert meta["learner"]["cutoff"] < 1.8e9  # rows after the incumbent's own data are the new ones
+
+
+def test_a_replay_export_stamped_after_the_ledger_does_not_move_the_cutoff(tmp_path) -> None:
+    # Continual experiment (stop 37): the replay collection was stamped 2026-12-02 and the simulated
+    # cell's ledger from 2026-01-01. The cutoff became the replay's newest stamp, so after the first
+    # promotion every ledger row counted as one the incumbent had learned: rounds 2-3 weighted
+    # nothing up, found no triggering kind and sampled the cell's rows with recency ~1e-15.
+    rng = np.random.default_rng(5)
+    replay_db = tmp_path / "old-cell.db"
+    with Ledger(replay_db, "old-cell", clock=Clock(1.9e9)) as ledger:  # exported later than the cell ran
+        record_totes(ledger, rng, 40, ("boxes", "cylinders"), prefix="old")
+        ledger.export(tmp_path / "replay")
+    db = tmp_path / "cell.db"
+    with Ledger(db, "cell-1", clock=Clock(1.7e9)) as ledger:
+        record_totes(ledger, rng, 30, ("boxes", "cylinders"), prefix="a")
+    cfg = LearnConfig(
+        ledgers=(str(db),),
+        replay=(str(tmp_path / "replay"),),
+        registry=str(tmp_path / "registry"),
+        work_dir=str(tmp_path / "work"),
+        seed=4,
+        train=TrainSettings(mode="scratch", epochs=1, patience=1, kinds=3, min_rows=100),
+        promote=False,
+    )
+    first = run_round(cfg, force=True, progress=False)
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert 1.7e9 < state["cutoff"] < 1.8e9  # the cell's newest row, not the replay's 1.9e9
+    with Ledger(db, "cell-1", clock=Clock(1.75e9)) as ledger:  # the cell works on
+        record_totes(ledger, rng, 30, ("holey",), prefix="b")
+    second = run_round(replace(cfg, incumbent=first.model_path), force=True, progress=False)
+    meta = load_model(second.model_path).meta
+    assert meta["learner"]["weights"]["rows_new"] > 0 and second.triggering_kinds == ("holey",)

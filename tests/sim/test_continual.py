@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from pickcell.cli import main
 
 
@@ -224,11 +226,14 @@ def test_the_cells_ledger_is_stamped_on_robot_time_so_a_run_repeats_exactly(tmp_
     # the same tote gives the same stamps, strictly increasing, in a fresh cell and a fresh ledger.
     import sqlite3
 
+    from grasping.learning import load_dataset
     from sim.benchmark.continual import (
         DEFAULT_START_MODEL,
         SIM_LEDGER_EPOCH,
+        ContinualConfig,
         _build_cell,
         _work_tote,
+        ledger_epoch,
         mixed_catalog,
         quick_config,
     )
@@ -261,4 +266,13 @@ def test_the_cells_ledger_is_stamped_on_robot_time_so_a_run_repeats_exactly(tmp_
     assert a == b  # the same run, the same stamps
     assert len(set(a)) == len(a)  # strictly increasing: no two rows share a stamp
     # robot time counted from the epoch, not the wall clock (months past 2026-01-01)
-    assert SIM_LEDGER_EPOCH <= a[0] and a[-1] <= SIM_LEDGER_EPOCH + robot_s + 1.0
+    epoch = ledger_epoch((cfg.start_data, *cfg.extra_replay))
+    assert SIM_LEDGER_EPOCH <= epoch <= a[0] and a[-1] <= epoch + robot_s + 1.0
+    # The cell works after its replay data was recorded (stop 37: the stored replay collection is
+    # stamped 2026-12-02 and the cell's rows were stamped from 2026-01-01, ~1e-15 of its recency).
+    full = ContinualConfig()
+    replay_newest = max(
+        float(np.nanmax(load_dataset(d).timestamp)) for d in (full.start_data, *full.extra_replay)
+    )
+    assert replay_newest > SIM_LEDGER_EPOCH  # the stored data that made the epoch constant wrong
+    assert replay_newest < ledger_epoch((full.start_data, *full.extra_replay)) <= replay_newest + 3602
