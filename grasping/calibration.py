@@ -34,6 +34,13 @@ TEMPERATURE = "temperature"
 ISOTONIC = "isotonic"
 METHOD_CODES = {TEMPERATURE: 0, ISOTONIC: 1}
 NEVER = math.inf  # threshold meaning "never auto-execute"
+# Isotonic regression is only tried with at least this many calibration rows. Fewer, it overfits
+# (scikit-learn's calibration guide: "not advised when there are too few calibration samples
+# (<<1000)"), and its worst overfit is the one thresholding cannot survive: a flat top block at
+# p = 1.0. On continual seed 33 (stop 37) the jaw calibrator, fitted on ~150 rows, mapped every
+# logit above -0.49 to 1.0; on the conformal rows that block held failures, no threshold was
+# certified, and the model would never have used the jaw alone.
+ISOTONIC_MIN_ROWS = 1000
 _EPS = 1e-6  # probabilities are clipped to [EPS, 1-EPS] so log-loss stays finite
 
 
@@ -210,9 +217,9 @@ def fit_calibrator(
 ) -> CalibrationChoice:
     """Fit both calibrators, choose by k-fold cross-validated NLL, refit the winner on all rows.
 
-    Isotonic needs enough data of both classes to beat temperature; with fewer than 50 rows we do not
-    even try it (it would memorise the calibration set). Optional row weights `w` (e.g. recency)
-    weight the fits and the cross-validated NLL/ECE.
+    Isotonic is tried only with `ISOTONIC_MIN_ROWS` rows or more (below that it memorises the
+    calibration set, tops out at p = 1.0 and leaves no threshold to certify). Optional row weights
+    `w` (e.g. recency) weight the fits and the cross-validated NLL/ECE.
     """
     z, y = _check_py(logits, y)
     w = _weights(w, z.size)
@@ -221,7 +228,7 @@ def fit_calibrator(
             f"calibration needs both successes and failures; got {z.size} rows, {int(y.sum())} ok"
         )
     methods = {TEMPERATURE: fit_temperature}
-    if z.size >= 50:
+    if z.size >= ISOTONIC_MIN_ROWS:
         methods[ISOTONIC] = fit_isotonic
     rng = np.random.default_rng(seed)
     fold = rng.permutation(z.size) % max(2, min(folds, z.size))

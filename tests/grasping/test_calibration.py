@@ -89,6 +89,25 @@ def test_fit_calibrator_prefers_isotonic_for_a_non_logistic_link() -> None:
     assert fit_calibrator(reported, y2).calibrator.method == TEMPERATURE
 
 
+def test_few_calibration_rows_get_temperature_scaling_so_a_threshold_can_still_be_certified() -> None:
+    # Continual seed 33 (stop 37): isotonic on ~150 jaw rows mapped every logit above -0.49 to
+    # p = 1.0; on the conformal rows that block held failures, so no threshold was certified and
+    # the model would never use the jaw alone. Here the calibration rows happen to succeed above
+    # z = 0 and fresh rows succeed at most 90% of the time.
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        z = rng.normal(0, 2, 200)
+        y = np.where(z > 0.0, 1.0, (rng.random(200) < sigmoid(z)).astype(float))
+        z_new = rng.normal(0, 2, 400)
+        y_new = (rng.random(400) < np.minimum(sigmoid(2 * z_new), 0.9)).astype(float)
+        iso = fit_isotonic(z, y)
+        assert iso.iso_y.max() == 1.0  # the overfit top block certifies nothing:
+        assert conformal_threshold(iso.apply(z_new), y_new, 0.05).threshold == math.inf
+        choice = fit_calibrator(z, y)
+        assert choice.calibrator.method == TEMPERATURE and ISOTONIC not in choice.cv_nll
+        assert conformal_threshold(choice.calibrator.apply(z_new), y_new, 0.05).threshold < 0.96
+
+
 def test_bad_input_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         expected_calibration_error(np.array([0.1, 0.2]), np.array([1.0]))
