@@ -14,6 +14,7 @@ What it is
         --variant default \
         --variant all-1e-4:freeze=none,lr=1e-4 \
         --variant replay-0.7:replay_share=0.7 \
+        --variant replay-alone:distill=0 \
         --variant joint:mode=scratch,epochs=30 --seeds 21,22,23
 
     `mode=scratch` trains a new model on every row (replay plus the cell's), the joint-retraining
