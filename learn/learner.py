@@ -219,6 +219,7 @@ def _train_config(cfg: LearnConfig, version: str, init: str | None, incumbent: s
         init_model=init,
         freeze=t.freeze if init else "none",
         distill=t.distill if init else 0.0,
+        stable_splits=True,  # a tote keeps its split across rounds (TrainConfig.stable_splits)
     )
 
 

@@ -121,6 +121,27 @@ def test_splits_keep_every_scene_whole() -> None:
         split_by_scene(scene, {"a": 0.5, "b": 0.2}, seed=0)
 
 
+def test_stable_splits_keep_each_tote_in_its_split_as_the_dataset_grows() -> None:
+    # Learner rounds fine-tune on a growing dataset. Re-drawn each round, continual seed 34's round-3
+    # calibration split was mostly totes its incumbent had trained or calibrated on (stop 37).
+    fr = {"train": 0.55, "val": 0.15, "calib": 0.15, "conf": 0.15}
+    first = np.repeat([f"tote-{i}" for i in range(300)], 4)
+    grown = np.concatenate([np.repeat([f"tote-{i}" for i in range(300, 420)], 4), first])  # + new totes
+
+    def owner(scene: np.ndarray, stable: bool) -> dict[str, str]:
+        parts = split_by_scene(scene, fr, seed=3, stable=stable)
+        return {str(t): name for name, idx in parts.items() for t in scene[idx]}
+
+    before, after = owner(first, True), owner(grown, True)
+    assert all(after[t] == split for t, split in before.items())  # nobody moved
+    share = np.mean([after[t] == "train" for t in after])
+    assert abs(share - 0.55) < 0.06  # the fractions still hold, by tote
+    redrawn_before, redrawn_after = owner(first, False), owner(grown, False)
+    moved = sum(redrawn_after[t] != split for t, split in redrawn_before.items())
+    assert moved > 100  # the seeded re-draw moves most totes (what the learner did before)
+    assert owner(grown[::-1].copy(), True) == after  # nor does the order of the rows
+
+
 def test_importance_weights_favour_recent_new_and_flagged_data_but_keep_old_data() -> None:
     n = 6
     ds = make_dataset(
