@@ -38,7 +38,10 @@ def _fit_net_ddp(
     w_train: np.ndarray,
     w_val: np.ndarray,
     cfg: learning.TrainConfig,
+    anchor: np.ndarray | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
+    """`learning._fit_net` across processes: training from scratch, so fine-tuning's logit matching
+    (`cfg.distill`, which reads `anchor`) has nothing to match and is refused."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -46,6 +49,8 @@ def _fit_net_ddp(
 
     from grasping.model import GraspNet
 
+    if cfg.distill > 0 or cfg.init_model:
+        raise ValueError("training under torchrun starts from scratch: no init_model, no distill")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
