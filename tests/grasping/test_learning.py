@@ -259,6 +259,27 @@ def test_a_fine_tune_keeps_the_incumbents_bar_and_the_gate_compares_at_it(tmp_pa
     assert min(kept.meta["incumbent_recertified"]["thresholds"]) >= 0.9
 
 
+def test_a_gripper_with_a_few_dozen_calibration_rows_is_calibrated_on_its_own_rows(
+    tmp_path, monkeypatch
+) -> None:
+    # Continual seed 35 (stop 37): 97 jaw calibration rows were under the 100-row bar, the jaw got the
+    # calibrator fitted on both heads' logits pooled (bias -0.26 against the incumbent's +0.45) and
+    # the gate refused the model as worse calibrated.
+    import grasping.learning as learning
+
+    ds, _ = make_dataset_synth(120, seed=41)
+    rng = np.random.default_rng(41)
+    keep = (ds.gripper == 0) | (rng.random(len(ds)) < 0.4)  # the jaw is rare: 30-100 calibration rows
+    ds = ds.subset(np.flatnonzero(keep))
+    cfg = TrainConfig(epochs=1, seed=0, progress=False, threads=1, min_rows=100)
+    res = train(ds, cfg, tmp_path / "own.safetensors")
+    jaw = load_model(res.path).meta["calibration"]["parallel_jaw"]
+    assert jaw["fit_on"] == "own rows"
+    monkeypatch.setattr(learning, "OWN_CALIBRATION_MIN_ROWS", 100)  # the bar before stop 37
+    res = train(ds, replace(cfg, model_version="pooled"), tmp_path / "pooled.safetensors")
+    assert load_model(res.path).meta["calibration"]["parallel_jaw"]["fit_on"].startswith("pooled")
+
+
 def test_distillation_keeps_the_old_rows_logits_and_lets_the_new_rows_move(tmp_path) -> None:
     """distill: a fine-tune on rows that contradict the incumbent moves every logit; matching the
     incumbent's logits on the anchored (old) rows keeps those near where they were, while the other
