@@ -43,6 +43,7 @@ What counts as success (per round, JSON keys)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -400,6 +401,7 @@ def vs_control(
     }
 
 
+@functools.lru_cache(maxsize=8)  # every cell built (held-out totes: one per tote) reads the same exports
 def ledger_epoch(replay: tuple[str, ...]) -> float:
     """When the simulated cell starts working: `SIM_LEDGER_EPOCH`, or an hour after the newest row
     of its replay exports if that is later. A cell's rows must be newer than the data its starting
