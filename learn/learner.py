@@ -113,44 +113,66 @@ def _save_state(cfg: LearnConfig, state: dict[str, Any]) -> None:
 # --- pieces ------------------------------------------------------------------------------------------
 
 
-def plan_descriptors(ledgers: list[Path], limit: int = 3000) -> list[np.ndarray]:
-    """Per recorded plan (newest `limit` across the ledgers): its items' shape descriptors (K, D)."""
-    rows: list[tuple[float, str]] = []
+def plan_descriptors(ledgers: list[Path], limit: int = 3000) -> tuple[list[str], list[np.ndarray]]:
+    """Per recorded plan (newest `limit` across the ledgers): its tote id and its items' shape
+    descriptors (K, D), as two lists in the same order."""
+    rows: list[tuple[float, str, str]] = []
     for path in ledgers:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             rows += conn.execute(
-                "SELECT recorded_at, clusters FROM plans WHERE decision != 'empty'"
+                "SELECT recorded_at, tote_id, clusters FROM plans WHERE decision != 'empty'"
                 " ORDER BY recorded_at DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         finally:
             conn.close()
-    scenes = []
-    for _, clusters in sorted(rows, reverse=True)[:limit]:
+    totes: list[str] = []
+    scenes: list[np.ndarray] = []
+    for _, tote, clusters in sorted(rows, reverse=True)[:limit]:
         d = [c["descriptor"] for c in json.loads(clusters or "[]") if c.get("descriptor") is not None]
         if d:
+            totes.append(str(tote))
             scenes.append(np.asarray(d, dtype=np.float64))
-    return scenes
+    return totes, scenes
 
 
 def refit_item_watchdog(
-    model_path: Path, scenes: list[np.ndarray], incumbent_wd: Any | None, seed: int
+    model_path: Path,
+    scenes: list[np.ndarray],
+    incumbent_wd: Any | None,
+    seed: int,
+    totes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Refit the item watchdog of `model_path` on recorded plans' items plus the incumbent's bank.
+    """Refit the item watchdog of `model_path` on recorded plans' items plus the incumbent's bank,
+    and its per-item threshold on the plans of held-out totes.
 
     The incumbent's bank (its training items, stored standardised, in scene order) is cut into
-    pseudo-scenes of 8 items so its leave-one-scene-out statistics still hold. Rewrites the file
-    (new sha256). Returns what was fitted, or why not.
+    pseudo-scenes of 8 items so its leave-one-scene-out statistics still hold. `totes` (one id per
+    scene): the plans of the gate's held-out totes (`grasping.learning.held_out`, the same totes in
+    every round) stay out of the bank and set the per-item threshold, as fresh in-distribution items
+    (`grasping.watchdog.fit_item_threshold`). Without a per-item threshold the watchdog judges whole
+    scenes: one new item makes the cell ask about the whole tote (issue 12's doubt per item). Rewrites
+    the file (new sha256). Returns what was fitted, or why not.
     """
     from grasping.modelfile import load_model, save_model
-    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, fit_item_watchdog, item_feature_count
+    from grasping.watchdog import (
+        ITEM_DESCRIPTOR_VERSION,
+        fit_item_threshold,
+        fit_item_watchdog,
+        item_feature_count,
+    )
 
+    if totes is not None and len(totes) != len(scenes):
+        raise ValueError(f"{len(totes)} tote ids for {len(scenes)} recorded plans")
     # The refit keeps the incumbent's descriptor version: its bank cannot be re-described, and a
     # newer descriptor starts with the older one's features (`sim refit-watchdog` moves a model on).
     version = incumbent_wd.version if incumbent_wd is not None else ITEM_DESCRIPTOR_VERSION
     f = item_feature_count(version)
-    parts = [s[:, :f] for s in scenes if s.ndim == 2 and s.shape[1] >= f and np.isfinite(s[:, :f]).all()]
+    usable = [s.ndim == 2 and s.shape[1] >= f and np.isfinite(s[:, :f]).all() for s in scenes]
+    fresh = held_out(np.asarray(totes, dtype=str)) if totes is not None else np.zeros(len(scenes), bool)
+    parts = [s[:, :f] for s, ok, h in zip(scenes, usable, fresh, strict=True) if ok and not h]
+    threshold_parts = [s[:, :f] for s, ok, h in zip(scenes, usable, fresh, strict=True) if ok and h]
     if incumbent_wd is not None:
         raw = incumbent_wd.bank * incumbent_wd.scale + incumbent_wd.center
         # Items of the recorded plans are read again every round, and the incumbent's bank already
@@ -158,7 +180,7 @@ def refit_item_watchdog(
         # its leave-one-scene-out distance is 0 and the fitted threshold shrinks. On continual seed 5
         # (stop 37) the banks grew 1,581 -> 3,048 -> 5,474 rows with 2,042 and 3,001 distinct, and
         # the share of plans called in distribution fell 0.89 -> 0.63 -> 0.62.
-        seen = {tuple(r) for p in parts for r in np.round(p, 5)}
+        seen = {tuple(r) for p in parts + threshold_parts for r in np.round(p, 5)}
         raw = raw[[tuple(r) not in seen for r in np.round(raw, 5)]] if seen else raw
         parts += [raw[i : i + 8] for i in range(0, len(raw), 8)]
     m = load_model(model_path)
@@ -172,6 +194,14 @@ def refit_item_watchdog(
     except ValueError as exc:
         log.warning("item watchdog not refitted (%s); keeping the incumbent's", exc)
         wd, info = incumbent_wd, {"skipped": str(exc)}
+    else:
+        quantile = incumbent_wd.item_quantile if incumbent_wd is not None else 0.99
+        try:
+            wd, thr_info = fit_item_threshold(wd, threshold_parts, quantile)
+            info = {**info, "item_threshold": thr_info}
+        except ValueError as exc:
+            log.warning("no per-item threshold (%s): the item watchdog will judge scenes only", exc)
+            info = {**info, "item_threshold": {"skipped": str(exc)}}
     meta = dict(m.meta)
     meta["item_watchdog_refit"] = {**info, "recorded_plans": len(scenes)}
     save_model(model_path, m.net, list(m.calibrators), m.thresholds, m.watchdog, meta, item_watchdog=wd)
@@ -350,7 +380,8 @@ def run_round(
         from grasping.watchdog import item_watchdog_of
 
         inc_wd = item_watchdog_of(load_model(incumbent))
-    refit_item_watchdog(model_path, plan_descriptors(ledgers), inc_wd, cfg.seed)
+    totes, scenes = plan_descriptors(ledgers)
+    refit_item_watchdog(model_path, scenes, inc_wd, cfg.seed, totes=totes)
     report = gate_model(cfg, model_path, incumbent, holdout, triggering, sim_suite_factory)
     reg.add(model_path, gate_report=report)
     promoted = False

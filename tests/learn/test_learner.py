@@ -555,3 +555,40 @@ def test_a_watchdog_refit_does_not_add_the_same_recorded_items_twice(tmp_path) -
     refit_item_watchdog(second, more, wd1, seed=0)
     bank = item_watchdog_of(load_model(second)).bank
     assert len(bank) == 300 == len(np.unique(np.round(bank, 6), axis=0))  # each item once
+
+
+def test_a_watchdog_refit_keeps_doubt_per_item_with_a_threshold_from_held_out_totes(tmp_path) -> None:
+    # Until stop 38 the refit dropped the per-item threshold: every learned model judged whole
+    # scenes, so one new item made the cell ask about the whole tote (continual seed 5, stop 37:
+    # "scene out of distribution" was the reason of 4, 15 and 20 questions in rounds 1-3).
+    import shutil
+
+    from synthetic_grasps import trained_model
+
+    from grasping.learning import held_out
+    from grasping.watchdog import ITEM_DESCRIPTOR_VERSION, item_feature_count, item_watchdog_of
+    from learn.learner import refit_item_watchdog
+
+    f = item_feature_count(ITEM_DESCRIPTOR_VERSION)
+    rng = np.random.default_rng(11)
+    totes = [f"tote-{i // 3:03d}" for i in range(150)]  # three plans per tote
+    scenes = [rng.normal(0, 1, (6, f)) for _ in totes]
+    model = tmp_path / "r1.safetensors"
+    shutil.copy(trained_model().path, model)
+    info = refit_item_watchdog(model, scenes, None, seed=0, totes=totes)
+    wd = item_watchdog_of(load_model(model))
+    fresh = held_out(np.asarray(totes))
+    assert 0 < fresh.sum() < len(totes)
+    assert wd.item_threshold is not None and info["item_threshold"]["items"] == 6 * fresh.sum()
+    # The held-out totes' items set the threshold and are not in the bank.
+    bank = {tuple(r) for r in np.round(wd.bank * wd.scale + wd.center, 6)}
+    assert len(bank) == 6 * (~fresh).sum()
+    assert not any(tuple(r) in bank for s, h in zip(scenes, fresh, strict=True) if h for r in np.round(s, 6))
+    # Doubt is per item: a familiar item passes, a far-off one in the same scene is flagged.
+    scores = wd.item_scores(np.vstack([rng.normal(0, 1, (1, f)), np.full((1, f), 8.0)]))
+    assert scores[0] <= wd.item_threshold < scores[1]
+    # Too few held-out items: the refit still happens and says why there is no per-item threshold.
+    few = tmp_path / "few.safetensors"
+    shutil.copy(trained_model().path, few)
+    info = refit_item_watchdog(few, scenes[:6], None, seed=0, totes=["t"] * 6)
+    assert "skipped" in info["item_threshold"]
