@@ -523,7 +523,8 @@ class Ledger:
                     c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
                 raise
             if 0 < start < SCHEMA_VERSION:
                 log.info("migrated ledger %s from schema version %d to %d", self.path, start, SCHEMA_VERSION)
@@ -537,7 +538,11 @@ class Ledger:
                 result = fn()
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                # On a full disk (SQLITE_FULL) or an I/O error SQLite may already have rolled the
+                # transaction back; a second ROLLBACK would raise "no transaction is active" and hide
+                # the error that matters (continual runs that filled the disk died with only that).
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
                 raise
             return result
 

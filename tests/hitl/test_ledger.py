@@ -185,6 +185,26 @@ def test_plan_round_trip_with_frame_and_every_candidate(tmp_path: Path) -> None:
         assert ledger.counts()["frames"] == 1 and ledger.counts()["candidates"] == 8
 
 
+def test_a_full_disk_raises_its_own_error_and_keeps_every_earlier_row(tmp_path: Path) -> None:
+    # SQLite rolls a transaction back by itself on SQLITE_FULL; the ledger's own ROLLBACK then
+    # raised "cannot rollback - no transaction is active" and hid the cause (stop 38: two continual
+    # runs filled the disk and died with only that message). A page limit stands in for the disk.
+    rng = np.random.default_rng(3)
+    plan, frame = make_plan(rng), make_frame(rng)
+    with Ledger(tmp_path / "cell.db", "cell-1") as ledger:
+        ledger.record_plan(plan, tote_id="tote-1", frame=frame, store_frame=True)
+        pages = ledger._conn.execute("PRAGMA page_count").fetchone()[0]
+        ledger._conn.execute(f"PRAGMA max_page_count={pages + 2}")
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            for _ in range(50):
+                ledger.record_plan(plan, tote_id="tote-1", frame=frame, store_frame=True)
+        kept = ledger.counts()
+        assert kept["frames"] == kept["plans"] >= 1  # no plan without its frame: the failed write left nothing
+        ledger._conn.execute("PRAGMA max_page_count=1073741823")  # room again: the ledger goes on
+        ledger.record_plan(plan, tote_id="tote-1", frame=frame, store_frame=True)
+        assert ledger.counts()["plans"] == kept["plans"] + 1
+
+
 def test_attempt_round_trip_and_idempotency(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     with Ledger(tmp_path / "cell.db", "cell-1") as ledger:
