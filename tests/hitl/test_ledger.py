@@ -199,7 +199,7 @@ def test_a_full_disk_raises_its_own_error_and_keeps_every_earlier_row(tmp_path: 
             for _ in range(50):
                 ledger.record_plan(plan, tote_id="tote-1", frame=frame, store_frame=True)
         kept = ledger.counts()
-        assert kept["frames"] == kept["plans"] >= 1  # no plan without its frame: the failed write left nothing
+        assert kept["frames"] == kept["plans"] >= 1  # no plan without its frame: nothing of the failed write
         ledger._conn.execute("PRAGMA max_page_count=1073741823")  # room again: the ledger goes on
         ledger.record_plan(plan, tote_id="tote-1", frame=frame, store_frame=True)
         assert ledger.counts()["plans"] == kept["plans"] + 1
