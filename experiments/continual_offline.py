@@ -55,6 +55,12 @@ _TRAIN_KEYS = {
     "alpha": float,
     "distill": float,  # weight of matching the start model's logits on old rows (0: replay alone)
     "mode": str,  # "finetune" the start model, or "scratch": joint retraining on all rows (the upper bound)
+    # Shares of the non-held-out totes per split (train gets the rest): e.g. more conformal rows to
+    # certify the ask thresholds on, fewer test rows (the gate's held-out totes test the model too).
+    "val_fraction": float,
+    "calib_fraction": float,
+    "conformal_fraction": float,
+    "test_fraction": float,
 }
 _WEIGHT_KEYS = {"replay_share": float, "human_boost": float, "loss_gain": float, "novelty_gain": float}
 
@@ -162,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                 for r in verdict.reasons
                 if ("AUROC" in r and "vs incumbent" in r) or "old kinds pooled" in r
             ]
+            thr = LearnedScorer.from_file(str(path)).model.thresholds
             print(
-                f"{name} seed {seed}: gate {'passed' if verdict.passed else 'refused'}; {scored(str(path))}"
+                f"{name} seed {seed}: gate {'passed' if verdict.passed else 'refused'}; "
+                f"thresholds suction/jaw {thr[0]:.3f}/{thr[1]:.3f}; {scored(str(path))}"
                 + (f"; {'; '.join(margins)}" if margins else "")
                 + (f"; {'; '.join(fails)}" if fails else ""),
                 flush=True,
