@@ -164,7 +164,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
                     work, reg.root, start_version, load_model(final).version, stack, seed
                 )
                 info["model"] = info["delivered"]
-            arms[arm] = {**info, **_work(cfg, stack, channel, cfg.totes_per_round)}
+            arms[arm] = {**info, **_work(cfg, stack, channel, cfg.cell_b_totes or cfg.totes_per_round)}
         finally:
             stack.close()
     a_after = cell_a["new_family_failure"][-1]

@@ -9,6 +9,7 @@ tote with the new kind, the control arm keeps the starting model, and both arms 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from grasping.learning import GateReport
@@ -30,7 +31,7 @@ def _resaved(version: str, out: Path) -> Path:
 
 
 def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_does_not(tmp_path):
-    cfg = quick_config(rounds=1, seed=4)
+    cfg = replace(quick_config(rounds=1, seed=4), cell_b_totes=2)  # B's arms work more totes than A's rounds
     work = tmp_path / "work"
     reg = ModelRegistry(work / "registry")
     start = reg.add(DEFAULT_MODEL)
@@ -66,7 +67,8 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
     ]
     assert [(v["action"], v["stage"]) for v in verdicts] == [("first-live", "everyone"), ("start", "canary")]
     assert verdicts[1]["cells"] == ["cell-b"]
-    # the same totes in both arms: only the model differs
+    # the same totes in both arms, as many as asked: only the model differs
+    assert len(with_fleet["totes"]) == 2
     assert [t["tote"] for t in with_fleet["totes"]] == [t["tote"] for t in without["totes"]]
     assert with_fleet["new_items"] == without["new_items"] and with_fleet["old_items"] == without["old_items"]
     assert res["cell_a_new_family_failure_after"] == 0.3
