@@ -14,7 +14,8 @@ What it is
 What is randomised
     Cell B's totes come from the experiment's seed plus `CELL_B_SEED_OFFSET` (a different site's
     stream of totes and drop poses); both arms of cell B see identical totes, camera noise and
-    simulated associate, so the only difference between them is the model.
+    simulated associate, so the only difference between them is the model. Each arm works
+    `cell_b_totes` totes (`--cell-b-totes`; default as many as one of A's rounds).
 
 What counts as success
     `cell_b_first_contact_failure` within 5 percentage points of cell A's new-kind failure in its last
