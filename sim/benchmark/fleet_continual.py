@@ -9,7 +9,9 @@ What it is
     cell does (fleet.cell.FleetLink: Clone snapshot, chunked download, sha256 and signature checked),
     swaps it in, and works its first totes with the new kind: `cell_b_first_contact_failure`.
     The control is the same cell B on the very same totes with the starting model, i.e. a cell that is
-    not in the fleet: `cell_b_without_fleet`.
+    not in the fleet: `cell_b_without_fleet`. Each arm keeps its own ledger (`cell-b-with-fleet.db`,
+    `cell-b-without-fleet.db` in the work dir), as a cell of the fleet does: why B's items were left
+    (never confident, asked, tried and failed) is read from it, as from cell A's.
 
 What is randomised
     Cell B's totes come from the experiment's seed plus `CELL_B_SEED_OFFSET` (a different site's
@@ -37,29 +39,12 @@ log = logging.getLogger(__name__)
 CELL_B_SEED_OFFSET = 7919  # cell B's tote stream: another site, disjoint from cell A's seed
 
 
-def _cell_b_stack(cfg: Any, seed: int, model: Path, catalog: Any) -> tuple[Any, Any]:
-    """A simulated cell with the starting model, its own tote stream, and the simulated associate."""
-    from arm.controller import ControllerConfig
-    from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
-    from sim.benchmark.continual import CATALOG
-    from sim.stack import build_sim_stack
+def _cell_b_stack(cfg: Any, seed: int, model: Path, catalog: Any, ledger_path: Path) -> tuple[Any, Any, Any]:
+    """A simulated cell with the starting model, its own tote stream, the simulated associate, and a
+    ledger of its own (as every cell keeps: what B planned, asked and tried is there to look at)."""
+    from sim.benchmark.continual import _build_cell
 
-    ccfg = ControllerConfig(
-        cell_id="cell-b", wall_poll_s=0.0, ledger_source="sim", max_attempts_per_tote=3 * cfg.objects_per_tote
-    )
-    stack = build_sim_stack(
-        catalog=CATALOG,
-        objects_per_tote=cfg.objects_per_tote,
-        seed=seed,
-        planner="learned",
-        model_path=model,
-        controller_config=ccfg,
-    )
-    stack.feed.catalog = catalog
-    judge = GroundTruthJudge(stack.cell, stack.camera, SimAssociateConfig(seed=seed))
-    channel = SimAssistChannel(judge, lambda: stack.cell.arm.robot_time)
-    stack.controller.assist = channel
-    return stack, channel
+    return _build_cell(cfg, model, catalog, ledger_path, "cell-b", seed)
 
 
 def _work(cfg: Any, stack: Any, channel: Any, totes: int) -> dict[str, Any]:
@@ -148,6 +133,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     from sim.benchmark.metrics import newcombe
 
     work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed + CELL_B_SEED_OFFSET
     catalog = mixed_catalog(cfg.new_family, cfg.new_share, seed)
     start = Path(cell_a["start_model_path"])
@@ -157,7 +143,8 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     reg = ModelRegistry(work / "registry")
     arms: dict[str, Any] = {}
     for arm in ("without_fleet", "with_fleet"):
-        stack, channel = _cell_b_stack(cfg, seed, start, catalog)
+        ledger_path = work / f"cell-b-{arm.replace('_', '-')}.db"
+        stack, channel, ledger = _cell_b_stack(cfg, seed, start, catalog, ledger_path)
         try:
             info: dict[str, Any] = {"model": start_version}
             if arm == "with_fleet" and shared:
@@ -165,9 +152,14 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
                     work, reg.root, start_version, load_model(final).version, stack, seed
                 )
                 info["model"] = info["delivered"]
-            arms[arm] = {**info, **_work(cfg, stack, channel, cfg.cell_b_totes or cfg.totes_per_round)}
+            arms[arm] = {
+                **info,
+                "ledger": str(ledger_path),
+                **_work(cfg, stack, channel, cfg.cell_b_totes or cfg.totes_per_round),
+            }
         finally:
             stack.close()
+            ledger.close()
     a_after = cell_a["new_family_failure"][-1]
     b_with = arms["with_fleet"]["new_family_failure"]
     # Failures and items behind each rate, for the 95% intervals of the two comparisons the issue

@@ -9,6 +9,7 @@ tote with the new kind, the control arm keeps the starting model, and both arms 
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,6 +88,16 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
     only_without, only_with = res["cell_b_fleet_benefit_discordant"]
     n = with_fleet["new_items"]
     assert abs(100.0 * (only_without - only_with) / n - res["cell_b_fleet_benefit_pp"]) < 1e-9
+    # Each arm keeps its own ledger, as a cell of the fleet does: every try is there, by the model
+    # each arm ran, with the item's family, so why B's items were left can be read from it.
+    for arm, x in (("with-fleet", with_fleet), ("without-fleet", without)):
+        assert x["ledger"] == str(work / f"cell-b-{arm}.db")
+        with sqlite3.connect(x["ledger"]) as db:
+            rows = db.execute("select cell_id, model_version, family from attempts").fetchall()
+            plans = db.execute("select count(*) from plans").fetchone()[0]
+        assert rows and plans > 0
+        assert {r[0] for r in rows} == {"cell-b"} and {r[1] for r in rows} == {x["model"]}
+        assert {r[2] for r in rows} <= {it["family"] for t in x["totes"] for it in t["items"]}
 
 
 def test_nothing_is_shared_when_no_model_of_cell_a_passed_its_gate(tmp_path):
