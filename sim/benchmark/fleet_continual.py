@@ -24,7 +24,10 @@ What counts as success
     round (what A reached after learning), and clearly below `cell_b_without_fleet`. If no model of A
     passed its gate, nothing is shared: both arms run the starting model and the result says so.
     Failure = share of the new kind's items not placed by the model alone (a person's help counts as a
-    failure of the model), the same measure as cell A's `new_family_failure`.
+    failure of the model), the same measure as cell A's `new_family_failure`. The gap to A comes with
+    two 95% intervals: counting items as independent (Newcombe) and resampling whole totes (items of
+    one tote fail together, so the second is the honest one), and with each cell's tries on the new
+    kind by gripper from its ledger (`new_kind_tries`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,35 @@ def _work(cfg: Any, stack: Any, channel: Any, totes: int) -> dict[str, Any]:
 
     worked = [_work_tote(stack, channel, cfg.new_family) for _ in range(totes)]
     return {**_round_metrics(worked), "totes": worked}
+
+
+def new_kind_tries(ledger_path: Path, family: str, model_version: str | None = None) -> dict[str, Any] | None:
+    """What a cell's ledger says about the new kind: the model's own tries by gripper ([worked, tried]),
+    a person's, and why the model's failed. `model_version`: only tries made with that model. None
+    when there is no ledger. This is where a gap between two cells running one model shows up (stop
+    39: cell B's suction tries on frames worked 8 of 18 times, cell A's 4 of 5)."""
+    import sqlite3
+
+    if not Path(ledger_path).exists():
+        return None
+    conn = sqlite3.connect(f"{Path(ledger_path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        q = "SELECT decided_by, gripper, success, reason FROM attempts WHERE family = ?"
+        args: tuple = (family,)
+        if model_version is not None:
+            q += " AND model_version = ?"
+            args += (model_version,)
+        rows = conn.execute(q, args).fetchall()
+    finally:
+        conn.close()
+    out: dict[str, Any] = {"model": {}, "person": {}, "model_failures_by_reason": {}}
+    for decided_by, gripper, success, reason in rows:
+        who = "model" if str(decided_by).startswith("model") else "person"
+        worked, tried = out[who].get(gripper, [0, 0])
+        out[who][gripper] = [worked + int(bool(success)), tried + 1]
+        if who == "model" and not success:
+            out["model_failures_by_reason"][reason] = out["model_failures_by_reason"].get(reason, 0) + 1
+    return out
 
 
 def _share_through_fleet(
@@ -130,7 +162,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     from grasping.modelfile import load_model
     from grasping.registry import ModelRegistry
     from sim.benchmark.continual import mixed_catalog, vs_control
-    from sim.benchmark.metrics import newcombe
+    from sim.benchmark.metrics import clustered_difference, newcombe
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -160,6 +192,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         finally:
             stack.close()
             ledger.close()
+        arms[arm]["new_kind_tries"] = new_kind_tries(ledger_path, cfg.new_family)
     a_after = cell_a["new_family_failure"][-1]
     b_with = arms["with_fleet"]["new_family_failure"]
     # Failures and items behind each rate, for the 95% intervals of the two comparisons the issue
@@ -174,6 +207,22 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         },
     }
     gap_ci = [100.0 * v for v in newcombe(*counts["with_fleet"], *counts["a"])]
+
+    def per_tote(totes: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        return [(t["new_items"] - t["new_alone"], t["new_items"]) for t in totes]
+
+    a_totes = cell_a["rounds"][-1].get("totes")
+    # The same gap with whole totes resampled: items of one tote fail together.
+    gap_ci_tote = (
+        [
+            100.0 * v
+            for v in clustered_difference(
+                per_tote(arms["with_fleet"]["totes"]), per_tote(a_totes), seed=cfg.seed
+            )
+        ]  # fmt: skip
+        if a_totes
+        else None
+    )
     benefit_ci = [100.0 * v for v in newcombe(*counts["without_fleet"], *counts["with_fleet"])]
     b_without = arms["without_fleet"]["new_family_failure"]
     # Both arms of cell B work the very same items: the benefit is also measured item by item
@@ -194,6 +243,12 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         if (b_with is not None and a_after is not None)
         else None,
         "cell_b_gap_to_a_ci95_pp": gap_ci,
+        "cell_b_gap_to_a_ci95_pp_by_tote": gap_ci_tote,
+        # The model's own tries on the new kind by gripper, in cell A's last round's model and in
+        # each arm of cell B (their ledgers): where a gap between the cells comes from.
+        "cell_a_new_kind_tries": new_kind_tries(work / "cell.db", cfg.new_family, load_model(final).version)
+        if shared
+        else None,
         # How much more often cell B fails the new kind without the fleet than with it (> 0: the
         # fleet's model helped), with its 95% interval.
         "cell_b_fleet_benefit_pp": (100.0 * (b_without - b_with))
@@ -258,11 +313,13 @@ def append_report(result: dict[str, Any], out_dir: str | Path) -> None:
     gap, benefit = fl.get("cell_b_gap_to_a_pp"), fl.get("cell_b_fleet_benefit_pp")
     if gap is not None and "cell_b_gap_to_a_ci95_pp" in fl:
         lo, hi = fl["cell_b_gap_to_a_ci95_pp"]
-        lines += [
-            "",
-            f"Cell B with the fleet minus cell A after learning: {gap:+.1f} pp "
-            f"(95% CI {lo:+.1f} to {hi:+.1f}).",
-        ]
+        text = (
+            f"Cell B with the fleet minus cell A after learning: {gap:+.1f} pp (95% CI {lo:+.1f} to {hi:+.1f}"
+        )
+        if fl.get("cell_b_gap_to_a_ci95_pp_by_tote"):
+            tlo, thi = fl["cell_b_gap_to_a_ci95_pp_by_tote"]
+            text += f"; whole totes resampled: {tlo:+.1f} to {thi:+.1f}"
+        lines += ["", text + ")."]
     if benefit is not None and "cell_b_fleet_benefit_ci95_pp" in fl:
         lo, hi = fl["cell_b_fleet_benefit_ci95_pp"]
         text = f"Cell B without the fleet minus with it: {benefit:+.1f} pp (95% CI {lo:+.1f} to {hi:+.1f}"
@@ -274,6 +331,30 @@ def append_report(result: dict[str, Any], out_dir: str | Path) -> None:
                 f"only without the fleet, {only_with} only with it"
             )
         lines += [text + ")."]
+    tries = [("cell A, its last model (all its rounds)", fl.get("cell_a_new_kind_tries"))] + [
+        (label, b[arm].get("new_kind_tries"))
+        for arm, label in (("with_fleet", "cell B, fleet's model"), ("without_fleet", "cell B, no fleet"))
+    ]
+    if any(t for _, t in tries):
+
+        def wt(t: dict[str, Any] | None, who: str, gripper: str) -> str:
+            x = (t or {}).get(who, {}).get(gripper)
+            return "-" if not x else f"{x[0]} of {x[1]}"
+
+        lines += [
+            "",
+            "The new kind in each cell's ledger: tries that worked, by who chose them and the gripper.",
+            "",
+            "| | model, suction | model, jaw | person, suction | person, jaw | the model's failures |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, t in tries:
+            failed = sorted((t or {}).get("model_failures_by_reason", {}).items())
+            why = ", ".join(f"{k} {v}" for k, v in failed)
+            lines.append(
+                f"| {label} | {wt(t, 'model', 'suction')} | {wt(t, 'model', 'parallel_jaw')} | "
+                f"{wt(t, 'person', 'suction')} | {wt(t, 'person', 'parallel_jaw')} | {why or '-'} |"
+            )
     lines += ["", "![fleet](fleet.png)", ""]
     if fl.get("note"):
         lines += [f"Note: {fl['note']}.", ""]

@@ -126,6 +126,43 @@ def newcombe_paired(a_ok: Any, b_ok: Any, confidence: float = 0.95) -> tuple[flo
     return (float(max(lo, -1.0)), float(min(hi, 1.0)))
 
 
+def clustered_difference(
+    a: Any, b: Any, confidence: float = 0.95, resamples: int = 9999, seed: int = 0
+) -> tuple[float, float]:
+    """Interval for rate(a) - rate(b) where each rate is pooled over clusters (totes) given as
+    (failures, items) pairs, a: (Ka, 2), b: (Kb, 2): a percentile bootstrap that resamples whole
+    totes in each arm independently (scipy.stats.bootstrap). The items of one tote are not
+    independent (a tote whose frames lie stacked loses several at once: cell B on continual seed 5,
+    stop 39, lost 12 of its 18 new-kind items in 4 of 24 totes), so an interval that counts items
+    as independent (`newcombe`) is too narrow. (-1, 1) when either arm has no items."""
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 2), np.asarray(b, dtype=np.float64).reshape(-1, 2)
+    if a[:, 1].sum() == 0 or b[:, 1].sum() == 0:
+        return (-1.0, 1.0)
+
+    def stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
+        ia, ib = ia.astype(np.intp), ib.astype(np.intp)
+        ka, na = a[ia, 0].sum(axis=axis), a[ia, 1].sum(axis=axis)
+        kb, nb = b[ib, 0].sum(axis=axis), b[ib, 1].sum(axis=axis)
+        # A resample with no items on one side has no rate: count it as no difference.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = ka / na - kb / nb
+        return np.where(np.isfinite(d), d, 0.0)
+
+    res = bootstrap(
+        (np.arange(len(a)), np.arange(len(b))),
+        stat,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        random_state=np.random.default_rng(seed),
+    )
+    lo, hi = res.confidence_interval
+    return (float(lo), float(hi))
+
+
 def _rate(k: int, n: int) -> dict[str, Any]:
     lo, hi = wilson(k, n)
     return {"value": (k / n) if n else None, "k": k, "n": n, "ci95": [lo, hi]}

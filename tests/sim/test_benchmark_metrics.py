@@ -354,6 +354,28 @@ def test_paired_newcombe_interval_matches_the_published_examples() -> None:
         newcombe_paired(np.ones(3, bool), np.ones(4, bool))
 
 
+def test_a_gap_between_tote_streams_is_bracketed_with_whole_totes_resampled() -> None:
+    from sim.benchmark.metrics import clustered_difference, newcombe
+
+    # 24 totes of 4 items: the same 6 failures either spread one per tote or lost 3 at a time. Items
+    # of one tote failing together carry less information: the interval is wider, not the same.
+    spread = [(1, 4)] * 6 + [(0, 4)] * 18
+    clumped = [(3, 4)] * 2 + [(0, 4)] * 22
+    base = [(0, 4)] * 23 + [(1, 4)]
+    lo_s, hi_s = clustered_difference(spread, base)
+    lo_c, hi_c = clustered_difference(clumped, base)
+    d = 6 / 96 - 1 / 96
+    assert lo_s <= d <= hi_s and lo_c <= d <= hi_c
+    assert hi_c - lo_c > hi_s - lo_s
+    ind = newcombe(6, 96, 1, 96)
+    assert lo_c < ind[0]  # the item-level interval claims more than the clumped totes show
+    # Seeded: the same numbers every time; arms that agree bracket 0; an empty arm says nothing.
+    assert clustered_difference(clumped, base) == (lo_c, hi_c)
+    lo, hi = clustered_difference(spread, spread)
+    assert lo < 0.0 < hi
+    assert clustered_difference([(0, 0)], base) == (-1.0, 1.0)
+
+
 def test_what_kept_each_item_from_the_model_alone_is_what_happened_to_it_first():
     from sim.benchmark.record import _not_alone_because
 

@@ -46,7 +46,10 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
         "start_model_path": str(DEFAULT_MODEL),
         "final_model_path": str(learned),
         "new_family_failure": [0.6, 0.3],
-        "rounds": [{"new_items": 10}, {"new_items": 10}],
+        "rounds": [
+            {"new_items": 10},
+            {"new_items": 10, "totes": [{"new_items": 5, "new_alone": 2}, {"new_items": 5, "new_alone": 5}]},
+        ],
     }
     res = run_cell_b(cfg, work, cell_a)
 
@@ -98,6 +101,29 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
         assert rows and plans > 0
         assert {r[0] for r in rows} == {"cell-b"} and {r[1] for r in rows} == {x["model"]}
         assert {r[2] for r in rows} <= {it["family"] for t in x["totes"] for it in t["items"]}
+        # ... and what it says about the new kind is in the result: the model's tries by gripper.
+        tries = x["new_kind_tries"]
+        with sqlite3.connect(x["ledger"]) as db:
+            n, ok = db.execute(
+                "select count(*), coalesce(sum(success), 0) from attempts"
+                " where family = ? and decided_by like 'model%'",
+                (cfg.new_family,),
+            ).fetchone()
+        assert sum(v[1] for v in tries["model"].values()) == n
+        assert sum(v[0] for v in tries["model"].values()) == ok
+        assert sum(tries["model_failures_by_reason"].values()) == n - ok
+    # The gap to A with whole totes resampled (A's last round's totes given above): it brackets the gap.
+    lo, hi = res["cell_b_gap_to_a_ci95_pp_by_tote"]
+    assert lo <= res["cell_b_gap_to_a_pp"] <= hi
+    assert res["cell_a_new_kind_tries"] is None  # cell A kept no ledger here
+    # The report shows the comparison and the tries.
+    from sim.benchmark.fleet_continual import append_report
+
+    (tmp_path / "report.md").write_text("")
+    append_report({"fleet": res, "new_family": cfg.new_family}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "whole totes resampled" in md and "| cell B, fleet's model |" in md
+    assert "The new kind in each cell's ledger" in md and (tmp_path / "fleet.png").exists()
 
 
 def test_nothing_is_shared_when_no_model_of_cell_a_passed_its_gate(tmp_path):
