@@ -223,6 +223,21 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         if a_totes
         else None
     )
+    # Cell A's failure with the model it shared, over every round A ran that model (one round's
+    # 8 totes is a noisy estimate of it; the rounds after the last promotion all ran it).
+    final_name = final.name
+    a_final = [t for r in cell_a["rounds"] if r.get("model") == final_name for t in r.get("totes", [])]
+    a_pooled = None
+    if shared and a_final:
+        k, n = (sum(x) for x in zip(*per_tote(a_final), strict=True))
+        lo, hi = clustered_difference(per_tote(arms["with_fleet"]["totes"]), per_tote(a_final), seed=cfg.seed)
+        a_pooled = {
+            "rounds": [r["round"] for r in cell_a["rounds"] if r.get("model") == final_name],
+            "failures_and_items": [k, n],
+            "new_family_failure": k / n if n else None,
+            "cell_b_gap_pp": (100.0 * (b_with - k / n)) if (n and b_with is not None) else None,
+            "cell_b_gap_ci95_pp_by_tote": [100.0 * lo, 100.0 * hi],
+        }
     benefit_ci = [100.0 * v for v in newcombe(*counts["without_fleet"], *counts["with_fleet"])]
     b_without = arms["without_fleet"]["new_family_failure"]
     # Both arms of cell B work the very same items: the benefit is also measured item by item
@@ -244,6 +259,8 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         else None,
         "cell_b_gap_to_a_ci95_pp": gap_ci,
         "cell_b_gap_to_a_ci95_pp_by_tote": gap_ci_tote,
+        # ... and to cell A pooled over every round it ran the shared model (None: nothing shared)
+        "cell_a_with_shared_model": a_pooled,
         # The model's own tries on the new kind by gripper, in cell A's last round's model and in
         # each arm of cell B (their ledgers): where a gap between the cells comes from.
         "cell_a_new_kind_tries": new_kind_tries(work / "cell.db", cfg.new_family, load_model(final).version)
@@ -320,6 +337,16 @@ def append_report(result: dict[str, Any], out_dir: str | Path) -> None:
             tlo, thi = fl["cell_b_gap_to_a_ci95_pp_by_tote"]
             text += f"; whole totes resampled: {tlo:+.1f} to {thi:+.1f}"
         lines += ["", text + ")."]
+        pooled = fl.get("cell_a_with_shared_model")
+        if pooled and pooled.get("cell_b_gap_pp") is not None:
+            k, n = pooled["failures_and_items"]
+            plo, phi = pooled["cell_b_gap_ci95_pp_by_tote"]
+            lines += [
+                f"Cell A over every round it ran the shared model (rounds "
+                f"{', '.join(str(r) for r in pooled['rounds'])}): {k} of {n} new-kind items not placed "
+                f"alone; cell B minus that {pooled['cell_b_gap_pp']:+.1f} pp (whole totes resampled: "
+                f"{plo:+.1f} to {phi:+.1f})."
+            ]
     if benefit is not None and "cell_b_fleet_benefit_ci95_pp" in fl:
         lo, hi = fl["cell_b_fleet_benefit_ci95_pp"]
         text = f"Cell B without the fleet minus with it: {benefit:+.1f} pp (95% CI {lo:+.1f} to {hi:+.1f}"

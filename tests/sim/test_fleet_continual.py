@@ -47,8 +47,13 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
         "final_model_path": str(learned),
         "new_family_failure": [0.6, 0.3],
         "rounds": [
-            {"new_items": 10},
-            {"new_items": 10, "totes": [{"new_items": 5, "new_alone": 2}, {"new_items": 5, "new_alone": 5}]},
+            {"round": 0, "new_items": 10, "model": "default.safetensors"},
+            {
+                "round": 1,
+                "new_items": 10,
+                "model": learned.name,
+                "totes": [{"new_items": 5, "new_alone": 2}, {"new_items": 5, "new_alone": 5}],
+            },
         ],
     }
     res = run_cell_b(cfg, work, cell_a)
@@ -116,6 +121,10 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
     lo, hi = res["cell_b_gap_to_a_ci95_pp_by_tote"]
     assert lo <= res["cell_b_gap_to_a_pp"] <= hi
     assert res["cell_a_new_kind_tries"] is None  # cell A kept no ledger here
+    # Cell A pooled over the rounds it ran the shared model (here the last one only): 3 of 10.
+    pooled = res["cell_a_with_shared_model"]
+    assert pooled["rounds"] == [1] and pooled["failures_and_items"] == [3, 10]
+    assert abs(pooled["cell_b_gap_pp"] - res["cell_b_gap_to_a_pp"]) < 1e-9
     # The report shows the comparison and the tries.
     from sim.benchmark.fleet_continual import append_report
 
@@ -123,6 +132,7 @@ def test_cell_b_receives_cell_as_gated_model_through_the_fleet_and_the_control_d
     append_report({"fleet": res, "new_family": cfg.new_family}, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "whole totes resampled" in md and "| cell B, fleet's model |" in md
+    assert "Cell A over every round it ran the shared model (rounds 1): 3 of 10" in md
     assert "The new kind in each cell's ledger" in md and (tmp_path / "fleet.png").exists()
 
 
@@ -133,5 +143,6 @@ def test_nothing_is_shared_when_no_model_of_cell_a_passed_its_gate(tmp_path):
               "new_family_failure": [0.5, 0.5], "rounds": [{"new_items": 4}, {"new_items": 4}]}  # fmt: skip
     res = run_cell_b(cfg, tmp_path, cell_a)
     assert res["shared_model"] is None and "nothing was shared" in res["note"]
+    assert res["cell_a_with_shared_model"] is None
     assert res["cell_b"]["with_fleet"]["model"] == res["cell_b"]["without_fleet"]["model"]
     assert not (tmp_path / "fleet").exists()  # no fleet was started for nothing
