@@ -55,7 +55,7 @@ from arm.interfaces import (
 )
 from arm.items import ItemMemory, ItemMemoryConfig, TrackedItem
 from arm.lookahead import Lookahead
-from grasping.draw import offered_indices
+from grasping.draw import item_pixels, offered_indices
 from grasping.pixel_grasp import PixelGraspError, grasp_from_pixel
 from grasping.types import Candidate, Frame, ItemCluster, Plan, matrix_to_quat
 from hitl.messages import AssistAnswer, AssistRequest, CandidateView
@@ -413,8 +413,9 @@ class CellController:
                     st.skipped.append((centre, self._motions))
                 else:
                     self._ask(
-                        rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots, cause="novel"
-                    )
+                        rep, tote_id, plan, plan_id, frame, centre, pending, st.failed_spots,
+                        item=cand.cluster, cause="novel",
+                    )  # fmt: skip
                     rep.novel_items_asked += 1
                     self._count("novel_items_asked")
                     log.info("item at %s is out of distribution: asked at once", np.round(centre, 3))
@@ -770,7 +771,14 @@ class CellController:
         # The item asked about first (best first), then the rest: "approve the first" means this item.
         offered = offered_indices(plan, 20, exclude=lambda k: failed(k) or not on_item(k))
         offered += offered_indices(plan, 20 - len(offered), exclude=lambda k: failed(k) or on_item(k))
-        png = self.render_png(frame, plan, indices=offered) if self.render_png is not None else b""
+        cluster = plan.clusters[item] if item is not None and 0 <= item < len(plan.clusters) else None
+        # Where the item asked about lies in the picture: boxed there, and in the request, so a console
+        # (and the simulated associate) answers about that item, not about one the cell will pick by
+        # itself meanwhile (an approval of such a pick arrives after the surface under it moved).
+        where = item_pixels(frame, cluster) if cluster is not None else None
+        png = b""
+        if self.render_png is not None:
+            png = self.render_png(frame, plan, indices=offered, item=item if where is not None else None)
         views = tuple(
             CandidateView(
                 index=k,
@@ -801,13 +809,15 @@ class CellController:
                 "cause": cause,
             },
         )
+        if where is not None:
+            req.context["item_px"] = list(where[0])  # (u, v) of the item's centre
+            req.context["item_box_px"] = list(where[1])  # (u0, v0, u1, v1) around it
         family = self.item_family(np.asarray(centre)) if self.item_family is not None else None
         if family:
             req.context["family"] = str(family)
         if self.ledger is not None:
             self.ledger.record_request(req)
         fut = self.assist.ask(req)
-        cluster = plan.clusters[item] if item is not None and 0 <= item < len(plan.clusters) else None
         pending[req.request_id] = _Pending(
             req, fut, plan, plan_id, frame, np.asarray(centre), self.arm.robot_time, self._motions, cluster
         )

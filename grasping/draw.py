@@ -7,7 +7,9 @@ Suction candidates are circles at the cup's contact point; parallel-jaw candidat
 between the two fingertips (projected with K and T_base_camera) with a dot at the centre. Colour
 runs red (0) -> yellow -> green (1) with the candidate's score (calibrated p(success) when the plan
 has it, else the analytic score). Numbers are the candidates' positions in the Plan (0 = best), the
-same indices the associate answers with. The decision and the reasons are written on top.
+same indices the associate answers with. The decision and the reasons are written on top. A
+question is about one item: that item is boxed and labelled "asked about this item" (the others'
+candidates are shown too, after it, but the answer is about the boxed one).
 
 Pillow only (installed with matplotlib): a plan's picture costs a few milliseconds, not the ~0.5 s
 of importing pyplot.
@@ -22,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from grasping.types import Frame, Plan
+from grasping.types import Frame, ItemCluster, Plan
 
 _OUTLINE = (0, 0, 0)
+ASKED_COLOUR = (0, 230, 255)  # the box around the item a question is about
 
 
 def score_colour(score: float) -> tuple[int, int, int]:
@@ -41,6 +44,28 @@ def _project(frame: Frame, p_base: np.ndarray) -> np.ndarray:
     K = np.asarray(frame.K)
     z = np.where(p[:, 2] > 1e-6, p[:, 2], np.nan)
     return np.stack([K[0, 0] * p[:, 0] / z + K[0, 2], K[1, 1] * p[:, 1] / z + K[1, 2]], axis=1)
+
+
+PixelBox = tuple[int, int, int, int]  # (u0, v0, u1, v1), pixels
+
+
+def item_pixels(frame: Frame, cluster: ItemCluster) -> tuple[tuple[int, int], PixelBox] | None:
+    """Where an item lies in the frame: (its centroid's pixel (u, v), the pixel box (u0, v0, u1, v1)
+    around its bounding box's eight corners), or None when it does not project into the frame."""
+    lo, hi = np.asarray(cluster.lo, dtype=np.float64), np.asarray(cluster.hi, dtype=np.float64)
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    px = _project(frame, np.vstack([np.asarray(cluster.centroid, dtype=np.float64), corners]))
+    if not np.isfinite(px).all():
+        return None
+    h, w = frame.shape
+    c = np.rint(px[0]).astype(int)
+    u0, v0 = np.floor(px[1:].min(axis=0)).astype(int)
+    u1, v1 = np.ceil(px[1:].max(axis=0)).astype(int)
+    u0, u1 = int(np.clip(u0, 0, w - 1)), int(np.clip(u1, 0, w - 1))
+    v0, v1 = int(np.clip(v0, 0, h - 1)), int(np.clip(v1, 0, h - 1))
+    if not (0 <= c[0] < w and 0 <= c[1] < h) or u1 <= u0 or v1 <= v0:
+        return None
+    return (int(c[0]), int(c[1])), (u0, v0, u1, v1)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -84,10 +109,16 @@ def offered_indices(
 
 
 def render_plan(
-    frame: Frame, plan: Plan, max_candidates: int = 20, indices: Sequence[int] | None = None
+    frame: Frame,
+    plan: Plan,
+    max_candidates: int = 20,
+    indices: Sequence[int] | None = None,
+    item: int | None = None,
 ) -> Image.Image:
     """The annotated picture as a PIL image of the frame's size: the candidates `indices` (Plan
-    indices, e.g. from `offered_indices`), or `offered_indices(plan, max_candidates)` when None."""
+    indices, e.g. from `offered_indices`), or `offered_indices(plan, max_candidates)` when None.
+    `item` (an index into plan.clusters): the item a question is about, boxed and labelled, so the
+    person answers about that item and not about one the cell is about to pick by itself."""
     if indices is None:
         indices = offered_indices(plan, max_candidates)
     bad = [i for i in indices if not 0 <= i < len(plan.candidates)]
@@ -98,6 +129,22 @@ def render_plan(
     h, w = frame.shape
     scale = max(1.0, w / 640.0)
     small, big = _font(int(11 * scale)), _font(int(13 * scale))
+    if item is not None and 0 <= item < len(plan.clusters):
+        where = item_pixels(frame, plan.clusters[item])
+        if where is not None:
+            u0, v0, u1, v1 = where[1]
+            pad = int(4 * scale)
+            box = [u0 - pad, v0 - pad, u1 + pad, v1 + pad]
+            draw.rectangle(box, outline=_OUTLINE, width=int(5 * scale))
+            draw.rectangle(box, outline=ASKED_COLOUR, width=int(3 * scale))
+            draw.text(
+                (box[0], max(0, box[1] - int(15 * scale))),
+                "asked about this item",
+                fill=ASKED_COLOUR,
+                font=small,
+                stroke_width=2,
+                stroke_fill=_OUTLINE,
+            )
     shown = [(i, plan.candidates[i]) for i in indices][::-1]  # worst first, so the best end up on top
     for i, c in shown:
         col = score_colour(c.score)
@@ -164,11 +211,16 @@ def render_plan(
 
 
 def render_plan_png(
-    frame: Frame, plan: Plan, max_candidates: int = 20, indices: Sequence[int] | None = None
+    frame: Frame,
+    plan: Plan,
+    max_candidates: int = 20,
+    indices: Sequence[int] | None = None,
+    item: int | None = None,
 ) -> bytes:
-    """PNG bytes of the annotated picture (what an AssistRequest carries); `indices` as in render_plan."""
+    """PNG bytes of the annotated picture (what an AssistRequest carries); `indices` and `item` as in
+    render_plan."""
     buf = io.BytesIO()
-    render_plan(frame, plan, max_candidates, indices).save(buf, format="PNG", compress_level=3)
+    render_plan(frame, plan, max_candidates, indices, item).save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
 
 

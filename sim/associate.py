@@ -12,8 +12,10 @@ What is randomised (seeded)
     - Mistakes: with probability `error_rate` the answer approves a random candidate instead.
 
 What it answers
-    - approve k: candidate k lies on an item and is within `approve_radius_px` of the oracle's grasp
-      for that item, with the same gripper;
+    About the item asked about: the one the picture boxes (`item_box_px` in the request; without it,
+    the item under the first candidate offered).
+    - approve k: candidate k lies on that item and is within `approve_radius_px` of the oracle's
+      grasp for it, with the same gripper (without a box: on any item, best-ranked first);
     - point (u, v) with a gripper: no candidate is right, but the oracle has a grasp on the asked
       item: click its pixel (a jaw's at the middle between the fingers) and name its gripper;
     - no_safe_pick: the oracle has no grasp for the asked item (too big, too heavy, unreachable).
@@ -35,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -128,12 +131,20 @@ class GroundTruthJudge:
         for c in request.candidates:
             b = int(seg[min(max(c.v, 0), h - 1), min(max(c.u, 0), w - 1)])
             bodies.append(b if b in self.cell.items else None)
-        asked = next((b for b in bodies if b is not None), None)
+        # The item asked about: the one the picture boxes (the request says where, `item_px`), else
+        # the one under the first candidate offered (the cell offers the asked item's first).
+        asked = None
+        box = request.context.get("item_box_px")
+        if box is not None:
+            asked = self._body_in_box(seg, box, request.context.get("item_px"))
+        if asked is None:
+            asked = next((b for b in bodies if b is not None), None)
         if asked is None:
             return Judgement("no_safe_pick")
-        # Approve the best-ranked candidate that a person would agree with, on any item.
+        # Approve the best-ranked candidate that a person would agree with: on the item asked about
+        # when the picture shows which it is, else on any item.
         for c, b in zip(request.candidates, bodies, strict=True):
-            if b is None:
+            if b is None or (box is not None and b != asked):
                 continue
             g = self.oracle.grasp_for(b)
             if g is None or g.gripper != c.gripper:
@@ -151,6 +162,24 @@ class GroundTruthJudge:
             if 0 <= u < w and 0 <= v < h:
                 return Judgement("point", pixel=(u, v), gripper=g.gripper)
         return Judgement("no_safe_pick")
+
+    def _body_in_box(self, seg: np.ndarray, box: Any, centre: Any) -> int | None:
+        """The item a person sees in the boxed part of the picture: the one under the box's centre
+        pixel if there is one, else the item covering most of the box."""
+        h, w = seg.shape
+        try:
+            u0, v0, u1, v1 = (int(x) for x in box)
+        except (TypeError, ValueError):
+            return None
+        if centre is not None:
+            u, v = (int(x) for x in centre)
+            b = int(seg[min(max(v, 0), h - 1), min(max(u, 0), w - 1)])
+            if b in self.cell.items:
+                return b
+        patch = seg[max(v0, 0) : min(v1, h - 1) + 1, max(u0, 0) : min(u1, w - 1) + 1].ravel()
+        ids, counts = np.unique(patch, return_counts=True)
+        best = [(n, int(i)) for i, n in zip(ids, counts, strict=True) if int(i) in self.cell.items]
+        return max(best)[1] if best else None
 
     def answer_delay(self) -> float:
         with self._lock:

@@ -90,6 +90,24 @@ def test_a_novel_item_is_asked_about_at_once_while_the_familiar_ones_are_picked(
         st.controller.assist.close()
     assert rep.novel_items_asked == 1 and rep.assists_requested == 1 and len(person.seen) == 1
     assert person.seen[0].context["cause"] == "novel"  # why the cell asked reaches the person (and ledger)
+    # Which item the question is about: boxed in the picture, and where, in the request (the person
+    # answers about it, not about an item the cell is picking by itself meanwhile).
+    ctx = person.seen[0].context
+    u0, v0, u1, v1 = ctx["item_box_px"]
+    u, v = ctx["item_px"]
+    assert u0 < u < u1 and v0 < v < v1 and (u1 - u0) * (v1 - v0) < 0.1 * 640 * 480
+    import io
+
+    from PIL import Image
+
+    from grasping.draw import ASKED_COLOUR
+
+    img = np.asarray(Image.open(io.BytesIO(person.seen[0].image_png)).convert("RGB")).astype(int)
+    asked = np.all(np.abs(img - np.asarray(ASKED_COLOUR)) <= 2, axis=-1)
+    ring = np.zeros_like(asked)
+    ring[max(v0 - 8, 0) : v1 + 9, max(u0 - 8, 0) : u1 + 9] = True
+    ring[v0 + 2 : v1 - 1, u0 + 2 : u1 - 1] = False
+    assert asked[ring].sum() > 100 and asked[~ring].sum() < asked[ring].sum()  # drawn around the item
     by = [a.decided_by for a in rep.attempts]
     assert by[:2] == ["model", "model"] and by[-1] == "associate:alice"
     # The question offered the novel item's own candidates first: the approved one was on it.

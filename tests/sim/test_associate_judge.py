@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from hitl.messages import AssistRequest, CandidateView
-from sim.associate import GroundTruthJudge, RecordingCamera, SimAssociateConfig
+from sim.associate import GroundTruthJudge, Judgement, RecordingCamera, SimAssociateConfig
 from sim.stack import pixel_candidate_builder
 
 
@@ -82,3 +82,54 @@ def test_an_approval_names_the_candidates_own_number_not_its_place_in_the_offere
     for _ in range(5):
         jc = careless.judge(req)
         assert jc.kind == "approve" and jc.candidate_index in (7, 12)
+
+
+def test_a_question_about_a_boxed_item_is_answered_about_that_item_not_a_better_one_elsewhere(sim_cell):
+    """The picture boxes the item asked about (`item_box_px`). A person answers about it: here no
+    offered candidate on it is right, so they click its right spot, though a right candidate on the
+    other item is offered first. Approving that one (the old behaviour, "best on any item") approved
+    a pick the cell was making by itself meanwhile: on cell B's ledger (stop 39) 13 of 42 answers were
+    discarded because the surface under them had moved, and the item asked about was asked again."""
+    cell = sim_cell
+    b = cell.tote_bounds
+    c = (b.lo + b.hi) / 2
+    asked = cell.add_primitive("box", (0.05, 0.035, 0.03), (c[0] - 0.08, c[1], b.lo[2] + 0.031), mass=0.3)
+    other = cell.add_primitive("box", (0.05, 0.035, 0.03), (c[0] + 0.08, c[1], b.lo[2] + 0.031), mass=0.3)
+    cell.settle(0.3)
+    camera = RecordingCamera(cell.camera)
+    frame = camera.capture()
+    seg = camera.segmentation(frame.frame_id)
+    judge = GroundTruthJudge(cell, camera, SimAssociateConfig(seed=0, error_rate=0.0))
+    g_other, g_asked = judge.oracle.grasp_for(other), judge.oracle.grasp_for(asked)
+    assert g_other is not None and g_asked is not None
+    ou, ov = judge._project(g_other.position)
+    right_elsewhere = CandidateView(index=3, u=ou, v=ov, gripper=g_other.gripper, p_success=0.9)
+    vs, us = np.nonzero(seg == asked)
+    au, av = judge._project(g_asked.position)
+    k = int(np.argmax((us - au) ** 2 + (vs - av) ** 2))
+    wrong_here = CandidateView(index=9, u=int(us[k]), v=int(vs[k]), gripper="suction", p_success=0.2)
+    box = [int(us.min()), int(vs.min()), int(us.max()), int(vs.max())]
+    centre = [int(np.median(us)), int(np.median(vs))]
+    ctx = {"frame_id": frame.frame_id, "item_box_px": box, "item_px": centre}
+
+    def ask(context):
+        return AssistRequest(
+            cell_id="cell-1", deadline=1e12, image_png=b"", candidates=(right_elsewhere, wrong_here),
+            context=context,
+        )  # fmt: skip
+
+    j = judge.judge(ask(ctx))
+    assert j.kind == "point" and j.pixel == (au, av) and j.gripper == g_asked.gripper
+    # A right candidate on the boxed item is approved, whatever is offered before it.
+    right_here = CandidateView(index=11, u=au, v=av, gripper=g_asked.gripper, p_success=0.3)
+    req = AssistRequest(
+        cell_id="cell-1", deadline=1e12, image_png=b"", candidates=(right_elsewhere, wrong_here, right_here),
+        context=ctx,
+    )  # fmt: skip
+    assert judge.judge(req) == Judgement("approve", candidate_index=11)
+    # The box alone (no centre pixel) is enough: the item covering most of it.
+    only_box = {k: v for k, v in ctx.items() if k != "item_px"}
+    assert judge.judge(ask(only_box)).kind == "point"
+    # Without a box (an older cell), the best right candidate on any item, as before.
+    j = judge.judge(ask({"frame_id": frame.frame_id}))
+    assert j.kind == "approve" and j.candidate_index == 3
