@@ -68,3 +68,34 @@ def test_the_picture_draws_exactly_the_offered_candidates():
         assert _marked(img, base, *c.pixel) == (k in offered), f"candidate {k}"
     with pytest.raises(ValueError):
         render_plan(frame, plan, indices=[0, 9])
+
+
+def test_the_item_a_question_is_about_is_boxed_where_the_camera_sees_it() -> None:
+    from grasping.draw import ASKED_COLOUR, item_pixels
+    from grasping.types import ItemCluster
+
+    # An item 10 cm x 6 cm, 4 cm tall, centred 5 cm right of the camera's axis (1 m above the floor).
+    item = ItemCluster(
+        centroid=np.array([0.05, 0.0, 0.02]), lo=np.array([0.0, -0.03, 0.0]), hi=np.array([0.10, 0.03, 0.04])
+    )
+    (u, v), (u0, v0, u1, v1) = item_pixels(_frame(), item)
+    # x is +u in the image: the centre 0.98 m below the camera, 300 px per metre at 1 m.
+    assert (u, v) == (round(W / 2 + 300 * 0.05 / 0.98), H // 2)
+    assert u0 <= W / 2 + 1 and u1 >= W / 2 + 30 and v0 <= H / 2 - 9 and v1 >= H / 2 + 9
+    plan = Plan(candidates=(_cand(10, 10, 0.9),), decision="ask", clusters=(item,))
+    img = np.asarray(render_plan(_frame(), plan, item=0)).astype(int)
+    asked = np.all(np.abs(img - np.asarray(ASKED_COLOUR)) <= 2, axis=-1)
+    # Drawn on all four sides of the item's box (4 px out), and not over the item itself.
+    sides = [asked[v0 - 6 : v0 - 1, u0:u1], asked[v1 + 2 : v1 + 7, u0:u1], asked[v0:v1, u0 - 6 : u0 - 1],
+             asked[v0:v1, u1 + 2 : u1 + 7]]  # fmt: skip
+    assert all(side.any(axis=0 if k < 2 else 1).mean() > 0.9 for k, side in enumerate(sides))
+    assert not asked[v0 + 3 : v1 - 2, u0 + 3 : u1 - 2].any()
+    assert not np.all(
+        np.abs(np.asarray(render_plan(_frame(), plan)).astype(int) - ASKED_COLOUR) <= 2, -1
+    ).any()
+    # An item index the plan does not have, or an item out of view, draws no box and raises nothing.
+    assert not np.all(np.asarray(render_plan(_frame(), plan, item=5)) == ASKED_COLOUR, axis=-1).any()
+    behind = ItemCluster(
+        centroid=np.array([0.0, 0.0, 2.0]), lo=np.array([0, 0, 1.9]), hi=np.array([0.1, 0.1, 2.1])
+    )
+    assert item_pixels(_frame(), behind) is None
