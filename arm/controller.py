@@ -130,6 +130,11 @@ class ControllerConfig:
     # one does not; docs/benchmarks.md, cycle time). False: capture every time round.
     reuse_unchanged_view: bool = False
     max_empty_captures: int = 2  # consecutive "empty" plans before the tote counts as cleared, count
+    # "Empty" plans that each show this many item voxels no item was made of (`Plan.stray_voxels`),
+    # or items without a single candidate, are not an empty tote: after the empty captures the tote
+    # goes to exception handling instead of counting as cleared (a 1-2 cm part the segmentation
+    # cannot make out was left in a "cleared" tote, stop 39), count. 0: off.
+    left_voxels_min: int = 2
     camera_retries: int = 3  # consecutive capture failures before the tote is aborted, count
     place_clearance_m: float = 0.01  # release this far above the packing surface, metres
     ledger_source: str = "production"  # how attempts are labeled in the ledger: production | sim
@@ -321,6 +326,7 @@ class CellController:
         looked_again = False
         holding = False  # in a protective stop
         empty_captures = 0
+        left_seen = False  # every "empty" plan of this run of them saw something left (left_voxels_min)
         camera_failures = 0
         # The last observation (frame, plan, its ledger id, motions then, the planner that made it),
         # and whether the next one must be a new capture (reuse_unchanged_view).
@@ -398,11 +404,28 @@ class CellController:
                     continue
                 fresh_look = True  # "empty" is confirmed by a second, new look
                 empty_captures += 1
+                # Every one of the empty looks must see it: one look can catch something passing
+                # through the view (an item thrown off the box's edge flew over the tote, stop 39).
+                here = bool(plan.clusters) or (
+                    cfg.left_voxels_min > 0 and plan.stray_voxels >= cfg.left_voxels_min
+                )
+                left_seen = here if empty_captures == 1 else (left_seen and here)
                 if empty_captures >= cfg.max_empty_captures:
-                    rep.status = "cleared"
+                    if left_seen:
+                        # Something is there that the cell can neither make out nor pick: the tote
+                        # is not empty, and a person takes out what is left.
+                        rep.status = "diverted"
+                        log.warning("tote %s: nothing to pick, but something is left in it", tote_id)
+                        if self.feed is not None:
+                            self.feed.divert_tote(
+                                "nothing to pick, but something is left that the cell cannot make out"
+                            )
+                    else:
+                        rep.status = "cleared"
                     break
                 continue
             empty_captures = 0
+            left_seen = False
             pools = self._pools(plan, st)
             confident = pools.confident
             # A novel item: ask about it now and go on picking the items the model is sure of.

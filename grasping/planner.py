@@ -5,7 +5,7 @@ Pure computation (no sockets, no simulator): depth image -> segmented items (gra
 and features (grasping.patches) -> the learned scorer, when one is configured
 (grasping.scoring.Scorer) -> a ranked, explained decision:
 
-* "empty": no item points in the tote.
+* "empty": no item made out in the tote (`Plan.stray_voxels` counts item points too few to be one).
 * "pick": the best candidate's calibrated p(success) reaches the scorer's threshold and the scene
   is in distribution (without a scorer: its analytic score reaches `analytic_threshold`).
 * "ask": otherwise; the reasons say why ("best suction 0.42 < threshold 0.71", "scene 3.1 sigma
@@ -161,10 +161,16 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
     t_seg = time.perf_counter()
     version = config.scorer.version if config.scorer is not None else "analytic"
     if cloud.n_clusters == 0:
+        stray = stray_voxels(cloud, config.cloud_config())
         p = Plan(
             candidates=(),
             decision="empty",
-            reasons=("tote empty: no item points above the floor",),
+            reasons=(
+                ("tote empty: no item points above the floor",)
+                if stray == 0
+                else (f"no item made out, but {stray} voxels stand above the floor: something small is left",)
+            ),
+            stray_voxels=stray,
             threshold=None,
             model_version=version,
             latency_ms=(time.perf_counter() - t0) * 1e3,
@@ -291,6 +297,17 @@ def plan_detailed(frame: Frame, config: PlannerConfig) -> PlanDetail:
         "assemble": (t_end - t_score) * 1e3,
     }
     return PlanDetail(p, cloud, len(suction), len(jaw), stages)
+
+
+def stray_voxels(cloud: SceneCloud, cfg: CloudConfig) -> int:
+    """Item voxels (more than the floor margin above the floor) that belong to no item: segmentation
+    left them out as too few to be one. On the simulated cell an emptied tote shows none (tuning
+    seed 3: 60 captures of 5 cleared totes), and a tote where two 1-2 cm parts lay unseen showed 1-6
+    in each capture that made out no item (stop 39)."""
+    if len(cloud.voxel_points) == 0:
+        return 0
+    above = cloud.voxel_points[:, 2] > cloud.floor_z + cfg.floor_margin_m
+    return int(((cloud.voxel_labels < 0) & above).sum())
 
 
 def occluded_shares(cloud: SceneCloud) -> np.ndarray:

@@ -266,6 +266,9 @@ class Plan:
     patches: np.ndarray | None = None  # (M, C, S, S) float32 local height maps (grasping.patches)
     features: np.ndarray | None = None  # (M, F) float32 analytic features
     clusters: tuple[ItemCluster, ...] = ()  # segmented items; Candidate.cluster indexes into this
+    # Points above the tote floor that no item was made of (too few to be one: a 1-2 cm part lying
+    # flat shows a handful), voxels. An "empty" plan with some is not an empty tote.
+    stray_voxels: int = 0
 
     @property
     def best(self) -> Candidate | None:

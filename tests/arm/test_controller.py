@@ -481,3 +481,39 @@ def test_the_look_after_asking_that_finds_a_pick_is_charged_to_the_arm(stack_fac
     assert _in_box(st, other)
     # Plans 1-2 (look, look again) and 3 (right after asking, which found the other carton).
     assert all(e > 0 for e in rep.plan_exposed_ms[:3])
+
+
+def test_a_tote_with_something_left_that_cannot_be_picked_is_not_reported_cleared(stack_factory):
+    """Two looks that make out no item but see points above the floor (a 1-2 cm part lying flat), or
+    that see an item without a single candidate: the tote goes to exception handling, not onwards as
+    empty. A tote whose looks see nothing at all is cleared."""
+    from grasping.types import ItemCluster, Plan
+
+    seen = ItemCluster(centroid=np.array([0.5, 0.0, 0.02]), lo=np.array([0.49, -0.01, 0.01]),
+                       hi=np.array([0.51, 0.01, 0.03]))  # fmt: skip
+    for plan, status in (
+        (Plan(candidates=(), decision="empty", stray_voxels=5), "diverted"),
+        (Plan(candidates=(), decision="ask", clusters=(seen,)), "diverted"),
+        (Plan(candidates=(), decision="empty", stray_voxels=1), "cleared"),  # under left_voxels_min
+        (Plan(candidates=(), decision="empty"), "cleared"),
+    ):
+        st = stack_factory()
+        diverted: list[str] = []
+        st.feed.divert_tote = diverted.append
+        st.controller.planner = lambda frame, plan=plan: plan
+        rep = st.controller.run_tote("t0")
+        assert rep.status == status, plan
+        assert (diverted != []) == (status == "diverted") and rep.attempts == []
+        if diverted:
+            assert "something is left" in diverted[0]
+    # Something seen in one of the two empty looks only (passing through the view): cleared.
+    st = stack_factory()
+    looks = iter(
+        [Plan(candidates=(), decision="empty", stray_voxels=5), Plan(candidates=(), decision="empty")] * 3
+    )
+    st.controller.planner = lambda frame: next(looks)
+    assert st.controller.run_tote("t0").status == "cleared"
+    # Off: the old behaviour.
+    st = stack_factory(left_voxels_min=0)
+    st.controller.planner = lambda frame: Plan(candidates=(), decision="empty", stray_voxels=5)
+    assert st.controller.run_tote("t0").status == "cleared"

@@ -65,6 +65,19 @@ def test_empty_tote_plan_says_empty_with_the_reason():
     assert p.features.shape == (0, len(FEATURE_NAMES))
 
 
+def test_an_item_too_small_to_make_out_leaves_an_empty_plan_that_says_something_is_left():
+    # A 1 cm cube: a few points stand above the floor, too few for the segmentation to call an item.
+    p = plan(
+        render([box_on_floor(0.0, 0.0, 0.01, 0.01, 0.01)], noise_sigma_m=0.0015, seed=1),
+        PlannerConfig(tote=TOTE),
+    )
+    assert p.decision == "empty" and p.clusters == () and p.stray_voxels >= 2
+    assert "something small is left" in p.reasons[0]
+    # A really empty tote, with the same noise: none.
+    p = plan(render([], noise_sigma_m=0.0015, seed=1), PlannerConfig(tote=TOTE))
+    assert p.decision == "empty" and p.stray_voxels == 0 and "tote empty" in p.reasons[0]
+
+
 def test_items_without_any_feasible_grasp_make_the_planner_ask():
     # A cup far larger than the box and a jaw that opens 1 cm: nothing passes the geometric checks.
     frame = render([box_on_floor(0.0, 0.0, 0.05, 0.05, 0.05)])
