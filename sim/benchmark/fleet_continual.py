@@ -42,14 +42,6 @@ log = logging.getLogger(__name__)
 CELL_B_SEED_OFFSET = 7919  # cell B's tote stream: another site, disjoint from cell A's seed
 
 
-def _cell_b_stack(cfg: Any, seed: int, model: Path, catalog: Any, ledger_path: Path) -> tuple[Any, Any, Any]:
-    """A simulated cell with the starting model, its own tote stream, the simulated associate, and a
-    ledger of its own (as every cell keeps: what B planned, asked and tried is there to look at)."""
-    from sim.benchmark.continual import _build_cell
-
-    return _build_cell(cfg, model, catalog, ledger_path, "cell-b", seed)
-
-
 def _work(cfg: Any, stack: Any, channel: Any, totes: int) -> dict[str, Any]:
     from sim.benchmark.continual import _round_metrics, _work_tote
 
@@ -161,7 +153,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     """Both arms of cell B after cell A's experiment (`cell_a`: run_continual's result)."""
     from grasping.modelfile import load_model
     from grasping.registry import ModelRegistry
-    from sim.benchmark.continual import mixed_catalog, vs_control
+    from sim.benchmark.continual import _build_cell, mixed_catalog, vs_control
     from sim.benchmark.metrics import clustered_difference, newcombe
 
     work = Path(work_dir)
@@ -171,18 +163,18 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     start = Path(cell_a["start_model_path"])
     start_version = load_model(start).version
     final = Path(cell_a["final_model_path"])
+    final_version = load_model(final).version  # read (hashed) once
     shared = final != start
     reg = ModelRegistry(work / "registry")
     arms: dict[str, Any] = {}
     for arm in ("without_fleet", "with_fleet"):
         ledger_path = work / f"cell-b-{arm.replace('_', '-')}.db"
-        stack, channel, ledger = _cell_b_stack(cfg, seed, start, catalog, ledger_path)
+        # Every cell keeps a ledger: what B planned, asked and tried is there to look at.
+        stack, channel, ledger = _build_cell(cfg, start, catalog, ledger_path, "cell-b", seed)
         try:
             info: dict[str, Any] = {"model": start_version}
             if arm == "with_fleet" and shared:
-                info = _share_through_fleet(
-                    work, reg.root, start_version, load_model(final).version, stack, seed
-                )
+                info = _share_through_fleet(work, reg.root, start_version, final_version, stack, seed)
                 info["model"] = info["delivered"]
             arms[arm] = {
                 **info,
@@ -249,7 +241,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
     )["rounds"][0]["new_family_failure"]
     return {
         "cells": 2,
-        "shared_model": load_model(final).version if shared else None,
+        "shared_model": final_version if shared else None,
         "cell_b_seed": seed,
         "cell_a_new_family_failure_after": a_after,
         "cell_b_first_contact_failure": b_with,
@@ -263,7 +255,7 @@ def run_cell_b(cfg: Any, work_dir: str | Path, cell_a: dict[str, Any]) -> dict[s
         "cell_a_with_shared_model": a_pooled,
         # The model's own tries on the new kind by gripper, in cell A's last round's model and in
         # each arm of cell B (their ledgers): where a gap between the cells comes from.
-        "cell_a_new_kind_tries": new_kind_tries(work / "cell.db", cfg.new_family, load_model(final).version)
+        "cell_a_new_kind_tries": new_kind_tries(work / "cell.db", cfg.new_family, final_version)
         if shared
         else None,
         # How much more often cell B fails the new kind without the fleet than with it (> 0: the
