@@ -6,7 +6,9 @@ on the same item and score the seal: planarity (RMS and worst gap to the plane),
 (angle between its normal and straight up: the cup approaches along the normal, and steep
 approaches are weaker and harder to reach), the lever arm to the item's centroid (torque on the
 seal), and the room for the cup (the fraction of the disk that lies on this item, not over an edge
-or on a neighbour).
+or on a neighbour). The approach is that plane's normal refitted on a wider, 3 cm patch of the
+same surface (refine_normals): the disk's 25 noisy samples leave it a few degrees off, which a rigid
+cup lip cannot bridge.
 
 Parallel jaw: top-down antipodal pairs on the item's outline in a height map of the tote
 (Dex-Net 2.0's depth-image antipodal sampler, in the base frame). For a sampled item cell and a
@@ -51,6 +53,9 @@ class CandidateConfig:
     seal_sigma_m: float = 0.0015  # metres, plane-fit RMS at which seal quality falls to 1/e
     seal_max_gap_m: float = 0.005  # metres, largest gap between the lip and the surface that still seals
     suction_max_tilt_rad: float = np.deg2rad(60.0)  # radians, steeper surfaces get no suction candidate
+    # metres, radius of the surface patch the suction approach (plane normal) is fitted on; 0: the
+    # cup's own disk only (refine_normals)
+    approach_support_m: float = 0.03
     torque_scale_m: float = 0.06  # metres, lever arm at which the torque factor halves
     max_opening_m: float = 0.08  # metres, parallel-jaw full opening
     finger_thickness_m: float = 0.012  # metres, along the closing direction
@@ -455,6 +460,58 @@ def jaw_tool_clearance(
     return _clearance(bmap, rim, positions, e_across, e_close, e_up, bottom, care_below=care)
 
 
+def refine_normals(
+    cloud: SceneCloud,
+    p: np.ndarray,
+    centre: np.ndarray,
+    normal: np.ndarray,
+    lab: np.ndarray,
+    support_m: float,
+    noise: float,
+    rings: int = 3,
+    per_ring: int = 16,
+) -> np.ndarray:
+    """Unit normals (M, 3) of the surface around each point `p` (M, 3), refitted on a disk of radius
+    `support_m` around it: samples on `rings` rings (plus the centre) looked up through the camera,
+    kept where they lie on item `lab` within 3 sigma of depth noise (at least 3 mm) of the plane
+    through `centre` with `normal` (so an edge, a neighbour or the far side of a curve drops out),
+    then a least-squares plane through those. Fewer than 12 inliers, or a refit that turns more
+    than 20 deg from `normal`: `normal` is kept.
+
+    The plane of the cup's own 25 samples is what the seal is scored on; the approach needs a better
+    normal than that. Plane-normal error falls with the square root of the samples and with their
+    spread: about 100 samples over 3 cm radius instead of 25 over 1.5 cm.
+    """
+    m = len(p)
+    if m == 0 or support_m <= 0:
+        return normal
+    t1, t2 = _tangent_basis(normal)
+    radii = np.linspace(support_m / rings, support_m, rings)
+    ang = np.linspace(0.0, 2 * np.pi, per_ring, endpoint=False)
+    uv = np.vstack(
+        [
+            [0.0, 0.0],
+            np.concatenate(
+                [np.stack([r * np.cos(ang + k), r * np.sin(ang + k)], 1) for k, r in enumerate(radii)]
+            ),
+        ]
+    )
+    q = p[:, None, :] + uv[None, :, 0:1] * t1[:, None, :] + uv[None, :, 1:2] * t2[:, None, :]
+    seen, ok, seen_lab = cloud.lookup(q)
+    off = np.einsum("mpi,mi->mp", seen - centre[:, None, :], normal)
+    tol = max(3.0 * float(noise), 0.003)
+    inl = ok & (seen_lab == lab[:, None]) & (np.abs(off) <= tol)
+    cnt = inl.sum(axis=1)
+    w = inl.astype(np.float64)
+    mean = np.einsum("mp,mpi->mi", w, np.where(inl[..., None], seen, 0.0)) / np.maximum(cnt, 1)[:, None]
+    d = np.where(inl[..., None], seen - mean[:, None, :], 0.0)
+    evals, evecs = np.linalg.eigh(np.einsum("mpi,mpj->mij", d, d))
+    n_ref = evecs[:, :, 0]
+    n_ref = np.where((np.sum(n_ref * normal, axis=1) < 0)[:, None], -n_ref, n_ref)
+    use = (cnt >= 12) & (np.sum(n_ref * normal, axis=1) >= np.cos(np.deg2rad(20.0)))
+    return np.where(use[:, None], n_ref, normal)
+
+
 def suction_candidates(
     cloud: SceneCloud,
     cfg: CandidateConfig,
@@ -512,6 +569,14 @@ def suction_candidates(
     # Too few samples on the item: no plane to speak of, the fit normal is meaningless.
     enough = on_item.sum(axis=1) >= 8
     n_use = np.where(enough[:, None], n_fit, n)
+    # The approach: the same plane refitted on a wider patch of the surface (the disk's 25 samples
+    # leave a ~4 deg normal error at this camera's depth noise, and a cup tilted 9.5 deg to the
+    # surface leaves a 2.5 mm gap at its rim; measured in docs/benchmarks.md).
+    n_use = np.where(
+        enough[:, None],
+        refine_normals(cloud, p, mean, n_use, lab, cfg.approach_support_m, noise=cloud.noise_m),
+        n,
+    )
     tilt = np.arccos(np.clip(n_use[:, 2], -1.0, 1.0))
 
     cent, ext, top = _item_geometry(cloud)
