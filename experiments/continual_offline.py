@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from grasping.learned_scorer import LearnedScorer
-    from grasping.learning import _scores
+    from grasping.learning import _scores, outcome_rows
     from learn.dataset import BuiltDataset, build_dataset, load_manifest
     from learn.learner import gate_model, train_round
     from sim.benchmark.continual import ContinualConfig, learn_config
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     train = BuiltDataset(
         ds.subset(np.flatnonzero(~later)), built.is_replay[~later], built.manifest, built.manifest_path
     )
-    ev = ds.subset(np.flatnonzero(later & (ds.weight >= 1.0)))
+    ev = ds.subset(np.flatnonzero(later & outcome_rows(ds)))
     new = ev.family == ContinualConfig().new_family
     print(
         f"train rows {len(train.dataset)}; scored on {len(ev)} later rows ({int(new.sum())} of the new kind)"

@@ -421,6 +421,18 @@ def join_datasets(parts: list[Dataset], origin: str) -> Dataset:
 HOLDOUT_PERCENT = 20  # share of totes (by a hash of the tote id) that only the gate ever sees, percent
 
 
+def outcome_rows(ds: Dataset) -> np.ndarray:
+    """(N,) bool: rows labelled by what happened when the candidate was executed.
+
+    A person's judgments are not outcomes: candidates passed over (export weight < 1) and the
+    candidates of an item answered "no safe pick" (source "associate"). They train the network,
+    but calibration, the ask threshold, test metrics and the gate describe executed candidates
+    and read outcome rows only: a judgment row pulls probabilities towards what the person thought,
+    and one answer would count as 25-30 failures (docs/learning.md, stop 40).
+    """
+    return (np.asarray(ds.weight) >= 1.0) & (np.asarray(ds.source).astype(str) != "associate")
+
+
 def held_out(tote: np.ndarray, percent: int = HOLDOUT_PERCENT) -> np.ndarray:
     """(N,) bool: rows of the totes a gate keeps for itself, chosen by a hash of the tote id (stable
     across learning rounds, cells and runs, so no model ever trains on them)."""
@@ -1033,11 +1045,12 @@ def train(
     fractions = {"train": 1.0 - sum(fractions.values()), **fractions}
     idx = split_by_scene(dataset.scene, fractions, cfg.seed, stable=cfg.stable_splits)
     # Calibration, the ask threshold and the test metrics describe what happens when a candidate is
-    # executed. Weak negatives (candidates a person passed over, export weight < 1) are guesses, not
-    # outcomes: on a cell's ledger they are about a third of the rows and pulled every recalibrated
+    # executed. A person's judgments (weak negatives: candidates passed over; "no safe pick" rows)
+    # are not outcomes: weak negatives, about a third of a cell's rows, pulled every recalibrated
     # probability down (continual experiment, docs/learning.md). They still train the network.
+    outcome = outcome_rows(dataset)
     for k in ("calib", "conformal", "test"):
-        idx[k] = idx[k][dataset.weight[idx[k]] >= 1.0]
+        idx[k] = idx[k][outcome[idx[k]]]
     parts = {k: dataset.subset(v) for k, v in idx.items()}
     for k, d in parts.items():
         if len(d) == 0 or d.label.min() == d.label.max():
@@ -1594,6 +1607,11 @@ def gate(
             if kind not in new_kinds:
                 pooled |= kinds == kind
             if km["n"] < tol.kind_min_rows:
+                if kind in new_kinds:
+                    reasons.append(
+                        f"note: triggering kind {kind!r} has {km['n']} held-out outcome rows, fewer than "
+                        f"{tol.kind_min_rows}: whether it improved is not judged"
+                    )
                 continue
             c, i = km["auto_success"], float(i_ok[kinds == kind].mean())
             if kind in new_kinds and not (holdout.label[np.asarray(kinds).astype(str) == kind] == 1).any():
@@ -1610,6 +1628,8 @@ def gate(
             else:
                 rows = kinds == kind
                 check(*_forgetting_check(f"old kind {kind!r}", i_ok[rows], c_ok[rows], c, i, tol))
+        for kind in sorted(set(new_kinds) - set(cm["by_kind"])):
+            reasons.append(f"note: triggering kind {kind!r} has no held-out outcome rows: not judged")
         if tol.kind_test_level is not None and pooled.sum() >= tol.kind_min_rows:
             c, i = float(c_ok[pooled].mean()), float(i_ok[pooled].mean())
             check(*_forgetting_check("old kinds pooled", i_ok[pooled], c_ok[pooled], c, i, tol))

@@ -342,7 +342,7 @@ def _holdout_rows(args: argparse.Namespace, tmp: Path) -> Any:
     """The gate's held-out rows: export directories, plus the held-out totes of ledgers."""
     import numpy as np
 
-    from grasping.learning import DatasetError, held_out, load_dataset
+    from grasping.learning import DatasetError, held_out, load_dataset, outcome_rows
 
     parts = [load_dataset(h) for h in args.holdout]
     for i, db in enumerate(args.ledger):
@@ -351,7 +351,7 @@ def _holdout_rows(args: argparse.Namespace, tmp: Path) -> Any:
         with Ledger(db, None, create=False) as ledger:
             ledger.export(tmp / f"ledger-{i}")
         ds = load_dataset(tmp / f"ledger-{i}")
-        parts.append(ds.subset(np.flatnonzero(held_out(ds.tote) & (ds.weight >= 1.0))))
+        parts.append(ds.subset(np.flatnonzero(held_out(ds.tote) & outcome_rows(ds))))
     parts = [p for p in parts if len(p)]
     if not parts:
         raise DatasetError("no held-out rows: give --holdout DIR and/or --ledger DB")

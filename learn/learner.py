@@ -47,6 +47,7 @@ from grasping.learning import (
     held_out,
     incumbent_fitted_on,
     item_kinds,
+    outcome_rows,
     train,
 )
 from learn.config import LearnConfig
@@ -281,7 +282,7 @@ def train_round(
     hold = held_out(ds.tote)
     train_ds = ds.subset(np.flatnonzero(~hold))
     scorer = LearnedScorer.from_file(incumbent, num_threads=cfg.train.threads) if incumbent else None
-    judge = hold & (ds.weight >= 1.0)  # weak negatives never judge
+    judge = hold & outcome_rows(ds)  # a person's judgments never judge (grasping.learning.outcome_rows)
     # Nor do rows the incumbent was fitted on (replayed data of a model from another split rule): on
     # them the incumbent looks better than it is. They still train the challenger where not held out.
     seen = incumbent_fitted_on(scorer.model.meta, ds.tote) if scorer is not None else None

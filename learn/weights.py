@@ -8,9 +8,11 @@ Each row's weight is
     [0, novelty_cap]; rows without a descriptor use the plan's recorded scene sigma instead;
   * loss: the incumbent's binary cross-entropy on the row (calibrated p), clipped to loss_cap: what
     the current model gets wrong is worth more;
-  * human: rows a person decided or labelled (`decided_by` "associate:..." or source "associate"),
-    but not weak negatives: a passed-over candidate is an inference from the person's choice, not
-    their label.
+  * human: outcomes of a person's decision (`decided_by` "associate:..."): an approved or clicked
+    grasp that was executed. Not a person's judgments (weak negatives; "no safe pick" rows, source
+    "associate"): a passed-over candidate is an inference from the person's choice, and a "no safe
+    pick" is what they thought, not what happened when a grasp ran; on frames the simulated
+    associate says it about items the jaw picks 88% of the time (cell B, stop 39).
 The export weight (weak negatives 0.3) multiplies this inside `grasping.learning.train`.
 
 Weak negatives of one item share one row's weight: when a person approves one of five candidates,
@@ -18,6 +20,13 @@ that is one decision, and the four passed over must not count as four labels (th
 an interface setting). Without this, on the continual experiment's development seed the frames'
 164 weak negatives outweighed their 39 outcome rows (74% successes) about 2.5 to 1, the fine-tuned
 heads learned "frames fail", and the cell asked about more frames after each round.
+
+A "no safe pick" answer is one judgment too: it labels every candidate shown on the item 0 (25-30
+rows at weight 1), and those rows share one row's weight in the same way. Counted row by row, on the
+issue's seed at 4dc4962 the associate's 42 "no safe pick" answers on frames (27% of its answers
+about frames; the oracle it judges with declines thin frames that the jaw picks) made about 1,200
+negative frame rows against 116 executed ones (boosted as a person's labels), every learning round was
+refused, and the cell learned nothing (stop 40, docs/learning.md).
 
 Replay: rows recorded before the cutoff (the last round) and rows of replay exports are "old"; their
 weights are rescaled to sum to `replay_share` of the total, the new rows' to the rest, so every epoch
@@ -78,14 +87,20 @@ def sampling_weights(
         loss = np.clip(incumbent_loss(scorer, ds), 0.0, cfg.loss_cap)
     novelty = np.clip(item_novelty(wd, ds), 0.0, cfg.novelty_cap)
     weak = ds.weight < 1.0
+    judged = (ds.source == "associate") & ~weak  # the candidates of a "no safe pick" answer
     human = np.char.startswith(ds.decided_by.astype(str), "associate:") | (ds.source == "associate")
-    human &= ~weak
+    human &= ~weak & ~judged
     w = recency * (1.0 + cfg.novelty_gain * novelty) * (1.0 + cfg.loss_gain * loss)
     w = w * np.where(human, cfg.human_boost, 1.0)
-    shared = weak & (ds.item.astype(str) != "")  # rows without an item key keep their own weight
-    if shared.any():  # one item's weak negatives share one row's weight (module docstring)
-        _, inverse, counts = np.unique(ds.item[shared].astype(str), return_inverse=True, return_counts=True)
-        w[shared] /= counts[inverse]
+    # One item's weak negatives share one row's weight, and so do one answer's "no safe pick" rows
+    # (module docstring); rows without an item key keep their own weight.
+    for group in (weak, judged):
+        shared = group & (ds.item.astype(str) != "")
+        if shared.any():
+            _, inverse, counts = np.unique(
+                ds.item[shared].astype(str), return_inverse=True, return_counts=True
+            )
+            w[shared] /= counts[inverse]
     old = np.asarray(old, dtype=bool)
     new = ~old
     if old.any() and new.any():

@@ -255,6 +255,65 @@ def test_one_items_weak_negatives_share_one_rows_weight_and_get_no_human_boost()
     assert w[1:5] == pytest.approx(np.full(4, base / 4))  # four weak negatives of item A: one row together
 
 
+def test_one_no_safe_pick_answers_rows_share_one_rows_weight_and_never_judge_or_calibrate() -> None:
+    """A "no safe pick" answer labels every candidate shown on the item 0: one judgment, not 25
+    failures. Its rows train together with one unboosted row's weight, and, being a person's view
+    rather than what happened when a candidate ran, never calibrate, certify or judge a model."""
+    from grasping.learning import outcome_rows
+    from learn.config import WeightsConfig
+    from learn.weights import sampling_weights
+
+    ds, _ = make_dataset_synth(20, seed=32)
+    n = len(ds)
+    # Rows 0-24: one answer's shown candidates on item A, source "associate", label 0, weight 1;
+    # row 25: an executed attempt a person approved (an outcome); the rest: the model's outcomes.
+    item = np.array(["p1:A"] * 25 + [f"p2:{i}" for i in range(n - 25)])
+    source = np.array(["associate"] * 25 + ["sim"] * (n - 25))
+    who = np.where(np.arange(n) <= 25, "associate:ann", "model")
+    label = np.where(np.arange(n) < 25, 0.0, ds.label).astype(np.float32)
+    ds = replace(
+        ds,
+        item=item,
+        source=source,
+        decided_by=who,
+        label=label,
+        timestamp=np.full(n, 1e9),
+        ood_sigma=np.zeros(n),
+    )
+    w, _ = sampling_weights(ds, WeightsConfig(loss_gain=0.0), old=np.zeros(n, dtype=bool))
+    base = w[26:].mean()
+    assert w[25] == pytest.approx(2.0 * base)  # an approved, executed attempt: one boosted row
+    assert w[:25].sum() == pytest.approx(base)  # the answer's 25 rows: one row together, no boost
+    assert w[:25] == pytest.approx(np.full(25, base / 25))
+    judged = ~outcome_rows(ds)
+    assert judged[:25].all() and not judged[25:].any()
+
+
+def test_training_calibrates_and_certifies_on_outcome_rows_only(tmp_path) -> None:
+    """The calibration, conformal and test splits hold every outcome row of their totes and no
+    "no safe pick" row: the calibrator and the ask threshold describe executed candidates."""
+    from grasping.learning import split_by_scene
+
+    base, _ = make_dataset_synth(160, seed=24)
+    judged = np.random.default_rng(0).random(len(base)) < 0.3  # a person's "no safe pick" labels
+    ds = replace(
+        base,
+        label=np.where(judged, 0.0, base.label).astype(np.float32),
+        source=np.where(judged, "associate", base.source),
+    )
+    cfg = TrainConfig(epochs=2, seed=0, progress=False, threads=1, model_version="j", min_rows=100)
+    res = train(ds, cfg, tmp_path / "j.safetensors")
+    fr = {"val": cfg.val_fraction, "calib": cfg.calib_fraction, "conformal": cfg.conformal_fraction}
+    fr["test"] = cfg.test_fraction
+    idx = split_by_scene(
+        ds.scene, {"train": 1.0 - sum(fr.values()), **fr}, cfg.seed, stable=cfg.stable_splits
+    )
+    for k in ("calib", "conformal", "test"):
+        assert judged[idx[k]].any()  # the split's totes hold judgments ...
+        assert res.splits[k] == int((~judged[idx[k]]).sum())  # ... and it reads outcomes only
+    assert res.splits["train"] == len(idx["train"])  # judgments still train the network
+
+
 # --- the gate names a forgotten kind -------------------------------------------------------------------
 
 
@@ -273,6 +332,17 @@ def test_the_gate_refuses_a_model_that_forgets_an_old_kind_and_names_it(tmp_path
     assert not report.passed
     failed = [r for r in report.reasons if r.startswith("FAIL")]
     assert any("old kind 'boxes'" in r and "forgotten: short by" in r for r in failed), report.reasons
+    # A kind that triggered training but has (almost) no held-out outcome rows is not silently passed
+    # over: the verdict says it was not judged.
+    thin = gate(
+        cand,
+        inc,
+        holdout,
+        GateTolerance(kind_min_rows=10_000, ece_max=1.0, auroc_drop=1.0),
+        new_kinds=("boxes", "absent"),
+    )
+    assert any(r.startswith("note: triggering kind 'boxes' has") and "not judged" in r for r in thin.reasons)
+    assert "note: triggering kind 'absent' has no held-out outcome rows: not judged" in thin.reasons
     # Boxes lost the most (the reversed labels also disturbed the shared backbone a little).
     drops = {
         k: report.incumbent["by_kind"][k]["auto_success"] - v["auto_success"]
