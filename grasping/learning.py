@@ -428,7 +428,7 @@ def outcome_rows(ds: Dataset) -> np.ndarray:
     candidates of an item answered "no safe pick" (source "associate"). They train the network,
     but calibration, the ask threshold, test metrics and the gate describe executed candidates
     and read outcome rows only: a judgment row pulls probabilities towards what the person thought,
-    and one answer would count as 25-30 failures (docs/learning.md, stop 40).
+    and one answer would count as up to 20 failures (docs/learning.md, stop 40).
     """
     return (np.asarray(ds.weight) >= 1.0) & (np.asarray(ds.source).astype(str) != "associate")
 

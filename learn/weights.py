@@ -21,12 +21,12 @@ an interface setting). Without this, on the continual experiment's development s
 164 weak negatives outweighed their 39 outcome rows (74% successes) about 2.5 to 1, the fine-tuned
 heads learned "frames fail", and the cell asked about more frames after each round.
 
-A "no safe pick" answer is one judgment too: it labels every candidate shown on the item 0 (25-30
-rows at weight 1), and those rows share one row's weight in the same way. Counted row by row, on the
-issue's seed at 4dc4962 the associate's 42 "no safe pick" answers on frames (27% of its answers
-about frames; the oracle it judges with declines thin frames that the jaw picks) made about 1,200
-negative frame rows against 116 executed ones (boosted as a person's labels), every learning round was
-refused, and the cell learned nothing (stop 40, docs/learning.md).
+A "no safe pick" answer is one judgment too: it labels every candidate shown on the item 0 (up to
+20 rows at weight 1), and those rows share one row's weight in the same way. Counted row by row (and
+boosted as a person's labels), on the issue's seed at 4dc4962 round 1 learned from 118 such frame
+rows (13 answers; the oracle the simulated associate judges with declines thin frames that the jaw
+picks) against 19 executed frame rows, every learning round was refused, and the cell learned
+nothing (stop 40, docs/learning.md).
 
 Replay: rows recorded before the cutoff (the last round) and rows of replay exports are "old"; their
 weights are rescaled to sum to `replay_share` of the total, the new rows' to the rest, so every epoch
