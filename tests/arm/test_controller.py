@@ -464,8 +464,7 @@ def test_the_look_after_asking_that_finds_a_pick_is_charged_to_the_arm(stack_fac
     from sim.associate import SimAssistChannel
 
     st = stack_factory(assist_deadline_s=2.0)
-    add_carton(st, dx=-0.1)
-    other = add_carton(st, dx=0.1)
+    cartons = [add_carton(st, dx=-0.1), add_carton(st, dx=0.1)]
     asked: list[np.ndarray] = []
     st.controller.on_ask = lambda req, centre: asked.append(np.asarray(centre))
 
@@ -476,8 +475,15 @@ def test_the_look_after_asking_that_finds_a_pick_is_charged_to_the_arm(stack_fac
     planner = ScriptedPlanner(st.controller.planner, unsure=unsure)
     st.controller.planner = planner
     st.controller.assist = SimAssistChannel(None, lambda: st.cell.arm.robot_time, answer=False)
+    start = {
+        b: pb.getBasePositionAndOrientation(b, physicsClientId=st.cell.client_id)[0][:2] for b in cartons
+    }
     rep = st.controller.run_tote("t0")
     assert rep.assists_requested >= 1 and rep.attempts[0].decided_by == "model"
+    # The carton not asked about (whichever of the two the cell asked about) was picked meanwhile.
+    at_start = {b: np.asarray(xy, dtype=np.float64) for b, xy in start.items()}
+    asked_body = min(cartons, key=lambda b: float(np.linalg.norm(at_start[b] - asked[0][:2])))
+    other = next(b for b in cartons if b != asked_body)
     assert _in_box(st, other)
     # Plans 1-2 (look, look again) and 3 (right after asking, which found the other carton).
     assert all(e > 0 for e in rep.plan_exposed_ms[:3])
