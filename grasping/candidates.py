@@ -460,6 +460,18 @@ def jaw_tool_clearance(
     return _clearance(bmap, rim, positions, e_across, e_close, e_up, bottom, care_below=care)
 
 
+def _fit_planes(seen: np.ndarray, mask: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Least-squares planes through the points `seen` (M, P, 3) where `mask` (M, P): (centroids
+    (M, 3), unit normals (M, 3) turned to the side of `ref` (M, 3), eigenvalues of the covariance
+    (M, 3) ascending, offsets of the points from their centroid (M, P, 3), 0 where masked out)."""
+    cnt = np.maximum(mask.sum(axis=1), 1.0)
+    mean = np.where(mask[..., None], seen, 0.0).sum(axis=1) / cnt[:, None]
+    d = np.where(mask[..., None], seen - mean[:, None, :], 0.0)
+    evals, evecs = np.linalg.eigh(np.einsum("mpi,mpj->mij", d, d) / cnt[:, None, None])
+    n = evecs[:, :, 0]
+    return mean, np.where((np.sum(n * ref, axis=1) < 0)[:, None], -n, n), evals, d
+
+
 def refine_normals(
     cloud: SceneCloud,
     p: np.ndarray,
@@ -501,14 +513,8 @@ def refine_normals(
     off = np.einsum("mpi,mi->mp", seen - centre[:, None, :], normal)
     tol = max(3.0 * float(noise), 0.003)
     inl = ok & (seen_lab == lab[:, None]) & (np.abs(off) <= tol)
-    cnt = inl.sum(axis=1)
-    w = inl.astype(np.float64)
-    mean = np.einsum("mp,mpi->mi", w, np.where(inl[..., None], seen, 0.0)) / np.maximum(cnt, 1)[:, None]
-    d = np.where(inl[..., None], seen - mean[:, None, :], 0.0)
-    evals, evecs = np.linalg.eigh(np.einsum("mpi,mpj->mij", d, d))
-    n_ref = evecs[:, :, 0]
-    n_ref = np.where((np.sum(n_ref * normal, axis=1) < 0)[:, None], -n_ref, n_ref)
-    use = (cnt >= 12) & (np.sum(n_ref * normal, axis=1) >= np.cos(np.deg2rad(20.0)))
+    _, n_ref, _, _ = _fit_planes(seen, inl, normal)
+    use = (inl.sum(axis=1) >= 12) & (np.sum(n_ref * normal, axis=1) >= np.cos(np.deg2rad(20.0)))
     return np.where(use[:, None], n_ref, normal)
 
 
@@ -553,28 +559,19 @@ def suction_candidates(
     on_item = ok & (seen_lab == lab[:, None])
     coverage = on_item[:, :-1].mean(axis=1)
 
-    # Weighted plane fit over the samples on this item.
-    wgt = on_item.astype(np.float64)
-    cnt = np.maximum(wgt.sum(axis=1), 1.0)
-    seen0 = np.where(on_item[..., None], seen, 0.0)
-    mean = seen0.sum(axis=1) / cnt[:, None]
-    d = np.where(on_item[..., None], seen - mean[:, None, :], 0.0)
-    cov = np.einsum("mpi,mpj->mij", d, d) / cnt[:, None, None]
-    evals, evecs = np.linalg.eigh(cov)
-    n_fit = evecs[:, :, 0]
-    n_fit = np.where((np.sum(n_fit * n, axis=1) < 0)[:, None], -n_fit, n_fit)
+    # Plane fit over the samples on this item.
+    mean, n_fit, evals, d = _fit_planes(seen, on_item, n)
     rms = np.sqrt(np.maximum(evals[:, 0], 0.0))
     dev = np.abs(np.einsum("mpi,mi->mp", d, n_fit))
     max_dev = np.where(on_item, dev, 0.0).max(axis=1)
     # Too few samples on the item: no plane to speak of, the fit normal is meaningless.
     enough = on_item.sum(axis=1) >= 8
-    n_use = np.where(enough[:, None], n_fit, n)
-    # The approach: the same plane refitted on a wider patch of the surface (the disk's 25 samples
+    # The approach: that plane refitted on a wider patch of the surface (the disk's 25 samples
     # leave a ~4 deg normal error at this camera's depth noise, and a cup tilted 9.5 deg to the
     # surface leaves a 2.5 mm gap at its rim; measured in docs/benchmarks.md).
     n_use = np.where(
         enough[:, None],
-        refine_normals(cloud, p, mean, n_use, lab, cfg.approach_support_m, noise=cloud.noise_m),
+        refine_normals(cloud, p, mean, n_fit, lab, cfg.approach_support_m, noise=cloud.noise_m),
         n,
     )
     tilt = np.arccos(np.clip(n_use[:, 2], -1.0, 1.0))

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from grasping.learning import Dataset
+from grasping.learning import Dataset, outcome_rows
 from learn.config import WeightsConfig
 
 
@@ -88,8 +88,8 @@ def sampling_weights(
     novelty = np.clip(item_novelty(wd, ds), 0.0, cfg.novelty_cap)
     weak = ds.weight < 1.0
     judged = (ds.source == "associate") & ~weak  # the candidates of a "no safe pick" answer
-    human = np.char.startswith(ds.decided_by.astype(str), "associate:") | (ds.source == "associate")
-    human &= ~weak & ~judged
+    # A person's decision whose outcome was seen (judgments are not: grasping.learning.outcome_rows).
+    human = np.char.startswith(ds.decided_by.astype(str), "associate:") & outcome_rows(ds)
     w = recency * (1.0 + cfg.novelty_gain * novelty) * (1.0 + cfg.loss_gain * loss)
     w = w * np.where(human, cfg.human_boost, 1.0)
     # One item's weak negatives share one row's weight, and so do one answer's "no safe pick" rows
