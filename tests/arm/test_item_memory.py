@@ -513,19 +513,28 @@ def _run_answered(st, assist_rig, answer=("no_safe_pick", None, None)):
     return rep, person.seen
 
 
-@pytest.mark.parametrize(("ask_min_p", "causes"), [(0.1, ["novel"]), (0.0, ["low_score", "novel"])])
+@pytest.mark.parametrize(
+    ("ask_min_p", "p", "causes"),
+    [
+        (None, 0.2, ["novel"]),  # the default (0.3): p 0.2 is "sure it cannot pick"
+        (0.1, 0.2, ["low_score", "novel"]),
+        (0.1, 0.02, ["novel"]),
+        (0.0, 0.02, ["low_score", "novel"]),
+    ],
+)
 def test_a_familiar_item_the_model_is_sure_it_cannot_pick_is_skipped_not_asked_about(
-    stack_factory, assist_rig, ask_min_p, causes
+    stack_factory, assist_rig, ask_min_p, p, causes
 ):
-    # Every candidate on both cartons has p 0.02. The familiar one: the model is sure nothing works
-    # there and a person could only confirm it, so it is skipped (with ask_min_p 0, asked about). The
-    # novel one is asked about whatever its p: the model's p on an item unlike its training is not
-    # trusted either way.
-    st = stack_factory(ask_min_p=ask_min_p)
+    # Every candidate on both cartons has p `p`. The familiar one: under ask_min_p the model is sure
+    # nothing works there and a person could only confirm it, so it is skipped (with ask_min_p 0,
+    # asked about). The novel one is asked about whatever its p: the model's p on an item unlike its
+    # training is not trusted either way.
+    st = stack_factory(**({} if ask_min_p is None else {"ask_min_p": ask_min_p}))
+    skipped = p < st.controller.config.ask_min_p
     familiar = add_carton(st, dx=-0.1)
     novel = add_carton(st, dx=0.1)
     st.controller.planner, _ = _scripted(
-        st.controller.planner, p_of=lambda c, cl: 0.02, novel_at=lambda: _xy(st, novel)
+        st.controller.planner, p_of=lambda c, cl: p, novel_at=lambda: _xy(st, novel)
     )
     st.controller.assist = assist_rig.cell_client()
     counts = Counts()
@@ -538,10 +547,10 @@ def test_a_familiar_item_the_model_is_sure_it_cannot_pick_is_skipped_not_asked_a
     assert sorted(r.context["cause"] for r in seen) == causes
     assert rep.attempts == [] and rep.status == "diverted"
     assert not _in_box(st, familiar) and not _in_box(st, novel)
-    assert counts.n.get("hopeless_skipped", 0) == (1 if ask_min_p > 0 else 0)
+    assert counts.n.get("hopeless_skipped", 0) == (1 if skipped else 0)
     items = {it["item"]: it for it in recorder.finish(rep)["item_log"]}
     assert items[f"b{familiar}"]["not_alone_because"] == "low_score"
-    assert items[f"b{familiar}"]["questions"] == (0 if ask_min_p > 0 else 1)
+    assert items[f"b{familiar}"]["questions"] == (0 if skipped else 1)
     assert items[f"b{novel}"]["not_alone_because"] == "novel" and items[f"b{novel}"]["questions"] == 1
 
 
