@@ -112,6 +112,17 @@ class ControllerConfig:
     assist_deadline_s: float = 30.0  # how long a person has to answer, seconds of robot time
     assist_priority: int = 0  # priority of this cell's requests at the broker
     failed_spot_radius_m: float = 0.015  # candidates this close to a failed grasp are not retried, metres
+    # ... except a jaw candidate whose closing line turns at least this far from the failed jaw
+    # grasp's: it closes on another pair of faces (issue 12 item 5, "a different face"). On a 2-4 cm
+    # part every candidate lies within the radius of the first try, so without this one failed jaw
+    # try that did not rule the jaw out (no contact, a collision) left the part for good, degrees.
+    # None: a failed spot rules out every candidate near it, as before.
+    jaw_retry_axis_deg: float | None = None
+    # Before a tote is given up with nothing left to do: an item skipped since the arm last moved
+    # (unsure on an earlier look, nobody to ask) on which this look has a confident, in-distribution
+    # candidate is picked after all, once per motion. False: it waits for the arm to move, which
+    # it no longer does, and the tote goes to exception handling with it.
+    revisit_before_divert: bool = False
     item_radius_m: float = (
         0.04  # candidates this close to a pending / no-safe-pick item are held back, metres
     )
@@ -202,6 +213,9 @@ class _ToteState:
     """What the controller remembers while working one tote."""
 
     failed_spots: list[np.ndarray] = field(default_factory=list)  # grasp points that failed
+    # index into failed_spots -> the closing line (unit, base frame) of a failed jaw pick there
+    failed_jaw_axes: dict[int, np.ndarray] = field(default_factory=dict)
+    last_chance_at: int = -1  # motion count at which revisit_before_divert last picked
     no_pick: list[np.ndarray] = field(default_factory=list)  # items a person said can't be picked safely
     # (item centre, motions commanded when it was judged): items whose question expired, asked too
     # often, or unsure with nobody to ask
@@ -223,6 +237,8 @@ class _Pools:
     unsure: list[tuple[int, Candidate]] = field(default_factory=list)  # usable, not confident
     novel: list[tuple[int, Candidate]] = field(default_factory=list)  # unsure because the item is novel
     hard: list[tuple[int, Candidate]] = field(default_factory=list)  # items the model failed too often
+    # confident, in distribution, held back only because the item was skipped since the arm last moved
+    late: list[tuple[int, Candidate]] = field(default_factory=list)
 
 
 @dataclass
@@ -463,6 +479,19 @@ class CellController:
                 continue
             # 4. unsure: look again once, then ask about the best remaining item
             ask_pool = pools.unsure or pools.hard
+            if not ask_pool and not pending and cfg.revisit_before_divert and pools.late:
+                if st.last_chance_at != self._motions:
+                    st.last_chance_at = self._motions
+                    chosen = self._first_reachable(pools.late, st)
+                    if chosen is not None:
+                        i, cand = chosen
+                        self._count("revisited_before_divert")
+                        log.info("item at %s skipped earlier, confident now: picked before giving up",
+                                 np.round(_centre_of(plan, cand), 3))  # fmt: skip
+                        self._pick_and_place(
+                            rep, st, tote_id, plan, plan_id, i, cand.grasp, "model", cand.p_success
+                        )
+                    continue
             if not ask_pool:
                 if pending:
                     self._charge_look_to_wait(rep, look_in_wait)
@@ -673,7 +702,7 @@ class CellController:
         now = self._motions
         revisit = [c for c, m in st.skipped if cfg.revisit_skipped and m != now]
         blocked = [p.centre for p in st.pending.values()] + st.no_pick
-        blocked += [c for c, m in st.skipped if not (cfg.revisit_skipped and m != now)]
+        skipped_now = [c for c, m in st.skipped if not (cfg.revisit_skipped and m != now)]
         memo: dict[int, TrackedItem | None] = {}  # cluster index -> remembered item
 
         def item(c: Candidate) -> TrackedItem | None:
@@ -689,11 +718,12 @@ class CellController:
 
         pools = _Pools()
         for i, c in enumerate(plan.candidates):
-            if _near(c.grasp.position, st.failed_spots, cfg.failed_spot_radius_m):
+            if self._failed_here(c.grasp, st):
                 continue
             it = item(c)  # first: it follows a remembered item even where a spot rule below holds it
             if _near(_centre_of(plan, c), blocked, cfg.item_radius_m):
                 continue
+            held_back = _near(_centre_of(plan, c), skipped_now, cfg.item_radius_m)
             if it is not None and not it.allows(c.grasp.gripper):
                 continue  # set aside, or this gripper already lost it
             if it is not None and c.grasp.gripper == "suction" and not it.cup_allows(c.grasp.position):
@@ -704,6 +734,10 @@ class CellController:
             sure = thr is not None and c.score >= thr
             in_dist = _item_in_distribution(plan, c)
             tried_enough = it is not None and it.model_failures >= cfg.max_failures_per_item
+            if held_back:
+                if sure and in_dist and not tried_enough:
+                    pools.late.append((i, c))
+                continue
             if revisit and _near(_centre_of(plan, c), revisit, cfg.item_radius_m):
                 if sure and in_dist and not tried_enough:
                     pools.usable.append((i, c))
@@ -720,6 +754,27 @@ class CellController:
                 if not in_dist:
                     pools.novel.append((i, c))
         return pools
+
+    def _failed_here(self, grasp: Grasp, st: _ToteState) -> bool:
+        """Is `grasp` at a spot that failed in this tote (within failed_spot_radius_m)? A jaw grasp
+        whose closing line turns at least jaw_retry_axis_deg from a failed jaw grasp's there is not:
+        it closes on other faces."""
+        cfg = self.config
+        if not st.failed_spots:
+            return False
+        d = np.linalg.norm(np.asarray(st.failed_spots)[:, :2] - np.asarray(grasp.position)[:2], axis=1)
+        near = np.flatnonzero(d < cfg.failed_spot_radius_m)
+        if near.size == 0:
+            return False
+        if cfg.jaw_retry_axis_deg is None or grasp.gripper != "parallel_jaw":
+            return True
+        cos_max = float(np.cos(np.radians(cfg.jaw_retry_axis_deg)))
+        closing = grasp.R[:, 0]
+        for k in near:
+            axis = st.failed_jaw_axes.get(int(k))
+            if axis is None or abs(float(closing @ axis)) > cos_max:
+                return True  # not a jaw failure, or the same faces
+        return False
 
     # --- pieces -----------------------------------------------------------------------------------
 
@@ -1064,6 +1119,8 @@ class CellController:
             # Back out of the camera's view before the next look (a failed pick leaves the arm
             # hovering over the tote, where it hides the items from the camera).
             self.arm.home()
+            if grasp.gripper == "parallel_jaw":
+                st.failed_jaw_axes[len(st.failed_spots)] = np.asarray(grasp.R[:, 0], dtype=np.float64)
             st.failed_spots.append(np.asarray(grasp.position))
         if tracked is None:
             cand = plan.candidates[index] if index is not None else None

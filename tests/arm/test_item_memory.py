@@ -623,3 +623,68 @@ def test_no_safe_pick_holds_for_the_item_as_it_drifts_away_from_where_it_was_ask
     assert all(_in_box(st, b) for b in (b1, b2, b3)) and not _in_box(st, a)
     assert [x.decided_by for x in rep.attempts] == ["model"] * 3
     assert rep.status == "diverted"
+
+
+@pytest.mark.parametrize("retry_deg", [None, 30.0])
+def test_a_failed_jaw_try_on_a_small_part_is_followed_by_one_across_its_other_faces(stack_factory, retry_deg):
+    # A 3 cm cube: every jaw candidate on it lies within failed_spot_radius_m (1.5 cm) of its centre.
+    # The first try (prepended, sure) closes the jaw along y 5 cm above the cube: nothing between the
+    # fingers, a failure that does not rule the jaw out. With jaw_retry_axis_deg the next try closes
+    # across the other pair of faces (along x) and places the cube; without it every jaw candidate on
+    # the cube is at the failed spot and the cube is left (the cup cannot, p 0.1).
+    import pybullet as pb
+
+    from grasping.types import Grasp, grasp_frame, matrix_to_quat
+
+    st = stack_factory(jaw_retry_axis_deg=retry_deg)
+    b = st.cell.tote_bounds
+    c = (b.lo + b.hi) / 2
+    cube = st.cell.add_primitive("box", (0.015, 0.015, 0.015), (c[0], c[1], b.lo[2] + 0.017), mass=0.05)
+    st.cell.settle(0.3)
+    lo, hi = (np.array(x) for x in pb.getAABB(cube, physicsClientId=st.cell.client_id))
+    above = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, hi[2] + 0.05])
+    y = np.array([0.0, 1.0, 0.0])
+    miss = Grasp(
+        "parallel_jaw", above, matrix_to_quat(grasp_frame(np.array([0.0, 0.0, -1.0]), y)), width=0.03
+    )
+    st.controller.planner, _ = _scripted(
+        st.controller.planner,
+        p_of=lambda cand, cl: 0.95 if cand.grasp.gripper == "parallel_jaw" else 0.1,
+        prepend=lambda frame, n: [miss] if n == 1 else [],
+    )
+    rep = st.controller.run_tote("t0")
+    assert rep.attempts[0].outcome.reason is Reason.NO_CONTACT
+    if retry_deg is None:
+        assert len(rep.attempts) == 1 and not _in_box(st, cube) and rep.status == "diverted"
+        return
+    second = rep.attempts[1]
+    assert second.grasp.gripper == "parallel_jaw" and second.decided_by == "model"
+    assert np.linalg.norm(second.grasp.position[:2] - above[:2]) < 0.015  # at the failed spot...
+    assert abs(float(second.grasp.R[:, 0] @ y)) < np.cos(np.radians(30.0))  # ...across other faces
+    assert _in_box(st, cube) and rep.status == "cleared"
+
+
+@pytest.mark.parametrize("revisit", [False, True])
+def test_an_item_skipped_on_earlier_looks_is_picked_before_the_tote_is_given_up_when_now_sure(
+    stack_factory, revisit
+):
+    # Nobody to ask. The first two looks show the carton unsure (p 0.4: asked about, were anyone
+    # there), so it is skipped; the third shows it sure, but the arm has not moved since it was judged.
+    # revisit_before_divert: picked then, once, by the model; without it the tote is given up with it.
+    st = stack_factory(revisit_before_divert=revisit)
+    carton = add_carton(st)
+    looks: dict[str, dict] = {}
+    st.controller.planner, looks["state"] = _scripted(
+        st.controller.planner, p_of=lambda cand, cl: 0.95 if looks["state"]["plans"] > 2 else 0.4
+    )
+    st.controller.assist = None
+    counts = Counts()
+    st.controller.metrics = counts
+    rep = st.controller.run_tote("t0")
+    assert counts.n.get("unsure_skipped") == 1
+    if not revisit:
+        assert rep.attempts == [] and rep.status == "diverted" and not _in_box(st, carton)
+        return
+    assert counts.n.get("revisited_before_divert") == 1
+    assert [a.decided_by for a in rep.attempts] == ["model"]
+    assert _in_box(st, carton) and rep.status == "cleared"
