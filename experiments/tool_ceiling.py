@@ -215,7 +215,7 @@ def draw(summaries: list[dict[str, Any]], target: float, path: Path) -> None:
         ax.text(
             x,
             s["ceiling_ci95"][1] + 0.012,
-            f"{s['ceiling']:.1%}\n{left} of {s["items"]} left by both",
+            f"{s['ceiling']:.1%}\n{left} of {s['items']} left by both",
             ha="center",
             va="bottom",
             fontsize=8,
