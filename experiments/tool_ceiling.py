@@ -219,6 +219,7 @@ def draw(summaries: list[dict[str, Any]], target: float, path: Path) -> None:
             ha="center",
             va="bottom",
             fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0},
         )
     ax.set_xticks(xs, [f"{s['catalog']}\nseed {s['seed']}" for s in summaries])
     ax.set_ylim(0.5, 1.12)
