@@ -105,26 +105,11 @@ def _oracle_takes_over(
 
 def run_ceiling_episode(spec, jaw_tilts_deg: tuple[float, ...] = DEFAULT_TILTS) -> dict[str, Any]:
     """One bench episode (nobody answering), then the oracle on what the cell left."""
-    from arm.controller import ControllerConfig
     from sim.associate import SimAssistChannel
+    from sim.benchmark.episode import build_bench_stack
     from sim.benchmark.record import ToteRecorder
-    from sim.stack import build_sim_stack
 
-    cfg = ControllerConfig(  # as sim.benchmark.episode.run_bench_episode builds it
-        cell_id="bench",
-        wall_poll_s=0.0,
-        ledger_source="sim",
-        max_attempts_per_tote=spec.max_attempts or 3 * spec.objects_per_tote,
-    )
-    stack = build_sim_stack(
-        catalog=spec.catalog,
-        objects_per_tote=spec.objects_per_tote,
-        seed=spec.seed,
-        planner=spec.planner,
-        model_path=spec.model_path,
-        controller_config=cfg,
-        alpha=spec.alpha,
-    )
+    stack = build_bench_stack(spec)
     try:
         cell = stack.cell
         stack.controller.assist = SimAssistChannel(None, lambda: cell.arm.robot_time, answer=False)

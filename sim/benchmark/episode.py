@@ -30,24 +30,29 @@ from sim.benchmark.cycle import SENSING_S_PER_CAPTURE, cycle_record
 from sim.benchmark.record import DAMAGE_DROP_M, DAMAGE_IMPACT_N, ToteRecorder, _Instrumented
 from sim.benchmark.runner import EpisodeSpec
 
-__all__ = ["DAMAGE_DROP_M", "DAMAGE_IMPACT_N", "SENSING_S_PER_CAPTURE", "_Instrumented", "run_bench_episode"]
+__all__ = [
+    "DAMAGE_DROP_M",
+    "DAMAGE_IMPACT_N",
+    "SENSING_S_PER_CAPTURE",
+    "_Instrumented",
+    "build_bench_stack",
+    "run_bench_episode",
+]
 
 
-def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:
-    """Run one episode and return its JSON-able record (see sim.benchmark.metrics)."""
+def build_bench_stack(spec: EpisodeSpec):
+    """The simulated cell and controller of one bench episode (no assist channel yet): what every
+    bench-like experiment must run so that the same seed gives the same totes and decisions."""
     from arm.controller import ControllerConfig
-    from grasping.draw import render_plan_png
-    from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
     from sim.stack import build_sim_stack
 
-    t0 = time.perf_counter()
     cfg = ControllerConfig(
         cell_id="bench",
         wall_poll_s=0.0,  # the associate answers on the robot clock: no wall-clock waiting
         ledger_source="sim",
         max_attempts_per_tote=spec.max_attempts or 3 * spec.objects_per_tote,
     )
-    stack = build_sim_stack(
+    return build_sim_stack(
         catalog=spec.catalog,
         objects_per_tote=spec.objects_per_tote,
         seed=spec.seed,
@@ -56,6 +61,15 @@ def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:
         controller_config=cfg,
         alpha=spec.alpha,
     )
+
+
+def run_bench_episode(spec: EpisodeSpec) -> dict[str, Any]:
+    """Run one episode and return its JSON-able record (see sim.benchmark.metrics)."""
+    from grasping.draw import render_plan_png
+    from sim.associate import GroundTruthJudge, SimAssistChannel, SimAssociateConfig
+
+    t0 = time.perf_counter()
+    stack = build_bench_stack(spec)
     try:
         cell = stack.cell
         clock = lambda: cell.arm.robot_time  # noqa: E731
