@@ -33,6 +33,16 @@ have moved (dropped, slipped, pushed by the cup or a finger), so it is also reco
 items of the same size can then be taken for one: the cell is more careful with the second, never
 less, and the limit on tries holds for the item that moved.
 
+Recognising a moved item by its size can take another item of that size for it, and a pick then
+marks the wrong one picked: the item the failed try left in place loses its history and is tried
+afresh (reporting seed 1034, `test`, stop 43: a jaw closed on nothing on an irregular mesh, a 2.5 cm
+item 10 cm away was taken for it by size and picked, and the mesh got three more tries under a new
+name, four in all). So an item whose failed tries all left it in place (`LEFT_IN_PLACE`: nothing
+lifted it) and that was last found only by its size is not marked picked by a success there: the
+pick is counted on a new item, and the remembered one stays where it was last seen for sure, with
+its tries. An item a drop or slip moved is still followed by its size and marked picked as before
+(it fell; a same-size cluster is most likely it).
+
 An item a try touched without lifting it (the cup did not seal, nothing was touched) has not moved,
 but what the camera sees of it can: a large mailer that something leaned on, or that the cup pressed
 flat, came back as a cluster whose centre lay more than `radius_m` from the last one and whose size
@@ -116,6 +126,9 @@ class TrackedItem:
     # A person answered "no safe pick" about it: nobody (model or person) tries it or is asked about it
     # again this tote; it goes to exception handling with the tote.
     no_safe_pick: bool = False
+    # (3,) metres, base frame: where it was last seen for sure (by position or grip point), while it
+    # is followed by its size alone since (see the module docstring); None when not
+    seen_by_size_from: np.ndarray | None = None
 
     def allows(self, gripper: str) -> bool:
         return not self.set_aside and not self.no_safe_pick and gripper not in self.banned
@@ -144,6 +157,10 @@ class ItemMemory:
 
     def find(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem | None:
         """The remembered item at `centre` (or, for one that may have moved, of this size)."""
+        return self._find(centre, cluster)[0]
+
+    def _find(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> tuple[TrackedItem | None, str]:
+        """`find`, and how the item was recognised: "near", "touched", "size", "set_aside" or ""."""
         c = np.asarray(centre, dtype=np.float64)
         live = [it for it in self.items if not it.picked]
         near = [(float(np.linalg.norm(it.centre[:2] - c[:2])), it) for it in live]
@@ -154,8 +171,8 @@ class ItemMemory:
             # An item the cell only asked about (no tries) next to one set aside is that item's
             # other piece as likely as a neighbour: either way it waits for the person.
             if claim is not None and best.attempts == 0 and not best.set_aside:
-                return claim
-            return best
+                return claim, "set_aside"
+            return best, "near"
         if cluster is not None:
             # In 3-D: a grip point on the top of a tall item lies over the footprint of a flat one
             # beside it (reporting seed 1018, stop 35), not inside its box.
@@ -167,7 +184,7 @@ class ItemMemory:
                 if any(bool(np.all((p >= lo) & (p <= hi))) for p in it.touched_at)
             ]
             if held:
-                return min(held, key=lambda x: x[0])[1]
+                return min(held, key=lambda x: x[0])[1], "touched"
         size = _size_of(cluster)
         moved = []
         if size is not None:
@@ -178,8 +195,8 @@ class ItemMemory:
                 if it.moved and it.size is not None and bool(np.all(np.abs(it.size - size) <= tol))
             ]
         if moved:
-            return min(moved, key=lambda x: x[0])[1]
-        return claim
+            return min(moved, key=lambda x: x[0])[1], "size"
+        return claim, ("set_aside" if claim is not None else "")
 
     def _set_aside_claim(
         self, c: np.ndarray, cluster: ItemCluster | None, live: list[TrackedItem]
@@ -204,11 +221,13 @@ class ItemMemory:
 
     def get(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem:
         """`find`, or a new remembered item; the item's last-seen centre is updated either way."""
-        it = self.find(centre, cluster)
+        it, how = self._find(centre, cluster)
         if it is None:
             it = TrackedItem(len(self.items), np.asarray(centre, dtype=np.float64), _size_of(cluster))
             self.items.append(it)
         else:
+            if how == "size" and it.seen_by_size_from is None:
+                it.seen_by_size_from = it.centre.copy()
             it.centre = np.asarray(centre, dtype=np.float64)
             if it.size is None:
                 it.size = _size_of(cluster)
@@ -225,16 +244,20 @@ class ItemMemory:
         by_model: bool = True,
         at: np.ndarray | None = None,
         details: Mapping[str, object] | None = None,
-    ) -> None:
+    ) -> TrackedItem:
         """Count one try on `item` and decide what the next one may be (`at`: the grip point, base
-        frame; `details`: the outcome's details, where a cup's load reading may be)."""
+        frame; `details`: the outcome's details, where a cup's load reading may be). Returns the item
+        the try is counted on: `item`, or a new one for a success on an item known only by its size
+        whose failed tries left it in place (see the module docstring)."""
+        if reason is Reason.OK and self._maybe_another(item):
+            item = self._split_off(item)
         item.attempts += 1
         if reason is Reason.OK:
             item.picked = True  # an item seen here later (one it lay on) is another item
             if at is not None:
                 for other in self.items:  # what was lost near here is most likely what was just taken
                     other.lost_at = [(p, g) for p, g in other.lost_at if not self._within(p, at)]
-            return
+            return item
         item.failures += 1
         item.model_failures += int(by_model)
         item.reasons.append(reason.value)
@@ -256,6 +279,30 @@ class ItemMemory:
             self.set_aside(item, "no gripper holds it: " + ", ".join(item.reasons))
         elif item.attempts >= self.config.max_attempts:
             self.set_aside(item, f"{item.attempts} tries failed: " + ", ".join(item.reasons))
+        return item
+
+    @staticmethod
+    def _maybe_another(item: TrackedItem) -> bool:
+        """Is `item`, found by its size alone, as likely another item of that size? Yes when no
+        failed try on it lifted it (it has not moved) and it was found by its size since."""
+        return (
+            item.seen_by_size_from is not None
+            and item.failures > 0
+            and all(Reason(r) in LEFT_IN_PLACE for r in item.reasons)
+        )
+
+    def _split_off(self, item: TrackedItem) -> TrackedItem:
+        """A new item where `item` is seen now (what was picked there); `item` goes back to where
+        it was last seen for sure, with its tries."""
+        size = None if item.size is None else item.size.copy()
+        new = TrackedItem(len(self.items), item.centre.copy(), size)
+        new.box = item.box
+        self.items.append(new)
+        assert item.seen_by_size_from is not None
+        item.centre = item.seen_by_size_from
+        item.seen_by_size_from = None
+        item.box = None
+        return new
 
     def _cup_spot(
         self, at: np.ndarray | None, details: Mapping[str, object] | None
