@@ -713,10 +713,10 @@ class CellController:
             if c.cluster < 0:
                 return st.items.find(_centre_of(plan, c))
             if c.cluster not in memo:
-                found = st.items.find(_centre_of(plan, c), _cluster(plan, c))
+                found, how = st.items.locate(_centre_of(plan, c), _cluster(plan, c))
                 if found is not None and (found.no_safe_pick or found.questions):
                     # Follow it as the tote settles: it is found by its last-seen centre.
-                    found.centre = np.asarray(_centre_of(plan, c), dtype=np.float64)
+                    st.items.follow(found, _centre_of(plan, c), how)
                 memo[c.cluster] = found
             return memo[c.cluster]
 

@@ -157,9 +157,11 @@ class ItemMemory:
 
     def find(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem | None:
         """The remembered item at `centre` (or, for one that may have moved, of this size)."""
-        return self._find(centre, cluster)[0]
+        return self.locate(centre, cluster)[0]
 
-    def _find(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> tuple[TrackedItem | None, str]:
+    def locate(
+        self, centre: np.ndarray, cluster: ItemCluster | None = None
+    ) -> tuple[TrackedItem | None, str]:
         """`find`, and how the item was recognised: "near", "touched", "size", "set_aside" or ""."""
         c = np.asarray(centre, dtype=np.float64)
         live = [it for it in self.items if not it.picked]
@@ -221,19 +223,24 @@ class ItemMemory:
 
     def get(self, centre: np.ndarray, cluster: ItemCluster | None = None) -> TrackedItem:
         """`find`, or a new remembered item; the item's last-seen centre is updated either way."""
-        it, how = self._find(centre, cluster)
+        it, how = self.locate(centre, cluster)
         if it is None:
             it = TrackedItem(len(self.items), np.asarray(centre, dtype=np.float64), _size_of(cluster))
             self.items.append(it)
         else:
-            if how == "size" and it.seen_by_size_from is None:
-                it.seen_by_size_from = it.centre.copy()
-            it.centre = np.asarray(centre, dtype=np.float64)
+            self.follow(it, centre, how)
             if it.size is None:
                 it.size = _size_of(cluster)
         if cluster is not None and not it.set_aside:
             it.box = (np.array(cluster.lo, dtype=np.float64), np.array(cluster.hi, dtype=np.float64))
         return it
+
+    def follow(self, item: TrackedItem, centre: np.ndarray, how: str) -> None:
+        """`item`, recognised `how` (`locate`), is seen at `centre` now: its last-seen centre follows.
+        Found by its size alone, where it was last seen for sure is kept (see the module docstring)."""
+        if how == "size" and item.seen_by_size_from is None:
+            item.seen_by_size_from = item.centre.copy()
+        item.centre = np.asarray(centre, dtype=np.float64)
 
     def record(
         self,

@@ -439,7 +439,12 @@ def test_a_pick_on_another_item_of_the_same_size_does_not_wipe_the_tries_on_one_
     other = _box(
         np.array([0.552, -0.014, 0.025]), np.array([0.54, -0.026, 0.0]), np.array([0.565, -0.001, 0.025])
     )
-    assert mem.find(other.centroid, other) is mesh  # by its size: it may have been pushed there
+    assert mem.locate(other.centroid, other) == (mesh, "size")  # it may have been pushed there
+    # An item asked about is followed from look to look (the controller's pools): the next look finds
+    # it there by position, but it is still known there only by its size.
+    mesh.questions = 1
+    mem.follow(mesh, other.centroid, "size")
+    assert mem.locate(other.centroid, other) == (mesh, "near")
     seen = mem.get(other.centroid, other)
     counted = mem.record(seen, "parallel_jaw", Reason.OK, at=np.array([0.553, -0.01, 0.025]))
     # The pick is counted on a new item; the mesh is still in the tote where it was seen for sure.
